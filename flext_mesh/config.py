@@ -1,0 +1,84 @@
+"""Configuration of the control plane, from flags and ``FLEXT_MESH_*`` variables.
+
+Precedence: a command-line flag, then the environment variable, then the default
+documented on each field. Every address, interval and limit lives here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_LISTEN", "ServerConfig", "parse_host_port"]
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})$")
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def parse_host_port(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 in brackets); ValueError naming the problem otherwise."""
+    match = _HOST_PORT.match(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
+    port = int(match["port"])
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} in {value!r} is outside {low}..65535")
+    return match["host"], port
+
+
+class ServerConfig(BaseSettings):
+    """Settings of ``flext-mesh serve``; each also read from ``FLEXT_MESH_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEXT_MESH_", frozen=True, extra="forbid")
+
+    listen: str = Field(
+        DEFAULT_LISTEN, description="gRPC listen address HOST:PORT; port 0 picks a free port."
+    )
+    http_listen: str = Field(
+        "127.0.0.1:9464", description="HTTP listen address for /metrics (HOST:PORT)."
+    )
+    store: str = Field(
+        "sqlite:///var/flext-mesh.db",
+        description=(
+            "State store URL: sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+            "or etcd://host:port[,host:port]."
+        ),
+    )
+    log_level: LogLevel = Field("INFO", description="Lowest level of log lines printed.")
+    grace_period: float = Field(
+        10.0, ge=0.0, le=600.0, description="Seconds in-flight RPCs get to finish on SIGTERM."
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="Largest gRPC message accepted or sent, in bytes.",
+    )
+
+    @field_validator("listen", "http_listen")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "etcd://")):
+            raise ValueError(
+                f"{value!r} is not a store URL: use sqlite:///path.db or etcd://host:port"
+            )
+        if value.startswith("sqlite:///") and len(value) == len("sqlite:///"):
+            raise ValueError("sqlite:/// needs a file path, e.g. sqlite:///var/flext-mesh.db")
+        return value

@@ -1,0 +1,241 @@
+"""The Store interface: every piece of durable state goes through it.
+
+The model is etcd's, so that the SQLite backend (default) and the etcd backend
+(several replicas) are interchangeable and the domain code is written once:
+
+- keys (``/registry/instances/payment/i-1``) hold bytes, with a ``create_revision``,
+  a ``mod_revision`` and a ``version`` (writes to that key);
+- one store-wide ``revision`` grows by one for every write transaction that changes
+  something; all events of a transaction share its revision;
+- transactions compare ``mod_revision`` of keys, then apply puts and deletes;
+- leases have a TTL; when one expires or is revoked its keys are deleted;
+- events (puts and deletes) are kept for a bounded history, so watchers resume from
+  a revision; older revisions are *compacted* and a watcher must resync.
+
+Nothing here knows about gRPC. Acknowledged writes are durable when the call returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flext_mesh.errors import NotFound
+
+__all__ = [
+    "Compacted",
+    "Compare",
+    "Delete",
+    "Event",
+    "EventType",
+    "KeyValue",
+    "LeaseInfo",
+    "LeaseNotFound",
+    "Put",
+    "Store",
+    "StoreOpenError",
+    "Subscription",
+    "SubscriptionLagged",
+    "TxnResult",
+]
+
+
+class StoreOpenError(Exception):
+    """The store cannot be opened (bad path, no permission, corrupted file, old schema)."""
+
+
+class LeaseNotFound(NotFound):
+    """The lease expired or never existed."""
+
+
+class Compacted(Exception):
+    """The asked revision is older than the history kept; resync from a snapshot."""
+
+    def __init__(self, requested: int, compact_revision: int) -> None:
+        super().__init__(
+            f"revision {requested} was compacted (history starts after {compact_revision})"
+        )
+        self.requested = requested
+        self.compact_revision = compact_revision
+
+
+class SubscriptionLagged(Exception):
+    """A subscriber fell too far behind and was cut off; resume from its last revision."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """A stored key with its value and revisions."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: str | None = None
+
+
+class EventType(enum.IntEnum):
+    """Kind of change of a key."""
+
+    PUT = 0
+    DELETE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of one key; for a DELETE, ``value`` is the value it had."""
+
+    revision: int
+    type: EventType
+    key: str
+    value: bytes
+    #: For deletes: True when the key went because its lease expired.
+    expired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A granted lease: its id, TTL in seconds and wall-clock expiry (Unix seconds)."""
+
+    lease_id: str
+    ttl: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """Transaction guard: the key's mod_revision must equal ``mod_revision`` (0: absent)."""
+
+    key: str
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Transaction operation: set a key, optionally attached to a lease."""
+
+    key: str
+    value: bytes
+    lease: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Transaction operation: delete a key (``prefix=True``: every key under it)."""
+
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    """Outcome of a transaction: which branch ran, and the store revision after it."""
+
+    succeeded: bool
+    revision: int
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(eq=False)
+class Subscription:
+    """Live events under a prefix, as batches (one batch per write transaction).
+
+    Iterate it with ``async for batch in sub``; close it when done. A subscriber that
+    falls ``max_pending`` batches behind is cut off with SubscriptionLagged rather than
+    buffering without bound.
+    """
+
+    prefix: str
+    max_pending: int = 10_000
+    _queue: asyncio.Queue[list[Event] | None] = field(default_factory=asyncio.Queue)
+    lagged: bool = False
+    closed: bool = False
+
+    def deliver(self, events: list[Event]) -> None:
+        """Queue the events under this prefix (called on the event loop)."""
+        if self.closed:
+            return
+        mine = [e for e in events if e.key.startswith(self.prefix)]
+        if not mine:
+            return
+        if self._queue.qsize() >= self.max_pending:
+            self.lagged = True
+            self.closed = True
+            self._queue.put_nowait(None)
+            return
+        self._queue.put_nowait(mine)
+
+    def close(self) -> None:
+        """Stop the subscription; a pending iteration ends."""
+        if not self.closed:
+            self.closed = True
+            self._queue.put_nowait(None)
+
+    def __aiter__(self) -> AsyncIterator[list[Event]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[list[Event]]:
+        while True:
+            batch = await self._queue.get()
+            if batch is None:
+                if self.lagged:
+                    raise SubscriptionLagged(f"subscriber of {self.prefix!r} fell behind")
+                return
+            yield batch
+
+
+class Store(Protocol):
+    """Durable, revisioned key-value state with leases and an event history."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Open (creating and migrating as needed); raises StoreOpenError."""
+
+    async def close(self) -> None:
+        """Finish pending writes, stop background work and release files."""
+
+    async def get(self, key: str) -> KeyValue | None:
+        """The key, or None."""
+
+    async def range(self, prefix: str, *, start_after: str = "", limit: int = 0) -> list[KeyValue]:
+        """Keys under ``prefix`` in key order, after ``start_after``, at most ``limit`` (0: all)."""
+
+    async def put(self, key: str, value: bytes, *, lease: str | None = None) -> int:
+        """Set a key; returns the revision of the write."""
+
+    async def delete(self, key: str) -> int | None:
+        """Delete a key; returns the revision, or None when it did not exist."""
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Put | Delete],
+        failure: Sequence[Put | Delete] = (),
+    ) -> TxnResult:
+        """Apply ``success`` if every compare holds, else ``failure``, atomically."""
+
+    async def current_revision(self) -> int:
+        """The revision of the last write."""
+
+    async def grant_lease(self, ttl: float, *, lease_id: str | None = None) -> LeaseInfo:
+        """Create (or with a known id, replace) a lease of ``ttl`` seconds."""
+
+    async def keep_alive(self, lease_id: str) -> LeaseInfo:
+        """Renew a lease for its TTL; LeaseNotFound when it expired or never existed."""
+
+    async def revoke_lease(self, lease_id: str) -> int:
+        """Delete a lease and its keys; returns the revision. LeaseNotFound if unknown."""
+
+    async def leases(self) -> list[LeaseInfo]:
+        """Every live lease."""
+
+    async def events_since(self, revision: int, prefix: str = "") -> list[Event]:
+        """Events with a revision greater than ``revision``; Compacted when too old."""
+
+    def subscribe(self, prefix: str = "") -> Subscription:
+        """Live events from now on. Subscribe first, then read events_since, to miss none."""

@@ -1,0 +1,596 @@
+"""SQLite backend of the Store: embedded, zero set-up, durable on acknowledgement.
+
+Threads: one writer thread owns the only write connection and applies queued writes
+in *group commits* (everything queued goes into one SQLite transaction, each write in
+its own savepoint, so one bad write does not undo the others); a caller's future is
+resolved only after the COMMIT, with ``synchronous=FULL`` by default. Reads run on a
+small pool of read-only connections (WAL lets them proceed while the writer writes).
+Nothing blocks the event loop.
+
+Leases: their TTLs are durable, their deadlines are not. Renewals touch memory only;
+after a restart every lease gets one full TTL of grace, so a restart never evicts the
+whole mesh. A sweeper task revokes expired leases in one batch per tick, so watchers
+see one coalesced revision instead of a stampede.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from flext_mesh.errors import StoreUnavailable
+from flext_mesh.store.base import (
+    Compacted,
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    KeyValue,
+    LeaseInfo,
+    LeaseNotFound,
+    Put,
+    StoreOpenError,
+    Subscription,
+    TxnResult,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+_log = logging.getLogger("flext_mesh.store.sqlite")
+_T = TypeVar("_T")
+
+#: Each entry migrates the schema from version N-1 to N (the list index + 1).
+#: Never edit a released entry: append a new one.
+_MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO meta VALUES ('revision', 0), ('compact_revision', 0)",
+        """CREATE TABLE kv (
+            key TEXT PRIMARY KEY,
+            value BLOB NOT NULL,
+            create_revision INTEGER NOT NULL,
+            mod_revision INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            lease TEXT
+        ) WITHOUT ROWID""",
+        "CREATE INDEX kv_lease ON kv(lease) WHERE lease IS NOT NULL",
+        "CREATE TABLE leases (lease_id TEXT PRIMARY KEY, ttl_ms INTEGER NOT NULL) WITHOUT ROWID",
+        """CREATE TABLE events (
+            revision INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            type INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            value BLOB NOT NULL,
+            expired INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (revision, seq)
+        ) WITHOUT ROWID""",
+    ],
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+
+@dataclass(slots=True)
+class _WriteCtx:
+    """What one write sees inside the writer thread."""
+
+    conn: sqlite3.Connection
+    revision: int
+    events: list[Event]
+
+    def next_revision(self) -> int:
+        """The revision this write commits at (allocated on first change)."""
+        if not self.events:
+            self.revision += 1
+        return self.revision
+
+
+_Write = Callable[[_WriteCtx], Any]
+
+
+class SqliteStore:
+    """The embedded Store (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "FULL",
+        history_revisions: int = 100_000,
+        sweep_interval: float = 0.25,
+        read_threads: int = 2,
+    ) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._synchronous = synchronous
+        self._history = history_revisions
+        self._sweep_interval = sweep_interval
+        self._read_threads = read_threads
+        self._queue: queue.SimpleQueue[tuple[_Write, Future[Any]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subs: set[Subscription] = set()
+        self._deadlines: dict[str, tuple[float, float]] = {}  # lease -> (ttl s, monotonic)
+        self._sweeper: asyncio.Task[None] | None = None
+        self._revision = 0
+        self._compact_revision = 0
+        self._writes_since_compact = 0
+        self._closed = True
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the database, load leases, start the writer and sweeper."""
+        self._loop = asyncio.get_running_loop()
+        conn = await asyncio.to_thread(self._open_writer_connection)
+        self._revision = _meta(conn, "revision")
+        self._compact_revision = _meta(conn, "compact_revision")
+        now = time.monotonic()
+        for lease_id, ttl_ms in conn.execute("SELECT lease_id, ttl_ms FROM leases"):
+            # One full TTL of grace after a restart (see the module docstring).
+            self._deadlines[lease_id] = (ttl_ms / 1000.0, now + ttl_ms / 1000.0)
+        self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="store-read")
+        self._writer = threading.Thread(
+            target=self._writer_main, args=(conn,), name="store-writer", daemon=True
+        )
+        self._writer.start()
+        self._closed = False
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="store-lease-sweeper")
+        _log.info(
+            "store opened path=%s schema=%d revision=%d leases=%d",
+            self.path,
+            SCHEMA_VERSION,
+            self._revision,
+            len(self._deadlines),
+        )
+
+    async def close(self) -> None:
+        """Stop the sweeper, drain the writer, close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        self._queue.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+        for sub in list(self._subs):
+            sub.close()
+        self._subs.clear()
+
+    def _open_writer_connection(self) -> sqlite3.Connection:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreOpenError(f"cannot create store directory {parent}: {exc.strerror}") from exc
+        if self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
+            raise StoreOpenError(f"store file {self.path} is not readable and writable")
+        if not os.access(parent, os.W_OK):
+            raise StoreOpenError(f"store directory {parent} is not writable")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise StoreOpenError(f"cannot open store file {self.path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                conn.close()
+                raise StoreOpenError(f"store file {self.path} is corrupted: {check}")
+            _migrate(conn, self.path)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise StoreOpenError(f"cannot open store file {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreOpenError(
+                f"store file {self.path} is not a usable SQLite database ({exc}); "
+                "restore it from a backup or move it away to start empty"
+            ) from exc
+        return conn
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _writer_main(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < 512:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._commit_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit_batch(
+        self, conn: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]
+    ) -> None:
+        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        published: list[Event] = []
+        start_revision = self._revision
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write, fut in batch:
+                ctx = _WriteCtx(conn, self._revision, [])
+                conn.execute("SAVEPOINT w")
+                try:
+                    result = write(ctx)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append((fut, False, exc))
+                    continue
+                if ctx.events:
+                    _store_events(conn, ctx.events)
+                    conn.execute("UPDATE meta SET value=? WHERE name='revision'", (ctx.revision,))
+                    self._revision = ctx.revision
+                    published.extend(ctx.events)
+                conn.execute("RELEASE w")
+                outcomes.append((fut, True, result))
+            self._writes_since_compact += len(batch)
+            if self._writes_since_compact >= 1000:
+                self._compact(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _log.error("store commit failed: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._revision = start_revision
+            error = StoreUnavailable(f"store write failed: {exc}")
+            outcomes = [(fut, False, error) for _, fut in batch]
+            published = []
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(self._resolve, outcomes, published)
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        self._writes_since_compact = 0
+        floor = self._revision - self._history
+        if floor <= self._compact_revision:
+            return
+        conn.execute("DELETE FROM events WHERE revision <= ?", (floor,))
+        conn.execute("UPDATE meta SET value=? WHERE name='compact_revision'", (floor,))
+        self._compact_revision = floor
+
+    def _resolve(self, outcomes: list[tuple[Future[Any], bool, Any]], events: list[Event]) -> None:
+        # On the event loop: publish first, so a caller that saw its write acknowledged
+        # and then subscribes cannot miss it (it reads events_since from its revision).
+        if events:
+            for sub in list(self._subs):
+                sub.deliver(events)
+                if sub.closed:
+                    self._subs.discard(sub)
+        for fut, ok, value in outcomes:
+            if fut.cancelled():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    async def _write(self, write: Callable[[_WriteCtx], _T]) -> _T:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        fut: Future[_T] = Future()
+        self._queue.put((write, fut))
+        return await asyncio.wrap_future(fut)
+
+    # -- reads -------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed or self._readers is None:
+            raise StoreUnavailable("store is closed")
+        loop = asyncio.get_running_loop()
+
+        def run() -> _T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store read failed: {exc}") from exc
+
+        return await loop.run_in_executor(self._readers, run)
+
+    async def get(self, key: str) -> KeyValue | None:
+        """The key, or None."""
+
+        def read(conn: sqlite3.Connection) -> KeyValue | None:
+            row = conn.execute(f"SELECT {_KV_COLUMNS} FROM kv WHERE key=?", (key,)).fetchone()
+            return _kv(row) if row else None
+
+        return await self._read(read)
+
+    async def range(self, prefix: str, *, start_after: str = "", limit: int = 0) -> list[KeyValue]:
+        """Keys under ``prefix`` in key order, after ``start_after``, at most ``limit``."""
+        low = max(prefix, start_after)
+        sql = f"SELECT {_KV_COLUMNS} FROM kv WHERE key >= ? AND key < ?"
+        if start_after:
+            sql += " AND key > ?"
+        sql += " ORDER BY key"
+        args: list[Any] = [low, _prefix_end(prefix)]
+        if start_after:
+            args.append(start_after)
+        if limit > 0:
+            sql += " LIMIT ?"
+            args.append(limit)
+
+        def read(conn: sqlite3.Connection) -> list[KeyValue]:
+            return [_kv(row) for row in conn.execute(sql, args)]
+
+        return await self._read(read)
+
+    async def current_revision(self) -> int:
+        """The revision of the last acknowledged write."""
+        return self._revision
+
+    async def events_since(self, revision: int, prefix: str = "") -> list[Event]:
+        """Events after ``revision`` under ``prefix``; Compacted when history is gone."""
+
+        def read(conn: sqlite3.Connection) -> list[Event]:
+            compact = _meta(conn, "compact_revision")
+            if revision < compact:
+                raise Compacted(revision, compact)
+            rows = conn.execute(
+                "SELECT revision, type, key, value, expired FROM events "
+                "WHERE revision > ? AND key >= ? AND key < ? ORDER BY revision, seq",
+                (revision, prefix, _prefix_end(prefix)),
+            )
+            return [Event(r, EventType(t), k, v, bool(x)) for r, t, k, v, x in rows]
+
+        return await self._read(read)
+
+    def subscribe(self, prefix: str = "") -> Subscription:
+        """Live events under ``prefix`` from now on."""
+        sub = Subscription(prefix)
+        self._subs.add(sub)
+        return sub
+
+    # -- writes ------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, lease: str | None = None) -> int:
+        """Set a key; returns the revision of the write."""
+        return (await self.txn((), (Put(key, value, lease),))).revision
+
+    async def delete(self, key: str) -> int | None:
+        """Delete a key; the revision, or None when it did not exist."""
+        result = await self.txn((), (Delete(key),))
+        return result.revision if result.events else None
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Put | Delete],
+        failure: Sequence[Put | Delete] = (),
+    ) -> TxnResult:
+        """Apply ``success`` if every compare holds, else ``failure``, atomically."""
+        for op in (*success, *failure):
+            if isinstance(op, Put) and op.lease is not None and op.lease not in self._deadlines:
+                raise LeaseNotFound(f"lease {op.lease} not found")
+
+        def write(ctx: _WriteCtx) -> TxnResult:
+            ok = all(_mod_revision(ctx.conn, c.key) == c.mod_revision for c in compares)
+            for op in success if ok else failure:
+                _apply(ctx, op)
+            return TxnResult(ok, ctx.revision, tuple(ctx.events))
+
+        return await self._write(write)
+
+    # -- leases ------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: float, *, lease_id: str | None = None) -> LeaseInfo:
+        """Create or replace a lease of ``ttl`` seconds (durably)."""
+        if ttl <= 0:
+            raise ValueError("lease ttl must be positive")
+        lease = lease_id or uuid.uuid4().hex
+        ttl_ms = round(ttl * 1000)
+
+        def write(ctx: _WriteCtx) -> None:
+            ctx.conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, ttl_ms))
+
+        await self._write(write)
+        self._deadlines[lease] = (ttl, time.monotonic() + ttl)
+        return LeaseInfo(lease, ttl, time.time() + ttl)
+
+    async def keep_alive(self, lease_id: str) -> LeaseInfo:
+        """Renew a lease in memory (no disk write); LeaseNotFound when gone."""
+        return self.keep_alive_now(lease_id)
+
+    def keep_alive_now(self, lease_id: str) -> LeaseInfo:
+        """Synchronous renewal for hot paths on the event loop (it touches only memory)."""
+        entry = self._deadlines.get(lease_id)
+        now = time.monotonic()
+        if entry is None or entry[1] <= now:
+            raise LeaseNotFound(f"lease {lease_id} not found or expired")
+        ttl = entry[0]
+        self._deadlines[lease_id] = (ttl, now + ttl)
+        return LeaseInfo(lease_id, ttl, time.time() + ttl)
+
+    async def revoke_lease(self, lease_id: str) -> int:
+        """Delete a lease and its keys; LeaseNotFound if unknown."""
+        if lease_id not in self._deadlines:
+            raise LeaseNotFound(f"lease {lease_id} not found or expired")
+        revision = await self._write(lambda ctx: _revoke(ctx, [lease_id], expired=False))
+        self._deadlines.pop(lease_id, None)
+        return revision
+
+    async def leases(self) -> list[LeaseInfo]:
+        """Every live lease with its current expiry."""
+        now_m, now_w = time.monotonic(), time.time()
+        return [
+            LeaseInfo(lease, ttl, now_w + (deadline - now_m))
+            for lease, (ttl, deadline) in self._deadlines.items()
+            if deadline > now_m
+        ]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                await self.expire_due()
+            except StoreUnavailable as exc:
+                _log.warning("lease sweep failed, retrying next tick: %s", exc)
+
+    async def expire_due(self) -> int:
+        """Revoke every lease past its deadline in one write; returns how many."""
+        now = time.monotonic()
+        due = [lease for lease, (_, deadline) in self._deadlines.items() if deadline <= now]
+        if not due:
+            return 0
+        await self._write(lambda ctx: _revoke(ctx, due, expired=True))
+        now = time.monotonic()
+        for lease in due:
+            entry = self._deadlines.get(lease)
+            if entry is not None and entry[1] <= now:
+                del self._deadlines[lease]
+        _log.info("leases expired count=%d", len(due))
+        return len(due)
+
+
+# -- helpers run in the writer or reader threads ---------------------------------
+
+_KV_COLUMNS = "key, value, create_revision, mod_revision, version, lease"
+
+
+def _kv(row: tuple[Any, ...]) -> KeyValue:
+    return KeyValue(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _prefix_end(prefix: str) -> str:
+    # Every key starting with prefix sorts below prefix + U+10FFFF.
+    return prefix + "\U0010ffff"
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _mod_revision(conn: sqlite3.Connection, key: str) -> int:
+    row = conn.execute("SELECT mod_revision FROM kv WHERE key=?", (key,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _apply(ctx: _WriteCtx, op: Put | Delete) -> None:
+    conn = ctx.conn
+    if isinstance(op, Put):
+        if (
+            op.lease is not None
+            and not conn.execute("SELECT 1 FROM leases WHERE lease_id=?", (op.lease,)).fetchone()
+        ):
+            raise LeaseNotFound(f"lease {op.lease} not found or expired")
+        row = conn.execute(
+            "SELECT create_revision, version FROM kv WHERE key=?", (op.key,)
+        ).fetchone()
+        rev = ctx.next_revision()
+        create, version = (row[0], row[1] + 1) if row else (rev, 1)
+        conn.execute(
+            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
+            (op.key, op.value, create, rev, version, op.lease),
+        )
+        ctx.events.append(Event(rev, EventType.PUT, op.key, op.value))
+        return
+    if op.prefix:
+        rows = conn.execute(
+            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+            (op.key, _prefix_end(op.key)),
+        ).fetchall()
+    else:
+        rows = conn.execute("SELECT key, value FROM kv WHERE key=?", (op.key,)).fetchall()
+    for key, value in rows:
+        rev = ctx.next_revision()
+        conn.execute("DELETE FROM kv WHERE key=?", (key,))
+        ctx.events.append(Event(rev, EventType.DELETE, key, value))
+
+
+def _revoke(ctx: _WriteCtx, lease_ids: list[str], *, expired: bool) -> int:
+    conn = ctx.conn
+    for lease in lease_ids:
+        conn.execute("DELETE FROM leases WHERE lease_id=?", (lease,))
+        rows = conn.execute(
+            "SELECT key, value FROM kv WHERE lease=? ORDER BY key", (lease,)
+        ).fetchall()
+        for key, value in rows:
+            rev = ctx.next_revision()
+            conn.execute("DELETE FROM kv WHERE key=?", (key,))
+            ctx.events.append(Event(rev, EventType.DELETE, key, value, expired))
+    return ctx.revision
+
+
+def _store_events(conn: sqlite3.Connection, events: list[Event]) -> None:
+    conn.executemany(
+        "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (e.revision, seq, int(e.type), e.key, e.value, int(e.expired))
+            for seq, e in enumerate(events)
+        ],
+    )
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if current > SCHEMA_VERSION:
+        raise StoreOpenError(
+            f"store file {path} has schema version {current}, newer than this flext-mesh "
+            f"understands ({SCHEMA_VERSION}); upgrade flext-mesh"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version}")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            conn.execute("ROLLBACK")
+            raise
+        _log.info("store schema migrated path=%s version=%d", path, version)

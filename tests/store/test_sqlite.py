@@ -1,0 +1,271 @@
+"""The SQLite Store: revisions, transactions, leases, history, durability and start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from flext_mesh.errors import StoreUnavailable
+from flext_mesh.store import (
+    Compacted,
+    Compare,
+    Delete,
+    EventType,
+    LeaseNotFound,
+    Put,
+    SqliteStore,
+    StoreOpenError,
+)
+from flext_mesh.store.sqlite import SCHEMA_VERSION
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state.db", sweep_interval=0.05)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_put_get_range_delete_track_revisions(store: SqliteStore) -> None:
+    r1 = await store.put("/a/1", b"one")
+    r2 = await store.put("/a/2", b"two")
+    r3 = await store.put("/a/1", b"uno")
+    await store.put("/b/1", b"other")
+    assert r1 < r2 < r3
+
+    kv = await store.get("/a/1")
+    assert kv is not None
+    assert (kv.value, kv.create_revision, kv.mod_revision, kv.version) == (b"uno", r1, r3, 2)
+
+    assert [k.key for k in await store.range("/a/")] == ["/a/1", "/a/2"]
+    assert [k.key for k in await store.range("/a/", start_after="/a/1")] == ["/a/2"]
+    assert [k.key for k in await store.range("/", limit=2)] == ["/a/1", "/a/2"]
+
+    r5 = await store.delete("/a/1")
+    assert r5 is not None
+    assert r5 > r3
+    assert await store.get("/a/1") is None
+    assert await store.delete("/a/1") is None
+    assert await store.current_revision() == r5
+
+
+async def test_txn_applies_success_or_failure_branch_atomically(store: SqliteStore) -> None:
+    rev = await store.put("/lock", b"owner-a")
+    won = await store.txn([Compare("/lock", rev)], [Put("/lock", b"owner-b"), Put("/x", b"1")])
+    assert won.succeeded
+    lost = await store.txn([Compare("/lock", rev)], [Put("/lock", b"owner-c")], [Put("/y", b"2")])
+    assert not lost.succeeded
+    assert (await store.get("/lock")).value == b"owner-b"  # type: ignore[union-attr]
+    assert await store.get("/y") is not None
+    created = await store.txn([Compare("/new", 0)], [Put("/new", b"first")])
+    assert created.succeeded
+    again = await store.txn([Compare("/new", 0)], [Put("/new", b"second")])
+    assert not again.succeeded
+
+
+async def test_one_revision_per_transaction_and_prefix_delete(store: SqliteStore) -> None:
+    before = await store.current_revision()
+    result = await store.txn([], [Put("/p/1", b"1"), Put("/p/2", b"2"), Put("/p/3", b"3")])
+    assert result.revision == before + 1
+    assert {e.revision for e in result.events} == {before + 1}
+    gone = await store.txn([], [Delete("/p/", prefix=True)])
+    assert [e.key for e in gone.events] == ["/p/1", "/p/2", "/p/3"]
+    assert await store.range("/p/") == []
+
+
+async def test_history_resumes_from_a_revision_and_reports_compaction(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "h.db", history_revisions=5)
+    await s.open()
+    try:
+        start = await s.current_revision()
+        for i in range(10):
+            await s.put(f"/k/{i}", str(i).encode())
+        events = await s.events_since(start + 7, "/k/")
+        assert [e.key for e in events] == ["/k/7", "/k/8", "/k/9"]
+        # Compaction runs every 1000 writes: force one round.
+        for i in range(1000):
+            await s.put("/churn", str(i).encode())
+        with pytest.raises(Compacted):
+            await s.events_since(start, "/k/")
+    finally:
+        await s.close()
+
+
+async def test_subscription_then_history_misses_nothing(store: SqliteStore) -> None:
+    rev = await store.put("/w/0", b"0")
+    sub = store.subscribe("/w/")
+    writer = asyncio.gather(*(store.put(f"/w/{i}", b"x") for i in range(1, 50)))
+    history = await store.events_since(rev, "/w/")
+    await writer
+    seen = {e.revision for e in history}
+    async with asyncio.timeout(5):
+        async for batch in sub:
+            seen.update(e.revision for e in batch)
+            if len(seen) >= 49:
+                break
+    sub.close()
+    assert len(seen) == 49
+    assert min(seen) == rev + 1
+
+
+async def test_leases_renew_in_memory_and_expire_in_one_coalesced_revision(
+    store: SqliteStore,
+) -> None:
+    lease_a = await store.grant_lease(0.3)
+    lease_b = await store.grant_lease(0.3)
+    keep = await store.grant_lease(0.3)
+    await store.put("/inst/a", b"a", lease=lease_a.lease_id)
+    await store.put("/inst/b", b"b", lease=lease_b.lease_id)
+    await store.put("/inst/keep", b"k", lease=keep.lease_id)
+    sub = store.subscribe("/inst/")
+    deadline = time.monotonic() + 0.9
+    while time.monotonic() < deadline:
+        await store.keep_alive(keep.lease_id)
+        await asyncio.sleep(0.05)
+    assert [k.key for k in await store.range("/inst/")] == ["/inst/keep"]
+    async with asyncio.timeout(2):
+        batch = await anext(aiter(sub))
+    assert {e.key for e in batch} == {"/inst/a", "/inst/b"}
+    assert all(e.type is EventType.DELETE and e.expired for e in batch)
+    assert len({e.revision for e in batch}) == 1, "expiries of one sweep share one revision"
+    with pytest.raises(LeaseNotFound):
+        await store.keep_alive(lease_a.lease_id)
+    with pytest.raises(LeaseNotFound):
+        await store.put("/inst/late", b"x", lease=lease_a.lease_id)
+
+
+async def test_revoke_deletes_the_leases_keys(store: SqliteStore) -> None:
+    lease = await store.grant_lease(30)
+    await store.put("/r/1", b"1", lease=lease.lease_id)
+    await store.revoke_lease(lease.lease_id)
+    assert await store.get("/r/1") is None
+    with pytest.raises(LeaseNotFound):
+        await store.revoke_lease(lease.lease_id)
+
+
+async def test_restart_keeps_keys_revision_and_gives_leases_one_ttl_of_grace(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "restart.db"
+    s = SqliteStore(path, sweep_interval=0.05)
+    await s.open()
+    lease = await s.grant_lease(0.6)
+    rev = await s.put("/inst/a", b"a", lease=lease.lease_id)
+    await s.close()
+    await asyncio.sleep(0.7)  # longer than the TTL while the store was down
+
+    s2 = SqliteStore(path, sweep_interval=0.05)
+    await s2.open()
+    try:
+        assert await s2.current_revision() == rev
+        assert await s2.get("/inst/a") is not None, "a restart must not evict at once"
+        await s2.keep_alive(lease.lease_id)
+        await asyncio.sleep(1.0)
+        assert await s2.get("/inst/a") is None, "an unrenewed lease expires after the grace"
+    finally:
+        await s2.close()
+
+
+_CRASH_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from flext_mesh.store import SqliteStore
+
+    async def main() -> None:
+        store = SqliteStore(sys.argv[1])
+        await store.open()
+        lease = await store.grant_lease(3600)
+        print("lease", lease.lease_id, flush=True)
+        i = 0
+        while True:
+            await store.put(f"/k/{i:06d}", b"v", lease=lease.lease_id if i % 2 else None)
+            print("acked", i, flush=True)
+            i += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    path = tmp_path / "crash.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASH_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acked = -1
+    lease_id = ""
+    for line in proc.stdout:
+        word, value = line.split()
+        if word == "lease":
+            lease_id = value
+        else:
+            acked = int(value)
+        if acked >= 300:
+            break
+    proc.kill()  # SIGKILL: no shutdown code runs
+    proc.wait(10)
+    # The writer may have acknowledged more after our last read; it can't have fewer.
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        keys = {kv.key for kv in await store.range("/k/")}
+        missing = [i for i in range(acked + 1) if f"/k/{i:06d}" not in keys]
+        assert missing == []
+        assert lease_id in {lease.lease_id for lease in await store.leases()}
+        assert await store.current_revision() >= acked + 1
+    finally:
+        await store.close()
+
+
+async def test_schema_is_versioned_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v.db"
+    s = SqliteStore(path)
+    await s.open()
+    await s.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreOpenError, match="newer than this flext-mesh"):
+        await SqliteStore(path).open()
+
+
+async def test_corrupted_file_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "bad.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreOpenError, match="not a usable SQLite database"):
+        await SqliteStore(path).open()
+
+
+async def test_unwritable_location_is_refused(tmp_path: Path) -> None:
+    # /sys is read-only even for root, so this holds in CI (which runs as root).
+    with pytest.raises(StoreOpenError, match=r"/sys"):
+        await SqliteStore(Path("/sys/flext-mesh-test.db")).open()
+
+
+async def test_path_under_a_file_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreOpenError, match="cannot create store directory"):
+        await SqliteStore(blocker / "sub" / "x.db").open()
+
+
+async def test_writes_after_close_fail_cleanly(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "c.db")
+    await s.open()
+    await s.close()
+    with pytest.raises(StoreUnavailable):
+        await s.put("/x", b"1")
