@@ -1,0 +1,183 @@
+"""The control-plane process: one grpc.aio server, its store, health and reflection.
+
+``create_server(config)`` builds and starts a ControlPlane on the configured address
+(port 0 picks a free one) so tests run a real server in-process; ``serve(config)`` is
+``flext-mesh serve``: it runs until SIGTERM or SIGINT, then drains within the grace
+period and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.servicers import ProcessorServicer, unimplemented_servicer
+from flext_mesh.store import Store, open_store
+from flext_mesh.v1 import (
+    metrics_pb2,
+    metrics_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    processor_pb2,
+    processor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+
+__all__ = ["SERVICE_NAMES", "ControlPlane", "ServeError", "create_server", "serve"]
+
+_log = logging.getLogger("flext_mesh.server")
+
+#: Fully qualified names of the services the control plane hosts (health reports each).
+SERVICE_NAMES: tuple[str, ...] = (
+    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name,
+    orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
+    processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"].full_name,
+)
+
+
+class ServeError(Exception):
+    """The control plane cannot start (address in use, bad store); the message says why."""
+
+
+class ControlPlane:
+    """A running control plane: its gRPC server, store and health servicer."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.health = health.aio.HealthServicer()
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Long-lived Watch and KeepAlive streams: let clients keep them alive with pings.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.port = 0
+
+    def _add_services(self) -> None:
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            unimplemented_servicer(
+                registry_pb2_grpc.RegistryServiceServicer,
+                registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
+                "the registry issue",
+            ),
+            self.server,
+        )
+        metrics_pb2_grpc.add_MetricsServiceServicer_to_server(
+            unimplemented_servicer(
+                metrics_pb2_grpc.MetricsServiceServicer,
+                metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"],
+                "the metrics issue",
+            ),
+            self.server,
+        )
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+            unimplemented_servicer(
+                orchestrator_pb2_grpc.OrchestratorServiceServicer,
+                orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
+                "the orchestrator issue",
+            ),
+            self.server,
+        )
+        processor_pb2_grpc.add_ProcessorServiceServicer_to_server(
+            ProcessorServicer({}, service_name="flext-mesh"), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    async def start(self) -> int:
+        """Open the store, bind, start serving; returns the bound port."""
+        host, port = parse_host_port(self.config.listen)
+        await self.store.open()
+        try:
+            self._add_services()
+            try:
+                self.port = self.server.add_insecure_port(self.config.listen)
+            except RuntimeError as exc:
+                raise ServeError(_bind_problem(host, port)) from exc
+            await self.server.start()
+        except BaseException:
+            await self.store.close()
+            raise
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` s, close the store."""
+        grace = self.config.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.store.close()
+
+
+async def create_server(
+    config: ServerConfig, *, store: Store | None = None
+) -> tuple[ControlPlane, int]:
+    """Build and start a control plane; returns it and its bound port."""
+    plane = ControlPlane(config, store if store is not None else open_store(config.store))
+    port = await plane.start()
+    return plane, port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run ``flext-mesh serve`` until SIGTERM/SIGINT, then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    plane, port = await create_server(config)
+    host, _ = parse_host_port(config.listen)
+    _log.info(
+        "serving grpc=%s:%d store=%s pid=%d",
+        host,
+        port,
+        plane.store.url,
+        os.getpid(),
+    )
+    _log.info("http /metrics is not served yet: it arrives with the metrics service")
+    await stop.wait()
+    _log.info(
+        "stopping signal=%s grace=%.1fs", received[0] if received else "-", config.grace_period
+    )
+    await plane.stop()
+    _log.info("stopped")
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Say why binding failed, probing with a plain socket for the OS's reason."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind((host.strip("[]"), port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"cannot listen on {host}:{port}: address already in use"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    finally:
+        probe.close()
+    return f"cannot listen on {host}:{port}"

@@ -1,0 +1,210 @@
+"""``flext-mesh serve`` as a user runs it: grpcurl sessions, signals, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, ServeProcess, grpcurl_path, start_serve
+
+SERVICES = (
+    "flext_mesh.v1.RegistryService",
+    "flext_mesh.v1.MetricsService",
+    "flext_mesh.v1.OrchestratorService",
+    "flext_mesh.v1.ProcessorService",
+)
+
+
+def grpcurl(address: str, *args: str, data: dict[str, object] | None = None) -> tuple[int, str]:
+    """Run the real grpcurl against ``address``; returns (exit code, stdout+stderr)."""
+    cmd = [grpcurl_path(), "-plaintext"]
+    if data is not None:
+        cmd += ["-d", json.dumps(data)]
+    proc = subprocess.run(
+        [*cmd, address, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_grpcurl_lists_every_service_and_health(serve_process: ServeProcess) -> None:
+    code, out = grpcurl(serve_process.address, "list")
+    assert code == 0, out
+    listed = set(out.split())
+    assert {*SERVICES, "grpc.health.v1.Health"} <= listed
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_grpcurl_describes_each_service_from_reflection(
+    serve_process: ServeProcess, service: str
+) -> None:
+    code, out = grpcurl(serve_process.address, "describe", service)
+    assert code == 0, out
+    assert f"{service} is a service" in out
+    assert "rpc " in out
+
+
+def test_describe_shows_message_fields_with_their_comments(serve_process: ServeProcess) -> None:
+    code, out = grpcurl(serve_process.address, "describe", "flext_mesh.v1.RegisterRequest")
+    assert code == 0, out
+    assert ".flext_mesh.v1.ServiceInstance instance = 1;" in out
+    assert ".google.protobuf.Duration ttl = 2;" in out
+
+
+def test_health_check_answers_serving_overall_and_per_service(
+    serve_process: ServeProcess,
+) -> None:
+    code, out = grpcurl(serve_process.address, "grpc.health.v1.Health/Check")
+    assert code == 0, out
+    assert json.loads(out) == {"status": "SERVING"}
+    for service in SERVICES:
+        code, out = grpcurl(
+            serve_process.address, "grpc.health.v1.Health/Check", data={"service": service}
+        )
+        assert json.loads(out) == {"status": "SERVING"}, service
+
+
+def test_rpcs_of_later_issues_answer_unimplemented_and_say_so(
+    serve_process: ServeProcess,
+) -> None:
+    code, out = grpcurl(
+        serve_process.address,
+        "flext_mesh.v1.RegistryService/Register",
+        data={"instance": {"service_name": "payment", "endpoint": "127.0.0.1:1"}},
+    )
+    assert code != 0
+    assert "Code: Unimplemented" in out
+    assert "not implemented in this version" in out
+
+
+def test_processor_service_of_the_control_plane_lists_no_operation(
+    serve_process: ServeProcess,
+) -> None:
+    code, out = grpcurl(serve_process.address, "flext_mesh.v1.ProcessorService/ListOperations")
+    assert code == 0, out
+    assert json.loads(out) == {"service_name": "flext-mesh"}
+    code, out = grpcurl(
+        serve_process.address, "flext_mesh.v1.ProcessorService/Invoke", data={"operation": "x"}
+    )
+    assert "Code: NotFound" in out
+    assert "'x'" in out
+
+
+def test_sigterm_exits_0_within_the_grace_period(tmp_path: Path) -> None:
+    server = start_serve(tmp_path, "--grace-period", "3")
+    started = time.monotonic()
+    assert server.terminate(timeout=10) == 0
+    assert time.monotonic() - started < 3 + 2
+    log = server.log()
+    assert "stopping signal=SIGTERM grace=3.0s" in log
+    assert log.rstrip().splitlines()[-1].split()[3] == "stopped"
+
+
+def test_sigint_also_drains_and_exits_0(tmp_path: Path) -> None:
+    import signal
+
+    server = start_serve(tmp_path)
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(10) == 0
+    assert "stopping signal=SIGINT" in server.log()
+
+
+def test_configuration_comes_from_flext_mesh_variables(tmp_path: Path) -> None:
+    store = tmp_path / "from-env.db"
+    server = start_serve(
+        tmp_path,
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        f"sqlite:///{store}",
+        env={"FLEXT_MESH_GRACE_PERIOD": "2.5", "FLEXT_MESH_LOG_LEVEL": "debug"},
+    )
+    try:
+        assert store.exists()
+    finally:
+        assert server.terminate() == 0
+    assert "grace=2.5s" in server.log()
+
+
+def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flext-mesh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["serve", "--bogus"], None, "unrecognized arguments: --bogus"),
+        (["serve", "--listen", "nonsense"], None, "listen: 'nonsense' is not HOST:PORT"),
+        (["serve", "--listen", "127.0.0.1:70000"], None, "port 70000"),
+        (["serve", "--grace-period", "-1"], None, "grace-period"),
+        (["serve", "--store", "mysql://x"], None, "is not a store URL"),
+        (["serve"], {"FLEXT_MESH_LOG_LEVEL": "LOUD"}, "log-level"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(
+    args: list[str], env: dict[str, str] | None, expected: str
+) -> None:
+    proc = _run_cli(*args, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("flext-mesh: error:")
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _run_cli(
+            "serve", "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:///{tmp_path}/x.db"
+        )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"flext-mesh: error: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("make_store", "expected"),
+    [
+        (lambda d: d / "file" / "sub" / "x.db", "cannot create store directory"),
+        (lambda d: Path("/sys/flext-mesh.db"), "cannot open store file /sys/flext-mesh.db"),
+        (lambda d: d / "corrupt.db", "not a usable SQLite database"),
+    ],
+)
+def test_unusable_store_exits_1_with_one_line(
+    tmp_path: Path, make_store: object, expected: str
+) -> None:
+    (tmp_path / "file").write_text("a file, not a directory")
+    (tmp_path / "corrupt.db").write_bytes(b"garbage" * 1000)
+    path = make_store(tmp_path)  # type: ignore[operator]
+    proc = _run_cli("serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{path}")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("flext-mesh: error:")
+    assert expected in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_sidecar_says_plainly_that_it_is_not_available_yet() -> None:
+    proc = subprocess.run(
+        [str(BIN / "flext-sidecar")], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert "not available in this version" in proc.stderr
