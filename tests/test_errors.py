@@ -109,10 +109,14 @@ async def test_streams_abort_with_the_status_after_their_messages(
     channel: grpc.aio.Channel,
 ) -> None:
     call = channel.unary_stream("/test.Errors/Stream")(b"missing")
-    received = []
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    received: list[bytes] = []
+
+    async def drain() -> None:
         async for item in call:
             received.append(item)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await drain()
     assert received == [b"first"]
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
 

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
@@ -25,13 +26,10 @@ async def test_create_server_binds_a_free_port_and_serves(control_plane: Control
 async def test_generated_stubs_reach_the_services(control_plane: ControlPlane) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{control_plane.port}") as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
-        try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.ListServices(registry_pb2.ListServicesRequest())
-        except grpc.aio.AioRpcError as exc:
-            assert exc.code() is grpc.StatusCode.UNIMPLEMENTED
-            assert "RegistryService/ListServices" in (exc.details() or "")
-        else:
-            raise AssertionError("ListServices should not answer before the registry exists")
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "RegistryService/ListServices" in (info.value.details() or "")
 
 
 async def test_shutdown_turns_health_not_serving_for_watchers(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -106,8 +107,6 @@ def test_sigterm_exits_0_within_the_grace_period(tmp_path: Path) -> None:
 
 
 def test_sigint_also_drains_and_exits_0(tmp_path: Path) -> None:
-    import signal
-
     server = start_serve(tmp_path)
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(10) == 0

@@ -129,6 +129,9 @@ async def test_leases_renew_in_memory_and_expire_in_one_coalesced_revision(
     await store.put("/inst/b", b"b", lease=lease_b.lease_id)
     await store.put("/inst/keep", b"k", lease=keep.lease_id)
     sub = store.subscribe("/inst/")
+    # Grants were a commit apart; renew both now so they fall due in the same sweep.
+    store.keep_alive_now(lease_a.lease_id)
+    store.keep_alive_now(lease_b.lease_id)
     deadline = time.monotonic() + 0.9
     while time.monotonic() < deadline:
         await store.keep_alive(keep.lease_id)
@@ -160,10 +163,10 @@ async def test_restart_keeps_keys_revision_and_gives_leases_one_ttl_of_grace(
     path = tmp_path / "restart.db"
     s = SqliteStore(path, sweep_interval=0.05)
     await s.open()
-    lease = await s.grant_lease(0.6)
+    lease = await s.grant_lease(1.5)
     rev = await s.put("/inst/a", b"a", lease=lease.lease_id)
     await s.close()
-    await asyncio.sleep(0.7)  # longer than the TTL while the store was down
+    await asyncio.sleep(1.6)  # longer than the TTL while the store was down
 
     s2 = SqliteStore(path, sweep_interval=0.05)
     await s2.open()
@@ -171,7 +174,7 @@ async def test_restart_keeps_keys_revision_and_gives_leases_one_ttl_of_grace(
         assert await s2.current_revision() == rev
         assert await s2.get("/inst/a") is not None, "a restart must not evict at once"
         await s2.keep_alive(lease.lease_id)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.5)
         assert await s2.get("/inst/a") is None, "an unrenewed lease expires after the grace"
     finally:
         await s2.close()
@@ -200,7 +203,8 @@ _CRASH_WRITER = textwrap.dedent(
 
 async def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
     path = tmp_path / "crash.db"
-    proc = subprocess.Popen(
+    # A blocking subprocess on purpose: the writer must be a separate process to crash.
+    proc = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-c", _CRASH_WRITER, str(path)], stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
