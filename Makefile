@@ -69,7 +69,7 @@ protos-check: $(VENV)/.installed-dev  ## Fail when flext_mesh/v1 is not what `ma
 	@tmp=$$(mktemp -d) && \
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) $(PLUGINS) \
 		--python_out=$$tmp --grpc_python_out=$$tmp \
-		--mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null && \
+		--mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >$$tmp.log 2>&1 || { cat $$tmp.log; exit 1; }; \
 	touch $$tmp/$(GEN_DIR)/__init__.py && \
 	if diff -r -E $(GEN_VERSION_LINES) -x __pycache__ $$tmp/$(GEN_DIR) $(GEN_DIR) >/dev/null; then \
 		rm -rf $$tmp; echo "generated code is up to date"; \
