@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +34,7 @@ __all__ = [
     "KeyValue",
     "LeaseInfo",
     "LeaseNotFound",
+    "Listener",
     "Put",
     "Store",
     "StoreOpenError",
@@ -41,6 +42,10 @@ __all__ = [
     "SubscriptionLagged",
     "TxnResult",
 ]
+
+
+#: A synchronous observer of store events (see Store.listen).
+Listener = Callable[[list["Event"]], None]
 
 
 class StoreOpenError(Exception):
@@ -95,6 +100,8 @@ class Event:
     value: bytes
     #: For deletes: True when the key went because its lease expired.
     expired: bool = False
+    #: The value before this change (None when the key was created).
+    prev_value: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +212,9 @@ class Store(Protocol):
     async def range(self, prefix: str, *, start_after: str = "", limit: int = 0) -> list[KeyValue]:
         """Keys under ``prefix`` in key order, after ``start_after``, at most ``limit`` (0: all)."""
 
+    async def snapshot(self, prefix: str) -> tuple[int, list[KeyValue]]:
+        """Every key under ``prefix`` and the revision they were read at, atomically."""
+
     async def put(self, key: str, value: bytes, *, lease: str | None = None) -> int:
         """Set a key; returns the revision of the write."""
 
@@ -239,3 +249,10 @@ class Store(Protocol):
 
     def subscribe(self, prefix: str = "") -> Subscription:
         """Live events from now on. Subscribe first, then read events_since, to miss none."""
+
+    def listen(self, prefix: str, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(events)`` on the event loop for every batch under ``prefix``.
+
+        Batches arrive in revision order. The callback must be quick and must not raise;
+        returns a function that stops the listening.
+        """

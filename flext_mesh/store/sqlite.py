@@ -40,6 +40,7 @@ from flext_mesh.store.base import (
     KeyValue,
     LeaseInfo,
     LeaseNotFound,
+    Listener,
     Put,
     StoreOpenError,
     Subscription,
@@ -77,6 +78,9 @@ _MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (revision, seq)
         ) WITHOUT ROWID""",
     ],
+    # 2: events remember the value before the change (etcd's prev_kv), so a watcher
+    # resuming from history can tell an update from a creation.
+    ["ALTER TABLE events ADD COLUMN prev_value BLOB"],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -127,6 +131,8 @@ class SqliteStore:
         self._reader_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: set[Subscription] = set()
+        self._listeners: dict[int, tuple[str, Listener]] = {}
+        self._next_listener = 0
         self._deadlines: dict[str, tuple[float, float]] = {}  # lease -> (ttl s, monotonic)
         self._sweeper: asyncio.Task[None] | None = None
         self._revision = 0
@@ -295,6 +301,13 @@ class SqliteStore:
         # On the event loop: publish first, so a caller that saw its write acknowledged
         # and then subscribes cannot miss it (it reads events_since from its revision).
         if events:
+            for prefix, callback in list(self._listeners.values()):
+                mine = events if not prefix else [e for e in events if e.key.startswith(prefix)]
+                if mine:
+                    try:
+                        callback(mine)
+                    except Exception:
+                        _log.exception("store listener failed prefix=%s", prefix)
             for sub in list(self._subs):
                 sub.deliver(events)
                 if sub.closed:
@@ -369,6 +382,23 @@ class SqliteStore:
 
         return await self._read(read)
 
+    async def snapshot(self, prefix: str) -> tuple[int, list[KeyValue]]:
+        """Every key under ``prefix`` with the revision they were read at, in one read txn."""
+
+        def read(conn: sqlite3.Connection) -> tuple[int, list[KeyValue]]:
+            conn.execute("BEGIN")
+            try:
+                revision = _meta(conn, "revision")
+                rows = conn.execute(
+                    f"SELECT {_KV_COLUMNS} FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                    (prefix, _prefix_end(prefix)),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return revision, [_kv(row) for row in rows]
+
+        return await self._read(read)
+
     async def current_revision(self) -> int:
         """The revision of the last acknowledged write."""
         return self._revision
@@ -381,11 +411,11 @@ class SqliteStore:
             if revision < compact:
                 raise Compacted(revision, compact)
             rows = conn.execute(
-                "SELECT revision, type, key, value, expired FROM events "
+                "SELECT revision, type, key, value, expired, prev_value FROM events "
                 "WHERE revision > ? AND key >= ? AND key < ? ORDER BY revision, seq",
                 (revision, prefix, _prefix_end(prefix)),
             )
-            return [Event(r, EventType(t), k, v, bool(x)) for r, t, k, v, x in rows]
+            return [Event(r, EventType(t), k, v, bool(x), p) for r, t, k, v, x, p in rows]
 
         return await self._read(read)
 
@@ -394,6 +424,21 @@ class SqliteStore:
         sub = Subscription(prefix)
         self._subs.add(sub)
         return sub
+
+    def listen(self, prefix: str, callback: Listener) -> Callable[[], None]:
+        """Call ``callback(events)`` on the loop for each batch under ``prefix``.
+
+        Listeners run before the writer's call returns, so a cache fed by a listener
+        already holds a write when its caller resumes (read-your-writes).
+        """
+        token = self._next_listener
+        self._next_listener += 1
+        self._listeners[token] = (prefix, callback)
+
+        def stop() -> None:
+            self._listeners.pop(token, None)
+
+        return stop
 
     # -- writes ------------------------------------------------------------------
 
@@ -529,15 +574,15 @@ def _apply(ctx: _WriteCtx, op: Put | Delete) -> None:
         ):
             raise LeaseNotFound(f"lease {op.lease} not found or expired")
         row = conn.execute(
-            "SELECT create_revision, version FROM kv WHERE key=?", (op.key,)
+            "SELECT create_revision, version, value FROM kv WHERE key=?", (op.key,)
         ).fetchone()
         rev = ctx.next_revision()
-        create, version = (row[0], row[1] + 1) if row else (rev, 1)
+        create, version, prev = (row[0], row[1] + 1, row[2]) if row else (rev, 1, None)
         conn.execute(
             "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
             (op.key, op.value, create, rev, version, op.lease),
         )
-        ctx.events.append(Event(rev, EventType.PUT, op.key, op.value))
+        ctx.events.append(Event(rev, EventType.PUT, op.key, op.value, prev_value=prev))
         return
     if op.prefix:
         rows = conn.execute(
@@ -549,7 +594,7 @@ def _apply(ctx: _WriteCtx, op: Put | Delete) -> None:
     for key, value in rows:
         rev = ctx.next_revision()
         conn.execute("DELETE FROM kv WHERE key=?", (key,))
-        ctx.events.append(Event(rev, EventType.DELETE, key, value))
+        ctx.events.append(Event(rev, EventType.DELETE, key, value, prev_value=value))
 
 
 def _revoke(ctx: _WriteCtx, lease_ids: list[str], *, expired: bool) -> int:
@@ -562,15 +607,16 @@ def _revoke(ctx: _WriteCtx, lease_ids: list[str], *, expired: bool) -> int:
         for key, value in rows:
             rev = ctx.next_revision()
             conn.execute("DELETE FROM kv WHERE key=?", (key,))
-            ctx.events.append(Event(rev, EventType.DELETE, key, value, expired))
+            ctx.events.append(Event(rev, EventType.DELETE, key, value, expired, value))
     return ctx.revision
 
 
 def _store_events(conn: sqlite3.Connection, events: list[Event]) -> None:
     conn.executemany(
-        "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events (revision, seq, type, key, value, expired, prev_value) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            (e.revision, seq, int(e.type), e.key, e.value, int(e.expired))
+            (e.revision, seq, int(e.type), e.key, e.value, int(e.expired), e.prev_value)
             for seq, e in enumerate(events)
         ],
     )

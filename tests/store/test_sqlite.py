@@ -24,7 +24,7 @@ from flext_mesh.store import (
     SqliteStore,
     StoreOpenError,
 )
-from flext_mesh.store.sqlite import SCHEMA_VERSION
+from flext_mesh.store.sqlite import _MIGRATIONS, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -273,3 +273,64 @@ async def test_writes_after_close_fail_cleanly(tmp_path: Path) -> None:
     await s.close()
     with pytest.raises(StoreUnavailable):
         await s.put("/x", b"1")
+
+
+async def test_listeners_see_a_write_before_its_caller_resumes(store: SqliteStore) -> None:
+    seen: list[tuple[int, str]] = []
+    stop = store.listen("/svc/", lambda events: seen.extend((e.revision, e.key) for e in events))
+    rev = await store.put("/svc/a", b"1")
+    assert seen == [(rev, "/svc/a")], "the listener ran before put() returned"
+    await store.put("/other", b"x")
+    stop()
+    await store.put("/svc/b", b"2")
+    assert seen == [(rev, "/svc/a")]
+
+
+async def test_snapshot_reads_keys_and_revision_together(store: SqliteStore) -> None:
+    await store.put("/s/1", b"1")
+    rev = await store.put("/s/2", b"2")
+    await store.put("/t/1", b"x")
+    revision, kvs = await store.snapshot("/s/")
+    assert [kv.key for kv in kvs] == ["/s/1", "/s/2"]
+    assert revision >= rev
+
+
+async def test_events_carry_the_previous_value_live_and_in_history(store: SqliteStore) -> None:
+    live: list[tuple[str, bytes | None]] = []
+    store.listen("/p/", lambda events: live.extend((e.type.name, e.prev_value) for e in events))
+    start = await store.put("/p/x", b"v1")
+    await store.put("/p/x", b"v2")
+    await store.delete("/p/x")
+    assert live == [("PUT", None), ("PUT", b"v1"), ("DELETE", b"v2")]
+    history = await store.events_since(start - 1, "/p/")
+    assert [(e.type.name, e.prev_value) for e in history] == live
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for statement in _MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO kv VALUES ('/old', x'6f6c64', 1, 1, 1, NULL)")
+    conn.execute("INSERT INTO events VALUES (1, 0, 0, '/old', x'6f6c64', 0)")
+    conn.execute("UPDATE meta SET value=1 WHERE name='revision'")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+
+    s = SqliteStore(path)
+    await s.open()
+    try:
+        old = await s.get("/old")
+        assert old is not None
+        assert old.value == b"old"
+        assert await s.current_revision() == 1
+        rev = await s.put("/old", b"new")
+        assert rev == 2
+        history = await s.events_since(0)
+        assert [(e.revision, e.prev_value) for e in history] == [(1, None), (2, b"old")]
+    finally:
+        await s.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
