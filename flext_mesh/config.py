@@ -61,6 +61,40 @@ class ServerConfig(BaseSettings):
         description="Largest gRPC message accepted or sent, in bytes.",
     )
 
+    default_ttl: float = Field(
+        10.0, ge=1.0, le=3600.0, description="Lease TTL when Register sets none, seconds."
+    )
+    health_check_interval: float = Field(
+        5.0, ge=0.1, le=300.0, description="Seconds between active checks of one instance."
+    )
+    health_check_timeout: float = Field(
+        1.0, gt=0.0, le=60.0, description="Deadline of one active health check, seconds."
+    )
+    health_unhealthy_threshold: int = Field(
+        3, ge=1, le=100, description="Consecutive failed checks before NOT_SERVING."
+    )
+    health_healthy_threshold: int = Field(
+        2, ge=1, le=100, description="Consecutive passed checks before SERVING again."
+    )
+    panic_threshold_percent: float = Field(
+        50.0,
+        ge=0.0,
+        le=100.0,
+        description="Below this share of healthy instances Discover returns all (0: never).",
+    )
+    outlier_consecutive_failures: int = Field(
+        5, ge=1, le=1000, description="Consecutive infrastructure failures that eject."
+    )
+    outlier_base_ejection_time: float = Field(
+        30.0, ge=1.0, le=3600.0, description="Ejection time per time ejected, seconds."
+    )
+    outlier_max_ejection_time: float = Field(
+        300.0, ge=1.0, le=86400.0, description="Cap of the ejection time, seconds."
+    )
+    outlier_max_ejection_percent: float = Field(
+        10.0, ge=0.0, le=100.0, description="Most of a service ejected at once (>= 1 instance)."
+    )
+
     @field_validator("listen", "http_listen")
     @classmethod
     def _check_address(cls, value: str) -> str:

@@ -21,7 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.registry import Registry, RegistrySettings
+from flext_mesh.registry.health import HealthCheckSettings
+from flext_mesh.registry.outlier import OutlierSettings
 from flext_mesh.servicers import ProcessorServicer, unimplemented_servicer
+from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.store import Store, open_store
 from flext_mesh.v1 import (
     metrics_pb2,
@@ -31,7 +35,6 @@ from flext_mesh.v1 import (
     processor_pb2,
     processor_pb2_grpc,
     registry_pb2,
-    registry_pb2_grpc,
 )
 
 __all__ = ["SERVICE_NAMES", "ControlPlane", "ServeError", "create_server", "serve"]
@@ -51,12 +54,35 @@ class ServeError(Exception):
     """The control plane cannot start (address in use, bad store); the message says why."""
 
 
+def registry_settings(config: ServerConfig) -> RegistrySettings:
+    """The registry's settings from the server configuration."""
+    return RegistrySettings(
+        default_ttl=config.default_ttl,
+        health=HealthCheckSettings(
+            interval=config.health_check_interval,
+            timeout=min(config.health_check_timeout, config.health_check_interval),
+            unhealthy_threshold=config.health_unhealthy_threshold,
+            healthy_threshold=config.health_healthy_threshold,
+        ),
+        outlier=OutlierSettings(
+            consecutive_failures=config.outlier_consecutive_failures,
+            base_ejection_time=config.outlier_base_ejection_time,
+            max_ejection_time=max(
+                config.outlier_max_ejection_time, config.outlier_base_ejection_time
+            ),
+            max_ejection_percent=config.outlier_max_ejection_percent,
+        ),
+        panic_threshold_percent=config.panic_threshold_percent,
+    )
+
+
 class ControlPlane:
-    """A running control plane: its gRPC server, store and health servicer."""
+    """A running control plane: its gRPC server, store, registry and health servicer."""
 
     def __init__(self, config: ServerConfig, store: Store) -> None:
         self.config = config
         self.store = store
+        self.registry = Registry(store, registry_settings(config))
         self.health = health.aio.HealthServicer()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -70,14 +96,7 @@ class ControlPlane:
         self.port = 0
 
     def _add_services(self) -> None:
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            unimplemented_servicer(
-                registry_pb2_grpc.RegistryServiceServicer,
-                registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
-                "the registry issue",
-            ),
-            self.server,
-        )
+        add_registry_servicer(RegistryServicer(self.registry), self.server)
         metrics_pb2_grpc.add_MetricsServiceServicer_to_server(
             unimplemented_servicer(
                 metrics_pb2_grpc.MetricsServiceServicer,
@@ -107,6 +126,7 @@ class ControlPlane:
         host, port = parse_host_port(self.config.listen)
         await self.store.open()
         try:
+            await self.registry.start()
             self._add_services()
             try:
                 self.port = self.server.add_insecure_port(self.config.listen)
@@ -114,6 +134,7 @@ class ControlPlane:
                 raise ServeError(_bind_problem(host, port)) from exc
             await self.server.start()
         except BaseException:
+            await self.registry.stop()
             await self.store.close()
             raise
         for name in ("", *SERVICE_NAMES):
@@ -124,7 +145,10 @@ class ControlPlane:
         """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` s, close the store."""
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        # Watch streams never end by themselves: close them so the drain is not held up.
+        self.registry.hub.close_all()
         await self.server.stop(grace)
+        await self.registry.stop()
         await self.store.close()
 
 

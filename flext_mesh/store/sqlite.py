@@ -273,7 +273,7 @@ class SqliteStore:
                 conn.execute("RELEASE w")
                 outcomes.append((fut, True, result))
             self._writes_since_compact += len(batch)
-            if self._writes_since_compact >= 1000:
+            if self._writes_since_compact >= min(1000, max(1, self._history // 2)):
                 self._compact(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:

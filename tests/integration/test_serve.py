@@ -75,8 +75,8 @@ def test_rpcs_of_later_issues_answer_unimplemented_and_say_so(
 ) -> None:
     code, out = grpcurl(
         serve_process.address,
-        "flext_mesh.v1.RegistryService/Register",
-        data={"instance": {"service_name": "payment", "endpoint": "127.0.0.1:1"}},
+        "flext_mesh.v1.OrchestratorService/ListWorkflows",
+        data={},
     )
     assert code != 0
     assert "Code: Unimplemented" in out

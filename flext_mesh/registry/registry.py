@@ -1,0 +1,787 @@
+"""The registry: instances under leases, their health and weights, discovery and watch.
+
+State lives in the Store under ``/registry/instances/<service>/<instance id>`` (a
+serialized ServiceInstance attached to the instance's lease). An in-memory cache is fed
+by a store listener, so it holds every write before the writer's call returns, and
+every change reaches Watch streams through one shared fan-out (:mod:`.watch`).
+
+Who changes an instance: Register and Deregister (callers), lease expiry (the store's
+sweeper), active health transitions (:mod:`.health`), outlier ejections and releases
+(:mod:`.outlier`), and a periodic refresh of response time, uptime and effective
+weight. Each change is one store write and so one revision and one watch event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import statistics
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from flext_mesh.registry.balancer import (
+    Candidate,
+    Picker,
+    Strategy,
+    effective_weight,
+    in_panic,
+    performance_multiplier,
+)
+from flext_mesh.registry.health import HealthChecker, HealthCheckSettings, HealthTransition
+from flext_mesh.registry.health import HealthStatus as CheckStatus
+from flext_mesh.registry.outlier import OutlierDetector, OutlierSettings
+from flext_mesh.registry.validation import (
+    DEFAULT_TTL,
+    DEFAULT_WEIGHT,
+    check_name,
+    raise_if,
+    validate_instance,
+    validate_ttl,
+)
+from flext_mesh.registry.watch import Watcher, WatchHub, make_batch
+from flext_mesh.store import Compacted, Compare, Event, EventType, Put, Store
+from flext_mesh.v1 import registry_pb2
+
+__all__ = ["INSTANCES", "Registry", "RegistrySettings"]
+
+_log = logging.getLogger("flext_mesh.registry")
+
+#: Store prefix of instances.
+INSTANCES = "/registry/instances/"
+
+_HS = registry_pb2.HealthStatus
+_HEALTHY = frozenset({_HS.HEALTH_STATUS_SERVING, _HS.HEALTH_STATUS_UNKNOWN})
+_REG_FIELDS = (
+    "endpoint",
+    "version",
+    "type",
+    "zone",
+    "labels",
+    "capabilities",
+    "weight",
+    "health_check_mode",
+    "metadata",
+)
+_WE = registry_pb2.WatchEventType
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistrySettings:
+    """How the registry behaves; the defaults are documented on the proto fields."""
+
+    #: Lease TTL when Register sets none, seconds.
+    default_ttl: float = DEFAULT_TTL
+    #: Active health checking.
+    health: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    #: Outlier ejection defaults.
+    outlier: OutlierSettings = field(default_factory=OutlierSettings)
+    #: Below this percentage of healthy instances Discover returns all of them (0: never).
+    panic_threshold_percent: float = 50.0
+    #: How often response time, uptime and effective weight are refreshed, seconds.
+    refresh_interval: float = 5.0
+    #: Events per Watch message when replaying history.
+    watch_chunk: int = 500
+    #: Batches a watcher may fall behind before it is cut off.
+    watch_max_pending: int = 1024
+    #: Seconds between progress messages on an idle Watch stream.
+    watch_progress_interval: float = 10.0
+    #: Distinct Discover queries whose answers are kept pre-serialized.
+    discover_cache_size: int = 4096
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A Discover query's pre-serialized answers, one per possible first pick."""
+
+    revision: int
+    picker: Picker | None
+    responses: list[bytes]
+
+
+def _key(service: str, instance_id: str) -> str:
+    return f"{INSTANCES}{service}/{instance_id}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    service, _, instance_id = key[len(INSTANCES) :].partition("/")
+    return service, instance_id
+
+
+def _now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class Registry:
+    """The registry domain service (no gRPC here: errors are MeshErrors)."""
+
+    def __init__(self, store: Store, settings: RegistrySettings | None = None) -> None:
+        self.store = store
+        self.settings = settings or RegistrySettings()
+        self.hub = WatchHub(max_pending=self.settings.watch_max_pending)
+        self._services: dict[str, dict[str, registry_pb2.ServiceInstance]] = {}
+        self._service_revision: dict[str, int] = {}
+        self._by_lease: dict[str, tuple[str, str]] = {}
+        self._revision = 0
+        self._answers: OrderedDict[tuple[object, ...], _Answer] = OrderedDict()
+        self._health = HealthChecker(self.settings.health, self._on_health)
+        self._outliers = OutlierDetector(self.settings.outlier)
+        self._error_rates: dict[tuple[str, str], float] = {}
+        # Median response time per service, recomputed by refresh(): weights use it.
+        self._medians: dict[str, float] = {}
+        self._unlisten: list[object] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the registry from the store, start health checks and background work."""
+        stop = self.store.listen(INSTANCES, self._apply)
+        self._unlisten.append(stop)
+        revision, kvs = await self.store.snapshot(INSTANCES)
+        for kv in kvs:
+            instance = registry_pb2.ServiceInstance.FromString(kv.value)
+            instance.revision = kv.mod_revision
+            self._put_cached(instance)
+        self._revision = max(self._revision, revision)
+        self._health.start()
+        for service in self._services.values():
+            for instance in service.values():
+                self._track(instance)
+        self._tasks = [
+            asyncio.create_task(self._refresh_forever(), name="registry-refresh"),
+            asyncio.create_task(self._release_forever(), name="registry-outlier-release"),
+        ]
+        _log.info(
+            "registry loaded services=%d instances=%d revision=%d",
+            len(self._services),
+            sum(len(s) for s in self._services.values()),
+            self._revision,
+        )
+
+    async def stop(self) -> None:
+        """Stop background work, health checks and every watch stream."""
+        for stop in self._unlisten:
+            stop()  # type: ignore[operator]
+        self._unlisten.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self._health.aclose()
+        self.hub.close_all()
+
+    # -- the cache, fed by the store ---------------------------------------------
+
+    def _put_cached(self, instance: registry_pb2.ServiceInstance) -> None:
+        service = self._services.setdefault(instance.service_name, {})
+        old = service.get(instance.instance_id)
+        if old is not None and old.lease_id != instance.lease_id:
+            self._by_lease.pop(old.lease_id, None)
+        service[instance.instance_id] = instance
+        self._by_lease[instance.lease_id] = (instance.service_name, instance.instance_id)
+        name = instance.service_name
+        self._service_revision[name] = max(self._service_revision.get(name, 0), instance.revision)
+
+    def _apply(self, events: list[Event]) -> None:
+        """Store listener: update the cache and publish watch events (on the loop)."""
+        out: list[registry_pb2.WatchEvent] = []
+        for event in events:
+            out.append(self._apply_one(event))
+            self._revision = max(self._revision, event.revision)
+        self.hub.publish(out)
+
+    def _apply_one(self, event: Event) -> registry_pb2.WatchEvent:
+        service_name, instance_id = _split(event.key)
+        if event.type is EventType.PUT:
+            instance = registry_pb2.ServiceInstance.FromString(event.value)
+            instance.revision = event.revision
+            previous = self._services.get(service_name, {}).get(instance_id)
+            self._put_cached(instance)
+            if previous is None or previous.endpoint != instance.endpoint:
+                self._track(instance)
+            return _translate(event, instance)
+        service = self._services.get(service_name, {})
+        old = service.pop(instance_id, None)
+        if old is not None:
+            self._by_lease.pop(old.lease_id, None)
+        if service:
+            self._service_revision[service_name] = event.revision
+        else:
+            self._services.pop(service_name, None)
+            self._service_revision.pop(service_name, None)
+        self._health.untrack(event.key)
+        self._outliers.forget(service_name, instance_id)
+        self._error_rates.pop((service_name, instance_id), None)
+        return _translate(event, None)
+
+    def _track(self, instance: registry_pb2.ServiceInstance) -> None:
+        key = _key(instance.service_name, instance.instance_id)
+        if instance.health_check_mode == registry_pb2.HEALTH_CHECK_MODE_TTL_ONLY:
+            self._health.untrack(key)
+            return
+        known = (_HS.HEALTH_STATUS_SERVING, _HS.HEALTH_STATUS_NOT_SERVING)
+        initial = CheckStatus(instance.health) if instance.health in known else CheckStatus.UNKNOWN
+        self._health.track(key, instance.endpoint, initial=initial)
+
+    def get(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
+        """The cached instance, or None."""
+        return self._services.get(service, {}).get(instance_id)
+
+    @property
+    def revision(self) -> int:
+        """The latest registry revision applied to the cache."""
+        return self._revision
+
+    # -- leases --------------------------------------------------------------------
+
+    async def register(
+        self, instance: registry_pb2.ServiceInstance, ttl: duration_pb2.Duration | None = None
+    ) -> tuple[registry_pb2.ServiceInstance, registry_pb2.Lease, int]:
+        """Register (or replace) an instance under a new lease (default TTL when None)."""
+        raise_if(
+            validate_instance("instance", instance)
+            + validate_ttl("ttl", ttl or duration_pb2.Duration(), ttl is not None)
+        )
+        seconds = ttl.ToNanoseconds() / 1e9 if ttl is not None else self.settings.default_ttl
+        new = registry_pb2.ServiceInstance()
+        new.CopyFrom(instance)
+        for name in (
+            "effective_weight",
+            "response_time_ms",
+            "uptime_percentage",
+            "ejected",
+            "ejected_until",
+            "register_time",
+            "last_renew_time",
+            "lease_id",
+            "revision",
+        ):
+            new.ClearField(name)  # the control plane's fields
+        if not new.instance_id:
+            new.instance_id = f"{new.service_name}-{uuid.uuid4().hex[:12]}"
+        if not new.weight:
+            new.weight = DEFAULT_WEIGHT
+        previous = self.get(new.service_name, new.instance_id)
+        if previous is not None and previous.endpoint == new.endpoint:
+            # Same process registering again: keep what the control plane knows of it.
+            new.health = previous.health
+            new.response_time_ms = previous.response_time_ms
+            new.uptime_percentage = previous.uptime_percentage
+            new.register_time.CopyFrom(previous.register_time)
+        else:
+            new.health = (
+                _HS.HEALTH_STATUS_SERVING
+                if new.health_check_mode == registry_pb2.HEALTH_CHECK_MODE_TTL_ONLY
+                else _HS.HEALTH_STATUS_UNKNOWN
+            )
+            new.uptime_percentage = 100.0
+            new.register_time.CopyFrom(_now_ts())
+        new.effective_weight = self._weight_of(new)
+        lease = await self.store.grant_lease(seconds)
+        new.lease_id = lease.lease_id
+        new.last_renew_time.CopyFrom(_now_ts())
+        try:
+            key = _key(new.service_name, new.instance_id)
+            put = Put(key, new.SerializeToString(), lease.lease_id)
+            result = await self.store.txn((), (put,))
+        except BaseException:
+            await _quietly_revoke(self.store, lease.lease_id)
+            raise
+        if previous is not None and previous.lease_id != lease.lease_id:
+            await _quietly_revoke(self.store, previous.lease_id)
+        stored = self.get(new.service_name, new.instance_id) or new
+        return stored, _lease(lease.lease_id, lease.ttl, lease.expires_at), result.revision
+
+    async def heartbeat(self, lease_id: str) -> registry_pb2.Lease:
+        """Renew one lease; NotFound when it expired or never existed."""
+        if not lease_id:
+            raise InvalidArgument.from_violations([FieldViolation("lease_id", "is required")])
+        info = await self.store.keep_alive(lease_id)
+        return _lease(info.lease_id, info.ttl, info.expires_at)
+
+    async def keep_alive(self, lease_ids: Sequence[str]) -> registry_pb2.KeepAliveResponse:
+        """Renew many leases; unknown or expired ones are listed, not fatal."""
+        if not 1 <= len(lease_ids) <= 1000:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("lease_ids", f"must list 1 to 1000 leases, got {len(lease_ids)}")]
+            )
+        response = registry_pb2.KeepAliveResponse()
+        for lease_id in lease_ids:
+            try:
+                info = await self.store.keep_alive(lease_id)
+            except NotFound:
+                response.expired_lease_ids.append(lease_id)
+            else:
+                response.leases.append(_lease(info.lease_id, info.ttl, info.expires_at))
+        return response
+
+    async def deregister(self, service: str, instance_id: str) -> int:
+        """Remove an instance now; NotFound when it is not registered."""
+        raise_if(check_name("service_name", service) + check_name("instance_id", instance_id))
+        instance = self.get(service, instance_id)
+        if instance is None:
+            raise NotFound(f"instance {instance_id!r} of service {service!r} is not registered")
+        return await self.store.revoke_lease(instance.lease_id)
+
+    # -- health, outliers and weights ---------------------------------------------
+
+    def _weight_of(self, instance: registry_pb2.ServiceInstance) -> float:
+        median = self._medians.get(instance.service_name, 0.0)
+        error_rate = self._error_rates.get((instance.service_name, instance.instance_id), 0.0)
+        perf = performance_multiplier(instance.response_time_ms, median, error_rate)
+        return effective_weight(instance.weight, instance.health, instance.ejected, perf)
+
+    async def _rewrite(
+        self, instance: registry_pb2.ServiceInstance, changed: registry_pb2.ServiceInstance
+    ) -> None:
+        """Write ``changed`` if ``instance`` is still the stored version (else skip)."""
+        changed.ClearField("revision")
+        key = _key(instance.service_name, instance.instance_id)
+        # NotFound: the lease expired meanwhile, so the instance is gone anyway.
+        with contextlib.suppress(NotFound):
+            await self.store.txn(
+                (Compare(key, instance.revision),),
+                (Put(key, changed.SerializeToString(), instance.lease_id),),
+            )
+
+    async def _on_health(self, key: str, transition: HealthTransition) -> None:
+        service, instance_id = _split(key)
+        instance = self.get(service, instance_id)
+        if instance is None:
+            return
+        changed = registry_pb2.ServiceInstance()
+        changed.CopyFrom(instance)
+        changed.health = _HS.ValueType(int(transition.new))
+        stats = transition.stats
+        changed.uptime_percentage = stats.uptime_percentage
+        if stats.ewma_latency_ms > 0:
+            changed.response_time_ms = stats.ewma_latency_ms
+        changed.effective_weight = self._weight_of(changed)
+        _log.info(
+            "instance health service=%s instance=%s %s->%s reason=%s",
+            service,
+            instance_id,
+            transition.old.name,
+            transition.new.name,
+            transition.reason,
+        )
+        await self._rewrite(instance, changed)
+
+    async def record_call(
+        self,
+        service: str,
+        instance_id: str,
+        *,
+        infrastructure_failure: bool,
+        latency_ms: float | None = None,
+        error_rate: float | None = None,
+    ) -> None:
+        """Feed one call outcome (from the metrics service) to outlier ejection.
+
+        Business rejections must be passed as successes (``infrastructure_failure``
+        False): only infrastructure faults count against an instance.
+        """
+        instance = self.get(service, instance_id)
+        if instance is None:
+            return
+        if error_rate is not None:
+            self._error_rates[(service, instance_id)] = error_rate
+        ejection = self._outliers.record(
+            service,
+            instance_id,
+            ok=not infrastructure_failure,
+            service_size=len(self._services.get(service, {})),
+        )
+        if ejection is None:
+            return
+        changed = registry_pb2.ServiceInstance()
+        changed.CopyFrom(instance)
+        changed.ejected = True
+        changed.ejected_until.FromNanoseconds(int((time.time() + ejection.duration) * 1e9))
+        changed.effective_weight = 0.0
+        _log.info(
+            "instance ejected service=%s instance=%s for=%.0fs times=%d",
+            service,
+            instance_id,
+            ejection.duration,
+            ejection.times_ejected,
+        )
+        await self._rewrite(instance, changed)
+
+    async def _release_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for service, instance_id in self._outliers.release_due():
+                instance = self.get(service, instance_id)
+                if instance is None or not instance.ejected:
+                    continue
+                changed = registry_pb2.ServiceInstance()
+                changed.CopyFrom(instance)
+                changed.ejected = False
+                changed.ClearField("ejected_until")
+                changed.effective_weight = self._weight_of(changed)
+                _log.info("instance released service=%s instance=%s", service, instance_id)
+                await self._rewrite(instance, changed)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval)
+            try:
+                await self.refresh()
+            except Exception:
+                _log.exception("registry refresh failed")
+
+    async def refresh(self) -> int:
+        """Write instances whose response time, uptime or effective weight moved.
+
+        Thresholds: effective weight by more than 5%, uptime by a point or more,
+        response time by more than 20% (and 1 ms). Returns how many were written.
+        """
+        written = 0
+        for name, service in list(self._services.items()):
+            known = [i.response_time_ms for i in service.values() if i.response_time_ms > 0]
+            self._medians[name] = statistics.median(known) if known else 0.0
+        for name in list(self._medians):
+            if name not in self._services:
+                del self._medians[name]
+        for service in list(self._services.values()):
+            for instance in list(service.values()):
+                key = _key(instance.service_name, instance.instance_id)
+                stats = self._health.stats(key)
+                if (
+                    stats is None
+                    and not instance.response_time_ms
+                    and ((instance.service_name, instance.instance_id) not in self._error_rates)
+                ):
+                    continue  # nothing measured: its weight cannot have moved
+                changed = registry_pb2.ServiceInstance()
+                changed.CopyFrom(instance)
+                if stats is not None and stats.total_checks:
+                    changed.uptime_percentage = stats.uptime_percentage
+                    if stats.ewma_latency_ms > 0:
+                        changed.response_time_ms = stats.ewma_latency_ms
+                changed.effective_weight = self._weight_of(changed)
+                if _moved(instance, changed):
+                    await self._rewrite(instance, changed)
+                    written += 1
+        return written
+
+    # -- discovery -----------------------------------------------------------------
+
+    def discover(self, request: registry_pb2.DiscoverRequest) -> bytes:
+        """The serialized DiscoverResponse for a request (see registry.proto)."""
+        healthy_only = request.healthy_only if request.HasField("healthy_only") else True
+        strategy = request.strategy or registry_pb2.LOAD_BALANCING_STRATEGY_WEIGHTED_ROUND_ROBIN
+        query = (
+            request.service_name,
+            request.type,
+            tuple(sorted(request.label_selector.items())),
+            strategy,
+            healthy_only,
+            request.limit,
+        )
+        revision = (
+            self._service_revision.get(request.service_name, -1)
+            if request.service_name
+            else self._revision
+        )
+        answer = self._answers.get(query)
+        if answer is None or answer.revision != revision:
+            _validate_discover(request, strategy)
+            answer = self._build_answer(request, strategy, healthy_only, revision)
+            self._answers[query] = answer
+            if len(self._answers) > self.settings.discover_cache_size:
+                self._answers.popitem(last=False)
+        if answer.picker is None:
+            return answer.responses[0]
+        return answer.responses[answer.picker.pick()]
+
+    def _build_answer(
+        self,
+        request: registry_pb2.DiscoverRequest,
+        strategy: int,
+        healthy_only: bool,
+        revision: int,
+    ) -> _Answer:
+        if request.service_name:
+            pool = list(self._services.get(request.service_name, {}).values())
+            if not pool:
+                raise NotFound(f"service {request.service_name!r} has no registered instance")
+        else:
+            pool = [i for s in self._services.values() for i in s.values()]
+        if request.type:
+            pool = [i for i in pool if i.type == request.type]
+        for key, value in request.label_selector.items():
+            pool = [i for i in pool if i.labels.get(key) == value]
+        if not pool and not request.service_name:
+            raise NotFound(f"no instance of type {request.type!r} is registered")
+        pool.sort(key=lambda i: (i.service_name, i.instance_id))
+        healthy = [i for i in pool if _is_healthy(i)]
+        notes: list[str] = []
+        panic = False
+        chosen = pool
+        if healthy_only:
+            if pool and in_panic(len(pool), len(healthy), self.settings.panic_threshold_percent):
+                panic = True
+                notes.append(
+                    f"panic mode: {len(healthy)} of {len(pool)} instances healthy, below "
+                    f"{self.settings.panic_threshold_percent:g}%; returning all of them"
+                )
+            else:
+                chosen = healthy
+                if not healthy:
+                    notes.append("no healthy instance matches")
+        weights = [
+            i.effective_weight if i.effective_weight > 0 else (float(i.weight) if panic else 0.0)
+            for i in chosen
+        ]
+        candidates = [
+            Candidate(i.instance_id, w if w > 0 else 1e-9, i.response_time_ms, i.uptime_percentage)
+            for i, w in zip(chosen, weights, strict=True)
+        ]
+        base = registry_pb2.DiscoverResponse(
+            strategy=registry_pb2.LoadBalancingStrategy.ValueType(strategy),
+            panic_mode=panic,
+            revision=revision,
+            notes=notes,
+        )
+        if not candidates:
+            return _Answer(revision, None, [base.SerializeToString()])
+        picker = Picker(candidates, Strategy(strategy))
+        responses = []
+        for first in range(len(candidates)):
+            order = picker.order(first)
+            if request.limit:
+                order = order[: request.limit]
+            response = registry_pb2.DiscoverResponse()
+            response.CopyFrom(base)
+            response.instances.extend(chosen[i] for i in order)
+            responses.append(response.SerializeToString())
+        return _Answer(revision, picker, responses)
+
+    def list_services(
+        self, page_size: int, page_token: str, type_filter: str
+    ) -> registry_pb2.ListServicesResponse:
+        """Services with instance counts and health, sorted by name, paged."""
+        if page_size > 1000:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("page_size", f"{page_size} is over the maximum 1000")]
+            )
+        after = ""
+        if page_token:
+            try:
+                after = base64.urlsafe_b64decode(page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidArgument.from_violations(
+                    [FieldViolation("page_token", "is not a token from a previous response")]
+                ) from exc
+        size = page_size or 100
+        names = sorted(n for n in self._services if n > after)
+        response = registry_pb2.ListServicesResponse(revision=self._revision)
+        for name in names:
+            instances = list(self._services[name].values())
+            if type_filter and not any(i.type == type_filter for i in instances):
+                continue
+            if len(response.services) == size:
+                last = response.services[-1].service_name
+                response.next_page_token = base64.urlsafe_b64encode(last.encode()).decode()
+                break
+            response.services.append(_summary(name, instances))
+        return response
+
+    # -- watch -------------------------------------------------------------------
+
+    async def watch(self, services: Sequence[str], from_revision: int) -> AsyncIterator[bytes]:
+        """Serialized WatchResponses: history or a snapshot, then live changes."""
+        violations = [
+            v for i, name in enumerate(services) for v in check_name(f"service_names[{i}]", name)
+        ]
+        if from_revision < 0:
+            violations.append(FieldViolation("from_revision", "must be >= 0"))
+        raise_if(violations)
+        watcher = self.hub.add(services)
+        try:
+            last = 0
+            if from_revision and from_revision <= self._revision:
+                try:
+                    history = await self.store.events_since(from_revision, INSTANCES)
+                except Compacted:
+                    pass
+                else:
+                    last = from_revision
+                    wanted = [e for e in history if watcher.wants(_split(e.key)[0])]
+                    chunk = self.settings.watch_chunk
+                    for start in range(0, len(wanted), chunk):
+                        part = [_translate_event(e) for e in wanted[start : start + chunk]]
+                        batch = make_batch(part)
+                        if batch is not None:
+                            last = batch.last_revision
+                            yield batch.payload
+                    if not wanted:
+                        yield _progress(self._revision)
+                        last = max(last, self._revision)
+            if not last:
+                last = self._revision
+                yield self._snapshot(watcher, resync=from_revision != 0)
+            async for payload in self._live(watcher, last):
+                yield payload
+        finally:
+            self.hub.remove(watcher)
+
+    def _snapshot(self, watcher: Watcher, *, resync: bool) -> bytes:
+        snapshot = registry_pb2.WatchSnapshot(resync=resync)
+        for name in sorted(self._services):
+            if watcher.wants(name):
+                snapshot.instances.extend(
+                    self._services[name][i] for i in sorted(self._services[name])
+                )
+        return registry_pb2.WatchResponse(
+            snapshot=snapshot, revision=self._revision
+        ).SerializeToString()
+
+    async def _live(self, watcher: Watcher, last: int) -> AsyncIterator[bytes]:
+        progress = self.settings.watch_progress_interval
+        while True:
+            try:
+                batch = await asyncio.wait_for(watcher.queue.get(), progress)
+            except TimeoutError:
+                yield _progress(max(last, self._revision))
+                continue
+            if batch is None:
+                if watcher.overflowed:
+                    raise ResourceExhausted(
+                        f"watch consumer too slow; resume from revision {last}", retry_after=0.1
+                    )
+                return
+            if batch.last_revision <= last:
+                continue
+            if batch.first_revision <= last:
+                fresh = make_batch([e for e in batch.events if e.revision > last])
+                if fresh is None:
+                    continue
+                batch = fresh
+            last = batch.last_revision
+            yield batch.payload
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _is_healthy(instance: registry_pb2.ServiceInstance) -> bool:
+    return instance.health in _HEALTHY and not instance.ejected and instance.effective_weight > 0
+
+
+def _validate_discover(request: registry_pb2.DiscoverRequest, strategy: int) -> None:
+    violations: list[FieldViolation] = []
+    if not request.service_name and not request.type:
+        violations.append(FieldViolation("service_name", "give service_name or type"))
+    violations += check_name("service_name", request.service_name, required=False)
+    if strategy not in registry_pb2.LoadBalancingStrategy.values():
+        violations.append(FieldViolation("strategy", f"{strategy} is not a known strategy"))
+    if request.limit > 10_000:
+        violations.append(FieldViolation("limit", "at most 10000"))
+    raise_if(violations)
+
+
+def _moved(old: registry_pb2.ServiceInstance, new: registry_pb2.ServiceInstance) -> bool:
+    ow, nw = old.effective_weight, new.effective_weight
+    if (ow == 0) != (nw == 0) or (ow and abs(nw - ow) / ow > 0.05):
+        return True
+    if abs(new.uptime_percentage - old.uptime_percentage) >= 1.0:
+        return True
+    ort, nrt = old.response_time_ms, new.response_time_ms
+    return abs(nrt - ort) > max(1.0, 0.2 * ort)
+
+
+def _summary(
+    name: str, instances: list[registry_pb2.ServiceInstance]
+) -> registry_pb2.ServiceSummary:
+    return registry_pb2.ServiceSummary(
+        service_name=name,
+        instance_count=len(instances),
+        healthy_count=sum(1 for i in instances if _is_healthy(i)),
+        unhealthy_count=sum(1 for i in instances if i.health not in _HEALTHY),
+        ejected_count=sum(1 for i in instances if i.ejected),
+        versions=sorted({i.version for i in instances if i.version}),
+        types=sorted({i.type for i in instances if i.type}),
+    )
+
+
+def _lease(lease_id: str, ttl: float, expires_at: float) -> registry_pb2.Lease:
+    lease = registry_pb2.Lease(lease_id=lease_id)
+    lease.ttl.FromNanoseconds(int(ttl * 1e9))
+    lease.expire_time.FromNanoseconds(int(expires_at * 1e9))
+    return lease
+
+
+def _progress(revision: int) -> bytes:
+    return registry_pb2.WatchResponse(revision=revision).SerializeToString()
+
+
+async def _quietly_revoke(store: Store, lease_id: str) -> None:
+    with contextlib.suppress(NotFound):
+        await store.revoke_lease(lease_id)
+
+
+def _translate_event(event: Event) -> registry_pb2.WatchEvent:
+    instance = (
+        registry_pb2.ServiceInstance.FromString(event.value)
+        if event.type is EventType.PUT
+        else None
+    )
+    if instance is not None:
+        instance.revision = event.revision
+    return _translate(event, instance)
+
+
+def _translate(
+    event: Event, instance: registry_pb2.ServiceInstance | None
+) -> registry_pb2.WatchEvent:
+    """The WatchEvent of one store event, classified against the previous value."""
+    service_name, _ = _split(event.key)
+    out = registry_pb2.WatchEvent(revision=event.revision, service_name=service_name)
+    out.time.GetCurrentTime()
+    if instance is None:
+        out.type = _WE.WATCH_EVENT_TYPE_REMOVED
+        out.instance.ParseFromString(event.value)
+        out.removal_reason = (
+            registry_pb2.REMOVAL_REASON_LEASE_EXPIRED
+            if event.expired
+            else registry_pb2.REMOVAL_REASON_DEREGISTERED
+        )
+        return out
+    out.instance.CopyFrom(instance)
+    if event.prev_value is None:
+        out.type = _WE.WATCH_EVENT_TYPE_ADDED
+        return out
+    previous = registry_pb2.ServiceInstance.FromString(event.prev_value)
+    if any(_field(previous, f) != _field(instance, f) for f in _REG_FIELDS) or (
+        previous.lease_id != instance.lease_id
+    ):
+        out.type = _WE.WATCH_EVENT_TYPE_UPDATED
+    elif previous.health != instance.health or previous.ejected != instance.ejected:
+        out.type = _WE.WATCH_EVENT_TYPE_HEALTH_CHANGED
+    else:
+        out.type = _WE.WATCH_EVENT_TYPE_WEIGHT_CHANGED
+    return out
+
+
+def _field(instance: registry_pb2.ServiceInstance, name: str) -> object:
+    value = getattr(instance, name)
+    if name == "labels":
+        return dict(value)
+    if name == "capabilities":
+        return list(value)
+    if name == "metadata":
+        return value.SerializeToString(deterministic=True)
+    return value

@@ -1,0 +1,161 @@
+"""RegistryService: protobuf in, Registry calls, protobuf out (status codes only here)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from flext_mesh.errors import Unimplemented, rpc_errors
+from flext_mesh.registry import Registry
+from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
+
+__all__ = ["RegistryServicer", "add_registry_servicer"]
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    """Serves the registry; Discover and Watch answer pre-serialized bytes."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    @rpc_errors
+    async def Register(
+        self, request: registry_pb2.RegisterRequest, context: _Context
+    ) -> registry_pb2.RegisterResponse:
+        """Register an instance under a lease."""
+        ttl = request.ttl if request.HasField("ttl") else None
+        instance, lease, revision = await self.registry.register(request.instance, ttl)
+        return registry_pb2.RegisterResponse(instance=instance, lease=lease, revision=revision)
+
+    @rpc_errors
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: _Context
+    ) -> registry_pb2.HeartbeatResponse:
+        """Renew one lease."""
+        return registry_pb2.HeartbeatResponse(lease=await self.registry.heartbeat(request.lease_id))
+
+    @rpc_errors
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[registry_pb2.KeepAliveRequest], context: _Context
+    ) -> AsyncIterator[registry_pb2.KeepAliveResponse]:
+        """Renew leases over a stream, one response per request."""
+        async for request in request_iterator:
+            yield await self.registry.keep_alive(request.lease_ids)
+
+    @rpc_errors
+    async def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: _Context
+    ) -> registry_pb2.DeregisterResponse:
+        """Remove an instance now."""
+        revision = await self.registry.deregister(request.service_name, request.instance_id)
+        return registry_pb2.DeregisterResponse(revision=revision)
+
+    @rpc_errors
+    async def Discover(self, request: registry_pb2.DiscoverRequest, context: _Context) -> bytes:  # type: ignore[override]
+        """Instances ordered by strategy (pre-serialized DiscoverResponse)."""
+        return self.registry.discover(request)
+
+    @rpc_errors
+    async def ListServices(
+        self, request: registry_pb2.ListServicesRequest, context: _Context
+    ) -> registry_pb2.ListServicesResponse:
+        """Services with counts and health."""
+        return self.registry.list_services(request.page_size, request.page_token, request.type)
+
+    @rpc_errors
+    async def Watch(  # type: ignore[override]
+        self, request: registry_pb2.WatchRequest, context: _Context
+    ) -> AsyncIterator[bytes]:
+        """Changes from a revision (pre-serialized WatchResponses)."""
+        async for payload in self.registry.watch(
+            list(request.service_names), request.from_revision
+        ):
+            yield payload
+
+    async def _policy_unimplemented(self, request: Any, context: _Context) -> Any:
+        raise Unimplemented("service policies arrive with the traffic-policy issue")
+
+    @rpc_errors
+    async def PutServicePolicy(self, request: Any, context: _Context) -> Any:
+        """Not in this version."""
+        return await self._policy_unimplemented(request, context)
+
+    @rpc_errors
+    async def GetServicePolicy(self, request: Any, context: _Context) -> Any:
+        """Not in this version."""
+        return await self._policy_unimplemented(request, context)
+
+    @rpc_errors
+    async def DeleteServicePolicy(self, request: Any, context: _Context) -> Any:
+        """Not in this version."""
+        return await self._policy_unimplemented(request, context)
+
+
+def _bytes_or_message(response: Any) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_registry_servicer(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated helper, letting Discover/Watch send bytes."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            servicer.Register,
+            request_deserializer=registry_pb2.RegisterRequest.FromString,
+            response_serializer=registry_pb2.RegisterResponse.SerializeToString,
+        ),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            servicer.Heartbeat,
+            request_deserializer=registry_pb2.HeartbeatRequest.FromString,
+            response_serializer=registry_pb2.HeartbeatResponse.SerializeToString,
+        ),
+        "KeepAlive": grpc.stream_stream_rpc_method_handler(
+            servicer.KeepAlive,
+            request_deserializer=registry_pb2.KeepAliveRequest.FromString,
+            response_serializer=registry_pb2.KeepAliveResponse.SerializeToString,
+        ),
+        "Deregister": grpc.unary_unary_rpc_method_handler(
+            servicer.Deregister,
+            request_deserializer=registry_pb2.DeregisterRequest.FromString,
+            response_serializer=registry_pb2.DeregisterResponse.SerializeToString,
+        ),
+        "Discover": grpc.unary_unary_rpc_method_handler(
+            servicer.Discover,
+            request_deserializer=registry_pb2.DiscoverRequest.FromString,
+            response_serializer=_bytes_or_message,
+        ),
+        "ListServices": grpc.unary_unary_rpc_method_handler(
+            servicer.ListServices,
+            request_deserializer=registry_pb2.ListServicesRequest.FromString,
+            response_serializer=registry_pb2.ListServicesResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch,
+            request_deserializer=registry_pb2.WatchRequest.FromString,
+            response_serializer=_bytes_or_message,
+        ),
+        "PutServicePolicy": grpc.unary_unary_rpc_method_handler(
+            servicer.PutServicePolicy,
+            request_deserializer=registry_pb2.PutServicePolicyRequest.FromString,
+            response_serializer=registry_pb2.PutServicePolicyResponse.SerializeToString,
+        ),
+        "GetServicePolicy": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServicePolicy,
+            request_deserializer=registry_pb2.GetServicePolicyRequest.FromString,
+            response_serializer=registry_pb2.GetServicePolicyResponse.SerializeToString,
+        ),
+        "DeleteServicePolicy": grpc.unary_unary_rpc_method_handler(
+            servicer.DeleteServicePolicy,
+            request_deserializer=registry_pb2.DeleteServicePolicyRequest.FromString,
+            response_serializer=registry_pb2.DeleteServicePolicyResponse.SerializeToString,
+        ),
+    }
+    service = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
+    assert set(handlers) == {m.name for m in service.methods}, "every RPC has a handler"
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
