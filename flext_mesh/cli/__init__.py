@@ -1,23 +1,30 @@
 """``flext-mesh``: the control plane (``serve``) and the operator commands.
 
-Errors a user can fix (a bad flag, a port in use, an unusable store) print one line
-naming the problem and exit non-zero, without a traceback.
+Operator commands are ``flext-mesh <noun> <verb>`` (``services list``, ...): a table
+by default, ``-o json`` for scripts, against ``--control-plane HOST:PORT`` (also read
+from ``FLEXT_MESH_CONTROL_PLANE``, default 127.0.0.1:50051).
+
+Errors a user can fix (a bad flag, a port in use, an unusable store, an unreachable
+control plane, an unknown service) print one line naming the problem and exit
+non-zero, without a traceback: 2 for bad usage, 1 for the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import grpc
 from pydantic import ValidationError
 
-from flext_mesh.config import ServerConfig
-from flext_mesh.logs import setup_logging
-from flext_mesh.server import ServeError, serve
-from flext_mesh.store import StoreOpenError
+from flext_mesh.cli import services
+from flext_mesh.cli.output import FORMATS
+from flext_mesh.config import DEFAULT_LISTEN, ServerConfig, parse_host_port
+from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_rpc_error
 
 __all__ = ["main"]
 
@@ -41,26 +48,73 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run the control plane",
         description="Run the control plane. Each flag is also read from FLEXT_MESH_<NAME>.",
     )
-    serve_p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (127.0.0.1:50051)")
-    serve_p.add_argument(
-        "--http-listen", metavar="HOST:PORT", help="HTTP /metrics address (127.0.0.1:9464)"
-    )
-    serve_p.add_argument(
-        "--store", metavar="URL", help="sqlite:///path.db (default sqlite:///var/flext-mesh.db)"
-    )
-    serve_p.add_argument(
-        "--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR"
-    )
-    serve_p.add_argument(
-        "--grace-period",
-        metavar="SECONDS",
-        type=float,
-        help="time in-flight RPCs get to finish on SIGTERM (default 10)",
-    )
-    serve_p.add_argument(
-        "--max-message-bytes", metavar="BYTES", type=int, help="largest message (default 4 MiB)"
-    )
+    # One flag per ServerConfig field, so every setting is a flag and a variable;
+    # pydantic converts and validates the strings.
+    for name, info in ServerConfig.model_fields.items():
+        serve_p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar=_METAVARS.get(name, "N"),
+            help=f"{info.description} (default {info.default}; env FLEXT_MESH_{name.upper()})",
+        )
+
+    services.add_commands(nouns, parents=[_client_options()])
     return parser
+
+
+_METAVARS = {
+    "listen": "HOST:PORT",
+    "http_listen": "HOST:PORT",
+    "store": "URL",
+    "log_level": "LEVEL",
+}
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """Flags every operator command takes; defaults from ``FLEXT_MESH_*`` variables."""
+    options = _Parser(add_help=False)
+    options.add_argument(
+        "--control-plane",
+        metavar="HOST:PORT",
+        type=_address,
+        # A string default goes through type=, so a bad variable is a usage error too.
+        default=os.environ.get("FLEXT_MESH_CONTROL_PLANE", DEFAULT_LISTEN),
+        help="control plane gRPC address (default %(default)s; env FLEXT_MESH_CONTROL_PLANE)",
+    )
+    options.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=os.environ.get("FLEXT_MESH_TIMEOUT", "10"),
+        help="deadline of each call to the control plane (default %(default)s; "
+        "env FLEXT_MESH_TIMEOUT)",
+    )
+    options.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        default=FORMATS[0],
+        help="table for people (default), json for scripts",
+    )
+    return options
+
+
+def _address(value: str) -> str:
+    try:
+        parse_host_port(value, allow_zero=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value.strip()
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 3600:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds in (0, 3600]")
+    return seconds
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -71,11 +125,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     flags = {
         name: getattr(args, name)
-        for name in ("listen", "http_listen", "store", "log_level", "grace_period")
-        if getattr(args, name) is not None
+        for name in ServerConfig.model_fields
+        if getattr(args, name, None) is not None
     }
-    if args.max_message_bytes is not None:
-        flags["max_message_bytes"] = args.max_message_bytes
     try:
         return ServerConfig(**flags)
     except ValidationError as exc:
@@ -87,15 +139,67 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         _fail(f"bad configuration: {problems}", 2)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _rpc_failure(exc: grpc.RpcError, address: str, timeout: float) -> str:
+    """The line to print for a failed call to the control plane."""
+    error = from_rpc_error(exc)
+    if isinstance(error, Unavailable):
+        return f"cannot reach the control plane at {address}: {_one_line(error.message)}"
+    if isinstance(error, DeadlineExceeded):
+        return f"the control plane at {address} did not answer within {timeout:g} s"
+    if isinstance(error, InvalidArgument) and error.violations:
+        return "invalid request: " + "; ".join(
+            f"{v.field}: {_one_line(v.description)}" for v in error.violations
+        )
+    return _one_line(error.message)
+
+
+def _print(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `flext-mesh services list | head -1`
+        # Point stdout at /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _run_operator_command(args: argparse.Namespace) -> None:
+    """Run a ``<noun> <verb>`` command over one channel; print its text or one error line."""
+    address: str = args.control_plane
+    try:
+        with grpc.insecure_channel(address) as channel:
+            text: str = args.run(channel, args)
+    except grpc.RpcError as exc:
+        _fail(_rpc_failure(exc, address, args.timeout))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    _print(text)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    # Imported here: the operator commands need none of the server, and start faster.
+    from flext_mesh.logs import setup_logging  # noqa: PLC0415
+    from flext_mesh.server import ServeError, serve  # noqa: PLC0415
+    from flext_mesh.store import StoreOpenError  # noqa: PLC0415
+
+    config = _server_config(args)
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except (ServeError, StoreOpenError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        _fail("interrupted", 130)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``flext-mesh`` console script."""
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
-        config = _server_config(args)
-        setup_logging(config.log_level)
-        try:
-            asyncio.run(serve(config))
-        except (ServeError, StoreOpenError) as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-            _fail("interrupted", 130)
+        _serve(args)
+    else:
+        _run_operator_command(args)

@@ -1,0 +1,105 @@
+"""What the operator commands print: aligned tables for people, JSON for scripts.
+
+Every noun (services, workflows, executions, metrics, policy) renders through these
+helpers so that ``-o table`` and ``-o json`` look the same across commands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+__all__ = [
+    "COLUMN_GAP",
+    "EMPTY",
+    "FORMATS",
+    "enum_label",
+    "format_labels",
+    "format_number",
+    "format_time",
+    "message_to_dict",
+    "render_json",
+    "render_table",
+]
+
+#: Values of ``-o/--output``; the first is the default.
+FORMATS = ("table", "json")
+#: Spaces between two table columns.
+COLUMN_GAP = 3
+#: What an empty cell shows, so that columns stay splittable by whitespace.
+EMPTY = "-"
+
+
+def _cell(value: object) -> str:
+    text = str(value)
+    if not text:
+        return EMPTY
+    if text.isprintable():
+        return text
+    # One row per line, whatever a label value or a note contains.
+    return "".join(char if char.isprintable() else " " for char in text)
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Left-aligned columns under a header row, one line per row, ending in a newline.
+
+    Cells are ``str()``-ed; an empty cell shows ``-``. Lines carry no trailing spaces.
+    ValueError when a row has not as many cells as there are headers.
+    """
+    table = [[str(h) for h in headers]]
+    for number, row in enumerate(rows, start=1):
+        if len(row) != len(headers):
+            raise ValueError(f"row {number} has {len(row)} cells for {len(headers)} columns")
+        table.append([_cell(value) for value in row])
+    widths = [max(len(line[col]) for line in table) for col in range(len(headers))]
+    gap = " " * COLUMN_GAP
+    lines = (
+        gap.join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    )
+    return "".join(f"{line}\n" for line in lines)
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """A protobuf message as the JSON mapping of proto3, with the proto field names.
+
+    Fields at their zero value are included, so scripts can rely on every key.
+    """
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+
+
+def render_json(document: object) -> str:
+    """A JSON document (indented, ending in a newline) for ``-o json``."""
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def enum_label(name: str, prefix: str) -> str:
+    """An enum value name without its prefix: ``HEALTH_STATUS_SERVING`` -> ``SERVING``."""
+    return name.removeprefix(prefix)
+
+
+def format_number(value: float, *, zero: str | None = None) -> str:
+    """A measurement with one decimal; ``zero`` replaces 0 (e.g. ``-`` for "not measured")."""
+    if value == 0 and zero is not None:
+        return zero
+    return f"{value:.1f}"
+
+
+def format_labels(labels: Mapping[str, str]) -> str:
+    """Labels as ``k=v,k=v`` sorted by key; ``-`` when there are none."""
+    return ",".join(f"{key}={labels[key]}" for key in sorted(labels)) or EMPTY
+
+
+def format_time(timestamp: Timestamp) -> str:
+    """A timestamp as local ``HH:MM:SS`` (the date is left out: these are near times)."""
+    return timestamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")

@@ -1,0 +1,244 @@
+"""``flext-mesh services``: list services, show a service's instances, try discovery.
+
+Each command asks RegistryService over the channel it is given and returns the text to
+print; the caller (:func:`flext_mesh.cli.main`) owns the channel and turns a failed
+RPC into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from flext_mesh.cli.output import (
+    enum_label,
+    format_labels,
+    format_number,
+    format_time,
+    message_to_dict,
+    render_json,
+    render_table,
+)
+from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
+
+__all__ = [
+    "INSTANCE_HEADERS",
+    "SERVICE_HEADERS",
+    "STRATEGIES",
+    "add_commands",
+    "discover",
+    "health_text",
+    "instance_row",
+    "list_services",
+    "show",
+]
+
+#: ``--strategy`` values: the LoadBalancingStrategy names, lower case, without prefix.
+STRATEGIES: dict[str, registry_pb2.LoadBalancingStrategy.ValueType] = {
+    name.removeprefix("LOAD_BALANCING_STRATEGY_").lower(): value
+    for name, value in registry_pb2.LoadBalancingStrategy.items()
+    if value != registry_pb2.LOAD_BALANCING_STRATEGY_UNSPECIFIED
+}
+#: Columns of ``services list``.
+SERVICE_HEADERS = ("NAME", "INSTANCES", "HEALTHY", "UNHEALTHY", "EJECTED", "VERSIONS", "TYPES")
+#: Columns of ``services show`` and ``services discover``.
+INSTANCE_HEADERS = (
+    "INSTANCE",
+    "ENDPOINT",
+    "VERSION",
+    "ZONE",
+    "HEALTH",
+    "WEIGHT",
+    "EFFECTIVE",
+    "RT(ms)",
+    "UPTIME(%)",
+    "LABELS",
+)
+_LIST_PAGE_SIZE = 1000  # the largest page ListServices allows: fewest round trips
+
+
+def add_commands(
+    nouns: argparse._SubParsersAction[Any],
+    parents: Sequence[argparse.ArgumentParser],
+) -> None:
+    """Add the ``services`` noun and its verbs; ``parents`` carry the connection flags."""
+    noun = nouns.add_parser(
+        "services",
+        help="list services, show their instances, try discovery",
+        description="Inspect the service registry of a running control plane.",
+    )
+    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    list_p = verbs.add_parser(
+        "list",
+        parents=parents,
+        help="one row per service with instance counts and health",
+        description="One row per service: instance counts, health, versions and types.",
+    )
+    list_p.add_argument("--type", metavar="T", help="only services with instances of type T")
+    list_p.set_defaults(run=list_services)
+
+    show_p = verbs.add_parser(
+        "show",
+        parents=parents,
+        help="every instance of a service, sorted by instance id",
+        description="Every instance of a service, healthy or not, sorted by instance id.",
+    )
+    show_p.add_argument("name", metavar="NAME", help="service name")
+    show_p.set_defaults(run=show)
+
+    discover_p = verbs.add_parser(
+        "discover",
+        parents=parents,
+        help="the instances a client would get, in pick order",
+        description=(
+            "Ask Discover as a client would: the instances in the order returned, the "
+            "first one being the pick."
+        ),
+    )
+    discover_p.add_argument("name", metavar="NAME", help="service name")
+    discover_p.add_argument(
+        "--strategy",
+        choices=list(STRATEGIES),
+        help="ordering strategy (default: the service policy's, else weighted_round_robin)",
+    )
+    discover_p.add_argument(
+        "--label",
+        metavar="KEY=VALUE",
+        type=_label,
+        action="append",
+        default=[],
+        help="only instances with this label (repeatable; all must match)",
+    )
+    discover_p.add_argument("--type", metavar="T", help="only instances of type T")
+    discover_p.add_argument(
+        "--all",
+        action="store_true",
+        help="include unhealthy and ejected instances (healthy_only=false)",
+    )
+    discover_p.add_argument(
+        "--limit", metavar="N", type=_count, default=0, help="at most N instances (default all)"
+    )
+    discover_p.set_defaults(run=discover)
+
+
+def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``services list``: every page of ListServices, as a table or a JSON array."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    summaries: list[registry_pb2.ServiceSummary] = []
+    token = ""
+    while True:
+        page = stub.ListServices(
+            registry_pb2.ListServicesRequest(
+                page_size=_LIST_PAGE_SIZE, page_token=token, type=args.type or ""
+            ),
+            timeout=args.timeout,
+        )
+        summaries.extend(page.services)
+        if not page.next_page_token or page.next_page_token == token:
+            break
+        token = page.next_page_token
+    if args.output == "json":
+        return render_json([message_to_dict(s) for s in summaries])
+    return render_table(
+        SERVICE_HEADERS,
+        (
+            (
+                s.service_name,
+                s.instance_count,
+                s.healthy_count,
+                s.unhealthy_count,
+                s.ejected_count,
+                ",".join(s.versions),
+                ",".join(s.types),
+            )
+            for s in summaries
+        ),
+    )
+
+
+def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``services show``: all instances of one service (healthy or not) by instance id."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    response = stub.Discover(
+        registry_pb2.DiscoverRequest(service_name=args.name, healthy_only=False),
+        timeout=args.timeout,
+    )
+    instances = sorted(response.instances, key=lambda i: i.instance_id)
+    if args.output == "json":
+        return render_json([message_to_dict(i) for i in instances])
+    return render_table(INSTANCE_HEADERS, (instance_row(i) for i in instances))
+
+
+def discover(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``services discover``: Discover's answer in its order, notes (panic mode) first."""
+    request = registry_pb2.DiscoverRequest(
+        service_name=args.name,
+        type=args.type or "",
+        label_selector=dict(args.label),
+        limit=args.limit,
+    )
+    if args.strategy:
+        request.strategy = STRATEGIES[args.strategy]
+    if args.all:
+        request.healthy_only = False
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    response = stub.Discover(request, timeout=args.timeout)
+    if args.output == "json":
+        return render_json(message_to_dict(response))
+    notes = list(response.notes)
+    if response.panic_mode and not any("panic" in note for note in notes):
+        notes.insert(0, "panic mode: too few healthy instances, so all of them are returned")
+    header = "".join(f"note: {note}\n" for note in notes)
+    return header + render_table(INSTANCE_HEADERS, (instance_row(i) for i in response.instances))
+
+
+def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:
+    """The table cells of one instance, in the order of :data:`INSTANCE_HEADERS`."""
+    return (
+        instance.instance_id,
+        instance.endpoint,
+        instance.version,
+        instance.zone,
+        health_text(instance),
+        str(instance.weight),
+        format_number(instance.effective_weight),
+        format_number(instance.response_time_ms, zero="-"),
+        format_number(instance.uptime_percentage),
+        format_labels(instance.labels),
+    )
+
+
+def health_text(instance: registry_pb2.ServiceInstance) -> str:
+    """``SERVING``, ``NOT_SERVING``, ...; with ``, EJECTED until HH:MM:SS`` when ejected."""
+    try:
+        name = registry_pb2.HealthStatus.Name(instance.health)
+    except ValueError:  # a status newer than this CLI
+        name = str(instance.health)
+    text = enum_label(name, "HEALTH_STATUS_")
+    if instance.ejected:
+        text += ", EJECTED"
+        if instance.HasField("ejected_until"):
+            text += f" until {format_time(instance.ejected_until)}"
+    return text
+
+
+def _label(value: str) -> tuple[str, str]:
+    key, sep, label_value = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
+    return key, label_value
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+    return number
