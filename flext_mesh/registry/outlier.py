@@ -155,7 +155,7 @@ class OutlierDetector:
         now = self._clock()
         _decay(health, policy, now)
         if ok:
-            pass
+            health.consecutive = 0
             if health.times_ejected == 0:
                 self._drop(service, instance)
             return None
