@@ -21,7 +21,7 @@ import statistics
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -130,7 +130,6 @@ class Registry:
         self.hub = WatchHub(max_pending=self.settings.watch_max_pending)
         self._services: dict[str, dict[str, registry_pb2.ServiceInstance]] = {}
         self._service_revision: dict[str, int] = {}
-        self._by_lease: dict[str, tuple[str, str]] = {}
         self._revision = 0
         self._answers: OrderedDict[tuple[object, ...], _Answer] = OrderedDict()
         self._health = HealthChecker(self.settings.health, self._on_health)
@@ -138,22 +137,27 @@ class Registry:
         self._error_rates: dict[tuple[str, str], float] = {}
         # Median response time per service, recomputed by refresh(): weights use it.
         self._medians: dict[str, float] = {}
-        self._unlisten: list[object] = []
+        self._unlisten: list[Callable[[], None]] = []
+        # Events that arrive while the start-up snapshot is read; replayed after it.
+        self._pending: list[Event] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the registry from the store, start health checks and background work."""
-        stop = self.store.listen(INSTANCES, self._apply)
-        self._unlisten.append(stop)
+        self._pending = []
+        self._unlisten.append(self.store.listen(INSTANCES, self._apply))
         revision, kvs = await self.store.snapshot(INSTANCES)
         for kv in kvs:
             instance = registry_pb2.ServiceInstance.FromString(kv.value)
             instance.revision = kv.mod_revision
             self._put_cached(instance)
         self._revision = max(self._revision, revision)
+        pending, self._pending = self._pending, None
         self._health.start()
+        # Changes committed while the snapshot was read (a lease sweep) come after it.
+        self._apply([e for e in pending if e.revision > revision])
         for service in self._services.values():
             for instance in service.values():
                 self._track(instance)
@@ -171,7 +175,7 @@ class Registry:
     async def stop(self) -> None:
         """Stop background work, health checks and every watch stream."""
         for stop in self._unlisten:
-            stop()  # type: ignore[operator]
+            stop()
         self._unlisten.clear()
         for task in self._tasks:
             task.cancel()
@@ -183,17 +187,15 @@ class Registry:
     # -- the cache, fed by the store ---------------------------------------------
 
     def _put_cached(self, instance: registry_pb2.ServiceInstance) -> None:
-        service = self._services.setdefault(instance.service_name, {})
-        old = service.get(instance.instance_id)
-        if old is not None and old.lease_id != instance.lease_id:
-            self._by_lease.pop(old.lease_id, None)
-        service[instance.instance_id] = instance
-        self._by_lease[instance.lease_id] = (instance.service_name, instance.instance_id)
+        self._services.setdefault(instance.service_name, {})[instance.instance_id] = instance
         name = instance.service_name
         self._service_revision[name] = max(self._service_revision.get(name, 0), instance.revision)
 
     def _apply(self, events: list[Event]) -> None:
         """Store listener: update the cache and publish watch events (on the loop)."""
+        if self._pending is not None:
+            self._pending.extend(events)
+            return
         out: list[registry_pb2.WatchEvent] = []
         for event in events:
             out.append(self._apply_one(event))
@@ -207,13 +209,15 @@ class Registry:
             instance.revision = event.revision
             previous = self._services.get(service_name, {}).get(instance_id)
             self._put_cached(instance)
-            if previous is None or previous.endpoint != instance.endpoint:
+            if (
+                previous is None
+                or previous.endpoint != instance.endpoint
+                or previous.health_check_mode != instance.health_check_mode
+            ):
                 self._track(instance)
             return _translate(event, instance)
         service = self._services.get(service_name, {})
-        old = service.pop(instance_id, None)
-        if old is not None:
-            self._by_lease.pop(old.lease_id, None)
+        service.pop(instance_id, None)
         if service:
             self._service_revision[service_name] = event.revision
         else:

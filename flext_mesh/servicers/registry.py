@@ -39,12 +39,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.HeartbeatResponse(lease=await self.registry.heartbeat(request.lease_id))
 
     @rpc_errors
-    async def KeepAlive(
+    async def KeepAlive(  # type: ignore[override]
         self, request_iterator: AsyncIterator[registry_pb2.KeepAliveRequest], context: _Context
-    ) -> AsyncIterator[registry_pb2.KeepAliveResponse]:
-        """Renew leases over a stream, one response per request."""
-        async for request in request_iterator:
-            yield await self.registry.keep_alive(request.lease_ids)
+    ) -> None:
+        """Renew leases over a stream, one response per request.
+
+        Reads and writes on the context directly: no async-generator layers on the
+        hottest stream of the control plane.
+        """
+        keep_alive = self.registry.keep_alive
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                return
+            await context.write(await keep_alive(request.lease_ids))
 
     @rpc_errors
     async def Deregister(
