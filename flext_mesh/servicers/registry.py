@@ -9,6 +9,7 @@ import grpc
 
 from flext_mesh.errors import Unimplemented, rpc_errors
 from flext_mesh.registry import Registry
+from flext_mesh.servicers.handlers import add_servicer
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["RegistryServicer", "add_registry_servicer"]
@@ -103,67 +104,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return await self._policy_unimplemented(request, context)
 
 
-def _bytes_or_message(response: Any) -> bytes:
-    return response if isinstance(response, bytes) else response.SerializeToString()
-
-
 def add_registry_servicer(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer like the generated helper, letting Discover/Watch send bytes."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Register": grpc.unary_unary_rpc_method_handler(
-            servicer.Register,
-            request_deserializer=registry_pb2.RegisterRequest.FromString,
-            response_serializer=registry_pb2.RegisterResponse.SerializeToString,
-        ),
-        "Heartbeat": grpc.unary_unary_rpc_method_handler(
-            servicer.Heartbeat,
-            request_deserializer=registry_pb2.HeartbeatRequest.FromString,
-            response_serializer=registry_pb2.HeartbeatResponse.SerializeToString,
-        ),
-        "KeepAlive": grpc.stream_stream_rpc_method_handler(
-            servicer.KeepAlive,
-            request_deserializer=registry_pb2.KeepAliveRequest.FromString,
-            response_serializer=registry_pb2.KeepAliveResponse.SerializeToString,
-        ),
-        "Deregister": grpc.unary_unary_rpc_method_handler(
-            servicer.Deregister,
-            request_deserializer=registry_pb2.DeregisterRequest.FromString,
-            response_serializer=registry_pb2.DeregisterResponse.SerializeToString,
-        ),
-        "Discover": grpc.unary_unary_rpc_method_handler(
-            servicer.Discover,
-            request_deserializer=registry_pb2.DiscoverRequest.FromString,
-            response_serializer=_bytes_or_message,
-        ),
-        "ListServices": grpc.unary_unary_rpc_method_handler(
-            servicer.ListServices,
-            request_deserializer=registry_pb2.ListServicesRequest.FromString,
-            response_serializer=registry_pb2.ListServicesResponse.SerializeToString,
-        ),
-        "Watch": grpc.unary_stream_rpc_method_handler(
-            servicer.Watch,
-            request_deserializer=registry_pb2.WatchRequest.FromString,
-            response_serializer=_bytes_or_message,
-        ),
-        "PutServicePolicy": grpc.unary_unary_rpc_method_handler(
-            servicer.PutServicePolicy,
-            request_deserializer=registry_pb2.PutServicePolicyRequest.FromString,
-            response_serializer=registry_pb2.PutServicePolicyResponse.SerializeToString,
-        ),
-        "GetServicePolicy": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServicePolicy,
-            request_deserializer=registry_pb2.GetServicePolicyRequest.FromString,
-            response_serializer=registry_pb2.GetServicePolicyResponse.SerializeToString,
-        ),
-        "DeleteServicePolicy": grpc.unary_unary_rpc_method_handler(
-            servicer.DeleteServicePolicy,
-            request_deserializer=registry_pb2.DeleteServicePolicyRequest.FromString,
-            response_serializer=registry_pb2.DeleteServicePolicyResponse.SerializeToString,
-        ),
-    }
-    service = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
-    assert set(handlers) == {m.name for m in service.methods}, "every RPC has a handler"
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    """Serve the registry; Discover and Watch may answer pre-serialized bytes."""
+    add_servicer(
+        server,
+        servicer,
+        registry_pb2.DESCRIPTOR.services_by_name["RegistryService"],
+        raw_responses=("Discover", "Watch"),
     )
-    server.add_registered_method_handlers(service.full_name, handlers)
