@@ -95,6 +95,16 @@ class ServerConfig(BaseSettings):
         10.0, ge=0.0, le=100.0, description="Most of a service ejected at once (>= 1 instance)."
     )
 
+    metrics_retention: float = Field(
+        86_400.0, ge=60.0, le=30 * 86_400.0, description="How long call metrics are kept, seconds."
+    )
+    metrics_max_series_per_service: int = Field(
+        1_000,
+        ge=1,
+        le=1_000_000,
+        description="Series (operation x instance x version) a service may have at most.",
+    )
+
     @field_validator("listen", "http_listen")
     @classmethod
     def _check_address(cls, value: str) -> str:

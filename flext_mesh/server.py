@@ -21,15 +21,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.metrics import AggregatorSettings, Metrics
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
 from flext_mesh.servicers import ProcessorServicer, unimplemented_servicer
+from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.store import Store, open_store
 from flext_mesh.v1 import (
     metrics_pb2,
-    metrics_pb2_grpc,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
     processor_pb2,
@@ -83,6 +84,14 @@ class ControlPlane:
         self.config = config
         self.store = store
         self.registry = Registry(store, registry_settings(config))
+        self.metrics = Metrics(
+            store,
+            self.registry,
+            AggregatorSettings(
+                retention=config.metrics_retention,
+                max_series_per_service=config.metrics_max_series_per_service,
+            ),
+        )
         self.health = health.aio.HealthServicer()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -97,14 +106,7 @@ class ControlPlane:
 
     def _add_services(self) -> None:
         add_registry_servicer(RegistryServicer(self.registry), self.server)
-        metrics_pb2_grpc.add_MetricsServiceServicer_to_server(
-            unimplemented_servicer(
-                metrics_pb2_grpc.MetricsServiceServicer,
-                metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"],
-                "the metrics issue",
-            ),
-            self.server,
-        )
+        add_metrics_servicer(MetricsServicer(self.metrics), self.server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
             unimplemented_servicer(
                 orchestrator_pb2_grpc.OrchestratorServiceServicer,
@@ -127,6 +129,7 @@ class ControlPlane:
         await self.store.open()
         try:
             await self.registry.start()
+            await self.metrics.start()
             self._add_services()
             try:
                 self.port = self.server.add_insecure_port(self.config.listen)
@@ -134,6 +137,7 @@ class ControlPlane:
                 raise ServeError(_bind_problem(host, port)) from exc
             await self.server.start()
         except BaseException:
+            await self.metrics.stop()
             await self.registry.stop()
             await self.store.close()
             raise
@@ -148,6 +152,7 @@ class ControlPlane:
         # Watch streams never end by themselves: close them so the drain is not held up.
         self.registry.hub.close_all()
         await self.server.stop(grace)
+        await self.metrics.stop()
         await self.registry.stop()
         await self.store.close()
 

@@ -21,7 +21,7 @@ from typing import NoReturn
 import grpc
 from pydantic import ValidationError
 
-from flext_mesh.cli import services
+from flext_mesh.cli import metrics, services
 from flext_mesh.cli.output import FORMATS
 from flext_mesh.config import DEFAULT_LISTEN, ServerConfig, parse_host_port
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_rpc_error
@@ -58,7 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
             help=f"{info.description} (default {info.default}; env FLEXT_MESH_{name.upper()})",
         )
 
-    services.add_commands(nouns, parents=[_client_options()])
+    client = _client_options()
+    services.add_commands(nouns, parents=[client])
+    metrics.add_commands(nouns, parents=[client])
     return parser
 
 

@@ -422,6 +422,14 @@ class Registry:
         )
         await self._rewrite(instance, changed)
 
+    def set_error_rate(self, service: str, instance_id: str, rate: float) -> None:
+        """Recent infrastructure error rate of an instance (0 to 1), from call reports.
+
+        It lowers the instance's performance multiplier at the next refresh.
+        """
+        if self.get(service, instance_id) is not None:
+            self._error_rates[(service, instance_id)] = min(max(rate, 0.0), 1.0)
+
     async def _release_forever(self) -> None:
         while True:
             await asyncio.sleep(0.5)

@@ -1,0 +1,179 @@
+"""``flext-mesh metrics``: a service's performance report and the active alerts."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from flext_mesh.cli.output import (
+    enum_label,
+    format_number,
+    format_time,
+    message_to_dict,
+    render_json,
+    render_table,
+)
+from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
+
+__all__ = ["REPORT_HEADERS", "add_commands", "alerts", "parse_window", "report"]
+
+#: Columns of ``metrics report``.
+REPORT_HEADERS = (
+    "OPERATION",
+    "CALLS",
+    "ERROR%",
+    "P50(ms)",
+    "P95(ms)",
+    "P99(ms)",
+    "AVG(ms)",
+    "MAX(ms)",
+    "RATE(/s)",
+    "TREND",
+    "SCORE",
+    "GRADE",
+)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_window(value: str) -> float:
+    """``90s``, ``15m``, ``6h`` or ``1d`` in seconds (argparse type)."""
+    match = _WINDOW.match(value.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a window like 90s, 15m, 6h or 1d")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def add_commands(
+    nouns: argparse._SubParsersAction[Any],
+    parents: Sequence[argparse.ArgumentParser],
+) -> None:
+    """Add the ``metrics`` noun and its verbs; ``parents`` carry the connection flags."""
+    noun = nouns.add_parser(
+        "metrics",
+        help="performance reports and alerts",
+        description="Call metrics gathered by the control plane.",
+    )
+    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    report_p = verbs.add_parser(
+        "report",
+        parents=parents,
+        help="per-operation latency percentiles, error rate, trend, score and grade",
+        description="A service's performance over a window ending now.",
+    )
+    report_p.add_argument("name", metavar="SERVICE", help="service name")
+    report_p.add_argument(
+        "--window", type=parse_window, default=parse_window("24h"), help="e.g. 15m, 6h (24h)"
+    )
+    report_p.add_argument("--operation", default="", help="only this operation")
+    report_p.add_argument(
+        "--by-version", action="store_true", help="also break operations down by version"
+    )
+    report_p.set_defaults(run=report)
+    alerts_p = verbs.add_parser(
+        "alerts",
+        parents=parents,
+        help="alerts firing now (last 5 minutes), most severe first",
+        description="Alerts firing now across services, most severe first.",
+    )
+    alerts_p.add_argument("--service", default="", help="only this service")
+    alerts_p.set_defaults(run=alerts)
+
+
+def _row(stats: metrics_pb2.CallStats, label: str) -> list[object]:
+    return [
+        label,
+        stats.total_calls,
+        format_number(stats.error_rate * 100),
+        format_number(stats.p50_ms),
+        format_number(stats.p95_ms),
+        format_number(stats.p99_ms),
+        format_number(stats.avg_ms),
+        format_number(stats.max_ms),
+        format_number(stats.throughput_per_second),
+        enum_label(metrics_pb2.Trend.Name(stats.trend), "TREND_"),
+        format_number(stats.health_score),
+        stats.grade,
+    ]
+
+
+def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``metrics report``: the summary and one row per operation, then alerts and advice."""
+    request = metrics_pb2.GetServiceReportRequest(
+        service_name=args.name, operation=args.operation, by_version=args.by_version
+    )
+    request.window.FromNanoseconds(int(args.window * 1e9))
+    result = metrics_pb2_grpc.MetricsServiceStub(channel).GetServiceReport(
+        request, timeout=args.timeout
+    )
+    rep = result.report
+    if args.output == "json":
+        return render_json(message_to_dict(rep))
+    rows = [_row(op, op.operation) for op in rep.operations]
+    rows += [_row(v, f"{v.operation}@{v.version or '-'}") for v in rep.versions]
+    rows.append(_row(rep.summary, "(all)"))
+    lines = [
+        f"{rep.service_name}: health {format_number(rep.summary.health_score)} "
+        f"grade {rep.summary.grade}, {rep.summary.total_calls} calls since "
+        f"{format_time(rep.window_start)}",
+        render_table(REPORT_HEADERS, rows).rstrip("\n"),
+    ]
+    for anomaly in [a for op in rep.operations for a in op.anomalies]:
+        lines.append(f"anomaly: {anomaly.operation}: {anomaly.description}")
+    for alert in rep.alerts:
+        severity = enum_label(metrics_pb2.AlertSeverity.Name(alert.severity), "ALERT_SEVERITY_")
+        lines.append(f"alert {severity}: {alert.message}")
+    for advice in rep.recommendations:
+        lines.append(f"advice: {advice}")
+    return "\n".join(lines) + "\n"
+
+
+def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``metrics alerts``: every page of ListAlerts."""
+    stub = metrics_pb2_grpc.MetricsServiceStub(channel)
+    found: list[metrics_pb2.Alert] = []
+    token = ""
+    while True:
+        page = stub.ListAlerts(
+            metrics_pb2.ListAlertsRequest(
+                service_name=args.service, page_size=1000, page_token=token
+            ),
+            timeout=args.timeout,
+        )
+        found.extend(page.alerts)
+        token = page.next_page_token
+        if not token:
+            break
+    if args.output == "json":
+        return render_json([message_to_dict(a) for a in found])
+    if not found:
+        return "no alert is firing\n"
+    rows = [
+        [
+            enum_label(metrics_pb2.AlertSeverity.Name(a.severity), "ALERT_SEVERITY_"),
+            a.service_name,
+            a.operation or "*",
+            a.rule,
+            format_number(a.observed),
+            format_number(a.threshold),
+            format_time(a.fire_time),
+            a.message,
+        ]
+        for a in found
+    ]
+    headers = (
+        "SEVERITY",
+        "SERVICE",
+        "OPERATION",
+        "RULE",
+        "OBSERVED",
+        "THRESHOLD",
+        "SINCE",
+        "MESSAGE",
+    )
+    return render_table(headers, rows)

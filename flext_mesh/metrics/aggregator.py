@@ -1,0 +1,520 @@
+"""Call records in, time-bucketed mergeable statistics out.
+
+A *series* is (service, operation, instance id, version). Each series keeps time
+buckets holding a call count, failure counts and a :class:`LatencySketch` (1% relative
+error). Memory is bounded by series x buckets, never by the number of calls:
+
+- records land in 10 s buckets; buckets older than 10 minutes are rolled up into 1 min
+  buckets, those older than 1 hour into 10 min buckets, and buckets older than the
+  retention (default 24 h) are dropped;
+- a service may have at most ``max_series_per_service`` series (default 1,000); a
+  record that would open one more is rejected with a reason, never stored silently.
+
+Durability: every ``checkpoint_interval`` (0.5 s) the buckets changed since the last
+checkpoint are written to the store in one transaction, and only then are the reports
+that fed them acknowledged. A crash (even ``kill -9``) loses no acknowledged record.
+
+Only server-side records (``CALL_SIDE_SERVER`` or unset) count in reports; client-side
+records describe the same calls from the caller and feed only outlier ejection (a dead
+instance reports nothing itself: its callers see UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flext_mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from flext_mesh.metrics.sketch import LatencySketch
+from flext_mesh.store import Delete, Put, Store
+from flext_mesh.v1 import metrics_pb2
+
+__all__ = [
+    "BUCKETS",
+    "INFRASTRUCTURE_CODES",
+    "Aggregator",
+    "AggregatorSettings",
+    "BucketStats",
+    "Ingested",
+    "SeriesKey",
+]
+
+_log = logging.getLogger("flext_mesh.metrics")
+
+#: Store prefix of persisted buckets: /metrics/buckets/<service>/<width>/<start>.
+BUCKETS = "/metrics/buckets/"
+#: gRPC codes that are infrastructure faults (UNKNOWN, DEADLINE_EXCEEDED,
+#: RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE).
+INFRASTRUCTURE_CODES = frozenset({2, 4, 8, 13, 14})
+_MAX_DURATION_MS = 86_400_000.0
+_FUTURE_SLACK_NS = 300 * 1_000_000_000
+_MAX_NAME = 63
+_OUTCOMES = ("success", "business_error", "infrastructure_error")
+_MAX_BATCH = 10_000
+
+#: (bucket width s, how long buckets of that width are kept before rolling up, s).
+_TIERS: tuple[tuple[int, int], ...] = ((10, 600), (60, 3600), (600, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesKey:
+    """What a series is about."""
+
+    operation: str
+    instance_id: str
+    version: str
+
+
+@dataclass(slots=True)
+class BucketStats:
+    """Calls of one series in one time bucket. Treated as immutable once closed."""
+
+    sketch: LatencySketch = field(default_factory=LatencySketch)
+    failures: int = 0
+    infrastructure_failures: int = 0
+
+    @property
+    def count(self) -> int:
+        """Calls in the bucket."""
+        return self.sketch.count
+
+    def merged(self, other: BucketStats) -> BucketStats:
+        """A new BucketStats holding both (neither input changes)."""
+        sketch = self.sketch.copy()
+        sketch.merge(other.sketch)
+        return BucketStats(
+            sketch,
+            self.failures + other.failures,
+            self.infrastructure_failures + other.infrastructure_failures,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorSettings:
+    """Limits and intervals of the metrics service."""
+
+    #: How long history is kept, seconds (default 24 h).
+    retention: float = 86_400.0
+    #: Series a service may have at most.
+    max_series_per_service: int = 1_000
+    #: Seconds between durable checkpoints (acknowledgements wait for the next one).
+    checkpoint_interval: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """Outcome of one batch: how many records were kept, and why others were not."""
+
+    accepted: int
+    rejected: tuple[metrics_pb2.RejectedRecord, ...]
+
+
+# (service, bucket width, bucket start) -> series -> stats
+_BucketKey = tuple[str, int, int]
+
+
+class Aggregator:
+    """Folds call records into bucketed statistics, persists them, answers queries."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: AggregatorSettings | None = None,
+        *,
+        on_outcomes: Callable[[str, str, list[bool]], Coroutine[Any, Any, None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings or AggregatorSettings()
+        self._on_outcomes = on_outcomes
+        self._clock = clock
+        self._buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
+        self._series: dict[str, dict[SeriesKey, float]] = defaultdict(dict)  # -> last seen
+        self._dirty: set[_BucketKey] = set()
+        self._durable = asyncio.Event()
+        self._pending_acks: list[asyncio.Future[None]] = []
+        self._known_names: set[str] = set()
+        self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        #: Per (service, instance): [calls, infrastructure failures] since the last
+        #: drain, for the registry's performance multiplier.
+        self.instance_window: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        #: Cumulative Prometheus histogram state per (service, operation, outcome).
+        self.prometheus: dict[tuple[str, str, str], list[np.ndarray | float]] = {}
+        self.prometheus_bounds_ms: np.ndarray = np.array(
+            [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], dtype=float
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load persisted buckets within the retention and start checkpointing."""
+        cutoff = self._clock() - self.settings.retention
+        loaded = 0
+        for kv in await self.store.range(BUCKETS):
+            service, width, start = _parse_bucket_key(kv.key)
+            if start + width < cutoff:
+                continue
+            series = _decode_bucket(kv.value)
+            self._buckets[(service, width, start)] = series
+            for key in series:
+                self._series[service][key] = float(start)
+            loaded += 1
+        self._tasks = [
+            asyncio.create_task(self._checkpoint_forever(), name="metrics-checkpoint"),
+            asyncio.create_task(self._rollup_forever(), name="metrics-rollup"),
+        ]
+        _log.info("metrics loaded buckets=%d services=%d", loaded, len(self._series))
+
+    async def stop(self) -> None:
+        """Write the last checkpoint and stop background work."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.checkpoint()
+
+    # -- ingest ----------------------------------------------------------------------
+
+    def ingest(self, records: Sequence[metrics_pb2.CallRecord]) -> Ingested:
+        """Validate and fold one batch; good records of a mixed batch are kept."""
+        if not records:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("records", "must hold 1 to 10000 records")]
+            )
+        if len(records) > _MAX_BATCH:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("records", f"{len(records)} records; at most {_MAX_BATCH}")]
+            )
+        now = self._clock()
+        now_ns = int(now * 1e9)
+        cutoff_ns = int((now - self.settings.retention) * 1e9)
+        future_ns = now_ns + _FUTURE_SLACK_NS
+        rejected: list[metrics_pb2.RejectedRecord] = []
+        # (service, operation, instance, version, 10 s bucket) -> (indexes, durations, outcomes)
+        groups: dict[tuple[str, str, str, str, int], tuple[list[int], list[float], list[int]]]
+        groups = {}
+        outcomes: dict[tuple[str, str], list[bool]] = {}
+        known = self._known_names
+        infra_codes = INFRASTRUCTURE_CODES
+        for index, record in enumerate(records):
+            service = record.service_name
+            operation = record.operation
+            duration = record.duration_ms
+            code = record.status_code
+            stamp = record.time_unix_nano or now_ns
+            problem = None
+            if service not in known and not _valid_name(service, known):
+                problem = ("service_name", "must be 1-63 printable characters")
+            elif operation not in known and not _valid_name(operation, known):
+                problem = ("operation", "must be 1-63 printable characters")
+            elif not (0.0 <= duration <= _MAX_DURATION_MS):  # also NaN
+                problem = ("duration_ms", f"must be finite, >= 0 and <= 1 day, got {duration}")
+            elif not 0 <= code <= 16:
+                problem = ("status_code", f"{code} is not a gRPC status code")
+            elif stamp > future_ns:
+                problem = ("time_unix_nano", "is more than 5 minutes in the future")
+            elif stamp < cutoff_ns:
+                problem = ("time_unix_nano", "is older than the retention")
+            if problem is not None:
+                rejected.append(
+                    metrics_pb2.RejectedRecord(index=index, field=problem[0], reason=problem[1])
+                )
+                continue
+            failed = not record.success
+            kind = (2 if code in infra_codes else 1) if failed else 0
+            instance = record.instance_id
+            if instance:
+                flags = outcomes.get((service, instance))
+                if flags is None:
+                    flags = outcomes[(service, instance)] = []
+                flags.append(kind != 2)
+            if record.side > 1:  # CALL_SIDE_CLIENT: feeds outlier ejection only
+                continue
+            key = (service, operation, instance, record.version, stamp // 10_000_000_000)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [], [])
+            group[0].append(index)
+            group[1].append(duration)
+            group[2].append(kind)
+        capped: set[int] = set()
+        for (service, operation, instance, version, tens), (indexes, values, kinds) in list(
+            groups.items()
+        ):
+            series_key = self._series_key(operation, instance, version)
+            series = self._series[service]
+            if series_key not in series and len(series) >= self.settings.max_series_per_service:
+                reason = (
+                    f"service {service!r} has {len(series)} series, the most allowed; "
+                    "this record would open another"
+                )
+                rejected.extend(
+                    metrics_pb2.RejectedRecord(index=i, field="operation", reason=reason)
+                    for i in indexes
+                )
+                capped.update(indexes)
+                continue
+            series[series_key] = now
+            self._fold(
+                service,
+                tens * 10,
+                series_key,
+                np.array(values, dtype=np.float64),
+                np.array(kinds, dtype=np.int8),
+            )
+        if capped:
+            rejected.sort(key=lambda r: r.index)
+        for (service, instance), flags in outcomes.items():
+            self._note_instance(service, instance, flags)
+        accepted = len(records) - len(rejected)
+        if accepted == 0:
+            if any(r.field == "operation" and "series" in r.reason for r in rejected):
+                raise ResourceExhausted(rejected[0].reason)
+            raise InvalidArgument.from_violations(
+                [FieldViolation(f"records[{r.index}].{r.field}", r.reason) for r in rejected]
+            )
+        return Ingested(accepted, tuple(rejected))
+
+    def _series_key(self, operation: str, instance: str, version: str) -> SeriesKey:
+        key = self._series_keys.get((operation, instance, version))
+        if key is None:
+            key = SeriesKey(operation, instance, version)
+            if len(self._series_keys) < 1_000_000:
+                self._series_keys[(operation, instance, version)] = key
+        return key
+
+    def _fold(
+        self, service: str, start: int, key: SeriesKey, durations: np.ndarray, outcome: np.ndarray
+    ) -> None:
+        bucket_key = (service, 10, start)
+        bucket = self._buckets.get(bucket_key)
+        if bucket is None:
+            bucket = self._buckets[bucket_key] = {}
+        stats = bucket.get(key)
+        if stats is None:
+            stats = bucket[key] = BucketStats()
+        stats.sketch.add_many(durations)
+        counts = np.bincount(outcome, minlength=3)
+        stats.failures += int(counts[1] + counts[2])
+        stats.infrastructure_failures += int(counts[2])
+        self._dirty.add(bucket_key)
+        self._prometheus_fold(service, key.operation, durations, outcome)
+
+    def _prometheus_fold(
+        self, service: str, operation: str, durations: np.ndarray, outcome: np.ndarray
+    ) -> None:
+        # One searchsorted and two bincounts for all three outcomes of the group.
+        width = len(self.prometheus_bounds_ms) + 1
+        slots = outcome.astype(np.int64) * width + np.searchsorted(
+            self.prometheus_bounds_ms, durations
+        )
+        counts = np.bincount(slots, minlength=3 * width).reshape(3, width)
+        sums = np.bincount(outcome, weights=durations, minlength=3)
+        for code in np.flatnonzero(counts.sum(axis=1)):
+            name = _OUTCOMES[code]
+            state = self.prometheus.get((service, operation, name))
+            if state is None:
+                state = [np.zeros(width, dtype=np.int64), 0.0]
+                self.prometheus[(service, operation, name)] = state
+            cumulative = state[0]
+            assert isinstance(cumulative, np.ndarray)
+            cumulative += counts[code]
+            state[1] = float(state[1]) + float(sums[code])
+
+    def _note_instance(self, service: str, instance: str, flags: list[bool]) -> None:
+        window = self.instance_window[(service, instance)]
+        window[0] += len(flags)
+        window[1] += flags.count(False)
+        if self._on_outcomes is not None:
+            # Outlier detection only needs the order of outcomes; all-success batches
+            # collapse to one success (a success resets the consecutive count anyway).
+            task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+                self._on_outcomes(service, instance, flags if False in flags else [True])
+            )
+            task.add_done_callback(_log_failure)
+
+    # -- durability ------------------------------------------------------------------
+
+    async def durable(self) -> None:
+        """Wait until everything ingested so far is in the store."""
+        if not self._dirty:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending_acks.append(future)
+        await future
+
+    async def checkpoint(self) -> None:
+        """Write every changed bucket in one transaction, then release waiting acks."""
+        acks, self._pending_acks = self._pending_acks, []
+        dirty, self._dirty = self._dirty, set()
+        try:
+            if dirty:
+                ops = [
+                    Put(_bucket_store_key(*key), _encode_bucket(self._buckets[key]))
+                    for key in sorted(dirty)
+                    if key in self._buckets
+                ]
+                await self.store.txn((), ops)
+        except Exception as exc:
+            self._dirty |= dirty
+            for ack in acks:
+                if not ack.done():
+                    ack.set_exception(exc)
+            raise
+        for ack in acks:
+            if not ack.done():
+                ack.set_result(None)
+
+    async def _checkpoint_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval)
+            try:
+                await self.checkpoint()
+            except Exception:
+                _log.exception("metrics checkpoint failed; retrying")
+
+    # -- roll-up and retention ---------------------------------------------------------
+
+    async def _rollup_forever(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            try:
+                await self.rollup()
+            except Exception:
+                _log.exception("metrics roll-up failed; retrying")
+
+    async def rollup(self) -> int:
+        """Merge old fine buckets into coarser ones, drop expired ones; returns changes."""
+        now = self._clock()
+        changes = 0
+        ops: list[Put | Delete] = []
+        for (width, keep), (next_width, _) in itertools.pairwise(_TIERS):
+            for key in [k for k in self._buckets if k[1] == width and k[2] + width < now - keep]:
+                service, _, start = key
+                target = (service, next_width, start - start % next_width)
+                merged = dict(self._buckets.get(target, {}))
+                for series, stats in self._buckets.pop(key).items():
+                    old = merged.get(series)
+                    merged[series] = stats if old is None else old.merged(stats)
+                self._buckets[target] = merged
+                self._dirty.discard(key)
+                ops.append(Delete(_bucket_store_key(*key)))
+                ops.append(Put(_bucket_store_key(*target), _encode_bucket(merged)))
+                changes += 1
+        cutoff = now - self.settings.retention
+        for key in [k for k in self._buckets if k[2] + k[1] < cutoff]:
+            del self._buckets[key]
+            self._dirty.discard(key)
+            ops.append(Delete(_bucket_store_key(*key)))
+            changes += 1
+        for service, seen_by_key in list(self._series.items()):
+            for series_key, seen in list(seen_by_key.items()):
+                if seen < cutoff:
+                    del seen_by_key[series_key]
+            if not seen_by_key:
+                del self._series[service]
+        if ops:
+            # Later Puts of a target supersede earlier ones in the same transaction.
+            await self.store.txn((), ops)
+        return changes
+
+    # -- queries -----------------------------------------------------------------------
+
+    def services(self) -> list[str]:
+        """Services with any series."""
+        return sorted(self._series)
+
+    def window(
+        self, service: str, seconds: float
+    ) -> list[tuple[int, int, dict[SeriesKey, BucketStats]]]:
+        """(start, width, series stats) of the service's buckets starting within the window.
+
+        The window is [now - seconds, now], aligned down to bucket starts: it may be
+        shorter than asked by up to one bucket width at its old end (10 s in the last
+        10 minutes, 1 min up to an hour, 10 min beyond).
+        """
+        cutoff = self._clock() - seconds
+        out = [
+            (start, width, series)
+            for (name, width, start), series in self._buckets.items()
+            if name == service and start >= cutoff
+        ]
+        out.sort(key=lambda item: item[0])
+        return out
+
+    def drain_instance_window(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(calls, infrastructure failures) per instance since the last drain."""
+        out = {key: (v[0], v[1]) for key, v in self.instance_window.items() if v[0]}
+        self.instance_window.clear()
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _valid_name(name: str, known: set[str]) -> bool:
+    if 0 < len(name) <= _MAX_NAME and name.isprintable() and not name.isspace():
+        if len(known) < 100_000:
+            known.add(name)
+        return True
+    return False
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("outcome feedback failed: %s", task.exception())
+
+
+def _bucket_store_key(service: str, width: int, start: int) -> str:
+    return f"{BUCKETS}{service}/{width:06d}/{start:012d}"
+
+
+def _parse_bucket_key(key: str) -> tuple[str, int, int]:
+    service, width, start = key[len(BUCKETS) :].rsplit("/", 2)
+    return service, int(width), int(start)
+
+
+def _encode_bucket(series: dict[SeriesKey, BucketStats]) -> bytes:
+    rows = [
+        [
+            k.operation,
+            k.instance_id,
+            k.version,
+            s.failures,
+            s.infrastructure_failures,
+            base64.b64encode(s.sketch.to_bytes()).decode(),
+        ]
+        for k, s in series.items()
+    ]
+    return json.dumps({"v": 1, "series": rows}, separators=(",", ":")).encode()
+
+
+def _decode_bucket(data: bytes) -> dict[SeriesKey, BucketStats]:
+    doc = json.loads(data)
+    out: dict[SeriesKey, BucketStats] = {}
+    for operation, instance_id, version, failures, infra, sketch in doc["series"]:
+        out[SeriesKey(operation, instance_id, version)] = BucketStats(
+            LatencySketch.from_bytes(base64.b64decode(sketch)), failures, infra
+        )
+    return out
+
+
+def merge_stats(stats: Iterable[BucketStats]) -> BucketStats:
+    """One BucketStats holding all of ``stats`` (inputs unchanged)."""
+    total = BucketStats()
+    for item in stats:
+        total.sketch.merge(item.sketch)
+        total.failures += item.failures
+        total.infrastructure_failures += item.infrastructure_failures
+    return total

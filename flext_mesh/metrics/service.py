@@ -1,0 +1,299 @@
+"""The metrics service: ingest, reports, alerts, and feedback to the registry.
+
+Feedback: every call outcome that names an instance goes to the registry's outlier
+ejection in order (infrastructure faults count; business rejections count as
+successes), and every 5 s each instance's infrastructure error rate over that period
+feeds the registry's performance multiplier.
+
+Alerts are evaluated every 10 s over the last 5 minutes; an alert keeps the time it
+first fired for as long as it keeps firing (one episode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound
+from flext_mesh.metrics import analysis
+from flext_mesh.metrics.aggregator import (
+    Aggregator,
+    AggregatorSettings,
+    BucketStats,
+    Ingested,
+    SeriesKey,
+)
+from flext_mesh.metrics.report import build_report, evaluate_alerts
+from flext_mesh.registry import Registry
+from flext_mesh.store import Store
+from flext_mesh.v1 import metrics_pb2
+
+__all__ = ["ALERT_WINDOW", "Metrics", "StreamTotals"]
+
+_log = logging.getLogger("flext_mesh.metrics")
+
+#: Window over which alerts are evaluated, seconds.
+ALERT_WINDOW = 300.0
+_MAX_LISTED_REJECTIONS = 1000
+
+
+@dataclass(slots=True)
+class StreamTotals:
+    """What a StreamCalls stream delivered."""
+
+    accepted: int = 0
+    rejected_count: int = 0
+    batches: int = 0
+    rejected: list[metrics_pb2.RejectedRecord] | None = None
+
+
+class Metrics:
+    """The metrics domain service (no gRPC: errors are MeshErrors)."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry | None = None,
+        settings: AggregatorSettings | None = None,
+        thresholds: analysis.Thresholds | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.thresholds = thresholds or analysis.Thresholds()
+        self._clock = clock
+        self.aggregator = Aggregator(
+            store, settings, on_outcomes=self._feed_outcomes if registry else None, clock=clock
+        )
+        self._alerts: dict[str, metrics_pb2.Alert] = {}
+        self._fire_times: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Load history and start the background evaluation."""
+        await self.aggregator.start()
+        self._tasks = [
+            asyncio.create_task(self._alerts_forever(), name="metrics-alerts"),
+            asyncio.create_task(self._feedback_forever(), name="metrics-feedback"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop background work and write the last checkpoint."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.aggregator.stop()
+
+    # -- ingest ----------------------------------------------------------------------
+
+    async def report_calls(self, records: Sequence[metrics_pb2.CallRecord]) -> Ingested:
+        """Ingest one batch; returns once the accepted records are durable."""
+        result = self.aggregator.ingest(records)
+        await self.aggregator.durable()
+        return result
+
+    async def stream_calls(
+        self, batches: AsyncIterator[metrics_pb2.StreamCallsRequest]
+    ) -> StreamTotals:
+        """Ingest a stream of batches; a bad batch is counted, not fatal to the stream."""
+        totals = StreamTotals(rejected=[])
+        assert totals.rejected is not None
+        async for batch in batches:
+            totals.batches += 1
+            try:
+                result = self.aggregator.ingest(batch.records)
+            except InvalidArgument as exc:
+                result = Ingested(
+                    0,
+                    tuple(
+                        metrics_pb2.RejectedRecord(
+                            index=_index_of(v.field), field=_field_of(v.field), reason=v.description
+                        )
+                        for v in exc.violations
+                    ),
+                )
+            totals.accepted += result.accepted
+            totals.rejected_count += len(result.rejected)
+            room = _MAX_LISTED_REJECTIONS - len(totals.rejected)
+            totals.rejected.extend(result.rejected[:room])
+        await self.aggregator.durable()
+        return totals
+
+    # -- reports -------------------------------------------------------------------
+
+    async def service_report(
+        self,
+        service: str,
+        window: float,
+        *,
+        operation: str = "",
+        by_version: bool = False,
+        by_instance: bool = False,
+    ) -> metrics_pb2.ServiceReport:
+        """The report of a service; NotFound when it has no call in the window."""
+        violations = []
+        if not service:
+            violations.append(FieldViolation("service_name", "is required"))
+        if not 10 <= window <= self.aggregator.settings.retention:
+            violations.append(
+                FieldViolation(
+                    "window",
+                    f"must be between 10s and the retention "
+                    f"({self.aggregator.settings.retention:g}s), got {window:g}s",
+                )
+            )
+        if violations:
+            raise InvalidArgument.from_violations(violations)
+        buckets = self._snapshot(service, window)
+        if operation:
+            buckets = [
+                (s, w, {k: v for k, v in series.items() if k.operation == operation})
+                for s, w, series in buckets
+            ]
+        if not any(series for _, _, series in buckets):
+            what = f"operation {operation!r} of service" if operation else "service"
+            raise NotFound(f"{what} {service!r} has no call recorded in the last {window:g}s")
+        return await asyncio.to_thread(
+            build_report,
+            service,
+            buckets,
+            window,
+            self.thresholds,
+            now=self._clock(),
+            operation=operation,
+            by_version=by_version,
+            by_instance=by_instance,
+            fire_times=dict(self._fire_times),
+        )
+
+    def _snapshot(
+        self, service: str, window: float
+    ) -> list[tuple[int, int, dict[SeriesKey, BucketStats]]]:
+        """The window's buckets, with the still-open ones copied (a thread reads them)."""
+        now = self._clock()
+        out: list[tuple[int, int, dict[SeriesKey, BucketStats]]] = []
+        for start, width, series in self.aggregator.window(service, window):
+            still_open = start + width > now - 1
+            out.append(
+                (
+                    start,
+                    width,
+                    {
+                        k: BucketStats(v.sketch.copy(), v.failures, v.infrastructure_failures)
+                        if still_open
+                        else v
+                        for k, v in series.items()
+                    },
+                )
+            )
+        return out
+
+    # -- alerts ----------------------------------------------------------------------
+
+    async def evaluate_alerts(self) -> list[metrics_pb2.Alert]:
+        """Re-evaluate every service's alerts; returns those firing."""
+        now = self._clock()
+        firing: dict[str, metrics_pb2.Alert] = {}
+        for service in self.aggregator.services():
+            buckets = self._snapshot(service, ALERT_WINDOW)
+            found = await asyncio.to_thread(
+                evaluate_alerts, service, buckets, ALERT_WINDOW, self.thresholds, now=now
+            )
+            for item in found:
+                self._fire_times.setdefault(item.alert_id, now)
+                alert = metrics_pb2.Alert(
+                    alert_id=item.alert_id,
+                    service_name=item.service,
+                    operation=item.operation,
+                    severity=int(item.severity),  # type: ignore[arg-type]
+                    rule=item.rule,
+                    threshold=item.threshold,
+                    observed=item.observed,
+                    message=item.message,
+                )
+                alert.fire_time.FromNanoseconds(int(self._fire_times[item.alert_id] * 1e9))
+                firing[item.alert_id] = alert
+        for alert_id in list(self._fire_times):
+            if alert_id not in firing:
+                del self._fire_times[alert_id]
+        self._alerts = firing
+        return list(firing.values())
+
+    def list_alerts(
+        self, service: str, min_severity: int, page_size: int, page_token: str
+    ) -> metrics_pb2.ListAlertsResponse:
+        """Active alerts, most severe first, then newest first, paged."""
+        if page_size > 1000:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("page_size", f"{page_size} is over the maximum 1000")]
+            )
+        offset = 0
+        if page_token:
+            try:
+                offset = int(base64.urlsafe_b64decode(page_token.encode()).decode())
+            except ValueError as exc:
+                raise InvalidArgument.from_violations(
+                    [FieldViolation("page_token", "is not a token from a previous response")]
+                ) from exc
+        alerts = [
+            a
+            for a in self._alerts.values()
+            if (not service or a.service_name == service) and a.severity >= min_severity
+        ]
+        alerts.sort(key=lambda a: (-a.severity, -a.fire_time.ToNanoseconds(), a.alert_id))
+        size = page_size or 100
+        page = alerts[offset : offset + size]
+        response = metrics_pb2.ListAlertsResponse(alerts=page)
+        if offset + size < len(alerts):
+            response.next_page_token = base64.urlsafe_b64encode(
+                str(offset + size).encode()
+            ).decode()
+        return response
+
+    async def _alerts_forever(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            try:
+                await self.evaluate_alerts()
+            except Exception:
+                _log.exception("alert evaluation failed")
+
+    # -- feedback to the registry ---------------------------------------------------------
+
+    async def _feed_outcomes(self, service: str, instance: str, ok: list[bool]) -> None:
+        assert self.registry is not None
+        for flag in ok:
+            await self.registry.record_call(service, instance, infrastructure_failure=not flag)
+
+    async def _feedback_forever(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.feed_error_rates()
+
+    def feed_error_rates(self) -> None:
+        """Hand each instance's recent infrastructure error rate to the registry."""
+        if self.registry is None:
+            return
+        for (service, instance), (calls, infra) in self.aggregator.drain_instance_window().items():
+            self.registry.set_error_rate(service, instance, infra / calls)
+
+    def call_series(self) -> Iterable[tuple[str, str, str, list[int], float]]:
+        """Cumulative (service, operation, outcome, bucket counts, sum ms) for Prometheus."""
+        for (service, operation, outcome), (counts, total) in self.aggregator.prometheus.items():
+            yield service, operation, outcome, [int(c) for c in counts], float(total)  # type: ignore[union-attr]
+
+
+def _index_of(path: str) -> int:
+    # "records[12].duration_ms" -> 12
+    if path.startswith("records[") and "]" in path:
+        return int(path[len("records[") : path.index("]")])
+    return 0
+
+
+def _field_of(path: str) -> str:
+    return path.split(".", 1)[1] if "." in path else path

@@ -1,0 +1,80 @@
+"""MetricsService: protobuf in, Metrics calls, protobuf out (status codes only here)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from flext_mesh.errors import rpc_errors
+from flext_mesh.metrics.service import Metrics
+from flext_mesh.servicers.handlers import add_servicer
+from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
+
+__all__ = ["MetricsServicer", "add_metrics_servicer"]
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_DEFAULT_WINDOW = 24 * 3600.0
+
+
+class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
+    """Serves call reporting, reports and alerts."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    @rpc_errors
+    async def ReportCalls(
+        self, request: metrics_pb2.ReportCallsRequest, context: _Context
+    ) -> metrics_pb2.ReportCallsResponse:
+        """Ingest one batch (acknowledged once durable)."""
+        result = await self.metrics.report_calls(request.records)
+        return metrics_pb2.ReportCallsResponse(accepted=result.accepted, rejected=result.rejected)
+
+    @rpc_errors
+    async def StreamCalls(
+        self, request_iterator: AsyncIterator[metrics_pb2.StreamCallsRequest], context: _Context
+    ) -> metrics_pb2.StreamCallsResponse:
+        """Ingest a stream of batches."""
+        totals = await self.metrics.stream_calls(request_iterator)
+        return metrics_pb2.StreamCallsResponse(
+            accepted=totals.accepted,
+            rejected=totals.rejected,
+            rejected_count=totals.rejected_count,
+            batches=totals.batches,
+        )
+
+    @rpc_errors
+    async def GetServiceReport(
+        self, request: metrics_pb2.GetServiceReportRequest, context: _Context
+    ) -> metrics_pb2.GetServiceReportResponse:
+        """Performance report of a service over a window."""
+        retention = self.metrics.aggregator.settings.retention
+        window = (
+            request.window.ToNanoseconds() / 1e9
+            if request.HasField("window")
+            else min(_DEFAULT_WINDOW, retention)
+        )
+        report = await self.metrics.service_report(
+            request.service_name,
+            window,
+            operation=request.operation,
+            by_version=request.by_version,
+            by_instance=request.by_instance,
+        )
+        return metrics_pb2.GetServiceReportResponse(report=report)
+
+    @rpc_errors
+    async def ListAlerts(
+        self, request: metrics_pb2.ListAlertsRequest, context: _Context
+    ) -> metrics_pb2.ListAlertsResponse:
+        """Active alerts."""
+        return self.metrics.list_alerts(
+            request.service_name, request.min_severity, request.page_size, request.page_token
+        )
+
+
+def add_metrics_servicer(servicer: MetricsServicer, server: grpc.aio.Server) -> None:
+    """Serve the metrics service."""
+    add_servicer(server, servicer, metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"])
