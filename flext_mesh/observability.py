@@ -1,0 +1,490 @@
+"""Prometheus metrics of the control plane: one registry per control plane, the metrics
+of its own RPCs (a grpc.aio server interceptor), the mesh's call metrics (a collector
+over the metrics service's aggregates) and the ``/metrics`` route that exposes them.
+
+Wiring, in the control plane::
+
+    obs = Observability()
+    server = grpc.aio.server(interceptors=[obs.interceptor], ...)
+    obs.set_call_source(metrics_service.call_series)   # on the event loop
+    http = HttpServer(host, port, obs.routes())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gzip
+import inspect
+import logging
+import platform
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeAlias
+
+import grpc
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+import flext_mesh
+from flext_mesh.http import Handler, Request, Response
+
+__all__ = [
+    "CALL_BUCKETS_SECONDS",
+    "RPC_BUCKETS_SECONDS",
+    "CallMetricsCollector",
+    "CallOutcome",
+    "CallSeries",
+    "Observability",
+    "RpcMetricsInterceptor",
+]
+
+_log = logging.getLogger("flext_mesh.observability")
+
+#: Upper bounds (seconds, ascending, +Inf implied) of the mesh call latency histogram;
+#: the metrics service folds durations into them with ``numpy.searchsorted``.
+CALL_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Upper bounds (seconds) of the control plane's own unary RPC latency histogram.
+RPC_BUCKETS_SECONDS: tuple[float, ...] = CALL_BUCKETS_SECONDS
+
+#: How a mesh call ended: business rejections are not infrastructure faults.
+CallOutcome: TypeAlias = Literal["success", "business_error", "infrastructure_error"]
+
+_CALL_LABELS: Final = ("service", "operation", "outcome")
+_RPC_LABELS: Final = ("grpc_service", "grpc_method")
+_OK: Final = grpc.StatusCode.OK
+_MAX_CACHED_METHODS: Final = 4096
+_Behavior: TypeAlias = Callable[..., Any]
+#: Formats a bucket bound as prometheus_client's own histograms do (``0.0005``, ``1.0``).
+_format_le: Callable[[float], str] = floatToGoString
+
+
+# -- the control plane's own RPCs -------------------------------------------------------
+
+
+class _MethodMetrics:
+    """The label children of one RPC method, resolved once so that a call only looks up."""
+
+    __slots__ = ("_handled", "_labels", "handled_by_code", "handled_ok", "seconds", "started")
+
+    def __init__(
+        self, interceptor: RpcMetricsInterceptor, full_method: str, *, timed: bool
+    ) -> None:
+        service, _, method = full_method.rpartition("/")
+        self._labels = (service.lstrip("/") or "unknown", method or "unknown")
+        self._handled = interceptor.handled
+        # Unary RPCs are timed, streams (unbounded) counted when started; resolving only
+        # the one that applies keeps empty series out of the exposition.
+        self.seconds = interceptor.handling_seconds.labels(*self._labels) if timed else None
+        self.started = None if timed else interceptor.started.labels(*self._labels)
+        self.handled_ok = self._handled.labels(*self._labels, _OK.name)
+        self.handled_by_code: dict[grpc.StatusCode, Counter] = {_OK: self.handled_ok}
+
+    def handled(self, code: grpc.StatusCode) -> Counter:
+        """The handled counter of ``code`` (created on first use)."""
+        child = self.handled_by_code.get(code)
+        if child is None:
+            child = self.handled_by_code[code] = self._handled.labels(*self._labels, code.name)
+        return child
+
+
+def _status_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status an RPC ends with when its handler raised ``exc`` (as grpc.aio sends it)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times the RPCs the control plane serves, on a given registry.
+
+    Every RPC counts ``flext_mesh_rpc_server_handled_total{grpc_code}`` when it ends.
+    Unary-unary RPCs also observe ``flext_mesh_rpc_server_handling_seconds`` (handler
+    time); streaming RPCs, unbounded in time, count ``flext_mesh_rpc_server_started_total``
+    instead (started - handled = open streams). Handlers written as coroutines or async
+    generators are measured; synchronous ones (thread-pool handlers) pass through
+    unmeasured. Labels are resolved once per method, so a call costs a dict lookup, a
+    histogram observation and a counter increment.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, *, buckets: Sequence[float] = RPC_BUCKETS_SECONDS
+    ) -> None:
+        """Create the RPC metrics on ``registry``."""
+        self.started = Counter(
+            "flext_mesh_rpc_server_started_total",
+            "Streaming RPCs started on the control plane.",
+            _RPC_LABELS,
+            registry=registry,
+        )
+        self.handled = Counter(
+            "flext_mesh_rpc_server_handled_total",
+            "RPCs completed on the control plane, by status code.",
+            (*_RPC_LABELS, "grpc_code"),
+            registry=registry,
+        )
+        self.handling_seconds = Histogram(
+            "flext_mesh_rpc_server_handling_seconds",
+            "Time the control plane's handlers took to answer unary RPCs.",
+            _RPC_LABELS,
+            buckets=tuple(buckets),
+            registry=registry,
+        )
+        # method -> (handler returned by the continuation, the wrapped handler)
+        self._cache: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Return the method's handler wrapped with metrics (wrapped once per method)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and (cached[0] is handler or _same_handler(cached[0], handler)):
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if cached is not None or len(self._cache) < _MAX_CACHED_METHODS:
+            self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        serializers: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            if not inspect.iscoroutinefunction(handler.unary_unary):
+                return handler
+            metrics = _MethodMetrics(self, method, timed=True)
+            return grpc.unary_unary_rpc_method_handler(
+                _timed_unary(handler.unary_unary, metrics), **serializers
+            )
+        streaming: tuple[tuple[_Behavior | None, Callable[..., Any]], ...] = (
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+        )
+        for behavior, make_handler in streaming:
+            if behavior is None:
+                continue
+            if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
+                return handler
+            metrics = _MethodMetrics(self, method, timed=False)
+            wrapped: grpc.RpcMethodHandler[Any, Any] = make_handler(
+                _counted(behavior, metrics), **serializers
+            )
+            return wrapped
+        return handler
+
+
+def _same_handler(a: grpc.RpcMethodHandler[Any, Any], b: grpc.RpcMethodHandler[Any, Any]) -> bool:
+    """Whether two handlers (e.g. rebuilt per call by a generic handler) behave the same."""
+    return (
+        a.unary_unary == b.unary_unary
+        and a.unary_stream == b.unary_stream
+        and a.stream_unary == b.stream_unary
+        and a.stream_stream == b.stream_stream
+        and a.request_deserializer == b.request_deserializer
+        and a.response_serializer == b.response_serializer
+    )
+
+
+def _timed_unary(behavior: _Behavior, metrics: _MethodMetrics) -> _Behavior:
+    seconds = metrics.seconds
+    assert seconds is not None
+    handled_ok = metrics.handled_ok
+    clock = time.perf_counter
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        start = clock()
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:
+            seconds.observe(clock() - start)
+            metrics.handled(_status_of(exc, context)).inc()
+            raise
+        seconds.observe(clock() - start)
+        code = context.code()
+        if code is None or code is _OK:
+            handled_ok.inc()
+        else:
+            metrics.handled(code).inc()
+        return response
+
+    return unary
+
+
+def _counted(behavior: _Behavior, metrics: _MethodMetrics) -> _Behavior:
+    """A streaming behavior of the same kind (async generator, or coroutine using
+    context.read/write) that counts started and handled."""
+    started = metrics.started
+    assert started is not None
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            started.inc()
+            code = _OK
+            try:
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except BaseException as exc:
+                code = _status_of(exc, context)
+                raise
+            else:
+                code = context.code() or _OK
+            finally:
+                metrics.handled(code).inc()
+
+        return generator
+
+    async def coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started.inc()
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:
+            metrics.handled(_status_of(exc, context)).inc()
+            raise
+        metrics.handled(context.code() or _OK).inc()
+        return response
+
+    return coroutine
+
+
+# -- mesh call metrics ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallSeries:
+    """Aggregated mesh calls of one (service, operation, outcome), as the metrics service
+    holds them; cumulative since the control plane started (Prometheus counters)."""
+
+    #: The called service, e.g. ``payment``.
+    service: str
+    #: The called operation, e.g. ``charge``.
+    operation: str
+    #: How the calls ended.
+    outcome: CallOutcome
+    #: Bucket upper bounds in seconds, ascending, without +Inf (usually CALL_BUCKETS_SECONDS).
+    bucket_bounds_seconds: Sequence[float]
+    #: Calls with duration <= each bound, then the +Inf count last (len(bounds) + 1 values).
+    cumulative_counts: Sequence[float]
+    #: Total duration of the calls, seconds.
+    sum_seconds: float
+    #: Number of calls; equals the +Inf count.
+    count: float
+
+
+class CallMetricsCollector(Collector):
+    """Exposes the metrics service's call aggregates at scrape time, without observing
+    per call: ``flext_mesh_call_duration_seconds`` (histogram) and
+    ``flext_mesh_calls_total`` (counter), labelled service, operation, outcome.
+
+    ``source`` returns the current series. With ``loop`` given, a scrape from another
+    thread (``/metrics`` renders in a worker thread) runs ``source`` on that loop's thread,
+    so it sees the aggregates between two updates, never in the middle of one.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], Iterable[CallSeries]],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        """Collect from ``source``; ``timeout``: seconds to wait for the loop to run it."""
+        self._source = source
+        self._loop = loop
+        self._timeout = timeout
+        self._le_cache: dict[tuple[float, ...], tuple[str, ...]] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric names (so the registry rejects duplicates without calling source)."""
+        return self._families([])
+
+    def collect(self) -> Iterable[Metric]:
+        """The two families built from the source's current series."""
+        return self._families(self._snapshot())
+
+    def _snapshot(self) -> list[CallSeries]:
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running() or _runs_on(loop):
+            return list(self._source())
+        future: concurrent.futures.Future[list[CallSeries]] = concurrent.futures.Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(list(self._source()))
+                except Exception as exc:
+                    future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        try:
+            return future.result(self._timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _families(self, series: Iterable[CallSeries]) -> list[Metric]:
+        durations = HistogramMetricFamily(
+            "flext_mesh_call_duration_seconds",
+            "Duration of calls through the mesh, as reported by sidecars.",
+            labels=_CALL_LABELS,
+        )
+        calls = CounterMetricFamily(
+            "flext_mesh_calls_total",
+            "Calls through the mesh, as reported by sidecars.",
+            labels=_CALL_LABELS,
+        )
+        for item in series:
+            les = self._les(item.bucket_bounds_seconds)
+            if len(item.cumulative_counts) != len(les):
+                _log.warning(
+                    "call series skipped: %d counts for %d buckets service=%s operation=%s",
+                    len(item.cumulative_counts),
+                    len(les),
+                    item.service,
+                    item.operation,
+                )
+                continue
+            labels = (item.service, item.operation, item.outcome)
+            durations.add_metric(
+                labels,
+                [(le, float(n)) for le, n in zip(les, item.cumulative_counts, strict=True)],
+                float(item.sum_seconds),
+            )
+            calls.add_metric(labels, float(item.count))
+        return [durations, calls]
+
+    def _les(self, bounds: Sequence[float]) -> tuple[str, ...]:
+        key = tuple(float(bound) for bound in bounds)
+        les = self._le_cache.get(key)
+        if les is None:
+            les = (*(_format_le(bound) for bound in key), "+Inf")
+            if len(self._le_cache) < 64:
+                self._le_cache[key] = les
+        return les
+
+
+def _runs_on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+# -- the bundle -------------------------------------------------------------------------
+
+
+class Observability:
+    """The control plane's metrics: its registry, RPC interceptor, call collector,
+    process metrics and the ``/metrics`` route. One per control plane, so several can
+    run in one process (tests) without sharing series."""
+
+    def __init__(self, *, version: str | None = None, process_metrics: bool = True) -> None:
+        """Create the registry; ``process_metrics`` adds process_*, python_* and gc metrics."""
+        if version is None:
+            version = flext_mesh.__version__
+        self.registry = CollectorRegistry()
+        self.interceptor = RpcMetricsInterceptor(self.registry)
+        self.build_info = Gauge(
+            "flext_mesh_build_info",
+            "Always 1; the labels say which flext-mesh, Python and grpcio run.",
+            ("version", "python_version", "grpc_version"),
+            registry=self.registry,
+        )
+        self.build_info.labels(version, platform.python_version(), grpc.__version__).set(1)
+        if process_metrics:
+            ProcessCollector(registry=self.registry)  # process_*: CPU, memory, fds (Linux)
+            PlatformCollector(registry=self.registry)  # python_info
+            GCCollector(registry=self.registry)  # python_gc_* (CPython)
+        self._calls: CallMetricsCollector | None = None
+
+    def set_call_source(self, source: Callable[[], Iterable[CallSeries]] | None) -> None:
+        """Expose the mesh call metrics from ``source`` (None removes them). Call it on
+        the event loop that updates the aggregates: scrapes run ``source`` there."""
+        if self._calls is not None:
+            self.registry.unregister(self._calls)
+            self._calls = None
+        if source is not None:
+            loop: asyncio.AbstractEventLoop | None
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            self._calls = CallMetricsCollector(source, loop=loop)
+            self.registry.register(self._calls)
+
+    def render(self, *, gzipped: bool = False) -> bytes:
+        """The exposition in Prometheus text format (blocking: run it in a thread)."""
+        body = generate_latest(self.registry)
+        return gzip.compress(body, compresslevel=6) if gzipped else body
+
+    async def metrics(self, request: Request) -> Response:
+        """The ``/metrics`` handler: renders in a worker thread, gzipped when accepted."""
+        gzipped = _accepts_gzip(request.headers.get("accept-encoding", ""))
+        body = await asyncio.to_thread(self.render, gzipped=gzipped)
+        headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gzipped else {}
+        return Response(content_type=CONTENT_TYPE_LATEST, body=body, headers=headers)
+
+    def routes(self) -> dict[str, Handler]:
+        """The HTTP routes this object serves: ``/metrics``."""
+        return {"/metrics": self.metrics}
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() == "gzip":
+            q = params.strip().lower()
+            return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
+    return False
