@@ -60,7 +60,10 @@ async def control_plane_factory(store_path: str) -> tuple[grpc.aio.Server, int]:
     """A control plane on a free port with its SQLite store at ``store_path``."""
     setup_logging("WARNING")
     config = ServerConfig(
-        listen="127.0.0.1:0", store=f"sqlite:///{store_path}", log_level="WARNING"
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        store=f"sqlite:///{store_path}",
+        log_level="WARNING",
     )
     plane, port = await create_server(config)
     return plane.server, port

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import signal
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -21,7 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
+from flext_mesh.observability import CallSeries, Observability
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
@@ -101,8 +105,14 @@ class ControlPlane:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.observability = Observability()
+        self.server = grpc.aio.server(
+            options=options, interceptors=[self.observability.interceptor]
+        )
         self.port = 0
+        host, port = parse_host_port(config.http_listen)
+        self.http = HttpServer(host, port, self.observability.routes())
+        self.http_port = 0
 
     def _add_services(self) -> None:
         add_registry_servicer(RegistryServicer(self.registry), self.server)
@@ -136,7 +146,14 @@ class ControlPlane:
             except RuntimeError as exc:
                 raise ServeError(_bind_problem(host, port)) from exc
             await self.server.start()
+            self.observability.set_call_source(self._call_series)
+            try:
+                self.http_port = await self.http.start()
+            except OSError as exc:
+                host, port = parse_host_port(self.config.http_listen)
+                raise ServeError(_bind_problem(host, port)) from exc
         except BaseException:
+            await self.server.stop(0)
             await self.metrics.stop()
             await self.registry.stop()
             await self.store.close()
@@ -149,12 +166,28 @@ class ControlPlane:
         """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` s, close the store."""
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        await self.http.stop()
         # Watch streams never end by themselves: close them so the drain is not held up.
         self.registry.hub.close_all()
         await self.server.stop(grace)
         await self.metrics.stop()
         await self.registry.stop()
         await self.store.close()
+
+    def _call_series(self) -> Iterable[CallSeries]:
+        """The metrics service's cumulative call histograms, for Prometheus."""
+        bounds = [float(b) / 1000 for b in self.metrics.aggregator.prometheus_bounds_ms]
+        for service, operation, outcome, counts, total_ms in self.metrics.call_series():
+            cumulative = list(itertools.accumulate(counts))
+            yield CallSeries(
+                service=service,
+                operation=operation,
+                outcome=outcome,  # type: ignore[arg-type]
+                bucket_bounds_seconds=bounds,
+                cumulative_counts=cumulative,
+                sum_seconds=total_ms / 1000,
+                count=cumulative[-1],
+            )
 
 
 async def create_server(
@@ -181,14 +214,16 @@ async def serve(config: ServerConfig) -> None:
 
     plane, port = await create_server(config)
     host, _ = parse_host_port(config.listen)
+    http_host, _ = parse_host_port(config.http_listen)
     _log.info(
-        "serving grpc=%s:%d store=%s pid=%d",
+        "serving grpc=%s:%d http=%s:%d store=%s pid=%d",
         host,
         port,
+        http_host,
+        plane.http_port,
         plane.store.url,
         os.getpid(),
     )
-    _log.info("http /metrics is not served yet: it arrives with the metrics service")
     await stop.wait()
     _log.info(
         "stopping signal=%s grace=%.1fs", received[0] if received else "-", config.grace_period

@@ -34,7 +34,10 @@ def grpcurl_path() -> str:
 async def control_plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     """A control plane in this process on 127.0.0.1 and a free port, SQLite in tmp_path."""
     config = ServerConfig(
-        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path / 'mesh.db'}", grace_period=1.0
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        store=f"sqlite:///{tmp_path / 'mesh.db'}",
+        grace_period=1.0,
     )
     plane, _ = await create_server(config)
     try:
@@ -73,6 +76,8 @@ def start_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
     cmd = [str(BIN / "flext-mesh"), "serve", *args]
     if "--listen" not in args:
         cmd += ["--listen", "127.0.0.1:0"]
+    if "--http-listen" not in args:
+        cmd += ["--http-listen", "127.0.0.1:0"]
     if "--store" not in args:
         cmd += ["--store", f"sqlite:///{tmp_path / 'mesh.db'}"]
     with log_path.open("w") as log:

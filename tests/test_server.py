@@ -33,7 +33,9 @@ async def test_generated_stubs_reach_the_services(control_plane: ControlPlane) -
 
 
 async def test_shutdown_turns_health_not_serving_for_watchers(tmp_path: Path) -> None:
-    config = ServerConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path / 'm.db'}")
+    config = ServerConfig(
+        listen="127.0.0.1:0", http_listen="127.0.0.1:0", store=f"sqlite:///{tmp_path / 'm.db'}"
+    )
     plane, port = await create_server(config)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -49,7 +51,9 @@ async def test_shutdown_turns_health_not_serving_for_watchers(tmp_path: Path) ->
 
 
 async def test_a_stopped_control_plane_keeps_its_store_for_the_next(tmp_path: Path) -> None:
-    config = ServerConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path / 'keep.db'}")
+    config = ServerConfig(
+        listen="127.0.0.1:0", http_listen="127.0.0.1:0", store=f"sqlite:///{tmp_path / 'keep.db'}"
+    )
     plane, _ = await create_server(config)
     revision = await plane.store.put("/probe", b"kept")
     await plane.stop(0)

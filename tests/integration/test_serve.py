@@ -207,3 +207,22 @@ def test_sidecar_says_plainly_that_it_is_not_available_yet() -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
     assert "not available in this version" in proc.stderr
+
+
+def test_http_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _run_cli(
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            f"sqlite:///{tmp_path}/x.db",
+        )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"flext-mesh: error: cannot listen on 127.0.0.1:{port}: address already in use"

@@ -63,6 +63,7 @@ def fast_config(tmp_path: Path, **overrides: Any) -> ServerConfig:
     """A config with short health intervals, for tests."""
     settings: dict[str, Any] = {
         "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
         "store": f"sqlite:///{tmp_path / 'mesh.db'}",
         "grace_period": 0.5,
         "health_check_interval": 0.2,
