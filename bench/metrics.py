@@ -125,6 +125,7 @@ async def main_async(settings: BenchSettings, report_calls: int, rss_calls: int)
                 if recorded < report_calls:
                     await stream_batches(channel, batches, total=report_calls - recorded)
                 recorded = await _recorded(stub)
+                report_at = recorded
                 request = metrics_pb2.GetServiceReportRequest(service_name="bench")
 
                 async def report() -> object:
@@ -163,7 +164,7 @@ async def main_async(settings: BenchSettings, report_calls: int, rss_calls: int)
             baseline_label="echo stream msg/s",
         ),
         Comparison(
-            label=f"GetServiceReport p50 ({OPERATIONS} ops, {report_calls:,} calls)",
+            label=f"GetServiceReport p50 ({OPERATIONS} ops, {report_at:,} calls recorded)",
             candidate=loads["report"].median.p50_us,
             baseline=loads["echo"].median.p50_us,
             baseline_label="echo unary p50",

@@ -146,9 +146,11 @@ class Aggregator:
         self._known_names: set[str] = set()
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        #: Per (service, instance): [calls, infrastructure failures] since the last
-        #: drain, for the registry's performance multiplier.
-        self.instance_window: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        #: Per (service, instance): [calls, infrastructure failures, latency sum ms,
+        #: timed calls] since the last drain, for the registry's performance multiplier.
+        self.instance_window: dict[tuple[str, str], list[float]] = defaultdict(
+            lambda: [0, 0, 0.0, 0]
+        )
         #: Cumulative Prometheus histogram state per (service, operation, outcome).
         self.prometheus: dict[tuple[str, str, str], list[np.ndarray | float]] = {}
         self.prometheus_bounds_ms: np.ndarray = np.array(
@@ -219,7 +221,10 @@ class Aggregator:
             elif operation not in known and not _valid_name(operation, known):
                 problem = ("operation", "must be 1-63 printable characters")
             elif not (0.0 <= duration <= _MAX_DURATION_MS):  # also NaN
-                problem = ("duration_ms", f"must be finite, >= 0 and <= 1 day, got {duration}")
+                problem = (
+                    "duration_ms",
+                    f"must be finite, at least 0 and at most 1 day, got {duration}",
+                )
             elif not 0 <= code <= 16:
                 problem = ("status_code", f"{code} is not a gRPC status code")
             elif stamp > future_ns:
@@ -266,6 +271,10 @@ class Aggregator:
                 capped.update(indexes)
                 continue
             series[series_key] = now
+            if instance:
+                window = self.instance_window[(service, instance)]
+                window[2] += sum(values)
+                window[3] += len(values)
             self._fold(
                 service,
                 tens * 10,
@@ -453,9 +462,14 @@ class Aggregator:
         out.sort(key=lambda item: item[0])
         return out
 
-    def drain_instance_window(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(calls, infrastructure failures) per instance since the last drain."""
-        out = {key: (v[0], v[1]) for key, v in self.instance_window.items() if v[0]}
+    def drain_instance_window(self) -> dict[tuple[str, str], tuple[int, int, float | None]]:
+        """(calls, infrastructure failures, mean latency ms or None) per instance since
+        the last drain (latency from server-side records only)."""
+        out = {
+            key: (int(v[0]), int(v[1]), v[2] / v[3] if v[3] else None)
+            for key, v in self.instance_window.items()
+            if v[0]
+        }
         self.instance_window.clear()
         return out
 

@@ -276,11 +276,12 @@ class Metrics:
             self.feed_error_rates()
 
     def feed_error_rates(self) -> None:
-        """Hand each instance's recent infrastructure error rate to the registry."""
+        """Hand each instance's recent error rate and latency to the registry."""
         if self.registry is None:
             return
-        for (service, instance), (calls, infra) in self.aggregator.drain_instance_window().items():
-            self.registry.set_error_rate(service, instance, infra / calls)
+        for (service, instance), stats in self.aggregator.drain_instance_window().items():
+            calls, infra, latency = stats
+            self.registry.set_call_stats(service, instance, infra / calls, latency)
 
     def call_series(self) -> Iterable[tuple[str, str, str, list[int], float]]:
         """Cumulative (service, operation, outcome, bucket counts, sum ms) for Prometheus."""

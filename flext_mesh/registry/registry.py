@@ -135,6 +135,7 @@ class Registry:
         self._health = HealthChecker(self.settings.health, self._on_health)
         self._outliers = OutlierDetector(self.settings.outlier)
         self._error_rates: dict[tuple[str, str], float] = {}
+        self._call_latency: dict[tuple[str, str], float] = {}
         # Median response time per service, recomputed by refresh(): weights use it.
         self._medians: dict[str, float] = {}
         self._unlisten: list[Callable[[], None]] = []
@@ -226,6 +227,7 @@ class Registry:
         self._health.untrack(event.key)
         self._outliers.forget(service_name, instance_id)
         self._error_rates.pop((service_name, instance_id), None)
+        self._call_latency.pop((service_name, instance_id), None)
         return _translate(event, None)
 
     def _track(self, instance: registry_pb2.ServiceInstance) -> None:
@@ -422,13 +424,22 @@ class Registry:
         )
         await self._rewrite(instance, changed)
 
-    def set_error_rate(self, service: str, instance_id: str, rate: float) -> None:
-        """Recent infrastructure error rate of an instance (0 to 1), from call reports.
-
-        It lowers the instance's performance multiplier at the next refresh.
-        """
-        if self.get(service, instance_id) is not None:
-            self._error_rates[(service, instance_id)] = min(max(rate, 0.0), 1.0)
+    def set_call_stats(
+        self, service: str, instance_id: str, error_rate: float, latency_ms: float | None
+    ) -> None:
+        """Recent calls of an instance, from call reports: infrastructure error rate
+        (0 to 1) and mean latency. They set its performance multiplier at the next
+        refresh; the latency is folded into its response time (EWMA, alpha 0.3) and is
+        preferred there over health-check round trips."""
+        if self.get(service, instance_id) is None:
+            return
+        key = (service, instance_id)
+        self._error_rates[key] = min(max(error_rate, 0.0), 1.0)
+        if latency_ms is not None and latency_ms >= 0:
+            previous = self._call_latency.get(key)
+            self._call_latency[key] = (
+                latency_ms if previous is None else 0.3 * latency_ms + 0.7 * previous
+            )
 
     async def _release_forever(self) -> None:
         while True:
@@ -460,20 +471,20 @@ class Registry:
         response time by more than 20% (and 1 ms). Returns how many were written.
         """
         written = 0
+        # First the fresh measurements, then the service medians from them, then weights:
+        # a latency change moves the weights in the same refresh.
+        updates: list[tuple[registry_pb2.ServiceInstance, registry_pb2.ServiceInstance]] = []
         for name, service in list(self._services.items()):
-            known = [i.response_time_ms for i in service.values() if i.response_time_ms > 0]
-            self._medians[name] = statistics.median(known) if known else 0.0
-        for name in list(self._medians):
-            if name not in self._services:
-                del self._medians[name]
-        for service in list(self._services.values()):
+            known: list[float] = []
             for instance in list(service.values()):
-                key = _key(instance.service_name, instance.instance_id)
-                stats = self._health.stats(key)
+                ident = (instance.service_name, instance.instance_id)
+                stats = self._health.stats(_key(*ident))
+                call_latency = self._call_latency.get(ident)
                 if (
                     stats is None
+                    and call_latency is None
                     and not instance.response_time_ms
-                    and ((instance.service_name, instance.instance_id) not in self._error_rates)
+                    and ident not in self._error_rates
                 ):
                     continue  # nothing measured: its weight cannot have moved
                 changed = registry_pb2.ServiceInstance()
@@ -482,10 +493,20 @@ class Registry:
                     changed.uptime_percentage = stats.uptime_percentage
                     if stats.ewma_latency_ms > 0:
                         changed.response_time_ms = stats.ewma_latency_ms
-                changed.effective_weight = self._weight_of(changed)
-                if _moved(instance, changed):
-                    await self._rewrite(instance, changed)
-                    written += 1
+                if call_latency is not None:
+                    changed.response_time_ms = call_latency
+                if changed.response_time_ms > 0:
+                    known.append(changed.response_time_ms)
+                updates.append((instance, changed))
+            self._medians[name] = statistics.median(known) if known else 0.0
+        for name in list(self._medians):
+            if name not in self._services:
+                del self._medians[name]
+        for instance, changed in updates:
+            changed.effective_weight = self._weight_of(changed)
+            if _moved(instance, changed):
+                await self._rewrite(instance, changed)
+                written += 1
         return written
 
     # -- discovery -----------------------------------------------------------------

@@ -314,3 +314,35 @@ async def test_infrastructure_failures_eject_an_instance_business_rejections_do_
 
     await eventually(a_ejected, within=5)
     assert await ejected() == {"a": True, "b": False, "c": False}
+
+
+async def test_call_latency_and_errors_feed_the_instances_weights(mesh: Plane) -> None:
+    for name in ("slow", "fast", "flaky"):
+        await mesh.registry.Register(
+            registry_pb2.RegisterRequest(
+                instance=registry_pb2.ServiceInstance(
+                    service_name="payment",
+                    instance_id=name,
+                    endpoint="127.0.0.1:9",
+                    health_check_mode=registry_pb2.HEALTH_CHECK_MODE_TTL_ONLY,
+                )
+            )
+        )
+    await mesh.report(
+        [record(duration=80.0, instance_id="slow") for _ in range(50)]
+        + [record(duration=5.0, instance_id="fast") for _ in range(50)]
+        + [
+            record(duration=20.0, instance_id="flaky", ok=i % 3 != 0, code=0 if i % 3 else 14)
+            for i in range(50)
+        ]
+    )
+    mesh.plane.metrics.feed_error_rates()  # the control plane does this every 5 s
+    await mesh.plane.registry.refresh()  # and this
+    reply = await mesh.registry.Discover(
+        registry_pb2.DiscoverRequest(service_name="payment", healthy_only=False)
+    )
+    found = {i.instance_id: i for i in reply.instances}
+    assert found["slow"].response_time_ms == pytest.approx(80.0)
+    assert found["fast"].response_time_ms == pytest.approx(5.0)
+    assert found["slow"].effective_weight < found["fast"].effective_weight
+    assert found["flaky"].effective_weight < 100 * 0.5  # a third of its calls failed
