@@ -16,7 +16,7 @@ from flext_mesh.metrics import analysis
 from flext_mesh.metrics.aggregator import BucketStats, SeriesKey, merge_stats
 from flext_mesh.v1 import metrics_pb2
 
-__all__ = ["Window", "build_report", "evaluate_alerts"]
+__all__ = ["Window", "alert_message", "build_report", "evaluate_alerts"]
 
 #: (bucket start, bucket width, series stats) in time order.
 Window = Sequence[tuple[int, int, dict[SeriesKey, BucketStats]]]
@@ -184,7 +184,7 @@ def build_report(
     report.recommendations.extend(
         analysis.recommendations(figures, trend, found, thresholds)  # type: ignore[arg-type]
     )
-    report.alerts.extend(_alert(a, fire_times) for a in alerts)
+    report.alerts.extend(alert_message(a, fire_times) for a in alerts)
     return report
 
 
@@ -219,7 +219,10 @@ def evaluate_alerts(
     return out
 
 
-def _alert(found: analysis.AlertFound, fire_times: dict[str, float] | None) -> metrics_pb2.Alert:
+def alert_message(
+    found: analysis.AlertFound, fire_times: dict[str, float] | None
+) -> metrics_pb2.Alert:
+    """The Alert message of a finding, with its first fire time when known."""
     alert = metrics_pb2.Alert(
         alert_id=found.alert_id,
         service_name=found.service,

@@ -27,7 +27,7 @@ from flext_mesh.metrics.aggregator import (
     Ingested,
     SeriesKey,
 )
-from flext_mesh.metrics.report import build_report, evaluate_alerts
+from flext_mesh.metrics.report import alert_message, build_report, evaluate_alerts
 from flext_mesh.registry import Registry
 from flext_mesh.store import Store
 from flext_mesh.v1 import metrics_pb2
@@ -206,18 +206,7 @@ class Metrics:
             )
             for item in found:
                 self._fire_times.setdefault(item.alert_id, now)
-                alert = metrics_pb2.Alert(
-                    alert_id=item.alert_id,
-                    service_name=item.service,
-                    operation=item.operation,
-                    severity=int(item.severity),  # type: ignore[arg-type]
-                    rule=item.rule,
-                    threshold=item.threshold,
-                    observed=item.observed,
-                    message=item.message,
-                )
-                alert.fire_time.FromNanoseconds(int(self._fire_times[item.alert_id] * 1e9))
-                firing[item.alert_id] = alert
+                firing[item.alert_id] = alert_message(item, self._fire_times)
         for alert_id in list(self._fire_times):
             if alert_id not in firing:
                 del self._fire_times[alert_id]
