@@ -1,27 +1,162 @@
 """ProcessorService: runs the ServiceProcessors hosted by this process.
 
 The control plane hosts none of its own (it lists an empty set); the sidecar hosts the
-app's processors through the same servicer.
+app's processors through the same servicer. The domain half (request models, payload
+and result conversion, the idempotency cache) is `flext_mesh.invoke`; this module adds
+status codes, deadlines, threads, draining and call reporting.
+
+One Invoke:
+
+1. UNAVAILABLE while draining, NOT_FOUND for an unknown operation (known ones listed).
+2. Correlation id: the request's, else metadata `x-correlation-id`, else generated; it
+   is answered in the response and in trailing metadata `x-correlation-id`, and set in
+   `flext_mesh.logs.correlation_id` while the call runs.
+3. The payload is validated against the operation's request model (INVALID_ARGUMENT
+   with `google.rpc.BadRequest` field violations) and the processor runs: a sync
+   `process` in this servicer's bounded thread pool, an async one on the loop.
+4. The gRPC deadline bounds the run: past it the call answers DEADLINE_EXCEEDED. A sync
+   processor cannot be stopped inside its thread; it runs to its end and its result
+   is discarded (it holds a pool thread until then).
+5. A `FlextResult` failure answers the status of its code with its message; an
+   exception inside the processor answers INTERNAL naming only the exception's type.
+6. With an idempotency key, the first successful response of (operation, key) is
+   replayed for `idempotency_window` seconds (`replayed=true`, the first call's
+   correlation id and duration); failures are not remembered, so a retry runs again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+import contextvars
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import struct_pb2
 
-from flext_mesh.errors import NotFound, Unimplemented, rpc_errors
-from flext_mesh.processor import ServiceProcessor
+from flext_mesh import logs
+from flext_mesh.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InternalError,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    Unavailable,
+    from_result,
+    rpc_errors,
+    to_rpc_status,
+)
+from flext_mesh.invoke import (
+    DEFAULT_IDEMPOTENCY_MAX_KEYS,
+    DEFAULT_IDEMPOTENCY_WINDOW,
+    IdempotencyCache,
+    Operation,
+    dict_to_struct,
+    struct_to_dict,
+)
+from flext_mesh.processor import ServiceProcessor, new_correlation_id
+from flext_mesh.result import FlextResult
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
-__all__ = ["ProcessorServicer"]
+__all__ = [
+    "CORRELATION_ID_HEADER",
+    "MAX_CORRELATION_ID_LENGTH",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "CallOutcome",
+    "ProcessorServicer",
+]
+
+_log = logging.getLogger("flext_mesh.servicers.processor")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+_T = TypeVar("_T")
+
+CORRELATION_ID_HEADER = "x-correlation-id"
+"""Metadata key carrying the correlation id, in requests and in trailing metadata."""
+
+MAX_CORRELATION_ID_LENGTH = 128
+"""Longest correlation id accepted (characters), as processor.proto documents."""
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+"""Longest idempotency key accepted (characters), as processor.proto documents."""
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_OK = grpc.StatusCode.OK
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallOutcome:
+    """How one Invoke ended, handed to the servicer's `on_call` hook."""
+
+    operation: str
+    """The operation name as requested (possibly unknown)."""
+    duration_ms: float
+    """Wall time of the whole Invoke in this servicer, in milliseconds."""
+    success: bool
+    """True when the call answered OK (a replay included)."""
+    code: int
+    """Numeric gRPC status code the call answered (0 for OK)."""
+    correlation_id: str
+    """Correlation id of the call (the caller's or the generated one)."""
+    replayed: bool = False
+    """True when the answer came from the idempotency cache without running."""
+
+
+class _FailureCode(MeshError):
+    """A processor failure whose code has no class in the error tree (ABORTED, ...)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self._code = code
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The status code the processor chose."""
+        return self._code
+
+
+def _error_of(result: FlextResult[Any]) -> MeshError:
+    """The error a failed FlextResult answers with, keeping its precise code."""
+    error = from_result(result)
+    code = grpc.StatusCode.__members__.get(result.code or "")
+    if type(error) is MeshError and code is not None:
+        return _FailureCode(error.message, code)
+    return error
+
+
+def _metadata_value(context: _Context, key: str) -> str:
+    for item in context.invocation_metadata() or ():
+        if item[0] == key and isinstance(item[1], str):
+            return item[1]
+    return ""
+
+
+def _deadline_passed(context: _Context) -> bool:
+    remaining: float | None = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _run_blocking(
+    operation: Operation, payload: struct_pb2.Struct, correlation_id: str
+) -> FlextResult[struct_pb2.Struct]:
+    """The whole sync path, run in a pool thread: Struct in, Struct out."""
+    result = operation.run(struct_to_dict(payload), correlation_id=correlation_id)
+    return result.map(dict_to_struct)
 
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
-    """Serves Invoke and ListOperations for a fixed mapping of operation name to processor."""
+    """Serves Invoke and ListOperations for a fixed mapping of operation name to processor.
+
+    Control methods for the host process: `drain()` (answer UNAVAILABLE from now on),
+    `wait_idle(timeout)` (wait for in-flight calls) and `close()` (stop the threads).
+    """
 
     def __init__(
         self,
@@ -30,35 +165,247 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         service_name: str,
         instance_id: str = "",
         version: str = "",
+        on_call: Callable[[CallOutcome], None] | None = None,
+        idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
+        idempotency_max_keys: int = DEFAULT_IDEMPOTENCY_MAX_KEYS,
+        max_workers: int | None = None,
     ) -> None:
-        self._operations = dict(operations)
+        """Serve `operations` under `service_name`.
+
+        `on_call` runs on the event loop after every Invoke (keep it cheap; its
+        exceptions are logged, once). `idempotency_window` is in seconds and
+        `idempotency_max_keys` bounds the keys remembered. `max_workers` bounds the
+        threads running sync processors (default: ThreadPoolExecutor's, cpu count + 4,
+        at most 32); the pool starts with the first sync call.
+        """
+        self._operations = {name: Operation.of(name, proc) for name, proc in operations.items()}
         self._service_name = service_name
         self._instance_id = instance_id
         self._version = version
+        self._on_call = on_call
+        self._on_call_failed = False
+        self._cache: IdempotencyCache[processor_pb2.InvokeResponse] = IdempotencyCache(
+            window=idempotency_window, max_keys=idempotency_max_keys
+        )
+        self._max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._executor: ThreadPoolExecutor | None = None
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._operations_response = processor_pb2.ListOperationsResponse(
+            operations=[
+                processor_pb2.OperationInfo(
+                    name=name,
+                    description=op.description,
+                    request_schema=dict_to_struct(op.request_schema),
+                )
+                for name, op in sorted(self._operations.items())
+            ],
+            service_name=service_name,
+            instance_id=instance_id,
+            version=version,
+        )
+
+    # -- control -----------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """True once `drain()` or `close()` was called."""
+        return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        """Invoke calls accepted and not yet answered."""
+        return self._in_flight
+
+    def drain(self) -> None:
+        """Answer every new Invoke with UNAVAILABLE ("draining"); calls in flight go on."""
+        self._draining = True
+
+    # The sidecar's SIGTERM drain has one grace period to share; a timeout argument
+    # reads better there than wrapping every call in asyncio.timeout.
+    async def wait_idle(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait until no Invoke is in flight; False if `timeout` seconds passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return self._in_flight == 0
+        return True
+
+    def close(self) -> None:
+        """Drain and stop the thread pool (threads still running finish on their own)."""
+        self._draining = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- RPCs --------------------------------------------------------------------------
 
     @rpc_errors
     async def Invoke(
         self, request: processor_pb2.InvokeRequest, context: _Context
     ) -> processor_pb2.InvokeResponse:
-        """Run one operation (see processor.proto)."""
-        if request.operation not in self._operations:
-            known = ", ".join(sorted(self._operations)) or "none"
-            raise NotFound(
-                f"{self._service_name} has no operation {request.operation!r} (known: {known})"
+        """Run one operation (see processor.proto and this module's docstring)."""
+        started = time.perf_counter_ns()
+        given = request.correlation_id or _metadata_value(context, CORRELATION_ID_HEADER)
+        too_long = len(given) > MAX_CORRELATION_ID_LENGTH
+        cid = new_correlation_id() if too_long or not given else given
+        context.set_trailing_metadata(((CORRELATION_ID_HEADER, cid),))
+        token = logs.correlation_id.set(cid)
+        code = grpc.StatusCode.UNKNOWN
+        replayed = False
+        try:
+            if too_long:
+                raise InvalidArgument(
+                    "",
+                    [
+                        FieldViolation(
+                            "correlation_id",
+                            f"at most {MAX_CORRELATION_ID_LENGTH} characters, got {len(given)}",
+                        )
+                    ],
+                )
+            response, replayed = await self._invoke(request, context, cid)
+            code = _OK
+            return response
+        except MeshError as err:
+            code = err.code
+            await self._abort(context, err, cid)
+        except asyncio.CancelledError:
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if _deadline_passed(context)
+                else grpc.StatusCode.CANCELLED
             )
-        raise Unimplemented("invoking hosted processors arrives with the sidecar")
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            _log.exception("unexpected error invoking %r", request.operation)
+            code = grpc.StatusCode.INTERNAL
+            await self._abort(context, InternalError("internal error in Invoke"), cid)
+        finally:
+            logs.correlation_id.reset(token)
+            self._report(
+                CallOutcome(
+                    operation=request.operation,
+                    duration_ms=(time.perf_counter_ns() - started) / 1e6,
+                    success=code is _OK,
+                    code=code.value[0],
+                    correlation_id=cid,
+                    replayed=replayed,
+                )
+            )
 
     @rpc_errors
     async def ListOperations(
         self, request: processor_pb2.ListOperationsRequest, context: _Context
     ) -> processor_pb2.ListOperationsResponse:
-        """List the operations served, sorted by name."""
-        return processor_pb2.ListOperationsResponse(
-            operations=[
-                processor_pb2.OperationInfo(name=name, description=proc.describe())
-                for name, proc in sorted(self._operations.items())
-            ],
-            service_name=self._service_name,
+        """List the operations served, sorted by name, with their request schemas."""
+        return self._operations_response
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _invoke(
+        self, request: processor_pb2.InvokeRequest, context: _Context, cid: str
+    ) -> tuple[processor_pb2.InvokeResponse, bool]:
+        if self._draining:
+            raise Unavailable(
+                f"{self._service_name} instance {self._instance_id or '-'} is draining; "
+                "call another instance"
+            )
+        operation = self._operations.get(request.operation)
+        if operation is None:
+            if not request.operation:
+                raise InvalidArgument("", [FieldViolation("operation", "required")])
+            known = ", ".join(sorted(self._operations)) or "none"
+            raise NotFound(
+                f"{self._service_name} has no operation {request.operation!r} (known: {known})"
+            )
+        key = request.idempotency_key
+        if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise InvalidArgument(
+                "",
+                [
+                    FieldViolation(
+                        "idempotency_key",
+                        f"at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters, got {len(key)}",
+                    )
+                ],
+            )
+        run = functools.partial(self._run, operation, request.payload, cid)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            timeout = asyncio.timeout(context.time_remaining())
+            try:
+                async with timeout:
+                    if not key:
+                        return await run(), False
+                    stored, replayed = await self._cache.run((operation.name, key), run)
+            except TimeoutError:
+                if not timeout.expired():
+                    raise
+                raise DeadlineExceeded(
+                    f"operation {operation.name!r} did not finish before the deadline"
+                ) from None
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        if not replayed:
+            return stored, False
+        replay = processor_pb2.InvokeResponse()
+        replay.CopyFrom(stored)
+        replay.replayed = True
+        return replay, True
+
+    async def _run(
+        self, operation: Operation, payload: struct_pb2.Struct, cid: str
+    ) -> processor_pb2.InvokeResponse:
+        started = time.perf_counter_ns()
+        if operation.is_async:
+            result = (await operation.arun(struct_to_dict(payload), correlation_id=cid)).map(
+                dict_to_struct
+            )
+        else:
+            result = await self._in_thread(_run_blocking, operation, payload, cid)
+        duration_ms = (time.perf_counter_ns() - started) / 1e6
+        if result.is_failure:
+            raise _error_of(result)
+        return processor_pb2.InvokeResponse(
+            result=result.value,
+            correlation_id=cid,
+            duration_ms=duration_ms,
             instance_id=self._instance_id,
-            version=self._version,
         )
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run `fn(*args)` in the pool with this task's context (the correlation id)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._max_workers, thread_name_prefix="flext-processor"
+            )
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args))
+
+    async def _abort(self, context: _Context, error: MeshError, cid: str) -> NoReturn:
+        """Like `flext_mesh.errors.abort`, keeping the correlation id in trailing metadata."""
+        status = to_rpc_status(error)
+        trailing: list[tuple[str, str | bytes]] = [(CORRELATION_ID_HEADER, cid)]
+        if status.details:
+            trailing.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
+        await context.abort(error.code, error.message, trailing_metadata=tuple(trailing))
+
+    def _report(self, outcome: CallOutcome) -> None:
+        if self._on_call is None:
+            return
+        try:
+            self._on_call(outcome)
+        except Exception:
+            if not self._on_call_failed:
+                self._on_call_failed = True
+                _log.exception("on_call hook raised; its later errors are not logged")

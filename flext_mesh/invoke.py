@@ -1,0 +1,376 @@
+"""Running hosted ServiceProcessors by operation name: the domain half of ProcessorService.
+
+Plain Python (protobuf's Struct for payloads, no gRPC): the servicer in
+`flext_mesh.servicers.processor` turns what this module returns into status codes.
+
+- `Operation` binds a name to a processor, finds its request model (`request_model_of`),
+  validates dict payloads through the processor's `process_dict` and runs it
+  (`run_with_metrics` in a worker thread, or `arun_with_metrics` on the loop).
+- Payloads: `struct_to_dict` (whole numbers become ints, since a Struct only has
+  doubles) and `dict_to_struct`.
+- Results: `result_to_json` (the rule is in its docstring).
+- `IdempotencyCache`: replays the first successful outcome of a key; concurrent
+  duplicates wait for the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, get_args, get_origin
+
+import pydantic
+import pydantic_core
+from google.protobuf import struct_pb2
+
+from flext_mesh.processor import ServiceProcessor
+from flext_mesh.result import FlextResult
+
+__all__ = [
+    "DEFAULT_IDEMPOTENCY_MAX_KEYS",
+    "DEFAULT_IDEMPOTENCY_WINDOW",
+    "IdempotencyCache",
+    "Operation",
+    "dict_to_struct",
+    "request_model_of",
+    "result_to_json",
+    "struct_to_dict",
+]
+
+_log = logging.getLogger("flext_mesh.invoke")
+
+T = TypeVar("T")
+
+DEFAULT_IDEMPOTENCY_WINDOW = 600.0
+"""Seconds a successful outcome stays replayable under its idempotency key."""
+
+DEFAULT_IDEMPOTENCY_MAX_KEYS = 10_000
+"""Most idempotency keys remembered; the least recently used is forgotten first."""
+
+# Whole doubles up to 2**53 are exact integers; beyond that a Struct cannot tell.
+_MAX_EXACT_INT = float(2**53)
+_INTERNAL = "INTERNAL"
+
+
+# -- payloads and results ----------------------------------------------------------------
+
+
+def _from_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if math.isfinite(number) and number.is_integer() and abs(number) <= _MAX_EXACT_INT:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_from_value(item) for item in value.list_value.values]
+    return None  # null_value, or unset
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """The Struct as plain Python data; whole numbers (5.0) become ints (5).
+
+    A Struct carries every number as a double, so `{"qty": 5}` sent as JSON arrives as
+    5.0; turning it back into 5 lets strict int fields and plain-dict processors see
+    what the caller wrote. Float fields accept ints, so nothing is lost.
+    """
+    return {key: _from_value(value) for key, value in struct.fields.items()}
+
+
+def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A Struct holding JSON-like `data` (str keys; numbers become doubles)."""
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def result_to_json(value: object) -> dict[str, Any]:
+    """The JSON object a processor's result travels as (the Invoke response's Struct).
+
+    - a pydantic model: `model_dump(mode="json")`;
+    - a dataclass: its fields, as `dataclasses.asdict` gives them;
+    - a Mapping: as is;
+    - anything else (str, int, list, None, ...): `{"value": <it>}`.
+
+    Values inside are made JSON-safe as pydantic does: datetimes, dates and UUIDs become
+    ISO / canonical strings, Decimals strings, enums their values, sets and tuples lists,
+    non-string keys strings. Numbers become doubles in the Struct, so integers beyond
+    2**53 lose precision: send those as strings. Raises
+    `pydantic_core.PydanticSerializationError` for values that have no JSON form.
+    """
+    if isinstance(value, pydantic.BaseModel):
+        dumped: object = value.model_dump(mode="json")
+    elif (dataclasses.is_dataclass(value) and not isinstance(value, type)) or isinstance(
+        value, Mapping
+    ):
+        dumped = pydantic_core.to_jsonable_python(value)
+    else:
+        return {"value": pydantic_core.to_jsonable_python(value)}
+    # A RootModel of a list, say, dumps to a non-object: wrap it like any other value.
+    return dumped if isinstance(dumped, dict) else {"value": dumped}
+
+
+# -- request models ----------------------------------------------------------------------
+
+_NO_MODEL = object()
+
+
+def _request_argument(cls: type, bindings: Mapping[Any, Any]) -> object:
+    """TRequest of ServiceProcessor as `cls` binds it, following generic intermediates."""
+    bases = cls.__dict__.get("__orig_bases__", cls.__bases__)
+    for base in bases:
+        origin = get_origin(base) or base
+        if not (isinstance(origin, type) and issubclass(origin, ServiceProcessor)):
+            continue
+        args = tuple(
+            bindings.get(arg, arg) if isinstance(arg, TypeVar) else arg for arg in get_args(base)
+        )
+        if origin is ServiceProcessor:
+            return args[0] if args else _NO_MODEL
+        params = getattr(origin, "__parameters__", ())
+        found = _request_argument(origin, dict(zip(params, args, strict=False)))
+        if found is not _NO_MODEL:
+            return found
+    return _NO_MODEL
+
+
+def request_model_of(
+    processor: ServiceProcessor[Any, Any, Any] | type[ServiceProcessor[Any, Any, Any]],
+) -> type[pydantic.BaseModel] | None:
+    """The pydantic model a processor's payload is validated against, or None (plain dict).
+
+    An explicit class attribute `request_model` wins (None there means "no model");
+    otherwise the TRequest argument of `ServiceProcessor[TRequest, ...]` found through
+    the class's bases (generic intermediate classes are followed), when it is a
+    `pydantic.BaseModel` subclass. Raises TypeError for a `request_model` that is
+    neither None nor a BaseModel subclass.
+    """
+    cls = processor if isinstance(processor, type) else type(processor)
+    explicit = getattr(cls, "request_model", _NO_MODEL)
+    if explicit is not _NO_MODEL:
+        if explicit is None:
+            return None
+        if isinstance(explicit, type) and issubclass(explicit, pydantic.BaseModel):
+            return explicit
+        raise TypeError(
+            f"{cls.__name__}.request_model must be a pydantic BaseModel subclass or None, "
+            f"got {explicit!r}"
+        )
+    found = _request_argument(cls, {})
+    if isinstance(found, type) and issubclass(found, pydantic.BaseModel):
+        return found
+    return None
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+def _exception_failure(processor_name: str) -> re.Pattern[str]:
+    # What ServiceProcessor._internal_failure writes: "<Class>.<stage> raised <Type>: <text>"
+    return re.compile(rf"^({re.escape(processor_name)}\.[\w/]+ raised \w+)(: .*)?$", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Operation:
+    """One operation served by name: a processor, its request model and how it runs."""
+
+    name: str
+    """Operation name callers use in Invoke."""
+    processor: ServiceProcessor[Any, Any, Any]
+    """The processor that serves it."""
+    request_model: type[pydantic.BaseModel] | None
+    """Model payloads are validated against; None passes the payload as a plain dict."""
+    is_async: bool
+    """True when `process` is `async def` (runs on the loop, not in a thread)."""
+    description: str
+    """One-line description (the processor's `describe()`)."""
+    request_schema: dict[str, Any] = field(default_factory=dict)
+    """JSON Schema of the request model; empty without a model (or if it has none)."""
+    _internal_pattern: re.Pattern[str] = field(
+        default=re.compile(r"(?!)"), repr=False, compare=False
+    )
+
+    @classmethod
+    def of(cls, name: str, processor: ServiceProcessor[Any, Any, Any]) -> Operation:
+        """Describe `processor` as operation `name` (raises TypeError for a bad model)."""
+        model = request_model_of(processor)
+        schema: dict[str, Any] = {}
+        if model is not None:
+            try:
+                schema = model.model_json_schema()
+            except Exception:
+                _log.warning("no JSON Schema for %s (operation %s)", model.__name__, name)
+        return cls(
+            name=name,
+            processor=processor,
+            request_model=model,
+            is_async=inspect.iscoroutinefunction(processor.process),
+            description=processor.describe(),
+            request_schema=schema,
+            _internal_pattern=_exception_failure(type(processor).__name__),
+        )
+
+    def run(self, payload: Mapping[str, Any], *, correlation_id: str) -> FlextResult[Any]:
+        """Validate, `run_with_metrics` and turn the result into JSON (a blocking call).
+
+        For a sync `process`; call it from a worker thread. The success value is the
+        `result_to_json` object; a failure is the processor's, made safe to show callers.
+        """
+        proc = self.processor
+        if self.request_model is None:
+            result = proc.run_with_metrics(self.name, dict(payload), correlation_id=correlation_id)
+        else:
+            result = proc.process_dict(
+                payload,
+                self.request_model,
+                lambda request: proc.run_with_metrics(
+                    self.name, request, correlation_id=correlation_id
+                ),
+            )
+        return self._finish(result)
+
+    async def arun(self, payload: Mapping[str, Any], *, correlation_id: str) -> FlextResult[Any]:
+        """Like `run` for an async `process`, awaited on the running loop."""
+        proc = self.processor
+        request: Any = dict(payload)
+        if self.request_model is not None:
+            validated = proc.process_dict(payload, self.request_model, FlextResult.ok)
+            if validated.is_failure:
+                return self._finish(validated)
+            request = validated.value
+        result = await proc.arun_with_metrics(self.name, request, correlation_id=correlation_id)
+        return self._finish(result)
+
+    def _finish(self, result: FlextResult[Any]) -> FlextResult[Any]:
+        if result.is_failure:
+            return self._public_failure(result)
+        try:
+            return FlextResult.ok(result_to_json(result.value))
+        except Exception as exc:
+            _log.error("result of operation %s has no JSON form", self.name, exc_info=exc)
+            return FlextResult.fail(
+                f"operation {self.name!r} returned a {type(result.value).__name__} "
+                "that has no JSON form",
+                code=_INTERNAL,
+            )
+
+    def _public_failure(self, result: FlextResult[Any]) -> FlextResult[Any]:
+        """Keep the processor's own messages; cut exception text from captured exceptions.
+
+        `run_with_metrics` turns an exception into "<Class>.process raised <Type>: <text>"
+        and logs it with its traceback; callers get only "<Class>.process raised <Type>".
+        """
+        if result.code != _INTERNAL or result.error is None:
+            return result
+        match = self._internal_pattern.match(result.error)
+        if match is None:
+            return result
+        return FlextResult.fail(
+            f"{match.group(1)} (the callee's log has the details)", code=_INTERNAL
+        )
+
+
+# -- idempotency -------------------------------------------------------------------------
+
+
+class _Flight(Generic[T]):
+    """The first call of a key while it runs; duplicates wait on `done`."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.outcome: tuple[T] | None = None  # boxed: set only when the call succeeded
+
+
+class IdempotencyCache(Generic[T]):
+    """Remembers the first successful outcome of each key for `window` seconds.
+
+    `run(key, fn)` returns `(value, replayed)`. A key seen again within the window gets
+    the remembered value without `fn` running again; a duplicate arriving while the
+    first call still runs waits for it and gets its value. Failures (`fn` raising) are
+    not remembered: the next call with the key runs `fn` again, and so does a duplicate
+    that was waiting for a call that failed or was cancelled. At most `max_keys` keys
+    are kept, the least recently used dropped first. Single event loop, not thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: float = DEFAULT_IDEMPOTENCY_WINDOW,
+        max_keys: int = DEFAULT_IDEMPOTENCY_MAX_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`window` in seconds (> 0), `max_keys` > 0; `clock` is for tests."""
+        if window <= 0:
+            raise ValueError(f"window must be positive, got {window}")
+        if max_keys <= 0:
+            raise ValueError(f"max_keys must be positive, got {max_keys}")
+        self.window = window
+        """Seconds an outcome stays replayable, counted from when it was stored."""
+        self.max_keys = max_keys
+        """Most keys remembered."""
+        self._clock = clock
+        self._done: OrderedDict[Hashable, tuple[float, T]] = OrderedDict()
+        self._running: dict[Hashable, _Flight[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return self._lookup(key) is not None
+
+    def _lookup(self, key: Hashable) -> tuple[T] | None:
+        entry = self._done.get(key)
+        if entry is None:
+            return None
+        stored_at, value = entry
+        if self._clock() - stored_at >= self.window:
+            del self._done[key]
+            return None
+        self._done.move_to_end(key)
+        return (value,)
+
+    def _put(self, key: Hashable, value: T) -> None:
+        self._done[key] = (self._clock(), value)
+        self._done.move_to_end(key)
+        while len(self._done) > self.max_keys:
+            self._done.popitem(last=False)
+
+    async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """`(value, replayed)`: the remembered outcome of `key`, or `fn()`'s (then kept)."""
+        while True:
+            hit = self._lookup(key)
+            if hit is not None:
+                return hit[0], True
+            flight = self._running.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.outcome is not None:
+                return flight.outcome[0], True
+            # The first call failed: this one is a retry and may run.
+        flight = _Flight[T]()
+        self._running[key] = flight
+        try:
+            value = await fn()
+            self._put(key, value)
+            flight.outcome = (value,)
+            return value, False
+        finally:
+            del self._running[key]
+            flight.done.set()
