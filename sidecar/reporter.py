@@ -198,7 +198,9 @@ class CallReporter:
         elif size == 0:
             self._first_at = time.monotonic()
         buffer.append(record)
-        if size + 1 == self._batch_size:
+        if size == 0 or size + 1 == self._batch_size:
+            # The first record starts the flush-interval clock of an idle flusher (which
+            # waits without a timeout while the buffer is empty); a full batch is due now.
             self._wake.set()
 
     def record_call(

@@ -175,6 +175,20 @@ async def test_a_partial_batch_is_flushed_by_the_interval(rig: Rig) -> None:
     assert reporter.stats().batches == 1
 
 
+async def test_a_record_after_an_idle_spell_is_flushed_by_the_interval(rig: Rig) -> None:
+    # A sidecar's first call usually comes long after start: the flusher is idle then.
+    await rig.start_plane()
+    reporter = rig.reporter(batch_size=500, flush_interval=0.2)
+    await asyncio.sleep(0.5)
+
+    record_calls(reporter, 1)
+
+    async def arrived() -> bool:
+        return await rig.total() == 1
+
+    await eventually(arrived, within=5)
+
+
 async def test_outage_keeps_newest_records_within_bound_then_drains(rig: Rig) -> None:
     reporter = rig.reporter(max_buffer=1_000, batch_size=100, flush_interval=0.1)
 
