@@ -1,18 +1,257 @@
-"""Entry point of the ``flext-sidecar`` console script."""
+"""``flext-sidecar``: serve an app's ServiceProcessors beside it, registered in the mesh.
+
+It serves ``ProcessorService`` and ``grpc.health.v1`` on ``--listen``, registers with
+the control plane under a lease and keeps it alive (registering again after losing
+it), and starts serving even while the control plane is down. On SIGTERM or SIGINT:
+health turns NOT_SERVING, new calls are refused as draining, the instance is
+deregistered, in-flight calls get the grace period, and the process exits 0.
+
+Errors a user can fix (a bad flag, a bad ``--app``, a port in use) print one line and
+exit non-zero without a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
+import signal
+import socket
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-__all__ = ["main"]
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from flext_mesh.config import parse_host_port
+from flext_mesh.logs import setup_logging
+from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer
+from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
+from sidecar.app import AppError, load_app
+from sidecar.config import SidecarConfig
+from sidecar.membership import Membership
+from sidecar.reporter import CallReporter
+
+__all__ = ["Sidecar", "main"]
+
+PROG = "flext-sidecar"
+_log = logging.getLogger("flext_sidecar")
+_PROCESSOR_SERVICE = processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"].full_name
+
+
+class SidecarError(Exception):
+    """The sidecar cannot start; the message says why."""
+
+
+class Sidecar:
+    """One running sidecar: its server, processors and membership in the mesh."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.operations = load_app(config.app)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server()
+        self.port = 0
+        self._channel: grpc.aio.Channel | None = None
+        self.processor: ProcessorServicer | None = None
+        self.reporter: CallReporter | None = None
+        self.membership: Membership | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to the control plane (created on first use)."""
+        if self._channel is None:
+            # gRPC's default reconnect backoff grows to 120 s: a control plane that comes
+            # back would go unnoticed for minutes.
+            self._channel = grpc.aio.insecure_channel(
+                self.config.control_plane,
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ],
+            )
+        return self._channel
+
+    async def start(self) -> int:
+        """Bind and serve, then start registering; returns the bound port."""
+        config = self.config
+        host, port = parse_host_port(config.listen)
+        try:
+            self.port = self.server.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            raise SidecarError(_bind_problem(host, port)) from exc
+        advertise = config.advertise or f"{_advertised_host(host)}:{self.port}"
+        instance_id = config.instance_id or f"{config.service}-{socket.gethostname()}-{self.port}"
+        self.reporter = CallReporter(self.channel, reporter_id=instance_id)
+        reporter = self.reporter
+
+        def report(outcome: CallOutcome) -> None:
+            reporter.record_call(
+                config.service,
+                outcome.operation,
+                outcome.duration_ms,
+                outcome.success,
+                outcome.code,
+                instance_id=instance_id,
+                version=config.version,
+                correlation_id=outcome.correlation_id,
+                side=metrics_pb2.CALL_SIDE_SERVER,
+            )
+
+        self.processor = ProcessorServicer(
+            self.operations,
+            service_name=config.service,
+            instance_id=instance_id,
+            version=config.version,
+            on_call=report,
+        )
+        processor_pb2_grpc.add_ProcessorServiceServicer_to_server(self.processor, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (_PROCESSOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        await self.server.start()
+        for name in ("", _PROCESSOR_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.membership = Membership(
+            self.channel,
+            registry_pb2.ServiceInstance(
+                service_name=config.service,
+                instance_id=instance_id,
+                endpoint=advertise,
+                version=config.version,
+                type=config.type,
+                zone=config.zone,
+                labels=config.labels(),
+                capabilities=sorted(self.operations),
+                weight=config.weight,
+                health_check_mode=registry_pb2.HEALTH_CHECK_MODE_GRPC,
+            ),
+            ttl=config.ttl,
+        )
+        self.membership.start()
+        self.reporter.start()
+        _log.info(
+            "serving service=%s instance=%s listen=%s:%d advertise=%s operations=%s",
+            config.service,
+            instance_id,
+            host,
+            self.port,
+            advertise,
+            ",".join(sorted(self.operations)),
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, deregister, let in-flight calls finish."""
+        grace = self.config.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.processor is not None:
+            self.processor.drain()
+        if self.membership is not None:
+            await self.membership.stop(deregister=True)
+        if self.processor is not None:
+            idle = await self.processor.wait_idle(grace)
+            if not idle:
+                _log.warning("grace period over with calls still running")
+        await self.server.stop(0.5)
+        if self.processor is not None:
+            self.processor.close()
+        if self.reporter is not None:
+            await self.reporter.aclose(flush=True, within=2.0)
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _advertised_host(host: str) -> str:
+    if host in ("0.0.0.0", "[::]", ""):
+        return socket.gethostname()
+    return host
+
+
+def _bind_problem(host: str, port: int) -> str:
+    probe = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
+    try:
+        probe.bind((host.strip("[]"), port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    finally:
+        probe.close()
+    return f"cannot listen on {host}:{port}"
+
+
+async def run(config: SidecarConfig) -> None:
+    """Run a sidecar until SIGTERM or SIGINT, then drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    await stop.wait()
+    _log.info("draining signal=%s grace=%.1fs", received[0], config.grace_period)
+    await sidecar.stop()
+    _log.info("stopped")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Serve an app's ServiceProcessors in the mesh. Each flag is also read "
+        "from FLEXT_MESH_<NAME>.",
+    )
+    for name, info in SidecarConfig.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "help": f"{info.description} (env FLEXT_MESH_{name.upper()})",
+        }
+        if name == "label":
+            kwargs.update(action="append", metavar="KEY=VALUE")
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Say plainly that the sidecar is not part of this version yet."""
-    del argv
-    sys.stderr.write(
-        "flext-sidecar: error: the sidecar is not available in this version of flext-mesh "
-        "(it arrives with the sidecar issue); run the control plane with 'flext-mesh serve'\n"
-    )
-    raise SystemExit(2)
+    """Entry point of the ``flext-sidecar`` console script."""
+    args = _parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        config = SidecarConfig(**flags)
+    except SettingsError as exc:
+        _fail(f"bad configuration: {exc}", 2)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).replace('_', '-') or 'flags'}: "
+            f"{err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        _fail(f"bad configuration: {problems}", 2)
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(run(config))
+    except AppError as exc:
+        _fail(str(exc), 2)
+    except SidecarError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)

@@ -200,15 +200,6 @@ def test_unusable_store_exits_1_with_one_line(
     assert "Traceback" not in proc.stderr
 
 
-def test_sidecar_says_plainly_that_it_is_not_available_yet() -> None:
-    proc = subprocess.run(
-        [str(BIN / "flext-sidecar")], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1
-    assert "not available in this version" in proc.stderr
-
-
 def test_http_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

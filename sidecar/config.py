@@ -1,0 +1,73 @@
+"""Settings of ``flext-sidecar``, from flags and ``FLEXT_MESH_*`` variables."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from flext_mesh.config import DEFAULT_LISTEN, parse_host_port
+from flext_mesh.registry.validation import MAX_WEIGHT
+
+__all__ = ["SidecarConfig"]
+
+
+class SidecarConfig(BaseSettings):
+    """Settings of one sidecar; each also read from ``FLEXT_MESH_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEXT_MESH_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    service: str = Field(description="Service name the processors are registered under.")
+    app: str = Field(
+        description="MODULE:ATTR naming a mapping of operation to ServiceProcessor, or a "
+        "callable returning one."
+    )
+    listen: str = Field("127.0.0.1:0", description="Where ProcessorService is served.")
+    advertise: str = Field(
+        "", description="Endpoint registered for callers (default: the bound listen address)."
+    )
+    control_plane: str = Field(DEFAULT_LISTEN, description="Control plane gRPC address.")
+    instance_id: str = Field("", description="Instance id (default: SERVICE-HOST-PORT).")
+    version: str = Field("", description="Version registered (for traffic splits).")
+    weight: int = Field(100, ge=1, le=MAX_WEIGHT, description="Base weight for balancing.")
+    zone: str = Field("", description="Zone registered (for zone preference).")
+    type: str = Field("", description="Service type registered.")
+    # NoDecode: FLEXT_MESH_LABEL is "k=v,k2=v2", not JSON.
+    label: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Labels as KEY=VALUE, repeatable."
+    )
+    ttl: float = Field(10.0, ge=1.0, le=3600.0, description="Lease TTL, seconds.")
+    grace_period: float = Field(
+        10.0, ge=0.0, le=600.0, description="Seconds in-flight calls get to finish on SIGTERM."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @field_validator("listen", "control_plane")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str) -> str:
+        if value:
+            parse_host_port(value, allow_zero=False)
+        return value
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _labels(cls, value: object) -> object:
+        if isinstance(value, str):  # from FLEXT_MESH_LABEL: comma separated
+            value = tuple(item for item in value.split(",") if item)
+        for item in value or ():  # type: ignore[attr-defined]
+            if "=" not in item or not item.split("=", 1)[0]:
+                raise ValueError(f"{item!r} is not KEY=VALUE")
+        return value
+
+    def labels(self) -> dict[str, str]:
+        """The labels as a mapping."""
+        return dict(item.split("=", 1) for item in self.label)

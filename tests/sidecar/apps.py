@@ -1,0 +1,66 @@
+"""Processors that the sidecar tests serve with ``--app tests.sidecar.apps:...``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from flext_mesh import FlextResult, ServiceProcessor
+
+
+class ChargeRequest(BaseModel):
+    """What a charge needs."""
+
+    customer_id: str
+    amount: float
+
+
+class Charge(BaseModel):
+    """A charge made."""
+
+    customer_id: str
+    amount: float
+
+
+class ChargeService(ServiceProcessor[ChargeRequest, Charge, dict[str, Any]]):
+    """Charge a customer."""
+
+    def process(self, request: ChargeRequest) -> FlextResult[Charge]:
+        if request.amount <= 0:
+            return FlextResult[Charge].fail("Amount must be positive", code="INVALID_ARGUMENT")
+        return FlextResult[Charge].ok(Charge(**request.model_dump()))
+
+    def build(self, charge: Charge, *, correlation_id: str) -> dict[str, Any]:
+        return {"charged": charge.amount, "correlation_id": correlation_id}
+
+
+class SlowRequest(BaseModel):
+    """How long to work."""
+
+    seconds: float
+
+
+class SlowService(ServiceProcessor[SlowRequest, float, dict[str, Any]]):
+    """Work for a while (to test draining)."""
+
+    async def process(self, request: SlowRequest) -> FlextResult[float]:
+        await asyncio.sleep(request.seconds)
+        return FlextResult[float].ok(time.time())
+
+    def build(self, finished: float, *, correlation_id: str) -> dict[str, Any]:
+        return {"finished": finished}
+
+
+PROCESSORS = {"charge": ChargeService(), "slow": SlowService()}
+
+
+def make_processors() -> dict[str, ServiceProcessor[Any, Any, Any]]:
+    """The same, from a factory."""
+    return dict(PROCESSORS)
+
+
+NOT_A_MAPPING = 42
+BAD_VALUE = {"charge": "not a processor"}
