@@ -86,7 +86,7 @@ class Membership:
         request = registry_pb2.RegisterRequest(instance=self.instance)
         request.ttl.FromNanoseconds(int(self.ttl * 1e9))
         retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.1, max=self._max_backoff),
+            wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff, jitter=0.1),
             retry=retry_if_exception(_transient),
             reraise=True,
         )
