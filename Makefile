@@ -80,6 +80,11 @@ protos-check: $(VENV)/.installed-dev  ## Fail when flext_mesh/v1 is not what `ma
 
 bench: $(VENV)/.installed-dev  ## Run the benchmarks (prints figures; takes minutes).
 	$(PY) -m bench.ceiling
+	$(PY) -m bench.registry
+	$(PY) -m bench.metrics
+
+demo: $(VENV)/.installed  ## A control plane, three sidecars and a caller, end to end.
+	$(PY) -m examples.demo
 
 clean:  ## Remove caches (keeps .venv and node_modules).
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -151,6 +151,7 @@ class MeshClient:
         self._budget = RetryBudget(self.settings.retry_budget_ratio)
         self._revision = 0
         self._synced = asyncio.Event()
+        self._changed = asyncio.Event()  # replaced by a fresh one after every change
         self._control: grpc.aio.Channel | None = None
         self._watch: asyncio.Task[None] | None = None
 
@@ -194,6 +195,16 @@ class MeshClient:
         cached = self._services.get(service)
         return list(cached.instances.values()) if cached else []
 
+    async def wait_for_instances(self, service: str, count: int = 1, within: float = 10.0) -> bool:
+        """Wait until the cache holds at least ``count`` instances of ``service``."""
+        try:
+            async with asyncio.timeout(within):
+                while len(self.instances(service)) < count:
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _watch_forever(self) -> None:
         failures = 0
         while True:
@@ -230,6 +241,8 @@ class MeshClient:
             service.changed()
         self._revision = max(self._revision, message.revision)
         self._synced.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     # -- calls -----------------------------------------------------------------------
 

@@ -45,10 +45,7 @@ async def _sidecar(plane: ControlPlane, name: str) -> Sidecar:
 
 
 async def _registered(client: MeshClient, count: int) -> None:
-    async def ready() -> bool:
-        return len(client.instances("payment")) == count
-
-    await eventually(ready, within=10)
+    assert await client.wait_for_instances("payment", count, within=10)
 
 
 async def test_calls_are_balanced_over_instances_and_business_errors_are_not_retried(
