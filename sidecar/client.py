@@ -57,7 +57,7 @@ from flext_mesh.v1 import (
 from sidecar.breaker import BreakerSettings, CircuitBreaker, Permit, RetryBudget
 from sidecar.reporter import CallReporter
 
-__all__ = ["ClientSettings", "MeshClient", "SyncMeshClient"]
+__all__ = ["ClientSettings", "MeshClient", "SyncMeshClient", "mesh"]
 
 _log = logging.getLogger("flext_sidecar.client")
 _T = TypeVar("_T")
@@ -411,6 +411,23 @@ class MeshClient:
             side=metrics_pb2.CALL_SIDE_CLIENT,
             caller_service=self.caller_service,
         )
+
+
+_current: MeshClient | None = None
+
+
+def mesh() -> MeshClient:
+    """The mesh client of the sidecar hosting this code (for processors that call
+    other services); its calls are reported as outbound calls of this service."""
+    if _current is None:
+        raise RuntimeError("no mesh client: this code is not running in flext-sidecar")
+    return _current
+
+
+def set_current(client: MeshClient | None) -> None:
+    """Make ``client`` the one :func:`mesh` returns (the sidecar does this)."""
+    global _current  # noqa: PLW0603 - one client per sidecar process, by design
+    _current = client
 
 
 class SyncMeshClient:

@@ -32,6 +32,7 @@ from flext_mesh.logs import setup_logging
 from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 from sidecar.app import AppError, load_app
+from sidecar.client import MeshClient, set_current
 from sidecar.config import SidecarConfig
 from sidecar.membership import Membership
 from sidecar.reporter import CallReporter
@@ -59,6 +60,7 @@ class Sidecar:
         self._channel: grpc.aio.Channel | None = None
         self.processor: ProcessorServicer | None = None
         self.reporter: CallReporter | None = None
+        self.client: MeshClient | None = None
         self.membership: Membership | None = None
 
     def channel(self) -> grpc.aio.Channel:
@@ -134,6 +136,11 @@ class Sidecar:
         )
         self.membership.start()
         self.reporter.start()
+        self.client = MeshClient(
+            config.control_plane, caller_service=config.service, reporter=self.reporter
+        )
+        await self.client.start(wait=0)
+        set_current(self.client)
         _log.info(
             "serving service=%s instance=%s listen=%s:%d advertise=%s operations=%s",
             config.service,
@@ -160,6 +167,9 @@ class Sidecar:
         await self.server.stop(0.5)
         if self.processor is not None:
             self.processor.close()
+        if self.client is not None:
+            set_current(None)
+            await self.client.aclose()
         if self.reporter is not None:
             await self.reporter.aclose(flush=True, within=2.0)
         if self._channel is not None:

@@ -54,7 +54,28 @@ class SlowService(ServiceProcessor[SlowRequest, float, dict[str, Any]]):
         return {"finished": finished}
 
 
+class CheckoutRequest(BaseModel):
+    """An order to pay through the mesh."""
+
+    customer_id: str
+    amount: float
+
+
+class CheckoutService(ServiceProcessor[CheckoutRequest, dict[str, Any], dict[str, Any]]):
+    """Pay for an order by calling payment.charge through this sidecar's mesh client."""
+
+    async def process(self, request: CheckoutRequest) -> FlextResult[dict[str, Any]]:
+        from sidecar.client import mesh  # noqa: PLC0415 - only inside a sidecar
+
+        receipt = await mesh().call("payment", "charge", request.model_dump(), timeout=5)
+        return FlextResult[dict[str, Any]].ok(receipt)
+
+    def build(self, receipt: dict[str, Any], *, correlation_id: str) -> dict[str, Any]:
+        return {"paid": receipt["charged"]}
+
+
 PROCESSORS = {"charge": ChargeService(), "slow": SlowService()}
+CHECKOUT = {"checkout": CheckoutService()}
 
 
 def make_processors() -> dict[str, ServiceProcessor[Any, Any, Any]]:

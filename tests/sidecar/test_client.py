@@ -142,3 +142,32 @@ async def test_kill_9_of_one_instance_loses_no_call(tmp_path: Path) -> None:
                 sidecar.proc.send_signal(signal.SIGTERM)
                 sidecar.proc.wait(15)
         plane.terminate()
+
+
+async def test_a_hosted_processor_calls_another_service_and_both_sides_report(
+    plane: ControlPlane,
+) -> None:
+    payment = await _sidecar(plane, "pay")
+    checkout = Sidecar(
+        SidecarConfig(
+            service="checkout",
+            app="tests.sidecar.apps:CHECKOUT",
+            control_plane=f"127.0.0.1:{plane.port}",
+            instance_id="co",
+        )
+    )
+    await checkout.start()
+    client = MeshClient(f"127.0.0.1:{plane.port}")
+    try:
+        await client.start()
+        assert await client.wait_for_instances("checkout")
+        assert checkout.client is not None
+        assert await checkout.client.wait_for_instances("payment")
+        result = await client.call("checkout", "checkout", {"customer_id": "c", "amount": 9})
+        assert result == {"paid": 9}
+        stats = checkout.reporter.stats()  # type: ignore[union-attr]
+        assert stats.recorded == 2, "one inbound checkout call and one outbound payment call"
+    finally:
+        await client.aclose()
+        await checkout.stop(0.5)
+        await payment.stop(0.5)
