@@ -57,7 +57,7 @@ from flext_mesh.v1 import (
 from sidecar.breaker import BreakerSettings, CircuitBreaker, Permit, RetryBudget
 from sidecar.reporter import CallReporter
 
-__all__ = ["ClientSettings", "MeshClient", "SyncMeshClient", "mesh"]
+__all__ = ["BreakersOpen", "ClientSettings", "MeshClient", "SyncMeshClient", "mesh"]
 
 _log = logging.getLogger("flext_sidecar.client")
 _T = TypeVar("_T")
@@ -273,7 +273,7 @@ class MeshClient:
         try:
             return await self._attempt(service, request, deadline, tried)
         except InfrastructureError as first:
-            if self.settings.max_attempts <= 1:
+            if self.settings.max_attempts <= 1 or isinstance(first, BreakersOpen):
                 raise
             last: MeshError = first
         retrying = AsyncRetrying(
@@ -283,7 +283,9 @@ class MeshClient:
                 max=self.settings.max_backoff,
                 jitter=self.settings.initial_backoff,
             ),
-            retry=retry_if_exception(lambda e: isinstance(e, InfrastructureError)),
+            retry=retry_if_exception(
+                lambda e: isinstance(e, InfrastructureError) and not isinstance(e, BreakersOpen)
+            ),
             reraise=True,
         )
         try:
@@ -358,7 +360,7 @@ class MeshClient:
             permit = breaker.acquire()
             if permit is not None:
                 return instance, permit
-        raise Unavailable(f"every instance of {service!r} has an open circuit breaker")
+        raise BreakersOpen(f"every instance of {service!r} has an open circuit breaker")
 
     def _breaker(self, service: str, instance_id: str) -> CircuitBreaker:
         key = (service, instance_id)
@@ -411,6 +413,10 @@ class MeshClient:
             side=metrics_pb2.CALL_SIDE_CLIENT,
             caller_service=self.caller_service,
         )
+
+
+class BreakersOpen(Unavailable):
+    """Every instance of the service has an open circuit breaker: fail fast, no retry."""
 
 
 _current: MeshClient | None = None

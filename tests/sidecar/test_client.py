@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flext_mesh.errors import InvalidArgument, NotFound
+from flext_mesh.errors import InfrastructureError, InvalidArgument, NotFound
 from flext_mesh.server import ControlPlane, create_server
-from sidecar.client import MeshClient, SyncMeshClient
+from sidecar.client import BreakersOpen, MeshClient, SyncMeshClient
 from sidecar.config import SidecarConfig
 from sidecar.main import Sidecar
 from tests.conftest import start_serve
@@ -171,3 +171,24 @@ async def test_a_hosted_processor_calls_another_service_and_both_sides_report(
         await client.aclose()
         await checkout.stop(0.5)
         await payment.stop(0.5)
+
+
+async def test_open_breakers_fail_fast_without_retrying(plane: ControlPlane) -> None:
+    sidecar = await _sidecar(plane, "only")
+    client = MeshClient(f"127.0.0.1:{plane.port}")
+    try:
+        await client.start()
+        await _registered(client, 1)
+        # The only instance stops answering while its lease is still renewed.
+        await sidecar.server.stop(0)
+        for _ in range(2):  # 3 attempts each: consecutive failures open the breaker
+            with pytest.raises(InfrastructureError):
+                await client.call("payment", "charge", {"customer_id": "c", "amount": 1})
+        assert client.breaker_state("payment", "only") == "OPEN"
+        started = time.monotonic()
+        with pytest.raises(BreakersOpen):
+            await client.call("payment", "charge", {"customer_id": "c", "amount": 1})
+        assert time.monotonic() - started < 0.05, "no backoff, no retry: it fails fast"
+    finally:
+        await client.aclose()
+        await sidecar.stop(0)
