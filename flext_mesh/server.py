@@ -8,13 +8,9 @@ period and exits 0.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import itertools
 import logging
 import os
-import signal
-import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +22,7 @@ from flext_mesh.config import ServerConfig, parse_host_port
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
 from flext_mesh.observability import CallSeries, Observability
+from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
@@ -144,14 +141,14 @@ class ControlPlane:
             try:
                 self.port = self.server.add_insecure_port(self.config.listen)
             except RuntimeError as exc:
-                raise ServeError(_bind_problem(host, port)) from exc
+                raise ServeError(bind_problem(host, port)) from exc
             await self.server.start()
             self.observability.set_call_source(self._call_series)
             try:
                 self.http_port = await self.http.start()
             except OSError as exc:
                 host, port = parse_host_port(self.config.http_listen)
-                raise ServeError(_bind_problem(host, port)) from exc
+                raise ServeError(bind_problem(host, port)) from exc
         except BaseException:
             await self.server.stop(0)
             await self.metrics.stop()
@@ -201,17 +198,7 @@ async def create_server(
 
 async def serve(config: ServerConfig) -> None:
     """Run ``flext-mesh serve`` until SIGTERM/SIGINT, then drain and return."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
+    stop = signal_received()
     plane, port = await create_server(config)
     host, _ = parse_host_port(config.listen)
     http_host, _ = parse_host_port(config.http_listen)
@@ -224,24 +211,7 @@ async def serve(config: ServerConfig) -> None:
         plane.store.url,
         os.getpid(),
     )
-    await stop.wait()
-    _log.info(
-        "stopping signal=%s grace=%.1fs", received[0] if received else "-", config.grace_period
-    )
+    received = await stop
+    _log.info("stopping signal=%s grace=%.1fs", received, config.grace_period)
     await plane.stop()
     _log.info("stopped")
-
-
-def _bind_problem(host: str, port: int) -> str:
-    """Say why binding failed, probing with a plain socket for the OS's reason."""
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        probe.bind((host.strip("[]"), port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return f"cannot listen on {host}:{port}: address already in use"
-        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    finally:
-        probe.close()
-    return f"cannot listen on {host}:{port}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from pydantic_settings import SettingsError
 
 from flext_mesh.config import parse_host_port
 from flext_mesh.logs import setup_logging
+from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 from sidecar.app import AppError, load_app
@@ -84,7 +84,7 @@ class Sidecar:
         try:
             self.port = self.server.add_insecure_port(config.listen)
         except RuntimeError as exc:
-            raise SidecarError(_bind_problem(host, port)) from exc
+            raise SidecarError(bind_problem(host, port)) from exc
         advertise = config.advertise or f"{_advertised_host(host)}:{self.port}"
         instance_id = config.instance_id or f"{config.service}-{socket.gethostname()}-{self.port}"
         self.reporter = CallReporter(self.channel, reporter_id=instance_id)
@@ -182,33 +182,13 @@ def _advertised_host(host: str) -> str:
     return host
 
 
-def _bind_problem(host: str, port: int) -> str:
-    probe = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)
-    try:
-        probe.bind((host.strip("[]"), port))
-    except OSError as exc:
-        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-    finally:
-        probe.close()
-    return f"cannot listen on {host}:{port}"
-
-
 async def run(config: SidecarConfig) -> None:
     """Run a sidecar until SIGTERM or SIGINT, then drain."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    stop = signal_received()
     sidecar = Sidecar(config)
     await sidecar.start()
-    await stop.wait()
-    _log.info("draining signal=%s grace=%.1fs", received[0], config.grace_period)
+    received = await stop
+    _log.info("draining signal=%s grace=%.1fs", received, config.grace_period)
     await sidecar.stop()
     _log.info("stopped")
 

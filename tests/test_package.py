@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_all_is_complete_and_importable() -> None:
     public = {name for name in dir(flext_mesh) if not name.startswith("_")}
     modules = {"cli", "config", "errors", "logs", "processor", "result", "server", "servicers"}
-    modules |= {"store", "v1", "registry", "metrics", "http", "observability", "invoke"}
+    modules |= {"store", "v1", "registry", "metrics", "http", "observability", "invoke", "process"}
     modules |= {"annotations"}  # from __future__ import annotations
     assert public - modules - set(flext_mesh.__all__) == set()
     for name in flext_mesh.__all__:
