@@ -55,7 +55,8 @@ class Sidecar:
         self.config = config
         self.operations = load_app(config.app)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        # SO_REUSEPORT off: a second process on the same port must fail, not share it.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = 0
         self._channel: grpc.aio.Channel | None = None
         self.processor: ProcessorServicer | None = None

@@ -276,3 +276,30 @@ def test_inbound_calls_are_reported_to_the_control_plane(
     finally:
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(15) == 0
+
+
+def test_a_port_in_use_exits_1_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                str(BIN / "flext-sidecar"),
+                "--service",
+                "payment",
+                "--app",
+                "tests.sidecar.apps:PROCESSORS",
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"flext-sidecar: error: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
