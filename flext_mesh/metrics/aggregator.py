@@ -146,6 +146,7 @@ class Aggregator:
         self._known_names: set[str] = set()
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._feedback: set[asyncio.Task[None]] = set()
         #: Per (service, instance): [calls, infrastructure failures, latency sum ms,
         #: timed calls] since the last drain, for the registry's performance multiplier.
         self.instance_window: dict[tuple[str, str], list[float]] = defaultdict(
@@ -182,7 +183,7 @@ class Aggregator:
         """Write the last checkpoint and stop background work."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._feedback, return_exceptions=True)
         self._tasks.clear()
         await self.checkpoint()
 
@@ -352,6 +353,9 @@ class Aggregator:
                 self._on_outcomes(service, instance, flags if False in flags else [True])
             )
             task.add_done_callback(_log_failure)
+            # The loop keeps only weak references to tasks: hold one until it is done.
+            self._feedback.add(task)
+            task.add_done_callback(self._feedback.discard)
 
     # -- durability ------------------------------------------------------------------
 
