@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 if TYPE_CHECKING:
     from flext_mesh.result import FlextResult
@@ -268,12 +267,22 @@ def to_rpc_status(error: MeshError) -> status_pb2.Status:
     return status
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> NoReturn:
-    """Abort the RPC with the status of ``error`` (details included)."""
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    error: MeshError,
+    *,
+    trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+) -> NoReturn:
+    """Abort the RPC with the status of ``error``, its details, and ``trailing_metadata``.
+
+    The ``google.rpc.Status`` details travel as ``grpc-status-details-bin`` in the
+    trailing metadata (what ``abort_with_status`` does, without replacing other keys).
+    """
     status = to_rpc_status(error)
+    trailing = list(trailing_metadata)
     if status.details:
-        await context.abort_with_status(rpc_status.to_status(status))
-    await context.abort(error.code, error.message)
+        trailing.append(("grpc-status-details-bin", status.SerializeToString()))
+    await context.abort(error.code, error.message, trailing_metadata=tuple(trailing))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

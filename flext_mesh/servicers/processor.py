@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -49,9 +49,9 @@ from flext_mesh.errors import (
     MeshError,
     NotFound,
     Unavailable,
+    abort,
     from_result,
     rpc_errors,
-    to_rpc_status,
 )
 from flext_mesh.invoke import (
     DEFAULT_IDEMPOTENCY_MAX_KEYS,
@@ -87,7 +87,6 @@ MAX_CORRELATION_ID_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
 """Longest idempotency key accepted (characters), as processor.proto documents."""
 
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _OK = grpc.StatusCode.OK
 
 
@@ -272,7 +271,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             return response
         except MeshError as err:
             code = err.code
-            await self._abort(context, err, cid)
+            await abort(context, err, trailing_metadata=((CORRELATION_ID_HEADER, cid),))
         except asyncio.CancelledError:
             code = (
                 grpc.StatusCode.DEADLINE_EXCEEDED
@@ -285,7 +284,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         except Exception:
             _log.exception("unexpected error invoking %r", request.operation)
             code = grpc.StatusCode.INTERNAL
-            await self._abort(context, InternalError("internal error in Invoke"), cid)
+            await abort(
+                context,
+                InternalError("internal error in Invoke"),
+                trailing_metadata=((CORRELATION_ID_HEADER, cid),),
+            )
         finally:
             logs.correlation_id.reset(token)
             self._report(
@@ -391,14 +394,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args))
-
-    async def _abort(self, context: _Context, error: MeshError, cid: str) -> NoReturn:
-        """Like `flext_mesh.errors.abort`, keeping the correlation id in trailing metadata."""
-        status = to_rpc_status(error)
-        trailing: list[tuple[str, str | bytes]] = [(CORRELATION_ID_HEADER, cid)]
-        if status.details:
-            trailing.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
-        await context.abort(error.code, error.message, trailing_metadata=tuple(trailing))
 
     def _report(self, outcome: CallOutcome) -> None:
         if self._on_call is None:
