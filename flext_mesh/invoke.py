@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -290,10 +291,11 @@ class Operation:
 class _Flight(Generic[T]):
     """The first call of a key while it runs; duplicates wait on `done`."""
 
-    __slots__ = ("done", "outcome")
+    __slots__ = ("done", "outcome", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, task: asyncio.Task[T]) -> None:
         self.done = asyncio.Event()
+        self.task = task
         self.outcome: tuple[T] | None = None  # boxed: set only when the call succeeded
 
 
@@ -302,10 +304,13 @@ class IdempotencyCache(Generic[T]):
 
     `run(key, fn)` returns `(value, replayed)`. A key seen again within the window gets
     the remembered value without `fn` running again; a duplicate arriving while the
-    first call still runs waits for it and gets its value. Failures (`fn` raising) are
-    not remembered: the next call with the key runs `fn` again, and so does a duplicate
-    that was waiting for a call that failed or was cancelled. At most `max_keys` keys
-    are kept, the least recently used dropped first. Single event loop, not thread-safe.
+    first call still runs waits for it and gets its value. The first call runs in a
+    task of its own: a caller that goes away (cancelled, its deadline passed, its
+    client crashed) does not stop it, so its outcome is still remembered for the retry
+    that will come with the same key, and the work is done once. Failures (`fn`
+    raising) are not remembered: the next call with the key runs `fn` again, and so does
+    a duplicate that was waiting for a call that failed. At most `max_keys` keys are
+    kept, the least recently used dropped first. Single event loop, not thread-safe.
     """
 
     def __init__(
@@ -334,6 +339,22 @@ class IdempotencyCache(Generic[T]):
     def __contains__(self, key: Hashable) -> bool:
         return self._lookup(key) is not None
 
+    @property
+    def running(self) -> int:
+        """First calls still running (possibly with no caller waiting any more)."""
+        return len(self._running)
+
+    async def wait_idle(self) -> None:
+        """Wait until no first call is running."""
+        while self._running:
+            flight = next(iter(self._running.values()))
+            await flight.done.wait()
+
+    def cancel_all(self) -> None:
+        """Cancel the running first calls (on shutdown)."""
+        for flight in self._running.values():
+            flight.task.cancel()
+
     def _lookup(self, key: Hashable) -> tuple[T] | None:
         entry = self._done.get(key)
         if entry is None:
@@ -351,6 +372,15 @@ class IdempotencyCache(Generic[T]):
         while len(self._done) > self.max_keys:
             self._done.popitem(last=False)
 
+    def _finished(self, key: Hashable, flight: _Flight[T], task: asyncio.Task[T]) -> None:
+        if self._running.get(key) is flight:
+            del self._running[key]
+        if not task.cancelled() and task.exception() is None:
+            value = task.result()
+            self._put(key, value)
+            flight.outcome = (value,)
+        flight.done.set()
+
     async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """`(value, replayed)`: the remembered outcome of `key`, or `fn()`'s (then kept)."""
         while True:
@@ -364,13 +394,12 @@ class IdempotencyCache(Generic[T]):
             if flight.outcome is not None:
                 return flight.outcome[0], True
             # The first call failed: this one is a retry and may run.
-        flight = _Flight[T]()
+
+        async def first() -> T:
+            return await fn()
+
+        task = asyncio.ensure_future(first())
+        flight = _Flight[T](task)
         self._running[key] = flight
-        try:
-            value = await fn()
-            self._put(key, value)
-            flight.outcome = (value,)
-            return value, False
-        finally:
-            del self._running[key]
-            flight.done.set()
+        task.add_done_callback(functools.partial(self._finished, key, flight))
+        return await asyncio.shield(task), False

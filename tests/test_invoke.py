@@ -440,6 +440,40 @@ async def test_concurrent_duplicates_run_once(served: Served) -> None:
     assert len({r.result.SerializeToString() for r in replies}) == 1
 
 
+async def test_a_caller_that_goes_away_does_not_make_the_work_run_twice(
+    served: Served,
+) -> None:
+    """The orchestrator's crash case: the first caller dies mid-call and its retry
+    arrives with the same key while the work still runs, then after it finished."""
+    first = asyncio.create_task(
+        served.invoke("slow", {"seconds": 0.4}, idempotency_key="crash", correlation_id="a")
+    )
+    await _until(lambda: served.servicer.in_flight == 1)
+    first.cancel()  # the caller is gone: its RPC is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    retry = await served.invoke("slow", {"seconds": 0.4}, idempotency_key="crash")
+    late = await served.invoke("slow", {"seconds": 0.4}, idempotency_key="crash")
+    assert served.slow.runs.value == 1
+    assert (retry.replayed, late.replayed) == (True, True)
+    assert struct_to_dict(retry.result) == {"runs": 1}
+    assert retry.correlation_id == "a"
+
+
+async def test_work_whose_caller_went_away_is_awaited_by_wait_idle(served: Served) -> None:
+    first = asyncio.create_task(
+        served.invoke("slow", {"seconds": 0.3}, idempotency_key="bg", correlation_id="b")
+    )
+    await _until(lambda: served.servicer.in_flight == 1)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await _until(lambda: served.servicer.in_flight == 0)
+    assert served.slow.runs.value == 0
+    assert await served.servicer.wait_idle(timeout=5) is True
+    assert served.slow.runs.value == 1
+
+
 async def test_failures_are_not_cached(served: Served) -> None:
     error = await served.failure("flaky", {}, idempotency_key="f")
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION

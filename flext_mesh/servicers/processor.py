@@ -229,13 +229,16 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         try:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
+                # Work whose caller went away still runs to completion (idempotency).
+                await self._cache.wait_idle()
         except TimeoutError:
-            return self._in_flight == 0
+            return self._in_flight == 0 and self._cache.running == 0
         return True
 
     def close(self) -> None:
         """Drain and stop the thread pool (threads still running finish on their own)."""
         self._draining = True
+        self._cache.cancel_all()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
