@@ -209,8 +209,11 @@ class Store(Protocol):
     async def get(self, key: str) -> KeyValue | None:
         """The key, or None."""
 
-    async def range(self, prefix: str, *, start_after: str = "", limit: int = 0) -> list[KeyValue]:
-        """Keys under ``prefix`` in key order, after ``start_after``, at most ``limit`` (0: all)."""
+    async def range(
+        self, prefix: str, *, start_after: str = "", limit: int = 0, reverse: bool = False
+    ) -> list[KeyValue]:
+        """Keys under ``prefix`` in key order, or descending with ``reverse``; only keys
+        strictly past ``start_after`` in that order; at most ``limit`` (0: all)."""
 
     async def snapshot(self, prefix: str) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` and the revision they were read at, atomically."""

@@ -363,16 +363,17 @@ class SqliteStore:
 
         return await self._read(read)
 
-    async def range(self, prefix: str, *, start_after: str = "", limit: int = 0) -> list[KeyValue]:
-        """Keys under ``prefix`` in key order, after ``start_after``, at most ``limit``."""
-        low = max(prefix, start_after)
+    async def range(
+        self, prefix: str, *, start_after: str = "", limit: int = 0, reverse: bool = False
+    ) -> list[KeyValue]:
+        """Keys under ``prefix`` in key order (descending when ``reverse``), strictly past
+        ``start_after`` in that order, at most ``limit``."""
         sql = f"SELECT {_KV_COLUMNS} FROM kv WHERE key >= ? AND key < ?"
+        args: list[Any] = [prefix, _prefix_end(prefix)]
         if start_after:
-            sql += " AND key > ?"
-        sql += " ORDER BY key"
-        args: list[Any] = [low, _prefix_end(prefix)]
-        if start_after:
+            sql += " AND key < ?" if reverse else " AND key > ?"
             args.append(start_after)
+        sql += " ORDER BY key DESC" if reverse else " ORDER BY key"
         if limit > 0:
             sql += " LIMIT ?"
             args.append(limit)

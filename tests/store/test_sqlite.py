@@ -51,6 +51,12 @@ async def test_put_get_range_delete_track_revisions(store: SqliteStore) -> None:
     assert [k.key for k in await store.range("/a/")] == ["/a/1", "/a/2"]
     assert [k.key for k in await store.range("/a/", start_after="/a/1")] == ["/a/2"]
     assert [k.key for k in await store.range("/", limit=2)] == ["/a/1", "/a/2"]
+    await store.put("/a/3", b"three")
+    assert [k.key for k in await store.range("/a/", reverse=True)] == ["/a/3", "/a/2", "/a/1"]
+    newest_first = await store.range("/a/", reverse=True, start_after="/a/3", limit=1)
+    assert [k.key for k in newest_first] == ["/a/2"]
+    assert [k.key for k in await store.range("/b/", reverse=True)] == ["/b/1"]
+    await store.delete("/a/3")
 
     r5 = await store.delete("/a/1")
     assert r5 is not None
