@@ -768,6 +768,7 @@ class ExecutionEvent(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     BACKOFF_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the execution's history, from 1, without gaps."""
     type: Global___ExecutionEventType.ValueType
@@ -782,6 +783,8 @@ class ExecutionEvent(_message.Message):
     """Step state after the event, for step events."""
     message: _builtins.str
     """Human-readable detail."""
+    instance_id: _builtins.str
+    """Instance that served the attempt, for step and compensation outcomes."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -812,10 +815,11 @@ class ExecutionEvent(_message.Message):
         error: _common_pb2.ErrorInfo | None = ...,
         message: _builtins.str = ...,
         backoff: _duration_pb2.Duration | None = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "output", b"output", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff", b"backoff", "error", b"error", "execution_state", b"execution_state", "index", b"index", "message", b"message", "output", b"output", "step_name", b"step_name", "step_state", b"step_state", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff", b"backoff", "error", b"error", "execution_state", b"execution_state", "index", b"index", "instance_id", b"instance_id", "message", b"message", "output", b"output", "step_name", b"step_name", "step_state", b"step_state", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
