@@ -79,8 +79,16 @@ class Membership:
 
     async def _run(self) -> None:
         while True:
-            await self._register()
-            await self._keep_alive()  # returns when the lease is lost
+            try:
+                await self._register()
+                await self._keep_alive()  # returns when the lease is lost
+            except grpc.aio.AioRpcError:
+                raise  # a refused registration: logged by _register
+            except Exception:
+                # Membership must outlive any surprise: log it and start over.
+                _log.exception("membership loop failed; registering again")
+                self.registered.clear()
+                await asyncio.sleep(min(self.ttl / 3, 1.0))
 
     async def _register(self) -> None:
         request = registry_pb2.RegisterRequest(instance=self.instance)
@@ -133,7 +141,9 @@ class Membership:
                         self.registered.clear()
                         return
                     await asyncio.sleep(interval)
-            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+                # A write on a stream the server already ended (the control plane
+                # died) raises InvalidStateError rather than AioRpcError.
                 _log.debug("keep-alive stream broke: %r", exc)
                 await asyncio.sleep(min(interval, 1.0))
             finally:

@@ -187,6 +187,27 @@ def test_the_sidecar_serves_while_the_control_plane_is_down_and_registers_later(
         sidecar.proc.wait(15)
 
 
+def test_the_sidecar_registers_again_after_the_control_plane_was_killed(
+    tmp_path: Path,
+) -> None:
+    plane = start_serve(tmp_path)
+    address = plane.address
+    sidecar = start_sidecar(tmp_path, address)
+    try:
+        _wait(lambda: sidecar.instance in _instances(address))
+        plane.kill()  # kill -9: the KeepAlive stream dies under the sidecar
+        plane = start_serve(tmp_path, "--listen", address)
+        # A restarted store gives each lease one more TTL (2 s): past it, the instance
+        # is still there only if the sidecar renewed or registered again.
+        time.sleep(4)
+        assert sidecar.instance in _instances(address), sidecar.log()
+        assert "membership loop failed" not in sidecar.log()
+    finally:
+        plane.terminate()
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.proc.wait(15)
+
+
 @pytest.mark.parametrize(
     ("app", "expected"),
     [
