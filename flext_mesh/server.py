@@ -27,6 +27,7 @@ from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
 from flext_mesh.servicers import ProcessorServicer, unimplemented_servicer
+from flext_mesh.servicers.handlers import LongStreams
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.store import Store, open_store
@@ -103,6 +104,7 @@ class ControlPlane:
             ("grpc.so_reuseport", 0),
         ]
         self.observability = Observability()
+        self.streams = LongStreams()
         self.server = grpc.aio.server(
             options=options, interceptors=[self.observability.interceptor]
         )
@@ -112,8 +114,8 @@ class ControlPlane:
         self.http_port = 0
 
     def _add_services(self) -> None:
-        add_registry_servicer(RegistryServicer(self.registry), self.server)
-        add_metrics_servicer(MetricsServicer(self.metrics), self.server)
+        add_registry_servicer(RegistryServicer(self.registry, self.streams), self.server)
+        add_metrics_servicer(MetricsServicer(self.metrics, self.streams), self.server)
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
             unimplemented_servicer(
                 orchestrator_pb2_grpc.OrchestratorServiceServicer,
@@ -166,6 +168,7 @@ class ControlPlane:
         await self.http.stop()
         # Watch streams never end by themselves: close them so the drain is not held up.
         self.registry.hub.close_all()
+        self.streams.close_all()
         await self.server.stop(grace)
         await self.metrics.stop()
         await self.registry.stop()

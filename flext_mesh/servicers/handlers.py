@@ -7,14 +7,16 @@ is derived from the contract, so it cannot fall out of step with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["add_servicer"]
+__all__ = ["LongStreams", "add_servicer"]
 
 _FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -54,3 +56,36 @@ def add_servicer(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class LongStreams:
+    """Handler tasks of streams that never end by themselves (KeepAlive, StreamCalls).
+
+    A graceful stop lets RPCs in flight finish within the grace period; these streams
+    would hold it up to its end. ``close_all()`` cancels them first: their clients see
+    the stream end and reconnect to another replica, or to this one once restarted.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Mark the running handler as a long stream for the duration of the block."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - handlers always run in a task
+            yield
+            return
+        self._tasks.add(task)
+        try:
+            yield
+        finally:
+            self._tasks.discard(task)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def close_all(self) -> None:
+        """Cancel every tracked stream."""
+        for task in list(self._tasks):
+            task.cancel()

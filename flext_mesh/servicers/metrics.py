@@ -9,7 +9,7 @@ import grpc
 
 from flext_mesh.errors import rpc_errors
 from flext_mesh.metrics.service import Metrics
-from flext_mesh.servicers.handlers import add_servicer
+from flext_mesh.servicers.handlers import LongStreams, add_servicer
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
 __all__ = ["MetricsServicer", "add_metrics_servicer"]
@@ -21,8 +21,9 @@ _DEFAULT_WINDOW = 24 * 3600.0
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     """Serves call reporting, reports and alerts."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, streams: LongStreams | None = None) -> None:
         self.metrics = metrics
+        self.streams = streams if streams is not None else LongStreams()
 
     @rpc_errors
     async def ReportCalls(
@@ -37,7 +38,8 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self, request_iterator: AsyncIterator[metrics_pb2.StreamCallsRequest], context: _Context
     ) -> metrics_pb2.StreamCallsResponse:
         """Ingest a stream of batches."""
-        totals = await self.metrics.stream_calls(request_iterator)
+        with self.streams.track():
+            totals = await self.metrics.stream_calls(request_iterator)
         return metrics_pb2.StreamCallsResponse(
             accepted=totals.accepted,
             rejected=totals.rejected,

@@ -9,7 +9,7 @@ import grpc
 
 from flext_mesh.errors import Unimplemented, rpc_errors
 from flext_mesh.registry import Registry
-from flext_mesh.servicers.handlers import add_servicer
+from flext_mesh.servicers.handlers import LongStreams, add_servicer
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["RegistryServicer", "add_registry_servicer"]
@@ -20,8 +20,9 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """Serves the registry; Discover and Watch answer pre-serialized bytes."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, streams: LongStreams | None = None) -> None:
         self.registry = registry
+        self.streams = streams if streams is not None else LongStreams()
 
     @rpc_errors
     async def Register(
@@ -49,11 +50,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         hottest stream of the control plane.
         """
         keep_alive = self.registry.keep_alive
-        while True:
-            request = await context.read()
-            if request is grpc.aio.EOF:
-                return
-            await context.write(await keep_alive(request.lease_ids))
+        with self.streams.track():
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                await context.write(await keep_alive(request.lease_ids))
 
     @rpc_errors
     async def Deregister(

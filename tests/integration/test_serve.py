@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, ServeProcess, grpcurl_path, start_serve
+from tests.sidecar.test_sidecar_process import start_sidecar
 
 SERVICES = (
     "flext_mesh.v1.RegistryService",
@@ -104,6 +105,21 @@ def test_sigterm_exits_0_within_the_grace_period(tmp_path: Path) -> None:
     log = server.log()
     assert "stopping signal=SIGTERM grace=3.0s" in log
     assert log.rstrip().splitlines()[-1].split()[3] == "stopped"
+
+
+def test_sigterm_does_not_wait_for_the_streams_of_connected_sidecars(tmp_path: Path) -> None:
+    """KeepAlive, StreamCalls and Watch never end by themselves: a graceful stop ends
+    them instead of waiting out the whole grace period (the sidecars reconnect)."""
+    server = start_serve(tmp_path, "--grace-period", "20")
+    sidecar = start_sidecar(tmp_path, server.address)
+    try:
+        time.sleep(1.0)  # registered, renewing, watching and reporting
+        started = time.monotonic()
+        assert server.terminate(timeout=30) == 0
+        assert time.monotonic() - started < 10, server.log()
+    finally:
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.proc.wait(15)
 
 
 def test_sigint_also_drains_and_exits_0(tmp_path: Path) -> None:
