@@ -105,6 +105,18 @@ class ServerConfig(BaseSettings):
         description="Series (operation x instance x version) a service may have at most.",
     )
 
+    execution_retention: float = Field(
+        7 * 86_400.0,
+        ge=60.0,
+        le=365 * 86_400.0,
+        description="How long ended workflow executions and their events are kept, seconds.",
+    )
+    node_name: str = Field(
+        "",
+        max_length=128,
+        description="This replica's name, recorded as the owner of executions (default host:pid).",
+    )
+
     @field_validator("listen", "http_listen")
     @classmethod
     def _check_address(cls, value: str) -> str:

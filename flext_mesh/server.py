@@ -22,19 +22,21 @@ from flext_mesh.config import ServerConfig, parse_host_port
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
 from flext_mesh.observability import CallSeries, Observability
+from flext_mesh.orchestrator import MeshInvoker, Orchestrator, OrchestratorSettings
+from flext_mesh.orchestrator.engine import default_owner
 from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
-from flext_mesh.servicers import ProcessorServicer, unimplemented_servicer
+from flext_mesh.servicers import ProcessorServicer
 from flext_mesh.servicers.handlers import LongStreams
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
+from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.store import Store, open_store
 from flext_mesh.v1 import (
     metrics_pb2,
     orchestrator_pb2,
-    orchestrator_pb2_grpc,
     processor_pb2,
     processor_pb2_grpc,
     registry_pb2,
@@ -94,6 +96,15 @@ class ControlPlane:
                 max_series_per_service=config.metrics_max_series_per_service,
             ),
         )
+        self.orchestrator = Orchestrator(
+            store,
+            MeshInvoker(self.registry, report=self._report_call),
+            OrchestratorSettings(
+                retention=config.execution_retention,
+                owner=config.node_name or default_owner(),
+            ),
+            report=self.metrics.aggregator.ingest,
+        )
         self.health = health.aio.HealthServicer()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -116,14 +127,7 @@ class ControlPlane:
     def _add_services(self) -> None:
         add_registry_servicer(RegistryServicer(self.registry, self.streams), self.server)
         add_metrics_servicer(MetricsServicer(self.metrics, self.streams), self.server)
-        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            unimplemented_servicer(
-                orchestrator_pb2_grpc.OrchestratorServiceServicer,
-                orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
-                "the orchestrator issue",
-            ),
-            self.server,
-        )
+        add_orchestrator_servicer(OrchestratorServicer(self.orchestrator), self.server)
         processor_pb2_grpc.add_ProcessorServiceServicer_to_server(
             ProcessorServicer({}, service_name="flext-mesh"), self.server
         )
@@ -139,6 +143,7 @@ class ControlPlane:
         try:
             await self.registry.start()
             await self.metrics.start()
+            await self.orchestrator.start()
             self._add_services()
             try:
                 self.port = self.server.add_insecure_port(self.config.listen)
@@ -153,6 +158,7 @@ class ControlPlane:
                 raise ServeError(bind_problem(host, port)) from exc
         except BaseException:
             await self.server.stop(0)
+            await self.orchestrator.stop()
             await self.metrics.stop()
             await self.registry.stop()
             await self.store.close()
@@ -168,11 +174,17 @@ class ControlPlane:
         await self.http.stop()
         # Watch streams never end by themselves: close them so the drain is not held up.
         self.registry.hub.close_all()
+        self.orchestrator.close_watches()
         self.streams.close_all()
         await self.server.stop(grace)
+        await self.orchestrator.stop()
         await self.metrics.stop()
         await self.registry.stop()
         await self.store.close()
+
+    def _report_call(self, record: metrics_pb2.CallRecord) -> None:
+        """A step call made by the orchestrator, folded like a sidecar's report."""
+        self.metrics.aggregator.ingest((record,))
 
     def _call_series(self) -> Iterable[CallSeries]:
         """The metrics service's cumulative call histograms, for Prometheus."""

@@ -76,12 +76,12 @@ def test_rpcs_of_later_issues_answer_unimplemented_and_say_so(
 ) -> None:
     code, out = grpcurl(
         serve_process.address,
-        "flext_mesh.v1.OrchestratorService/ListWorkflows",
-        data={},
+        "flext_mesh.v1.RegistryService/GetServicePolicy",
+        data={"service_name": "payment"},
     )
     assert code != 0
     assert "Code: Unimplemented" in out
-    assert "not implemented in this version" in out
+    assert "traffic-policy issue" in out
 
 
 def test_processor_service_of_the_control_plane_lists_no_operation(

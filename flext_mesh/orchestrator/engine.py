@@ -1,0 +1,1390 @@
+"""The orchestrator domain: workflow definitions and durable executions.
+
+Store layout (every value a serialized message)::
+
+    /orchestrator/workflows/NAME                    latest Workflow
+    /orchestrator/workflow-versions/NAME/VERSION    every version ever stored
+    /orchestrator/executions/ID                     Execution (steps, no events)
+    /orchestrator/execution-definitions/ID          the Workflow the execution runs
+    /orchestrator/events/ID/INDEX                   ExecutionEvent, INDEX from 1
+    /orchestrator/active/ID                         present while it has not ended
+    /orchestrator/ended/END_MS/ID                   retention index of ended ones
+    /orchestrator/idempotency/SHA256(KEY)           execution id of a StartExecution key
+
+An execution is driven by one task (:class:`_Run`). Every transition is first *staged*
+(folded into the in-memory view), then *flushed*: the events and the rewritten
+execution record go to the store in one transaction, and only after it committed does
+the run act (send a call, sleep a backoff, compensate). Transitions decided together
+(a step succeeded, its dependents start) share one transaction, so a 3-step linear
+workflow costs 4 commits. After a restart every active execution is replayed from its
+events and resumed; a step that was in flight is sent again with the same idempotency
+key, which a sidecar answers from its cache instead of running it twice.
+
+Step failures: infrastructure faults (the retry policy's codes) are retried with
+backoff through tenacity; business rejections fail the step at once. A failed optional
+step skips its dependents; a failed required step (or a cancellation, or the
+execution's timeout) stops scheduling, cancels running steps, and compensates the
+completed steps in reverse order of completion, each compensation retried per its
+policy. Compensations that still fail leave COMPENSATION_FAILED for an operator; the
+remaining compensations run anyway, so as much as possible is undone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from flext_mesh.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    Unavailable,
+    error_for_code,
+)
+from flext_mesh.invoke import dict_to_struct, struct_to_dict
+from flext_mesh.orchestrator.definition import (
+    CompensationSpec,
+    RetrySpec,
+    StepSpec,
+    UnresolvedReference,
+    WorkflowSpec,
+    resolve,
+    validate_workflow,
+)
+from flext_mesh.orchestrator.history import ENDED_STATES, Ev, ExecutionView, St, Xs
+from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.store import Compare, Delete, Put, Store, Subscription, SubscriptionLagged
+from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2
+
+__all__ = [
+    "MAX_CORRELATION_ID",
+    "MAX_IDEMPOTENCY_KEY",
+    "MAX_INPUT_BYTES",
+    "MAX_WORKFLOW_NAME",
+    "Orchestrator",
+    "OrchestratorSettings",
+]
+
+_log = logging.getLogger("flext_mesh.orchestrator")
+_T = TypeVar("_T")
+
+#: Largest execution input accepted, serialized.
+MAX_INPUT_BYTES = 1024 * 1024
+#: Longest StartExecution idempotency key.
+MAX_IDEMPOTENCY_KEY = 256
+#: Longest correlation id.
+MAX_CORRELATION_ID = 128
+#: Longest cancellation reason, bytes.
+MAX_REASON_BYTES = 1024
+#: Longest workflow name: its metrics series is ``workflow/NAME`` and must fit 63.
+MAX_WORKFLOW_NAME = 54
+#: Metrics service name prefix of workflow executions.
+METRICS_PREFIX = "workflow/"
+
+_WORKFLOWS = "/orchestrator/workflows/"
+_VERSIONS = "/orchestrator/workflow-versions/"
+_EXECUTIONS = "/orchestrator/executions/"
+_DEFINITIONS = "/orchestrator/execution-definitions/"
+_EVENTS = "/orchestrator/events/"
+_ACTIVE = "/orchestrator/active/"
+_ENDED = "/orchestrator/ended/"
+_IDEMPOTENCY = "/orchestrator/idempotency/"
+
+_COMPENSATION_DEFAULT_ATTEMPTS = 5
+
+
+def default_owner() -> str:
+    """This replica's name in Execution.owner: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorSettings:
+    """Tunables of the orchestrator (the server maps its flags onto these)."""
+
+    #: Name of this control-plane replica, recorded as the owner of what it drives.
+    owner: str = field(default_factory=default_owner)
+    #: Seconds an ended execution (record, events) is kept before it is deleted.
+    retention: float = 7 * 24 * 3600.0
+    #: Seconds between retention sweeps.
+    sweep_interval: float = 60.0
+    #: Seconds CancelExecution waits for running steps to stop before answering.
+    cancel_wait: float = 5.0
+    #: Seconds before a run that lost its store is resumed from the store.
+    resume_delay: float = 1.0
+    #: Seconds between flushes of execution and step durations to the metrics service.
+    metrics_flush_interval: float = 0.5
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
+
+
+def _error_info(error: MeshError) -> common_pb2.ErrorInfo:
+    code = error.code
+    return common_pb2.ErrorInfo(
+        code=code.value[0],
+        code_name=code.name,
+        message=error.message[:4096],
+        infrastructure=code
+        in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.UNKNOWN,
+        ),
+    )
+
+
+def _event_key(execution_id: str, index: int) -> str:
+    return f"{_EVENTS}{execution_id}/{index:010d}"
+
+
+def _idempotency_key(key: str) -> str:
+    return _IDEMPOTENCY + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _new_execution_id() -> str:
+    """Time-ordered (milliseconds, then random): key order is creation order."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(5)}"
+
+
+async def _committed(awaitable: Awaitable[_T]) -> _T:
+    """Await a store write to its end even if the caller is cancelled meanwhile.
+
+    A transition handed to the store either commits or fails; a cancellation (shutdown,
+    a cancelled step) must not leave the run unsure which, so it is delivered after.
+    """
+    future = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done() and future.cancelled():
+                raise
+            if future.done():
+                break
+            cancelled = True
+            continue
+        else:
+            break
+    if cancelled:
+        raise asyncio.CancelledError
+    return future.result() if future.done() else result
+
+
+def _page_size(value: int) -> int:
+    if value > 1000:
+        raise InvalidArgument("", [FieldViolation("page_size", f"at most 1000, got {value}")])
+    return value or 100
+
+
+class _RunBroken(Exception):
+    """The store failed under a run: it stops and is resumed from the store later."""
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
+class Orchestrator:
+    """Workflow definitions and the executions this replica drives."""
+
+    def __init__(
+        self,
+        store: Store,
+        invoker: StepInvoker,
+        settings: OrchestratorSettings | None = None,
+        *,
+        report: Callable[[Sequence[metrics_pb2.CallRecord]], object] | None = None,
+    ) -> None:
+        """``report`` receives batches of execution and step duration records."""
+        self.store = store
+        self.invoker = invoker
+        self.settings = settings or OrchestratorSettings()
+        self._report = report
+        self._records: list[metrics_pb2.CallRecord] = []
+        self._runs: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._random = random.Random()
+        self._watchers: set[Subscription] = set()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume every execution that had not ended, and start background work."""
+        active = await self.store.range(_ACTIVE)
+        for kv in active:
+            execution_id = kv.key.removeprefix(_ACTIVE)
+            try:
+                await self._resume(execution_id)
+            except MeshError as exc:  # a damaged execution must not stop the plane
+                _log.error("cannot resume execution=%s: %s", execution_id, exc.message)
+        if active:
+            _log.info("resumed executions=%d", len(self._runs))
+        self._background = [
+            asyncio.create_task(self._sweep_forever(), name="orchestrator-retention"),
+            asyncio.create_task(self._flush_metrics_forever(), name="orchestrator-metrics"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop driving executions (they resume at the next start) and close connections."""
+        self._stopping = True
+        for task in [*self._background, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        self._background.clear()
+        self._tasks.clear()
+        self._runs.clear()
+        self._flush_metrics()
+        await self.invoker.aclose()
+
+    def _spawn(self, run: _Run, resumed: bool) -> None:
+        self._runs[run.execution_id] = run
+        task = asyncio.create_task(run.drive(resumed), name=f"execution-{run.execution_id}")
+        run.task = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._finished(run, t))
+
+    def _finished(self, run: _Run, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._runs.get(run.execution_id) is run:
+            del self._runs[run.execution_id]
+        if task.cancelled() or self._stopping:
+            return
+        error = task.exception()
+        if error is None:
+            return
+        if not isinstance(error, _RunBroken):
+            _log.error(
+                "execution=%s stopped on an unexpected error; resuming it",
+                run.execution_id,
+                exc_info=error,
+            )
+        retry = asyncio.create_task(self._resume_later(run.execution_id))
+        self._tasks.add(retry)
+        retry.add_done_callback(self._tasks.discard)
+
+    async def _resume_later(self, execution_id: str) -> None:
+        delay = self.settings.resume_delay
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                await self._resume(execution_id)
+                return
+            except Exception as exc:
+                _log.warning("resuming execution=%s failed (%s); retrying", execution_id, exc)
+                delay = min(delay * 2, 30.0)
+
+    async def _resume(self, execution_id: str) -> None:
+        if execution_id in self._runs:
+            return
+        record = await self.store.get(_EXECUTIONS + execution_id)
+        definition = await self.store.get(_DEFINITIONS + execution_id)
+        if record is None or definition is None:
+            await self.store.delete(_ACTIVE + execution_id)
+            raise NotFound(f"execution {execution_id} has no record; dropped from active")
+        execution = orchestrator_pb2.Execution.FromString(record.value)
+        workflow = orchestrator_pb2.Workflow.FromString(definition.value)
+        events = [
+            orchestrator_pb2.ExecutionEvent.FromString(kv.value)
+            for kv in await self.store.range(f"{_EVENTS}{execution_id}/")
+        ]
+        view = ExecutionView.replay(execution, events)
+        if view.ended:
+            await self.store.delete(_ACTIVE + execution_id)
+            return
+        view.execution.owner = self.settings.owner
+        spec = _validated(workflow)
+        self._spawn(_Run(self, spec, view), resumed=True)
+
+    # -- workflows -------------------------------------------------------------------
+
+    async def put_workflow(
+        self, workflow: orchestrator_pb2.Workflow
+    ) -> tuple[orchestrator_pb2.Workflow, bool]:
+        """Store a definition; returns it as stored and whether it changed."""
+        _validated(workflow)
+        key = _WORKFLOWS + workflow.name
+        while True:
+            current = await self.store.get(key)
+            stored = orchestrator_pb2.Workflow.FromString(current.value) if current else None
+            if stored is not None and _same_definition(stored, workflow):
+                return stored, False
+            last = await self.store.range(f"{_VERSIONS}{workflow.name}/", reverse=True, limit=1)
+            version = int(last[0].key.rsplit("/", 1)[1]) + 1 if last else 1
+            now = _now()
+            fresh = orchestrator_pb2.Workflow()
+            fresh.CopyFrom(workflow)
+            fresh.version = version
+            fresh.create_time.CopyFrom(stored.create_time if stored else now)
+            fresh.update_time.CopyFrom(now)
+            value = fresh.SerializeToString()
+            result = await self.store.txn(
+                [Compare(key, current.mod_revision if current else 0)],
+                [Put(key, value), Put(f"{_VERSIONS}{workflow.name}/{version:012d}", value)],
+            )
+            if result.succeeded:
+                _log.info("workflow stored name=%s version=%d", workflow.name, version)
+                return fresh, True
+
+    async def get_workflow(self, name: str, version: int = 0) -> orchestrator_pb2.Workflow:
+        """The latest (or a given) version; NOT_FOUND when unknown or deleted."""
+        _require_name("name", name)
+        latest = await self.store.get(_WORKFLOWS + name)
+        if latest is None:
+            raise NotFound(f"workflow {name!r} does not exist")
+        if version <= 0:
+            return orchestrator_pb2.Workflow.FromString(latest.value)
+        kv = await self.store.get(f"{_VERSIONS}{name}/{version:012d}")
+        if kv is None:
+            raise NotFound(f"workflow {name!r} has no version {version}")
+        return orchestrator_pb2.Workflow.FromString(kv.value)
+
+    async def list_workflows(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[orchestrator_pb2.Workflow], str]:
+        """Definitions sorted by name, and the next page's token."""
+        size = _page_size(page_size)
+        kvs = await self.store.range(
+            _WORKFLOWS, start_after=_WORKFLOWS + page_token if page_token else "", limit=size + 1
+        )
+        more = len(kvs) > size
+        workflows = [orchestrator_pb2.Workflow.FromString(kv.value) for kv in kvs[:size]]
+        return workflows, (workflows[-1].name if more else "")
+
+    async def delete_workflow(self, name: str) -> None:
+        """Delete a definition; executions already started finish on their copy."""
+        _require_name("name", name)
+        if await self.store.delete(_WORKFLOWS + name) is None:
+            raise NotFound(f"workflow {name!r} does not exist")
+        _log.info("workflow deleted name=%s", name)
+
+    # -- executions ------------------------------------------------------------------
+
+    async def start_execution(
+        self, request: orchestrator_pb2.StartExecutionRequest
+    ) -> tuple[orchestrator_pb2.Execution, bool]:
+        """Persist a new execution and start driving it; (execution, existing)."""
+        workflow, spec = await self._definition_of(request)
+        _check_start(request)
+        if request.idempotency_key:
+            existing = await self._by_idempotency_key(request.idempotency_key)
+            if existing is not None:
+                return existing, True
+        execution_id = _new_execution_id()
+        execution = orchestrator_pb2.Execution(
+            execution_id=execution_id,
+            workflow_name=workflow.name,
+            workflow_version=workflow.version,
+            state=orchestrator_pb2.EXECUTION_STATE_PENDING,
+            correlation_id=request.correlation_id or uuid.uuid4().hex,
+            idempotency_key=request.idempotency_key,
+            owner=self.settings.owner,
+        )
+        execution.input.CopyFrom(request.input)
+        for step in spec.steps:
+            execution.steps.add(
+                step_name=step.name,
+                state=orchestrator_pb2.STEP_STATE_PENDING,
+                idempotency_key=f"{execution_id}/{step.name}",
+            )
+        run = _Run(self, spec, ExecutionView(execution))
+        run.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_CREATED, state=Xs.EXECUTION_STATE_PENDING)
+        run.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_STARTED, state=Xs.EXECUTION_STATE_RUNNING)
+        first = run.schedule()
+        extra: list[Put | Delete] = [
+            Put(_DEFINITIONS + execution_id, workflow.SerializeToString()),
+            Put(_ACTIVE + execution_id, b""),
+        ]
+        compares: list[Compare] = []
+        if request.idempotency_key:
+            idem = _idempotency_key(request.idempotency_key)
+            extra.append(Put(idem, execution_id.encode()))
+            compares.append(Compare(idem, 0))
+        committed = await run.flush(compares=compares, extra=extra)
+        if not committed:  # the same key won a race meanwhile
+            existing = await self._by_idempotency_key(request.idempotency_key)
+            if existing is None:  # pragma: no cover - the winner's write is visible
+                raise Unavailable("concurrent StartExecution with this key; retry")
+            return existing, True
+        snapshot = orchestrator_pb2.Execution()
+        snapshot.CopyFrom(run.view.execution)
+        run.first = first
+        self._spawn(run, resumed=False)
+        _log.info(
+            "execution started id=%s workflow=%s version=%d cid=%s",
+            execution_id,
+            workflow.name or "(inline)",
+            workflow.version,
+            execution.correlation_id,
+        )
+        return snapshot, False
+
+    async def _definition_of(
+        self, request: orchestrator_pb2.StartExecutionRequest
+    ) -> tuple[orchestrator_pb2.Workflow, WorkflowSpec]:
+        which = request.WhichOneof("definition")
+        if which == "inline_workflow":
+            workflow = orchestrator_pb2.Workflow()
+            workflow.CopyFrom(request.inline_workflow)
+            workflow.ClearField("version")
+            return workflow, _validated(workflow, field="inline_workflow", inline=True)
+        if which is None or not request.workflow_name:
+            raise InvalidArgument(
+                "",
+                [FieldViolation("workflow_name", "give a workflow name or an inline_workflow")],
+            )
+        if request.workflow_version < 0:
+            raise InvalidArgument(
+                "", [FieldViolation("workflow_version", "must be >= 0 (0 = latest)")]
+            )
+        workflow = await self.get_workflow(request.workflow_name, request.workflow_version)
+        return workflow, _validated(workflow)
+
+    async def _by_idempotency_key(self, key: str) -> orchestrator_pb2.Execution | None:
+        kv = await self.store.get(_idempotency_key(key))
+        if kv is None:
+            return None
+        record = await self.store.get(_EXECUTIONS + kv.value.decode())
+        return orchestrator_pb2.Execution.FromString(record.value) if record else None
+
+    async def get_execution(
+        self, execution_id: str, *, include_events: bool = False
+    ) -> tuple[orchestrator_pb2.Execution, list[orchestrator_pb2.ExecutionEvent]]:
+        """The execution as last committed, and its history when asked."""
+        _require("execution_id", execution_id)
+        record = await self.store.get(_EXECUTIONS + execution_id)
+        if record is None:
+            raise NotFound(f"execution {execution_id!r} does not exist")
+        events: list[orchestrator_pb2.ExecutionEvent] = []
+        if include_events:
+            events = [
+                orchestrator_pb2.ExecutionEvent.FromString(kv.value)
+                for kv in await self.store.range(f"{_EVENTS}{execution_id}/")
+            ]
+        return orchestrator_pb2.Execution.FromString(record.value), events
+
+    async def list_executions(
+        self, workflow_name: str, state: int, page_size: int, page_token: str
+    ) -> tuple[list[orchestrator_pb2.Execution], str]:
+        """Executions newest first, filtered, and the next page's token."""
+        size = _page_size(page_size)
+        if state and state not in Xs.values():
+            raise InvalidArgument("", [FieldViolation("state", f"unknown state {state}")])
+        found: list[orchestrator_pb2.Execution] = []
+        cursor = _EXECUTIONS + page_token if page_token else ""
+        chunk = max(size * 2, 64)
+        while len(found) <= size:
+            kvs = await self.store.range(_EXECUTIONS, start_after=cursor, limit=chunk, reverse=True)
+            for kv in kvs:
+                execution = orchestrator_pb2.Execution.FromString(kv.value)
+                if workflow_name and execution.workflow_name != workflow_name:
+                    continue
+                if state and execution.state != state:
+                    continue
+                found.append(execution)
+                if len(found) > size:
+                    break
+            if len(kvs) < chunk:
+                break
+            cursor = kvs[-1].key
+        more = len(found) > size
+        page = found[:size]
+        return page, (page[-1].execution_id if more else "")
+
+    async def cancel_execution(self, execution_id: str, reason: str) -> orchestrator_pb2.Execution:
+        """Record a cancellation and wait (briefly) until running steps stopped."""
+        _require("execution_id", execution_id)
+        if len(reason.encode()) > MAX_REASON_BYTES:
+            raise InvalidArgument(
+                "", [FieldViolation("reason", f"at most {MAX_REASON_BYTES} bytes")]
+            )
+        run = self._runs.get(execution_id)
+        if run is None:
+            execution, _ = await self.get_execution(execution_id)
+            if execution.state in ENDED_STATES:
+                raise FailedPrecondition(
+                    f"execution {execution_id} already ended "
+                    f"({Xs.Name(execution.state).removeprefix('EXECUTION_STATE_')})"
+                )
+            raise Unavailable(f"execution {execution_id} is being resumed; retry shortly")
+        await run.request_cancel(reason)
+        with_deadline = asyncio.timeout(self.settings.cancel_wait)
+        try:
+            async with with_deadline:
+                await run.settled()
+        except TimeoutError:
+            pass
+        execution, _ = await self.get_execution(execution_id)
+        return execution
+
+    async def watch_execution(
+        self, execution_id: str, after_index: int
+    ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
+        """Events after ``after_index``, live, until the execution ends."""
+        _require("execution_id", execution_id)
+        if after_index < 0:
+            raise InvalidArgument("", [FieldViolation("after_index", "must be >= 0")])
+        prefix = f"{_EVENTS}{execution_id}/"
+        subscription = self.store.subscribe(prefix)
+        self._watchers.add(subscription)
+        try:
+            execution, _ = await self.get_execution(execution_id)
+            last = after_index
+            for kv in await self.store.range(
+                prefix, start_after=_event_key(execution_id, last) if last else ""
+            ):
+                event = orchestrator_pb2.ExecutionEvent.FromString(kv.value)
+                last = event.index
+                message = await self._watch_message(execution_id, event)
+                yield message
+                if message.HasField("execution"):
+                    return
+            if execution.state in ENDED_STATES:
+                # Nothing after the asked index: still say how it ended.
+                ended, _ = await self.get_execution(execution_id)
+                yield orchestrator_pb2.WatchExecutionResponse(execution=ended)
+                return
+            async for batch in subscription:
+                for store_event in batch:
+                    event = orchestrator_pb2.ExecutionEvent.FromString(store_event.value)
+                    if event.index <= last:
+                        continue
+                    last = event.index
+                    message = await self._watch_message(execution_id, event)
+                    yield message
+                    if message.HasField("execution"):
+                        return
+            raise Unavailable(
+                f"the control plane is shutting down; watch again with after_index={last}"
+            )
+        except SubscriptionLagged:
+            raise Unavailable(f"watcher fell behind; watch again with after_index={last}") from None
+        finally:
+            subscription.close()
+            self._watchers.discard(subscription)
+
+    def close_watches(self) -> None:
+        """End every WatchExecution stream (on shutdown, so the drain is not held up)."""
+        for subscription in list(self._watchers):
+            subscription.close()
+
+    async def _watch_message(
+        self, execution_id: str, event: orchestrator_pb2.ExecutionEvent
+    ) -> orchestrator_pb2.WatchExecutionResponse:
+        message = orchestrator_pb2.WatchExecutionResponse(event=event)
+        if event.type == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
+            ended, _ = await self.get_execution(execution_id)
+            message.execution.CopyFrom(ended)
+        return message
+
+    # -- metrics and retention ---------------------------------------------------------
+
+    def record(self, record: metrics_pb2.CallRecord) -> None:
+        """Queue a duration record for the metrics service."""
+        if self._report is not None:
+            self._records.append(record)
+
+    def _flush_metrics(self) -> None:
+        if self._records and self._report is not None:
+            records, self._records = self._records, []
+            try:
+                self._report(records)
+            except Exception:
+                _log.exception("reporting workflow durations failed")
+
+    async def _flush_metrics_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.metrics_flush_interval)
+            self._flush_metrics()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                removed = await self.sweep()
+            except Exception as exc:
+                _log.warning("execution retention sweep failed: %s", exc)
+                continue
+            if removed:
+                _log.info("retention removed executions=%d", removed)
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete ended executions older than the retention; returns how many."""
+        cutoff_ms = int(
+            ((now if now is not None else time.time()) - self.settings.retention) * 1000
+        )
+        removed = 0
+        while True:
+            kvs = await self.store.range(_ENDED, limit=200)
+            expired = [kv for kv in kvs if int(kv.key.split("/")[3]) <= cutoff_ms]
+            for kv in expired:
+                execution_id = kv.key.rsplit("/", 1)[1]
+                ops: list[Put | Delete] = [
+                    Delete(kv.key),
+                    Delete(_EXECUTIONS + execution_id),
+                    Delete(_DEFINITIONS + execution_id),
+                    Delete(f"{_EVENTS}{execution_id}/", prefix=True),
+                ]
+                record = await self.store.get(_EXECUTIONS + execution_id)
+                if record is not None:
+                    key = orchestrator_pb2.Execution.FromString(record.value).idempotency_key
+                    if key:
+                        ops.append(Delete(_idempotency_key(key)))
+                await self.store.txn((), ops)
+                removed += 1
+            if len(expired) < len(kvs) or len(kvs) < 200:
+                return removed
+
+
+# -- one execution -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Outcome:
+    step: str
+    reply: StepReply | None = None
+    failure: AttemptFailed | None = None
+    attempts: int = 0
+
+
+class _Run:
+    """Drives one execution (see the module docstring)."""
+
+    def __init__(self, orchestrator: Orchestrator, spec: WorkflowSpec, view: ExecutionView) -> None:
+        self.orchestrator = orchestrator
+        self.store = orchestrator.store
+        self.spec = spec
+        self.view = view
+        self.execution_id = view.execution.execution_id
+        self.task: asyncio.Task[None] | None = None
+        self.first: list[str] = []
+        self._staged: list[orchestrator_pb2.ExecutionEvent] = []
+        self._lock = asyncio.Lock()
+        self._cancel = asyncio.Event()
+        self._progress = asyncio.Event()
+        #: The execution state as last committed (the view may be ahead of it).
+        self.committed_state = view.execution.state
+
+    # -- persistence ----------------------------------------------------------------
+
+    def stage(
+        self,
+        kind: int,
+        *,
+        state: int = 0,
+        step: str = "",
+        step_state: int = 0,
+        attempt: int = 0,
+        error: MeshError | None = None,
+        output: dict[str, Any] | None = None,
+        instance_id: str = "",
+        message: str = "",
+        backoff: float | None = None,
+    ) -> orchestrator_pb2.ExecutionEvent:
+        """Fold an event into the view now; it is persisted by the next flush."""
+        event = orchestrator_pb2.ExecutionEvent(
+            index=self.view.execution.event_count + 1,
+            type=kind,  # type: ignore[arg-type]
+            step_name=step,
+            attempt=attempt,
+            execution_state=state or self.view.execution.state,  # type: ignore[arg-type]
+            step_state=step_state,  # type: ignore[arg-type]
+            instance_id=instance_id,
+            message=message,
+        )
+        event.time.CopyFrom(_now())
+        if error is not None:
+            event.error.CopyFrom(_error_info(error))
+        if output is not None:
+            event.output.CopyFrom(dict_to_struct(output))
+        if backoff is not None:
+            event.backoff.FromNanoseconds(int(backoff * 1e9))
+        self.view.apply(event)
+        self._staged.append(event)
+        return event
+
+    async def flush(
+        self, *, compares: Sequence[Compare] = (), extra: Sequence[Put | Delete] = ()
+    ) -> bool:
+        """Persist the staged events with the execution record, in one transaction."""
+        async with self._lock:
+            if not self._staged and not extra:
+                return True
+            events, self._staged = self._staged, []
+            execution = self.view.execution
+            state = execution.state
+            ops: list[Put | Delete] = [
+                Put(_event_key(self.execution_id, e.index), e.SerializeToString()) for e in events
+            ]
+            ops.append(Put(_EXECUTIONS + self.execution_id, execution.SerializeToString()))
+            ops.extend(extra)
+            if self.view.ended:
+                end_ms = execution.end_time.ToNanoseconds() // 1_000_000
+                ops.append(Delete(_ACTIVE + self.execution_id))
+                ops.append(Put(f"{_ENDED}{end_ms:013d}/{self.execution_id}", b""))
+            try:
+                result = await _committed(self.store.txn(compares, ops))
+            except MeshError as exc:
+                raise _RunBroken(exc.message) from exc
+            self.committed_state = state
+            self._progress.set()
+            self._progress = asyncio.Event()
+            return result.succeeded
+
+    async def settled(self) -> None:
+        """Wait until running steps stopped after a cancellation (compensating or ended)."""
+        while self.committed_state not in (
+            *ENDED_STATES,
+            Xs.EXECUTION_STATE_COMPENSATING,
+        ):
+            await self._progress.wait()
+
+    async def request_cancel(self, reason: str) -> None:
+        """Record CANCEL_REQUESTED (once) and stop scheduling."""
+        if self.view.ended:
+            raise FailedPrecondition(f"execution {self.execution_id} already ended")
+        if not self.view.cancel_requested:
+            self.stage(
+                Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED,
+                error=Cancelled(f"cancelled: {reason}" if reason else "cancelled"),
+                message=reason,
+            )
+            await self.flush()
+        self._cancel.set()
+
+    # -- the drive --------------------------------------------------------------------
+
+    async def drive(self, resumed: bool) -> None:
+        """Run the execution to its end (or until this task is cancelled at shutdown)."""
+        view = self.view
+        inflight: list[str] = []
+        if resumed:
+            self.stage(
+                Ev.EXECUTION_EVENT_TYPE_EXECUTION_RESUMED,
+                message=f"resumed by {self.orchestrator.settings.owner}",
+            )
+            stopping = (
+                view.cancel_requested
+                or view.execution.state in (Xs.EXECUTION_STATE_COMPENSATING,)
+                or self._required_failure() is not None
+            )
+            for step in view.execution.steps:
+                if step.state != St.STEP_STATE_RUNNING:
+                    continue
+                if stopping:
+                    self.stage(
+                        Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+                        step=step.step_name,
+                        step_state=St.STEP_STATE_CANCELLED,
+                        message="in flight when the control plane stopped; not resent",
+                    )
+                else:
+                    self.stage(
+                        Ev.EXECUTION_EVENT_TYPE_STEP_STARTED,
+                        step=step.step_name,
+                        step_state=St.STEP_STATE_RUNNING,
+                        attempt=step.attempts + 1,
+                        message="sent again after a restart, same idempotency key",
+                    )
+                    inflight.append(step.step_name)
+            if view.cancel_requested:
+                self._cancel.set()
+        else:
+            inflight = list(self.first)
+        stop_error = await self._forward(inflight)
+        if stop_error is None:
+            self.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED, state=Xs.EXECUTION_STATE_SUCCEEDED)
+            await self.flush()
+            self._record_end()
+            return
+        failed_step, error = stop_error
+        outcome = await self._compensate()
+        cancelled = self.view.cancel_requested
+        if outcome == "failed":
+            final = Xs.EXECUTION_STATE_COMPENSATION_FAILED
+        elif cancelled:
+            final = Xs.EXECUTION_STATE_CANCELLED
+        elif outcome == "compensated":
+            final = Xs.EXECUTION_STATE_COMPENSATED
+        else:
+            final = Xs.EXECUTION_STATE_FAILED
+        self.stage(
+            Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED,
+            state=final,
+            step=failed_step,
+            error=error,
+        )
+        await self.flush()
+        self._record_end()
+
+    def _required_failure(self) -> tuple[str, MeshError] | None:
+        """The first required step that failed, from the view (for resumes)."""
+        failed = [
+            s
+            for s in self.view.execution.steps
+            if s.state == St.STEP_STATE_FAILED and self.spec.step(s.step_name).required
+        ]
+        if not failed:
+            return None
+        first = min(failed, key=lambda s: s.end_time.ToNanoseconds())
+        return first.step_name, _mesh_error(first.error)
+
+    def _stop_reason(self) -> tuple[str, MeshError] | None:
+        if self.view.cancel_requested:
+            return "", _mesh_error(self.view.cancel_error)
+        failure = self._required_failure()
+        if failure is not None:
+            return failure
+        if self._timed_out():
+            return "", DeadlineExceeded(
+                f"execution exceeded its timeout of {self.spec.timeout:g} s"
+            )
+        return None
+
+    def _deadline(self) -> float | None:
+        if not self.spec.timeout:
+            return None
+        started = self.view.execution.start_time.ToNanoseconds() / 1e9
+        return started + self.spec.timeout
+
+    def _timed_out(self) -> bool:
+        deadline = self._deadline()
+        return deadline is not None and time.time() >= deadline
+
+    def schedule(self) -> list[str]:
+        """Stage skips and starts of steps whose dependencies settled; returns started."""
+        view = self.view
+        started: list[str] = []
+        for step in self.spec.steps:
+            if view.state_of(step.name) != St.STEP_STATE_PENDING:
+                continue
+            states = [view.state_of(d) for d in step.depends_on]
+            blocked = [
+                d
+                for d, s in zip(step.depends_on, states, strict=True)
+                if s in (St.STEP_STATE_FAILED, St.STEP_STATE_SKIPPED, St.STEP_STATE_CANCELLED)
+            ]
+            if blocked:
+                self.stage(
+                    Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
+                    step=step.name,
+                    step_state=St.STEP_STATE_SKIPPED,
+                    message=f"dependency {blocked[0]} did not succeed",
+                )
+                continue
+            if all(s == St.STEP_STATE_SUCCEEDED for s in states):
+                try:
+                    self._payload(step)
+                except MeshError as err:
+                    self.stage(
+                        Ev.EXECUTION_EVENT_TYPE_STEP_FAILED,
+                        step=step.name,
+                        step_state=St.STEP_STATE_FAILED,
+                        error=err,
+                        message="input could not be built",
+                    )
+                    self._record_step(step, False, err.code)
+                    continue
+                self.stage(
+                    Ev.EXECUTION_EVENT_TYPE_STEP_STARTED,
+                    step=step.name,
+                    step_state=St.STEP_STATE_RUNNING,
+                    attempt=1,
+                )
+                started.append(step.name)
+        return started
+
+    def _context(self) -> dict[str, Any]:
+        execution = self.view.execution
+        return {
+            "input": struct_to_dict(execution.input),
+            "steps": {
+                s.step_name: {"output": struct_to_dict(s.output)}
+                for s in execution.steps
+                if s.state
+                in (
+                    St.STEP_STATE_SUCCEEDED,
+                    St.STEP_STATE_COMPENSATING,
+                    St.STEP_STATE_COMPENSATED,
+                    St.STEP_STATE_COMPENSATION_FAILED,
+                )
+            },
+            "execution": {
+                "id": execution.execution_id,
+                "correlation_id": execution.correlation_id,
+            },
+        }
+
+    def _payload(self, step: StepSpec) -> dict[str, Any]:
+        if step.input is None:
+            return struct_to_dict(self.view.execution.input)
+        return _as_payload(step.input, self._context(), f"steps.{step.name}.input")
+
+    async def _forward(self, inflight: list[str]) -> tuple[str, MeshError] | None:
+        """Schedule and run steps until all settled or the execution must stop."""
+        running: dict[asyncio.Task[_Outcome], str] = {}
+        try:
+            for name in inflight:
+                running[self._launch(name)] = name
+            while True:
+                stop = self._stop_reason()
+                if stop is None:
+                    started = self.schedule()
+                    stop = self._stop_reason()  # a required step's input failed
+                else:
+                    started = []
+                await self.flush()
+                if stop is not None:
+                    break
+                for name in started:
+                    running[self._launch(name)] = name
+                if not running:
+                    return None
+                waiter = asyncio.ensure_future(self._cancel.wait())
+                deadline = self._deadline()
+                try:
+                    done, _ = await asyncio.wait(
+                        [*running, waiter],
+                        timeout=None if deadline is None else max(0.0, deadline - time.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    waiter.cancel()
+                for task in [t for t in running if t in done]:
+                    del running[task]
+                    self._settle(task.result())
+            # Stopping: cancel what runs, skip what waits, all recorded together.
+            for task in running:
+                task.cancel()
+            outcomes = await asyncio.gather(*running, return_exceptions=True)
+            for (task, name), outcome in zip(list(running.items()), outcomes, strict=True):
+                del task
+                if isinstance(outcome, _Outcome):
+                    self._settle(outcome)  # it finished as we cancelled it
+                else:
+                    self.stage(
+                        Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+                        step=name,
+                        step_state=St.STEP_STATE_CANCELLED,
+                        error=stop[1],
+                        message="stopped: the execution is stopping",
+                    )
+            running.clear()
+            for step in self.spec.steps:
+                if self.view.state_of(step.name) == St.STEP_STATE_PENDING:
+                    self.stage(
+                        Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
+                        step=step.name,
+                        step_state=St.STEP_STATE_SKIPPED,
+                        message="not run: the execution is stopping",
+                    )
+            await self.flush()
+            return stop
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    def _launch(self, name: str) -> asyncio.Task[_Outcome]:
+        step = self.spec.step(name)
+        return asyncio.create_task(self._run_step(step), name=f"{self.execution_id}/{name}")
+
+    def _settle(self, outcome: _Outcome) -> None:
+        step = self.spec.step(outcome.step)
+        if outcome.reply is not None:
+            self.stage(
+                Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED,
+                step=step.name,
+                step_state=St.STEP_STATE_SUCCEEDED,
+                attempt=outcome.attempts,
+                output=outcome.reply.output,
+                instance_id=outcome.reply.instance_id,
+                message="replayed by the callee" if outcome.reply.replayed else "",
+            )
+            self._record_step(step, True, grpc.StatusCode.OK)
+            return
+        assert outcome.failure is not None
+        error = outcome.failure.error
+        self.stage(
+            Ev.EXECUTION_EVENT_TYPE_STEP_FAILED,
+            step=step.name,
+            step_state=St.STEP_STATE_FAILED,
+            attempt=outcome.attempts,
+            error=error,
+            instance_id=outcome.failure.instance_id,
+            message="" if step.required else "optional step: dependents are skipped",
+        )
+        self._record_step(step, False, error.code)
+
+    async def _run_step(self, step: StepSpec) -> _Outcome:
+        record = self.view.step(step.name)
+        first_attempt = record.attempts or 1
+        idempotency_key = record.idempotency_key
+
+        async def call() -> StepReply:
+            payload = self._payload(step)
+            timeout = step.timeout
+            deadline = self._deadline()
+            if deadline is not None:
+                timeout = max(0.001, min(timeout, deadline - time.time()))
+            return await self.orchestrator.invoker.invoke(
+                step.service,
+                step.operation,
+                payload,
+                timeout=timeout,
+                correlation_id=self.view.execution.correlation_id,
+                idempotency_key=idempotency_key,
+            )
+
+        attempts = [first_attempt]
+
+        async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
+            self.stage(
+                Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING,
+                step=step.name,
+                step_state=St.STEP_STATE_RUNNING,
+                attempt=number,
+                error=failure.error,
+                instance_id=failure.instance_id,
+                backoff=backoff,
+            )
+            await self.flush()
+
+        async def before_attempt(number: int) -> None:
+            attempts[0] = number
+            if number > first_attempt:
+                self.stage(
+                    Ev.EXECUTION_EVENT_TYPE_STEP_STARTED,
+                    step=step.name,
+                    step_state=St.STEP_STATE_RUNNING,
+                    attempt=number,
+                )
+                await self.flush()
+
+        try:
+            reply = await _with_retries(
+                call,
+                step.retry,
+                first_attempt,
+                self.orchestrator._random,
+                on_retry=on_retry,
+                before_attempt=before_attempt,
+            )
+        except AttemptFailed as failure:
+            return _Outcome(step.name, failure=failure, attempts=attempts[0])
+        except MeshError as error:  # the input could not be built
+            return _Outcome(step.name, failure=AttemptFailed(error), attempts=attempts[0])
+        return _Outcome(step.name, reply=reply, attempts=attempts[0])
+
+    # -- compensation ---------------------------------------------------------------------
+
+    async def _compensate(self) -> str:
+        """Compensate completed steps, newest first: "none", "compensated" or "failed"."""
+        todo = [
+            name
+            for name in reversed(self.view.completed)
+            if self.spec.step(name).compensation is not None
+            and self.view.state_of(name) in (St.STEP_STATE_SUCCEEDED, St.STEP_STATE_COMPENSATING)
+        ]
+        already = [
+            s.step_name
+            for s in self.view.execution.steps
+            if s.state in (St.STEP_STATE_COMPENSATED, St.STEP_STATE_COMPENSATION_FAILED)
+        ]
+        if not todo and not already:
+            return "none"
+        for name in todo:
+            await self._compensate_step(self.spec.step(name))
+        failed = any(
+            s.state == St.STEP_STATE_COMPENSATION_FAILED for s in self.view.execution.steps
+        )
+        return "failed" if failed else "compensated"
+
+    async def _compensate_step(self, step: StepSpec) -> None:
+        compensation = step.compensation
+        assert compensation is not None
+        record = self.view.step(step.name)
+        first_attempt = record.compensation_attempts + 1
+        idempotency_key = f"{record.idempotency_key}/compensation"
+        errors: list[AttemptFailed] = []
+
+        async def before_attempt(number: int) -> None:
+            self.stage(
+                Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED,
+                state=Xs.EXECUTION_STATE_COMPENSATING,
+                step=step.name,
+                step_state=St.STEP_STATE_COMPENSATING,
+                attempt=number,
+                error=errors[-1].error if errors else None,
+                message=f"{compensation.service}.{compensation.operation}",
+            )
+            await self.flush()
+
+        async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
+            errors.append(failure)
+
+        async def call() -> StepReply:
+            payload = self._compensation_payload(step, compensation)
+            return await self.orchestrator.invoker.invoke(
+                compensation.service,
+                compensation.operation,
+                payload,
+                timeout=compensation.timeout,
+                correlation_id=self.view.execution.correlation_id,
+                idempotency_key=idempotency_key,
+            )
+
+        try:
+            reply = await _with_retries(
+                call,
+                compensation.retry,
+                first_attempt,
+                self.orchestrator._random,
+                on_retry=on_retry,
+                before_attempt=before_attempt,
+            )
+        except (AttemptFailed, MeshError) as exc:
+            failure = exc if isinstance(exc, AttemptFailed) else AttemptFailed(exc)
+            self.stage(
+                Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED,
+                state=Xs.EXECUTION_STATE_COMPENSATING,
+                step=step.name,
+                step_state=St.STEP_STATE_COMPENSATION_FAILED,
+                attempt=self.view.step(step.name).compensation_attempts,
+                error=failure.error,
+                instance_id=failure.instance_id,
+                message="compensation failed after its retries: an operator must act",
+            )
+            await self.flush()
+            _log.error(
+                "compensation failed execution=%s step=%s: %s",
+                self.execution_id,
+                step.name,
+                failure.error.message,
+            )
+            return
+        self.stage(
+            Ev.EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED,
+            state=Xs.EXECUTION_STATE_COMPENSATING,
+            step=step.name,
+            step_state=St.STEP_STATE_COMPENSATED,
+            attempt=self.view.step(step.name).compensation_attempts,
+            output=reply.output,
+            instance_id=reply.instance_id,
+        )
+        await self.flush()
+
+    def _compensation_payload(
+        self, step: StepSpec, compensation: CompensationSpec
+    ) -> dict[str, Any]:
+        if compensation.input is None:
+            return struct_to_dict(self.view.step(step.name).output)
+        return _as_payload(compensation.input, self._context(), f"steps.{step.name}.compensation")
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _series(self) -> str:
+        return METRICS_PREFIX + (self.view.execution.workflow_name or "inline")
+
+    def _record_step(self, step: StepSpec, success: bool, code: grpc.StatusCode) -> None:
+        record = self.view.step(step.name)
+        self.orchestrator.record(
+            metrics_pb2.CallRecord(
+                service_name=self._series(),
+                operation=step.name,
+                duration_ms=record.duration.ToNanoseconds() / 1e6,
+                success=success,
+                status_code=code.value[0],
+                correlation_id=self.view.execution.correlation_id,
+                time_unix_nano=record.start_time.ToNanoseconds(),
+                side=metrics_pb2.CALL_SIDE_SERVER,
+            )
+        )
+
+    def _record_end(self) -> None:
+        execution = self.view.execution
+        success = execution.state == Xs.EXECUTION_STATE_SUCCEEDED
+        self.orchestrator.record(
+            metrics_pb2.CallRecord(
+                service_name=self._series(),
+                operation="execution",
+                duration_ms=execution.duration.ToNanoseconds() / 1e6,
+                success=success,
+                status_code=0 if success else (execution.error.code or 2),
+                correlation_id=execution.correlation_id,
+                time_unix_nano=execution.start_time.ToNanoseconds(),
+                side=metrics_pb2.CALL_SIDE_SERVER,
+            )
+        )
+        _log.info(
+            "execution ended id=%s state=%s duration_ms=%.1f",
+            self.execution_id,
+            Xs.Name(execution.state).removeprefix("EXECUTION_STATE_"),
+            execution.duration.ToNanoseconds() / 1e6,
+        )
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+async def _with_retries(
+    call: Callable[[], Awaitable[StepReply]],
+    policy: RetrySpec,
+    first_attempt: int,
+    rng: random.Random,
+    *,
+    on_retry: Callable[[int, AttemptFailed, float], Awaitable[None]],
+    before_attempt: Callable[[int], Awaitable[None]],
+) -> StepReply:
+    """Call with the policy's retries, numbering attempts from ``first_attempt``.
+
+    Only the policy's codes are retried (infrastructure faults by default); a business
+    rejection raises at once. An attempt resumed after a restart counts: the attempts
+    left are ``max_attempts - (first_attempt - 1)``, at least one.
+    """
+    left = max(1, policy.max_attempts - (first_attempt - 1))
+    waits: dict[int, float] = {}
+
+    def wait(state: RetryCallState) -> float:
+        number = first_attempt + state.attempt_number - 1
+        return waits.setdefault(number, policy.backoff(number, rng.random()))
+
+    async def before_sleep(state: RetryCallState) -> None:
+        number = first_attempt + state.attempt_number - 1
+        failure = state.outcome.exception() if state.outcome else None
+        assert isinstance(failure, AttemptFailed)
+        await on_retry(number, failure, waits[number])
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(left),
+        wait=wait,
+        retry=retry_if_exception(
+            lambda e: isinstance(e, AttemptFailed) and policy.retries(e.error.code)
+        ),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            await before_attempt(first_attempt + attempt.retry_state.attempt_number - 1)
+            return await call()
+    raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _validated(
+    workflow: orchestrator_pb2.Workflow, *, field: str = "workflow", inline: bool = False
+) -> WorkflowSpec:
+    """The workflow's spec; INVALID_ARGUMENT listing every violation."""
+    checked = workflow
+    if inline and not workflow.name:
+        checked = orchestrator_pb2.Workflow()
+        checked.CopyFrom(workflow)
+        checked.name = "inline"
+    extra: list[FieldViolation] = []
+    if len(checked.name) > MAX_WORKFLOW_NAME:
+        extra.append(
+            FieldViolation(
+                f"{field}.name",
+                f"is {len(checked.name)} characters long; at most {MAX_WORKFLOW_NAME}",
+            )
+        )
+    try:
+        spec = validate_workflow(checked, field=field)
+    except InvalidArgument as exc:
+        if extra:
+            raise InvalidArgument(exc.message, [*exc.violations, *extra]) from None
+        raise
+    if extra:
+        raise InvalidArgument("the workflow is not valid", extra)
+    return spec
+
+
+def _same_definition(a: orchestrator_pb2.Workflow, b: orchestrator_pb2.Workflow) -> bool:
+    def bare(w: orchestrator_pb2.Workflow) -> bytes:
+        copy = orchestrator_pb2.Workflow()
+        copy.CopyFrom(w)
+        copy.ClearField("version")
+        copy.ClearField("create_time")
+        copy.ClearField("update_time")
+        return copy.SerializeToString(deterministic=True)
+
+    return bare(a) == bare(b)
+
+
+def _require(name: str, value: str) -> None:
+    if not value:
+        raise InvalidArgument("", [FieldViolation(name, "is required")])
+
+
+def _require_name(name: str, value: str) -> None:
+    _require(name, value)
+
+
+def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:
+    violations: list[FieldViolation] = []
+    if request.input.ByteSize() > MAX_INPUT_BYTES:
+        violations.append(
+            FieldViolation(
+                "input", f"is {request.input.ByteSize()} bytes; at most {MAX_INPUT_BYTES}"
+            )
+        )
+    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        violations.append(
+            FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
+        )
+    if len(request.correlation_id) > MAX_CORRELATION_ID:
+        violations.append(
+            FieldViolation("correlation_id", f"at most {MAX_CORRELATION_ID} characters")
+        )
+    if violations:
+        raise InvalidArgument("", violations)
+
+
+def _as_payload(template: Any, context: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        value = resolve(template, context)
+    except UnresolvedReference as exc:
+        raise InvalidArgument(f"{where}: {exc}", [FieldViolation(where, str(exc))]) from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(
+            f"{where} resolved to {type(value).__name__}; a step's input must be an object",
+            [FieldViolation(where, "must resolve to an object")],
+        )
+    return value
+
+
+def _mesh_error(info: common_pb2.ErrorInfo) -> MeshError:
+    """The error an ErrorInfo recorded (its class from the code name)."""
+    return error_for_code(info.code_name or "UNKNOWN")(info.message)

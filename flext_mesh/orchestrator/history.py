@@ -1,0 +1,183 @@
+"""An execution's state, folded from its event history.
+
+The history is the source of truth: every transition is an ``ExecutionEvent``,
+persisted before it is acted on. :class:`ExecutionView` applies events one by one to an
+``Execution`` message (what GetExecution shows) and keeps what the engine needs to
+resume that the message does not show (the order steps completed in, whether a
+cancellation was asked). Folding the same events always gives the same view, so a
+control plane that restarts rebuilds exactly the state it had persisted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from flext_mesh.v1 import common_pb2, orchestrator_pb2
+
+__all__ = [
+    "ENDED_STATES",
+    "Ev",
+    "ExecutionView",
+    "St",
+    "Xs",
+    "duration_between",
+]
+
+Ev = orchestrator_pb2.ExecutionEventType
+St = orchestrator_pb2.StepState
+Xs = orchestrator_pb2.ExecutionState
+
+#: Execution states that are final: nothing runs any more.
+ENDED_STATES: frozenset[int] = frozenset(
+    {
+        orchestrator_pb2.EXECUTION_STATE_SUCCEEDED,
+        orchestrator_pb2.EXECUTION_STATE_FAILED,
+        orchestrator_pb2.EXECUTION_STATE_COMPENSATED,
+        orchestrator_pb2.EXECUTION_STATE_COMPENSATION_FAILED,
+        orchestrator_pb2.EXECUTION_STATE_CANCELLED,
+    }
+)
+
+
+def duration_between(
+    start: timestamp_pb2.Timestamp, end: timestamp_pb2.Timestamp
+) -> duration_pb2.Duration:
+    """``end - start`` as a Duration (zero when either is unset)."""
+    out = duration_pb2.Duration()
+    if start.seconds or start.nanos:
+        out.FromNanoseconds(max(0, end.ToNanoseconds() - start.ToNanoseconds()))
+    return out
+
+
+class ExecutionView:
+    """An execution as its events left it.
+
+    ``execution`` is the message clients see; ``completed`` lists the steps that
+    succeeded in the order they did (compensation runs it backwards);
+    ``cancel_requested`` is True once CancelExecution was recorded, with
+    ``cancel_error`` saying why.
+    """
+
+    __slots__ = ("_steps", "cancel_error", "cancel_requested", "completed", "execution")
+
+    def __init__(self, execution: orchestrator_pb2.Execution) -> None:
+        """Start from a fresh execution (id, workflow, input, steps PENDING, no events)."""
+        self.execution = execution
+        self._steps = {s.step_name: s for s in execution.steps}
+        self.completed: list[str] = []
+        self.cancel_requested = False
+        #: The error CancelExecution recorded (CANCELLED with the reason).
+        self.cancel_error = common_pb2.ErrorInfo()
+
+    @classmethod
+    def replay(
+        cls,
+        execution: orchestrator_pb2.Execution,
+        events: Iterable[orchestrator_pb2.ExecutionEvent],
+    ) -> ExecutionView:
+        """The view after ``events``, starting from ``execution`` reset to its creation."""
+        fresh = orchestrator_pb2.Execution(
+            execution_id=execution.execution_id,
+            workflow_name=execution.workflow_name,
+            workflow_version=execution.workflow_version,
+            correlation_id=execution.correlation_id,
+            idempotency_key=execution.idempotency_key,
+            owner=execution.owner,
+        )
+        fresh.input.CopyFrom(execution.input)
+        for step in execution.steps:
+            fresh.steps.add(step_name=step.step_name, idempotency_key=step.idempotency_key)
+        view = cls(fresh)
+        for event in events:
+            view.apply(event)
+        return view
+
+    @property
+    def ended(self) -> bool:
+        """True once the execution reached a final state."""
+        return self.execution.state in ENDED_STATES
+
+    def step(self, name: str) -> orchestrator_pb2.StepExecution:
+        """The step's execution record (KeyError when the workflow has no such step)."""
+        return self._steps[name]
+
+    def state_of(self, name: str) -> int:
+        """The step's state."""
+        return self._steps[name].state
+
+    def apply(self, event: orchestrator_pb2.ExecutionEvent) -> None:
+        """Fold one event in; events must come in index order, without gaps."""
+        execution = self.execution
+        if event.index != execution.event_count + 1:
+            raise ValueError(
+                f"event {event.index} of execution {execution.execution_id} does not follow "
+                f"event {execution.event_count}"
+            )
+        execution.event_count = event.index
+        if event.execution_state:
+            execution.state = event.execution_state
+        kind = event.type
+        if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_CREATED:
+            execution.create_time.CopyFrom(event.time)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_STARTED:
+            execution.start_time.CopyFrom(event.time)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED:
+            self.cancel_requested = True
+            self.cancel_error.CopyFrom(event.error)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
+            execution.end_time.CopyFrom(event.time)
+            execution.duration.CopyFrom(duration_between(execution.start_time, event.time))
+            if event.HasField("error"):
+                execution.error.CopyFrom(event.error)
+            execution.failed_step = event.step_name
+        elif event.step_name:
+            self._apply_step(event)
+
+    def _apply_step(self, event: orchestrator_pb2.ExecutionEvent) -> None:
+        step = self._steps[event.step_name]
+        if event.step_state:
+            step.state = event.step_state
+        kind = event.type
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
+            step.attempts = event.attempt
+            if not step.HasField("start_time"):
+                step.start_time.CopyFrom(event.time)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING:
+            step.attempts = event.attempt
+            step.error.CopyFrom(event.error)
+            step.instance_id = event.instance_id
+        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED:
+            step.ClearField("error")
+            step.output.CopyFrom(event.output)
+            step.instance_id = event.instance_id
+            self._end_step(step, event)
+            self.completed.append(step.step_name)
+            self.execution.output.get_or_create_struct(step.step_name).CopyFrom(event.output)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_FAILED:
+            step.error.CopyFrom(event.error)
+            step.instance_id = event.instance_id
+            self._end_step(step, event)
+        elif kind in (
+            Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
+            Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+        ):
+            if event.HasField("error"):
+                step.error.CopyFrom(event.error)
+            self._end_step(step, event)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED:
+            step.compensation_attempts = event.attempt
+            if event.HasField("error"):
+                step.compensation_error.CopyFrom(event.error)
+        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED:
+            step.ClearField("compensation_error")
+        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED:
+            step.compensation_error.CopyFrom(event.error)
+
+    @staticmethod
+    def _end_step(
+        step: orchestrator_pb2.StepExecution, event: orchestrator_pb2.ExecutionEvent
+    ) -> None:
+        step.end_time.CopyFrom(event.time)
+        step.duration.CopyFrom(duration_between(step.start_time, event.time))

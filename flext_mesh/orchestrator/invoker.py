@@ -1,0 +1,212 @@
+"""How the orchestrator calls a step: discover an instance, then ProcessorService.Invoke.
+
+Discovery goes through the control plane's own registry (the same answer a client's
+Discover gets: healthy instances, weighted round robin over effective weights, panic
+mode). One call is one attempt on one instance; the engine retries per the step's
+policy and picks again, so a retry lands on the next instance in rotation. Every attempt
+is reported to the metrics service as a client-side call record, so the orchestrator's
+calls feed outlier ejection like any sidecar's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from flext_mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
+from flext_mesh.invoke import dict_to_struct, struct_to_dict
+from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
+
+__all__ = ["AttemptFailed", "Discovery", "MeshInvoker", "StepInvoker", "StepReply"]
+
+#: Channels kept open to step endpoints; the least recently used is closed beyond this.
+MAX_CHANNELS = 256
+#: The orchestrator's name as a caller in call records.
+CALLER = "flext-mesh-orchestrator"
+_CORRELATION_HEADER = "x-correlation-id"
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StepReply:
+    """A successful attempt: the operation's output and who served it."""
+
+    output: dict[str, Any]
+    instance_id: str
+    replayed: bool = False
+
+
+class AttemptFailed(Exception):
+    """An attempt failed; ``error`` says how, ``instance_id`` where ("" if none was picked)."""
+
+    def __init__(self, error: MeshError, instance_id: str = "") -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.instance_id = instance_id
+
+
+class StepInvoker(Protocol):
+    """Makes one attempt of a step call."""
+
+    async def invoke(
+        self,
+        service: str,
+        operation: str,
+        payload: Mapping[str, Any],
+        *,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline, passed on as is
+        correlation_id: str,
+        idempotency_key: str,
+    ) -> StepReply:
+        """Call once; raise AttemptFailed."""
+
+    async def aclose(self) -> None:
+        """Close connections."""
+
+
+class Discovery(Protocol):
+    """The registry's Discover, in process (see flext_mesh.registry.Registry.discover)."""
+
+    def discover(self, request: registry_pb2.DiscoverRequest) -> bytes:
+        """The serialized DiscoverResponse."""
+
+
+class MeshInvoker:
+    """Calls steps on instances found in the registry (see the module docstring)."""
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        *,
+        report: Callable[[metrics_pb2.CallRecord], None] | None = None,
+    ) -> None:
+        """``report`` receives a call record per attempt (quick, must not raise)."""
+        self._discovery = discovery
+        self._report = report
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _pick(self, service: str) -> registry_pb2.ServiceInstance:
+        try:
+            raw = self._discovery.discover(registry_pb2.DiscoverRequest(service_name=service))
+        except NotFound as exc:
+            raise AttemptFailed(Unavailable(exc.message)) from None
+        except InvalidArgument as exc:
+            raise AttemptFailed(exc) from None
+        answer = registry_pb2.DiscoverResponse.FromString(raw)
+        if not answer.instances:
+            raise AttemptFailed(Unavailable(f"service {service!r} has no healthy instance"))
+        return answer.instances[0]
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = grpc.aio.insecure_channel(
+                endpoint, options=_CHANNEL_OPTIONS
+            )
+            while len(self._channels) > MAX_CHANNELS:
+                _, oldest = self._channels.popitem(last=False)
+                task = asyncio.create_task(oldest.close(grace=5.0))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        else:
+            self._channels.move_to_end(endpoint)
+        return channel
+
+    async def invoke(
+        self,
+        service: str,
+        operation: str,
+        payload: Mapping[str, Any],
+        *,
+        timeout: float,  # noqa: ASYNC109 - a gRPC deadline, passed on as is
+        correlation_id: str,
+        idempotency_key: str,
+    ) -> StepReply:
+        """One attempt on the next instance of ``service``; AttemptFailed on any failure."""
+        instance = self._pick(service)
+        request = processor_pb2.InvokeRequest(
+            operation=operation,
+            correlation_id=correlation_id,
+            idempotency_key=idempotency_key,
+        )
+        request.payload.CopyFrom(dict_to_struct(dict(payload)))
+        stub = processor_pb2_grpc.ProcessorServiceStub(self._channel(instance.endpoint))
+        started = time.perf_counter()
+        started_ns = time.time_ns()
+        code = 0
+        try:
+            reply = await stub.Invoke(
+                request, timeout=timeout, metadata=((_CORRELATION_HEADER, correlation_id),)
+            )
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().value[0]
+            error = from_rpc_error(exc)
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                error = DeadlineExceeded(
+                    f"{service}.{operation} did not answer within {timeout:g} s"
+                )
+            raise AttemptFailed(error, instance.instance_id) from exc
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED.value[0]
+            raise
+        finally:
+            self._record(
+                instance=instance,
+                operation=operation,
+                correlation_id=correlation_id,
+                started=started,
+                started_ns=started_ns,
+                code=code,
+            )
+        return StepReply(struct_to_dict(reply.result), instance.instance_id, reply.replayed)
+
+    def _record(
+        self,
+        *,
+        instance: registry_pb2.ServiceInstance,
+        operation: str,
+        correlation_id: str,
+        started: float,
+        started_ns: int,
+        code: int,
+    ) -> None:
+        if self._report is None:
+            return
+        self._report(
+            metrics_pb2.CallRecord(
+                service_name=instance.service_name,
+                instance_id=instance.instance_id,
+                operation=operation,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                success=code == 0,
+                status_code=code,
+                correlation_id=correlation_id,
+                time_unix_nano=started_ns,
+                version=instance.version,
+                side=metrics_pb2.CALL_SIDE_CLIENT,
+                caller_service=CALLER,
+            )
+        )
+
+    async def aclose(self) -> None:
+        """Close every channel."""
+        channels = list(self._channels.values())
+        self._channels.clear()
+        await asyncio.gather(*(c.close() for c in channels), *self._closing)

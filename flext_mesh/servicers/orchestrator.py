@@ -1,0 +1,108 @@
+"""OrchestratorService: protobuf in, Orchestrator calls, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from flext_mesh.errors import rpc_errors
+from flext_mesh.orchestrator import Orchestrator
+from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+__all__ = ["OrchestratorServicer", "add_orchestrator_servicer"]
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """Serves workflow definitions and executions."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+
+    @rpc_errors
+    async def PutWorkflow(
+        self, request: orchestrator_pb2.PutWorkflowRequest, context: _Context
+    ) -> orchestrator_pb2.PutWorkflowResponse:
+        """Create or replace a definition."""
+        workflow, changed = await self.orchestrator.put_workflow(request.workflow)
+        return orchestrator_pb2.PutWorkflowResponse(workflow=workflow, changed=changed)
+
+    @rpc_errors
+    async def GetWorkflow(
+        self, request: orchestrator_pb2.GetWorkflowRequest, context: _Context
+    ) -> orchestrator_pb2.GetWorkflowResponse:
+        """One definition."""
+        workflow = await self.orchestrator.get_workflow(request.name, request.version)
+        return orchestrator_pb2.GetWorkflowResponse(workflow=workflow)
+
+    @rpc_errors
+    async def ListWorkflows(
+        self, request: orchestrator_pb2.ListWorkflowsRequest, context: _Context
+    ) -> orchestrator_pb2.ListWorkflowsResponse:
+        """Definitions by name, paged."""
+        workflows, token = await self.orchestrator.list_workflows(
+            request.page_size, request.page_token
+        )
+        return orchestrator_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token)
+
+    @rpc_errors
+    async def DeleteWorkflow(
+        self, request: orchestrator_pb2.DeleteWorkflowRequest, context: _Context
+    ) -> orchestrator_pb2.DeleteWorkflowResponse:
+        """Delete a definition."""
+        await self.orchestrator.delete_workflow(request.name)
+        return orchestrator_pb2.DeleteWorkflowResponse()
+
+    @rpc_errors
+    async def StartExecution(
+        self, request: orchestrator_pb2.StartExecutionRequest, context: _Context
+    ) -> orchestrator_pb2.StartExecutionResponse:
+        """Persist and start an execution."""
+        execution, existing = await self.orchestrator.start_execution(request)
+        return orchestrator_pb2.StartExecutionResponse(execution=execution, existing=existing)
+
+    @rpc_errors
+    async def GetExecution(
+        self, request: orchestrator_pb2.GetExecutionRequest, context: _Context
+    ) -> orchestrator_pb2.GetExecutionResponse:
+        """One execution, with its history on request."""
+        execution, events = await self.orchestrator.get_execution(
+            request.execution_id, include_events=request.include_events
+        )
+        return orchestrator_pb2.GetExecutionResponse(execution=execution, events=events)
+
+    @rpc_errors
+    async def ListExecutions(
+        self, request: orchestrator_pb2.ListExecutionsRequest, context: _Context
+    ) -> orchestrator_pb2.ListExecutionsResponse:
+        """Executions newest first, filtered and paged."""
+        executions, token = await self.orchestrator.list_executions(
+            request.workflow_name, request.state, request.page_size, request.page_token
+        )
+        return orchestrator_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
+
+    @rpc_errors
+    async def CancelExecution(
+        self, request: orchestrator_pb2.CancelExecutionRequest, context: _Context
+    ) -> orchestrator_pb2.CancelExecutionResponse:
+        """Cancel and compensate."""
+        execution = await self.orchestrator.cancel_execution(request.execution_id, request.reason)
+        return orchestrator_pb2.CancelExecutionResponse(execution=execution)
+
+    @rpc_errors
+    async def WatchExecution(
+        self, request: orchestrator_pb2.WatchExecutionRequest, context: _Context
+    ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
+        """Events until the execution ends."""
+        async for message in self.orchestrator.watch_execution(
+            request.execution_id, request.after_index
+        ):
+            yield message
+
+
+def add_orchestrator_servicer(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
+    """Serve the orchestrator."""
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
