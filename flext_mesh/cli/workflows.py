@@ -1,0 +1,921 @@
+"""``flext-mesh workflow`` and ``flext-mesh execution``: the orchestrator from a shell.
+
+``workflow apply|list|show|delete|run`` manage definitions and start executions;
+``execution show|list|cancel|watch`` inspect and steer them. Like the other nouns,
+each command asks OrchestratorService over the channel it is given and returns the text
+to print; the caller (:func:`flext_mesh.cli.main`) owns the channel and turns a failed
+RPC into one line on stderr. Two things differ: ``--watch`` and ``execution watch``
+print each event as it happens (and exit 1 unless the execution SUCCEEDED), and
+``workflow apply`` lists every field violation of a rejected definition, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from flext_mesh.cli.output import EMPTY, enum_label, message_to_dict, render_json, render_table
+from flext_mesh.errors import FieldViolation, InvalidArgument, from_rpc_error
+from flext_mesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+__all__ = [
+    "ENDED_STATES",
+    "EXECUTION_HEADERS",
+    "STEP_HEADERS",
+    "WORKFLOW_HEADERS",
+    "WORKFLOW_STEP_HEADERS",
+    "add_commands",
+    "apply",
+    "cancel_execution",
+    "delete_workflow",
+    "describe_workflow",
+    "human_duration",
+    "list_executions",
+    "list_workflows",
+    "parse_state",
+    "run_workflow",
+    "show_execution",
+    "show_workflow",
+    "watch_execution",
+]
+
+Xs = orchestrator_pb2.ExecutionState
+Ev = orchestrator_pb2.ExecutionEventType
+
+#: States an execution does not leave.
+ENDED_STATES = frozenset(
+    {
+        Xs.EXECUTION_STATE_SUCCEEDED,
+        Xs.EXECUTION_STATE_FAILED,
+        Xs.EXECUTION_STATE_COMPENSATED,
+        Xs.EXECUTION_STATE_COMPENSATION_FAILED,
+        Xs.EXECUTION_STATE_CANCELLED,
+    }
+)
+#: Columns of ``workflow list``.
+WORKFLOW_HEADERS = ("NAME", "VERSION", "STEPS", "UPDATED")
+#: Columns of the step table of ``workflow show``.
+WORKFLOW_STEP_HEADERS = (
+    "STEP",
+    "CALLS",
+    "DEPENDS_ON",
+    "REQUIRED",
+    "TIMEOUT",
+    "RETRY",
+    "COMPENSATION",
+)
+#: Columns of ``execution list``.
+EXECUTION_HEADERS = ("ID", "WORKFLOW", "STATE", "STARTED", "DURATION")
+#: Columns of the step table of ``execution show``.
+STEP_HEADERS = ("STEP", "STATE", "ATTEMPTS", "DURATION", "INSTANCE", "ERROR")
+
+_PROG = "flext-mesh"
+_PAGE_SIZE = 1000  # the largest page the orchestrator allows: fewest round trips
+_EXECUTION_SUBJECT = "(execution)"  # step names cannot hold parentheses
+# Reconnections of a watch whose stream broke with UNAVAILABLE (a control-plane
+# restart): each try waits this long at most for the channel to be ready again.
+_RECONNECT_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0)
+
+
+def add_commands(
+    nouns: argparse._SubParsersAction[Any],
+    parents: Sequence[argparse.ArgumentParser],
+) -> None:
+    """Add the ``workflow`` and ``execution`` nouns; ``parents`` carry the connection flags."""
+    _add_workflow_commands(nouns, parents)
+    _add_execution_commands(nouns, parents)
+
+
+def _add_workflow_commands(
+    nouns: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser]
+) -> None:
+    noun = nouns.add_parser(
+        "workflow",
+        aliases=["workflows"],
+        help="apply, list, show, delete and run workflow definitions",
+        description="Manage the workflow definitions of a running control plane.",
+    )
+    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    apply_p = verbs.add_parser(
+        "apply",
+        parents=parents,
+        help="create or update workflows from YAML or JSON files",
+        description=(
+            "Create or update the workflows of YAML (several documents allowed) or JSON "
+            "files. Every file is read first: nothing is applied when one cannot be. "
+            "Prints each workflow's version and whether it changed."
+        ),
+    )
+    apply_p.add_argument("files", metavar="FILE", nargs="+", help=".yaml, .yml or .json file")
+    apply_p.set_defaults(run=apply)
+
+    list_p = verbs.add_parser(
+        "list",
+        parents=parents,
+        help="one row per workflow (latest versions)",
+        description="One row per workflow definition, latest versions, sorted by name.",
+    )
+    list_p.set_defaults(run=list_workflows)
+
+    show_p = verbs.add_parser(
+        "show",
+        parents=parents,
+        help="a workflow's steps with their effective settings",
+        description=(
+            "A workflow's steps with their effective settings (defaults applied); "
+            "-o json prints the definition as stored."
+        ),
+    )
+    show_p.add_argument("name", metavar="NAME", help="workflow name")
+    show_p.add_argument(
+        "--version", metavar="N", type=_positive, default=0, help="this version (default latest)"
+    )
+    show_p.set_defaults(run=show_workflow)
+
+    delete_p = verbs.add_parser(
+        "delete",
+        parents=parents,
+        help="delete a workflow (running executions finish)",
+        description="Delete a workflow; executions already started finish on their version.",
+    )
+    delete_p.add_argument("name", metavar="NAME", help="workflow name")
+    delete_p.set_defaults(run=delete_workflow)
+
+    run_p = verbs.add_parser(
+        "run",
+        parents=parents,
+        help="start an execution, optionally following it live",
+        description=(
+            "Start an execution of a stored workflow and print its id. With --watch, "
+            "print each event as it happens and exit 0 only if the execution SUCCEEDED. "
+            "-o json prints the StartExecutionResponse (with --watch: one JSON object "
+            "per line, then every WatchExecutionResponse)."
+        ),
+    )
+    run_p.add_argument("name", metavar="NAME", help="workflow name")
+    run_p.add_argument(
+        "--version", metavar="N", type=_positive, default=0, help="this version (default latest)"
+    )
+    given = run_p.add_mutually_exclusive_group()
+    given.add_argument(
+        "--input",
+        metavar="JSON",
+        type=_input_json,
+        help="execution input, a JSON object (default {})",
+    )
+    given.add_argument(
+        "--input-file",
+        metavar="FILE",
+        type=_input_file,
+        dest="input",
+        help="execution input from a JSON or YAML file holding an object",
+    )
+    run_p.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        default="",
+        help="a second run with the same key returns the first execution",
+    )
+    run_p.add_argument("--watch", action="store_true", help="follow the execution until it ends")
+    run_p.set_defaults(run=run_workflow)
+
+
+def _add_execution_commands(
+    nouns: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser]
+) -> None:
+    noun = nouns.add_parser(
+        "execution",
+        aliases=["executions"],
+        help="show, list, cancel and watch workflow executions",
+        description="Inspect and steer the workflow executions of a running control plane.",
+    )
+    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    show_p = verbs.add_parser(
+        "show",
+        parents=parents,
+        help="an execution's state and its steps",
+        description=(
+            "An execution's state, times, error and steps. -o json prints the "
+            "GetExecutionResponse (events empty unless --events)."
+        ),
+    )
+    show_p.add_argument("id", metavar="ID", help="execution id")
+    show_p.add_argument("--events", action="store_true", help="also print the event history")
+    show_p.set_defaults(run=show_execution)
+
+    list_p = verbs.add_parser(
+        "list",
+        parents=parents,
+        help="executions, newest first",
+        description="Executions, newest first, optionally of one workflow or in one state.",
+    )
+    list_p.add_argument("--workflow", metavar="NAME", default="", help="only this workflow's")
+    list_p.add_argument(
+        "--state",
+        metavar="STATE",
+        type=parse_state,
+        default=Xs.EXECUTION_STATE_UNSPECIFIED,
+        help=f"only executions in this state ({', '.join(_STATE_NAMES)})",
+    )
+    list_p.add_argument(
+        "--limit",
+        metavar="N",
+        type=_count,
+        default=50,
+        help="at most N executions (default %(default)s; 0 for all)",
+    )
+    list_p.set_defaults(run=list_executions)
+
+    cancel_p = verbs.add_parser(
+        "cancel",
+        parents=parents,
+        help="cancel an execution (completed steps are compensated)",
+        description=(
+            "Cancel an execution: running steps are stopped and completed ones "
+            "compensated. Prints the state the control plane reports afterwards."
+        ),
+    )
+    cancel_p.add_argument("id", metavar="ID", help="execution id")
+    cancel_p.add_argument("--reason", metavar="TEXT", default="", help="recorded in the history")
+    cancel_p.set_defaults(run=cancel_execution)
+
+    watch_p = verbs.add_parser(
+        "watch",
+        parents=parents,
+        help="follow an execution live until it ends",
+        description=(
+            "Print an execution's events from the start, then live until it ends; exit 0 "
+            "only if it SUCCEEDED. -o json prints one WatchExecutionResponse per line."
+        ),
+    )
+    watch_p.add_argument("id", metavar="ID", help="execution id")
+    watch_p.set_defaults(run=watch_execution)
+
+
+# -- workflow ------------------------------------------------------------------------------
+
+
+def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``workflow apply``: read every file, then PutWorkflow each workflow in file order.
+
+    A file that cannot be read or converted stops everything before any call; a
+    definition the control plane rejects is reported with all its violations, the
+    others are still applied, and the command exits 1.
+    """
+    # Imported here: the orchestrator package is heavy and only apply needs it.
+    from flext_mesh.orchestrator.definition import load_workflow_file  # noqa: PLC0415
+
+    loaded: list[tuple[str, orchestrator_pb2.Workflow]] = []
+    problems: list[str] = []
+    for name in args.files:
+        try:
+            loaded.extend((name, workflow) for workflow in load_workflow_file(name))
+        except InvalidArgument as exc:
+            problems.append(_violations_block(f"{name} is not a valid workflow file", exc))
+    if problems:
+        _fail_with("".join(problems))
+
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    applied: list[orchestrator_pb2.PutWorkflowResponse] = []
+    for name, workflow in loaded:
+        try:
+            applied.append(
+                stub.PutWorkflow(
+                    orchestrator_pb2.PutWorkflowRequest(workflow=workflow), timeout=args.timeout
+                )
+            )
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if not isinstance(error, InvalidArgument):
+                raise
+            label = f"workflow {workflow.name!r} ({name})" if workflow.name else name
+            problems.append(_violations_block(f"{label} is not valid", error))
+    if args.output == "json":
+        text = render_json([message_to_dict(response) for response in applied])
+    else:
+        text = "".join(
+            f"{r.workflow.name}: version {r.workflow.version} "
+            f"({'changed' if r.changed else 'unchanged'})\n"
+            for r in applied
+        )
+    if problems:
+        _emit(text)
+        _fail_with("".join(problems))
+    return text
+
+
+def list_workflows(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``workflow list``: every page of ListWorkflows, as a table or a JSON array."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    workflows: list[orchestrator_pb2.Workflow] = []
+    token = ""
+    while True:
+        page = stub.ListWorkflows(
+            orchestrator_pb2.ListWorkflowsRequest(page_size=_PAGE_SIZE, page_token=token),
+            timeout=args.timeout,
+        )
+        workflows.extend(page.workflows)
+        if not page.next_page_token or page.next_page_token == token:
+            break
+        token = page.next_page_token
+    if args.output == "json":
+        return render_json([message_to_dict(w) for w in workflows])
+    return render_table(
+        WORKFLOW_HEADERS,
+        ((w.name, w.version, len(w.steps), _date_time(w.update_time)) for w in workflows),
+    )
+
+
+def show_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``workflow show``: the definition, with every default spelled out."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    workflow = stub.GetWorkflow(
+        orchestrator_pb2.GetWorkflowRequest(name=args.name, version=args.version),
+        timeout=args.timeout,
+    ).workflow
+    if args.output == "json":
+        return render_json(message_to_dict(workflow))
+    return describe_workflow(workflow)
+
+
+def describe_workflow(workflow: orchestrator_pb2.Workflow) -> str:
+    """A workflow for people: a header, one table row per step, then the input templates."""
+    from flext_mesh.orchestrator.definition import validate_workflow  # noqa: PLC0415
+
+    lines = [f"workflow {workflow.name}, version {workflow.version}"]
+    try:
+        # The spec carries the defaults the orchestrator applies.
+        spec = validate_workflow(workflow)
+    except InvalidArgument as exc:  # stored under older rules than this CLI's
+        lines.append(f"note: the definition does not validate here ({_flat(exc.message)})")
+        return "\n".join(lines) + "\n" + render_json(message_to_dict(workflow))
+    if workflow.description:
+        lines.append(f"description: {workflow.description}")
+    timeout = human_duration(spec.timeout) if spec.timeout is not None else "none"
+    lines.append(f"timeout: {timeout}")
+    lines.append(
+        f"created: {_date_time(workflow.create_time)}   updated: {_date_time(workflow.update_time)}"
+    )
+    rows = []
+    templates = []
+    for step in spec.steps:
+        retry = step.retry
+        compensation = "-"
+        if step.compensation is not None:
+            comp = step.compensation
+            compensation = (
+                f"{comp.service}.{comp.operation} "
+                f"(timeout {human_duration(comp.timeout)}, {comp.retry.max_attempts} attempts)"
+            )
+            if comp.input is not None:
+                templates.append(f"compensation input of {step.name}: {_compact(comp.input)}")
+        if step.input is not None:
+            templates.append(f"input of {step.name}: {_compact(step.input)}")
+        rows.append(
+            (
+                step.name,
+                f"{step.service}.{step.operation}",
+                ",".join(step.depends_on),
+                "yes" if step.required else "no",
+                human_duration(step.timeout),
+                f"{retry.max_attempts} attempts, backoff {human_duration(retry.initial_backoff)}"
+                f" x{retry.multiplier:g} up to {human_duration(retry.max_backoff)}",
+                compensation,
+            )
+        )
+    lines.append("")
+    lines.append(render_table(WORKFLOW_STEP_HEADERS, rows).rstrip("\n"))
+    if templates:
+        lines.append("")
+        lines.extend(templates)
+    return "\n".join(lines) + "\n"
+
+
+def delete_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``workflow delete``: DeleteWorkflow; running executions finish on their copy."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    response = stub.DeleteWorkflow(
+        orchestrator_pb2.DeleteWorkflowRequest(name=args.name), timeout=args.timeout
+    )
+    if args.output == "json":
+        return render_json(message_to_dict(response))
+    return f"workflow {args.name!r} deleted\n"
+
+
+def run_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``workflow run``: StartExecution; with ``--watch``, follow it to its end."""
+    request = orchestrator_pb2.StartExecutionRequest(
+        workflow_name=args.name,
+        workflow_version=args.version,
+        idempotency_key=args.idempotency_key,
+    )
+    if args.input is not None:
+        request.input.CopyFrom(args.input)
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    response = stub.StartExecution(request, timeout=args.timeout)
+    execution = response.execution
+    if not args.watch:
+        if args.output == "json":
+            return render_json(message_to_dict(response))
+        return f"{execution.execution_id}\n"
+    if args.output == "json":
+        _emit(_json_line(response))
+    else:
+        how = "exists for this idempotency key" if response.existing else "started"
+        _emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
+    _watch_to_end(channel, args, execution)
+    return ""
+
+
+# -- execution -----------------------------------------------------------------------------
+
+
+def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``execution show``: state, times, error and steps; the history with ``--events``."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    response = stub.GetExecution(
+        orchestrator_pb2.GetExecutionRequest(execution_id=args.id, include_events=args.events),
+        timeout=args.timeout,
+    )
+    if args.output == "json":
+        return render_json(message_to_dict(response))
+    execution = response.execution
+    lines = [
+        f"execution {execution.execution_id}",
+        f"workflow:     {_workflow_label(execution)}",
+        f"state:        {_state(execution.state)}",
+        f"created:      {_date_time(execution.create_time, millis=True)}",
+        f"started:      {_date_time(execution.start_time, millis=True)}",
+        f"ended:        {_date_time(execution.end_time, millis=True)}",
+        f"duration:     {_duration_of(execution)}",
+    ]
+    if execution.HasField("error"):
+        failed = f" (step {execution.failed_step})" if execution.failed_step else ""
+        lines.append(f"error:        {_error_text(execution.error)}{failed}")
+    lines.append(f"correlation:  {execution.correlation_id}")
+    if execution.idempotency_key:
+        lines.append(f"idempotency:  {execution.idempotency_key}")
+    lines.append("")
+    lines.append(render_table(STEP_HEADERS, (_step_row(s) for s in execution.steps)).rstrip())
+    if args.events:
+        lines.append("")
+        lines.append("events:")
+        lines.extend(_event_lines(execution, response.events))
+    return "\n".join(lines) + "\n"
+
+
+def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``execution list``: pages of ListExecutions (newest first) up to ``--limit``."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    found: list[orchestrator_pb2.Execution] = []
+    token = ""
+    while not args.limit or len(found) < args.limit:
+        wanted = args.limit - len(found) if args.limit else _PAGE_SIZE
+        page = stub.ListExecutions(
+            orchestrator_pb2.ListExecutionsRequest(
+                workflow_name=args.workflow,
+                state=args.state,
+                page_size=min(wanted, _PAGE_SIZE),
+                page_token=token,
+            ),
+            timeout=args.timeout,
+        )
+        found.extend(page.executions)
+        if not page.next_page_token or page.next_page_token == token:
+            break
+        token = page.next_page_token
+    if args.limit:
+        found = found[: args.limit]
+    if args.output == "json":
+        return render_json([message_to_dict(e) for e in found])
+    return render_table(
+        EXECUTION_HEADERS,
+        (
+            (
+                e.execution_id,
+                _workflow_label(e),
+                _state(e.state),
+                _date_time(e.start_time),
+                _duration_of(e),
+            )
+            for e in found
+        ),
+    )
+
+
+def cancel_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``execution cancel``: CancelExecution; prints the state reported afterwards."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    response = stub.CancelExecution(
+        orchestrator_pb2.CancelExecutionRequest(execution_id=args.id, reason=args.reason),
+        timeout=args.timeout,
+    )
+    if args.output == "json":
+        return render_json(message_to_dict(response))
+    return f"execution {response.execution.execution_id}: {_state(response.execution.state)}\n"
+
+
+def watch_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``execution watch``: the history, then live events until the execution ends."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    execution = stub.GetExecution(
+        orchestrator_pb2.GetExecutionRequest(execution_id=args.id), timeout=args.timeout
+    ).execution
+    if args.output != "json":
+        _emit(f"execution {execution.execution_id} of {_workflow_label(execution)}\n")
+    _watch_to_end(channel, args, execution)
+    return ""
+
+
+# -- the live view -------------------------------------------------------------------------
+
+
+class _Progress:
+    """Turns events into lines, remembering when each step (and compensation) started."""
+
+    def __init__(self, execution: orchestrator_pb2.Execution) -> None:
+        names = [s.step_name for s in execution.steps]
+        self.width = max([len(_EXECUTION_SUBJECT), *(len(n) for n in names)])
+        self.started: dict[str, int] = {}
+        self.compensating: dict[str, int] = {}
+
+    def line(self, event: orchestrator_pb2.ExecutionEvent) -> str:
+        """The line of one event: ``  HH:MM:SS.mmm  SUBJECT  WHAT``."""
+        when = event.time.ToNanoseconds()
+        if event.type == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
+            self.started.setdefault(event.step_name, when)
+        elif event.type == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED:
+            self.compensating.setdefault(event.step_name, when)
+        subject = event.step_name if _is_step_event(event) else _EXECUTION_SUBJECT
+        return f"  {_clock(event.time)}  {subject.ljust(self.width)}  {self._what(event, when)}"
+
+    def _since(self, starts: dict[str, int], step: str, when: int) -> str:
+        start = starts.get(step)
+        return "" if start is None else f" {human_duration((when - start) / 1e9)}"
+
+    def _what(self, event: orchestrator_pb2.ExecutionEvent, when: int) -> str:
+        kind = event.type
+        step = event.step_name
+        on = f" on {event.instance_id}" if event.instance_id else ""
+        note = f": {_flat(event.message)}" if event.message else ""
+        error = _error_text(event.error) if event.HasField("error") else ""
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
+            return f"STARTED (attempt {event.attempt}){note}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING:
+            backoff = human_duration(_seconds(event.backoff))
+            served = f" on {event.instance_id}" if event.instance_id else ""
+            return f"RETRYING after {backoff}: {error} (attempt {event.attempt}{served})"
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED:
+            return f"SUCCEEDED{self._since(self.started, step, when)}{on}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_FAILED:
+            return f"FAILED{self._since(self.started, step, when)}{on}: {error}{note}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED:
+            after = f" after {error}" if error else ""
+            return f"COMPENSATION_STARTED {event.message} (attempt {event.attempt}){after}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED:
+            return f"COMPENSATION_SUCCEEDED{self._since(self.compensating, step, when)}{on}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED:
+            return f"COMPENSATION_FAILED{on}: {error}{note}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
+            failed = f" (step {step})" if step else ""
+            cause = f": {error}{failed}" if error else ""
+            return f"ENDED {_state(event.execution_state)}{cause}"
+        name = _event_name(kind).removeprefix("EXECUTION_")
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED:
+            name = "CANCELLED"
+        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED:
+            name = "SKIPPED"
+        return f"{name}{note}"
+
+
+def _event_lines(
+    execution: orchestrator_pb2.Execution, events: Iterable[orchestrator_pb2.ExecutionEvent]
+) -> list[str]:
+    progress = _Progress(execution)
+    return [progress.line(event) for event in events]
+
+
+def _is_step_event(event: orchestrator_pb2.ExecutionEvent) -> bool:
+    return bool(event.step_name) and event.type != Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED
+
+
+def _summary(execution: orchestrator_pb2.Execution) -> str:
+    text = f"execution {execution.execution_id}: {_state(execution.state)}"
+    if execution.HasField("duration"):
+        text += f" in {human_duration(_seconds(execution.duration))}"
+    if execution.HasField("error") and execution.state != Xs.EXECUTION_STATE_SUCCEEDED:
+        failed = f"step {execution.failed_step}: " if execution.failed_step else ""
+        text += f" ({failed}{_error_text(execution.error)})"
+    return text + "\n"
+
+
+def _watch_to_end(
+    channel: grpc.Channel, args: argparse.Namespace, execution: orchestrator_pb2.Execution
+) -> None:
+    """Print events until the execution ends; exit 1 unless it SUCCEEDED."""
+    progress = _Progress(execution)
+
+    def show(message: orchestrator_pb2.WatchExecutionResponse) -> None:
+        if args.output == "json":
+            _emit(_json_line(message))
+        elif message.HasField("event"):
+            _emit(progress.line(message.event) + "\n")
+
+    try:
+        ended = _follow(channel, execution.execution_id, show, args.control_plane)
+    except KeyboardInterrupt:
+        _note(_resume_hint(execution.execution_id))
+        raise
+    if args.output != "json":
+        _emit(_summary(ended))
+    if ended.state != Xs.EXECUTION_STATE_SUCCEEDED:
+        raise SystemExit(1)
+
+
+def _follow(
+    channel: grpc.Channel,
+    execution_id: str,
+    show: Callable[[orchestrator_pb2.WatchExecutionResponse], None],
+    address: str,
+) -> orchestrator_pb2.Execution:
+    """Stream WatchExecution to ``show`` until the end; returns the ended execution.
+
+    When the stream breaks with UNAVAILABLE (the control plane restarts, or this
+    watcher fell behind), it waits for the channel and watches again after the last
+    event shown, a few times, so no event is lost or shown twice.
+    """
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    last = 0
+    tries = 0
+    while True:
+        broken: grpc.RpcError | None = None
+        try:
+            # No deadline: an execution may run for days; the stream ends with it.
+            for message in stub.WatchExecution(
+                orchestrator_pb2.WatchExecutionRequest(execution_id=execution_id, after_index=last)
+            ):
+                if tries:
+                    _note(f"watching again after event {last}")
+                    tries = 0
+                if message.event.index > last or not message.HasField("event"):
+                    last = max(last, message.event.index)
+                    show(message)
+                if message.HasField("execution"):
+                    return message.execution
+            lost = "the stream ended before the execution did"
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            broken, lost = exc, _flat(exc.details() or "UNAVAILABLE")
+        if tries == len(_RECONNECT_WAITS):
+            _note(_resume_hint(execution_id))
+            if broken is not None:
+                raise broken  # the usual "cannot reach the control plane" line
+            _fail_with(f"lost the watch of execution {execution_id}: {lost}\n")
+        if tries == 0:
+            _note(f"watch interrupted after event {last} ({lost}); reconnecting to {address}")
+        else:
+            _note(f"reconnecting to {address} (try {tries + 1} of {len(_RECONNECT_WAITS)}): {lost}")
+        ready = grpc.channel_ready_future(channel)
+        try:
+            ready.result(timeout=_RECONNECT_WAITS[tries])
+        except grpc.FutureTimeoutError:
+            pass
+        finally:
+            ready.cancel()
+        tries += 1
+
+
+def _resume_hint(execution_id: str) -> str:
+    return (
+        f"execution {execution_id} goes on; follow it with: {_PROG} execution watch {execution_id}"
+    )
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def human_duration(seconds: float) -> str:
+    """``12.3 ms`` below one second, else ``1.5 s`` (one decimal, ``.0`` dropped)."""
+    if seconds < 1:
+        return f"{seconds * 1000:.1f}".removesuffix(".0") + " ms"
+    return f"{seconds:.1f}".removesuffix(".0") + " s"
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.ToNanoseconds() / 1e9
+
+
+def _duration_of(execution: orchestrator_pb2.Execution) -> str:
+    if not execution.HasField("duration"):
+        return EMPTY
+    return human_duration(_seconds(execution.duration))
+
+
+def _set(timestamp: Timestamp) -> bool:
+    return bool(timestamp.seconds or timestamp.nanos)
+
+
+def _clock(timestamp: Timestamp) -> str:
+    """Local ``HH:MM:SS.mmm``."""
+    local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
+    return local.strftime("%H:%M:%S.") + f"{local.microsecond // 1000:03d}"
+
+
+def _date_time(timestamp: Timestamp, *, millis: bool = False) -> str:
+    """Local ``YYYY-MM-DD HH:MM:SS`` (with ``.mmm`` when asked); ``-`` when unset."""
+    if not _set(timestamp):
+        return EMPTY
+    local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
+    text = local.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{local.microsecond // 1000:03d}" if millis else text
+
+
+def _state(state: int) -> str:
+    try:
+        return enum_label(Xs.Name(state), "EXECUTION_STATE_")  # type: ignore[arg-type]
+    except ValueError:  # a state newer than this CLI
+        return str(state)
+
+
+def _step_state(state: int) -> str:
+    try:
+        return enum_label(
+            orchestrator_pb2.StepState.Name(state),  # type: ignore[arg-type]
+            "STEP_STATE_",
+        )
+    except ValueError:
+        return str(state)
+
+
+def _event_name(kind: int) -> str:
+    try:
+        return enum_label(Ev.Name(kind), "EXECUTION_EVENT_TYPE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(kind)
+
+
+def _workflow_label(execution: orchestrator_pb2.Execution) -> str:
+    return f"{execution.workflow_name or '(inline)'}@{execution.workflow_version}"
+
+
+def _error_text(error: common_pb2.ErrorInfo) -> str:
+    return " ".join(part for part in (error.code_name, _flat(error.message)) if part)
+
+
+def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
+    errors = []
+    if step.HasField("error"):
+        errors.append(_error_text(step.error))
+    if step.HasField("compensation_error"):
+        errors.append(f"compensation: {_error_text(step.compensation_error)}")
+    attempts = str(step.attempts)
+    if step.compensation_attempts:
+        attempts += f" (+{step.compensation_attempts} comp.)"
+    return (
+        step.step_name,
+        _step_state(step.state),
+        attempts,
+        human_duration(_seconds(step.duration)) if step.HasField("duration") else EMPTY,
+        step.instance_id,
+        "; ".join(errors),
+    )
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _compact(data: Any) -> str:
+    return json.dumps(data, separators=(", ", ": "), ensure_ascii=False)
+
+
+def _json_line(message: Message) -> str:
+    return json.dumps(message_to_dict(message), separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _violations_block(headline: str, error: InvalidArgument) -> str:
+    violations = error.violations or (FieldViolation("", error.message),)
+    lines = [f"{_PROG}: error: {headline}:"]
+    lines.extend(
+        f"  {v.field}: {_flat(v.description)}" if v.field else f"  {_flat(v.description)}"
+        for v in violations
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _emit(text: str) -> None:
+    """Write to stdout now (live output); a closed pipe ends the command quietly."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `flext-mesh execution watch ID | head -3`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"{_PROG}: {text}\n")
+    sys.stderr.flush()
+
+
+def _fail_with(text: str) -> NoReturn:
+    """Exit 1 after writing ``text`` (full ``flext-mesh: error: ...`` lines) to stderr."""
+    if not text.startswith(f"{_PROG}: "):
+        text = f"{_PROG}: error: {text}"
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+# -- argument types ------------------------------------------------------------------------
+
+_STATE_NAMES = tuple(
+    enum_label(name, "EXECUTION_STATE_").lower()
+    for name, value in Xs.items()
+    if value != Xs.EXECUTION_STATE_UNSPECIFIED
+)
+
+
+def parse_state(value: str) -> orchestrator_pb2.ExecutionState.ValueType:
+    """``running``, ``RUNNING`` or ``EXECUTION_STATE_RUNNING`` as the enum (argparse type)."""
+    name = value.strip().upper().replace("-", "_")
+    if not name.startswith("EXECUTION_STATE_"):
+        name = "EXECUTION_STATE_" + name
+    if name == "EXECUTION_STATE_UNSPECIFIED" or name not in Xs.keys():  # noqa: SIM118
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an execution state (one of {', '.join(_STATE_NAMES)})"
+        )
+    return Xs.Value(name)
+
+
+def _input_struct(data: Any, origin: str) -> struct_pb2.Struct:
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(f"{origin} must hold a JSON object, not {data!r:.40}")
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(data)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{origin} is not JSON data: {exc}") from exc
+    return struct
+
+
+def _input_json(value: str) -> struct_pb2.Struct:
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    return _input_struct(data, "the input")
+
+
+def _input_file(value: str) -> struct_pb2.Struct:
+    path = Path(value)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {exc}") from exc
+    import yaml  # noqa: PLC0415 - only YAML input files need it
+
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise argparse.ArgumentTypeError(f"{value}: {_flat(str(exc))}") from exc
+    return _input_struct(data, value)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return number
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+    return number
