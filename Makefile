@@ -83,6 +83,7 @@ bench: $(VENV)/.installed-dev  ## Run the benchmarks (prints figures; takes minu
 	$(PY) -m bench.registry
 	$(PY) -m bench.metrics
 	$(PY) -m bench.sidecar
+	$(PY) -m bench.orchestrator
 
 demo: $(VENV)/.installed  ## A control plane, three sidecars and a caller, end to end.
 	$(PY) -m examples.demo
