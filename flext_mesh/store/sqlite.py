@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -123,7 +123,9 @@ class SqliteStore:
         self._history = history_revisions
         self._sweep_interval = sweep_interval
         self._read_threads = read_threads
-        self._queue: queue.SimpleQueue[tuple[_Write, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[_Write, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -248,9 +250,9 @@ class SqliteStore:
             conn.close()
 
     def _commit_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]
+        self, conn: sqlite3.Connection, batch: list[tuple[_Write, asyncio.Future[Any]]]
     ) -> None:
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         published: list[Event] = []
         start_revision = self._revision
         try:
@@ -297,7 +299,9 @@ class SqliteStore:
         conn.execute("UPDATE meta SET value=? WHERE name='compact_revision'", (floor,))
         self._compact_revision = floor
 
-    def _resolve(self, outcomes: list[tuple[Future[Any], bool, Any]], events: list[Event]) -> None:
+    def _resolve(
+        self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], events: list[Event]
+    ) -> None:
         # On the event loop: publish first, so a caller that saw its write acknowledged
         # and then subscribes cannot miss it (it reads events_since from its revision).
         if events:
@@ -313,7 +317,7 @@ class SqliteStore:
                 if sub.closed:
                     self._subs.discard(sub)
         for fut, ok, value in outcomes:
-            if fut.cancelled():
+            if fut.done():  # its caller was cancelled; the write happened all the same
                 continue
             if ok:
                 fut.set_result(value)
@@ -323,9 +327,11 @@ class SqliteStore:
     async def _write(self, write: Callable[[_WriteCtx], _T]) -> _T:
         if self._closed:
             raise StoreUnavailable("store is closed")
-        fut: Future[_T] = Future()
+        # An asyncio future: only the loop touches it (the writer thread hands it back
+        # through _resolve), so acknowledging costs no second thread-safe wake-up.
+        fut: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         self._queue.put((write, fut))
-        return await asyncio.wrap_future(fut)
+        return await fut
 
     # -- reads -------------------------------------------------------------------
 
