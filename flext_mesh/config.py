@@ -105,6 +105,15 @@ class ServerConfig(BaseSettings):
         description="Series (operation x instance x version) a service may have at most.",
     )
 
+    switch_interval_ms: float = Field(
+        0.25,
+        ge=0.05,
+        le=100.0,
+        description=(
+            "Python's thread switch interval (sys.setswitchinterval), ms: how long a busy "
+            "event loop may keep the store and gRPC threads waiting for the GIL."
+        ),
+    )
     execution_retention: float = Field(
         7 * 86_400.0,
         ge=60.0,

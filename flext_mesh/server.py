@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -139,6 +140,9 @@ class ControlPlane:
     async def start(self) -> int:
         """Open the store, bind, start serving; returns the bound port."""
         host, port = parse_host_port(self.config.listen)
+        # Process-wide: the store's writer and gRPC's poller thread hand results to the
+        # loop; with the default 5 ms interval a busy loop makes each hand-off wait.
+        sys.setswitchinterval(self.config.switch_interval_ms / 1000)
         await self.store.open()
         try:
             await self.registry.start()
@@ -183,8 +187,12 @@ class ControlPlane:
         await self.store.close()
 
     def _report_call(self, record: metrics_pb2.CallRecord) -> None:
-        """A step call made by the orchestrator, folded like a sidecar's report."""
-        self.metrics.aggregator.ingest((record,))
+        """A step call made by the orchestrator, folded like a sidecar's report.
+
+        Queued and folded in batches with the workflow durations: folding one record
+        at a time costs about 100 µs on the event loop.
+        """
+        self.orchestrator.record(record)
 
     def _call_series(self) -> Iterable[CallSeries]:
         """The metrics service's cumulative call histograms, for Prometheus."""

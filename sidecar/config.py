@@ -44,6 +44,15 @@ class SidecarConfig(BaseSettings):
         10.0, ge=0.0, le=600.0, description="Seconds in-flight calls get to finish on SIGTERM."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    switch_interval_ms: float = Field(
+        0.25,
+        ge=0.05,
+        le=100.0,
+        description=(
+            "Python's thread switch interval (sys.setswitchinterval), ms: how long the loop "
+            "or a sync processor may keep gRPC's poller thread waiting for the GIL."
+        ),
+    )
 
     @field_validator("listen", "control_plane")
     @classmethod

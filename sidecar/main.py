@@ -82,6 +82,7 @@ class Sidecar:
         """Bind and serve, then start registering; returns the bound port."""
         config = self.config
         host, port = parse_host_port(config.listen)
+        sys.setswitchinterval(config.switch_interval_ms / 1000)  # process-wide, see config
         try:
             self.port = self.server.add_insecure_port(config.listen)
         except RuntimeError as exc:
