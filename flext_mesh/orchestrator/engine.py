@@ -40,6 +40,7 @@ import secrets
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -71,7 +72,16 @@ from flext_mesh.orchestrator.definition import (
 )
 from flext_mesh.orchestrator.history import ENDED_STATES, Ev, ExecutionView, St, Xs
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
-from flext_mesh.store import Compare, Delete, Put, Store, Subscription, SubscriptionLagged
+from flext_mesh.store import (
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    Put,
+    Store,
+    Subscription,
+    SubscriptionLagged,
+)
 from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2
 
 __all__ = [
@@ -234,11 +244,20 @@ class Orchestrator:
         self._stopping = False
         self._random = random.Random()
         self._watchers: set[Subscription] = set()
+        # Latest definitions, kept fresh by a store listener (every replica sees every
+        # PutWorkflow); validated specs per (name, version), which never change.
+        self._latest: dict[str, orchestrator_pb2.Workflow] = {}
+        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
+        self._pending_workflows: list[Event] | None = None
+        self._unlisten: Callable[[], None] | None = None
+        # Records of executions that just ended, for the last WatchExecution message.
+        self._ended: OrderedDict[str, bytes] = OrderedDict()
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume every execution that had not ended, and start background work."""
+        """Load the workflows, resume every execution that had not ended, start work."""
+        await self._load_workflows()
         active = await self.store.range(_ACTIVE)
         for kv in active:
             execution_id = kv.key.removeprefix(_ACTIVE)
@@ -256,6 +275,9 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop driving executions (they resume at the next start) and close connections."""
         self._stopping = True
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         for task in [*self._background, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
@@ -354,14 +376,46 @@ class Orchestrator:
                 _log.info("workflow stored name=%s version=%d", workflow.name, version)
                 return fresh, True
 
+    async def _load_workflows(self) -> None:
+        self._pending_workflows = []
+        self._unlisten = self.store.listen(_WORKFLOWS, self._on_workflows)
+        revision, kvs = await self.store.snapshot(_WORKFLOWS)
+        for kv in kvs:
+            self._latest[kv.key.removeprefix(_WORKFLOWS)] = orchestrator_pb2.Workflow.FromString(
+                kv.value
+            )
+        pending, self._pending_workflows = self._pending_workflows, None
+        self._on_workflows([e for e in pending if e.revision > revision])
+
+    def _on_workflows(self, events: list[Event]) -> None:
+        """Store listener: keep the latest definitions (on the loop, before acks)."""
+        if self._pending_workflows is not None:
+            self._pending_workflows.extend(events)
+            return
+        for event in events:
+            name = event.key.removeprefix(_WORKFLOWS)
+            if event.type == EventType.DELETE:
+                self._latest.pop(name, None)
+            else:
+                self._latest[name] = orchestrator_pb2.Workflow.FromString(event.value)
+
+    def _spec_of(self, workflow: orchestrator_pb2.Workflow) -> WorkflowSpec:
+        key = (workflow.name, workflow.version)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = _validated(workflow)
+            if len(self._specs) > 1024:
+                self._specs.popitem(last=False)
+        return spec
+
     async def get_workflow(self, name: str, version: int = 0) -> orchestrator_pb2.Workflow:
         """The latest (or a given) version; NOT_FOUND when unknown or deleted."""
         _require_name("name", name)
-        latest = await self.store.get(_WORKFLOWS + name)
+        latest = self._latest.get(name)
         if latest is None:
             raise NotFound(f"workflow {name!r} does not exist")
-        if version <= 0:
-            return orchestrator_pb2.Workflow.FromString(latest.value)
+        if version <= 0 or version == latest.version:
+            return latest
         kv = await self.store.get(f"{_VERSIONS}{name}/{version:012d}")
         if kv is None:
             raise NotFound(f"workflow {name!r} has no version {version}")
@@ -466,7 +520,7 @@ class Orchestrator:
                 "", [FieldViolation("workflow_version", "must be >= 0 (0 = latest)")]
             )
         workflow = await self.get_workflow(request.workflow_name, request.workflow_version)
-        return workflow, _validated(workflow)
+        return workflow, self._spec_of(workflow)
 
     async def _by_idempotency_key(self, key: str) -> orchestrator_pb2.Execution | None:
         kv = await self.store.get(_idempotency_key(key))
@@ -496,7 +550,7 @@ class Orchestrator:
     ) -> tuple[list[orchestrator_pb2.Execution], str]:
         """Executions newest first, filtered, and the next page's token."""
         size = _page_size(page_size)
-        if state and state not in Xs.values():
+        if state and state not in orchestrator_pb2.ExecutionState.values():
             raise InvalidArgument("", [FieldViolation("state", f"unknown state {state}")])
         found: list[orchestrator_pb2.Execution] = []
         cursor = _EXECUTIONS + page_token if page_token else ""
@@ -532,7 +586,7 @@ class Orchestrator:
             if execution.state in ENDED_STATES:
                 raise FailedPrecondition(
                     f"execution {execution_id} already ended "
-                    f"({Xs.Name(execution.state).removeprefix('EXECUTION_STATE_')})"
+                    f"({orchestrator_pb2.ExecutionState.Name(execution.state).removeprefix('EXECUTION_STATE_')})"
                 )
             raise Unavailable(f"execution {execution_id} is being resumed; retry shortly")
         await run.request_cancel(reason)
@@ -556,22 +610,23 @@ class Orchestrator:
         subscription = self.store.subscribe(prefix)
         self._watchers.add(subscription)
         try:
-            execution, _ = await self.get_execution(execution_id)
             last = after_index
-            for kv in await self.store.range(
+            kvs = await self.store.range(
                 prefix, start_after=_event_key(execution_id, last) if last else ""
-            ):
+            )
+            if not kvs:
+                # Nothing after the asked index: unknown, still running, or ended.
+                execution, _ = await self.get_execution(execution_id)
+                if execution.state in ENDED_STATES:
+                    yield orchestrator_pb2.WatchExecutionResponse(execution=execution)
+                    return
+            for kv in kvs:
                 event = orchestrator_pb2.ExecutionEvent.FromString(kv.value)
                 last = event.index
                 message = await self._watch_message(execution_id, event)
                 yield message
                 if message.HasField("execution"):
                     return
-            if execution.state in ENDED_STATES:
-                # Nothing after the asked index: still say how it ended.
-                ended, _ = await self.get_execution(execution_id)
-                yield orchestrator_pb2.WatchExecutionResponse(execution=ended)
-                return
             async for batch in subscription:
                 for store_event in batch:
                     event = orchestrator_pb2.ExecutionEvent.FromString(store_event.value)
@@ -601,9 +656,19 @@ class Orchestrator:
     ) -> orchestrator_pb2.WatchExecutionResponse:
         message = orchestrator_pb2.WatchExecutionResponse(event=event)
         if event.type == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
-            ended, _ = await self.get_execution(execution_id)
-            message.execution.CopyFrom(ended)
+            record = self._ended.get(execution_id)
+            if record is not None:
+                message.execution.ParseFromString(record)
+            else:
+                ended, _ = await self.get_execution(execution_id)
+                message.execution.CopyFrom(ended)
         return message
+
+    def remember_ended(self, execution_id: str, record: bytes) -> None:
+        """Keep a just-ended execution's record for the watchers' last message."""
+        self._ended[execution_id] = record
+        while len(self._ended) > 256:
+            self._ended.popitem(last=False)
 
     # -- metrics and retention ---------------------------------------------------------
 
@@ -692,6 +757,11 @@ class _Run:
         self._progress = asyncio.Event()
         #: The execution state as last committed (the view may be ahead of it).
         self.committed_state = view.execution.state
+        self._input: dict[str, Any] | None = None
+        self._outputs: dict[str, dict[str, Any]] = {}
+        self._payloads: dict[str, dict[str, Any]] = {}
+        self._ctx: dict[str, Any] | None = None
+        self._ctx_steps = -1
 
     # -- persistence ----------------------------------------------------------------
 
@@ -744,9 +814,12 @@ class _Run:
             ops: list[Put | Delete] = [
                 Put(_event_key(self.execution_id, e.index), e.SerializeToString()) for e in events
             ]
-            ops.append(Put(_EXECUTIONS + self.execution_id, execution.SerializeToString()))
+            record = execution.SerializeToString()
+            ops.append(Put(_EXECUTIONS + self.execution_id, record))
             ops.extend(extra)
             if self.view.ended:
+                # Before the commit: a watcher sees ENDED only once it is committed.
+                self.orchestrator.remember_ended(self.execution_id, record)
                 end_ms = execution.end_time.ToNanoseconds() // 1_000_000
                 ops.append(Delete(_ACTIVE + self.execution_id))
                 ops.append(Put(f"{_ENDED}{end_ms:013d}/{self.execution_id}", b""))
@@ -923,30 +996,38 @@ class _Run:
         return started
 
     def _context(self) -> dict[str, Any]:
-        execution = self.view.execution
-        return {
-            "input": struct_to_dict(execution.input),
-            "steps": {
-                s.step_name: {"output": struct_to_dict(s.output)}
-                for s in execution.steps
-                if s.state
-                in (
-                    St.STEP_STATE_SUCCEEDED,
-                    St.STEP_STATE_COMPENSATING,
-                    St.STEP_STATE_COMPENSATED,
-                    St.STEP_STATE_COMPENSATION_FAILED,
-                )
-            },
-            "execution": {
-                "id": execution.execution_id,
-                "correlation_id": execution.correlation_id,
-            },
-        }
+        """What references see: the input, completed steps' outputs, the execution."""
+        if self._ctx is None or self._ctx_steps != len(self.view.completed):
+            execution = self.view.execution
+            if self._input is None:
+                self._input = struct_to_dict(execution.input)
+            steps = {}
+            for name in self.view.completed:
+                output = self._outputs.get(name)
+                if output is None:
+                    output = self._outputs[name] = struct_to_dict(self.view.step(name).output)
+                steps[name] = {"output": output}
+            self._ctx = {
+                "input": self._input,
+                "steps": steps,
+                "execution": {
+                    "id": execution.execution_id,
+                    "correlation_id": execution.correlation_id,
+                },
+            }
+            self._ctx_steps = len(self.view.completed)
+        return self._ctx
 
     def _payload(self, step: StepSpec) -> dict[str, Any]:
-        if step.input is None:
-            return struct_to_dict(self.view.execution.input)
-        return _as_payload(step.input, self._context(), f"steps.{step.name}.input")
+        """The step's input; built once (its references only reach finished steps)."""
+        payload = self._payloads.get(step.name)
+        if payload is None:
+            if step.input is None:
+                payload = struct_to_dict(self.view.execution.input)
+            else:
+                payload = _as_payload(step.input, self._context(), f"steps.{step.name}.input")
+            self._payloads[step.name] = payload
+        return payload
 
     async def _forward(self, inflight: list[str]) -> tuple[str, MeshError] | None:
         """Schedule and run steps until all settled or the execution must stop."""
@@ -961,13 +1042,13 @@ class _Run:
                     stop = self._stop_reason()  # a required step's input failed
                 else:
                     started = []
+                if stop is None and not started and not running:
+                    return None  # the last outcomes are committed with EXECUTION_ENDED
                 await self.flush()
                 if stop is not None:
                     break
                 for name in started:
                     running[self._launch(name)] = name
-                if not running:
-                    return None
                 waiter = asyncio.ensure_future(self._cancel.wait())
                 deadline = self._deadline()
                 try:
@@ -1020,7 +1101,9 @@ class _Run:
 
     def _settle(self, outcome: _Outcome) -> None:
         step = self.spec.step(outcome.step)
+        self._payloads.pop(step.name, None)
         if outcome.reply is not None:
+            self._outputs[step.name] = outcome.reply.output
             self.stage(
                 Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED,
                 step=step.name,
@@ -1248,7 +1331,7 @@ class _Run:
         _log.info(
             "execution ended id=%s state=%s duration_ms=%.1f",
             self.execution_id,
-            Xs.Name(execution.state).removeprefix("EXECUTION_STATE_"),
+            orchestrator_pb2.ExecutionState.Name(execution.state).removeprefix("EXECUTION_STATE_"),
             execution.duration.ToNanoseconds() / 1e6,
         )
 
@@ -1269,23 +1352,34 @@ async def _with_retries(
 
     Only the policy's codes are retried (infrastructure faults by default); a business
     rejection raises at once. An attempt resumed after a restart counts: the attempts
-    left are ``max_attempts - (first_attempt - 1)``, at least one.
+    left are ``max_attempts - (first_attempt - 1)``, at least one. The first attempt is
+    a plain ``await``; tenacity takes over only after a retryable failure.
     """
     left = max(1, policy.max_attempts - (first_attempt - 1))
+    await before_attempt(first_attempt)
+    try:
+        return await call()
+    except AttemptFailed as failure:
+        if left <= 1 or not policy.retries(failure.error.code):
+            raise
+        backoff = policy.backoff(first_attempt, rng.random())
+        await on_retry(first_attempt, failure, backoff)
+        await asyncio.sleep(backoff)
+    base = first_attempt + 1  # number of the first attempt tenacity makes
     waits: dict[int, float] = {}
 
     def wait(state: RetryCallState) -> float:
-        number = first_attempt + state.attempt_number - 1
+        number = base + state.attempt_number - 1
         return waits.setdefault(number, policy.backoff(number, rng.random()))
 
     async def before_sleep(state: RetryCallState) -> None:
-        number = first_attempt + state.attempt_number - 1
+        number = base + state.attempt_number - 1
         failure = state.outcome.exception() if state.outcome else None
         assert isinstance(failure, AttemptFailed)
         await on_retry(number, failure, waits[number])
 
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(left),
+        stop=stop_after_attempt(left - 1),
         wait=wait,
         retry=retry_if_exception(
             lambda e: isinstance(e, AttemptFailed) and policy.retries(e.error.code)
@@ -1295,7 +1389,7 @@ async def _with_retries(
     )
     async for attempt in retrying:
         with attempt:
-            await before_attempt(first_attempt + attempt.retry_state.attempt_number - 1)
+            await before_attempt(base + attempt.retry_state.attempt_number - 1)
             return await call()
     raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
