@@ -54,6 +54,7 @@ from flext_mesh.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
+    InternalError,
     InvalidArgument,
     MeshError,
     NotFound,
@@ -893,6 +894,14 @@ class _Run:
         else:
             inflight = list(self.first)
         stop_error = await self._forward(inflight)
+        unsettled = [
+            s.step_name
+            for s in view.execution.steps
+            if s.state not in (St.STEP_STATE_SUCCEEDED, St.STEP_STATE_FAILED, St.STEP_STATE_SKIPPED)
+        ]
+        if stop_error is None and unsettled:  # a bug, but never a false SUCCEEDED
+            _log.error("execution=%s ended with unsettled steps %s", self.execution_id, unsettled)
+            stop_error = ("", InternalError(f"steps {', '.join(unsettled)} never settled"))
         if stop_error is None:
             self.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED, state=Xs.EXECUTION_STATE_SUCCEEDED)
             await self.flush()

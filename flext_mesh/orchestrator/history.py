@@ -101,7 +101,11 @@ class ExecutionView:
         )
         fresh.input.CopyFrom(execution.input)
         for step in execution.steps:
-            fresh.steps.add(step_name=step.step_name, idempotency_key=step.idempotency_key)
+            fresh.steps.add(
+                step_name=step.step_name,
+                state=orchestrator_pb2.STEP_STATE_PENDING,
+                idempotency_key=step.idempotency_key,
+            )
         view = cls(fresh)
         for event in events:
             view.apply(event)

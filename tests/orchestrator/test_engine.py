@@ -658,6 +658,7 @@ async def test_a_restarted_control_plane_resumes_running_executions(
         "steps": [
             {"name": "reserve", "service": "inventory"},
             {"name": "charge", "service": "payment", "depends_on": ["reserve"]},
+            {"name": "refund", "service": "payment", "depends_on": ["charge"]},
         ],
     }
     execution = await flow.start(
@@ -683,7 +684,11 @@ async def test_a_restarted_control_plane_resumes_running_executions(
         charge = next(s for s in done.steps if s.step_name == "charge")
         assert charge.attempts == 2  # sent again after the restart...
         # ...with the same idempotency key: the charge happened once.
-        assert [e["operation"] for e in flow.ledger.of("resume")] == ["reserve", "charge"]
+        assert [e["operation"] for e in flow.ledger.of("resume")] == [
+            "reserve",
+            "charge",
+            "refund",  # the step after the resumed one ran too
+        ]
         history = await flow.get(execution.execution_id, events=True)
         assert "EXECUTION_RESUMED" in kinds(history.events)
         assert struct_to_dict(done.output)["charge"]["call"] == 1
