@@ -75,5 +75,44 @@ class InventoryManager(ServiceProcessor[ReservationRequest, dict[str, Any], dict
         }
 
 
-PAYMENT = {"charge": PaymentProcessor()}
-INVENTORY = {"reserve": InventoryManager()}
+class PaymentValidator(ServiceProcessor[PaymentRequest, PaymentRequest, dict[str, Any]]):
+    """Check that a payment can be attempted (the workflow's first step)."""
+
+    def process(self, request: PaymentRequest) -> FlextResult[PaymentRequest]:
+        if request.amount <= 0:
+            return FlextResult[PaymentRequest].fail(
+                "Amount must be positive", code="INVALID_ARGUMENT"
+            )
+        return FlextResult[PaymentRequest].ok(request)
+
+    def build(self, request: PaymentRequest, *, correlation_id: str) -> dict[str, Any]:
+        return {"order_id": request.order_id, "amount": request.amount, "validated": True}
+
+
+class ReleaseRequest(BaseModel):
+    """A reservation to give back."""
+
+    reservation_id: str
+
+
+class InventoryRelease(ServiceProcessor[ReleaseRequest, str, dict[str, Any]]):
+    """Release a reservation: the compensation of reserve_inventory."""
+
+    def process(self, request: ReleaseRequest) -> FlextResult[str]:
+        return FlextResult[str].ok(request.reservation_id)
+
+    def build(self, reservation_id: str, *, correlation_id: str) -> dict[str, Any]:
+        return {"released": reservation_id}
+
+
+PAYMENT = {
+    "charge": PaymentProcessor(),
+    # The workflow steps of examples/workflows/order_fulfillment.yaml and the demo.
+    "validate_payment": PaymentValidator(),
+    "process_payment": PaymentProcessor(),
+}
+INVENTORY = {
+    "reserve": InventoryManager(),
+    "reserve_inventory": InventoryManager(),
+    "release_inventory": InventoryRelease(),
+}

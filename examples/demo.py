@@ -4,7 +4,9 @@ A control plane, two payment instances and one inventory instance (real
 ``flext-sidecar`` processes hosting the guide-style processors in examples/apps.py),
 and a caller going through the mesh client: it prints discovery picks, kills one
 payment instance (kill -9) and shows the breaker opening and traffic shifting, then
-prints the payment service's metrics report. Everything stops by itself.
+prints the payment service's metrics report. Last, the orchestrator: the example
+workflow (examples/workflows/order_fulfillment.yaml) and a checkout saga whose refused
+payment releases the reserved stock. Everything stops by itself.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
+import grpc
+
+from flext_mesh.invoke import dict_to_struct
+from flext_mesh.orchestrator.definition import load_workflow_file, workflow_from_dict
+from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
 from sidecar.client import MeshClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,8 +132,6 @@ async def run(calls: int) -> None:
             print(f"all {calls} orders went through; picks {dict(picks)}")
 
         await asyncio.sleep(2)  # let the sidecars flush their call reports
-        import grpc  # noqa: PLC0415
-
         async with grpc.aio.insecure_channel(address) as channel:
             report = (
                 await metrics_pb2_grpc.MetricsServiceStub(channel).GetServiceReport(
@@ -142,6 +146,9 @@ async def run(calls: int) -> None:
         )
         for instance in report.instances:
             print(f"  {instance.instance_id}: {instance.total_calls} calls")
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            await _workflows(orchestrator_pb2_grpc.OrchestratorServiceStub(channel))
     finally:
         for proc in reversed(processes):
             if proc.poll() is None:
@@ -150,6 +157,62 @@ async def run(calls: int) -> None:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+# The guide's order fulfillment with the payment taken last: a refused payment undoes
+# the reservation (saga compensation). Written as the guide writes workflows.
+CHECKOUT = {
+    "workflow_id": "checkout",
+    "steps": [
+        {"step": "validate_payment", "service": "payment", "required": True},
+        {
+            "step": "reserve_inventory",
+            "service": "inventory",
+            "depends_on": ["validate_payment"],
+            "compensation": {"operation": "release_inventory"},
+        },
+        {
+            "step": "process_payment",
+            "service": "payment",
+            "depends_on": ["reserve_inventory"],
+            "timeout_ms": 5000,
+        },
+    ],
+}
+
+
+async def _workflows(stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
+    """Apply the example workflow and the checkout saga, run them, print the outcome."""
+    for workflow in [
+        *load_workflow_file(REPO / "examples" / "workflows" / "order_fulfillment.yaml"),
+        workflow_from_dict(CHECKOUT),
+    ]:
+        await stub.PutWorkflow(orchestrator_pb2.PutWorkflowRequest(workflow=workflow))
+    for name, order in (
+        ("order_fulfillment", {"order_id": "w1", "amount": 30, "items": ["book"]}),
+        ("checkout", {"order_id": "w2", "amount": 30, "items": ["lamp"]}),
+        ("checkout", {"order_id": "w3", "amount": 50_000, "items": ["car"]}),
+    ):
+        started = await stub.StartExecution(
+            orchestrator_pb2.StartExecutionRequest(workflow_name=name, input=dict_to_struct(order))
+        )
+        ended = None
+        async for message in stub.WatchExecution(
+            orchestrator_pb2.WatchExecutionRequest(execution_id=started.execution.execution_id)
+        ):
+            if message.HasField("execution"):
+                ended = message.execution
+        assert ended is not None
+        state = orchestrator_pb2.ExecutionState.Name(ended.state).removeprefix("EXECUTION_STATE_")
+        steps = ", ".join(
+            f"{s.step_name} {orchestrator_pb2.StepState.Name(s.state).removeprefix('STEP_STATE_')}"
+            for s in ended.steps
+        )
+        why = f" ({ended.failed_step}: {ended.error.message})" if ended.failed_step else ""
+        print(
+            f"workflow {name} for order {order['order_id']}: {state} in "
+            f"{ended.duration.ToNanoseconds() / 1e6:.1f} ms{why}; {steps}"
+        )
 
 
 def main() -> None:

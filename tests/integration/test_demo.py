@@ -23,3 +23,9 @@ def test_the_demo_loses_no_order_when_an_instance_is_killed() -> None:
     assert "all 20 orders went through" in out
     assert "a business rejection is not retried: FailedPrecondition" in out
     assert "payment report:" in out
+    assert "workflow order_fulfillment for order w1: SUCCEEDED" in out
+    assert "workflow checkout for order w2: SUCCEEDED" in out
+    [saga] = [line for line in out.splitlines() if "order w3" in line]
+    assert saga.startswith("workflow checkout for order w3: COMPENSATED"), saga
+    assert "(process_payment: High-value orders need approval)" in saga
+    assert saga.endswith("reserve_inventory COMPENSATED, process_payment FAILED")
