@@ -287,7 +287,9 @@ class WorkflowStep(_message.Message):
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
-        """Input payload, with references. Empty means the execution input."""
+        """Input payload, with references. Unset means the execution input (an empty
+        object sends an empty object).
+        """
 
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -348,7 +350,7 @@ class Compensation(_message.Message):
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """Input, with the same references as a step's (including its own step's
-        output). Empty means the step's output.
+        output). Unset means the step's output.
         """
 
     @_builtins.property
