@@ -84,6 +84,66 @@ def test_rpcs_of_later_issues_answer_unimplemented_and_say_so(
     assert "traffic-policy issue" in out
 
 
+def test_a_workflow_session_with_grpcurl(serve_process: ServeProcess) -> None:
+    """The README's session: store, run and watch a workflow; a bad one is refused."""
+    address = serve_process.address
+    workflow = {
+        "name": "order_fulfillment",
+        "steps": [
+            {"name": "validate_payment", "service": "payment", "retry": {"max_attempts": 2}},
+            {
+                "name": "reserve_inventory",
+                "service": "inventory",
+                "depends_on": ["validate_payment"],
+                "input": {"order_id": "${input.order_id}"},
+                "compensation": {"operation": "release_inventory"},
+            },
+        ],
+    }
+    code, out = grpcurl(
+        address, "flext_mesh.v1.OrchestratorService/PutWorkflow", data={"workflow": workflow}
+    )
+    assert code == 0, out
+    assert json.loads(out)["workflow"]["version"] == "1"
+    code, out = grpcurl(
+        address,
+        "flext_mesh.v1.OrchestratorService/StartExecution",
+        data={"workflow_name": "order_fulfillment", "input": {"order_id": "o-1"}},
+    )
+    assert code == 0, out
+    execution_id = json.loads(out)["execution"]["execution_id"]
+    code, out = grpcurl(
+        address,
+        "flext_mesh.v1.OrchestratorService/WatchExecution",
+        data={"execution_id": execution_id},
+    )
+    assert code == 0, out
+    messages = [json.loads(m) for m in out.replace("}\n{", "}\x00{").split("\x00")]
+    types = [m["event"]["type"].removeprefix("EXECUTION_EVENT_TYPE_") for m in messages]
+    # No instance of payment is registered: retried once, then the execution fails.
+    assert types == [
+        "EXECUTION_CREATED",
+        "EXECUTION_STARTED",
+        "STEP_STARTED",
+        "STEP_RETRYING",
+        "STEP_STARTED",
+        "STEP_FAILED",
+        "STEP_SKIPPED",
+        "EXECUTION_ENDED",
+    ]
+    assert messages[-1]["execution"]["state"] == "EXECUTION_STATE_FAILED"
+    assert "no registered instance" in messages[-1]["execution"]["error"]["message"]
+
+    bad = {"name": "bad", "steps": [{"name": "a", "service": "svc", "depends_on": ["a", "x"]}]}
+    code, out = grpcurl(
+        address, "flext_mesh.v1.OrchestratorService/PutWorkflow", data={"workflow": bad}
+    )
+    assert code != 0
+    assert "Code: InvalidArgument" in out
+    assert "workflow.steps[0].depends_on" in out
+    assert "google.rpc.BadRequest" in out
+
+
 def test_processor_service_of_the_control_plane_lists_no_operation(
     serve_process: ServeProcess,
 ) -> None:
