@@ -8,6 +8,7 @@ effects the step servers really performed (their ledger).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -694,3 +695,28 @@ async def test_a_restarted_control_plane_resumes_running_executions(
         assert struct_to_dict(done.output)["charge"]["call"] == 1
     finally:
         pass
+
+
+async def test_ended_executions_are_deleted_after_the_retention(flow: Flow) -> None:
+    await flow.serve("payment", "charge")
+    workflow = {"name": "kept", "steps": [{"name": "charge", "service": "payment"}]}
+    old = await flow.start(workflow, {"key": "old"}, idempotency_key="old-key")
+    await flow.wait(old.execution_id)
+    running = await flow.start(workflow, {"key": "slow", "behaviour": {"charge": {"sleep": 5}}})
+    retention = flow.plane.orchestrator.settings.retention
+    assert retention == 7 * 24 * 3600  # the documented default
+
+    assert await flow.plane.orchestrator.sweep(now=time.time() + retention / 2) == 0
+    removed = await flow.plane.orchestrator.sweep(now=time.time() + retention + 1)
+    assert removed == 1
+    gone = await rpc_error(flow.get(old.execution_id))
+    assert gone.code() is grpc.StatusCode.NOT_FOUND
+    assert state((await flow.get(running.execution_id)).execution) == "RUNNING"
+    # The idempotency key went with it: the same key starts a new execution.
+    again = await flow.stub.StartExecution(
+        orchestrator_pb2.StartExecutionRequest(
+            inline_workflow=workflow_from_dict(workflow), idempotency_key="old-key"
+        )
+    )
+    assert not again.existing
+    assert again.execution.execution_id != old.execution_id
