@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
 from flext_mesh.server import SERVICE_NAMES, ControlPlane, create_server
-from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 
 async def test_create_server_binds_a_free_port_and_serves(control_plane: ControlPlane) -> None:
@@ -26,10 +26,15 @@ async def test_create_server_binds_a_free_port_and_serves(control_plane: Control
 async def test_generated_stubs_reach_the_services(control_plane: ControlPlane) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{control_plane.port}") as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        listed = await stub.ListWorkflows(orchestrator_pb2.ListWorkflowsRequest())
+        assert list(listed.workflows) == []
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ListWorkflows(orchestrator_pb2.ListWorkflowsRequest())
+            await registry.GetServicePolicy(
+                registry_pb2.GetServicePolicyRequest(service_name="payment")
+            )
     assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "OrchestratorService/ListWorkflows" in (info.value.details() or "")
+    assert "traffic-policy issue" in (info.value.details() or "")
 
 
 async def test_shutdown_turns_health_not_serving_for_watchers(tmp_path: Path) -> None:
