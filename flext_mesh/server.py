@@ -18,8 +18,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
 
 from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.errors import from_rpc_error
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
 from flext_mesh.observability import CallSeries, Observability
@@ -88,7 +90,21 @@ class ControlPlane:
     def __init__(self, config: ServerConfig, store: Store) -> None:
         self.config = config
         self.store = store
-        self.registry = Registry(store, registry_settings(config))
+        self.observability = Observability()
+        self._split_fallbacks = Counter(
+            "flext_mesh_discover_split_fallbacks",
+            "Discover answers whose split version had no healthy instance.",
+            ("service", "version"),
+            registry=self.observability.registry,
+        )
+        self.registry = Registry(
+            store,
+            registry_settings(config),
+            operation_lister=self._list_operations,
+            on_split_fallback=lambda service, version: self._split_fallbacks.labels(
+                service, version
+            ).inc(),
+        )
         self.metrics = Metrics(
             store,
             self.registry,
@@ -115,7 +131,6 @@ class ControlPlane:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
         ]
-        self.observability = Observability()
         self.streams = LongStreams()
         self.server = grpc.aio.server(
             options=options, interceptors=[self.observability.interceptor]
@@ -185,6 +200,16 @@ class ControlPlane:
         await self.metrics.stop()
         await self.registry.stop()
         await self.store.close()
+
+    async def _list_operations(self, instance: registry_pb2.ServiceInstance) -> set[str]:
+        """The operations an instance serves (ProcessorService.ListOperations, 2 s)."""
+        async with grpc.aio.insecure_channel(instance.endpoint) as channel:
+            stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+            try:
+                reply = await stub.ListOperations(processor_pb2.ListOperationsRequest(), timeout=2)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from exc
+        return {operation.name for operation in reply.operations}
 
     def _report_call(self, record: metrics_pb2.CallRecord) -> None:
         """A step call made by the orchestrator, folded like a sidecar's report.

@@ -33,8 +33,8 @@ async def test_generated_stubs_reach_the_services(control_plane: ControlPlane) -
             await registry.GetServicePolicy(
                 registry_pb2.GetServicePolicyRequest(service_name="payment")
             )
-    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "traffic-policy issue" in (info.value.details() or "")
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    assert "'payment' has no policy" in (info.value.details() or "")
 
 
 async def test_shutdown_turns_health_not_serving_for_watchers(tmp_path: Path) -> None:

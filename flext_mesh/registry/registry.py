@@ -21,12 +21,19 @@ import statistics
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from flext_mesh.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    ResourceExhausted,
+)
 from flext_mesh.registry.balancer import (
     Candidate,
     Picker,
@@ -38,6 +45,15 @@ from flext_mesh.registry.balancer import (
 from flext_mesh.registry.health import HealthChecker, HealthCheckSettings, HealthTransition
 from flext_mesh.registry.health import HealthStatus as CheckStatus
 from flext_mesh.registry.outlier import OutlierDetector, OutlierSettings
+from flext_mesh.registry.policy import (
+    POLICIES,
+    SplitPicker,
+    apply_split,
+    apply_zone,
+    known_versions,
+    split_versions,
+    validate_policy,
+)
 from flext_mesh.registry.validation import (
     DEFAULT_TTL,
     DEFAULT_WEIGHT,
@@ -54,8 +70,12 @@ __all__ = ["INSTANCES", "Registry", "RegistrySettings"]
 
 _log = logging.getLogger("flext_mesh.registry")
 
+#: Store prefix of everything the registry keeps (instances and policies).
+REGISTRY = "/registry/"
 #: Store prefix of instances.
 INSTANCES = "/registry/instances/"
+#: Asks one instance which operations it serves (ProcessorService.ListOperations).
+OperationLister = Callable[[registry_pb2.ServiceInstance], Awaitable[set[str]]]
 
 _HS = registry_pb2.HealthStatus
 _HEALTHY = frozenset({_HS.HEALTH_STATUS_SERVING, _HS.HEALTH_STATUS_UNKNOWN})
@@ -104,6 +124,7 @@ class _Answer:
     revision: int
     picker: Picker | None
     responses: list[bytes]
+    split_fallback: bool = False
 
 
 def _key(service: str, instance_id: str) -> str:
@@ -124,7 +145,17 @@ def _now_ts() -> timestamp_pb2.Timestamp:
 class Registry:
     """The registry domain service (no gRPC here: errors are MeshErrors)."""
 
-    def __init__(self, store: Store, settings: RegistrySettings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: RegistrySettings | None = None,
+        *,
+        operation_lister: OperationLister | None = None,
+        on_split_fallback: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """``operation_lister`` asks an instance which operations it serves (for policy
+        validation; without one, operation timeouts are not checked against them);
+        ``on_split_fallback(service, version)`` counts Discover answers that fell back."""
         self.store = store
         self.settings = settings or RegistrySettings()
         self.hub = WatchHub(max_pending=self.settings.watch_max_pending)
@@ -139,6 +170,10 @@ class Registry:
         # Median response time per service, recomputed by refresh(): weights use it.
         self._medians: dict[str, float] = {}
         self._unlisten: list[Callable[[], None]] = []
+        self._policies: dict[str, registry_pb2.ServicePolicy] = {}
+        self._splits: dict[str, SplitPicker] = {}
+        self._operation_lister = operation_lister
+        self._on_split_fallback = on_split_fallback
         # Events that arrive while the start-up snapshot is read; replayed after it.
         self._pending: list[Event] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -148,9 +183,14 @@ class Registry:
     async def start(self) -> None:
         """Load the registry from the store, start health checks and background work."""
         self._pending = []
-        self._unlisten.append(self.store.listen(INSTANCES, self._apply))
-        revision, kvs = await self.store.snapshot(INSTANCES)
+        self._unlisten.append(self.store.listen(REGISTRY, self._apply))
+        revision, kvs = await self.store.snapshot(REGISTRY)
         for kv in kvs:
+            if kv.key.startswith(POLICIES):
+                policy = registry_pb2.ServicePolicy.FromString(kv.value)
+                policy.revision = kv.mod_revision
+                self._policies[policy.service_name] = policy
+                continue
             instance = registry_pb2.ServiceInstance.FromString(kv.value)
             instance.revision = kv.mod_revision
             self._put_cached(instance)
@@ -204,6 +244,8 @@ class Registry:
         self.hub.publish(out)
 
     def _apply_one(self, event: Event) -> registry_pb2.WatchEvent:
+        if event.key.startswith(POLICIES):
+            return self._apply_policy(event)
         service_name, instance_id = _split(event.key)
         if event.type is EventType.PUT:
             instance = registry_pb2.ServiceInstance.FromString(event.value)
@@ -229,6 +271,19 @@ class Registry:
         self._error_rates.pop((service_name, instance_id), None)
         self._call_latency.pop((service_name, instance_id), None)
         return _translate(event, None)
+
+    def _apply_policy(self, event: Event) -> registry_pb2.WatchEvent:
+        out = _translate_event(event)
+        name = out.service_name
+        if event.type is EventType.PUT:
+            self._policies[name] = out.policy
+            self._splits.pop(name, None)
+        else:
+            self._policies.pop(name, None)
+            self._splits.pop(name, None)
+        # Discover answers depend on the policy: a new revision invalidates them.
+        self._service_revision[name] = max(self._service_revision.get(name, 0), event.revision)
+        return out
 
     def _track(self, instance: registry_pb2.ServiceInstance) -> None:
         key = _key(instance.service_name, instance.instance_id)
@@ -509,12 +564,123 @@ class Registry:
                 written += 1
         return written
 
+    # -- policies ------------------------------------------------------------------
+
+    def policy(self, service: str) -> registry_pb2.ServicePolicy | None:
+        """The service's policy as last committed, or None."""
+        return self._policies.get(service)
+
+    async def put_policy(
+        self, policy: registry_pb2.ServicePolicy, expected_version: int = 0
+    ) -> registry_pb2.ServicePolicy:
+        """Validate and store a policy (version + 1); the previous one stays on error."""
+        violations = validate_policy(policy)
+        name = policy.service_name
+        instances = list(self._services.get(name, {}).values())
+        versions = known_versions(instances)
+        for i, split in enumerate(policy.splits):
+            if split.version and split.version not in versions:
+                have = ", ".join(sorted(versions)) or "none"
+                violations.append(
+                    FieldViolation(
+                        f"policy.splits[{i}].version",
+                        f"no instance of {name!r} has version {split.version!r} "
+                        f"(registered versions: {have})",
+                    )
+                )
+        if policy.operation_timeouts and not violations:
+            violations += await self._check_operations(policy, instances)
+        raise_if(violations)
+        key = POLICIES + name
+        current = await self.store.get(key)
+        stored_version = (
+            registry_pb2.ServicePolicy.FromString(current.value).version if current else 0
+        )
+        if expected_version and expected_version != stored_version:
+            raise FailedPrecondition(
+                f"policy of {name!r} is at version {stored_version}, not {expected_version}"
+            )
+        new = registry_pb2.ServicePolicy()
+        new.CopyFrom(policy)
+        new.version = stored_version + 1
+        new.update_time.CopyFrom(_now_ts())
+        new.ClearField("revision")
+        result = await self.store.txn(
+            [Compare(key, current.mod_revision if current else 0)],
+            [Put(key, new.SerializeToString())],
+        )
+        if not result.succeeded:
+            raise FailedPrecondition(f"policy of {name!r} changed meanwhile; read it and retry")
+        new.revision = result.revision
+        _log.info("policy stored service=%s version=%d", name, new.version)
+        return new
+
+    async def _check_operations(
+        self, policy: registry_pb2.ServicePolicy, instances: list[registry_pb2.ServiceInstance]
+    ) -> list[FieldViolation]:
+        if self._operation_lister is None:
+            return []
+        name = policy.service_name
+        candidates = sorted(instances, key=lambda i: (not _is_healthy(i), i.instance_id))
+        known: set[str] | None = None
+        for instance in candidates[:3]:
+            try:
+                known = await self._operation_lister(instance)
+                break
+            except MeshError:
+                continue
+        if known is None:
+            return [
+                FieldViolation(
+                    "policy.operation_timeouts",
+                    f"cannot check the operations: no instance of {name!r} answered ListOperations",
+                )
+            ]
+        return [
+            FieldViolation(
+                f"policy.operation_timeouts[{operation!r}]",
+                f"{name!r} has no operation {operation!r} (known: "
+                f"{', '.join(sorted(known)) or 'none'})",
+            )
+            for operation in sorted(policy.operation_timeouts)
+            if operation not in known
+        ]
+
+    async def delete_policy(self, service: str) -> int:
+        """Delete a service's policy; NotFound when it has none."""
+        raise_if(check_name("service_name", service))
+        revision = await self.store.delete(POLICIES + service)
+        if revision is None:
+            raise NotFound(f"service {service!r} has no policy")
+        _log.info("policy deleted service=%s", service)
+        return revision
+
+    def get_policy(self, service: str) -> registry_pb2.ServicePolicy:
+        """The stored policy; NotFound when none."""
+        raise_if(check_name("service_name", service))
+        policy = self._policies.get(service)
+        if policy is None:
+            raise NotFound(f"service {service!r} has no policy")
+        return policy
+
     # -- discovery -----------------------------------------------------------------
 
     def discover(self, request: registry_pb2.DiscoverRequest) -> bytes:
         """The serialized DiscoverResponse for a request (see registry.proto)."""
         healthy_only = request.healthy_only if request.HasField("healthy_only") else True
-        strategy = request.strategy or registry_pb2.LOAD_BALANCING_STRATEGY_WEIGHTED_ROUND_ROBIN
+        policy = self._policies.get(request.service_name) if request.service_name else None
+        strategy = (
+            request.strategy
+            or (policy.strategy if policy is not None else 0)
+            or registry_pb2.LOAD_BALANCING_STRATEGY_WEIGHTED_ROUND_ROBIN
+        )
+        version = ""
+        if policy is not None and policy.splits:
+            split = self._splits.get(request.service_name)
+            if split is None:
+                split = self._splits[request.service_name] = SplitPicker(split_versions(policy))
+            version = split.pick()
+        zone = request.caller_zone if policy is not None and policy.zone.enabled else ""
         query = (
             request.service_name,
             request.type,
@@ -522,6 +688,8 @@ class Registry:
             strategy,
             healthy_only,
             request.limit,
+            version,
+            zone,
         )
         revision = (
             self._service_revision.get(request.service_name, -1)
@@ -531,10 +699,14 @@ class Registry:
         answer = self._answers.get(query)
         if answer is None or answer.revision != revision:
             _validate_discover(request, strategy)
-            answer = self._build_answer(request, strategy, healthy_only, revision)
+            answer = self._build_answer(
+                request, strategy, healthy_only, revision, policy=policy, version=version, zone=zone
+            )
             self._answers[query] = answer
             if len(self._answers) > self.settings.discover_cache_size:
                 self._answers.popitem(last=False)
+        if answer.split_fallback and self._on_split_fallback is not None:
+            self._on_split_fallback(request.service_name, version)
         if answer.picker is None:
             return answer.responses[0]
         return answer.responses[answer.picker.pick()]
@@ -545,6 +717,10 @@ class Registry:
         strategy: int,
         healthy_only: bool,
         revision: int,
+        *,
+        policy: registry_pb2.ServicePolicy | None = None,
+        version: str = "",
+        zone: str = "",
     ) -> _Answer:
         if request.service_name:
             pool = list(self._services.get(request.service_name, {}).values())
@@ -563,17 +739,35 @@ class Registry:
         notes: list[str] = []
         panic = False
         chosen = pool
+        threshold = (
+            policy.panic_threshold_percent
+            if policy is not None and policy.HasField("panic_threshold_percent")
+            else self.settings.panic_threshold_percent
+        )
         if healthy_only:
-            if pool and in_panic(len(pool), len(healthy), self.settings.panic_threshold_percent):
+            if pool and in_panic(len(pool), len(healthy), threshold):
                 panic = True
                 notes.append(
                     f"panic mode: {len(healthy)} of {len(pool)} instances healthy, below "
-                    f"{self.settings.panic_threshold_percent:g}%; returning all of them"
+                    f"{threshold:g}%; returning all of them"
                 )
             else:
                 chosen = healthy
                 if not healthy:
                     notes.append("no healthy instance matches")
+        split_fallback = zone_spillover = False
+        if version:
+            callable_ = (lambda i: True) if panic or not healthy_only else _is_healthy
+            chosen, split_fallback = apply_split(chosen, version, lambda i: i.version, callable_)
+            if split_fallback:
+                notes.append(
+                    f"split: version {version!r} has no healthy instance; "
+                    "falling back to the other versions"
+                )
+        if zone:
+            chosen, zone_spillover = apply_zone(chosen, zone, policy, lambda i: i.zone, _is_healthy)
+            if zone_spillover:
+                notes.append(f"zone {zone!r} is short of healthy instances; spilling over")
         weights = [
             i.effective_weight if i.effective_weight > 0 else (float(i.weight) if panic else 0.0)
             for i in chosen
@@ -587,9 +781,12 @@ class Registry:
             panic_mode=panic,
             revision=revision,
             notes=notes,
+            selected_version=version,
+            split_fallback=split_fallback,
+            zone_spillover=zone_spillover,
         )
         if not candidates:
-            return _Answer(revision, None, [base.SerializeToString()])
+            return _Answer(revision, None, [base.SerializeToString()], split_fallback)
         picker = Picker(candidates, Strategy(strategy))
         responses = []
         for first in range(len(candidates)):
@@ -600,7 +797,7 @@ class Registry:
             response.CopyFrom(base)
             response.instances.extend(chosen[i] for i in order)
             responses.append(response.SerializeToString())
-        return _Answer(revision, picker, responses)
+        return _Answer(revision, picker, responses, split_fallback)
 
     def list_services(
         self, page_size: int, page_token: str, type_filter: str
@@ -647,12 +844,12 @@ class Registry:
             last = 0
             if from_revision and from_revision <= self._revision:
                 try:
-                    history = await self.store.events_since(from_revision, INSTANCES)
+                    history = await self.store.events_since(from_revision, REGISTRY)
                 except Compacted:
                     pass
                 else:
                     last = from_revision
-                    wanted = [e for e in history if watcher.wants(_split(e.key)[0])]
+                    wanted = [e for e in history if watcher.wants(_service_of(e.key))]
                     chunk = self.settings.watch_chunk
                     for start in range(0, len(wanted), chunk):
                         part = [_translate_event(e) for e in wanted[start : start + chunk]]
@@ -678,6 +875,9 @@ class Registry:
                 snapshot.instances.extend(
                     self._services[name][i] for i in sorted(self._services[name])
                 )
+        for name in sorted(self._policies):
+            if watcher.wants(name):
+                snapshot.policies.append(self._policies[name])
         return registry_pb2.WatchResponse(
             snapshot=snapshot, revision=self._revision
         ).SerializeToString()
@@ -766,7 +966,25 @@ async def _quietly_revoke(store: Store, lease_id: str) -> None:
         await store.revoke_lease(lease_id)
 
 
+def _service_of(key: str) -> str:
+    if key.startswith(POLICIES):
+        return key[len(POLICIES) :]
+    return _split(key)[0]
+
+
 def _translate_event(event: Event) -> registry_pb2.WatchEvent:
+    if event.key.startswith(POLICIES):
+        out = registry_pb2.WatchEvent(
+            revision=event.revision, service_name=event.key[len(POLICIES) :]
+        )
+        out.time.GetCurrentTime()
+        if event.type is EventType.PUT:
+            out.type = _WE.WATCH_EVENT_TYPE_POLICY_PUT
+            out.policy.ParseFromString(event.value)
+            out.policy.revision = event.revision
+        else:
+            out.type = _WE.WATCH_EVENT_TYPE_POLICY_DELETED
+        return out
     instance = (
         registry_pb2.ServiceInstance.FromString(event.value)
         if event.type is EventType.PUT

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from flext_mesh.servicers.placeholder import unimplemented_servicer
 from flext_mesh.servicers.processor import ProcessorServicer
 
-__all__ = ["ProcessorServicer", "unimplemented_servicer"]
+__all__ = ["ProcessorServicer"]

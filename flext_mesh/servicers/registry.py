@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.errors import Unimplemented, rpc_errors
+from flext_mesh.errors import rpc_errors
 from flext_mesh.registry import Registry
 from flext_mesh.servicers.handlers import LongStreams, add_servicer
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
@@ -87,23 +87,30 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         ):
             yield payload
 
-    async def _policy_unimplemented(self, request: Any, context: _Context) -> Any:
-        raise Unimplemented("service policies arrive with the traffic-policy issue")
+    @rpc_errors
+    async def PutServicePolicy(
+        self, request: registry_pb2.PutServicePolicyRequest, context: _Context
+    ) -> registry_pb2.PutServicePolicyResponse:
+        """Validate and store a service's traffic policy."""
+        policy = await self.registry.put_policy(request.policy, request.expected_version)
+        return registry_pb2.PutServicePolicyResponse(policy=policy)
 
     @rpc_errors
-    async def PutServicePolicy(self, request: Any, context: _Context) -> Any:
-        """Not in this version."""
-        return await self._policy_unimplemented(request, context)
+    async def GetServicePolicy(
+        self, request: registry_pb2.GetServicePolicyRequest, context: _Context
+    ) -> registry_pb2.GetServicePolicyResponse:
+        """The stored policy."""
+        return registry_pb2.GetServicePolicyResponse(
+            policy=self.registry.get_policy(request.service_name)
+        )
 
     @rpc_errors
-    async def GetServicePolicy(self, request: Any, context: _Context) -> Any:
-        """Not in this version."""
-        return await self._policy_unimplemented(request, context)
-
-    @rpc_errors
-    async def DeleteServicePolicy(self, request: Any, context: _Context) -> Any:
-        """Not in this version."""
-        return await self._policy_unimplemented(request, context)
+    async def DeleteServicePolicy(
+        self, request: registry_pb2.DeleteServicePolicyRequest, context: _Context
+    ) -> registry_pb2.DeleteServicePolicyResponse:
+        """Delete a policy; callers fall back to their own settings."""
+        revision = await self.registry.delete_policy(request.service_name)
+        return registry_pb2.DeleteServicePolicyResponse(revision=revision)
 
 
 def add_registry_servicer(servicer: RegistryServicer, server: grpc.aio.Server) -> None:

@@ -1053,7 +1053,9 @@ class ServicePolicy(_message.Message):
     service_name: _builtins.str
     """Service the policy applies to. Required."""
     version: _builtins.int
-    """Incremented by every PutServicePolicy; set by the control plane."""
+    """Incremented by every PutServicePolicy (from 1 again after a delete); set by
+    the control plane.
+    """
     strategy: Global___LoadBalancingStrategy.ValueType
     """Default strategy for Discover and for sidecars' picks."""
     panic_threshold_percent: _builtins.float

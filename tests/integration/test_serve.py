@@ -71,17 +71,44 @@ def test_health_check_answers_serving_overall_and_per_service(
         assert json.loads(out) == {"status": "SERVING"}, service
 
 
-def test_rpcs_of_later_issues_answer_unimplemented_and_say_so(
-    serve_process: ServeProcess,
-) -> None:
+def test_a_policy_session_with_grpcurl(serve_process: ServeProcess) -> None:
+    """Operators set and read traffic policies with grpcurl; bad ones name every field."""
+    address = serve_process.address
     code, out = grpcurl(
-        serve_process.address,
+        address,
         "flext_mesh.v1.RegistryService/GetServicePolicy",
         data={"service_name": "payment"},
     )
     assert code != 0
-    assert "Code: Unimplemented" in out
-    assert "traffic-policy issue" in out
+    assert "Code: NotFound" in out
+    assert "no policy" in out
+    code, out = grpcurl(
+        address,
+        "flext_mesh.v1.RegistryService/PutServicePolicy",
+        data={
+            "policy": {
+                "service_name": "payment",
+                "splits": [{"version": "v1", "weight": 90}, {"version": "v2", "weight": 20}],
+                "retry": {"max_attempts": 50, "retryable_codes": ["INVALID_ARGUMENT"]},
+            }
+        },
+    )
+    assert code != 0
+    assert "Code: InvalidArgument" in out
+    for field in (
+        "policy.splits",
+        "policy.splits[0].version",
+        "policy.retry.max_attempts",
+        "policy.retry.retryable_codes[0]",
+    ):
+        assert field in out, out
+    code, out = grpcurl(
+        address,
+        "flext_mesh.v1.RegistryService/PutServicePolicy",
+        data={"policy": {"service_name": "payment", "default_timeout": "2s"}},
+    )
+    assert code == 0, out
+    assert json.loads(out)["policy"]["version"] == "1"
 
 
 def test_a_workflow_session_with_grpcurl(serve_process: ServeProcess) -> None:
