@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -174,6 +174,8 @@ class Registry:
         self._splits: dict[str, SplitPicker] = {}
         self._operation_lister = operation_lister
         self._on_split_fallback = on_split_fallback
+        # Per-service outlier and health settings derived from policies (cached).
+        self._service_settings: dict[str, tuple[OutlierSettings, HealthCheckSettings]] = {}
         # Events that arrive while the start-up snapshot is read; replayed after it.
         self._pending: list[Event] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -277,10 +279,13 @@ class Registry:
         name = out.service_name
         if event.type is EventType.PUT:
             self._policies[name] = out.policy
-            self._splits.pop(name, None)
         else:
             self._policies.pop(name, None)
-            self._splits.pop(name, None)
+        self._splits.pop(name, None)
+        self._service_settings.pop(name, None)
+        if self._pending is None:  # health checks follow the service's new settings
+            for instance in self._services.get(name, {}).values():
+                self._track(instance)
         # Discover answers depend on the policy: a new revision invalidates them.
         self._service_revision[name] = max(self._service_revision.get(name, 0), event.revision)
         return out
@@ -292,7 +297,63 @@ class Registry:
             return
         known = (_HS.HEALTH_STATUS_SERVING, _HS.HEALTH_STATUS_NOT_SERVING)
         initial = CheckStatus(instance.health) if instance.health in known else CheckStatus.UNKNOWN
-        self._health.track(key, instance.endpoint, initial=initial)
+        self._health.track(
+            key,
+            instance.endpoint,
+            initial=initial,
+            settings=self._health_settings(instance.service_name),
+        )
+
+    def _settings_of(self, service: str) -> tuple[OutlierSettings, HealthCheckSettings]:
+        """The service's outlier and health-check settings: its policy over the flags."""
+        cached = self._service_settings.get(service)
+        if cached is not None:
+            return cached
+        outlier, checks = self.settings.outlier, self.settings.health
+        policy = self._policies.get(service)
+        if policy is not None and policy.HasField("outlier_detection"):
+            od = policy.outlier_detection
+            base = (
+                od.base_ejection_time.ToNanoseconds() / 1e9
+                if od.HasField("base_ejection_time")
+                else outlier.base_ejection_time
+            )
+            outlier = replace(
+                outlier,
+                consecutive_failures=od.consecutive_failures or outlier.consecutive_failures,
+                base_ejection_time=base,
+                max_ejection_time=max(
+                    base,
+                    od.max_ejection_time.ToNanoseconds() / 1e9
+                    if od.HasField("max_ejection_time")
+                    else outlier.max_ejection_time,
+                ),
+                max_ejection_percent=(
+                    od.max_ejection_percent
+                    if od.HasField("max_ejection_percent")
+                    else outlier.max_ejection_percent
+                ),
+            )
+        if policy is not None and policy.HasField("health_check"):
+            hc = policy.health_check
+            interval = (
+                hc.interval.ToNanoseconds() / 1e9 if hc.HasField("interval") else checks.interval
+            )
+            checks = replace(
+                checks,
+                interval=interval,
+                timeout=min(
+                    interval,
+                    hc.timeout.ToNanoseconds() / 1e9 if hc.HasField("timeout") else checks.timeout,
+                ),
+                unhealthy_threshold=hc.unhealthy_threshold or checks.unhealthy_threshold,
+                healthy_threshold=hc.healthy_threshold or checks.healthy_threshold,
+            )
+        self._service_settings[service] = (outlier, checks)
+        return outlier, checks
+
+    def _health_settings(self, service: str) -> HealthCheckSettings:
+        return self._settings_of(service)[1]
 
     def get(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
         """The cached instance, or None."""
@@ -462,6 +523,7 @@ class Registry:
             instance_id,
             ok=not infrastructure_failure,
             service_size=len(self._services.get(service, {})),
+            settings=self._settings_of(service)[0],
         )
         if ejection is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from flext_mesh.server import create_server
 from flext_mesh.servicers import ProcessorServicer
 from flext_mesh.v1 import processor_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.orchestrator.apps import processors
-from tests.registry.conftest import Mesh, fast_config
+from tests.registry.conftest import Mesh, eventually, fast_config, start_health_endpoint
 
 
 def policy(**fields: Any) -> registry_pb2.ServicePolicy:
@@ -241,3 +242,49 @@ async def test_operation_timeouts_must_name_operations_the_service_serves(served
     error = from_rpc_error(await failure(put(served, bad)))
     assert [v.field for v in error.violations] == ["policy.operation_timeouts['chrage']"]  # type: ignore[attr-defined]
     assert "known: charge, ledger, refund" in error.message
+
+
+async def test_a_policy_tunes_outlier_ejection_of_its_service_only(mesh: Mesh) -> None:
+    for service in ("payment", "inventory"):
+        for name in ("a", "b"):
+            await mesh.register(service, f"{service}-{name}")
+    await put(
+        mesh,
+        policy(outlier_detection={"consecutive_failures": 2, "max_ejection_percent": 50}),
+    )
+    registry = mesh.plane.registry
+    for _ in range(2):
+        await registry.record_call("payment", "payment-a", infrastructure_failure=True)
+        await registry.record_call("inventory", "inventory-a", infrastructure_failure=True)
+    assert (await mesh.instances("payment"))["payment-a"].ejected  # 2 failures: its policy
+    assert not (await mesh.instances("inventory"))["inventory-a"].ejected  # default: 5
+
+
+async def test_a_policy_tunes_active_health_checks_of_its_service(mesh: Mesh) -> None:
+    endpoint = await start_health_endpoint()
+    try:
+        await mesh.register(
+            "payment",
+            "checked",
+            endpoint=endpoint.endpoint,
+            mode=registry_pb2.HEALTH_CHECK_MODE_GRPC,
+        )
+        # The flags (fast_config) turn an instance NOT_SERVING after 2 failed checks
+        # 0.2 s apart; this service's policy asks for 50 failures in a row.
+        tolerant = policy(health_check={"unhealthy_threshold": 50})
+        await put(mesh, tolerant)
+        await endpoint.set(False)
+        await asyncio.sleep(1.5)
+        health = (await mesh.instances("payment"))["checked"].health
+        assert health != registry_pb2.HEALTH_STATUS_NOT_SERVING
+        await mesh.stub.DeleteServicePolicy(
+            registry_pb2.DeleteServicePolicyRequest(service_name="payment")
+        )
+
+        async def not_serving() -> bool:
+            health = (await mesh.instances("payment"))["checked"].health
+            return health == registry_pb2.HEALTH_STATUS_NOT_SERVING
+
+        await eventually(not_serving, within=5)  # back on the flags' settings
+    finally:
+        await endpoint.server.stop(0)
