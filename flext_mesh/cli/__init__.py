@@ -21,7 +21,7 @@ from typing import NoReturn
 import grpc
 from pydantic import ValidationError
 
-from flext_mesh.cli import metrics, services, workflows
+from flext_mesh.cli import metrics, policy, services, workflows
 from flext_mesh.cli.output import FORMATS
 from flext_mesh.config import DEFAULT_LISTEN, ServerConfig, parse_host_port
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_rpc_error
@@ -62,6 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
     services.add_commands(nouns, parents=[client])
     metrics.add_commands(nouns, parents=[client])
     workflows.add_commands(nouns, parents=[client])
+    policy.add_commands(nouns, parents=[client])
     return parser
 
 

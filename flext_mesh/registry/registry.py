@@ -650,7 +650,7 @@ class Registry:
                         f"(registered versions: {have})",
                     )
                 )
-        if policy.operation_timeouts and not violations:
+        if policy.operation_timeouts:
             violations += await self._check_operations(policy, instances)
         raise_if(violations)
         key = POLICIES + name

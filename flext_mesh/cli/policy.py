@@ -1,0 +1,827 @@
+"""``flext-mesh policy``: set, show and delete a service's traffic policy; shift its split.
+
+``policy set SERVICE FILE`` reads a YAML or JSON file into a ServicePolicy (see
+:func:`policy_from_data` for what the file may say) and puts it; ``policy split
+SERVICE v1=90 v2=10`` is the canary step: it changes only the split of the stored
+policy, guarded by its version. Like the other nouns, each command asks RegistryService
+over the channel it is given and returns the text to print; the caller
+(:func:`flext_mesh.cli.main`) owns the channel and turns a failed RPC into one line on
+stderr. Two things differ: a file that cannot be converted and a policy the control
+plane refuses are reported with every field problem, one per line, and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import duration_pb2, json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from flext_mesh.cli.output import EMPTY, message_to_dict, render_json
+from flext_mesh.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    from_rpc_error,
+)
+from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
+
+__all__ = [
+    "add_commands",
+    "delete",
+    "describe_policy",
+    "format_duration",
+    "format_split",
+    "load_policy_file",
+    "parse_duration",
+    "parse_split",
+    "policy_from_data",
+    "set_policy",
+    "show",
+    "split",
+]
+
+_PROG = "flext-mesh"
+# Fields of ServicePolicy that the control plane sets: accepted in a file (so that the
+# output of `policy show -o json` can be set again) and dropped.
+_OUTPUT_ONLY = frozenset({"version", "update_time", "revision"})
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_NANOS = {
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+_MAX_DURATION_NANOS = 315_576_000_000 * 10**9  # the largest google.protobuf.Duration
+_DURATION_HINT = "e.g. '500ms', '2s', '1m', '1m30s', or a number of seconds"
+_INT_RANGES = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
+#: What ``policy show`` prints for a setting the policy leaves to the sidecars.
+_NOT_SET = "not set"
+_SPLIT_ARG = re.compile(r"(?P<version>[^=\s]+)=(?P<weight>\d+)")
+
+
+def add_commands(
+    nouns: argparse._SubParsersAction[Any],
+    parents: Sequence[argparse.ArgumentParser],
+) -> None:
+    """Add the ``policy`` noun and its verbs; ``parents`` carry the connection flags."""
+    noun = nouns.add_parser(
+        "policy",
+        aliases=["policies"],
+        help="set, show and delete traffic policies; shift traffic splits",
+        description="Manage the per-service traffic policies of a running control plane.",
+    )
+    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    set_p = verbs.add_parser(
+        "set",
+        parents=parents,
+        help="create or replace a service's policy from a YAML or JSON file",
+        description=(
+            "Create or replace a service's traffic policy from a YAML or JSON file ('-' "
+            "for stdin). Keys are ServicePolicy's fields (snake_case or camelCase); "
+            "durations may be '500ms', '2s', '1m' or numbers of seconds; enum values "
+            "may be short and any case (least_response_time); splits may be a mapping "
+            "(splits: {v1: 90, v2: 10}). A service_name in the file must be SERVICE. "
+            "Prints the policy's new version; -o json prints the policy as stored."
+        ),
+    )
+    set_p.add_argument("name", metavar="SERVICE", help="service name")
+    set_p.add_argument("file", metavar="FILE", help=".yaml, .yml or .json file, or - for stdin")
+    set_p.add_argument(
+        "--expected-version",
+        metavar="N",
+        type=_positive,
+        default=0,
+        help="only replace the policy if its version is still N (optimistic concurrency)",
+    )
+    set_p.set_defaults(run=set_policy)
+
+    show_p = verbs.add_parser(
+        "show",
+        parents=parents,
+        help="a service's policy, summarised",
+        description=(
+            "A service's traffic policy, one setting per line; settings not set keep "
+            "the sidecars' defaults. -o json prints the ServicePolicy."
+        ),
+    )
+    show_p.add_argument("name", metavar="SERVICE", help="service name")
+    show_p.set_defaults(run=show)
+
+    delete_p = verbs.add_parser(
+        "delete",
+        parents=parents,
+        help="delete a service's policy (sidecars fall back to their defaults)",
+        description="Delete a service's traffic policy; sidecars fall back to their defaults.",
+    )
+    delete_p.add_argument("name", metavar="SERVICE", help="service name")
+    delete_p.set_defaults(run=delete)
+
+    split_p = verbs.add_parser(
+        "split",
+        parents=parents,
+        help="replace only the traffic split of a service's policy",
+        description=(
+            "Replace only the traffic split of a service's policy (the canary step), "
+            "starting from an empty policy when the service has none. The policy is "
+            "written back only if nobody changed it since it was read (re-read and "
+            "tried once more otherwise). Weights are whole percents summing to 100. "
+            "-o json prints the policy as stored."
+        ),
+    )
+    split_p.add_argument("name", metavar="SERVICE", help="service name")
+    split_p.add_argument(
+        "weights",
+        metavar="VERSION=WEIGHT",
+        type=_split_weight,
+        nargs="*",
+        help="a version and its share in percent, e.g. v1=90 v2=10",
+    )
+    split_p.add_argument("--clear", action="store_true", help="remove the split")
+    split_p.set_defaults(run=split, usage_error=split_p.error)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def set_policy(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``policy set``: convert the file (no call when it cannot be), then PutServicePolicy."""
+    try:
+        policy = load_policy_file(args.file, args.name)
+    except InvalidArgument as exc:
+        shown = "stdin" if args.file == "-" else args.file
+        _fail_with(_violations_block(f"{shown} is not a valid policy", exc))
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    stored = _put(stub, policy, args.expected_version, args.timeout)
+    if args.output == "json":
+        return render_json(message_to_dict(stored))
+    return f"{stored.service_name}: policy version {stored.version}\n"
+
+
+def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``policy show``: GetServicePolicy, summarised or as JSON."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    policy = stub.GetServicePolicy(
+        registry_pb2.GetServicePolicyRequest(service_name=args.name), timeout=args.timeout
+    ).policy
+    if args.output == "json":
+        return render_json(message_to_dict(policy))
+    return describe_policy(policy)
+
+
+def delete(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``policy delete``: DeleteServicePolicy."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    response = stub.DeleteServicePolicy(
+        registry_pb2.DeleteServicePolicyRequest(service_name=args.name), timeout=args.timeout
+    )
+    if args.output == "json":
+        return render_json(message_to_dict(response))
+    return f"{args.name}: policy deleted\n"
+
+
+def split(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``policy split``: read the policy, replace its splits, write it back if unchanged.
+
+    When another writer changed the policy in between (FAILED_PRECONDITION), the
+    policy is read again and the split applied to that, once.
+    """
+    usage_error: Callable[[str], NoReturn] = args.usage_error
+    if args.clear and args.weights:
+        usage_error("give VERSION=WEIGHT pairs or --clear, not both")
+    if not args.clear and not args.weights:
+        usage_error("give VERSION=WEIGHT pairs (e.g. v1=90 v2=10) or --clear")
+    try:
+        weights = parse_split(args.weights)
+    except ValueError as exc:
+        usage_error(str(exc))
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    current = _get_or_empty(stub, args.name, args.timeout)
+    if not weights and not current.splits:
+        return _no_split_to_clear(current, args.output)
+    try:
+        stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
+    except grpc.RpcError as exc:
+        if not isinstance(from_rpc_error(exc), FailedPrecondition):
+            raise
+        # Changed since it was read: apply the split to the policy as it is now, once.
+        current = _get_or_empty(stub, args.name, args.timeout)
+        if not weights and not current.splits:
+            return _no_split_to_clear(current, args.output)
+        stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
+    if args.output == "json":
+        return render_json(message_to_dict(stored))
+    pairs = [(s.version, s.weight) for s in stored.splits]
+    shown = f"split {format_split(pairs)}" if pairs else "no split"
+    return f"{stored.service_name}: policy version {stored.version}, {shown}\n"
+
+
+def _get_or_empty(
+    stub: registry_pb2_grpc.RegistryServiceStub, service: str, timeout: float
+) -> registry_pb2.ServicePolicy:
+    """The stored policy, or an empty one (version 0) when the service has none."""
+    try:
+        return stub.GetServicePolicy(
+            registry_pb2.GetServicePolicyRequest(service_name=service), timeout=timeout
+        ).policy
+    except grpc.RpcError as exc:
+        if not isinstance(from_rpc_error(exc), NotFound):
+            raise
+    return registry_pb2.ServicePolicy(service_name=service)
+
+
+def _with_split(
+    policy: registry_pb2.ServicePolicy, weights: Sequence[tuple[str, int]]
+) -> registry_pb2.ServicePolicy:
+    """A copy of ``policy`` with ``weights`` as its only split.
+
+    Put with the version read as ``expected_version``: for version 0 (no policy yet)
+    that asks for no check, so a policy created meanwhile would be replaced.
+    """
+    changed = registry_pb2.ServicePolicy()
+    changed.CopyFrom(policy)
+    del changed.splits[:]
+    changed.splits.extend(registry_pb2.VersionSplit(version=v, weight=w) for v, w in weights)
+    return changed
+
+
+def _no_split_to_clear(current: registry_pb2.ServicePolicy, output: str) -> str:
+    if output == "json":
+        return render_json(message_to_dict(current) if current.version else None)
+    if not current.version:
+        return f"{current.service_name}: no policy, so no split to clear\n"
+    return f"{current.service_name}: policy version {current.version} has no split\n"
+
+
+def _put(
+    stub: registry_pb2_grpc.RegistryServiceStub,
+    policy: registry_pb2.ServicePolicy,
+    expected_version: int,
+    timeout: float,
+) -> registry_pb2.ServicePolicy:
+    """PutServicePolicy; a refused policy exits 1 listing every violation."""
+    request = registry_pb2.PutServicePolicyRequest(policy=policy, expected_version=expected_version)
+    try:
+        return stub.PutServicePolicy(request, timeout=timeout).policy
+    except grpc.RpcError as exc:
+        error = from_rpc_error(exc)
+        if not isinstance(error, InvalidArgument):
+            raise
+        _fail_with(
+            _violations_block(
+                f"the control plane refused the policy of {policy.service_name}", error
+            )
+        )
+
+
+# -- reading a policy ----------------------------------------------------------------------
+
+
+def load_policy_file(path: str, service: str) -> registry_pb2.ServicePolicy:
+    """The policy of a YAML or JSON file (``-``: stdin) for ``service``.
+
+    ``.json`` files are read as JSON, anything else as YAML (which JSON is a subset
+    of). InvalidArgument when the file cannot be read or parsed, or (see
+    :func:`policy_from_data`) converted.
+    """
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _file_error(f"is not UTF-8 text: {exc.reason}") from exc
+    except OSError as exc:
+        raise _file_error(f"cannot be read: {exc.strerror or exc}") from exc
+    import yaml  # noqa: PLC0415 - only `policy set` needs it
+
+    try:
+        data = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise _file_error(f"is not JSON: {exc.msg} at line {exc.lineno}") from exc
+    except yaml.YAMLError as exc:
+        raise _file_error(f"is not YAML: {_yaml_problem(exc)}") from exc
+    return policy_from_data(data, service)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return _flat(str(exc))
+
+
+def _file_error(description: str) -> InvalidArgument:
+    return InvalidArgument.from_violations([FieldViolation("", f"the file {description}")])
+
+
+def policy_from_data(data: Any, service: str) -> registry_pb2.ServicePolicy:
+    """A ServicePolicy for ``service`` from the data of a policy file.
+
+    Keys are the proto field names or their JSON (camelCase) names. Friendlier forms
+    than proto JSON are accepted too: durations as ``"500ms"``, ``"2s"``, ``"1m"``,
+    ``"1m30s"`` or numbers of seconds; enum values without their prefix, in any case
+    (``least_response_time``); ``splits`` as a mapping ``{v1: 90, v2: 10}``; retryable
+    codes in any case. A ``service_name`` must equal ``service``; ``version``,
+    ``update_time`` and ``revision`` are set by the control plane and ignored.
+    InvalidArgument lists every problem found, each with its field path as written
+    (``retry.initial_backoff``, ``splits[1].weight``); ranges and sums are left to the
+    control plane, which knows the instances.
+    """
+    out: list[FieldViolation] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise InvalidArgument.from_violations(
+            [
+                FieldViolation(
+                    "", f"the file must hold a mapping of policy fields, not {_kind(data)}"
+                )
+            ]
+        )
+    normalized = _message(data, registry_pb2.ServicePolicy.DESCRIPTOR, "", out)
+    named = normalized.get("service_name", service)
+    if named != service:
+        given = _given_key(data, "service_name", "serviceName")
+        out.append(FieldViolation(given, f"is {named!r}, but the policy is set for {service!r}"))
+    normalized["service_name"] = service
+    if out:
+        raise InvalidArgument.from_violations(out)
+    policy = registry_pb2.ServicePolicy()
+    try:
+        json_format.ParseDict(normalized, policy)
+    except json_format.ParseError as exc:  # a case the checks above missed
+        raise InvalidArgument.from_violations([FieldViolation("", _flat(str(exc)))]) from exc
+    return policy
+
+
+def _given_key(data: Mapping[Any, Any], *keys: str) -> str:
+    return next((key for key in keys if key in data), keys[0])
+
+
+def _message(
+    data: Mapping[Any, Any], descriptor: Descriptor, path: str, out: list[FieldViolation]
+) -> dict[str, Any]:
+    """``data`` as proto JSON for ``descriptor``, keyed by proto field names."""
+    fields: dict[str, FieldDescriptor] = {}
+    for field in descriptor.fields:
+        fields[field.name] = field
+        fields[field.json_name] = field
+    top = descriptor is registry_pb2.ServicePolicy.DESCRIPTOR
+    result: dict[str, Any] = {}
+    keys_used: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            out.append(FieldViolation(path, f"has a key that is not a string: {key!r}"))
+            continue
+        where = _join(path, key)
+        found = fields.get(key)
+        if found is None:
+            names = [f.name for f in descriptor.fields if not (top and f.name in _OUTPUT_ONLY)]
+            out.append(
+                FieldViolation(where, f"is not a field of {descriptor.name}{_hint(key, names)}")
+            )
+            continue
+        field = found
+        if field.name in keys_used:
+            out.append(
+                FieldViolation(where, f"repeats {keys_used[field.name]!r}; give only one of them")
+            )
+            continue
+        keys_used[field.name] = key
+        if value is None or (top and field.name in _OUTPUT_ONLY):
+            continue
+        converted = _field(field, value, where, out)
+        if converted is not None:
+            result[field.name] = converted
+    return result
+
+
+def _field(field: FieldDescriptor, value: Any, path: str, out: list[FieldViolation]) -> Any:
+    """One field's value as proto JSON; None (and a violation) when it cannot be."""
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        if not isinstance(value, Mapping):
+            out.append(FieldViolation(path, f"must be a mapping, got {_kind(value)}"))
+            return None
+        value_field = entry.fields_by_name["value"]
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                out.append(FieldViolation(path, f"has a key that is not a string: {key!r}"))
+                continue
+            converted = _single(value_field, item, _join(path, key), out)
+            if converted is not None:
+                result[key] = converted
+        return result
+    if field.is_repeated:
+        if field.message_type is registry_pb2.VersionSplit.DESCRIPTOR and isinstance(
+            value, Mapping
+        ):
+            return _split_mapping(value, path, out)
+        if not isinstance(value, list):
+            out.append(FieldViolation(path, f"must be a list, got {_kind(value)}"))
+            return None
+        items = [_single(field, item, f"{path}[{i}]", out) for i, item in enumerate(value)]
+        return [item for item in items if item is not None]
+    return _single(field, value, path, out)
+
+
+def _split_mapping(value: Mapping[Any, Any], path: str, out: list[FieldViolation]) -> list[Any]:
+    """``{v1: 90, v2: 10}`` as the proto JSON of repeated VersionSplit."""
+    weight_field = registry_pb2.VersionSplit.DESCRIPTOR.fields_by_name["weight"]
+    result = []
+    for version, weight in value.items():
+        if not isinstance(version, str):
+            # YAML reads 1.10 as the number 1.1: only a quoted version is exact.
+            out.append(
+                FieldViolation(
+                    path, f"version {version!r} must be a string: quote it ('{version}': ...)"
+                )
+            )
+            continue
+        converted = _single(weight_field, weight, _join(path, version), out)
+        if converted is not None:
+            result.append({"version": version, "weight": converted})
+    return result
+
+
+def _single(field: FieldDescriptor, value: Any, path: str, out: list[FieldViolation]) -> Any:
+    """One (non-map, non-list) value of ``field`` as proto JSON; None when it cannot be."""
+    message_type = field.message_type
+    if message_type is not None:
+        if message_type is duration_pb2.Duration.DESCRIPTOR:
+            return _duration_json(value, path, out)
+        if not isinstance(value, Mapping):
+            out.append(FieldViolation(path, f"must be a mapping, got {_kind(value)}"))
+            return None
+        return _message(value, message_type, path, out)
+    if field.enum_type is not None:
+        return _enum_name(field.enum_type, value, path, out)
+    kind = field.cpp_type
+    if kind == FieldDescriptor.CPPTYPE_STRING:
+        if not isinstance(value, str):
+            out.append(FieldViolation(path, f"must be a string, got {_kind(value)}"))
+            return None
+        if field.full_name == "flext_mesh.v1.RetryPolicy.retryable_codes":
+            return value.strip().upper()  # status code names, e.g. UNAVAILABLE
+        return value
+    if kind == FieldDescriptor.CPPTYPE_BOOL:
+        if not isinstance(value, bool):
+            out.append(FieldViolation(path, f"must be true or false, got {_kind(value)}"))
+            return None
+        return value
+    if kind in _INT_RANGES:
+        return _integer(value, _INT_RANGES[kind], path, out)
+    if kind in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            out.append(FieldViolation(path, f"must be a number, got {_kind(value)}"))
+            return None
+        if not math.isfinite(value):
+            out.append(FieldViolation(path, f"must be a finite number, got {value}"))
+            return None
+        return value
+    return value  # bytes: none in ServicePolicy; ParseDict judges
+
+
+def _integer(
+    value: Any, bounds: tuple[int, int], path: str, out: list[FieldViolation]
+) -> int | None:
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):  # proto-JSON int64
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        out.append(FieldViolation(path, f"must be a whole number, got {_kind(value)}"))
+        return None
+    low, high = bounds
+    if not low <= value <= high:
+        out.append(
+            FieldViolation(path, f"must be a whole number from {low} to {high}, got {value}")
+        )
+        return None
+    return value
+
+
+def _enum_name(
+    enum: EnumDescriptor, value: Any, path: str, out: list[FieldViolation]
+) -> str | None:
+    """``least_response_time``, ``LEAST-RESPONSE-TIME`` or the full name, as the full name."""
+    prefix = _enum_prefix(enum)
+    if isinstance(value, int) and not isinstance(value, bool):
+        found = enum.values_by_number.get(value)
+        if found is not None:
+            return found.name
+    elif isinstance(value, str):
+        name = value.strip().upper().replace("-", "_")
+        for candidate in (name, prefix + name):
+            if candidate in enum.values_by_name:
+                return candidate
+    choices = [
+        v.name.removeprefix(prefix).lower()
+        for v in enum.values
+        if not v.name.endswith("_UNSPECIFIED")
+    ]
+    out.append(FieldViolation(path, f"{value!r} is not one of {', '.join(choices)}"))
+    return None
+
+
+def _enum_prefix(enum: EnumDescriptor) -> str:
+    """``LOAD_BALANCING_STRATEGY_`` for LoadBalancingStrategy (Buf: zero is PREFIX_UNSPECIFIED)."""
+    zero = enum.values_by_number.get(0)
+    if zero is not None and zero.name.endswith("_UNSPECIFIED"):
+        return zero.name.removesuffix("UNSPECIFIED")
+    return ""
+
+
+def _duration_json(value: Any, path: str, out: list[FieldViolation]) -> str | None:
+    """A duration as its proto-JSON string (``"0.500s"``); None with a violation."""
+    nanos: int | None
+    if isinstance(value, str):
+        nanos = parse_duration(value)
+        if nanos is None:
+            out.append(FieldViolation(path, f"{value!r} is not a duration ({_DURATION_HINT})"))
+            return None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            out.append(FieldViolation(path, f"{value} is not a duration ({_DURATION_HINT})"))
+            return None
+        nanos = value * 10**9 if isinstance(value, int) else round(value * 1e9)
+    else:
+        out.append(
+            FieldViolation(path, f"must be a duration ({_DURATION_HINT}), got {_kind(value)}")
+        )
+        return None
+    if nanos < 0:
+        out.append(FieldViolation(path, "must not be negative"))
+        return None
+    if nanos > _MAX_DURATION_NANOS:
+        out.append(FieldViolation(path, "is too long for a duration"))
+        return None
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(nanos)
+    return duration.ToJsonString()
+
+
+def parse_duration(text: str) -> int | None:
+    """Nanoseconds of ``"500ms"``, ``"2s"``, ``"1.5s"``, ``"1m"``, ``"1m30s"``, ``"1h"``.
+
+    A bare number is seconds (``"2"``). None when ``text`` is none of these.
+    """
+    text = text.strip()
+    try:
+        return round(Decimal(text) * 10**9) if text and Decimal(text).is_finite() else None
+    except InvalidOperation:
+        pass
+    pos, total = 0, Decimal(0)
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            return None
+        total += Decimal(match.group(1)) * _UNIT_NANOS[match.group(2)]
+        pos = match.end()
+    return round(total) if pos else None
+
+
+# -- the split argument --------------------------------------------------------------------
+
+
+def _split_weight(value: str) -> tuple[str, int]:
+    """``v1=90`` as ``("v1", 90)`` (argparse type)."""
+    match = _SPLIT_ARG.fullmatch(value.strip())
+    if match is None or int(match["weight"]) > 100:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not VERSION=WEIGHT with a whole percent 0 to 100, e.g. v1=90"
+        )
+    return match["version"], int(match["weight"])
+
+
+def parse_split(weights: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Check a split given as (version, weight) pairs: distinct versions, summing to 100.
+
+    An empty split (no pairs) is allowed: it means "no split". ValueError otherwise.
+    """
+    seen: set[str] = set()
+    for version, _ in weights:
+        if version in seen:
+            raise ValueError(f"version {version!r} is given twice")
+        seen.add(version)
+    total = sum(weight for _, weight in weights)
+    if weights and total != 100:
+        raise ValueError(f"the weights sum to {total}, not 100: {format_split(weights)}")
+    return list(weights)
+
+
+# -- showing a policy ----------------------------------------------------------------------
+
+
+def describe_policy(policy: registry_pb2.ServicePolicy) -> str:
+    """A policy for people: one line per setting, ``not set`` for the sidecars' defaults."""
+    zone = policy.zone
+    if not policy.HasField("zone"):
+        zone_text = _NOT_SET
+    elif zone.enabled:
+        zone_text = "on" + (
+            f", min_healthy_percent={_number(zone.min_healthy_percent)}"
+            if zone.HasField("min_healthy_percent")
+            else ""
+        )
+    else:
+        zone_text = "off"
+    timeouts = " ".join(
+        f"{operation}={format_duration(policy.operation_timeouts[operation])}"
+        for operation in sorted(policy.operation_timeouts)
+    )
+    settings = [
+        ("updated", f"{_date_time(policy.update_time)} (revision {policy.revision})"),
+        ("strategy", _enum_text(registry_pb2.LoadBalancingStrategy.DESCRIPTOR, policy.strategy)),
+        (
+            "default timeout",
+            format_duration(policy.default_timeout)
+            if policy.HasField("default_timeout")
+            else _NOT_SET,
+        ),
+        ("operation timeouts", timeouts or _NOT_SET),
+        ("retry", _settings(policy.retry if policy.HasField("retry") else None)),
+        (
+            "circuit breaker",
+            _settings(policy.circuit_breaker if policy.HasField("circuit_breaker") else None),
+        ),
+        (
+            "outlier detection",
+            _settings(policy.outlier_detection if policy.HasField("outlier_detection") else None),
+        ),
+        (
+            "health check",
+            _settings(policy.health_check if policy.HasField("health_check") else None),
+        ),
+        (
+            "panic threshold",
+            f"{_number(policy.panic_threshold_percent)}%"
+            if policy.HasField("panic_threshold_percent")
+            else _NOT_SET,
+        ),
+        ("split", format_split((s.version, s.weight) for s in policy.splits) or _NOT_SET),
+        ("zone preference", zone_text),
+    ]
+    width = max(len(label) for label, _ in settings) + 2
+    lines = [f"{policy.service_name}: policy version {policy.version}"]
+    lines.extend(f"{(label + ':').ljust(width)} {text}" for label, text in settings)
+    return "\n".join(lines) + "\n"
+
+
+def format_split(weights: Iterable[tuple[str, int]]) -> str:
+    """``v1=90 v2=10`` from (version, weight) pairs."""
+    return " ".join(f"{version}={weight}" for version, weight in weights)
+
+
+def format_duration(duration: duration_pb2.Duration) -> str:
+    """A duration in the form policy files use: ``500ms``, ``2s``, ``1.5s``, ``1m30s``."""
+    nanos = duration.ToNanoseconds()
+    if nanos == 0:
+        return "0s"
+    sign = "-" if nanos < 0 else ""
+    nanos = abs(nanos)
+    if nanos < 10**9:
+        return sign + _trim(Decimal(nanos) / 10**6) + "ms"
+    hours, rest = divmod(nanos, 3600 * 10**9)
+    minutes, rest = divmod(rest, 60 * 10**9)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    if rest:
+        text += _trim(Decimal(rest) / 10**9) + "s"
+    return sign + text
+
+
+def _trim(number: Decimal) -> str:
+    text = f"{number:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _settings(message: Message | None) -> str:
+    """The fields set in a sub-message, as ``key=value`` in field order; None: not set."""
+    if message is None:
+        return _NOT_SET
+    parts = [f"{field.name}={_value_text(field, value)}" for field, value in message.ListFields()]
+    return " ".join(parts) or "set, every field at its default"
+
+
+def _value_text(field: FieldDescriptor, value: Any) -> str:
+    if field.is_repeated:
+        return ",".join(_value_text_one(field, item) for item in value)
+    return _value_text_one(field, value)
+
+
+def _value_text_one(field: FieldDescriptor, value: Any) -> str:
+    if isinstance(value, duration_pb2.Duration):
+        return format_duration(value)
+    if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
+        return _enum_text(field.enum_type, value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _number(value)
+    return str(value)
+
+
+def _enum_text(enum: EnumDescriptor | None, value: int) -> str:
+    """An enum value as a policy file may write it (``least_response_time``)."""
+    found = enum.values_by_number.get(value) if enum is not None else None
+    if enum is None or found is None:  # a value newer than this CLI
+        return str(value)
+    if found.number == 0:
+        return _NOT_SET
+    return found.name.removeprefix(_enum_prefix(enum)).lower()
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _date_time(timestamp: Timestamp) -> str:
+    """Local ``YYYY-MM-DD HH:MM:SS``; ``-`` when unset."""
+    if not (timestamp.seconds or timestamp.nanos):
+        return EMPTY
+    return timestamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _hint(key: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known fields: {', '.join(names)})"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _violations_block(headline: str, error: InvalidArgument) -> str:
+    violations = error.violations or (FieldViolation("", error.message),)
+    lines = [f"{_PROG}: error: {headline}:"]
+    lines.extend(
+        f"  {v.field}: {_flat(v.description)}" if v.field else f"  {_flat(v.description)}"
+        for v in violations
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _fail_with(text: str) -> NoReturn:
+    """Exit 1 after writing ``text`` (full ``flext-mesh: error: ...`` lines) to stderr."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return number
