@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +31,8 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.output import EMPTY, message_to_dict, render_json
+from flext_mesh.durations import MAX_DURATION_NANOS
+from flext_mesh.durations import parse_duration as _parse
 from flext_mesh.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -59,17 +61,7 @@ _PROG = "flext-mesh"
 # Fields of ServicePolicy that the control plane sets: accepted in a file (so that the
 # output of `policy show -o json` can be set again) and dropped.
 _OUTPUT_ONLY = frozenset({"version", "update_time", "revision"})
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_NANOS = {
-    "ns": 1,
-    "us": 10**3,
-    "µs": 10**3,
-    "ms": 10**6,
-    "s": 10**9,
-    "m": 60 * 10**9,
-    "h": 3600 * 10**9,
-}
-_MAX_DURATION_NANOS = 315_576_000_000 * 10**9  # the largest google.protobuf.Duration
+_MAX_DURATION_NANOS = MAX_DURATION_NANOS
 _DURATION_HINT = "e.g. '500ms', '2s', '1m', '1m30s', or a number of seconds"
 _INT_RANGES = {
     FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
@@ -590,19 +582,7 @@ def parse_duration(text: str) -> int | None:
 
     A bare number is seconds (``"2"``). None when ``text`` is none of these.
     """
-    text = text.strip()
-    try:
-        return round(Decimal(text) * 10**9) if text and Decimal(text).is_finite() else None
-    except InvalidOperation:
-        pass
-    pos, total = 0, Decimal(0)
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            return None
-        total += Decimal(match.group(1)) * _UNIT_NANOS[match.group(2)]
-        pos = match.end()
-    return round(total) if pos else None
+    return _parse(text, bare_seconds=True)
 
 
 # -- the split argument --------------------------------------------------------------------

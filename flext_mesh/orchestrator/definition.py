@@ -67,7 +67,6 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +74,7 @@ import grpc
 import yaml
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from flext_mesh.durations import parse_duration
 from flext_mesh.errors import INFRASTRUCTURE_CODES, FieldViolation, InvalidArgument
 from flext_mesh.invoke import struct_to_dict
 from flext_mesh.registry.validation import check_name, raise_if
@@ -888,9 +888,6 @@ _RETRY_KEYS = {
     "retryable_codes": "retryable_codes",
     "retryableCodes": "retryable_codes",
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_NANOS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
-_UNIT_NANOS["h"] = 3600 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -1001,17 +998,7 @@ def _duration(given: _Given, out: list[FieldViolation]) -> duration_pb2.Duration
 
 def _parse_duration(text: str) -> int | None:
     """Nanoseconds of ``"1h"``, ``"2m"``, ``"1.5s"``, ``"250ms"``, ``"1m30s"``; else None."""
-    text = text.strip()
-    sign = -1 if text.startswith("-") else 1
-    text = text.removeprefix("-")
-    pos, total = 0, Decimal(0)
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            return None
-        total += Decimal(match.group(1)) * _UNIT_NANOS[match.group(2)]
-        pos = match.end()
-    return sign * round(total) if pos else None
+    return parse_duration(text)
 
 
 def _timestamp(given: _Given, out: list[FieldViolation]) -> timestamp_pb2.Timestamp | None:
