@@ -12,6 +12,7 @@
     ├── Cancelled                  CANCELLED
     ├── Unimplemented              UNIMPLEMENTED
     ├── ResourceExhausted          RESOURCE_EXHAUSTED (transient)
+    ├── StatusError                any other code, kept as is (ABORTED, OUT_OF_RANGE, ...)
     └── InfrastructureError        transient faults: retried, trip breakers
         ├── Unavailable            UNAVAILABLE
         │   └── StoreUnavailable   UNAVAILABLE (a store read or write failed)
@@ -52,6 +53,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "StatusError",
     "StoreUnavailable",
     "Unauthenticated",
     "Unavailable",
@@ -106,6 +108,20 @@ class MeshError(Exception):
     def code(self) -> grpc.StatusCode:
         """The gRPC status code of this error."""
         return self.grpc_status_code
+
+
+class StatusError(MeshError):
+    """A status with no class of its own in the tree (ABORTED, OUT_OF_RANGE, DATA_LOSS,
+    ...): it keeps its precise code, so callers can still tell one from another."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self._code = code
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The status code as received or chosen."""
+        return self._code
 
 
 class InvalidArgument(MeshError):
@@ -301,6 +317,8 @@ def from_rpc_error(exc: grpc.RpcError) -> MeshError:
         return ResourceExhausted(message, _retry_after(exc))
     if cls is MeshError and code is grpc.StatusCode.UNKNOWN:
         return InfrastructureError(message)
+    if cls is MeshError:
+        return StatusError(message, code)
     return cls(message)
 
 

@@ -32,6 +32,7 @@ RAISES: dict[str, MeshError | Exception] = {
     "missing": NotFound("service 'payment' has no instance"),
     "limited": ResourceExhausted("too many reports", retry_after=1.5),
     "bug": ZeroDivisionError("boom"),
+    "conflict": errors.StatusError("version conflict", grpc.StatusCode.ABORTED),
 }
 
 
@@ -119,6 +120,17 @@ async def test_streams_abort_with_the_status_after_their_messages(
         await drain()
     assert received == [b"first"]
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_code_without_its_own_class_keeps_its_code(channel: grpc.aio.Channel) -> None:
+    call = channel.unary_unary("/test.Errors/Call")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(b"conflict")
+    assert info.value.code() is grpc.StatusCode.ABORTED
+    error = from_rpc_error(info.value)
+    assert isinstance(error, errors.StatusError)
+    assert (error.code, error.message) == (grpc.StatusCode.ABORTED, "version conflict")
+    assert not isinstance(error, errors.InfrastructureError)
 
 
 def test_every_status_family_maps_to_one_class_and_back() -> None:

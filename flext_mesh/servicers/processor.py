@@ -48,6 +48,7 @@ from flext_mesh.errors import (
     InvalidArgument,
     MeshError,
     NotFound,
+    StatusError,
     Unavailable,
     abort,
     from_result,
@@ -108,25 +109,12 @@ class CallOutcome:
     """True when the answer came from the idempotency cache without running."""
 
 
-class _FailureCode(MeshError):
-    """A processor failure whose code has no class in the error tree (ABORTED, ...)."""
-
-    def __init__(self, message: str, code: grpc.StatusCode) -> None:
-        super().__init__(message)
-        self._code = code
-
-    @property
-    def code(self) -> grpc.StatusCode:
-        """The status code the processor chose."""
-        return self._code
-
-
 def _error_of(result: FlextResult[Any]) -> MeshError:
     """The error a failed FlextResult answers with, keeping its precise code."""
     error = from_result(result)
     code = grpc.StatusCode.__members__.get(result.code or "")
     if type(error) is MeshError and code is not None:
-        return _FailureCode(error.message, code)
+        return StatusError(error.message, code)
     return error
 
 
