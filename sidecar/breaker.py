@@ -257,6 +257,27 @@ class CircuitBreaker:
         self._refresh()
         return self._state
 
+    def reconfigure(self, settings: BreakerSettings) -> None:
+        """Follow ``settings`` from now on, keeping the state (for a pushed policy).
+
+        An open period already running ends when it was due to; the window keeps its
+        newest ``sliding_window_size`` outcomes; the thresholds apply from the next
+        outcome. A half-open breaker that already has the trial successes the new
+        ``half_open_max_calls`` asks for closes at once.
+        """
+        if settings == self._settings:
+            return
+        self._settings = settings
+        if self._window.maxlen != settings.sliding_window_size:
+            self._window = deque(self._window, maxlen=settings.sliding_window_size)
+            self._window_failures = sum(self._window)
+        self._refresh()
+        if (
+            self._state is BreakerState.HALF_OPEN
+            and self._trial_successes >= settings.half_open_max_calls
+        ):
+            self._recover()
+
     def can_acquire(self) -> bool:
         """Whether :meth:`acquire` would admit a call now, without taking a permit."""
         self._refresh()

@@ -2,17 +2,77 @@
 
 ``MeshClient`` keeps a discovery cache fed by ``RegistryService.Watch`` (resuming from
 its last revision after a broken stream, and keeping its last-known state while the
-control plane is away: *static stability*). Each call picks an instance by weighted
-round robin over effective weights, skips instances whose circuit breaker is open,
-and calls ``ProcessorService.Invoke`` with the deadline and the correlation id.
+control plane is away: *static stability*). Each call picks an instance (see *Picks*),
+skips instances whose circuit breaker is open, and calls ``ProcessorService.Invoke``
+with the deadline and the correlation id.
 
-Failures: an infrastructure fault (UNAVAILABLE, DEADLINE_EXCEEDED of one attempt,
-INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN) counts against the instance's breaker and is
-retried on another instance with exponential backoff and jitter (tenacity), within the
-overall deadline and the retry budget (retries <= 20% of calls). A business rejection
+Failures: a failure whose status code is retryable (by default the infrastructure
+faults UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN) is
+retried, preferably on another instance, with exponential backoff and jitter
+(tenacity), within the overall deadline and the retry budget (retries <= 20% of calls).
+Only infrastructure faults count against the instance's breaker. A business rejection
 (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) is raised at once as its
-MeshError and never retried; nor are cancellations. The first attempt is a plain
-``await``: tenacity is entered only after a fault, keeping it off the fast path.
+MeshError and never retried; nor are cancellations, nor ``BreakersOpen`` (every
+instance's breaker is open: fail fast). The first attempt is a plain ``await``:
+tenacity is entered only after a retryable failure, keeping it off the fast path.
+
+Traffic policy
+    The control plane pushes each service's ``ServicePolicy`` over the same Watch: the
+    first message's snapshot carries every policy, then ``POLICY_PUT`` (the whole new
+    policy) and ``POLICY_DELETED`` events. The client applies a policy from the next
+    call on, without restart; a snapshot replaces every policy; a deleted policy puts
+    the service back on the settings; while the control plane is away the last policy
+    stays in force. A policy that fails the control plane's validation is ignored (and
+    logged): the previous one stays. ``policy(service)`` is the one in force.
+
+    Precedence, highest first; a policy field that is unset (or 0, per registry.proto)
+    does not count::
+
+        deadline         call(timeout=) > policy operation_timeouts[operation]
+                         > policy default_timeout > ClientSettings.default_timeout
+        retries          policy retry, whole: its unset fields take common.proto's
+                         defaults (3 attempts, 100 ms x 2.0 up to 5 s, jitter 0.2, the
+                         infrastructure codes; ABORTED may be listed too)
+                         > ClientSettings max_attempts, initial_backoff, max_backoff
+                         (x 2.0, jitter 0.2, the infrastructure codes)
+        breakers         each circuit_breaker field the policy sets
+                         > ClientSettings.breaker > BreakerSettings' defaults
+        strategy         policy strategy > weighted round robin
+        version split    policy splits > no split
+        zone preference  policy zone, for the caller zone: MeshClient(zone=)
+                         > ClientSettings.zone; no caller zone: no preference
+
+    The retry budget is the client's (``retry_budget_ratio``) whatever the policy.
+    New breaker settings reconfigure the service's existing breakers in place: they
+    keep their state (an open breaker stays open until its open period ends) and their
+    newest outcomes, and the new thresholds apply from the next outcome.
+
+Picks
+    *Callable* instances are healthy (SERVING or UNKNOWN), not ejected, of effective
+    weight > 0, and their breaker admits a call; when no instance of a service is
+    healthy, every instance counts as healthy (panic: better an unhealthy instance than
+    none). One call:
+
+    1. Version split: the call picks a version by smooth weighted round robin over the
+       versions with a weight > 0 (nginx's algorithm, as Discover: 90/10 sends exactly
+       9 of every 10 calls to the first version, interleaved) and keeps it for its
+       retries. When that version has no callable instance, the attempt falls back to
+       the instances of the other versions: counted in
+       ``split_fallbacks[(service, version)]`` and logged at WARNING once each time a
+       version starts falling back (at INFO when it recovers).
+    2. Zone preference: among what the split left, only the instances of the caller's
+       zone while that zone has a callable instance and ``callable_in_zone * 100 >=
+       min_healthy_percent * instances_in_zone`` (default 70; instances_in_zone counts
+       unhealthy ones too); otherwise every zone, counted in
+       ``zone_spillovers[service]``.
+    3. The policy's strategy picks among what is left. A retry prefers an instance the
+       call has not tried: in the same zone, then in the other zones, then in the other
+       versions (this is not counted as a fallback or a spill-over), and only then one
+       it tried already.
+
+    What a policy implies is computed when the cache or the policy changes, not per
+    call: without a split or zone preference, a pick is the strategy's choice and a
+    breaker check.
 """
 
 from __future__ import annotations
@@ -20,25 +80,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    RetryError,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from google.protobuf import duration_pb2
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from flext_mesh.errors import (
-    InfrastructureError,
+    INFRASTRUCTURE_CODES,
+    DeadlineExceeded,
     MeshError,
     NotFound,
     Unavailable,
@@ -47,7 +105,13 @@ from flext_mesh.errors import (
 )
 from flext_mesh.invoke import dict_to_struct, struct_to_dict
 from flext_mesh.registry.balancer import Candidate, Picker, Strategy
+from flext_mesh.registry.policy import (
+    DEFAULT_ZONE_MIN_HEALTHY_PERCENT,
+    SplitPicker,
+    validate_policy,
+)
 from flext_mesh.v1 import (
+    common_pb2,
     metrics_pb2,
     processor_pb2,
     processor_pb2_grpc,
@@ -66,17 +130,26 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+# RetryPolicy's defaults (common.proto); a policy may also list ABORTED as retryable.
+_RETRY_ATTEMPTS = 3
+_RETRY_INITIAL_BACKOFF = 0.1
+_RETRY_MULTIPLIER = 2.0
+_RETRY_MAX_BACKOFF = 5.0
+_RETRY_JITTER = 0.2
+_RETRYABLE_ALLOWED = INFRASTRUCTURE_CODES | {grpc.StatusCode.ABORTED}
+_NOTHING_TRIED: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
-    """How the mesh client calls; defaults documented here and in the README."""
+    """How the mesh client calls; defaults documented here and in the README. A
+    service's pushed policy overrides them (see the module docstring)."""
 
     #: Deadline of a call when the caller gives none, seconds.
     default_timeout: float = 10.0
     #: Attempts per call, the first included.
     max_attempts: int = 3
-    #: First retry backoff, seconds; doubles per retry, with jitter.
+    #: Wait before the second attempt, seconds; doubles per retry, minus up to 20% jitter.
     initial_backoff: float = 0.05
     #: Cap of one backoff, seconds.
     max_backoff: float = 1.0
@@ -86,52 +159,268 @@ class ClientSettings:
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     #: Seconds between Watch reconnection attempts at most.
     watch_max_backoff: float = 2.0
+    #: Zone of the caller, for the policies' zone preference; empty: no preference.
+    zone: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Retry:
+    """How a call is retried: a policy's ``retry`` with defaults applied, or the settings."""
+
+    max_attempts: int
+    initial_backoff: float
+    multiplier: float
+    max_backoff: float
+    jitter: float
+    codes: frozenset[grpc.StatusCode]
+
+    def backoff(self, number: int) -> float:
+        """Seconds to wait before retry ``number`` (1: before the second attempt):
+        ``initial x multiplier**(number - 1) x (1 - jitter x U[0, 1))``, then capped."""
+        base = self.initial_backoff * self.multiplier ** (number - 1)
+        return min(base * (1.0 - self.jitter * random.random()), self.max_backoff)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Plan:
+    """What one service's calls follow: its policy merged over the settings."""
+
+    default_timeout: float
+    operation_timeouts: Mapping[str, float]
+    retry: _Retry
+    breaker: BreakerSettings
+    strategy: Strategy
+    #: The version rotation (its state lives as long as the policy); None: no split.
+    split: SplitPicker | None
+    #: Zone preference threshold in percent; None: no preference (or no caller zone).
+    zone_min_percent: float | None
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.ToNanoseconds() / 1e9
+
+
+def _retry_of(policy: common_pb2.RetryPolicy, service: str) -> _Retry:
+    initial = (
+        _seconds(policy.initial_backoff)
+        if policy.HasField("initial_backoff")
+        else _RETRY_INITIAL_BACKOFF
+    )
+    codes: set[grpc.StatusCode] = set()
+    for name in policy.retryable_codes:
+        code = grpc.StatusCode.__members__.get(name)
+        if code in _RETRYABLE_ALLOWED:
+            codes.add(code)
+        else:  # validate_policy refuses these; a newer control plane might not
+            _log.warning("policy of %s: %r is not a retryable code, ignored", service, name)
+    return _Retry(
+        max_attempts=policy.max_attempts or _RETRY_ATTEMPTS,
+        initial_backoff=initial,
+        multiplier=policy.backoff_multiplier or _RETRY_MULTIPLIER,
+        max_backoff=(
+            _seconds(policy.max_backoff)
+            if policy.HasField("max_backoff")
+            else max(_RETRY_MAX_BACKOFF, initial)
+        ),
+        jitter=policy.jitter if policy.HasField("jitter") else _RETRY_JITTER,
+        codes=frozenset(codes) if policy.retryable_codes else INFRASTRUCTURE_CODES,
+    )
+
+
+def _breaker_of(
+    base: BreakerSettings, policy: registry_pb2.CircuitBreakerPolicy
+) -> BreakerSettings:
+    """``base`` with the fields the policy sets; ValueError when the result is invalid."""
+    changes: dict[str, Any] = {}
+    for name in (
+        "consecutive_failures",
+        "sliding_window_size",
+        "minimum_calls",
+        "half_open_max_calls",
+    ):
+        if getattr(policy, name):  # 0: not set
+            changes[name] = getattr(policy, name)
+    if policy.HasField("failure_rate_threshold_percent"):
+        changes["failure_rate_threshold_percent"] = policy.failure_rate_threshold_percent
+    if policy.HasField("open_duration"):
+        changes["open_duration"] = _seconds(policy.open_duration)
+    if policy.HasField("max_open_duration"):
+        changes["max_open_duration"] = _seconds(policy.max_open_duration)
+    # A policy that moves one end of a pair keeps the other end of the settings valid.
+    window = changes.get("sliding_window_size", base.sliding_window_size)
+    if "minimum_calls" not in changes and base.minimum_calls > window:
+        changes["minimum_calls"] = window
+    opened = changes.get("open_duration", base.open_duration)
+    if "max_open_duration" not in changes and base.max_open_duration < opened:
+        changes["max_open_duration"] = opened
+    return base.with_overrides(**changes)
+
+
+def _callable(instance: registry_pb2.ServiceInstance) -> bool:
+    """Healthy, not ejected, of positive weight: what the registry says of an instance."""
+    return instance.health in _HEALTHY and not instance.ejected and instance.effective_weight > 0
+
+
+class _Tier:
+    """Instances a pick may choose among, their breakers, and the strategy's picker."""
+
+    __slots__ = ("breakers", "instances", "picker")
+
+    def __init__(
+        self,
+        instances: list[registry_pb2.ServiceInstance],
+        breakers: list[CircuitBreaker],
+        strategy: Strategy,
+    ) -> None:
+        self.instances = instances
+        self.breakers = breakers
+        self.picker = Picker(
+            [
+                Candidate(
+                    i.instance_id,
+                    i.effective_weight or float(i.weight or 1),
+                    i.response_time_ms,
+                    i.uptime_percentage,
+                )
+                for i in instances
+            ],
+            strategy,
+        )
+
+    def acquire(
+        self, skip: frozenset[str] | set[str]
+    ) -> tuple[registry_pb2.ServiceInstance, Permit] | None:
+        """The strategy's choice, else the next in its order: the first instance not in
+        ``skip`` whose breaker admits a call, with the breaker's permit."""
+        picker = self.picker
+        first = picker.pick()
+        instance = self.instances[first]
+        if instance.instance_id not in skip:
+            permit = self.breakers[first].acquire()
+            if permit is not None:
+                return instance, permit
+        for index in picker.order(first):
+            instance = self.instances[index]
+            if index == first or instance.instance_id in skip:
+                continue
+            permit = self.breakers[index].acquire()
+            if permit is not None:
+                return instance, permit
+        return None
+
+    def callable_count(self) -> int:
+        """Instances whose breaker would admit a call now."""
+        return sum(1 for breaker in self.breakers if breaker.can_acquire())
+
+
+class _Group:
+    """The instances one split stage leaves (a version, or the others), by zone."""
+
+    __slots__ = ("local", "local_size", "min_percent", "plain", "preferred")
+
+    def __init__(
+        self,
+        everywhere: _Tier | None,
+        local: _Tier | None = None,
+        local_size: int = 0,
+        min_percent: float | None = None,
+    ) -> None:
+        self.plain: tuple[_Tier, ...] = (everywhere,) if everywhere is not None else ()
+        self.preferred = (local, *self.plain) if local is not None else self.plain
+        self.local = local
+        self.local_size = local_size
+        self.min_percent = min_percent
+
+    def tiers(self) -> tuple[tuple[_Tier, ...], bool]:
+        """Tiers to pick from in order, and whether the zone preference spilled over."""
+        if self.min_percent is None:
+            return self.plain, False
+        up = self.local.callable_count() if self.local is not None else 0
+        if up and up * 100 >= self.min_percent * self.local_size:
+            return self.preferred, False
+        return self.plain, True
+
+    def has_callable(self) -> bool:
+        """Whether any instance of the group would admit a call now."""
+        return any(breaker.can_acquire() for tier in self.plain for breaker in tier.breakers)
+
+
+class _Route:
+    """Where the calls of one split version go: its group first, then the others."""
+
+    __slots__ = ("primary", "stages", "version")
+
+    def __init__(self, version: str | None, primary: _Group, fallback: _Group | None) -> None:
+        self.version = version
+        self.primary = primary
+        #: (group, is the fallback) in the order a pick tries them.
+        self.stages: tuple[tuple[_Group, bool], ...] = (
+            ((primary, False),) if fallback is None else ((primary, False), (fallback, True))
+        )
+
+
+class _Routes:
+    """The routes of one service at one cache state and plan."""
+
+    __slots__ = ("by_version", "default", "split")
+
+    def __init__(
+        self, split: SplitPicker | None, default: _Route, by_version: dict[str, _Route]
+    ) -> None:
+        self.split = split
+        self.default = default
+        self.by_version = by_version
+
+    def choose(self) -> str | None:
+        """The next version of the split; None without a split."""
+        return self.split.pick() if self.split is not None else None
+
+    def route(self, version: str | None) -> _Route:
+        """The route of ``version`` (the policy may have changed since it was chosen)."""
+        if version is None:
+            return self.default
+        return self.by_version.get(version, self.default)
 
 
 class _Service:
-    """The cached instances of one service and the picker over the callable ones."""
+    """The cached instances of one service, and the routes built from them."""
+
+    __slots__ = ("instances", "plan", "routes")
 
     def __init__(self) -> None:
         self.instances: dict[str, registry_pb2.ServiceInstance] = {}
-        self._picker: Picker | None = None
-        self._order: list[registry_pb2.ServiceInstance] = []
-        self._dirty = True
+        self.routes: _Routes | None = None
+        self.plan: _Plan | None = None  # the plan the routes were built for
 
     def changed(self) -> None:
-        self._dirty = True
+        self.routes = None
 
-    def candidates(self) -> tuple[Picker | None, list[registry_pb2.ServiceInstance]]:
-        if self._dirty:
-            live = [
-                i
-                for i in sorted(self.instances.values(), key=lambda i: i.instance_id)
-                if i.health in _HEALTHY and not i.ejected and i.effective_weight > 0
-            ]
-            if not live:  # panic: better an unhealthy instance than none
-                live = sorted(self.instances.values(), key=lambda i: i.instance_id)
-            self._order = live
-            self._picker = (
-                Picker(
-                    [
-                        Candidate(
-                            i.instance_id,
-                            i.effective_weight or float(i.weight or 1),
-                            i.response_time_ms,
-                            i.uptime_percentage,
-                        )
-                        for i in live
-                    ],
-                    Strategy.WEIGHTED_ROUND_ROBIN,
-                )
-                if live
-                else None
-            )
-            self._dirty = False
-        return self._picker, self._order
+
+class _Call:
+    """One call's state across its attempts."""
+
+    __slots__ = ("code", "deadline", "request", "routed", "service", "tried", "version")
+
+    def __init__(self, service: str, request: processor_pb2.InvokeRequest, deadline: float) -> None:
+        self.service = service
+        self.request = request
+        self.deadline = deadline
+        self.tried: set[str] = set()
+        self.routed = False
+        self.version: str | None = None
+        #: Status code of the last failed attempt.
+        self.code = grpc.StatusCode.UNKNOWN
 
 
 class MeshClient:
-    """Async client of the mesh (see the module docstring)."""
+    """Async client of the mesh (see the module docstring).
+
+    ``zone`` is the caller's zone for the policies' zone preference (default
+    ``settings.zone``). ``split_fallbacks[(service, version)]`` counts the attempts that
+    fell back from a split version without a callable instance, and
+    ``zone_spillovers[service]`` the attempts that left the caller's zone because too
+    few of its instances were callable.
+    """
 
     def __init__(
         self,
@@ -140,12 +429,20 @@ class MeshClient:
         caller_service: str = "",
         settings: ClientSettings | None = None,
         reporter: CallReporter | None = None,
+        zone: str | None = None,
     ) -> None:
         self.control_plane = control_plane
         self.caller_service = caller_service
         self.settings = settings or ClientSettings()
         self.reporter = reporter
+        self.zone = self.settings.zone if zone is None else zone
+        self.split_fallbacks: Counter[tuple[str, str]] = Counter()
+        self.zone_spillovers: Counter[str] = Counter()
+        self._falling_back: set[tuple[str, str]] = set()
         self._services: dict[str, _Service] = {}
+        self._policies: dict[str, registry_pb2.ServicePolicy] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._default_plan = self._plan(None)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
         self._budget = RetryBudget(self.settings.retry_budget_ratio)
@@ -195,6 +492,15 @@ class MeshClient:
         cached = self._services.get(service)
         return list(cached.instances.values()) if cached else []
 
+    def policy(self, service: str) -> registry_pb2.ServicePolicy | None:
+        """The traffic policy in force for ``service`` (last known); None without one."""
+        policy = self._policies.get(service)
+        if policy is None:
+            return None
+        copy = registry_pb2.ServicePolicy()
+        copy.CopyFrom(policy)
+        return copy
+
     async def wait_for_instances(self, service: str, count: int = 1, within: float = 10.0) -> bool:
         """Wait until the cache holds at least ``count`` instances of ``service``."""
         try:
@@ -225,6 +531,7 @@ class MeshClient:
             await asyncio.sleep(delay)
 
     def _apply(self, message: registry_pb2.WatchResponse) -> None:
+        """Apply one Watch message: a snapshot replaces everything, events update it."""
         if message.HasField("snapshot"):
             fresh: dict[str, _Service] = {}
             for instance in message.snapshot.instances:
@@ -232,7 +539,16 @@ class MeshClient:
                     instance.instance_id
                 ] = instance
             self._services = fresh
+            policies = {p.service_name: p for p in message.snapshot.policies}
+            for name in sorted(self._policies.keys() | policies.keys()):
+                self._set_policy(name, policies.get(name))
         for event in message.events:
+            if event.type == registry_pb2.WATCH_EVENT_TYPE_POLICY_PUT:
+                self._set_policy(event.service_name or event.policy.service_name, event.policy)
+                continue
+            if event.type == registry_pb2.WATCH_EVENT_TYPE_POLICY_DELETED:
+                self._set_policy(event.service_name, None)
+                continue
             service = self._services.setdefault(event.service_name, _Service())
             if event.type == registry_pb2.WATCH_EVENT_TYPE_REMOVED:
                 service.instances.pop(event.instance.instance_id, None)
@@ -243,6 +559,144 @@ class MeshClient:
         self._synced.set()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    # -- policies --------------------------------------------------------------------
+
+    def _set_policy(self, service: str, policy: registry_pb2.ServicePolicy | None) -> None:
+        """Put ``policy`` (None: none) in force for ``service``; an invalid one is ignored."""
+        current = self._policies.get(service)
+        if policy is None:
+            if current is None:
+                return
+            del self._policies[service]
+            self._plans.pop(service, None)
+            plan = self._default_plan
+            _log.info("traffic policy of %s deleted; back to the client settings", service)
+        else:
+            if current is not None and policy == current:
+                return  # e.g. the same policy again in a resync snapshot: keep the rotation
+            try:
+                problems = validate_policy(policy)
+                if problems:
+                    raise ValueError("; ".join(f"{p.field}: {p.description}" for p in problems))
+                plan = self._plan(policy)
+            except ValueError as exc:
+                _log.error(
+                    "traffic policy version %d of %s ignored, the previous one stays: %s",
+                    policy.version,
+                    service,
+                    exc,
+                )
+                return
+            self._policies[service] = policy
+            self._plans[service] = plan
+            _log.info("traffic policy version %d of %s applied", policy.version, service)
+        for (name, _), breaker in self._breakers.items():
+            if name == service:
+                breaker.reconfigure(plan.breaker)
+        cached = self._services.get(service)
+        if cached is not None:
+            cached.changed()
+
+    def _plan(self, policy: registry_pb2.ServicePolicy | None) -> _Plan:
+        """The policy merged over the settings; ValueError when it cannot apply."""
+        settings = self.settings
+        if policy is None:
+            return _Plan(
+                default_timeout=settings.default_timeout,
+                operation_timeouts={},
+                retry=_Retry(
+                    max_attempts=settings.max_attempts,
+                    initial_backoff=settings.initial_backoff,
+                    multiplier=_RETRY_MULTIPLIER,
+                    max_backoff=settings.max_backoff,
+                    jitter=_RETRY_JITTER,
+                    codes=INFRASTRUCTURE_CODES,
+                ),
+                breaker=settings.breaker,
+                strategy=Strategy.WEIGHTED_ROUND_ROBIN,
+                split=None,
+                zone_min_percent=None,
+            )
+        default = self._default_plan
+        weights = {s.version: s.weight for s in policy.splits if s.weight > 0}
+        zone = policy.zone
+        return _Plan(
+            default_timeout=(
+                _seconds(policy.default_timeout)
+                if policy.HasField("default_timeout") and _seconds(policy.default_timeout) > 0
+                else default.default_timeout
+            ),
+            operation_timeouts={
+                op: _seconds(limit)
+                for op, limit in policy.operation_timeouts.items()
+                if _seconds(limit) > 0
+            },
+            retry=(
+                _retry_of(policy.retry, policy.service_name)
+                if policy.HasField("retry")
+                else default.retry
+            ),
+            breaker=(
+                _breaker_of(settings.breaker, policy.circuit_breaker)
+                if policy.HasField("circuit_breaker")
+                else default.breaker
+            ),
+            strategy=Strategy(policy.strategy) if policy.strategy else default.strategy,
+            split=SplitPicker(weights) if weights else None,
+            zone_min_percent=(
+                (
+                    zone.min_healthy_percent
+                    if zone.HasField("min_healthy_percent")
+                    else DEFAULT_ZONE_MIN_HEALTHY_PERCENT
+                )
+                if zone.enabled and self.zone
+                else None
+            ),
+        )
+
+    def _routes(self, service: str, cached: _Service) -> _Routes:
+        """The service's routes, built again when its instances or its plan changed."""
+        plan = self._plans.get(service, self._default_plan)
+        routes = cached.routes
+        if routes is not None and cached.plan is plan:
+            return routes
+        everything = sorted(cached.instances.values(), key=lambda i: i.instance_id)
+        live = [i for i in everything if _callable(i)] or everything  # empty: panic
+
+        def group(version: str | None = None, *, others: bool = False) -> _Group:
+            """The instances of ``version`` (None: every one), or of the other versions."""
+
+            def keep(instance: registry_pb2.ServiceInstance) -> bool:
+                return version is None or (instance.version == version) != others
+
+            members = [i for i in live if keep(i)]
+            everywhere = self._tier(service, members, plan.strategy)
+            if plan.zone_min_percent is None:
+                return _Group(everywhere)
+            zone = self.zone
+            return _Group(
+                everywhere,
+                self._tier(service, [i for i in members if i.zone == zone], plan.strategy),
+                sum(1 for i in everything if keep(i) and i.zone == zone),
+                plan.zone_min_percent,
+            )
+
+        by_version: dict[str, _Route] = {}
+        if plan.split is not None:
+            for version in plan.split.weights:
+                by_version[version] = _Route(version, group(version), group(version, others=True))
+        routes = _Routes(plan.split, _Route(None, group(), None), by_version)
+        cached.routes, cached.plan = routes, plan
+        return routes
+
+    def _tier(
+        self, service: str, instances: list[registry_pb2.ServiceInstance], strategy: Strategy
+    ) -> _Tier | None:
+        if not instances:
+            return None
+        breakers = [self._breaker(service, i.instance_id) for i in instances]
+        return _Tier(instances, breakers, strategy)
 
     # -- calls -----------------------------------------------------------------------
 
@@ -258,63 +712,74 @@ class MeshClient:
     ) -> dict[str, Any]:
         """Call ``operation`` of ``service``; returns the result as a dict.
 
-        Raises the MeshError of a business rejection, Unavailable when no instance can
-        take the call, DeadlineExceeded when the deadline passes.
+        ``timeout`` (seconds) overrides the policy's and the settings' deadlines. Raises
+        the MeshError of a business rejection, Unavailable when no instance can take the
+        call, DeadlineExceeded when the deadline passes.
         """
-        deadline = time.monotonic() + (timeout or self.settings.default_timeout)
+        plan = self._plans.get(service, self._default_plan)
+        limit = timeout or plan.operation_timeouts.get(operation, plan.default_timeout)
         request = processor_pb2.InvokeRequest(
             operation=operation,
             correlation_id=correlation_id or uuid.uuid4().hex,
             idempotency_key=idempotency_key,
         )
         request.payload.CopyFrom(dict_to_struct(dict(payload or {})))
+        call = _Call(service, request, time.monotonic() + limit)
         self._budget.record_call()
-        tried: set[str] = set()
+        retry = plan.retry
         try:
-            return await self._attempt(service, request, deadline, tried)
-        except InfrastructureError as first:
-            if self.settings.max_attempts <= 1 or isinstance(first, BreakersOpen):
+            return await self._attempt(call)
+        except MeshError as first:
+            if (
+                retry.max_attempts <= 1
+                or isinstance(first, BreakersOpen)
+                or call.code not in retry.codes
+            ):
                 raise
-            last: MeshError = first
+            pause = retry.backoff(1)
+            if time.monotonic() + pause >= call.deadline or not self._budget.try_retry():
+                raise
+            await asyncio.sleep(pause)
+
+        def stop(state: RetryCallState) -> bool:
+            # Attempts made: the first (before tenacity) plus tenacity's.
+            return (
+                state.attempt_number + 1 >= retry.max_attempts
+                or time.monotonic() + state.upcoming_sleep >= call.deadline
+                or not self._budget.try_retry()
+            )
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.max_attempts - 1),
-            wait=wait_exponential_jitter(
-                multiplier=self.settings.initial_backoff,
-                max=self.settings.max_backoff,
-                jitter=self.settings.initial_backoff,
-            ),
+            stop=stop,
+            wait=lambda state: retry.backoff(state.attempt_number + 1),
             retry=retry_if_exception(
-                lambda e: isinstance(e, InfrastructureError) and not isinstance(e, BreakersOpen)
+                lambda e: (
+                    isinstance(e, MeshError)
+                    and not isinstance(e, BreakersOpen)
+                    and call.code in retry.codes
+                )
             ),
             reraise=True,
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if time.monotonic() >= deadline or not self._budget.try_retry():
-                        raise last
-                    try:
-                        return await self._attempt(service, request, deadline, tried)
-                    except InfrastructureError as exc:
-                        last = exc
-                        raise
-        except RetryError as exc:  # pragma: no cover - reraise=True re-raises instead
-            raise last from exc
-        raise last  # pragma: no cover
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(call)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
-    async def _attempt(
-        self,
-        service: str,
-        request: processor_pb2.InvokeRequest,
-        deadline: float,
-        tried: set[str],
-    ) -> dict[str, Any]:
-        instance, permit = self._pick(service, tried)
-        tried.add(instance.instance_id)
-        remaining = deadline - time.monotonic()
+    async def _attempt(self, call: _Call) -> dict[str, Any]:
+        service, request = call.service, call.request
+        try:
+            instance, permit = self._pick(call)
+        except MeshError as exc:
+            call.code = exc.code
+            raise
+        call.tried.add(instance.instance_id)
+        remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             permit.ignore()
-            raise Unavailable(f"deadline passed before calling {service}")
+            late = DeadlineExceeded(f"deadline passed before calling {service}")
+            call.code = late.code
+            raise late
         stub = processor_pb2_grpc.ProcessorServiceStub(self._channel(instance.endpoint))
         started = time.perf_counter()
         code = 0
@@ -325,15 +790,14 @@ class MeshClient:
                 metadata=(("x-correlation-id", request.correlation_id),),
             )
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().value[0]
-            if is_infrastructure(exc.code()):
+            status = exc.code()
+            code = status.value[0]
+            call.code = status
+            if is_infrastructure(status):
                 permit.failure()
             else:
                 permit.ignore()
-            error = from_rpc_error(exc)
-            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-                error = InfrastructureError(error.message)
-            raise error from exc
+            raise from_rpc_error(exc) from exc
         except asyncio.CancelledError:
             permit.ignore()
             raise
@@ -343,24 +807,53 @@ class MeshClient:
         finally:
             self._report(service, instance, request, started, code)
 
-    def _pick(self, service: str, tried: set[str]) -> tuple[registry_pb2.ServiceInstance, Permit]:
+    def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, Permit]:
+        service = call.service
         cached = self._services.get(service)
         if cached is None or not cached.instances:
             if not self._synced.is_set():
                 raise Unavailable(f"no registry data yet for {service!r}")
             raise NotFound(f"service {service!r} has no registered instance")
-        picker, order = cached.candidates()
-        if picker is None:
-            raise Unavailable(f"service {service!r} has no callable instance")
-        first = picker.pick()
-        untried = [i for i in picker.order(first) if order[i].instance_id not in tried]
-        for index in untried or picker.order(first):
-            instance = order[index]
-            breaker = self._breaker(service, instance.instance_id)
-            permit = breaker.acquire()
-            if permit is not None:
-                return instance, permit
+        routes = self._routes(service, cached)
+        if not call.routed:
+            call.version = routes.choose()
+            call.routed = True
+        route = routes.route(call.version)
+        # First instances the call has not tried, then any: a retry on the same
+        # instance beats no call at all.
+        for skip in (call.tried, _NOTHING_TRIED):
+            for group, is_fallback in route.stages:
+                tiers, spilled = group.tiers()
+                for tier in tiers:
+                    found = tier.acquire(skip)
+                    if found is not None:
+                        if spilled or route.version is not None:
+                            self._count(service, route, spilled, is_fallback)
+                        return found
         raise BreakersOpen(f"every instance of {service!r} has an open circuit breaker")
+
+    def _count(self, service: str, route: _Route, spilled: bool, is_fallback: bool) -> None:
+        """Count a pick's zone spill-over and split fallback; log fallback transitions."""
+        if spilled:
+            self.zone_spillovers[service] += 1
+        if route.version is None:
+            return
+        key = (service, route.version)
+        # Retrying on another version after trying every instance of the chosen one is
+        # not a fallback: the version had callable instances.
+        if is_fallback and not route.primary.has_callable():
+            self.split_fallbacks[key] += 1
+            if key not in self._falling_back:
+                self._falling_back.add(key)
+                _log.warning(
+                    "traffic split of %s: version %r has no callable instance; "
+                    "its share of calls falls back to the other versions",
+                    service,
+                    route.version,
+                )
+        elif not is_fallback and key in self._falling_back:
+            self._falling_back.discard(key)
+            _log.info("traffic split of %s: version %r is callable again", service, route.version)
 
     def _breaker(self, service: str, instance_id: str) -> CircuitBreaker:
         key = (service, instance_id)
@@ -376,7 +869,8 @@ class MeshClient:
                     new.name,
                 )
 
-            breaker = self._breakers[key] = CircuitBreaker(self.settings.breaker, on_transition=log)
+            settings = self._plans.get(service, self._default_plan).breaker
+            breaker = self._breakers[key] = CircuitBreaker(settings, on_transition=log)
         return breaker
 
     def breaker_state(self, service: str, instance_id: str) -> str:

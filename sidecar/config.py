@@ -33,7 +33,10 @@ class SidecarConfig(BaseSettings):
     instance_id: str = Field("", description="Instance id (default: SERVICE-HOST-PORT).")
     version: str = Field("", description="Version registered (for traffic splits).")
     weight: int = Field(100, ge=1, le=MAX_WEIGHT, description="Base weight for balancing.")
-    zone: str = Field("", description="Zone registered (for zone preference).")
+    zone: str = Field(
+        "",
+        description="Zone registered, and the caller zone of outbound calls (for zone preference).",
+    )
     type: str = Field("", description="Service type registered.")
     # NoDecode: FLEXT_MESH_LABEL is "k=v,k2=v2", not JSON.
     label: Annotated[tuple[str, ...], NoDecode] = Field(

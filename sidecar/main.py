@@ -139,7 +139,10 @@ class Sidecar:
         self.membership.start()
         self.reporter.start()
         self.client = MeshClient(
-            config.control_plane, caller_service=config.service, reporter=self.reporter
+            config.control_plane,
+            caller_service=config.service,
+            reporter=self.reporter,
+            zone=config.zone,  # the caller zone of the policies' zone preference
         )
         await self.client.start(wait=0)
         set_current(self.client)
