@@ -42,10 +42,14 @@ class SidecarProcess:
 
 
 def start_sidecar(
-    tmp_path: Path, control_plane: str, *args: str, app: str = "tests.sidecar.apps:PROCESSORS"
+    tmp_path: Path,
+    control_plane: str,
+    *args: str,
+    app: str = "tests.sidecar.apps:PROCESSORS",
+    env: dict[str, str] | None = None,
 ) -> SidecarProcess:
     log = tmp_path / f"sidecar-{time.monotonic_ns()}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [
