@@ -1,6 +1,7 @@
 """``flext-mesh``: the control plane (``serve``) and the operator commands.
 
-Operator commands are ``flext-mesh <noun> <verb>`` (``services list``, ...): a table
+Operator commands are ``flext-mesh <noun> <verb>`` (``services list``, ``metrics
+report``, ``workflow run``, ``execution show``, ``policy split``, ...): a table
 by default, ``-o json`` for scripts, against ``--control-plane HOST:PORT`` (also read
 from ``FLEXT_MESH_CONTROL_PLANE``, default 127.0.0.1:50051).
 
