@@ -4,12 +4,18 @@ The library part is what service code imports::
 
     from flext_mesh import FlextResult, ServiceProcessor
 
+and the guide's API, backed by a running control plane::
+
+    from flext_mesh import FlextServices, FlextResult
+
 ``FlextResult`` is a railway-oriented result; ``ServiceProcessor`` is the Template
 Method base whose subclasses write only ``process()`` and ``build()``. Errors of the
 mesh form one tree rooted at ``MeshError`` (see :mod:`flext_mesh.errors`).
 """
 
 from __future__ import annotations
+
+import typing as _typing
 
 from flext_mesh.errors import (
     AlreadyExists,
@@ -36,7 +42,21 @@ from flext_mesh.processor import (
 )
 from flext_mesh.result import FlextResult, UnwrapError
 
+if _typing.TYPE_CHECKING:
+    from flext_mesh.services.facade import FlextServices
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # FlextServices pulls in gRPC clients and the embedded sidecar: imported on first
+    # use, so processors that only need FlextResult and ServiceProcessor stay light.
+    if name == "FlextServices":
+        from flext_mesh.services.facade import FlextServices  # noqa: PLC0415
+
+        return FlextServices
+    raise AttributeError(f"module 'flext_mesh' has no attribute {name!r}")
+
 
 __all__ = [
     "AlreadyExists",
@@ -44,6 +64,7 @@ __all__ = [
     "FailedPrecondition",
     "FieldViolation",
     "FlextResult",
+    "FlextServices",
     "InfrastructureError",
     "InternalError",
     "InvalidArgument",
