@@ -341,23 +341,27 @@ class ServiceOrchestrator:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self) -> FlextResult[None]:
         """Drain, deregister and stop every local service; close the channel."""
         if self._closed:
-            return
+            return FlextResult[None].ok(None)
         try:
             bridge().run(self._aclose_here(), len(self._services) * (_GRACE + 3) + _MARGIN)
-        except Exception:
+        except Exception as exc:
             _log.exception("closing the ServiceOrchestrator failed")
+            return FlextResult[None].fail(f"closing failed: {exc}", code="INTERNAL")
+        return FlextResult[None].ok(None)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> FlextResult[None]:
         """Async twin of :meth:`close`."""
         if self._closed:
-            return
+            return FlextResult[None].ok(None)
         try:
             await bridge().run_async(self._aclose_here())
-        except Exception:
+        except Exception as exc:
             _log.exception("closing the ServiceOrchestrator failed")
+            return FlextResult[None].fail(f"closing failed: {exc}", code="INTERNAL")
+        return FlextResult[None].ok(None)
 
     def __enter__(self) -> ServiceOrchestrator:
         return self
