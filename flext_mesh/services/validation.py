@@ -5,13 +5,9 @@ A schema (or contract) is one of:
 - a callable returning a ``FlextResult`` (the guide's style; returned as is) or a bool
   (an exception it raises becomes a failure);
 - a pydantic model class: the data is validated by it and the validated dict returned;
-- a JSON Schema dict, of which this common subset is understood: ``type`` (one or a
-  list), ``enum``, ``const``, ``required``, ``properties``, ``additionalProperties``
-  (false or a schema), ``items``, ``minItems`` / ``maxItems``, ``minimum`` /
-  ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum`` (numbers),
-  ``minLength`` / ``maxLength``, ``pattern``. Annotations (``title``,
-  ``description``, ``$schema``, ``default``, ...) are ignored; any other keyword fails
-  with UNIMPLEMENTED rather than be silently skipped.
+- a JSON Schema dict, checked by the ``jsonschema`` library against the draft its
+  ``$schema`` names (2020-12 by default); a schema that is itself invalid fails with
+  INVALID_ARGUMENT.
 
 Input that breaks its schema fails with INVALID_ARGUMENT; output that breaks its
 contract with INTERNAL (the producer is at fault). Either way every bad field is
@@ -21,54 +17,21 @@ Validation is local: it never contacts the control plane.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+import jsonschema
 import pydantic
+from jsonschema.exceptions import SchemaError
 
 from flext_mesh.result import FlextResult
 
 __all__ = ["ServiceValidation", "json_schema_violations"]
 
 _ROOT = "(root)"
-_ANNOTATIONS = frozenset(
-    {
-        "$schema",
-        "$id",
-        "$comment",
-        "title",
-        "description",
-        "default",
-        "examples",
-        "format",
-        "deprecated",
-        "readOnly",
-        "writeOnly",
-    }
-)
-_KEYWORDS = frozenset(
-    {
-        "type",
-        "enum",
-        "const",
-        "required",
-        "properties",
-        "additionalProperties",
-        "items",
-        "minItems",
-        "maxItems",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "minLength",
-        "maxLength",
-        "pattern",
-    }
-)
+_REQUIRED = re.compile(r"^'(.+)' is a required property$")
 _Violations = list[tuple[str, str]]
 
 
@@ -114,17 +77,12 @@ def _validate(data: object, schema: object, *, what: str, code: str) -> FlextRes
     if isinstance(schema, type) and issubclass(schema, pydantic.BaseModel):
         return _validate_model(data, schema, what=what, code=code)
     if isinstance(schema, Mapping):
-        unsupported = sorted(_unsupported_keywords(schema))
-        if unsupported:
-            return FlextResult.fail(
-                f"{what} schema uses JSON Schema keywords this validator does not "
-                f"implement: {', '.join(unsupported)}",
-                code="UNIMPLEMENTED",
-            )
         try:
             violations = json_schema_violations(data, schema)
-        except (re.error, TypeError, ValueError) as exc:
-            return FlextResult.fail(f"{what} schema is invalid: {exc}", code="INVALID_ARGUMENT")
+        except SchemaError as exc:
+            return FlextResult.fail(
+                f"{what} schema is invalid: {exc.message}", code="INVALID_ARGUMENT"
+            )
         if violations:
             return _failure(what, "does not match its schema", violations, code)
         return FlextResult.ok(data)
@@ -178,119 +136,36 @@ def _validate_callable(
 # -- JSON Schema (subset) ---------------------------------------------------------------
 
 
-def _unsupported_keywords(schema: Mapping[str, Any]) -> set[str]:
-    found = {k for k in schema if k not in _KEYWORDS and k not in _ANNOTATIONS}
-    for key in ("properties",):
-        for sub in (schema.get(key) or {}).values():
-            if isinstance(sub, Mapping):
-                found |= _unsupported_keywords(sub)
-    for key in ("items", "additionalProperties"):
-        sub = schema.get(key)
-        if isinstance(sub, Mapping):
-            found |= _unsupported_keywords(sub)
-    return found
-
-
-def _is_type(value: object, name: str) -> bool:
-    if name == "null":
-        return value is None
-    if name == "boolean":
-        return isinstance(value, bool)
-    if name == "integer":
-        return not isinstance(value, bool) and (
-            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        )
-    if name == "number":
-        return not isinstance(value, bool) and isinstance(value, int | float)
-    if name == "string":
-        return isinstance(value, str)
-    if name == "array":
-        return isinstance(value, list | tuple)
-    if name == "object":
-        return isinstance(value, Mapping)
-    return False
-
-
-def _path(parent: str, child: object) -> str:
-    return str(child) if parent == _ROOT else f"{parent}.{child}"
-
-
 def json_schema_violations(data: object, schema: Mapping[str, Any]) -> _Violations:
-    """Every ``(path, problem)`` of ``data`` against ``schema`` (the subset above)."""
+    """Every ``(path, problem)`` of ``data`` against ``schema``, in path order.
+
+    Paths are dotted (``items.0.sku``); problems on the value itself are at ``(root)``.
+    SchemaError when the schema is not a valid JSON Schema.
+    """
+    document = dict(schema)
+    validator_class = jsonschema.validators.validator_for(document)
+    validator_class.check_schema(document)
+    validator = validator_class(document)
+    instance: Any = data
     out: _Violations = []
-    _check(data, schema, _ROOT, out)
+    for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.path))):
+        parent = [str(part) for part in error.absolute_path]
+        if error.validator == "required":
+            # Reported on the object; name the missing field instead.
+            match = _REQUIRED.match(error.message)
+            if match:
+                out.append((".".join([*parent, match[1]]), "is required"))
+                continue
+        if (
+            error.validator == "additionalProperties"
+            and error.validator_value is False
+            and isinstance(error.instance, Mapping)
+        ):
+            declared = (
+                error.schema.get("properties", {}) if isinstance(error.schema, Mapping) else {}
+            )
+            for name in sorted(set(error.instance) - set(declared)):
+                out.append((".".join([*parent, str(name)]), "is not allowed"))
+            continue
+        out.append((".".join(parent) or _ROOT, error.message))
     return out
-
-
-def _check(value: object, schema: Mapping[str, Any], path: str, out: _Violations) -> None:
-    expected = schema.get("type")
-    if expected is not None:
-        names = [expected] if isinstance(expected, str) else list(expected)
-        if not any(_is_type(value, n) for n in names):
-            out.append((path, f"must be of type {' or '.join(names)}"))
-            return  # the other keywords would only repeat the problem
-    if "enum" in schema and not any(_equal(value, e) for e in schema["enum"]):
-        out.append((path, f"must be one of {list(schema['enum'])!r}"))
-    if "const" in schema and not _equal(value, schema["const"]):
-        out.append((path, f"must be {schema['const']!r}"))
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        _check_number(float(value), schema, path, out)
-    if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            out.append((path, f"must be at least {schema['minLength']} characters"))
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            out.append((path, f"must be at most {schema['maxLength']} characters"))
-        if "pattern" in schema and re.search(schema["pattern"], value) is None:
-            out.append((path, f"must match the pattern {schema['pattern']!r}"))
-    if isinstance(value, list | tuple):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            out.append((path, f"must have at least {schema['minItems']} items"))
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            out.append((path, f"must have at most {schema['maxItems']} items"))
-        items = schema.get("items")
-        if isinstance(items, Mapping):
-            for index, item in enumerate(value):
-                _check(item, items, _path(path, index), out)
-    if isinstance(value, Mapping):
-        _check_object(value, schema, path, out)
-
-
-def _check_number(value: float, schema: Mapping[str, Any], path: str, out: _Violations) -> None:
-    if math.isnan(value):
-        out.append((path, "must be a number, not NaN"))
-        return
-    if "minimum" in schema and value < schema["minimum"]:
-        out.append((path, f"must be at least {schema['minimum']}"))
-    if "maximum" in schema and value > schema["maximum"]:
-        out.append((path, f"must be at most {schema['maximum']}"))
-    low = schema.get("exclusiveMinimum")
-    if isinstance(low, int | float) and not isinstance(low, bool) and value <= low:
-        out.append((path, f"must be greater than {low}"))
-    high = schema.get("exclusiveMaximum")
-    if isinstance(high, int | float) and not isinstance(high, bool) and value >= high:
-        out.append((path, f"must be less than {high}"))
-
-
-def _check_object(
-    value: Mapping[Any, Any], schema: Mapping[str, Any], path: str, out: _Violations
-) -> None:
-    properties: Mapping[str, Any] = schema.get("properties") or {}
-    for name in schema.get("required") or ():
-        if name not in value:
-            out.append((_path(path, name), "is required"))
-    extra = schema.get("additionalProperties", True)
-    for key, item in value.items():
-        sub = properties.get(key)
-        if isinstance(sub, Mapping):
-            _check(item, sub, _path(path, key), out)
-        elif extra is False:
-            out.append((_path(path, key), "is not allowed (additionalProperties is false)"))
-        elif isinstance(extra, Mapping):
-            _check(item, extra, _path(path, key), out)
-
-
-def _equal(a: object, b: object) -> bool:
-    """JSON equality: True is not 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    return a == b
