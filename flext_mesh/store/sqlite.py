@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -140,6 +141,7 @@ class SqliteStore:
         self._revision = 0
         self._compact_revision = 0
         self._writes_since_compact = 0
+        self._lock_fd: int | None = None
         self._closed = True
 
     # -- lifecycle ---------------------------------------------------------------
@@ -189,6 +191,7 @@ class SqliteStore:
         for sub in list(self._subs):
             sub.close()
         self._subs.clear()
+        self._release_lock()
 
     def _open_writer_connection(self) -> sqlite3.Connection:
         parent = self.path.parent
@@ -200,6 +203,44 @@ class SqliteStore:
             raise StoreOpenError(f"store file {self.path} is not readable and writable")
         if not os.access(parent, os.W_OK):
             raise StoreOpenError(f"store directory {parent} is not writable")
+        self._take_lock()
+        try:
+            conn = self._connect()
+        except BaseException:
+            self._release_lock()
+            raise
+        return conn
+
+    def _take_lock(self) -> None:
+        """One process per store file: a second control plane on it would drive the same
+        executions and sweep the same leases. An advisory lock on ``PATH.lock``, released
+        by the kernel if the process dies (kill -9 included)."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreOpenError(
+                f"cannot open store file {self.path}: its lock file {lock_path}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreOpenError(
+                f"store file {self.path} is in use by another flext-mesh process (pid "
+                f"{holder}); one control plane per SQLite store (use etcd for several)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=5000")

@@ -281,6 +281,24 @@ def test_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_second_control_plane_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    """Two planes on one SQLite file would both drive the same executions."""
+    first = start_serve(tmp_path)
+    try:
+        proc = _run_cli(
+            "serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/mesh.db"
+        )
+        assert proc.returncode == 1
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("flext-mesh: error: store file ")
+        assert f"in use by another flext-mesh process (pid {first.proc.pid})" in last
+        assert "Traceback" not in proc.stderr
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock with the process
+    second = start_serve(tmp_path)
+    assert second.terminate() == 0
+
+
 @pytest.mark.parametrize(
     ("make_store", "expected"),
     [
