@@ -38,8 +38,10 @@ from flext_mesh.result import FlextResult
 __all__ = [
     "DEFAULT_IDEMPOTENCY_MAX_KEYS",
     "DEFAULT_IDEMPOTENCY_WINDOW",
+    "MAX_CORRELATION_ID_LENGTH",
     "IdempotencyCache",
     "Operation",
+    "correlation_id_problem",
     "dict_to_struct",
     "request_model_of",
     "result_to_json",
@@ -283,6 +285,23 @@ class Operation:
         return FlextResult.fail(
             f"{match.group(1)} (the callee's log has the details)", code=_INTERNAL
         )
+
+
+# -- correlation ids -----------------------------------------------------------------------
+
+#: Longest correlation id accepted (characters), as processor.proto documents.
+MAX_CORRELATION_ID_LENGTH = 128
+_METADATA_SAFE = re.compile(r"^[\x20-\x7e]*$")
+
+
+def correlation_id_problem(value: str) -> str:
+    """Why ``value`` cannot be a correlation id ("" when it can): it travels as gRPC
+    metadata, so at most 128 printable ASCII characters."""
+    if len(value) > MAX_CORRELATION_ID_LENGTH:
+        return f"at most {MAX_CORRELATION_ID_LENGTH} characters, got {len(value)}"
+    if not _METADATA_SAFE.match(value):
+        return "only printable ASCII characters (it is sent as gRPC metadata)"
+    return ""
 
 
 # -- idempotency -------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from flext_mesh.invoke import (
 )
 from flext_mesh.processor import RunRecorder, ServiceProcessor
 from flext_mesh.result import FlextResult
-from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer
+from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 OK = grpc.StatusCode.OK.value[0]
@@ -394,6 +394,16 @@ async def test_overlong_correlation_id_is_rejected(served: Served) -> None:
     assert error.violations[0].field == "correlation_id"
 
 
+async def test_a_correlation_id_that_cannot_be_metadata_is_rejected(served: Served) -> None:
+    """It is echoed in trailing metadata, which only carries printable ASCII (found by
+    tests/fuzz: gRPC refused the header and the call failed INTERNAL)."""
+    for bad in ("café", "a\nb", "\x1f"):
+        error = await served.failure("greet", {"name": "x"}, correlation_id=bad)
+        assert isinstance(error, InvalidArgument), bad
+        assert error.violations[0].field == "correlation_id"
+        assert "printable ASCII" in error.violations[0].description
+
+
 # -- deadlines ------------------------------------------------------------------------------
 
 
@@ -693,7 +703,7 @@ async def _serve(
 ) -> AsyncIterator[processor_pb2_grpc.ProcessorServiceStub]:
     """A grpc.aio server on 127.0.0.1:0 serving `servicer`, and a stub to it."""
     server = grpc.aio.server()
-    processor_pb2_grpc.add_ProcessorServiceServicer_to_server(servicer, server)
+    add_processor_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

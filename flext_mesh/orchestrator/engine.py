@@ -61,7 +61,7 @@ from flext_mesh.errors import (
     Unavailable,
     error_for_code,
 )
-from flext_mesh.invoke import dict_to_struct, struct_to_dict
+from flext_mesh.invoke import correlation_id_problem, dict_to_struct, struct_to_dict
 from flext_mesh.orchestrator.definition import (
     CompensationSpec,
     RetrySpec,
@@ -1467,10 +1467,9 @@ def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:
         violations.append(
             FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
         )
-    if len(request.correlation_id) > MAX_CORRELATION_ID:
-        violations.append(
-            FieldViolation("correlation_id", f"at most {MAX_CORRELATION_ID} characters")
-        )
+    problem = correlation_id_problem(request.correlation_id)
+    if problem:
+        violations.append(FieldViolation("correlation_id", problem))
     if violations:
         raise InvalidArgument("", violations)
 

@@ -57,13 +57,16 @@ from flext_mesh.errors import (
 from flext_mesh.invoke import (
     DEFAULT_IDEMPOTENCY_MAX_KEYS,
     DEFAULT_IDEMPOTENCY_WINDOW,
+    MAX_CORRELATION_ID_LENGTH,
     IdempotencyCache,
     Operation,
+    correlation_id_problem,
     dict_to_struct,
     struct_to_dict,
 )
 from flext_mesh.processor import ServiceProcessor, new_correlation_id
 from flext_mesh.result import FlextResult
+from flext_mesh.servicers.handlers import add_servicer
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 __all__ = [
@@ -72,6 +75,8 @@ __all__ = [
     "MAX_IDEMPOTENCY_KEY_LENGTH",
     "CallOutcome",
     "ProcessorServicer",
+    "add_processor_servicer",
+    "correlation_id_problem",
 ]
 
 _log = logging.getLogger("flext_mesh.servicers.processor")
@@ -82,7 +87,7 @@ _T = TypeVar("_T")
 CORRELATION_ID_HEADER = "x-correlation-id"
 """Metadata key carrying the correlation id, in requests and in trailing metadata."""
 
-MAX_CORRELATION_ID_LENGTH = 128
+
 """Longest correlation id accepted (characters), as processor.proto documents."""
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
@@ -240,23 +245,16 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         """Run one operation (see processor.proto and this module's docstring)."""
         started = time.perf_counter_ns()
         given = request.correlation_id or _metadata_value(context, CORRELATION_ID_HEADER)
-        too_long = len(given) > MAX_CORRELATION_ID_LENGTH
-        cid = new_correlation_id() if too_long or not given else given
+        problem = correlation_id_problem(given)
+        # A bad id is refused, but the answer still needs one it can carry as metadata.
+        cid = new_correlation_id() if problem or not given else given
         context.set_trailing_metadata(((CORRELATION_ID_HEADER, cid),))
         token = logs.correlation_id.set(cid)
         code = grpc.StatusCode.UNKNOWN
         replayed = False
         try:
-            if too_long:
-                raise InvalidArgument(
-                    "",
-                    [
-                        FieldViolation(
-                            "correlation_id",
-                            f"at most {MAX_CORRELATION_ID_LENGTH} characters, got {len(given)}",
-                        )
-                    ],
-                )
+            if problem:
+                raise InvalidArgument("", [FieldViolation("correlation_id", problem)])
             response, replayed = await self._invoke(request, context, cid)
             code = _OK
             return response
@@ -395,3 +393,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             if not self._on_call_failed:
                 self._on_call_failed = True
                 _log.exception("on_call hook raised; its later errors are not logged")
+
+
+def add_processor_servicer(servicer: ProcessorServicer, server: grpc.aio.Server) -> None:
+    """Serve ProcessorService (undecodable requests answered INVALID_ARGUMENT)."""
+    add_servicer(server, servicer, processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"])
