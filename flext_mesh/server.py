@@ -31,10 +31,10 @@ from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
-from flext_mesh.servicers import ProcessorServicer
 from flext_mesh.servicers.handlers import LongStreams
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer
+from flext_mesh.servicers.processor import ProcessorServicer, add_processor_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.store import Store, open_store
 from flext_mesh.v1 import (
@@ -144,9 +144,7 @@ class ControlPlane:
         add_registry_servicer(RegistryServicer(self.registry, self.streams), self.server)
         add_metrics_servicer(MetricsServicer(self.metrics, self.streams), self.server)
         add_orchestrator_servicer(OrchestratorServicer(self.orchestrator), self.server)
-        processor_pb2_grpc.add_ProcessorServiceServicer_to_server(
-            ProcessorServicer({}, service_name="flext-mesh"), self.server
-        )
+        add_processor_servicer(ProcessorServicer({}, service_name="flext-mesh"), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

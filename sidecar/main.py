@@ -29,8 +29,8 @@ from pydantic_settings import SettingsError
 from flext_mesh.config import parse_host_port
 from flext_mesh.logs import setup_logging
 from flext_mesh.process import bind_problem, signal_received
-from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer
-from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
+from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer, add_processor_servicer
+from flext_mesh.v1 import metrics_pb2, processor_pb2, registry_pb2
 from sidecar.app import AppError, load_app
 from sidecar.client import MeshClient, set_current
 from sidecar.config import SidecarConfig
@@ -112,7 +112,7 @@ class Sidecar:
             version=config.version,
             on_call=report,
         )
-        processor_pb2_grpc.add_ProcessorServiceServicer_to_server(self.processor, self.server)
+        add_processor_servicer(self.processor, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (_PROCESSOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

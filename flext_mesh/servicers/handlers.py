@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["LongStreams", "add_servicer"]
+from flext_mesh.errors import InvalidArgument, abort
+
+__all__ = ["LongStreams", "Undecodable", "add_servicer", "checked"]
+
+_M = TypeVar("_M")
 
 _FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -30,6 +35,64 @@ def _bytes_or_message(response: Any) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
+class Undecodable:
+    """A request protobuf could not decode (e.g. a Struct nested past its depth limit).
+
+    gRPC answers UNKNOWN when a deserializer raises, before any servicer code runs; the
+    deserializers installed by :func:`add_servicer` return this instead, and the
+    handler answers INVALID_ARGUMENT. Client-streaming servicers check for it with
+    :func:`checked`.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> InvalidArgument:
+        """The error to answer with."""
+        return InvalidArgument(f"the request could not be decoded: {self.reason}")
+
+
+def checked(request: _M | Undecodable) -> _M:
+    """``request``, or raise INVALID_ARGUMENT when it could not be decoded."""
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
+
+
+def _decoder(request_class: Any) -> Callable[[bytes], Any]:
+    from_string = request_class.FromString
+
+    def decode(data: bytes) -> Any:
+        try:
+            return from_string(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc) or "malformed message")
+
+    return decode
+
+
+def _guard(behavior: Callable[..., Any], streaming_response: bool) -> Callable[..., Any]:
+    """Answer INVALID_ARGUMENT for an undecodable unary request before the servicer."""
+    if streaming_response:
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await abort(context, request.error())
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request: Any, context: Any) -> Any:
+        if isinstance(request, Undecodable):
+            await abort(context, request.error())
+        return await behavior(request, context)
+
+    return unary
+
+
 def add_servicer(
     server: grpc.aio.Server,
     servicer: object,
@@ -37,15 +100,21 @@ def add_servicer(
     *,
     raw_responses: Collection[str] = (),
 ) -> None:
-    """Serve every RPC of ``service`` with the servicer's method of the same name."""
+    """Serve every RPC of ``service`` with the servicer's method of the same name.
+
+    A request that protobuf cannot decode is answered INVALID_ARGUMENT, not UNKNOWN.
+    """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         request_class = GetMessageClass(method.input_type)
         response_class = GetMessageClass(method.output_type)
         factory = _FACTORIES[(method.client_streaming, method.server_streaming)]
+        behavior = getattr(servicer, method.name)
+        if not method.client_streaming:
+            behavior = _guard(behavior, method.server_streaming)
         handlers[method.name] = factory(
-            getattr(servicer, method.name),
-            request_deserializer=request_class.FromString,
+            behavior,
+            request_deserializer=_decoder(request_class),
             response_serializer=(
                 _bytes_or_message
                 if method.name in raw_responses

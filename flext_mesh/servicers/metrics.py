@@ -9,7 +9,7 @@ import grpc
 
 from flext_mesh.errors import rpc_errors
 from flext_mesh.metrics.service import Metrics
-from flext_mesh.servicers.handlers import LongStreams, add_servicer
+from flext_mesh.servicers.handlers import LongStreams, add_servicer, checked
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
 __all__ = ["MetricsServicer", "add_metrics_servicer"]
@@ -39,7 +39,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     ) -> metrics_pb2.StreamCallsResponse:
         """Ingest a stream of batches."""
         with self.streams.track():
-            totals = await self.metrics.stream_calls(request_iterator)
+            totals = await self.metrics.stream_calls(_decoded(request_iterator))
         return metrics_pb2.StreamCallsResponse(
             accepted=totals.accepted,
             rejected=totals.rejected,
@@ -75,6 +75,13 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         return self.metrics.list_alerts(
             request.service_name, request.min_severity, request.page_size, request.page_token
         )
+
+
+async def _decoded(
+    requests: AsyncIterator[metrics_pb2.StreamCallsRequest],
+) -> AsyncIterator[metrics_pb2.StreamCallsRequest]:
+    async for request in requests:
+        yield checked(request)
 
 
 def add_metrics_servicer(servicer: MetricsServicer, server: grpc.aio.Server) -> None:

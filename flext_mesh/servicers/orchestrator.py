@@ -9,6 +9,7 @@ import grpc
 
 from flext_mesh.errors import rpc_errors
 from flext_mesh.orchestrator import Orchestrator
+from flext_mesh.servicers.handlers import add_servicer
 from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = ["OrchestratorServicer", "add_orchestrator_servicer"]
@@ -105,4 +106,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
 def add_orchestrator_servicer(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
     """Serve the orchestrator."""
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
+    add_servicer(
+        server, servicer, orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
+    )

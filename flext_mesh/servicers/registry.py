@@ -9,7 +9,7 @@ import grpc
 
 from flext_mesh.errors import rpc_errors
 from flext_mesh.registry import Registry
-from flext_mesh.servicers.handlers import LongStreams, add_servicer
+from flext_mesh.servicers.handlers import LongStreams, add_servicer, checked
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["RegistryServicer", "add_registry_servicer"]
@@ -55,7 +55,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 request = await context.read()
                 if request is grpc.aio.EOF:
                     return
-                await context.write(await keep_alive(request.lease_ids))
+                await context.write(await keep_alive(checked(request).lease_ids))
 
     @rpc_errors
     async def Deregister(

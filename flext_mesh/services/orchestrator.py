@@ -67,13 +67,12 @@ from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.registry.validation import check_name, raise_if, validate_instance
 from flext_mesh.result import STATUS_CODE_NAMES, FlextResult
-from flext_mesh.servicers.processor import ProcessorServicer
+from flext_mesh.servicers.processor import ProcessorServicer, add_processor_servicer
 from flext_mesh.services import control_plane_address
 from flext_mesh.services._bridge import bridge
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
-    processor_pb2_grpc,
     registry_pb2,
 )
 from sidecar.membership import Membership
@@ -452,7 +451,7 @@ class ServiceOrchestrator:
         )
         try:
             raise_if(validate_instance("instance", instance))
-            processor_pb2_grpc.add_ProcessorServiceServicer_to_server(servicer, server)
+            add_processor_servicer(servicer, server)
             await server.start()
         except BaseException:
             await server.stop(None)

@@ -22,10 +22,10 @@ from flext_mesh.invoke import dict_to_struct
 from flext_mesh.orchestrator.definition import workflow_from_dict
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.servicers import ProcessorServicer
+from flext_mesh.servicers.processor import add_processor_servicer
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
-    processor_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
 )
@@ -62,7 +62,7 @@ class Flow:
             instance_id=f"{service}-{next(_ids)}",
         )
         server = grpc.aio.server()
-        processor_pb2_grpc.add_ProcessorServiceServicer_to_server(servicer, server)
+        add_processor_servicer(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self.servers.append(server)

@@ -14,7 +14,8 @@ import pytest
 from flext_mesh.errors import from_rpc_error
 from flext_mesh.server import create_server
 from flext_mesh.servicers import ProcessorServicer
-from flext_mesh.v1 import processor_pb2_grpc, registry_pb2, registry_pb2_grpc
+from flext_mesh.servicers.processor import add_processor_servicer
+from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from tests.orchestrator.apps import processors
 from tests.registry.conftest import Mesh, eventually, fast_config, start_health_endpoint
 
@@ -222,7 +223,7 @@ async def served(mesh: Mesh) -> AsyncIterator[Mesh]:
     """payment served by a real ProcessorService (operations charge, refund, ledger)."""
     servicer = ProcessorServicer(processors("payment", "charge", "refund"), service_name="payment")
     server = grpc.aio.server()
-    processor_pb2_grpc.add_ProcessorServiceServicer_to_server(servicer, server)
+    add_processor_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await mesh.register("payment", "p1", endpoint=f"127.0.0.1:{port}", version="v1")

@@ -24,8 +24,8 @@ from flext_mesh import FlextResult, ServiceProcessor
 from flext_mesh.errors import DeadlineExceeded, MeshError
 from flext_mesh.server import create_server
 from flext_mesh.servicers import ProcessorServicer
-from flext_mesh.servicers.processor import CallOutcome
-from flext_mesh.v1 import processor_pb2_grpc, registry_pb2, registry_pb2_grpc
+from flext_mesh.servicers.processor import CallOutcome, add_processor_servicer
+from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from sidecar.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from sidecar.client import BreakersOpen, ClientSettings, MeshClient
 from sidecar.reporter import CallReporter
@@ -86,7 +86,7 @@ class Fleet:
             on_call=lambda outcome: self._served(instance_id, outcome),
         )
         server = grpc.aio.server()
-        processor_pb2_grpc.add_ProcessorServiceServicer_to_server(servicer, server)
+        add_processor_servicer(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         instance = registry_pb2.ServiceInstance(
