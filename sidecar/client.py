@@ -95,7 +95,6 @@ from google.protobuf import duration_pb2
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from flext_mesh.errors import (
-    INFRASTRUCTURE_CODES,
     DeadlineExceeded,
     MeshError,
     NotFound,
@@ -110,6 +109,7 @@ from flext_mesh.registry.policy import (
     SplitPicker,
     validate_policy,
 )
+from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
 from flext_mesh.v1 import (
     common_pb2,
     metrics_pb2,
@@ -130,13 +130,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-# RetryPolicy's defaults (common.proto); a policy may also list ABORTED as retryable.
-_RETRY_ATTEMPTS = 3
-_RETRY_INITIAL_BACKOFF = 0.1
-_RETRY_MULTIPLIER = 2.0
-_RETRY_MAX_BACKOFF = 5.0
-_RETRY_JITTER = 0.2
-_RETRYABLE_ALLOWED = INFRASTRUCTURE_CODES | {grpc.StatusCode.ABORTED}
 _NOTHING_TRIED: frozenset[str] = frozenset()
 
 
@@ -164,30 +157,12 @@ class ClientSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Retry:
-    """How a call is retried: a policy's ``retry`` with defaults applied, or the settings."""
-
-    max_attempts: int
-    initial_backoff: float
-    multiplier: float
-    max_backoff: float
-    jitter: float
-    codes: frozenset[grpc.StatusCode]
-
-    def backoff(self, number: int) -> float:
-        """Seconds to wait before retry ``number`` (1: before the second attempt):
-        ``initial x multiplier**(number - 1) x (1 - jitter x U[0, 1))``, then capped."""
-        base = self.initial_backoff * self.multiplier ** (number - 1)
-        return min(base * (1.0 - self.jitter * random.random()), self.max_backoff)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class _Plan:
     """What one service's calls follow: its policy merged over the settings."""
 
     default_timeout: float
     operation_timeouts: Mapping[str, float]
-    retry: _Retry
+    retry: RetrySpec
     breaker: BreakerSettings
     strategy: Strategy
     #: The version rotation (its state lives as long as the policy); None: no split.
@@ -200,31 +175,12 @@ def _seconds(duration: duration_pb2.Duration) -> float:
     return duration.ToNanoseconds() / 1e9
 
 
-def _retry_of(policy: common_pb2.RetryPolicy, service: str) -> _Retry:
-    initial = (
-        _seconds(policy.initial_backoff)
-        if policy.HasField("initial_backoff")
-        else _RETRY_INITIAL_BACKOFF
-    )
-    codes: set[grpc.StatusCode] = set()
+def _retry_of(policy: common_pb2.RetryPolicy, service: str) -> RetrySpec:
     for name in policy.retryable_codes:
-        code = grpc.StatusCode.__members__.get(name)
-        if code in _RETRYABLE_ALLOWED:
-            codes.add(code)
-        else:  # validate_policy refuses these; a newer control plane might not
+        if grpc.StatusCode.__members__.get(name) not in ALLOWED_RETRYABLE:
+            # validate_policy refuses these; a newer control plane might not.
             _log.warning("policy of %s: %r is not a retryable code, ignored", service, name)
-    return _Retry(
-        max_attempts=policy.max_attempts or _RETRY_ATTEMPTS,
-        initial_backoff=initial,
-        multiplier=policy.backoff_multiplier or _RETRY_MULTIPLIER,
-        max_backoff=(
-            _seconds(policy.max_backoff)
-            if policy.HasField("max_backoff")
-            else max(_RETRY_MAX_BACKOFF, initial)
-        ),
-        jitter=policy.jitter if policy.HasField("jitter") else _RETRY_JITTER,
-        codes=frozenset(codes) if policy.retryable_codes else INFRASTRUCTURE_CODES,
-    )
+    return retry_spec(policy)
 
 
 def _breaker_of(
@@ -605,13 +561,10 @@ class MeshClient:
             return _Plan(
                 default_timeout=settings.default_timeout,
                 operation_timeouts={},
-                retry=_Retry(
+                retry=RetrySpec(
                     max_attempts=settings.max_attempts,
                     initial_backoff=settings.initial_backoff,
-                    multiplier=_RETRY_MULTIPLIER,
                     max_backoff=settings.max_backoff,
-                    jitter=_RETRY_JITTER,
-                    codes=INFRASTRUCTURE_CODES,
                 ),
                 breaker=settings.breaker,
                 strategy=Strategy.WEIGHTED_ROUND_ROBIN,
@@ -733,10 +686,10 @@ class MeshClient:
             if (
                 retry.max_attempts <= 1
                 or isinstance(first, BreakersOpen)
-                or call.code not in retry.codes
+                or not retry.retries(call.code)
             ):
                 raise
-            pause = retry.backoff(1)
+            pause = retry.backoff(1, random.random())
             if time.monotonic() + pause >= call.deadline or not self._budget.try_retry():
                 raise
             await asyncio.sleep(pause)
@@ -751,12 +704,12 @@ class MeshClient:
 
         retrying = AsyncRetrying(
             stop=stop,
-            wait=lambda state: retry.backoff(state.attempt_number + 1),
+            wait=lambda state: retry.backoff(state.attempt_number + 1, random.random()),
             retry=retry_if_exception(
                 lambda e: (
                     isinstance(e, MeshError)
                     and not isinstance(e, BreakersOpen)
-                    and call.code in retry.codes
+                    and retry.retries(call.code)
                 )
             ),
             reraise=True,

@@ -16,7 +16,7 @@ def test_all_is_complete_and_importable() -> None:
     public = {name for name in dir(flext_mesh) if not name.startswith("_")}
     modules = {"cli", "config", "errors", "logs", "processor", "result", "server", "servicers"}
     modules |= {"store", "v1", "registry", "metrics", "http", "observability", "invoke", "process"}
-    modules |= {"orchestrator", "durations", "services"}  # submodules imported on the way
+    modules |= {"orchestrator", "durations", "services", "retry"}  # submodules imported on the way
     modules |= {"annotations"}  # from __future__ import annotations
     assert public - modules - set(flext_mesh.__all__) == set()
     for name in flext_mesh.__all__:

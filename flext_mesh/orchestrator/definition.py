@@ -75,9 +75,19 @@ import yaml
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from flext_mesh.durations import parse_duration
-from flext_mesh.errors import INFRASTRUCTURE_CODES, FieldViolation, InvalidArgument
+from flext_mesh.errors import FieldViolation, InvalidArgument
 from flext_mesh.invoke import struct_to_dict
 from flext_mesh.registry.validation import check_name, raise_if
+from flext_mesh.retry import (
+    ALLOWED_RETRYABLE,
+    DEFAULT_INITIAL_BACKOFF,
+    DEFAULT_JITTER,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_MULTIPLIER,
+    DEFAULT_RETRYABLE,
+    RetrySpec,
+)
 from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
 __all__ = [
@@ -116,20 +126,13 @@ MAX_WORKFLOW_TIMEOUT = 7 * 24 * 3600.0
 """Longest deadline, in seconds, of a whole execution."""
 MAX_DESCRIPTION_BYTES = 1024
 """Longest workflow description, in UTF-8 bytes."""
-DEFAULT_RETRYABLE: frozenset[grpc.StatusCode] = INFRASTRUCTURE_CODES
-"""Codes retried when ``retryable_codes`` is empty: the infrastructure faults."""
-ALLOWED_RETRYABLE: frozenset[grpc.StatusCode] = INFRASTRUCTURE_CODES | {grpc.StatusCode.ABORTED}
-"""Codes that ``retryable_codes`` may name; every other code is a business answer."""
-DEFAULT_MAX_ATTEMPTS = 3
-"""Attempts of a step when its retry policy leaves ``max_attempts`` at 0."""
 DEFAULT_COMPENSATION_ATTEMPTS = 5
 """Attempts of a compensation when its retry policy leaves ``max_attempts`` at 0."""
 # The rest of RetryPolicy's contract (common.proto).
 _MAX_ATTEMPTS = 10
-_DEFAULT_INITIAL_BACKOFF, _MIN_BACKOFF, _MAX_INITIAL_BACKOFF = 0.1, 0.001, 60.0
-_DEFAULT_MULTIPLIER, _MAX_MULTIPLIER = 2.0, 10.0
-_DEFAULT_MAX_BACKOFF, _MAX_MAX_BACKOFF = 5.0, 300.0
-_DEFAULT_JITTER = 0.2
+_MIN_BACKOFF, _MAX_INITIAL_BACKOFF = 0.001, 60.0
+_MAX_MULTIPLIER = 10.0
+_MAX_MAX_BACKOFF = 300.0
 
 # Largest whole number a Struct (doubles) carries exactly.
 _MAX_EXACT_INT = 2**53
@@ -140,45 +143,6 @@ _STEP_TIMEOUT_BOUNDS = (MIN_STEP_TIMEOUT, MAX_STEP_TIMEOUT, "between 1ms and 1h"
 
 
 # -- the validated definition -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RetrySpec:
-    """A retry policy with its defaults applied (see ``RetryPolicy`` in common.proto)."""
-
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    """Total attempts, the first one included (1 disables retries)."""
-    initial_backoff: float = _DEFAULT_INITIAL_BACKOFF
-    """Seconds to wait before the second attempt (before jitter)."""
-    multiplier: float = _DEFAULT_MULTIPLIER
-    """Factor between one wait and the next."""
-    max_backoff: float = _DEFAULT_MAX_BACKOFF
-    """Cap, in seconds, on a single wait, applied after jitter."""
-    jitter: float = _DEFAULT_JITTER
-    """Fraction of each wait drawn at random: 0 none, 1 uniform in [0, wait]."""
-    retryable: frozenset[grpc.StatusCode] = DEFAULT_RETRYABLE
-    """Status codes worth another attempt."""
-
-    def backoff(self, retry_number: int, rand: float) -> float:
-        """Seconds to wait before retry ``retry_number`` (1 = before the 2nd attempt).
-
-        ``rand`` is a uniform draw in [0, 1). The wait is
-        ``initial_backoff * multiplier**(retry_number - 1) * (1 - jitter * rand)``,
-        capped at ``max_backoff`` after the jitter.
-        """
-        if retry_number < 1:
-            raise ValueError(f"retry_number starts at 1, got {retry_number}")
-        if not 0.0 <= rand < 1.0:
-            raise ValueError(f"rand must be in [0, 1), got {rand}")
-        try:
-            base = self.initial_backoff * self.multiplier ** (retry_number - 1)
-        except OverflowError:
-            base = math.inf
-        return min(base * (1.0 - self.jitter * rand), self.max_backoff)
-
-    def retries(self, code: grpc.StatusCode) -> bool:
-        """Tell whether a failure with ``code`` is worth another attempt."""
-        return code in self.retryable
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,7 +496,7 @@ def _check_retry(
                 f"got {attempts}",
             )
         )
-    initial: float | None = _DEFAULT_INITIAL_BACKOFF
+    initial: float | None = DEFAULT_INITIAL_BACKOFF
     if policy.HasField("initial_backoff"):
         initial = _check_timeout(
             f"{path}.initial_backoff",
@@ -540,7 +504,7 @@ def _check_retry(
             (_MIN_BACKOFF, _MAX_INITIAL_BACKOFF, "between 1ms and 60s"),
             out,
         )
-    multiplier = policy.backoff_multiplier or _DEFAULT_MULTIPLIER
+    multiplier = policy.backoff_multiplier or DEFAULT_MULTIPLIER
     if not 1.0 <= multiplier <= _MAX_MULTIPLIER:  # NaN fails too
         out.append(
             FieldViolation(
@@ -548,7 +512,7 @@ def _check_retry(
                 f"must be 1.0 to {_MAX_MULTIPLIER:g} (0 for the default 2.0), got {multiplier:g}",
             )
         )
-    cap: float | None = max(_DEFAULT_MAX_BACKOFF, initial or 0.0)
+    cap: float | None = max(DEFAULT_MAX_BACKOFF, initial or 0.0)
     if policy.HasField("max_backoff"):
         low = initial if initial is not None else _MIN_BACKOFF
         cap = _check_timeout(
@@ -557,7 +521,7 @@ def _check_retry(
             (low, _MAX_MAX_BACKOFF, f"at least initial_backoff ({low:g}s) and at most 5m"),
             out,
         )
-    jitter = policy.jitter if policy.HasField("jitter") else _DEFAULT_JITTER
+    jitter = policy.jitter if policy.HasField("jitter") else DEFAULT_JITTER
     if not 0.0 <= jitter <= 1.0:
         out.append(FieldViolation(f"{path}.jitter", f"must be 0.0 to 1.0, got {jitter:g}"))
     codes: set[grpc.StatusCode] = set()
@@ -583,9 +547,9 @@ def _check_retry(
             codes.add(code)
     return RetrySpec(
         max_attempts=attempts,
-        initial_backoff=initial if initial is not None else _DEFAULT_INITIAL_BACKOFF,
+        initial_backoff=initial if initial is not None else DEFAULT_INITIAL_BACKOFF,
         multiplier=multiplier,
-        max_backoff=cap if cap is not None else _DEFAULT_MAX_BACKOFF,
+        max_backoff=cap if cap is not None else DEFAULT_MAX_BACKOFF,
         jitter=jitter,
         retryable=frozenset(codes) if policy.retryable_codes else DEFAULT_RETRYABLE,
     )
