@@ -192,21 +192,16 @@ async def _committed(awaitable: Awaitable[_T]) -> _T:
     """
     future = asyncio.ensure_future(awaitable)
     cancelled = False
-    while True:
+    while not future.done():
         try:
-            result = await asyncio.shield(future)
+            await asyncio.shield(future)
         except asyncio.CancelledError:
-            if future.done() and future.cancelled():
+            if future.cancelled():  # the write itself was cancelled (store closing)
                 raise
-            if future.done():
-                break
-            cancelled = True
-            continue
-        else:
-            break
+            cancelled = True  # the caller was: finish the write, then tell it
     if cancelled:
         raise asyncio.CancelledError
-    return future.result() if future.done() else result
+    return future.result()
 
 
 def _page_size(value: int) -> int:
