@@ -936,7 +936,7 @@ def _duration(given: _Given, out: list[FieldViolation]) -> duration_pb2.Duration
             return None
         nanos = value * 10**6 if isinstance(value, int) else round(ms * 1e6)
     elif isinstance(value, str):
-        parsed = _parse_duration(value)
+        parsed = parse_duration(value)
         if parsed is None:
             out.append(
                 FieldViolation(
@@ -958,11 +958,6 @@ def _duration(given: _Given, out: list[FieldViolation]) -> duration_pb2.Duration
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(nanos)
     return duration
-
-
-def _parse_duration(text: str) -> int | None:
-    """Nanoseconds of ``"1h"``, ``"2m"``, ``"1.5s"``, ``"250ms"``, ``"1m30s"``; else None."""
-    return parse_duration(text)
 
 
 def _timestamp(given: _Given, out: list[FieldViolation]) -> timestamp_pb2.Timestamp | None:
