@@ -7,10 +7,10 @@ documented on each field. Every address, interval and limit lives here.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEFAULT_LISTEN", "ServerConfig", "parse_host_port"]
 
@@ -126,10 +126,80 @@ class ServerConfig(BaseSettings):
         description="This replica's name, recorded as the owner of executions (default host:pid).",
     )
 
+    # Transport security (see SECURITY.md). The same names mean the same thing in the
+    # control plane, the sidecar and the CLI: this process's certificate, the CA it
+    # trusts, and the token it sends.
+    tls_cert: str = Field(
+        "", description="PEM certificate (chain) served, and shown to peers called with mTLS."
+    )
+    tls_key: str = Field("", description="PEM private key of --tls-cert.")
+    tls_ca: str = Field(
+        "",
+        description=(
+            "PEM CA bundle trusted: verifies client certificates (with --tls-client-auth) "
+            "and the sidecars this process calls (TLS to them when set)."
+        ),
+    )
+    tls_client_auth: Literal["none", "optional", "require"] = Field(
+        "none",
+        description="Client certificates: none, optional, or require (mTLS; needs --tls-ca).",
+    )
+    insecure: bool = Field(
+        False,
+        description=(
+            "Allow plaintext or unauthenticated gRPC on a non-loopback address "
+            "(refused without it)."
+        ),
+    )
+    auth_tokens_file: str = Field(
+        "",
+        description=(
+            "Tokens file (hashes and scopes, see `flext-mesh tokens`); turns on bearer-token "
+            "authentication."
+        ),
+    )
+    auth_open_services: Annotated[tuple[str, ...], NoDecode] = Field(
+        (
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ),
+        description="gRPC services answered without a token (comma separated).",
+    )
+    token: str = Field("", description="Bearer token sent on calls this process makes to sidecars.")
+
+    # Limits per client (a client is its token's name, its certificate identity, or its
+    # address without auth). 0 turns a rate limit off.
+    rate_limit_writes: float = Field(
+        1_000.0, ge=0.0, le=1e6, description="Registry and orchestrator writes per second."
+    )
+    rate_limit_writes_burst: int = Field(
+        2_000, ge=1, le=10_000_000, description="Writes allowed at once above the rate."
+    )
+    rate_limit_reports: float = Field(
+        100_000.0, ge=0.0, le=1e8, description="Call records reported per second."
+    )
+    rate_limit_reports_burst: int = Field(
+        200_000, ge=1, le=100_000_000, description="Call records allowed at once above the rate."
+    )
+    max_instances_per_service: int = Field(
+        1_000, ge=1, le=1_000_000, description="Instances one service may have registered."
+    )
+    max_watchers_per_client: int = Field(
+        64, ge=1, le=100_000, description="Open Watch streams one client may hold."
+    )
+
     @field_validator("listen", "http_listen")
     @classmethod
     def _check_address(cls, value: str) -> str:
         parse_host_port(value)
+        return value
+
+    @field_validator("auth_open_services", mode="before")
+    @classmethod
+    def _split_services(cls, value: object) -> object:
+        if isinstance(value, str):  # from FLEXT_MESH_AUTH_OPEN_SERVICES or the flag
+            return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
 
     @field_validator("log_level", mode="before")

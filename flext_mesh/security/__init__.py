@@ -1,0 +1,1 @@
+"""Transport security, authentication and limits of the control plane (see SECURITY.md)."""
