@@ -32,6 +32,7 @@ remaining compensations run anyway, so as much as possible is undone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -78,6 +79,7 @@ from flext_mesh.store import (
     Delete,
     Event,
     EventType,
+    LeaseNotFound,
     Put,
     Store,
     Subscription,
@@ -118,6 +120,11 @@ _EVENTS = "/orchestrator/events/"
 _ACTIVE = "/orchestrator/active/"
 _ENDED = "/orchestrator/ended/"
 _IDEMPOTENCY = "/orchestrator/idempotency/"
+#: Who drives an active execution: the owner's name, under the owner's lease, so it
+#: goes when the owner dies; its mod revision fences the owner's writes.
+_OWNERS = "/orchestrator/owners/"
+#: CancelExecution received by a replica that does not drive the execution.
+_CANCELS = "/orchestrator/cancel-requests/"
 
 _COMPENSATION_DEFAULT_ATTEMPTS = 5
 
@@ -143,6 +150,14 @@ class OrchestratorSettings:
     resume_delay: float = 1.0
     #: Seconds between flushes of execution and step durations to the metrics service.
     metrics_flush_interval: float = 0.5
+    #: True when this replica is the only one on its store (SQLite): it drives every
+    #: active execution at start without waiting for a dead owner's lease to expire.
+    exclusive_store: bool = True
+    #: TTL of this replica's ownership lease, seconds: a dead replica's executions are
+    #: taken over at most this long (plus ``claim_interval``) after it died.
+    ownership_ttl: float = 8.0
+    #: Seconds between scans for active executions nobody owns.
+    claim_interval: float = 2.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -214,6 +229,10 @@ class _RunBroken(Exception):
     """The store failed under a run: it stops and is resumed from the store later."""
 
 
+class _OwnershipLost(Exception):
+    """Another replica took the execution over (this one's lease lapsed): stop quietly."""
+
+
 # -- the engine ------------------------------------------------------------------------------
 
 
@@ -248,32 +267,44 @@ class Orchestrator:
         self._unlisten: Callable[[], None] | None = None
         # Records of executions that just ended, for the last WatchExecution message.
         self._ended: OrderedDict[str, bytes] = OrderedDict()
+        # Ownership: this replica's lease, and the mod revision of each owner key it
+        # wrote (a write by a run is committed only while its owner key is unchanged).
+        self._lease: str | None = None
+        self._claims: dict[str, int] = {}
+        self._claim_wakeup = asyncio.Event()
+        self._unlisten_owners: Callable[[], None] | None = None
+        self._unlisten_cancels: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the workflows, resume every execution that had not ended, start work."""
+        """Load the workflows, resume the executions that had not ended, start work.
+
+        On an exclusive store (SQLite) this replica takes every active execution; on a
+        shared one (etcd) it takes those whose owner's lease is gone, now and whenever
+        an owner key disappears.
+        """
         await self._load_workflows()
-        active = await self.store.range(_ACTIVE)
-        for kv in active:
-            execution_id = kv.key.removeprefix(_ACTIVE)
-            try:
-                await self._resume(execution_id)
-            except MeshError as exc:  # a damaged execution must not stop the plane
-                _log.error("cannot resume execution=%s: %s", execution_id, exc.message)
-        if active:
-            _log.info("resumed executions=%d", len(self._runs))
+        self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
+        self._unlisten_owners = self.store.listen(_OWNERS, self._on_owner_events)
+        self._unlisten_cancels = self.store.listen(_CANCELS, self._on_cancel_requests)
+        resumed = await self._claim_orphans(force=self.settings.exclusive_store)
+        if resumed:
+            _log.info("resumed executions=%d", resumed)
         self._background = [
             asyncio.create_task(self._sweep_forever(), name="orchestrator-retention"),
             asyncio.create_task(self._flush_metrics_forever(), name="orchestrator-metrics"),
+            asyncio.create_task(self._keep_lease_forever(), name="orchestrator-lease"),
+            asyncio.create_task(self._claim_forever(), name="orchestrator-claims"),
         ]
 
     async def stop(self) -> None:
         """Stop driving executions (they resume at the next start) and close connections."""
         self._stopping = True
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
+        for unlisten in (self._unlisten, self._unlisten_owners, self._unlisten_cancels):
+            if unlisten is not None:
+                unlisten()
+        self._unlisten = self._unlisten_owners = self._unlisten_cancels = None
         for task in [*self._background, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
@@ -282,6 +313,12 @@ class Orchestrator:
         self._runs.clear()
         self._flush_metrics()
         await self.invoker.aclose()
+        # A clean stop hands the executions over at once rather than at lease expiry.
+        lease, self._lease = self._lease, None
+        self._claims.clear()
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                await self.store.revoke_lease(lease)
 
     def _spawn(self, run: _Run, resumed: bool) -> None:
         self._runs[run.execution_id] = run
@@ -298,6 +335,10 @@ class Orchestrator:
             return
         error = task.exception()
         if error is None:
+            return
+        if isinstance(error, _OwnershipLost):
+            self._claims.pop(run.execution_id, None)
+            _log.warning("execution=%s was taken over by another replica", run.execution_id)
             return
         if not isinstance(error, _RunBroken):
             _log.error(
@@ -323,10 +364,12 @@ class Orchestrator:
     async def _resume(self, execution_id: str) -> None:
         if execution_id in self._runs:
             return
+        if execution_id not in self._claims and not await self._claim(execution_id):
+            return  # another replica drives it
         record = await self.store.get(_EXECUTIONS + execution_id)
         definition = await self.store.get(_DEFINITIONS + execution_id)
         if record is None or definition is None:
-            await self.store.delete(_ACTIVE + execution_id)
+            await self._drop_active(execution_id)
             raise NotFound(f"execution {execution_id} has no record; dropped from active")
         execution = orchestrator_pb2.Execution.FromString(record.value)
         workflow = orchestrator_pb2.Workflow.FromString(definition.value)
@@ -336,11 +379,116 @@ class Orchestrator:
         ]
         view = ExecutionView.replay(execution, events)
         if view.ended:
-            await self.store.delete(_ACTIVE + execution_id)
+            await self._drop_active(execution_id)
             return
         view.execution.owner = self.settings.owner
-        spec = _validated(workflow)
-        self._spawn(_Run(self, spec, view), resumed=True)
+        # An inline definition is stored without a name; it was valid when it started.
+        spec = _validated(workflow, inline=not workflow.name)
+        run = _Run(self, spec, view)
+        cancel = await self.store.get(_CANCELS + execution_id)
+        if cancel is not None and not view.cancel_requested:
+            run.stage(
+                Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED,
+                error=Cancelled(
+                    f"cancelled: {cancel.value.decode()}" if cancel.value else "cancelled"
+                ),
+                message=cancel.value.decode(),
+            )
+        self._spawn(run, resumed=True)
+
+    async def _drop_active(self, execution_id: str) -> None:
+        await self.store.txn(
+            (),
+            [
+                Delete(_ACTIVE + execution_id),
+                Delete(_OWNERS + execution_id),
+                Delete(_CANCELS + execution_id),
+            ],
+        )
+        self._claims.pop(execution_id, None)
+
+    # -- ownership ---------------------------------------------------------------------
+
+    def owner_ops(self, execution_id: str) -> list[Put | Delete]:
+        """Operations that make this replica the owner of a new execution."""
+        return [Put(_OWNERS + execution_id, self.settings.owner.encode(), lease=self._lease)]
+
+    def fence(self, execution_id: str) -> Compare | None:
+        """The guard of a run's write: its owner key is still the one this replica wrote."""
+        revision = self._claims.get(execution_id)
+        return None if revision is None else Compare(_OWNERS + execution_id, revision)
+
+    def claimed(self, execution_id: str, revision: int) -> None:
+        """Record that the owner key of ``execution_id`` was written at ``revision``."""
+        self._claims[execution_id] = revision
+
+    async def _claim(self, execution_id: str, *, force: bool = False) -> bool:
+        """Write the owner key (only if absent, unless ``force``); True when this won."""
+        if self._lease is None:
+            return False
+        key = _OWNERS + execution_id
+        result = await self.store.txn(
+            () if force else (Compare(key, 0),),
+            [Put(key, self.settings.owner.encode(), lease=self._lease)],
+        )
+        if result.succeeded:
+            self._claims[execution_id] = result.revision
+        return result.succeeded
+
+    async def _claim_orphans(self, *, force: bool = False) -> int:
+        """Take over and resume active executions without a live owner; how many."""
+        owned = {kv.key.removeprefix(_OWNERS) for kv in await self.store.range(_OWNERS)}
+        resumed = 0
+        for kv in await self.store.range(_ACTIVE):
+            execution_id = kv.key.removeprefix(_ACTIVE)
+            if execution_id in self._runs or self._stopping:
+                continue
+            if not force and execution_id in owned:
+                continue
+            if not await self._claim(execution_id, force=force):
+                continue
+            try:
+                await self._resume(execution_id)
+                resumed += 1
+            except MeshError as exc:  # a damaged execution must not stop the plane
+                _log.error("cannot resume execution=%s: %s", execution_id, exc.message)
+        return resumed
+
+    def _on_owner_events(self, events: list[Event]) -> None:
+        """Store listener: an owner key went (its replica died or ended it): look now."""
+        if any(event.type == EventType.DELETE for event in events):
+            self._claim_wakeup.set()
+
+    async def _claim_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.claim_interval):
+                    await self._claim_wakeup.wait()
+            self._claim_wakeup.clear()
+            try:
+                taken = await self._claim_orphans()
+            except Exception as exc:
+                _log.warning("looking for executions to take over failed: %s", exc)
+                continue
+            if taken:
+                _log.info("took over executions=%d", taken)
+
+    async def _keep_lease_forever(self) -> None:
+        """Renew the ownership lease; if it lapsed, every run here has lost its claim."""
+        while True:
+            await asyncio.sleep(self.settings.ownership_ttl / 4)
+            lease = self._lease
+            if lease is None:
+                continue
+            try:
+                await self.store.keep_alive(lease)
+            except LeaseNotFound:
+                _log.error("ownership lease lapsed; executions here stop and are taken over again")
+                self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
+                self._claims.clear()
+                self._claim_wakeup.set()
+            except Exception as exc:
+                _log.warning("renewing the ownership lease failed: %s", exc)
 
     # -- workflows -------------------------------------------------------------------
 
@@ -472,6 +620,7 @@ class Orchestrator:
         extra: list[Put | Delete] = [
             Put(_DEFINITIONS + execution_id, workflow.SerializeToString()),
             Put(_ACTIVE + execution_id, b""),
+            *self.owner_ops(execution_id),
         ]
         compares: list[Compare] = []
         if request.idempotency_key:
@@ -484,6 +633,7 @@ class Orchestrator:
             if existing is None:  # pragma: no cover - the winner's write is visible
                 raise Unavailable("concurrent StartExecution with this key; retry")
             return existing, True
+        self.claimed(execution_id, run.revision)
         snapshot = orchestrator_pb2.Execution()
         snapshot.CopyFrom(run.view.execution)
         run.first = first
@@ -578,14 +728,11 @@ class Orchestrator:
             )
         run = self._runs.get(execution_id)
         if run is None:
-            execution, _ = await self.get_execution(execution_id)
-            if execution.state in ENDED_STATES:
-                raise FailedPrecondition(
-                    f"execution {execution_id} already ended "
-                    f"({orchestrator_pb2.ExecutionState.Name(execution.state).removeprefix('EXECUTION_STATE_')})"
-                )
-            raise Unavailable(f"execution {execution_id} is being resumed; retry shortly")
-        await run.request_cancel(reason)
+            return await self._cancel_elsewhere(execution_id, reason)
+        try:
+            await run.request_cancel(reason)
+        except _OwnershipLost:  # taken over meanwhile: ask the new owner
+            return await self._cancel_elsewhere(execution_id, reason)
         with_deadline = asyncio.timeout(self.settings.cancel_wait)
         try:
             async with with_deadline:
@@ -594,6 +741,43 @@ class Orchestrator:
             pass
         execution, _ = await self.get_execution(execution_id)
         return execution
+
+    async def _cancel_elsewhere(self, execution_id: str, reason: str) -> orchestrator_pb2.Execution:
+        """Cancel an execution another replica drives (or that awaits a new owner).
+
+        The request is stored where the owner listens (and where whoever resumes the
+        execution looks); then this waits for the owner to commit that it stopped.
+        """
+        subscription = self.store.subscribe(_EXECUTIONS + execution_id)
+        try:
+            execution, _ = await self.get_execution(execution_id)
+            if execution.state in ENDED_STATES:
+                raise FailedPrecondition(
+                    f"execution {execution_id} already ended "
+                    f"({orchestrator_pb2.ExecutionState.Name(execution.state).removeprefix('EXECUTION_STATE_')})"
+                )
+            await self.store.put(_CANCELS + execution_id, reason.encode())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.cancel_wait):
+                    async for batch in subscription:
+                        latest = orchestrator_pb2.Execution.FromString(batch[-1].value)
+                        if latest.state in (*ENDED_STATES, Xs.EXECUTION_STATE_COMPENSATING):
+                            return latest
+            execution, _ = await self.get_execution(execution_id)
+            return execution
+        finally:
+            subscription.close()
+
+    def _on_cancel_requests(self, events: list[Event]) -> None:
+        """Store listener: a CancelExecution reached another replica; act if it is ours."""
+        for event in events:
+            if event.type == EventType.DELETE:
+                continue
+            run = self._runs.get(event.key.removeprefix(_CANCELS))
+            if run is not None and not run.view.ended:
+                task = asyncio.create_task(run.request_cancel(event.value.decode()))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def watch_execution(
         self, execution_id: str, after_index: int
@@ -758,6 +942,8 @@ class _Run:
         self._payloads: dict[str, dict[str, Any]] = {}
         self._ctx: dict[str, Any] | None = None
         self._ctx_steps = -1
+        #: Store revision of the last committed flush.
+        self.revision = 0
 
     # -- persistence ----------------------------------------------------------------
 
@@ -818,11 +1004,18 @@ class _Run:
                 self.orchestrator.remember_ended(self.execution_id, record)
                 end_ms = execution.end_time.ToNanoseconds() // 1_000_000
                 ops.append(Delete(_ACTIVE + self.execution_id))
+                ops.append(Delete(_OWNERS + self.execution_id))
+                ops.append(Delete(_CANCELS + self.execution_id))
                 ops.append(Put(f"{_ENDED}{end_ms:013d}/{self.execution_id}", b""))
+            fence = self.orchestrator.fence(self.execution_id)
+            guards = [*compares, fence] if fence is not None else compares
             try:
-                result = await _committed(self.store.txn(compares, ops))
+                result = await _committed(self.store.txn(guards, ops))
             except MeshError as exc:
                 raise _RunBroken(exc.message) from exc
+            if not result.succeeded and fence is not None:
+                raise _OwnershipLost(self.execution_id)
+            self.revision = result.revision
             self.committed_state = state
             self._progress.set()
             self._progress = asyncio.Event()
