@@ -14,6 +14,12 @@ Durability: every ``checkpoint_interval`` (0.5 s) the buckets changed since the 
 checkpoint are written to the store in one transaction, and only then are the reports
 that fed them acknowledged. A crash (even ``kill -9``) loses no acknowledged record.
 
+Several replicas (on etcd): each writes its own buckets under
+``/metrics/replicas/<replica>/`` and follows the others' through a store listener, so
+reports on any replica merge every replica's sketches (they are mergeable; counts
+add). A peer's calls appear within its checkpoint interval. The buckets of a replica
+that is gone stay visible until the retention drops them.
+
 Only server-side records (``CALL_SIDE_SERVER`` or unset) count in reports; client-side
 records describe the same calls from the caller and feed only outlier ejection (a dead
 instance reports nothing itself: its callers see UNAVAILABLE).
@@ -36,7 +42,7 @@ import numpy as np
 
 from flext_mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from flext_mesh.metrics.sketch import LatencySketch
-from flext_mesh.store import Delete, Put, Store
+from flext_mesh.store import Delete, Event, EventType, Put, Store
 from flext_mesh.v1 import metrics_pb2
 
 __all__ = [
@@ -53,6 +59,8 @@ _log = logging.getLogger("flext_mesh.metrics")
 
 #: Store prefix of persisted buckets: /metrics/buckets/<service>/<width>/<start>.
 BUCKETS = "/metrics/buckets/"
+#: Per-replica buckets on a shared store: /metrics/replicas/<replica>/<service>/<width>/<start>.
+REPLICA_BUCKETS = "/metrics/replicas/"
 #: gRPC codes that are infrastructure faults (UNKNOWN, DEADLINE_EXCEEDED,
 #: RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE).
 INFRASTRUCTURE_CODES = frozenset({2, 4, 8, 13, 14})
@@ -109,6 +117,8 @@ class AggregatorSettings:
     max_series_per_service: int = 1_000
     #: Seconds between durable checkpoints (acknowledgements wait for the next one).
     checkpoint_interval: float = 0.5
+    #: This replica's name when several share the store (etcd); "" when it is alone.
+    replica: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,12 @@ class Aggregator:
         self.prometheus_bounds_ms: np.ndarray = np.array(
             [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], dtype=float
         )
+        replica = self.settings.replica
+        #: Where this replica's buckets live in the store.
+        self._prefix = f"{REPLICA_BUCKETS}{replica}/" if replica else BUCKETS
+        #: Other replicas' buckets, by replica, fed by a store listener.
+        self._peers: dict[str, dict[_BucketKey, dict[SeriesKey, BucketStats]]] = {}
+        self._unlisten: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -164,8 +180,8 @@ class Aggregator:
         """Load persisted buckets within the retention and start checkpointing."""
         cutoff = self._clock() - self.settings.retention
         loaded = 0
-        for kv in await self.store.range(BUCKETS):
-            service, width, start = _parse_bucket_key(kv.key)
+        for kv in await self.store.range(self._prefix):
+            service, width, start = _parse_bucket_key(kv.key[len(self._prefix) :])
             if start + width < cutoff:
                 continue
             series = _decode_bucket(kv.value)
@@ -173,6 +189,11 @@ class Aggregator:
             for key in series:
                 self._series[service][key] = float(start)
             loaded += 1
+        if self.settings.replica:
+            self._unlisten = self.store.listen(REPLICA_BUCKETS, self._on_peer_buckets)
+            _, kvs = await self.store.snapshot(REPLICA_BUCKETS)
+            for kv in kvs:
+                self._peer_bucket(kv.key, kv.value)
         self._tasks = [
             asyncio.create_task(self._checkpoint_forever(), name="metrics-checkpoint"),
             asyncio.create_task(self._rollup_forever(), name="metrics-rollup"),
@@ -181,6 +202,9 @@ class Aggregator:
 
     async def stop(self) -> None:
         """Write the last checkpoint and stop background work."""
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._feedback, return_exceptions=True)
@@ -374,7 +398,7 @@ class Aggregator:
         try:
             if dirty:
                 ops = [
-                    Put(_bucket_store_key(*key), _encode_bucket(self._buckets[key]))
+                    Put(self._key(*key), _encode_bucket(self._buckets[key]))
                     for key in sorted(dirty)
                     if key in self._buckets
                 ]
@@ -422,15 +446,19 @@ class Aggregator:
                     merged[series] = stats if old is None else old.merged(stats)
                 self._buckets[target] = merged
                 self._dirty.discard(key)
-                ops.append(Delete(_bucket_store_key(*key)))
-                ops.append(Put(_bucket_store_key(*target), _encode_bucket(merged)))
+                ops.append(Delete(self._key(*key)))
+                ops.append(Put(self._key(*target), _encode_bucket(merged)))
                 changes += 1
         cutoff = now - self.settings.retention
         for key in [k for k in self._buckets if k[2] + k[1] < cutoff]:
             del self._buckets[key]
             self._dirty.discard(key)
-            ops.append(Delete(_bucket_store_key(*key)))
+            ops.append(Delete(self._key(*key)))
             changes += 1
+        for replica, buckets in self._peers.items():  # a gone replica's, too
+            for service, width, start in [k for k in buckets if k[2] + k[1] < cutoff]:
+                ops.append(Delete(f"{REPLICA_BUCKETS}{replica}/{service}/{width:06d}/{start:012d}"))
+                changes += 1
         for service, seen_by_key in list(self._series.items()):
             for series_key, seen in list(seen_by_key.items()):
                 if seen < cutoff:
@@ -445,8 +473,11 @@ class Aggregator:
     # -- queries -----------------------------------------------------------------------
 
     def services(self) -> list[str]:
-        """Services with any series."""
-        return sorted(self._series)
+        """Services with any series (on any replica)."""
+        names = set(self._series)
+        for buckets in self._peers.values():
+            names.update(service for service, _, _ in buckets)
+        return sorted(names)
 
     def window(
         self, service: str, seconds: float
@@ -458,13 +489,51 @@ class Aggregator:
         10 minutes, 1 min up to an hour, 10 min beyond).
         """
         cutoff = self._clock() - seconds
-        out = [
-            (start, width, series)
+        found: dict[tuple[int, int], dict[SeriesKey, BucketStats]] = {
+            (start, width): series
             for (name, width, start), series in self._buckets.items()
             if name == service and start >= cutoff
-        ]
+        }
+        for buckets in self._peers.values():
+            for (name, width, start), series in buckets.items():
+                if name != service or start < cutoff:
+                    continue
+                mine = found.get((start, width))
+                found[(start, width)] = series if mine is None else _merge_series(mine, series)
+        out = [(start, width, series) for (start, width), series in found.items()]
         out.sort(key=lambda item: item[0])
         return out
+
+    # -- other replicas ------------------------------------------------------------------
+
+    def _key(self, service: str, width: int, start: int) -> str:
+        return f"{self._prefix}{service}/{width:06d}/{start:012d}"
+
+    def _on_peer_buckets(self, events: list[Event]) -> None:
+        for event in events:
+            if event.type == EventType.DELETE:
+                self._peer_bucket(event.key, None)
+            else:
+                self._peer_bucket(event.key, event.value)
+
+    def _peer_bucket(self, key: str, value: bytes | None) -> None:
+        """Follow one stored bucket of another replica (None: it was deleted)."""
+        replica, _, rest = key[len(REPLICA_BUCKETS) :].partition("/")
+        if replica == self.settings.replica or not rest:
+            return
+        try:
+            bucket = _parse_bucket_key(rest)
+        except ValueError:
+            return
+        if value is None:
+            self._peers.get(replica, {}).pop(bucket, None)
+            return
+        try:
+            series = _decode_bucket(value)
+        except (ValueError, KeyError) as exc:
+            _log.warning("ignoring an unreadable bucket %s: %s", key, exc)
+            return
+        self._peers.setdefault(replica, {})[bucket] = series
 
     def drain_instance_window(self) -> dict[tuple[str, str], tuple[int, int, float | None]]:
         """(calls, infrastructure failures, mean latency ms or None) per instance since
@@ -494,13 +563,20 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         _log.error("outcome feedback failed: %s", task.exception())
 
 
-def _bucket_store_key(service: str, width: int, start: int) -> str:
-    return f"{BUCKETS}{service}/{width:06d}/{start:012d}"
-
-
 def _parse_bucket_key(key: str) -> tuple[str, int, int]:
-    service, width, start = key[len(BUCKETS) :].rsplit("/", 2)
+    """(service, width, start) of a bucket key without its prefix."""
+    service, width, start = key.rsplit("/", 2)
     return service, int(width), int(start)
+
+
+def _merge_series(
+    one: dict[SeriesKey, BucketStats], other: dict[SeriesKey, BucketStats]
+) -> dict[SeriesKey, BucketStats]:
+    merged = dict(one)
+    for key, stats in other.items():
+        mine = merged.get(key)
+        merged[key] = stats if mine is None else mine.merged(stats)
+    return merged
 
 
 def _encode_bucket(series: dict[SeriesKey, BucketStats]) -> bytes:
