@@ -87,7 +87,7 @@ import uuid
 from collections import Counter
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -110,6 +110,7 @@ from flext_mesh.registry.policy import (
     validate_policy,
 )
 from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
+from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
 from flext_mesh.v1 import (
     common_pb2,
     metrics_pb2,
@@ -376,6 +377,12 @@ class MeshClient:
     fell back from a split version without a callable instance, and
     ``zone_spillovers[service]`` the attempts that left the caller's zone because too
     few of its instances were callable.
+
+    ``security`` secures the channels to the control plane and to the instances called
+    (TLS when its ``tls_ca`` is set, mTLS with a certificate, a bearer token); None
+    reads it from the ``FLEXT_MESH_TLS_*`` and ``FLEXT_MESH_TOKEN`` variables, as the
+    sidecar's flags are, so an app configured by environment needs no code for it.
+    Its ``tls_server_name`` applies to the control plane only.
     """
 
     def __init__(
@@ -386,8 +393,12 @@ class MeshClient:
         settings: ClientSettings | None = None,
         reporter: CallReporter | None = None,
         zone: str | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.control_plane = control_plane
+        self.security = ClientSecurity.from_env() if security is None else security
+        # Instances are checked against their own endpoint's name, never the override.
+        self._peer_security = replace(self.security, tls_server_name="")
         self.caller_service = caller_service
         self.settings = settings or ClientSettings()
         self.reporter = reporter
@@ -412,7 +423,7 @@ class MeshClient:
 
     async def start(self, *, wait: float = 5.0) -> None:
         """Start watching the registry; wait up to ``wait`` s for the first snapshot."""
-        self._control = grpc.aio.insecure_channel(self.control_plane, options=_CHANNEL_OPTIONS)
+        self._control = open_channel(self.control_plane, self.security, options=_CHANNEL_OPTIONS)
         self._watch = asyncio.create_task(self._watch_forever(), name="mesh-client-watch")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
@@ -733,7 +744,14 @@ class MeshClient:
             late = DeadlineExceeded(f"deadline passed before calling {service}")
             call.code = late.code
             raise late
-        stub = processor_pb2_grpc.ProcessorServiceStub(self._channel(instance.endpoint))
+        try:
+            channel = self._channel(instance.endpoint)
+        except TransportError as exc:  # a TLS file gone or half-written since start
+            permit.ignore()
+            unusable = Unavailable(str(exc))
+            call.code = unusable.code
+            raise unusable from exc
+        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         started = time.perf_counter()
         code = 0
         try:
@@ -833,8 +851,8 @@ class MeshClient:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(
-                endpoint, options=_CHANNEL_OPTIONS
+            channel = self._channels[endpoint] = open_channel(
+                endpoint, self._peer_security, options=_CHANNEL_OPTIONS
             )
         return channel
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from flext_mesh.addresses import split_addresses
 from flext_mesh.config import DEFAULT_LISTEN, parse_host_port
 from flext_mesh.registry.validation import MAX_WEIGHT
 
@@ -29,7 +30,10 @@ class SidecarConfig(BaseSettings):
     advertise: str = Field(
         "", description="Endpoint registered for callers (default: the bound listen address)."
     )
-    control_plane: str = Field(DEFAULT_LISTEN, description="Control plane gRPC address.")
+    control_plane: str = Field(
+        DEFAULT_LISTEN,
+        description="Control plane gRPC address, or several replicas' as HOST:PORT,HOST:PORT.",
+    )
     instance_id: str = Field("", description="Instance id (default: SERVICE-HOST-PORT).")
     version: str = Field("", description="Version registered (for traffic splits).")
     weight: int = Field(100, ge=1, le=MAX_WEIGHT, description="Base weight for balancing.")
@@ -57,10 +61,44 @@ class SidecarConfig(BaseSettings):
         ),
     )
 
-    @field_validator("listen", "control_plane")
+    # Transport security: the same names and meaning as the control plane's (see
+    # flext_mesh.security.transport). The certificate is served to callers and shown to
+    # the control plane and to other sidecars when they ask (mTLS).
+    tls_cert: str = Field(
+        "", description="PEM certificate (chain) served, and shown to peers called with mTLS."
+    )
+    tls_key: str = Field("", description="PEM private key of --tls-cert.")
+    tls_ca: str = Field(
+        "",
+        description=(
+            "PEM CA bundle trusted: TLS to the control plane and other sidecars when set, "
+            "and verifies client certificates with --tls-client-auth require."
+        ),
+    )
+    tls_client_auth: Literal["none", "optional", "require"] = Field(
+        "none", description="Client certificates: none or require (mTLS; needs --tls-ca)."
+    )
+    tls_server_name: str = Field(
+        "",
+        description="Name the control plane's certificate must carry, instead of its host.",
+    )
+    token: str = Field(
+        "", description="Bearer token sent on every call to the control plane and sidecars."
+    )
+    insecure: bool = Field(
+        False, description="Allow serving plaintext on a non-loopback --listen address."
+    )
+
+    @field_validator("listen")
     @classmethod
     def _address(cls, value: str) -> str:
         parse_host_port(value)
+        return value
+
+    @field_validator("control_plane")
+    @classmethod
+    def _addresses(cls, value: str) -> str:
+        split_addresses(value)
         return value
 
     @field_validator("advertise")

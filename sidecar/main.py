@@ -29,6 +29,13 @@ from pydantic_settings import SettingsError
 from flext_mesh.config import parse_host_port
 from flext_mesh.logs import setup_logging
 from flext_mesh.process import bind_problem, signal_received
+from flext_mesh.security.transport import (
+    ClientSecurity,
+    TransportError,
+    check_listen,
+    open_channel,
+    server_credentials,
+)
 from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.v1 import metrics_pb2, processor_pb2, registry_pb2
 from sidecar.app import AppError, load_app
@@ -58,6 +65,14 @@ class Sidecar:
         # SO_REUSEPORT off: a second process on the same port must fail, not share it.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = 0
+        #: How this sidecar calls the control plane and other sidecars.
+        self.security = ClientSecurity(
+            tls_ca=config.tls_ca,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_server_name=config.tls_server_name,
+            token=config.token,
+        )
         self._channel: grpc.aio.Channel | None = None
         self.processor: ProcessorServicer | None = None
         self.reporter: CallReporter | None = None
@@ -69,8 +84,9 @@ class Sidecar:
         if self._channel is None:
             # gRPC's default reconnect backoff grows to 120 s: a control plane that comes
             # back would go unnoticed for minutes.
-            self._channel = grpc.aio.insecure_channel(
+            self._channel = open_channel(
                 self.config.control_plane,
+                self.security,
                 options=[
                     ("grpc.initial_reconnect_backoff_ms", 200),
                     ("grpc.max_reconnect_backoff_ms", 2000),
@@ -84,7 +100,18 @@ class Sidecar:
         host, port = parse_host_port(config.listen)
         sys.setswitchinterval(config.switch_interval_ms / 1000)  # process-wide, see config
         try:
-            self.port = self.server.add_insecure_port(config.listen)
+            credentials = server_credentials(
+                config.tls_cert, config.tls_key, config.tls_ca, config.tls_client_auth
+            )
+            check_listen(config.listen, tls=credentials is not None, insecure=config.insecure)
+            self.security.check()
+        except TransportError as exc:
+            raise SidecarError(str(exc)) from None
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(config.listen)
+            else:
+                self.port = self.server.add_secure_port(config.listen, credentials)
         except RuntimeError as exc:
             raise SidecarError(bind_problem(host, port)) from exc
         advertise = config.advertise or f"{_advertised_host(host)}:{self.port}"
@@ -143,6 +170,7 @@ class Sidecar:
             caller_service=config.service,
             reporter=self.reporter,
             zone=config.zone,  # the caller zone of the policies' zone preference
+            security=self.security,
         )
         await self.client.start(wait=0)
         set_current(self.client)
@@ -217,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
         }
         if name == "label":
             kwargs.update(action="append", metavar="KEY=VALUE")
+        elif info.annotation is bool:  # a switch: --insecure, not --insecure true
+            kwargs.update(action="store_true", default=None)
         parser.add_argument(flag, **kwargs)
     return parser
 

@@ -28,6 +28,7 @@ from flext_mesh.errors import (
     from_rpc_error,
 )
 from flext_mesh.invoke import dict_to_struct, struct_to_dict
+from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 
 __all__ = ["AttemptFailed", "Discovery", "MeshInvoker", "StepInvoker", "StepReply"]
@@ -95,10 +96,13 @@ class MeshInvoker:
         discovery: Discovery,
         *,
         report: Callable[[metrics_pb2.CallRecord], None] | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
-        """``report`` receives a call record per attempt (quick, must not raise)."""
+        """``report`` receives a call record per attempt (quick, must not raise);
+        ``security`` secures the channels to step endpoints (default plaintext)."""
         self._discovery = discovery
         self._report = report
+        self._security = security or ClientSecurity()
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -117,8 +121,8 @@ class MeshInvoker:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(
-                endpoint, options=_CHANNEL_OPTIONS
+            channel = self._channels[endpoint] = open_channel(
+                endpoint, self._security, options=_CHANNEL_OPTIONS
             )
             while len(self._channels) > MAX_CHANNELS:
                 _, oldest = self._channels.popitem(last=False)
@@ -147,7 +151,11 @@ class MeshInvoker:
             idempotency_key=idempotency_key,
         )
         request.payload.CopyFrom(dict_to_struct(dict(payload)))
-        stub = processor_pb2_grpc.ProcessorServiceStub(self._channel(instance.endpoint))
+        try:
+            channel = self._channel(instance.endpoint)
+        except TransportError as exc:  # a TLS file gone or broken since start-up
+            raise AttemptFailed(Unavailable(str(exc)), instance.instance_id) from exc
+        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         started = time.perf_counter()
         started_ns = time.time_ns()
         code = 0

@@ -42,6 +42,8 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
+
 __all__ = [
     "CheckStats",
     "HealthCheckSettings",
@@ -83,6 +85,8 @@ class HealthCheckSettings:
     """Channels kept open, one per endpoint; the least recently used is closed beyond it."""
     max_concurrent_checks: int = 64
     """Checks in flight at once; further due checks wait for a slot (>= 1)."""
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+    """TLS (CA, client certificate) and token of the checks' channels; plaintext by default."""
 
     def __post_init__(self) -> None:
         for name in ("interval", "timeout"):
@@ -422,7 +426,10 @@ class HealthChecker:
     async def _probe(self, target: _Target) -> _Outcome:
         """Call Health/Check on the target's endpoint, bounded by its timeout."""
         timeout = target.settings.timeout
-        entry = self._channel(target.endpoint)
+        try:
+            entry = self._channel(target.endpoint)
+        except TransportError as exc:  # a TLS file gone or broken since start-up
+            return _Outcome(False, None, _short(str(exc)))
         entry.users += 1
         started = time.monotonic()
         try:
@@ -503,7 +510,7 @@ class HealthChecker:
         if entry is not None:
             self._channels.move_to_end(endpoint)
             return entry
-        channel = grpc.aio.insecure_channel(endpoint, options=self._channel_options)
+        channel = open_channel(endpoint, self._settings.security, options=self._channel_options)
         entry = _Channel(channel, health_pb2_grpc.HealthStub(channel))
         self._channels[endpoint] = entry
         while len(self._channels) > self._settings.max_channels:

@@ -60,6 +60,7 @@ class Issued:
         key_path = directory / f"{stem}.key"
         cert_path.write_bytes(self.cert_pem)
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # O_CREAT's mode applies to a new file only
         with os.fdopen(fd, "wb") as handle:
             handle.write(self.key_pem)
         return cert_path, key_path

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 
 from flext_mesh.result import FlextResult
+from flext_mesh.security.transport import ClientSecurity
 from flext_mesh.services._bridge import bridge
 from flext_mesh.services.registry import ControlPlaneClient, enum_name
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
@@ -48,8 +49,9 @@ class ServiceMetrics(ControlPlaneClient):
         timeout: float = 10.0,
         reporter_id: str | None = None,
         settings: ReporterSettings | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
-        super().__init__(control_plane, timeout=timeout)
+        super().__init__(control_plane, timeout=timeout, security=security)
         self.reporter_id = reporter_id or f"flext-services-{socket.gethostname()}-{os.getpid()}"
         """Who the records come from, for the control plane's diagnostics."""
         self._settings = settings

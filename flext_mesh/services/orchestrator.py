@@ -67,6 +67,13 @@ from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.registry.validation import check_name, raise_if, validate_instance
 from flext_mesh.result import STATUS_CODE_NAMES, FlextResult
+from flext_mesh.security.transport import (
+    ClientSecurity,
+    TransportError,
+    check_listen,
+    open_channel,
+    server_credentials,
+)
 from flext_mesh.servicers.processor import ProcessorServicer, add_processor_servicer
 from flext_mesh.services import control_plane_address
 from flext_mesh.services._bridge import bridge
@@ -294,6 +301,12 @@ class ServiceOrchestrator:
     ``timeout`` bounds each call in seconds (a workflow's whole run included);
     ``listen_host`` is where local services listen (on a free port each) and how the
     control plane reaches them.
+
+    ``security`` (default: from the ``FLEXT_MESH_TLS_*`` and ``FLEXT_MESH_TOKEN``
+    variables) secures the channel to the control plane, and its certificate and key,
+    when given, are served by the local services (TLS, no client certificate asked).
+    Local services serve plaintext on a non-loopback ``listen_host`` only with
+    ``insecure=True``.
     """
 
     def __init__(
@@ -302,9 +315,15 @@ class ServiceOrchestrator:
         *,
         timeout: float = 60.0,
         listen_host: str = "127.0.0.1",
+        security: ClientSecurity | None = None,
+        insecure: bool = False,
     ) -> None:
         self.control_plane = control_plane_address(control_plane)
         """Address of the control plane."""
+        self.security = ClientSecurity.from_env() if security is None else security
+        """TLS and token of the calls to the control plane; certificate of local services."""
+        self.insecure = insecure
+        """Whether local services may serve plaintext on a non-loopback ``listen_host``."""
         self.timeout = timeout
         """Bound of each call, in seconds."""
         self.listen_host = listen_host
@@ -406,6 +425,8 @@ class ServiceOrchestrator:
             return _as_failure(error)
         except grpc.aio.AioRpcError as exc:
             return _as_failure(from_rpc_error(exc))
+        except TransportError as exc:  # a TLS file of ``security`` missing or wrong
+            return _as_failure(FailedPrecondition(str(exc)))
         except Exception as exc:
             _log.exception("ServiceOrchestrator call failed")
             return _as_failure(InternalError(f"unexpected {type(exc).__name__}: {exc}"))
@@ -413,7 +434,9 @@ class ServiceOrchestrator:
     def channel(self) -> grpc.aio.Channel:
         """The channel to the control plane, created on the bridge's loop on first use."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.control_plane, options=_CHANNEL_OPTIONS)
+            self._channel = open_channel(
+                self.control_plane, self.security, options=_CHANNEL_OPTIONS
+            )
         return self._channel
 
     async def _register(self, name: str, service: object) -> str:
@@ -431,9 +454,19 @@ class ServiceOrchestrator:
     async def _start_local(
         self, name: str, operations: ServiceProcessor[Any, Any, Any] | dict[str, Any]
     ) -> _LocalService:
+        address = _endpoint(self.listen_host, 0)
+        try:
+            credentials = server_credentials(self.security.tls_cert, self.security.tls_key)
+            check_listen(address, tls=credentials is not None, insecure=self.insecure)
+            self.security.check()
+        except TransportError as exc:
+            raise FailedPrecondition(str(exc)) from None
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         try:
-            port = server.add_insecure_port(_endpoint(self.listen_host, 0))
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise Unavailable(f"cannot listen on {self.listen_host!r}: {exc}") from exc
         instance_id = _instance_id(name, port)

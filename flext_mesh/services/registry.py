@@ -29,6 +29,7 @@ from google.protobuf import json_format
 
 from flext_mesh.errors import InvalidArgument, from_rpc_error
 from flext_mesh.result import FlextResult
+from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
 from flext_mesh.services import control_plane_address
 from flext_mesh.services._bridge import bridge
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
@@ -81,16 +82,22 @@ class ControlPlaneClient:
     Owns one ``grpc.aio`` channel, created and used on the bridge loop only. Blocking
     methods run their coroutine on the bridge with :meth:`_call`; their ``a``-prefixed
     twins await :meth:`_acall`. Either way a call ends within about ``timeout`` seconds
-    and nothing raises to the caller.
+    and nothing raises to the caller. ``security`` secures the channel (TLS, client
+    certificate, token); None reads it from the ``FLEXT_MESH_TLS_*`` and
+    ``FLEXT_MESH_TOKEN`` variables, like the address from ``FLEXT_MESH_CONTROL_PLANE``.
     """
 
-    def __init__(self, control_plane: str | None, *, timeout: float) -> None:
+    def __init__(
+        self, control_plane: str | None, *, timeout: float, security: ClientSecurity | None = None
+    ) -> None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         self.control_plane = control_plane_address(control_plane)
         """Address ``host:port`` of the control plane."""
         self.timeout = timeout
         """Seconds one call may take before it fails (UNAVAILABLE when never connected)."""
+        self.security = ClientSecurity.from_env() if security is None else security
+        """TLS and token of the channel to the control plane."""
         self._channel: grpc.aio.Channel | None = None
         self._closed = False
 
@@ -99,7 +106,9 @@ class ControlPlaneClient:
     def _get_channel(self) -> grpc.aio.Channel:
         """The channel to the control plane (bridge loop only; created on first use)."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.control_plane, options=_CHANNEL_OPTIONS)
+            self._channel = open_channel(
+                self.control_plane, self.security, options=_CHANNEL_OPTIONS
+            )
         return self._channel
 
     def _call(
@@ -158,6 +167,8 @@ class ControlPlaneClient:
             return self._rpc_failure(what, exc)
         except TimeoutError:
             return self._timed_out(what)
+        except TransportError as exc:  # a TLS file of ``security`` missing or wrong
+            return FlextResult.fail(f"{what}: {exc}", code="FAILED_PRECONDITION")
         except Exception as exc:  # the facade's promise: nothing raises to the caller
             _log.exception("%s failed unexpectedly", what)
             return FlextResult.fail(f"{what}: unexpected error: {exc!r}", code="INTERNAL")
@@ -256,9 +267,14 @@ class ServiceRegistry(ControlPlaneClient):
     """
 
     def __init__(
-        self, control_plane: str | None = None, *, ttl: float = 10.0, timeout: float = 10.0
+        self,
+        control_plane: str | None = None,
+        *,
+        ttl: float = 10.0,
+        timeout: float = 10.0,
+        security: ClientSecurity | None = None,
     ) -> None:
-        super().__init__(control_plane, timeout=timeout)
+        super().__init__(control_plane, timeout=timeout, security=security)
         if not (math.isfinite(ttl) and 1.0 <= ttl <= 3600.0):
             raise ValueError(f"ttl must be 1 to 3600 seconds, got {ttl}")
         self.ttl = ttl
