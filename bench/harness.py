@@ -70,6 +70,7 @@ __all__ = [
     "STREAM_FOREVER",
     "STREAM_METHOD",
     "UNARY_METHOD",
+    "UNLIMITED",
     "BenchSettings",
     "Comparison",
     "EchoClient",
@@ -108,6 +109,14 @@ DEFAULT_DURATION = 5.0
 QUICK_RUNS = 1
 """``--quick``: one run, for smoke tests; its figures are not worth quoting."""
 QUICK_WARMUP = 0.2
+#: ServerConfig settings that lift the per-client limits for a load generator, which
+#: stands for many clients (or their limit is what the benchmark would measure).
+UNLIMITED: dict[str, int] = {
+    "rate_limit_writes": 0,
+    "rate_limit_reports": 0,
+    "max_instances_per_service": 1_000_000,
+    "max_watchers_per_client": 100_000,
+}
 """``--quick``: warm-up seconds."""
 QUICK_DURATION = 0.5
 """``--quick``: measured seconds."""

@@ -51,6 +51,7 @@ import grpc
 import grpc.aio
 
 from bench.harness import (
+    UNLIMITED,
     BenchSettings,
     Comparison,
     LoadResult,
@@ -149,6 +150,9 @@ async def control_plane_factory(store_path: str, counters: Any) -> tuple[grpc.ai
         http_listen="127.0.0.1:0",
         store=f"sqlite:///{store_path}",
         log_level="WARNING",
+        # One load generator stands for many clients: the per-client limits would
+        # measure themselves (they are on by default, see SECURITY.md).
+        **UNLIMITED,
     )
     plane, port = await create_server(config, store=store)
     _PLANES.append(plane)

@@ -27,6 +27,7 @@ import grpc
 
 from bench.harness import (
     ECHO_SERVER_FACTORY,
+    UNLIMITED,
     BenchSettings,
     Comparison,
     EchoClient,
@@ -64,6 +65,9 @@ async def control_plane_factory(store_path: str) -> tuple[grpc.aio.Server, int]:
         http_listen="127.0.0.1:0",
         store=f"sqlite:///{store_path}",
         log_level="WARNING",
+        # One load generator stands for many clients: the per-client limits would
+        # measure themselves (they are on by default, see SECURITY.md).
+        **UNLIMITED,
     )
     plane, port = await create_server(config)
     return plane.server, port

@@ -142,7 +142,7 @@ class ServerConfig(BaseSettings):
     )
     tls_client_auth: Literal["none", "optional", "require"] = Field(
         "none",
-        description="Client certificates: none, optional, or require (mTLS; needs --tls-ca).",
+        description="Client certificates: none or require (mTLS; needs --tls-ca).",
     )
     insecure: bool = Field(
         False,

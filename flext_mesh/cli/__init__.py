@@ -22,10 +22,12 @@ from typing import NoReturn
 import grpc
 from pydantic import ValidationError
 
-from flext_mesh.cli import metrics, policy, services, workflows
+from flext_mesh.addresses import split_addresses
+from flext_mesh.cli import certs, metrics, policy, services, tokens, workflows
 from flext_mesh.cli.output import FORMATS
-from flext_mesh.config import DEFAULT_LISTEN, ServerConfig, parse_host_port
+from flext_mesh.config import DEFAULT_LISTEN, ServerConfig
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_rpc_error
+from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel, tls_problem
 
 __all__ = ["main"]
 
@@ -52,6 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
     # One flag per ServerConfig field, so every setting is a flag and a variable;
     # pydantic converts and validates the strings.
     for name, info in ServerConfig.model_fields.items():
+        if info.annotation is bool:  # a switch: --insecure, not --insecure true
+            serve_p.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                action="store_true",
+                default=None,
+                help=f"{info.description} (env FLEXT_MESH_{name.upper()}=true)",
+            )
+            continue
         serve_p.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
@@ -64,6 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
     metrics.add_commands(nouns, parents=[client])
     workflows.add_commands(nouns, parents=[client])
     policy.add_commands(nouns, parents=[client])
+    certs.add_commands(nouns)
+    tokens.add_commands(nouns)
     return parser
 
 
@@ -72,6 +85,13 @@ _METAVARS = {
     "http_listen": "HOST:PORT",
     "store": "URL",
     "log_level": "LEVEL",
+    "tls_cert": "FILE",
+    "tls_key": "FILE",
+    "tls_ca": "FILE",
+    "tls_client_auth": "MODE",
+    "auth_tokens_file": "FILE",
+    "auth_open_services": "NAMES",
+    "token": "TOKEN",
 }
 
 
@@ -80,11 +100,12 @@ def _client_options() -> argparse.ArgumentParser:
     options = _Parser(add_help=False)
     options.add_argument(
         "--control-plane",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,HOST:PORT]",
         type=_address,
         # A string default goes through type=, so a bad variable is a usage error too.
         default=os.environ.get("FLEXT_MESH_CONTROL_PLANE", DEFAULT_LISTEN),
-        help="control plane gRPC address (default %(default)s; env FLEXT_MESH_CONTROL_PLANE)",
+        help="control plane gRPC address, or several replicas' comma separated "
+        "(default %(default)s; env FLEXT_MESH_CONTROL_PLANE)",
     )
     options.add_argument(
         "--timeout",
@@ -94,6 +115,20 @@ def _client_options() -> argparse.ArgumentParser:
         help="deadline of each call to the control plane (default %(default)s; "
         "env FLEXT_MESH_TIMEOUT)",
     )
+    for flag, metavar, what in (
+        ("tls-ca", "FILE", "CA bundle that verifies the control plane; set, it turns TLS on"),
+        ("tls-cert", "FILE", "client certificate shown to a control plane requiring mTLS"),
+        ("tls-key", "FILE", "private key of --tls-cert"),
+        ("tls-server-name", "NAME", "name the control plane's certificate must carry"),
+        ("token", "TOKEN", "bearer token sent with every call"),
+    ):
+        variable = f"FLEXT_MESH_{flag.replace('-', '_').upper()}"
+        options.add_argument(
+            f"--{flag}",
+            metavar=metavar,
+            default=os.environ.get(variable, ""),
+            help=f"{what} (env {variable})",
+        )
     options.add_argument(
         "-o",
         "--output",
@@ -106,7 +141,7 @@ def _client_options() -> argparse.ArgumentParser:
 
 def _address(value: str) -> str:
     try:
-        parse_host_port(value, allow_zero=False)
+        split_addresses(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return value.strip()
@@ -172,14 +207,57 @@ def _print(text: str) -> None:
         raise SystemExit(1) from None
 
 
+def _client_security(args: argparse.Namespace) -> ClientSecurity:
+    if (args.tls_cert or args.tls_key) and not args.tls_ca:
+        _fail(
+            "--tls-cert and --tls-key need --tls-ca (the CA the control plane's "
+            "certificate is signed by)",
+            2,
+        )
+    return ClientSecurity(
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        token=args.token,
+    )
+
+
+def _transport_failure(exc: grpc.RpcError, address: str, security: ClientSecurity) -> str | None:
+    """The line for a call that failed in the TLS handshake (or looks like it), else None."""
+    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    details: str = exc.details() or ""
+    problem = tls_problem(details)
+    if problem is not None:
+        hint = "--tls-server-name" if "host name" in problem else "--tls-ca"
+        if "does not speak TLS" in problem:
+            hint = "it may serve plaintext: drop --tls-ca"
+        return f"TLS handshake with {address} failed: {problem} (check {hint})"
+    if "Socket closed" in details or "Connection reset" in details:
+        if not security.tls:
+            hint = "if it serves TLS, give --tls-ca"
+        elif not security.tls_cert:
+            hint = "if it requires client certificates, give --tls-cert and --tls-key"
+        else:
+            hint = "is --tls-cert signed by a CA the control plane trusts?"
+        return f"cannot reach the control plane at {address}: connection closed ({hint})"
+    return None
+
+
 def _run_operator_command(args: argparse.Namespace) -> None:
     """Run a ``<noun> <verb>`` command over one channel; print its text or one error line."""
     address: str = args.control_plane
+    security = _client_security(args)
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address, security, aio=False) as channel:
             text: str = args.run(channel, args)
+    except TransportError as exc:
+        _fail(str(exc))
     except grpc.RpcError as exc:
-        _fail(_rpc_failure(exc, address, args.timeout))
+        _fail(
+            _transport_failure(exc, address, security) or _rpc_failure(exc, address, args.timeout)
+        )
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     _print(text)
@@ -206,5 +284,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         _serve(args)
+    elif args.command == "certs":
+        try:
+            _print(certs.run(args))
+        except certs.CertsError as exc:
+            _fail(str(exc))
+    elif args.command == "tokens":
+        try:
+            _print(tokens.run(args))
+        except tokens.TokensFileError as exc:
+            _fail(str(exc))
     else:
         _run_operator_command(args)
