@@ -627,7 +627,11 @@ class Orchestrator:
             idem = _idempotency_key(request.idempotency_key)
             extra.append(Put(idem, execution_id.encode()))
             compares.append(Compare(idem, 0))
-        committed = await run.flush(compares=compares, extra=extra)
+        try:
+            committed = await run.flush(compares=compares, extra=extra)
+        except _RunBroken as broken:  # nothing started: the caller gets the store's error
+            cause = broken.__cause__
+            raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
         if not committed:  # the same key won a race meanwhile
             existing = await self._by_idempotency_key(request.idempotency_key)
             if existing is None:  # pragma: no cover - the winner's write is visible

@@ -20,11 +20,12 @@ import logging
 import statistics
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from flext_mesh.errors import (
     FailedPrecondition,
@@ -33,6 +34,7 @@ from flext_mesh.errors import (
     MeshError,
     NotFound,
     ResourceExhausted,
+    StoreUnavailable,
 )
 from flext_mesh.registry.balancer import (
     Candidate,
@@ -63,7 +65,7 @@ from flext_mesh.registry.validation import (
     validate_ttl,
 )
 from flext_mesh.registry.watch import Watcher, WatchHub, make_batch
-from flext_mesh.store import Compacted, Compare, Event, EventType, Put, Store
+from flext_mesh.store import Compacted, Compare, Event, EventType, Put, Store, StoreOpenError
 from flext_mesh.v1 import registry_pb2
 
 __all__ = ["INSTANCES", "Registry", "RegistrySettings"]
@@ -115,6 +117,8 @@ class RegistrySettings:
     watch_progress_interval: float = 10.0
     #: Distinct Discover queries whose answers are kept pre-serialized.
     discover_cache_size: int = 4096
+    #: Instances one service may have; Register of one more fails RESOURCE_EXHAUSTED.
+    max_instances_per_service: int = 1000
 
 
 @dataclass(slots=True)
@@ -178,6 +182,9 @@ class Registry:
         self._service_settings: dict[str, tuple[OutlierSettings, HealthCheckSettings]] = {}
         # Events that arrive while the start-up snapshot is read; replayed after it.
         self._pending: list[Event] | None = None
+        # Instance ids with a Register in flight (how many), per service: each holds a
+        # slot of the service's limit until it is in the cache (no overshoot under load).
+        self._joining: dict[str, Counter[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------
@@ -188,12 +195,19 @@ class Registry:
         self._unlisten.append(self.store.listen(REGISTRY, self._apply))
         revision, kvs = await self.store.snapshot(REGISTRY)
         for kv in kvs:
-            if kv.key.startswith(POLICIES):
-                policy = registry_pb2.ServicePolicy.FromString(kv.value)
-                policy.revision = kv.mod_revision
-                self._policies[policy.service_name] = policy
-                continue
-            instance = registry_pb2.ServiceInstance.FromString(kv.value)
+            try:
+                if kv.key.startswith(POLICIES):
+                    policy = registry_pb2.ServicePolicy.FromString(kv.value)
+                    policy.revision = kv.mod_revision
+                    self._policies[policy.service_name] = policy
+                    continue
+                instance = registry_pb2.ServiceInstance.FromString(kv.value)
+            except DecodeError as exc:
+                # Damage inside a record passes SQLite's structural check at open.
+                raise StoreOpenError(
+                    f"store {self.store.url} is corrupted: the record at {kv.key} cannot be "
+                    f"decoded ({exc}); restore the store from a backup"
+                ) from exc
             instance.revision = kv.mod_revision
             self._put_cached(instance)
         self._revision = max(self._revision, revision)
@@ -393,7 +407,46 @@ class Registry:
             new.instance_id = f"{new.service_name}-{uuid.uuid4().hex[:12]}"
         if not new.weight:
             new.weight = DEFAULT_WEIGHT
-        previous = self.get(new.service_name, new.instance_id)
+        with self._slot(new.service_name, new.instance_id):
+            previous = self.get(new.service_name, new.instance_id)
+            return await self._register(new, previous, seconds)
+
+    @contextlib.contextmanager
+    def _slot(self, service: str, instance_id: str) -> Iterator[None]:
+        """Hold the instance's slot of its service while it registers.
+
+        Slots are the cached instances plus the registrations in flight, so concurrent
+        Registers cannot overshoot the limit (nor can an instance that expires while it
+        registers again); an instance already registered, or registering, always may.
+        """
+        joining = self._joining.get(service) or Counter()
+        cached = self._services.get(service, {})
+        if instance_id not in joining and instance_id not in cached:
+            count = len(cached) + sum(1 for i in joining if i not in cached)
+            limit = self.settings.max_instances_per_service
+            if count >= limit:
+                raise ResourceExhausted(
+                    f"service {service!r} has reached its limit of {limit} instances "
+                    f"(--max-instances-per-service); deregister unused instances or raise "
+                    "the limit"
+                )
+        joining[instance_id] += 1
+        self._joining[service] = joining
+        try:
+            yield
+        finally:
+            joining[instance_id] -= 1
+            if not joining[instance_id]:
+                del joining[instance_id]
+                if not joining:
+                    del self._joining[service]
+
+    async def _register(
+        self,
+        new: registry_pb2.ServiceInstance,
+        previous: registry_pb2.ServiceInstance | None,
+        seconds: float,
+    ) -> tuple[registry_pb2.ServiceInstance, registry_pb2.Lease, int]:
         if previous is not None and previous.endpoint == new.endpoint:
             # Same process registering again: keep what the control plane knows of it.
             new.health = previous.health
@@ -955,7 +1008,10 @@ class Registry:
             if batch is None:
                 if watcher.overflowed:
                     raise ResourceExhausted(
-                        f"watch consumer too slow; resume from revision {last}", retry_after=0.1
+                        f"watch stream cut off: the client fell more than "
+                        f"{watcher.max_pending} batches behind; resume from revision {last} "
+                        "(from_revision) to miss nothing",
+                        retry_after=0.1,
                     )
                 return
             if batch.last_revision <= last:
@@ -1024,8 +1080,13 @@ def _progress(revision: int) -> bytes:
 
 
 async def _quietly_revoke(store: Store, lease_id: str) -> None:
-    with contextlib.suppress(NotFound):
+    """Revoke a lease no key uses any more; if the store refuses, it simply expires."""
+    try:
         await store.revoke_lease(lease_id)
+    except NotFound:
+        pass
+    except StoreUnavailable as exc:
+        _log.warning("could not revoke unused lease %s, it will expire: %s", lease_id, exc)
 
 
 def _service_of(key: str) -> str:

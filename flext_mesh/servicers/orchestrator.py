@@ -10,6 +10,7 @@ import grpc
 from flext_mesh.errors import rpc_errors
 from flext_mesh.orchestrator import Orchestrator
 from flext_mesh.servicers.handlers import add_servicer
+from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = ["OrchestratorServicer", "add_orchestrator_servicer"]
@@ -20,8 +21,11 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Serves workflow definitions and executions."""
 
-    def __init__(self, orchestrator: Orchestrator) -> None:
+    def __init__(self, orchestrator: Orchestrator, watchers: WatchLimit | None = None) -> None:
+        """``watchers`` counts open watch streams per client (shared with the registry's
+        Watch); a default limit of 64 when None."""
         self.orchestrator = orchestrator
+        self.watchers = watchers if watchers is not None else WatchLimit()
 
     @rpc_errors
     async def PutWorkflow(
@@ -97,11 +101,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def WatchExecution(
         self, request: orchestrator_pb2.WatchExecutionRequest, context: _Context
     ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
-        """Events until the execution ends."""
-        async for message in self.orchestrator.watch_execution(
-            request.execution_id, request.after_index
-        ):
-            yield message
+        """Events until the execution ends; RESOURCE_EXHAUSTED when the caller already
+        holds its most open watch streams."""
+        release = self.watchers.acquire(context)
+        try:
+            async for message in self.orchestrator.watch_execution(
+                request.execution_id, request.after_index
+            ):
+                yield message
+        finally:
+            release()
 
 
 def add_orchestrator_servicer(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:

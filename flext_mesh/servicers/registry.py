@@ -10,6 +10,7 @@ import grpc
 from flext_mesh.errors import rpc_errors
 from flext_mesh.registry import Registry
 from flext_mesh.servicers.handlers import LongStreams, add_servicer, checked
+from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["RegistryServicer", "add_registry_servicer"]
@@ -20,9 +21,17 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     """Serves the registry; Discover and Watch answer pre-serialized bytes."""
 
-    def __init__(self, registry: Registry, streams: LongStreams | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        streams: LongStreams | None = None,
+        watchers: WatchLimit | None = None,
+    ) -> None:
+        """``watchers`` counts open Watch streams per client (shared with the
+        orchestrator's WatchExecution); a default limit of 64 when None."""
         self.registry = registry
         self.streams = streams if streams is not None else LongStreams()
+        self.watchers = watchers if watchers is not None else WatchLimit()
 
     @rpc_errors
     async def Register(
@@ -81,11 +90,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def Watch(  # type: ignore[override]
         self, request: registry_pb2.WatchRequest, context: _Context
     ) -> AsyncIterator[bytes]:
-        """Changes from a revision (pre-serialized WatchResponses)."""
-        async for payload in self.registry.watch(
-            list(request.service_names), request.from_revision
-        ):
-            yield payload
+        """Changes from a revision (pre-serialized WatchResponses); RESOURCE_EXHAUSTED
+        when the caller already holds its most open watch streams."""
+        release = self.watchers.acquire(context)
+        try:
+            async for payload in self.registry.watch(
+                list(request.service_names), request.from_revision
+            ):
+                yield payload
+        finally:
+            release()
 
     @rpc_errors
     async def PutServicePolicy(

@@ -11,6 +11,11 @@ Leases: their TTLs are durable, their deadlines are not. Renewals touch memory o
 after a restart every lease gets one full TTL of grace, so a restart never evicts the
 whole mesh. A sweeper task revokes expired leases in one batch per tick, so watchers
 see one coalesced revision instead of a stampede.
+
+Faults: a write that SQLite refuses (disk full, I/O error) fails with StoreUnavailable
+and changes nothing, neither on disk nor in memory (revision, lease deadlines,
+listeners); once the disk has room again, writes succeed without a restart. A file
+whose structure is damaged is refused at open (``PRAGMA quick_check``).
 """
 
 from __future__ import annotations
@@ -117,8 +122,11 @@ class SqliteStore:
         history_revisions: int = 100_000,
         sweep_interval: float = 0.25,
         read_threads: int = 2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (monotonic seconds) times lease deadlines; tests pass a fake one."""
         self.path = Path(path)
+        self._clock = clock
         self.url = f"sqlite:///{self.path}"
         self._synchronous = synchronous
         self._history = history_revisions
@@ -142,6 +150,8 @@ class SqliteStore:
         self._compact_revision = 0
         self._writes_since_compact = 0
         self._lock_fd: int | None = None
+        self._max_pages = 0  # SQLite's own cap of the file, read at open
+        self._failed_writes = 0  # in a row; the writer thread's alone
         self._closed = True
 
     # -- lifecycle ---------------------------------------------------------------
@@ -152,7 +162,8 @@ class SqliteStore:
         conn = await asyncio.to_thread(self._open_writer_connection)
         self._revision = _meta(conn, "revision")
         self._compact_revision = _meta(conn, "compact_revision")
-        now = time.monotonic()
+        self._max_pages = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
+        now = self._clock()
         for lease_id, ttl_ms in conn.execute("SELECT lease_id, ttl_ms FROM leases"):
             # One full TTL of grace after a restart (see the module docstring).
             self._deadlines[lease_id] = (ttl_ms / 1000.0, now + ttl_ms / 1000.0)
@@ -179,15 +190,18 @@ class SqliteStore:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        self._queue.put(None)
-        if self._writer is not None:
-            await asyncio.to_thread(self._writer.join)
+        # Readers first: the writer's connection, closed last, then checkpoints the WAL
+        # into the file and removes it (a read-only connection cannot), so a cleanly
+        # stopped store is one file.
         if self._readers is not None:
-            self._readers.shutdown(wait=True)
+            await asyncio.to_thread(self._readers.shutdown, wait=True)
         with self._reader_lock:
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+        self._queue.put(None)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join)
         for sub in list(self._subs):
             sub.close()
         self._subs.clear()
@@ -249,10 +263,14 @@ class SqliteStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
+            problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
                 conn.close()
-                raise StoreOpenError(f"store file {self.path} is corrupted: {check}")
+                first = " ".join(" ".join(problems).split())  # one line, whatever SQLite says
+                raise StoreOpenError(
+                    f"store file {self.path} is corrupted ({first[:300]}); restore it from "
+                    "a backup or move it away to start empty"
+                )
             _migrate(conn, self.path)
         except sqlite3.OperationalError as exc:
             conn.close()
@@ -296,6 +314,8 @@ class SqliteStore:
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         published: list[Event] = []
         start_revision = self._revision
+        start_compact = self._compact_revision, self._writes_since_compact
+        refused = False  # a write of the batch refused by SQLite (the rest went on)
         try:
             conn.execute("BEGIN IMMEDIATE")
             for write, fut in batch:
@@ -303,6 +323,16 @@ class SqliteStore:
                 conn.execute("SAVEPOINT w")
                 try:
                     result = write(ctx)
+                except sqlite3.Error as exc:
+                    # SQLITE_FULL and I/O errors may roll back the whole transaction:
+                    # then the batch fails as one (below); else only this write does.
+                    if not conn.in_transaction:
+                        raise
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    outcomes.append((fut, False, self._write_error(exc)))
+                    refused = True
+                    continue
                 except Exception as exc:
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
@@ -319,17 +349,36 @@ class SqliteStore:
             if self._writes_since_compact >= min(1000, max(1, self._history // 2)):
                 self._compact(conn)
             conn.execute("COMMIT")
+            if self._failed_writes and not refused:
+                _log.info("store writes succeed again after %d failed", self._failed_writes)
+                self._failed_writes = 0
         except sqlite3.Error as exc:
-            _log.error("store commit failed: %s", exc)
             with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            # Nothing of the batch happened: memory goes back to what the disk holds.
             self._revision = start_revision
-            error = StoreUnavailable(f"store write failed: {exc}")
+            self._compact_revision, self._writes_since_compact = start_compact
+            error = self._write_error(exc)
             outcomes = [(fut, False, error) for _, fut in batch]
             published = []
         loop = self._loop
         assert loop is not None
         loop.call_soon_threadsafe(self._resolve, outcomes, published)
+
+    def _write_error(self, exc: sqlite3.Error) -> StoreUnavailable:
+        """The error a caller sees for a write SQLite refused. Logged at ERROR once per
+        run of failures (a full disk fails every write, the lease sweeps included)."""
+        name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+        level = logging.DEBUG if self._failed_writes else logging.ERROR
+        self._failed_writes += 1
+        _log.log(level, "store write failed path=%s: %s (%s)", self.path, exc, name)
+        if name == "SQLITE_FULL":
+            return StoreUnavailable(
+                "store write failed: the control plane's disk is full (SQLITE_FULL); "
+                "nothing was changed, retry once space is freed"
+            )
+        return StoreUnavailable(f"store write failed: {exc} ({name}); nothing was changed")
 
     def _compact(self, conn: sqlite3.Connection) -> None:
         self._writes_since_compact = 0
@@ -373,6 +422,22 @@ class SqliteStore:
         fut: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         self._queue.put((write, fut))
         return await fut
+
+    async def limit_size(self, max_bytes: int | None) -> int:
+        """Cap the database file at ``max_bytes`` (None lifts the cap); returns the cap in
+        force, in bytes, never below the current size.
+
+        Writes that need more room then fail exactly as on a full disk (SQLITE_FULL): a
+        quota for operators, and how tests fill the disk for real. Not persistent.
+        """
+
+        def write(ctx: _WriteCtx) -> int:
+            page_size = int(ctx.conn.execute("PRAGMA page_size").fetchone()[0])
+            pages = self._max_pages if max_bytes is None else max(1, max_bytes // page_size)
+            row = ctx.conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()
+            return int(row[0]) * page_size
+
+        return await self._write(write)
 
     # -- reads -------------------------------------------------------------------
 
@@ -531,7 +596,7 @@ class SqliteStore:
             ctx.conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, ttl_ms))
 
         await self._write(write)
-        self._deadlines[lease] = (ttl, time.monotonic() + ttl)
+        self._deadlines[lease] = (ttl, self._clock() + ttl)
         return LeaseInfo(lease, ttl, time.time() + ttl)
 
     async def keep_alive(self, lease_id: str) -> LeaseInfo:
@@ -541,7 +606,7 @@ class SqliteStore:
     def keep_alive_now(self, lease_id: str) -> LeaseInfo:
         """Synchronous renewal for hot paths on the event loop (it touches only memory)."""
         entry = self._deadlines.get(lease_id)
-        now = time.monotonic()
+        now = self._clock()
         if entry is None or entry[1] <= now:
             raise LeaseNotFound(f"lease {lease_id} not found or expired")
         ttl = entry[0]
@@ -558,7 +623,7 @@ class SqliteStore:
 
     async def leases(self) -> list[LeaseInfo]:
         """Every live lease with its current expiry."""
-        now_m, now_w = time.monotonic(), time.time()
+        now_m, now_w = self._clock(), time.time()
         return [
             LeaseInfo(lease, ttl, now_w + (deadline - now_m))
             for lease, (ttl, deadline) in self._deadlines.items()
@@ -566,21 +631,30 @@ class SqliteStore:
         ]
 
     async def _sweep_forever(self) -> None:
+        failing = 0
         while True:
             await asyncio.sleep(self._sweep_interval)
             try:
                 await self.expire_due()
             except StoreUnavailable as exc:
-                _log.warning("lease sweep failed, retrying next tick: %s", exc)
+                # Once per outage (a full disk would repeat it every tick); due leases
+                # stay due and are swept when writes succeed again.
+                if not failing:
+                    _log.warning("lease sweep failed, retrying every tick: %s", exc)
+                failing += 1
+                continue
+            if failing:
+                _log.info("lease sweep works again after %d failed ticks", failing)
+                failing = 0
 
     async def expire_due(self) -> int:
         """Revoke every lease past its deadline in one write; returns how many."""
-        now = time.monotonic()
+        now = self._clock()
         due = [lease for lease, (_, deadline) in self._deadlines.items() if deadline <= now]
         if not due:
             return 0
         await self._write(lambda ctx: _revoke(ctx, due, expired=True))
-        now = time.monotonic()
+        now = self._clock()
         for lease in due:
             entry = self._deadlines.get(lease)
             if entry is not None and entry[1] <= now:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from flext_mesh.orchestrator import MeshInvoker, Orchestrator, OrchestratorSettings
@@ -98,7 +99,9 @@ async def test_a_replica_that_stops_hands_its_running_execution_over(
     # The re-sent charge carried the same idempotency key: it happened once.
     assert [e["operation"] for e in flow.ledger.of("handover")] == ["reserve", "charge", "ship"]
     _, events = await replica.get_execution(execution.execution_id, include_events=True)
-    resumed = [e for e in events if e.type == orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_RESUMED]
+    resumed = [
+        e for e in events if e.type == orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_RESUMED
+    ]
     assert [e.message for e in resumed] == ["resumed by replica-b"]
 
 
@@ -153,3 +156,33 @@ async def test_inline_definitions_resume_on_another_replica(
     await flow.plane.orchestrator.stop()
     done = await _ended(replica, execution.execution_id)
     assert state(done) == "SUCCEEDED"
+
+
+async def test_start_on_a_full_disk_fails_cleanly_and_works_once_space_returns(
+    flow: Flow, replica: Orchestrator
+) -> None:
+    store = flow.plane.store
+    await store.limit_size(1)  # type: ignore[attr-defined]  # the file may not grow: SQLITE_FULL
+    started: list[str] = []
+    failure: grpc.aio.AioRpcError | None = None
+    try:
+        for i in range(100):  # fill the room left with big inputs until a start fails
+            payload = {
+                "key": f"full-{i}",
+                "pad": "x" * 100_000,
+                "behaviour": {"reserve": {"sleep": 30}},
+            }
+            try:
+                started.append((await flow.start("handover", payload)).execution_id)
+            except grpc.aio.AioRpcError as exc:
+                failure = exc
+                break
+    finally:
+        await store.limit_size(None)  # type: ignore[attr-defined]
+    assert failure is not None, "the disk never filled up"
+    assert failure.code() is grpc.StatusCode.UNAVAILABLE
+    assert "disk is full" in (failure.details() or "")
+    listed = await flow.stub.ListExecutions(orchestrator_pb2.ListExecutionsRequest())
+    assert sorted(e.execution_id for e in listed.executions) == sorted(started)  # no half start
+    execution = await flow.start("handover", {"key": "after-full-disk"})
+    assert state(await flow.wait(execution.execution_id)) == "SUCCEEDED"
