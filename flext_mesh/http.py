@@ -1,9 +1,12 @@
-"""A small asyncio HTTP/1.1 server for the control plane's ``/metrics`` (and, later, its
-dashboard and JSON API), run on the same event loop as the gRPC server.
+"""A small asyncio HTTP/1.1 server for the control plane's ``/metrics``, dashboard and
+JSON API, run on the same event loop as the gRPC server.
 
 Only what those endpoints need: ``GET`` and ``HEAD``, keep-alive with an idle timeout,
-exact-path routes, bodies either as ``bytes`` (sent with ``Content-Length``) or as an
-async iterator of ``bytes`` (sent with ``Transfer-Encoding: chunked``, e.g. server-sent
+optional TLS, exact-path routes and path templates (``/api/v1/services/{name}``: each
+``{name}`` matches one non-empty path segment, handed to the handler in
+``Request.params``; an exact route wins over a template, templates are tried in the
+order added), bodies either as ``bytes`` (sent with ``Content-Length``) or as an async
+iterator of ``bytes`` (sent with ``Transfer-Encoding: chunked``, e.g. server-sent
 events). Bad input gets a plain-text 4xx and never a traceback; a failing handler gets a
 500 and is logged once; neither stops the server.
 
@@ -24,8 +27,9 @@ import email.utils
 import json
 import logging
 import re
+import ssl as ssl_module
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Final
@@ -43,6 +47,7 @@ _MAX_EMPTY_LINES: Final = 4
 #: Framing is the server's business: these names are dropped from handler headers.
 _FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
+_PARAM: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +64,8 @@ class Request:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: The protocol version of the request, ``HTTP/1.1`` or ``HTTP/1.0``.
     version: str = "HTTP/1.1"
+    #: Path parameters of a template route (``{name}`` -> its segment); empty otherwise.
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,7 +128,7 @@ class _ClientGone(Exception):
 
 
 class HttpServer:
-    """An HTTP/1.1 server on ``asyncio.start_server`` serving exact-path GET/HEAD routes."""
+    """An HTTP/1.1 server on ``asyncio.start_server`` serving GET/HEAD routes."""
 
     def __init__(
         self,
@@ -134,17 +141,23 @@ class HttpServer:
         max_head_bytes: int = 8192,
         max_body_bytes: int = 64 * 1024,
         server_name: str = "flext-mesh",
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         """Configure; nothing is bound until ``start()``.
 
         ``keepalive_timeout``: seconds an idle kept-alive connection waits for its next
         request (75 s outlives a 15-60 s Prometheus scrape interval); ``request_timeout``:
-        seconds a client gets to send a whole request head (and body); ``max_head_bytes``:
-        limit of the request line and, separately, of all header lines together.
+        seconds a client gets to send a whole request head (and body), and to finish a
+        TLS handshake; ``max_head_bytes``: limit of the request line and, separately, of
+        all header lines together; ``ssl``: serve HTTPS with this server-side context.
         """
         self.host = host.strip("[]")
         self.port = port
-        self._routes: dict[str, Handler] = dict(routes or {})
+        self._routes: dict[str, Handler] = {}
+        self._templates: dict[str, tuple[re.Pattern[str], Handler]] = {}
+        for path, handler in (routes or {}).items():
+            self.add_route(path, handler)
+        self._ssl = ssl
         self._keepalive_timeout = keepalive_timeout
         self._request_timeout = request_timeout
         self._max_head_bytes = max_head_bytes
@@ -157,14 +170,22 @@ class HttpServer:
 
     @property
     def routes(self) -> Mapping[str, Handler]:
-        """The route table (read-only view; use ``add_route`` to extend it)."""
-        return MappingProxyType(self._routes)
+        """The route table, templates included (a read-only copy; see ``add_route``)."""
+        templates = {path: handler for path, (_, handler) in self._templates.items()}
+        return MappingProxyType({**self._routes, **templates})
 
     def add_route(self, path: str, handler: Handler) -> None:
-        """Serve ``path`` (exact match, e.g. ``/api/v1/services``) with ``handler``."""
+        """Serve ``path`` with ``handler``: an exact path (``/api/v1/services``) or a
+        template whose ``{name}`` parts each match one path segment
+        (``/api/v1/services/{name}/report``). Adding a path again replaces its handler.
+        """
         if not path.startswith("/"):
             raise ValueError(f"route path must start with '/': {path!r}")
-        self._routes[path] = handler
+        pattern = _template(path)
+        if pattern is None:
+            self._routes[path] = handler
+        else:
+            self._templates[path] = (pattern, handler)
 
     async def start(self) -> int:
         """Bind and start accepting; returns the bound port (port 0 picks a free one).
@@ -180,6 +201,8 @@ class HttpServer:
             # Bounds a single line in the stream buffer; lines over it are rejected.
             limit=self._max_head_bytes,
             reuse_address=True,
+            ssl=self._ssl,
+            ssl_handshake_timeout=self._request_timeout if self._ssl is not None else None,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
@@ -269,10 +292,22 @@ class HttpServer:
                 return
             idle_timeout = self._keepalive_timeout
 
-    async def _dispatch(self, request: Request) -> Response:
+    def _route(self, request: Request) -> tuple[Handler, Request] | None:
+        """The handler of the request's path, and the request with its path parameters."""
         handler = self._routes.get(request.path)
-        if handler is None:
+        if handler is not None:
+            return handler, request
+        for pattern, candidate in self._templates.values():
+            matched = pattern.fullmatch(request.path)
+            if matched is not None:
+                return candidate, replace(request, params=matched.groupdict())
+        return None
+
+    async def _dispatch(self, request: Request) -> Response:
+        routed = self._route(request)
+        if routed is None:
             return Response.text("Not Found\n", status=404)
+        handler, request = routed
         if request.method not in ("GET", "HEAD"):
             return Response.text("Method Not Allowed\n", status=405, headers={"Allow": "GET, HEAD"})
         try:
@@ -468,6 +503,24 @@ class HttpServer:
             return True
         finally:
             await _close_stream(iterator)
+
+
+def _template(path: str) -> re.Pattern[str] | None:
+    """The regex of a template route (``/a/{name}/b``), or None for an exact path."""
+    if "{" not in path and "}" not in path:
+        return None
+    parts = _PARAM.split(path)  # literal, name, literal, name, ..., literal
+    names = parts[1::2]
+    literals = parts[0::2]
+    if any("{" in text or "}" in text for text in literals):
+        raise ValueError(f"malformed route template: {path!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"repeated parameter in route template: {path!r}")
+    regex = "".join(
+        re.escape(part) if index % 2 == 0 else f"(?P<{part}>[^/]+)"
+        for index, part in enumerate(parts)
+    )
+    return re.compile(regex)
 
 
 def _parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]]:

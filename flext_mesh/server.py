@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
 from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.dashboard import Dashboard
+from flext_mesh.dashboard.access import authorizer, http_ssl_context
 from flext_mesh.errors import from_rpc_error
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
@@ -31,11 +33,20 @@ from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
+from flext_mesh.security.auth import SecurityConfigError, build_security, check_auth_required
+from flext_mesh.security.transport import (
+    ClientSecurity,
+    TransportError,
+    check_listen,
+    open_channel,
+    server_credentials,
+)
 from flext_mesh.servicers.handlers import LongStreams
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer
 from flext_mesh.servicers.processor import ProcessorServicer, add_processor_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
+from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.store import Store, open_store
 from flext_mesh.v1 import (
     metrics_pb2,
@@ -62,6 +73,13 @@ class ServeError(Exception):
     """The control plane cannot start (address in use, bad store); the message says why."""
 
 
+def client_security(config: ServerConfig) -> ClientSecurity:
+    """How the control plane calls sidecars (health checks, ListOperations, steps)."""
+    return ClientSecurity(
+        tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key, token=config.token
+    )
+
+
 def registry_settings(config: ServerConfig) -> RegistrySettings:
     """The registry's settings from the server configuration."""
     return RegistrySettings(
@@ -71,6 +89,7 @@ def registry_settings(config: ServerConfig) -> RegistrySettings:
             timeout=min(config.health_check_timeout, config.health_check_interval),
             unhealthy_threshold=config.health_unhealthy_threshold,
             healthy_threshold=config.health_healthy_threshold,
+            security=client_security(config),
         ),
         outlier=OutlierSettings(
             consecutive_failures=config.outlier_consecutive_failures,
@@ -81,6 +100,7 @@ def registry_settings(config: ServerConfig) -> RegistrySettings:
             max_ejection_percent=config.outlier_max_ejection_percent,
         ),
         panic_threshold_percent=config.panic_threshold_percent,
+        max_instances_per_service=config.max_instances_per_service,
     )
 
 
@@ -91,6 +111,8 @@ class ControlPlane:
         self.config = config
         self.store = store
         self.observability = Observability()
+        #: Several replicas may share an etcd store; a SQLite file has one owner.
+        shared_store = config.store.startswith("etcd://")
         self._split_fallbacks = Counter(
             "flext_mesh_discover_split_fallbacks",
             "Discover answers whose split version had no healthy instance.",
@@ -111,14 +133,17 @@ class ControlPlane:
             AggregatorSettings(
                 retention=config.metrics_retention,
                 max_series_per_service=config.metrics_max_series_per_service,
+                # Replicas sharing etcd keep their buckets apart and merge on read.
+                replica=(config.node_name or default_owner()) if shared_store else "",
             ),
         )
         self.orchestrator = Orchestrator(
             store,
-            MeshInvoker(self.registry, report=self._report_call),
+            MeshInvoker(self.registry, report=self._report_call, security=client_security(config)),
             OrchestratorSettings(
                 retention=config.execution_retention,
                 owner=config.node_name or default_owner(),
+                exclusive_store=not shared_store,
             ),
             report=self.metrics.aggregator.ingest,
         )
@@ -132,18 +157,36 @@ class ControlPlane:
             ("grpc.so_reuseport", 0),
         ]
         self.streams = LongStreams()
-        self.server = grpc.aio.server(
-            options=options, interceptors=[self.observability.interceptor]
-        )
+        # Open Watch and WatchExecution streams per client, counted together.
+        self.watchers = WatchLimit(config.max_watchers_per_client)
+        # Authentication and rate limits (None when both are off: no cost per call);
+        # after the metrics interceptor, so refused calls are counted too.
+        self.security = build_security(config, store)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.observability.interceptor]
+        if self.security is not None:
+            interceptors.append(self.security)
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.port = 0
         host, port = parse_host_port(config.http_listen)
-        self.http = HttpServer(host, port, self.observability.routes())
+        self.dashboard = Dashboard(
+            self.registry, self.metrics, self.orchestrator, authorize=authorizer(self.security)
+        )
+        self.http = HttpServer(
+            host,
+            port,
+            {**self.observability.routes(), **self.dashboard.routes()},
+            ssl=http_ssl_context(config),
+        )
         self.http_port = 0
 
     def _add_services(self) -> None:
-        add_registry_servicer(RegistryServicer(self.registry, self.streams), self.server)
+        add_registry_servicer(
+            RegistryServicer(self.registry, self.streams, self.watchers), self.server
+        )
         add_metrics_servicer(MetricsServicer(self.metrics, self.streams), self.server)
-        add_orchestrator_servicer(OrchestratorServicer(self.orchestrator), self.server)
+        add_orchestrator_servicer(
+            OrchestratorServicer(self.orchestrator, self.watchers), self.server
+        )
         add_processor_servicer(ProcessorServicer({}, service_name="flext-mesh"), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -153,17 +196,29 @@ class ControlPlane:
     async def start(self) -> int:
         """Open the store, bind, start serving; returns the bound port."""
         host, port = parse_host_port(self.config.listen)
+        credentials = self._server_credentials()
+        try:
+            check_auth_required(self.config)
+            if self.security is not None:
+                self.security.load()
+        except SecurityConfigError as exc:
+            raise ServeError(str(exc)) from None
         # Process-wide: the store's writer and gRPC's poller thread hand results to the
         # loop; with the default 5 ms interval a busy loop makes each hand-off wait.
         sys.setswitchinterval(self.config.switch_interval_ms / 1000)
         await self.store.open()
         try:
             await self.registry.start()
+            if self.security is not None:
+                await self.security.start()
             await self.metrics.start()
             await self.orchestrator.start()
             self._add_services()
             try:
-                self.port = self.server.add_insecure_port(self.config.listen)
+                if credentials is None:
+                    self.port = self.server.add_insecure_port(self.config.listen)
+                else:
+                    self.port = self.server.add_secure_port(self.config.listen, credentials)
             except RuntimeError as exc:
                 raise ServeError(bind_problem(host, port)) from exc
             await self.server.start()
@@ -177,12 +232,28 @@ class ControlPlane:
             await self.server.stop(0)
             await self.orchestrator.stop()
             await self.metrics.stop()
+            if self.security is not None:
+                self.security.stop()
             await self.registry.stop()
             await self.store.close()
             raise
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials per the configuration (None: plaintext) under the loopback
+        rule; ServeError naming the problem before anything is opened."""
+        config = self.config
+        try:
+            credentials = server_credentials(
+                config.tls_cert, config.tls_key, config.tls_ca, config.tls_client_auth
+            )
+            check_listen(config.listen, tls=credentials is not None, insecure=config.insecure)
+            client_security(config).check()
+        except TransportError as exc:
+            raise ServeError(str(exc)) from None
+        return credentials
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` s, close the store."""
@@ -196,12 +267,14 @@ class ControlPlane:
         await self.server.stop(grace)
         await self.orchestrator.stop()
         await self.metrics.stop()
+        if self.security is not None:
+            self.security.stop()
         await self.registry.stop()
         await self.store.close()
 
     async def _list_operations(self, instance: registry_pb2.ServiceInstance) -> set[str]:
         """The operations an instance serves (ProcessorService.ListOperations, 2 s)."""
-        async with grpc.aio.insecure_channel(instance.endpoint) as channel:
+        async with open_channel(instance.endpoint, client_security(self.config)) as channel:
             stub = processor_pb2_grpc.ProcessorServiceStub(channel)
             try:
                 reply = await stub.ListOperations(processor_pb2.ListOperationsRequest(), timeout=2)

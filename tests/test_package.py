@@ -17,6 +17,7 @@ def test_all_is_complete_and_importable() -> None:
     modules = {"cli", "config", "errors", "logs", "processor", "result", "server", "servicers"}
     modules |= {"store", "v1", "registry", "metrics", "http", "observability", "invoke", "process"}
     modules |= {"orchestrator", "durations", "services", "retry"}  # submodules imported on the way
+    modules |= {"dashboard", "security", "addresses"}
     modules |= {"annotations"}  # from __future__ import annotations
     assert public - modules - set(flext_mesh.__all__) == set()
     for name in flext_mesh.__all__:

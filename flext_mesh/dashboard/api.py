@@ -1,0 +1,554 @@
+"""The dashboard: its page, the JSON API the page reads, and its live event streams.
+
+Everything is served by the control plane's HTTP server (the port of ``/metrics``), on
+the gRPC server's event loop, read-only (GET and HEAD). The JSON API calls the same
+domain methods as the gRPC servicers, and its documents are the gRPC responses in the
+proto3 JSON mapping with the proto field names (as ``flext-mesh ... -o json`` prints
+them): ``GET /api/v1/workflows/order`` answers what ``GetWorkflow`` answers. Only
+``/series`` (plots) and ``/services/{name}`` (a service with its instances) are
+documents of their own. Errors are ``{"error": {"code", "status", "message",
+"field_violations"}}`` with the HTTP status of the gRPC code (400, 401, 403, 404, 429,
+503...); bad input is never a 500.
+
+Live data comes as server-sent events: the registry stream is fed by the registry's
+in-memory watch hub (one subscription per open page, no store reads), an execution's
+stream by the orchestrator's WatchExecution. Both resume from ``Last-Event-ID``; a
+stream that cannot go on sends ``stream_error`` (the error document) and closes.
+
+Authentication is a hook: ``authorize(request)`` decides (default: everyone may read);
+:func:`bearer_token` finds the token a request carries, in an ``Authorization: Bearer``
+header (scripts) or the :data:`TOKEN_COOKIE` cookie that the page's token form sets
+(``EventSource`` cannot send headers; a cookie, unlike a ``?token=`` query parameter,
+stays out of access logs and browser history). The page's own files are public.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import inspect
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, Final, TypeAlias
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from flext_mesh.dashboard import events
+from flext_mesh.dashboard.assets import SECURITY_HEADERS, load_assets
+from flext_mesh.dashboard.series import build_series, snapshot
+from flext_mesh.durations import parse_duration
+from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, NotFound
+from flext_mesh.http import Handler, Request, Response
+from flext_mesh.metrics.service import Metrics
+from flext_mesh.orchestrator import Orchestrator
+from flext_mesh.registry import Registry
+from flext_mesh.registry.validation import check_name, raise_if
+from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
+
+__all__ = [
+    "API_PREFIX",
+    "PAGE_PATH",
+    "TOKEN_COOKIE",
+    "Authorize",
+    "Dashboard",
+    "DashboardSettings",
+    "bearer_token",
+    "http_status",
+]
+
+#: Where the page is served.
+PAGE_PATH: Final = "/dashboard/"
+#: Prefix of the JSON API.
+API_PREFIX: Final = "/api/v1"
+#: Cookie holding the bearer token of a browser (set by the page's token form).
+TOKEN_COOKIE: Final = "flext_mesh_token"
+
+#: Decides whether a request may read the API: ``True`` allows it; ``False`` or a
+#: reason (str) refuses it (401 when the request carried no token, else 403). May be a
+#: coroutine function; may raise Unauthenticated or PermissionDenied itself.
+Authorize: TypeAlias = Callable[[Request], "bool | str | Awaitable[bool | str]"]
+_Result: TypeAlias = Message | Mapping[str, Any]
+
+#: gRPC status -> HTTP status, as Google's APIs map them over HTTP/JSON.
+_HTTP_STATUS: Final = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+_API_HEADERS: Final = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
+_SSE_HEADERS: Final = {**_API_HEADERS, "X-Accel-Buffering": "no"}
+_DEFAULT_REPORT_WINDOW = 24 * 3600.0
+_MIN_WINDOW = 10.0
+_MAX_PAGE = 1000
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status of a gRPC status code (500 for none known)."""
+    return _HTTP_STATUS.get(code, 500)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token a request carries: ``Authorization: Bearer`` first, else the cookie."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    cookies: SimpleCookie = SimpleCookie()
+    try:
+        cookies.load(request.headers.get("cookie", ""))
+    except CookieError:
+        return None
+    morsel = cookies.get(TOKEN_COOKIE)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+def _allow_all(request: Request) -> bool:
+    return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DashboardSettings:
+    """How the dashboard streams."""
+
+    #: Seconds of silence after which a stream sends a heartbeat comment.
+    heartbeat_interval: float = 5.0
+    #: Window of ``/series`` when none is asked, seconds.
+    series_window: float = 900.0
+
+
+class Dashboard:
+    """The page, JSON API and event streams over a control plane's domain objects."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        orchestrator: Orchestrator,
+        *,
+        authorize: Authorize | None = None,
+        settings: DashboardSettings | None = None,
+    ) -> None:
+        """``authorize`` guards the API and streams (default: allow every request)."""
+        self.registry = registry
+        self.metrics = metrics
+        self.orchestrator = orchestrator
+        self.authorize: Authorize = authorize or _allow_all
+        self.settings = settings or DashboardSettings()
+
+    def routes(self) -> dict[str, Handler]:
+        """The HTTP routes: the page under ``/dashboard/`` (``/`` redirects there), the
+        JSON API under ``/api/v1``."""
+        api = {
+            "/services": self._list_services,
+            "/services/{name}": self._get_service,
+            "/services/{name}/report": self._get_report,
+            "/services/{name}/series": self._get_series,
+            "/alerts": self._list_alerts,
+            "/workflows": self._list_workflows,
+            "/workflows/{name}": self._get_workflow,
+            "/executions": self._list_executions,
+            "/executions/{execution_id}": self._get_execution,
+        }
+        streams = {
+            "/events/registry": self._registry_events,
+            "/events/executions/{execution_id}": self._execution_events,
+        }
+        routes: dict[str, Handler] = {"/": _to_page, **load_assets(PAGE_PATH)}
+        routes.update({API_PREFIX + path: self._json(h) for path, h in api.items()})
+        routes.update({API_PREFIX + path: self._guarded(h) for path, h in streams.items()})
+        return routes
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _refusal(self, request: Request) -> Response | None:
+        """None when ``authorize`` lets the request through, else the error response."""
+        try:
+            verdict = self.authorize(request)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+        except MeshError as exc:
+            return _error_response(exc)
+        if verdict is True:
+            return None
+        reason = verdict if isinstance(verdict, str) and verdict else "not allowed to read"
+        if bearer_token(request) is None:
+            return _error(
+                401,
+                "UNAUTHENTICATED",
+                f"a bearer token is required: {reason}",
+                headers={"WWW-Authenticate": 'Bearer realm="flext-mesh"'},
+            )
+        return _error(403, "PERMISSION_DENIED", reason)
+
+    def _json(self, handler: Callable[[Request], Awaitable[_Result]]) -> Handler:
+        """A JSON route: authorize, call, encode in a worker thread, map MeshErrors."""
+
+        async def serve(request: Request) -> Response:
+            refused = await self._refusal(request)
+            if refused is not None:
+                return refused
+            try:
+                result = await handler(request)
+            except MeshError as exc:
+                return _error_response(exc)
+            body = await asyncio.to_thread(_encode, result)
+            return Response(content_type="application/json", body=body, headers=_API_HEADERS)
+
+        return serve
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """A stream route: authorize, then let the handler answer (MeshErrors mapped)."""
+
+        async def serve(request: Request) -> Response:
+            refused = await self._refusal(request)
+            if refused is not None:
+                return refused
+            try:
+                return await handler(request)
+            except MeshError as exc:
+                return _error_response(exc)
+
+        return serve
+
+    # -- services ----------------------------------------------------------------------
+
+    async def _list_services(self, request: Request) -> _Result:
+        """ListServices: summaries sorted by name, paged."""
+        return self.registry.list_services(
+            _int(request, "page_size", maximum=_MAX_PAGE),
+            request.query.get("page_token", ""),
+            request.query.get("type", ""),
+        )
+
+    async def _get_service(self, request: Request) -> _Result:
+        """A service's instances (all of them, healthy or not) and its policy."""
+        name = request.params["name"]
+        raise_if(check_name("name", name))
+        # The registry's watch snapshot: every instance, whatever a policy's split says.
+        stream = self.registry.watch([name], 0)
+        try:
+            first = registry_pb2.WatchResponse.FromString(await anext(stream))
+        finally:
+            await events.aclose(stream)
+        found = first.snapshot
+        if not found.instances and not found.policies:
+            raise NotFound(f"service {name!r} has no registered instance")
+        return {
+            "service_name": name,
+            "revision": str(first.revision),
+            "instances": list(found.instances),
+            "policy": found.policies[0] if found.policies else None,
+        }
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def _window(self, request: Request, default: float) -> float:
+        """The ``window`` parameter in seconds (``90s``, ``15m``, ``1h``, or seconds)."""
+        text = request.query.get("window", "")
+        if not text:
+            return default
+        nanos = parse_duration(text, bare_seconds=True)
+        if nanos is None or nanos <= 0:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("window", f"{text!r} is not a duration such as 90s, 15m or 1h")]
+            )
+        return nanos / 1e9
+
+    async def _get_report(self, request: Request) -> _Result:
+        """GetServiceReport over ``window`` (default 24 h, at most the retention)."""
+        retention = self.metrics.aggregator.settings.retention
+        report = await self.metrics.service_report(
+            request.params["name"],
+            self._window(request, min(_DEFAULT_REPORT_WINDOW, retention)),
+            operation=request.query.get("operation", ""),
+            by_version=_bool(request, "by_version"),
+            by_instance=_bool(request, "by_instance"),
+        )
+        return metrics_pb2.GetServiceReportResponse(report=report)
+
+    async def _get_series(self, request: Request) -> _Result:
+        """Per-bucket latency quantiles and error rates over ``window`` (default 15 min)."""
+        name = request.params["name"]
+        operation = request.query.get("operation", "")
+        window = self._window(request, self.settings.series_window)
+        retention = self.metrics.aggregator.settings.retention
+        violations = check_name("name", name)
+        if operation:
+            violations += check_name("operation", operation)
+        if not _MIN_WINDOW <= window <= retention:
+            violations.append(
+                FieldViolation(
+                    "window",
+                    f"must be between 10s and the retention ({retention:g}s), got {window:g}s",
+                )
+            )
+        raise_if(violations)
+        buckets = snapshot(self.metrics.aggregator, name, window)
+        if operation:
+            buckets = [
+                (start, width, {k: v for k, v in series.items() if k.operation == operation})
+                for start, width, series in buckets
+            ]
+        buckets = [item for item in buckets if item[2]]
+        if not buckets:
+            what = f"operation {operation!r} of service" if operation else "service"
+            raise NotFound(f"{what} {name!r} has no call recorded in the last {window:g}s")
+        series = await asyncio.to_thread(build_series, buckets, operation=operation)
+        return {
+            "service_name": name,
+            "window": f"{window:g}s",
+            "generate_time": _now_rfc3339(),
+            "time": [start for start, _, _ in buckets],
+            "width": [width for _, width, _ in buckets],
+            "operations": series,
+        }
+
+    async def _list_alerts(self, request: Request) -> _Result:
+        """ListAlerts: active alerts, most severe first."""
+        return self.metrics.list_alerts(
+            request.query.get("service", ""),
+            _enum(request, "min_severity", metrics_pb2.AlertSeverity, "ALERT_SEVERITY_"),
+            _int(request, "page_size", maximum=_MAX_PAGE),
+            request.query.get("page_token", ""),
+        )
+
+    # -- workflows and executions --------------------------------------------------------
+
+    async def _list_workflows(self, request: Request) -> _Result:
+        """ListWorkflows: definitions by name, paged."""
+        workflows, token = await self.orchestrator.list_workflows(
+            _int(request, "page_size", maximum=_MAX_PAGE), request.query.get("page_token", "")
+        )
+        return orchestrator_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token)
+
+    async def _get_workflow(self, request: Request) -> _Result:
+        """GetWorkflow: the latest version, or ``version``."""
+        workflow = await self.orchestrator.get_workflow(
+            request.params["name"], _int(request, "version")
+        )
+        return orchestrator_pb2.GetWorkflowResponse(workflow=workflow)
+
+    async def _list_executions(self, request: Request) -> _Result:
+        """ListExecutions: newest first, by ``workflow`` and ``state``, paged."""
+        executions, token = await self.orchestrator.list_executions(
+            request.query.get("workflow", ""),
+            _enum(request, "state", orchestrator_pb2.ExecutionState, "EXECUTION_STATE_"),
+            _int(request, "page_size", maximum=_MAX_PAGE),
+            request.query.get("page_token", ""),
+        )
+        return orchestrator_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
+
+    async def _get_execution(self, request: Request) -> _Result:
+        """GetExecution, with its event history when ``include_events=true``."""
+        execution, history = await self.orchestrator.get_execution(
+            request.params["execution_id"], include_events=_bool(request, "include_events")
+        )
+        return orchestrator_pb2.GetExecutionResponse(execution=execution, events=history)
+
+    # -- streams -----------------------------------------------------------------------
+
+    async def _registry_events(self, request: Request) -> Response:
+        """Registry changes as SSE: ``snapshot`` first (or the history since
+        ``Last-Event-ID``), then ``change`` batches and ``progress``; ids are revisions."""
+        services = [s for s in request.query.get("services", "").split(",") if s]
+        from_revision = _resume_point(request, "from_revision")
+        raise_if(v for i, name in enumerate(services) for v in check_name(f"services[{i}]", name))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield f"retry: {events.RETRY_MS}\n\n".encode()
+            source = self.registry.watch(services, from_revision)
+            interval = self.settings.heartbeat_interval
+            try:
+                async with contextlib.aclosing(events.with_heartbeats(source, interval)) as feed:
+                    async for payload in feed:
+                        if payload is None:
+                            yield events.comment("keep-alive")
+                        else:
+                            yield await asyncio.to_thread(_registry_message, payload)
+            except MeshError as exc:
+                yield events.event("stream_error", _error_document(exc))
+
+        return Response(content_type="text/event-stream", body=body(), headers=_SSE_HEADERS)
+
+    async def _execution_events(self, request: Request) -> Response:
+        """An execution's events as SSE (``event``, ids are event indexes), then ``end``
+        with the execution as it ended; the stream closes after ``end``."""
+        execution_id = request.params["execution_id"]
+        after_index = _resume_point(request, "after_index")
+        await self.orchestrator.get_execution(execution_id)  # 404 before streaming
+
+        async def body() -> AsyncIterator[bytes]:
+            yield f"retry: {events.RETRY_MS}\n\n".encode()
+            source = self.orchestrator.watch_execution(execution_id, after_index)
+            interval = self.settings.heartbeat_interval
+            try:
+                async with contextlib.aclosing(events.with_heartbeats(source, interval)) as feed:
+                    async for message in feed:
+                        if message is None:
+                            yield events.comment("keep-alive")
+                            continue
+                        document = await asyncio.to_thread(_to_dict, message)
+                        if message.HasField("event"):
+                            yield events.event(
+                                "event", document["event"], event_id=message.event.index
+                            )
+                        if message.HasField("execution"):
+                            yield events.event("end", document["execution"])
+                            return
+            except MeshError as exc:
+                yield events.event("stream_error", _error_document(exc))
+
+        return Response(content_type="text/event-stream", body=body(), headers=_SSE_HEADERS)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def _to_page(request: Request) -> Response:
+    return Response(status=302, headers={"Location": PAGE_PATH}, body=b"")
+
+
+def _to_dict(message: Message) -> dict[str, Any]:
+    """A message in the proto3 JSON mapping with proto field names, zero values included
+    (the same as ``flext-mesh ... -o json``)."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Message):
+        return _to_dict(value)
+    if isinstance(value, Mapping):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _encode(result: _Result) -> bytes:
+    """The JSON body of a result (runs in a worker thread: big lists cost milliseconds)."""
+    document = _jsonable(result)
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _registry_message(payload: bytes) -> bytes:
+    """One serialized WatchResponse as an SSE message."""
+    response = registry_pb2.WatchResponse.FromString(payload)
+    if response.HasField("snapshot"):
+        name = "snapshot"
+    elif response.events:
+        name = "change"
+    else:
+        name = "progress"
+    return events.event(name, _to_dict(response), event_id=response.revision)
+
+
+def _error_document(exc: MeshError) -> dict[str, Any]:
+    error: dict[str, Any] = {
+        "code": http_status(exc.code),
+        "status": exc.code.name,
+        "message": exc.message,
+    }
+    if isinstance(exc, InvalidArgument) and exc.violations:
+        error["field_violations"] = [
+            {"field": v.field, "description": v.description} for v in exc.violations
+        ]
+    return {"error": error}
+
+
+def _error_response(exc: MeshError) -> Response:
+    status = http_status(exc.code)
+    headers = dict(_API_HEADERS)
+    retry_after = getattr(exc, "retry_after", None)
+    if status in (429, 503) and retry_after:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="flext-mesh"'
+    return Response.json(_error_document(exc), status=status, headers=headers)
+
+
+def _error(
+    status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+) -> Response:
+    document = {"error": {"code": status, "status": code, "message": message}}
+    return Response.json(document, status=status, headers={**_API_HEADERS, **(headers or {})})
+
+
+def _int(request: Request, name: str, *, maximum: int | None = None) -> int:
+    """A non-negative integer query parameter (0 when absent)."""
+    text = request.query.get(name, "")
+    if not text:
+        return 0
+    if not text.isascii() or not text.isdigit():
+        raise InvalidArgument.from_violations(
+            [FieldViolation(name, f"{text!r} is not a non-negative integer")]
+        )
+    value = int(text)
+    if maximum is not None and value > maximum:
+        raise InvalidArgument.from_violations(
+            [FieldViolation(name, f"{value} is over the maximum {maximum}")]
+        )
+    return value
+
+
+def _bool(request: Request, name: str) -> bool:
+    """A boolean query parameter: true/1/yes or false/0/no (false when absent)."""
+    text = request.query.get(name, "").lower()
+    if text in ("", "false", "0", "no"):
+        return False
+    if text in ("true", "1", "yes"):
+        return True
+    raise InvalidArgument.from_violations([FieldViolation(name, f"{text!r} is not true or false")])
+
+
+def _enum(request: Request, name: str, enum: Any, prefix: str) -> int:
+    """An enum query parameter by name, with or without its prefix, any case
+    (``running``, ``EXECUTION_STATE_RUNNING``); 0 when absent."""
+    text = request.query.get(name, "").strip().upper()
+    if not text:
+        return 0
+    full = text if text.startswith(prefix) else prefix + text
+    values: Mapping[str, int] = {
+        value.name: value.number for value in enum.DESCRIPTOR.values if value.number
+    }
+    if full not in values:
+        known = ", ".join(key.removeprefix(prefix).lower() for key in values)
+        raise InvalidArgument.from_violations(
+            [FieldViolation(name, f"{text.lower()!r} is not one of {known}")]
+        )
+    return values[full]
+
+
+def _resume_point(request: Request, name: str) -> int:
+    """Where a stream resumes: the browser's ``Last-Event-ID``, else the query parameter."""
+    last = request.headers.get("last-event-id", "").strip()
+    if last:
+        if not last.isascii() or not last.isdigit():
+            raise InvalidArgument.from_violations(
+                [FieldViolation("Last-Event-ID", f"{last!r} is not an id this stream sent")]
+            )
+        return int(last)
+    return _int(request, name)
+
+
+def _now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,379 @@
+"""The dashboard in a real headless browser, against real processes.
+
+A ``flext-mesh serve`` subprocess, three ``flext-sidecar`` subprocesses (two payment
+instances, one inventory) and Debian's Chromium driven by Playwright (its Python
+package drives the browser installed at /usr/bin/chromium; nothing is downloaded). The
+page is loaded once per test and never reloaded: what changes on screen comes from the
+live streams. Screenshots are saved under the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from flext_mesh.invoke import dict_to_struct
+from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.v1 import (
+    metrics_pb2,
+    metrics_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    processor_pb2,
+    processor_pb2_grpc,
+)
+from tests.conftest import ServeProcess, start_serve
+from tests.sidecar.test_sidecar_process import SidecarProcess, start_sidecar
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    _why = "Debian's chromium is not installed (`make chromium` installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(_why, pytrace=False)
+    pytest.skip(_why, allow_module_level=True)
+
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    ConsoleMessage,
+    Page,
+    Response,
+    sync_playwright,
+)
+
+pytestmark = [pytest.mark.xdist_group("dashboard_browser"), pytest.mark.timeout(90)]
+
+#: Lease TTL of the sidecars, seconds: a killed one must turn unhealthy on screen sooner.
+TTL = 4.0
+_HTTP = re.compile(r"serving grpc=\S+ http=(?P<addr>\S+)")
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+CHECKOUT = {
+    "name": "checkout",
+    "description": "charge, reserve stock, then capture",
+    "steps": [
+        {"name": "charge", "service": "payment", "operation": "validate_payment"},
+        {
+            "name": "reserve",
+            "service": "inventory",
+            "operation": "reserve_inventory",
+            "depends_on": ["charge"],
+            "compensation": {"operation": "release_inventory"},
+        },
+        {
+            "name": "capture",
+            "service": "payment",
+            "operation": "process_payment",
+            "depends_on": ["reserve"],
+            "compensation": {"operation": "refund_payment"},
+        },
+    ],
+}
+
+
+@dataclass
+class Mesh:
+    """The processes under test and where the dashboard is."""
+
+    tmp: Path
+    plane: ServeProcess
+    http: str
+    sidecars: dict[str, SidecarProcess] = field(default_factory=dict)
+
+    def api(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"{self.http}/api/v1{path}", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    plane = start_serve(tmp, "--health-check-interval", "0.3", "--health-unhealthy-threshold", "2")
+    match = _HTTP.search(plane.log())
+    assert match, plane.log()
+    mesh = Mesh(tmp, plane, f"http://{match['addr']}")
+    apps = {
+        "pay-1": ("payment", "PAYMENT"),
+        "pay-2": ("payment", "PAYMENT"),
+        "inv-1": ("inventory", "INVENTORY"),
+    }
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(apps)) as pool:
+            futures = {
+                name: pool.submit(
+                    start_sidecar,
+                    tmp,
+                    plane.address,
+                    "--service",
+                    service,
+                    "--instance-id",
+                    name,
+                    "--ttl",
+                    str(TTL),
+                    app=f"tests.orchestrator.apps:{attr}",
+                )
+                for name, (service, attr) in apps.items()
+            }
+            for name, future in futures.items():
+                mesh.sidecars[name] = future.result()
+        yield mesh
+    finally:
+        for sidecar in mesh.sidecars.values():
+            if sidecar.proc.poll() is None:
+                sidecar.proc.kill()
+                sidecar.proc.wait(10)
+        plane.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser, mesh: Mesh) -> Iterator[Page]:
+    """A fresh page on the dashboard; fails the test on any script error it logged."""
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+
+    def console(message: ConsoleMessage) -> None:
+        # A failed request is logged too; responses are checked below instead, since
+        # the page asks the API for things that may not exist (a 404 it shows).
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            problems.append(f"console: {message.text}")
+
+    def response(answer: Response) -> None:
+        if answer.status >= 400 and "/api/v1/" not in answer.url:
+            problems.append(f"{answer.status} {answer.url}")
+
+    page.on("console", console)
+    page.on("response", response)
+    page.goto(f"{mesh.http}/dashboard/")
+    try:
+        yield page
+    finally:
+        context.close()
+    assert not problems, problems
+
+
+def navigate(page: Page, fragment: str) -> None:
+    """Go to a view by changing the URL fragment only: the page is not reloaded."""
+    page.evaluate("(fragment) => { location.hash = fragment; }", fragment)
+
+
+def invoke(sidecar: SidecarProcess, operation: str, payload: dict[str, Any]) -> bool:
+    """Call a sidecar's processor directly; whether it succeeded."""
+    with grpc.insecure_channel(sidecar.address) as channel:
+        try:
+            processor_pb2_grpc.ProcessorServiceStub(channel).Invoke(
+                processor_pb2.InvokeRequest(operation=operation, payload=dict_to_struct(payload)),
+                timeout=10,
+            )
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def backfill(mesh: Mesh) -> None:
+    """Ten minutes of earlier calls, reported as a sidecar reports them
+    (MetricsService.ReportCalls), so that the plots draw lines and not just the last
+    few seconds' points: latency drifting around 8 ms, few errors, and a slow, failing
+    minute five minutes ago."""
+    now = time.time_ns()
+    records = []
+    for second in range(14, 614, 2):
+        incident = 300 <= second < 360
+        for i in range(10):
+            duration = (6 + 2 * math.sin(second / 45) + (i % 7) * 1.2) * (3 if incident else 1)
+            if i == 0 and (incident or second % 40 == 0):
+                code = 14  # UNAVAILABLE: an infrastructure fault
+            elif i == 1 and second % 30 == 0:
+                code = 9  # FAILED_PRECONDITION: a business rejection
+            else:
+                code = 0
+            records.append(
+                metrics_pb2.CallRecord(
+                    service_name="payment",
+                    operation="validate_payment",
+                    instance_id="pay-1",
+                    duration_ms=duration,
+                    success=code == 0,
+                    status_code=code,
+                    time_unix_nano=now - second * 1_000_000_000,
+                )
+            )
+    with grpc.insecure_channel(mesh.plane.address) as channel:
+        reply = metrics_pb2_grpc.MetricsServiceStub(channel).ReportCalls(
+            metrics_pb2.ReportCallsRequest(records=records), timeout=10
+        )
+    assert reply.accepted == len(records)
+
+
+def test_a_running_workflow_advances_on_screen(page: Page, mesh: Mesh) -> None:
+    with grpc.insecure_channel(mesh.plane.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        stub.PutWorkflow(
+            orchestrator_pb2.PutWorkflowRequest(workflow=workflow_from_dict(CHECKOUT)), timeout=10
+        )
+        behaviour = {"reserve_inventory": {"sleep": 2.5}}
+        started = stub.StartExecution(
+            orchestrator_pb2.StartExecutionRequest(
+                workflow_name="checkout",
+                input=dict_to_struct({"key": "order-1", "behaviour": behaviour}),
+            ),
+            timeout=10,
+        ).execution
+    page.evaluate("window.notReloaded = true")
+    navigate(page, f"#/executions/{started.execution_id}")
+
+    row = ".tl-row[data-step='{}'][data-state='{}']"
+    page.wait_for_selector(row.format("reserve", "RUNNING"))
+    assert page.inner_text("[data-step='reserve'] .tl-state") == "RUNNING"
+    assert page.is_visible(row.format("charge", "SUCCEEDED"))
+    assert page.is_visible(row.format("capture", "PENDING"))
+    assert page.is_visible(".graph .node[data-step='reserve'][data-state='RUNNING']")
+    assert page.inner_text("#execution-state") == "RUNNING"
+    page.screenshot(path=mesh.tmp / "execution-running.png", full_page=True)
+
+    # The slow step ends and the next one runs: the screen follows, no reload.
+    page.wait_for_selector(row.format("capture", "SUCCEEDED"), timeout=15_000)
+    page.wait_for_selector("#execution-state:text-is('SUCCEEDED')")
+    assert page.is_visible(row.format("reserve", "SUCCEEDED"))
+    assert page.is_visible(".graph .node[data-step='capture'][data-state='SUCCEEDED']")
+    bars = page.locator("[data-step='reserve'] .tl-bar.ok")
+    assert bars.count() == 1
+    assert page.evaluate("window.notReloaded") is True
+    page.screenshot(path=mesh.tmp / "execution-done.png", full_page=True)
+
+    # A retried step and a compensation: the timeline marks both.
+    behaviour = {
+        "reserve_inventory": {"unavailable_first": 1},
+        "process_payment": {"fail": "FAILED_PRECONDITION", "message": "card declined"},
+    }
+    with grpc.insecure_channel(mesh.plane.address) as channel:
+        failed = (
+            orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            .StartExecution(
+                orchestrator_pb2.StartExecutionRequest(
+                    workflow_name="checkout",
+                    input=dict_to_struct({"key": "order-2", "behaviour": behaviour}),
+                ),
+                timeout=10,
+            )
+            .execution
+        )
+    navigate(page, f"#/executions/{failed.execution_id}")
+    page.wait_for_selector("#execution-state:text-is('COMPENSATED')")
+    page.wait_for_selector(row.format("reserve", "COMPENSATED"))
+    assert page.is_visible(row.format("capture", "FAILED"))
+    assert page.locator("[data-step='reserve'] .tl-mark").count() == 1  # the retry
+    assert page.locator("[data-step='reserve'] .tl-bar").count() == 3  # 2 attempts, 1 undo
+    assert page.locator("[data-step='reserve'] .tl-bar.comp.ok").count() == 1
+    assert "2 attempts" in page.inner_text("[data-step='reserve'] .tl-label")
+    assert "card declined" in page.inner_text("#execution")
+    page.screenshot(path=mesh.tmp / "execution-compensated.png", full_page=True)
+
+    # The workflow's page draws its step graph and lists the executions.
+    navigate(page, "#/workflows/checkout")
+    page.wait_for_selector(f"tr[data-execution='{started.execution_id}']")
+    assert page.is_visible(f"tr[data-execution='{failed.execution_id}']")
+    edges = page.locator(".graph path.edge")
+    assert edges.count() == 2
+    assert page.locator(".graph .node").count() == 3
+
+
+def test_the_latency_and_error_plots_have_data(page: Page, mesh: Mesh) -> None:
+    outcomes = []
+    for i in range(30):
+        behaviour: dict[str, Any] = {"sleep": (i % 5) * 0.004}
+        if i % 6 == 0:
+            behaviour["fail"] = "FAILED_PRECONDITION"
+        payload = {"key": f"plot-{i}", "behaviour": {"validate_payment": behaviour}}
+        outcomes.append(invoke(mesh.sidecars[f"pay-{1 + i % 2}"], "validate_payment", payload))
+    assert outcomes.count(False) == 5
+
+    def reported() -> int:
+        status, found = mesh.api("/services/payment/series?window=5m&operation=validate_payment")
+        return sum(found["operations"][0]["calls"]) if status == 200 else 0
+
+    deadline = time.monotonic() + 15
+    while reported() < 30:  # the sidecars report in batches, every second
+        assert time.monotonic() < deadline, "the sidecars' reports did not arrive"
+        time.sleep(0.2)
+    backfill(mesh)
+    navigate(page, "#/metrics/payment")
+    page.wait_for_selector("#latency-chart canvas")
+    points = int(page.get_attribute("#latency-chart", "data-points") or 0)
+    assert points > 0
+    assert int(page.get_attribute("#error-chart", "data-points") or 0) == points
+    # uPlot drew the p50/p95/p99 lines: the canvas holds more than its background.
+    drawn = page.evaluate(
+        """() => {
+            const canvas = document.querySelector('#latency-chart canvas');
+            const context = canvas.getContext('2d');
+            const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            let painted = 0;
+            for (let i = 3; i < data.length; i += 4) if (data[i] > 0) painted++;
+            return painted;
+        }"""
+    )
+    assert drawn > 100
+    assert page.inner_text("#grade .grade") in {"A", "B", "C", "D", "F"}
+    assert 0 <= float(page.inner_text("#health-score .value")) <= 100
+    assert page.is_visible("tr[data-operation='validate_payment']")
+    errors = page.inner_text("tr[data-operation='validate_payment'] td:nth-child(3)")
+    assert float(errors.rstrip("%")) > 0
+    page.screenshot(path=mesh.tmp / "metrics.png", full_page=True)
+
+
+def test_a_killed_instance_turns_unhealthy_on_screen_within_its_ttl(page: Page, mesh: Mesh) -> None:
+    navigate(page, "#/services")
+    for instance in ("pay-1", "pay-2", "inv-1"):
+        page.wait_for_selector(f"tr[data-instance='{instance}'][data-health='healthy']")
+    page.evaluate("window.notReloaded = true")
+
+    mesh.sidecars["pay-2"].proc.kill()  # SIGKILL: no deregistration, no goodbye
+    killed = time.monotonic()
+    page.wait_for_selector("tr[data-instance='pay-2'][data-health='unhealthy']", timeout=TTL * 1000)
+    assert time.monotonic() - killed < TTL
+    assert page.inner_text("tr[data-instance='pay-2'] .health") == "unhealthy"
+    assert page.is_visible("tr[data-instance='pay-1'][data-health='healthy']")
+    assert "1 of 2 healthy" in page.inner_text("[data-service='payment'] header")
+    assert page.evaluate("window.notReloaded") is True
+    page.screenshot(path=mesh.tmp / "services.png", full_page=True)
+
+    # When the lease runs out the row stays a while, greyed, saying why it went.
+    page.wait_for_selector("tr[data-instance='pay-2'][data-health='removed']", timeout=10_000)
+    assert page.inner_text("tr[data-instance='pay-2'] .health") == "removed (lease expired)"
