@@ -13,20 +13,28 @@ plane in batches over one long-lived ``MetricsService.StreamCalls`` client strea
   rejected counts, logged at DEBUG) acknowledges what was written on it, and no
   stream is held open while the reporter is idle;
 * while the control plane is unreachable the reporter retries with exponential
-  backoff and jitter (capped), the buffer keeps accepting records and drops the
-  OLDEST beyond ``max_buffer``; each batch tells the control plane how many records
-  were dropped since the previous one (``dropped_since_last``).
+  backoff and jitter (capped), never sooner than a ``google.rpc.RetryInfo`` that came
+  with RESOURCE_EXHAUSTED says (the control plane's rate limit); the buffer keeps
+  accepting records and drops the OLDEST beyond ``max_buffer``; each batch tells the
+  control plane how many records were dropped since the previous one
+  (``dropped_since_last``).
 
-Delivery guarantee: **at least once, best effort.** Records written to a stream stay
-held ("in flight") until the control plane answers for that stream. If the stream
-fails first, they go back to the front of the buffer and are sent again on the next
-stream. The control plane folds batches in as they arrive, so a stream that fails
-after some batches were received (for instance a lost answer) leads to those records
-being counted twice. Records are lost only when they are dropped from a full buffer
-(counted in ``dropped``) or still buffered when :meth:`CallReporter.aclose` gives up.
+Delivery guarantee: **exactly once per control-plane replica.** Every batch gets a
+sequence number (1, 2, 3, ...) under :attr:`CallReporter.batch_reporter_id` when it
+leaves the buffer, and keeps it. Batches written to a stream stay held ("in flight")
+until the control plane answers for that stream. If the stream fails first, they are
+sent again, with their sequence numbers, one ``ReportCalls`` each (each acknowledged
+by itself, so a stream that keeps failing part-way cannot hold them back) before new
+batches go out on the next stream. The control plane counts a batch once per
+(reporter id, sequence), so the batches it had received before the failure are
+acknowledged again, not counted again. A batch re-sent to another replica after a
+failover may be counted twice. Records are lost only when they are dropped from a
+full buffer (counted in ``dropped``), refused by the control plane (``rejected``),
+or still held when :meth:`CallReporter.aclose` gives up.
 
-Memory is bounded: at most ``max_buffer`` records wait, plus at most
-``stream_max_records + batch_size`` in flight. Every record is accounted for::
+Memory is bounded: at most ``max_buffer`` records wait in the buffer, plus at most
+``stream_max_records + batch_size`` in numbered batches (in flight or waiting to be
+sent again). Every record is accounted for::
 
     recorded == sent + dropped + buffered + in_flight
 """
@@ -35,18 +43,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import grpc
 
+from flext_mesh.errors import ResourceExhausted, from_rpc_error
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
 __all__ = ["MAX_BATCH", "CallReporter", "ChannelSource", "ReporterSettings", "ReporterStats"]
@@ -55,6 +65,8 @@ _log = logging.getLogger("flext_sidecar.reporter")
 
 #: Most records the control plane takes in one batch.
 MAX_BATCH = 10_000
+#: Longest reporter id the control plane takes (metrics.proto), suffix included.
+_MAX_REPORTER_ID = 256
 
 #: Returns the channel to the control plane to use now (the owner may fail over).
 ChannelSource = Callable[[], grpc.aio.Channel]
@@ -119,13 +131,16 @@ class ReporterStats:
     failed_flushes: int
     """Attempts to connect or to complete a stream that failed."""
     buffered: int
-    """Records waiting to be sent."""
+    """Records waiting to be sent (new, or in batches to send again)."""
     in_flight: int
-    """Records written on the open stream, awaiting its acknowledgement."""
+    """Records sent and awaiting their acknowledgement."""
     rejected: int
     """Acknowledged records the control plane refused as invalid."""
     batches: int
     """Batches the control plane acknowledged."""
+    duplicate_batches: int
+    """Acknowledged batches the control plane had counted before (sent again after a
+    failure that hid their first acknowledgement); counted once all the same."""
 
 
 def _backoff(attempt: int, initial: float, cap: float) -> float:
@@ -136,6 +151,11 @@ def _backoff(attempt: int, initial: float, cap: float) -> float:
 
 class _StreamFailed(Exception):
     """An attempt to deliver over one stream failed (already logged by the caller)."""
+
+    def __init__(self, retry_after: float | None = None) -> None:
+        super().__init__(retry_after)
+        #: Seconds the control plane asked to wait (RetryInfo), when it did.
+        self.retry_after = retry_after
 
 
 class CallReporter:
@@ -155,6 +175,13 @@ class CallReporter:
         settings: ReporterSettings | None = None,
     ) -> None:
         self.reporter_id = reporter_id
+        suffix = secrets.token_hex(6)
+        base = "".join(c for c in reporter_id if c.isprintable())
+        #: The id the batches carry: ``reporter_id`` and a random suffix drawn now. The
+        #: control plane deduplicates by (this id, batch sequence), and the sequence
+        #: starts again at 1 in a new process: the same id would make its first
+        #: batches look like copies of the old process's ones.
+        self.batch_reporter_id = f"{base[: _MAX_REPORTER_ID - len(suffix) - 1]}~{suffix}"
         self.settings = settings or ReporterSettings()
         self._channel = channel
         self._max_buffer = self.settings.max_buffer
@@ -162,7 +189,11 @@ class CallReporter:
         self._buffer: deque[metrics_pb2.CallRecord] = deque(maxlen=self._max_buffer)
         # When the oldest waiting record arrived (approximately), time.monotonic().
         self._first_at = 0.0
-        self._in_flight: list[list[metrics_pb2.CallRecord]] = []
+        self._sequence = 0  # of the last batch taken from the buffer
+        # Numbered batches of failed attempts, oldest first, to send again as they are.
+        self._resend: deque[metrics_pb2.StreamCallsRequest] = deque()
+        self._resend_count = 0
+        self._in_flight: list[metrics_pb2.StreamCallsRequest] = []
         self._in_flight_count = 0
         self._recorded = 0
         self._sent = 0
@@ -172,6 +203,7 @@ class CallReporter:
         self._failing = 0  # consecutive failed attempts
         self._rejected = 0
         self._batches = 0
+        self._duplicates = 0
         self._wake = asyncio.Event()  # a batch may be due, or closing
         self._abandon = asyncio.Event()  # closing without flushing: cut waits short
         self._closing = False
@@ -247,10 +279,11 @@ class CallReporter:
             sent=self._sent,
             dropped=self._dropped,
             failed_flushes=self._failed_flushes,
-            buffered=len(self._buffer),
+            buffered=len(self._buffer) + self._resend_count,
             in_flight=self._in_flight_count,
             rejected=self._rejected,
             batches=self._batches,
+            duplicate_batches=self._duplicates,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -282,7 +315,7 @@ class CallReporter:
                 _log.warning(
                     "call reporter closing: gave up after %.1fs with %d records undelivered",
                     within,
-                    len(self._buffer) + self._in_flight_count,
+                    len(self._buffer) + self._resend_count + self._in_flight_count,
                 )
                 task.cancel()
                 await asyncio.wait({task})
@@ -306,8 +339,12 @@ class CallReporter:
 
     def _due(self) -> bool:
         """Whether a batch should leave now."""
+        if self._closing and not self._flush_on_close:
+            return False
+        if self._resend:
+            return True  # overdue: send as soon as the control plane is there
         size = len(self._buffer)
-        if size == 0 or (self._closing and not self._flush_on_close):
+        if size == 0:
             return False
         if size >= self._batch_size or self._closing:
             return True
@@ -343,10 +380,13 @@ class CallReporter:
         while await self._wait_due(None):
             try:
                 await self._stream_once()
-            except _StreamFailed:
+            except _StreamFailed as failed:
                 self._failing += 1
                 self._failed_flushes += 1
                 delay = _backoff(self._failing - 1, settings.backoff_initial, settings.backoff_max)
+                if failed.retry_after is not None:
+                    # The control plane said when (its rate limit): no sooner.
+                    delay = max(delay, failed.retry_after)
                 # Flushing on close keeps retrying until aclose() gives up.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
@@ -357,7 +397,8 @@ class CallReporter:
             self._failing = 0
 
     async def _stream_once(self) -> None:
-        """Send due batches over one stream until it is due to rotate, then close it."""
+        """Send again the batches of failed attempts, then due batches over one stream
+        until it is due to rotate, then close it."""
         settings = self.settings
         try:
             channel = self._channel()
@@ -367,11 +408,14 @@ class CallReporter:
             self._log_failure("control plane unreachable", exc)
             raise _StreamFailed from exc
         stub = metrics_pb2_grpc.MetricsServiceStub(channel)
+        if self._resend:
+            await self._send_again(stub)
+            if not self._due():
+                return  # no stream is held open while idle
         call = stub.StreamCalls(timeout=settings.stream_max_age + settings.ack_timeout)
         # A stream that fails while idle wakes the flusher, which requeues its records.
         call.add_done_callback(lambda _: self._wake.set())
         rotate_at = time.monotonic() + settings.stream_max_age
-        dropped_reported_at_open = self._dropped_reported
         try:
             while self._in_flight_count < settings.stream_max_records and await self._wait_due(
                 rotate_at, call
@@ -381,41 +425,113 @@ class CallReporter:
             response = await call
         except asyncio.CancelledError:
             call.cancel()
-            self._requeue(dropped_reported_at_open)
+            self._requeue()
             raise
         except Exception as exc:
+            error = await _status_of(call, exc)
             call.cancel()
-            self._requeue(dropped_reported_at_open)
-            self._log_failure("call stream failed", exc)
-            raise _StreamFailed from exc
+            self._requeue()
+            self._log_failure("call stream failed", error)
+            raise _StreamFailed(_retry_after(error)) from exc
         self._acknowledge(response)
 
+    async def _send_again(self, stub: metrics_pb2_grpc.MetricsServiceAsyncStub) -> None:
+        """Send the batches of failed attempts again, one ReportCalls each, concurrently.
+
+        Each is acknowledged by itself: a stream that a rate limit ends after its first
+        batches would make every later attempt pay for those again and never get
+        further. A batch the control plane refuses as a whole (INVALID_ARGUMENT, or
+        RESOURCE_EXHAUSTED without RetryInfo: its series limit) is acknowledged as
+        rejected, not retried for ever. Raises _StreamFailed when some remain.
+        """
+        batches = list(self._resend)
+        self._resend.clear()
+        self._resend_count = 0
+        self._in_flight.extend(batches)
+        self._in_flight_count += sum(len(b.records) for b in batches)
+        timeout = self.settings.ack_timeout + self.settings.connect_timeout
+        try:
+            results = await asyncio.gather(
+                *(
+                    stub.ReportCalls(
+                        metrics_pb2.ReportCallsRequest(
+                            records=batch.records,
+                            reporter_id=batch.reporter_id,
+                            batch_sequence=batch.batch_sequence,
+                        ),
+                        timeout=timeout,
+                    )
+                    for batch in batches
+                ),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            self._requeue()
+            raise
+        failed: list[metrics_pb2.StreamCallsRequest] = []
+        errors: list[BaseException] = []
+        for batch, result in zip(batches, results, strict=True):
+            size = len(batch.records)
+            if isinstance(result, metrics_pb2.ReportCallsResponse):
+                self._sent += size
+                self._rejected += len(result.rejected)
+                self._batches += 1
+                self._duplicates += result.duplicate
+            elif _refused_for_good(result):
+                assert isinstance(result, grpc.aio.AioRpcError)
+                _log.warning(
+                    "control plane refused a batch of %d call records (%s: %s)",
+                    size,
+                    result.code().name,
+                    result.details(),
+                )
+                self._sent += size
+                self._rejected += size
+                self._batches += 1
+            else:
+                failed.append(batch)
+                errors.append(result)
+        self._in_flight = failed
+        self._in_flight_count = sum(len(b.records) for b in failed)
+        if failed:
+            self._requeue()
+            self._log_failure("sending call records again failed", errors[0])
+            waits = [w for w in map(_retry_after, errors) if w is not None]
+            raise _StreamFailed(max(waits) if waits else None)
+
     def _take_batch(self) -> metrics_pb2.StreamCallsRequest:
-        """Move up to ``batch_size`` records from the buffer to the in-flight batches."""
+        """Number the next batch of up to ``batch_size`` buffered records; it is in flight."""
         buffer = self._buffer
         count = min(self._batch_size, len(buffer))
-        batch = [buffer.popleft() for _ in range(count)]
+        records = [buffer.popleft() for _ in range(count)]
         if buffer:
             self._first_at = time.monotonic()
-        self._in_flight.append(batch)
-        self._in_flight_count += count
         dropped = self._dropped - self._dropped_reported
         self._dropped_reported = self._dropped
-        return metrics_pb2.StreamCallsRequest(
-            records=batch, reporter_id=self.reporter_id, dropped_since_last=dropped
+        self._sequence += 1
+        batch = metrics_pb2.StreamCallsRequest(
+            records=records,
+            reporter_id=self.batch_reporter_id,
+            dropped_since_last=dropped,
+            batch_sequence=self._sequence,
         )
+        self._in_flight.append(batch)
+        self._in_flight_count += count
+        return batch
 
     def _acknowledge(self, response: metrics_pb2.StreamCallsResponse) -> None:
         """The control plane answered for the stream: its records are delivered."""
         self._sent += self._in_flight_count
         self._rejected += response.rejected_count
         self._batches += response.batches
+        self._duplicates += response.duplicate_batches
         _log.debug(
-            "call stream acknowledged records=%d accepted=%d rejected=%d batches=%d",
+            "call stream acknowledged records=%d accepted=%d rejected=%d batches=%d duplicates=%d",
             self._in_flight_count,
             response.accepted,
             response.rejected_count,
             response.batches,
+            response.duplicate_batches,
         )
         for rejected in response.rejected[:3]:
             _log.debug(
@@ -426,20 +542,16 @@ class CallReporter:
         self._in_flight.clear()
         self._in_flight_count = 0
 
-    def _requeue(self, dropped_reported: int) -> None:
-        """Put unacknowledged records back in front of the buffer (oldest dropped if full)."""
-        # Drops reported on the failed stream may not have arrived: report them again.
-        self._dropped_reported = dropped_reported
-        if not self._in_flight:
-            return
-        held = self._in_flight_count + len(self._buffer)
-        self._buffer = deque(
-            itertools.chain(itertools.chain.from_iterable(self._in_flight), self._buffer),
-            maxlen=self._max_buffer,
-        )
-        self._dropped += held - len(self._buffer)
-        self._first_at = 0.0  # they are overdue: send as soon as a stream is up
-        self._in_flight.clear()
+    def _requeue(self) -> None:
+        """Unacknowledged batches go back, numbered as they are, to be sent again first."""
+        for batch in self._in_flight:
+            # Drops reported with a batch that may not have arrived are reported again,
+            # with the next new batch (ReportCalls does not carry them).
+            self._dropped_reported -= batch.dropped_since_last
+            batch.dropped_since_last = 0
+        self._resend.extendleft(reversed(self._in_flight))
+        self._resend_count += self._in_flight_count
+        self._in_flight = []
         self._in_flight_count = 0
 
     def _log_failure(self, what: str, exc: BaseException) -> None:
@@ -455,5 +567,38 @@ class CallReporter:
             "%s (%s); retrying with backoff, %d records buffered",
             what,
             detail,
-            len(self._buffer) + self._in_flight_count,
+            len(self._buffer) + self._resend_count + self._in_flight_count,
         )
+
+
+async def _status_of(call: grpc.aio.StreamUnaryCall[Any, Any], exc: Exception) -> BaseException:
+    """The error with the call's status (and its RetryInfo) when the call has ended:
+    a write to a stream the server already ended may fail with a plainer exception."""
+    if isinstance(exc, grpc.aio.AioRpcError) or not call.done():
+        return exc
+    try:
+        await call
+    except grpc.aio.AioRpcError as status:
+        return status
+    except Exception:  # not a status: keep the first error
+        return exc
+    return exc
+
+
+def _retry_after(error: BaseException) -> float | None:
+    """Seconds a RESOURCE_EXHAUSTED's RetryInfo asks to wait, or None."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        mapped = from_rpc_error(error)
+        if isinstance(mapped, ResourceExhausted):
+            return mapped.retry_after
+    return None
+
+
+def _refused_for_good(error: BaseException) -> bool:
+    """Whether re-sending the batch would be refused again (not worth retrying)."""
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return False
+    code = error.code()
+    return code is grpc.StatusCode.INVALID_ARGUMENT or (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED and _retry_after(error) is None
+    )

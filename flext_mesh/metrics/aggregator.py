@@ -14,6 +14,13 @@ Durability: every ``checkpoint_interval`` (0.5 s) the buckets changed since the 
 checkpoint are written to the store in one transaction, and only then are the reports
 that fed them acknowledged. A crash (even ``kill -9``) loses no acknowledged record.
 
+Exactly once: a batch that carries its reporter's id and sequence number is counted
+once however often it arrives (:mod:`flext_mesh.metrics.dedup`). The sequence is noted
+in memory together with the records it brings, and written in the same checkpoint
+transaction, so a re-sent batch is recognized after a failed write (the retry of a
+batch answered UNAVAILABLE is acknowledged once the first copy is durable, not counted
+again) and after a restart. The ledger is per replica.
+
 Several replicas (on etcd): each writes its own buckets under
 ``/metrics/replicas/<replica>/`` and follows the others' through a store listener, so
 reports on any replica merge every replica's sketches (they are mergeable; counts
@@ -41,8 +48,9 @@ from typing import Any
 import numpy as np
 
 from flext_mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from flext_mesh.metrics.dedup import MAX_REPORTER_ID, REPORTERS, BatchLedger, shard_key
 from flext_mesh.metrics.sketch import LatencySketch
-from flext_mesh.store import Delete, Event, EventType, Put, Store
+from flext_mesh.store import Compare, Delete, Event, EventType, Put, Store
 from flext_mesh.v1 import metrics_pb2
 
 __all__ = [
@@ -119,14 +127,25 @@ class AggregatorSettings:
     checkpoint_interval: float = 0.5
     #: This replica's name when several share the store (etcd); "" when it is alone.
     replica: str = ""
+    #: Seconds after which a reporter that sent nothing is forgotten by the
+    #: deduplication of batches (a batch of it sent again later counts again).
+    reporter_idle_ttl: float = 3600.0
+    #: Reporters whose batch sequences are remembered, at most (least recently
+    #: active forgotten first).
+    max_reporters: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Ingested:
-    """Outcome of one batch: how many records were kept, and why others were not."""
+    """Outcome of one batch: how many records were kept, and why others were not.
+
+    For a duplicate batch (counted when it first came) the same figures, not counted
+    again: what the control plane accepts of it now.
+    """
 
     accepted: int
     rejected: tuple[metrics_pb2.RejectedRecord, ...]
+    duplicate: bool = False
 
 
 # (service, bucket width, bucket start) -> series -> stats
@@ -151,8 +170,18 @@ class Aggregator:
         self._buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
         self._series: dict[str, dict[SeriesKey, float]] = defaultdict(dict)  # -> last seen
         self._dirty: set[_BucketKey] = set()
-        self._durable = asyncio.Event()
         self._pending_acks: list[asyncio.Future[None]] = []
+        # Held for a whole checkpoint: an ack waits for a write that began after it.
+        self._checkpoint_lock = asyncio.Lock()
+        #: Batches counted, per reporter (exactly-once ingest).
+        self.ledger = BatchLedger(
+            idle_ttl=self.settings.reporter_idle_ttl, max_reporters=self.settings.max_reporters
+        )
+        # A roll-up whose transaction failed: its deletes and merged targets are
+        # written by the next one (both in one transaction, or a restart counts twice).
+        self._unsaved_deletes: dict[str, None] = {}
+        self._unsaved_targets: set[_BucketKey] = set()
+        self._next_sweep = 0.0
         self._known_names: set[str] = set()
         self._series_keys: dict[tuple[str, str, str], SeriesKey] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -173,6 +202,8 @@ class Aggregator:
         #: Other replicas' buckets, by replica, fed by a store listener.
         self._peers: dict[str, dict[_BucketKey, dict[SeriesKey, BucketStats]]] = {}
         self._unlisten: Callable[[], None] | None = None
+        #: Where this replica's ledger of counted batches lives in the store.
+        self._ledger_prefix = f"{REPORTERS}{replica}/"
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -189,7 +220,14 @@ class Aggregator:
             for key in series:
                 self._series[service][key] = float(start)
             loaded += 1
+        ledger = await self.store.range(self._ledger_prefix)
+        if unreadable := self.ledger.load((kv.value for kv in ledger), self._clock()):
+            _log.warning("ignoring %d unreadable reporter ledger shards", unreadable)
         if self.settings.replica:
+            try:
+                await self.sweep_ledgers()
+            except Exception:  # housekeeping: the roll-up tries again
+                _log.exception("sweeping other replicas' reporter ledgers failed")
             self._unlisten = self.store.listen(REPLICA_BUCKETS, self._on_peer_buckets)
             _, kvs = await self.store.snapshot(REPLICA_BUCKETS)
             for kv in kvs:
@@ -198,7 +236,12 @@ class Aggregator:
             asyncio.create_task(self._checkpoint_forever(), name="metrics-checkpoint"),
             asyncio.create_task(self._rollup_forever(), name="metrics-rollup"),
         ]
-        _log.info("metrics loaded buckets=%d services=%d", loaded, len(self._series))
+        _log.info(
+            "metrics loaded buckets=%d services=%d reporters=%d",
+            loaded,
+            len(self._series),
+            len(self.ledger),
+        )
 
     async def stop(self) -> None:
         """Write the last checkpoint and stop background work."""
@@ -213,8 +256,19 @@ class Aggregator:
 
     # -- ingest ----------------------------------------------------------------------
 
-    def ingest(self, records: Sequence[metrics_pb2.CallRecord]) -> Ingested:
-        """Validate and fold one batch; good records of a mixed batch are kept."""
+    def ingest(
+        self,
+        records: Sequence[metrics_pb2.CallRecord],
+        *,
+        reporter_id: str = "",
+        sequence: int = 0,
+    ) -> Ingested:
+        """Validate and fold one batch; good records of a mixed batch are kept.
+
+        A batch with a ``sequence`` (> 0) that its reporter already had counted is
+        validated again but not folded (``Ingested.duplicate``). Sequence 0 is never
+        deduplicated.
+        """
         if not records:
             raise InvalidArgument.from_violations(
                 [FieldViolation("records", "must hold 1 to 10000 records")]
@@ -223,6 +277,17 @@ class Aggregator:
             raise InvalidArgument.from_violations(
                 [FieldViolation("records", f"{len(records)} records; at most {_MAX_BATCH}")]
             )
+        if sequence and not (0 < len(reporter_id) <= MAX_REPORTER_ID and reporter_id.isprintable()):
+            raise InvalidArgument.from_violations(
+                [
+                    FieldViolation(
+                        "reporter_id",
+                        f"must be 1-{MAX_REPORTER_ID} printable characters "
+                        "when batch_sequence is set",
+                    )
+                ]
+            )
+        duplicate = sequence > 0 and self.ledger.counted(reporter_id, sequence)
         now = self._clock()
         now_ns = int(now * 1e9)
         cutoff_ns = int((now - self.settings.retention) * 1e9)
@@ -264,7 +329,7 @@ class Aggregator:
             failed = not record.success
             kind = (2 if code in infra_codes else 1) if failed else 0
             instance = record.instance_id
-            if instance:
+            if instance and not duplicate:
                 flags = outcomes.get((service, instance))
                 if flags is None:
                     flags = outcomes[(service, instance)] = []
@@ -283,7 +348,7 @@ class Aggregator:
             groups.items()
         ):
             series_key = self._series_key(operation, instance, version)
-            series = self._series[service]
+            series = self._series[service] if service in self._series or not duplicate else {}
             if series_key not in series and len(series) >= self.settings.max_series_per_service:
                 reason = (
                     f"service {service!r} has {len(series)} series, the most allowed; "
@@ -295,6 +360,8 @@ class Aggregator:
                 )
                 capped.update(indexes)
                 continue
+            if duplicate:
+                continue  # counted when it first came
             series[series_key] = now
             if instance:
                 window = self.instance_window[(service, instance)]
@@ -312,13 +379,20 @@ class Aggregator:
         for (service, instance), flags in outcomes.items():
             self._note_instance(service, instance, flags)
         accepted = len(records) - len(rejected)
+        if accepted == 0 and any(r.field == "operation" and "series" in r.reason for r in rejected):
+            # Not noted as counted: a later retry may fit once series expire.
+            raise ResourceExhausted(rejected[0].reason)
+        if duplicate:
+            self.ledger.touch(reporter_id, now)
+        elif sequence:
+            # With the records, in memory now and in the same checkpoint: a retry of
+            # this batch after a failed write is known as counted.
+            self.ledger.record(reporter_id, sequence, now)
         if accepted == 0:
-            if any(r.field == "operation" and "series" in r.reason for r in rejected):
-                raise ResourceExhausted(rejected[0].reason)
             raise InvalidArgument.from_violations(
                 [FieldViolation(f"records[{r.index}].{r.field}", r.reason) for r in rejected]
             )
-        return Ingested(accepted, tuple(rejected))
+        return Ingested(accepted, tuple(rejected), duplicate)
 
     def _series_key(self, operation: str, instance: str, version: str) -> SeriesKey:
         key = self._series_keys.get((operation, instance, version))
@@ -384,34 +458,51 @@ class Aggregator:
     # -- durability ------------------------------------------------------------------
 
     async def durable(self) -> None:
-        """Wait until everything ingested so far is in the store."""
-        if not self._dirty:
+        """Wait until everything ingested so far is in the store.
+
+        Also when nothing is left to write but a checkpoint is under way: a duplicate
+        batch is acknowledged only once its first copy is durable, and that copy may
+        be in the write in progress (or in one that is failing).
+        """
+        if not self._dirty and not self.ledger.dirty and not self._checkpoint_lock.locked():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending_acks.append(future)
         await future
 
     async def checkpoint(self) -> None:
-        """Write every changed bucket in one transaction, then release waiting acks."""
-        acks, self._pending_acks = self._pending_acks, []
-        dirty, self._dirty = self._dirty, set()
-        try:
-            if dirty:
-                ops = [
+        """Write every changed bucket, and the ledger of counted batches, in one
+        transaction; then release the acks that waited for it."""
+        async with self._checkpoint_lock:
+            acks, self._pending_acks = self._pending_acks, []
+            dirty, self._dirty = self._dirty, set()
+            shards = self.ledger.take_dirty()
+            try:
+                ops: list[Put | Delete] = [
                     Put(self._key(*key), _encode_bucket(self._buckets[key]))
                     for key in sorted(dirty)
                     if key in self._buckets
                 ]
-                await self.store.txn((), ops)
-        except Exception as exc:
-            self._dirty |= dirty
+                for shard in sorted(shards):
+                    key = shard_key(self.settings.replica, shard)
+                    value = self.ledger.encode(shard)
+                    ops.append(Delete(key) if value is None else Put(key, value))
+                if ops:
+                    await self.store.txn((), ops)
+            except BaseException as exc:
+                # Written again next time (a Put of a whole bucket is idempotent).
+                self._dirty |= dirty
+                self.ledger.dirty |= shards
+                if isinstance(exc, Exception):
+                    for ack in acks:
+                        if not ack.done():
+                            ack.set_exception(exc)
+                else:  # cancelled (stopping): the last checkpoint answers them
+                    self._pending_acks[:0] = acks
+                raise
             for ack in acks:
                 if not ack.done():
-                    ack.set_exception(exc)
-            raise
-        for ack in acks:
-            if not ack.done():
-                ack.set_result(None)
+                    ack.set_result(None)
 
     async def _checkpoint_forever(self) -> None:
         while True:
@@ -432,12 +523,22 @@ class Aggregator:
                 _log.exception("metrics roll-up failed; retrying")
 
     async def rollup(self) -> int:
-        """Merge old fine buckets into coarser ones, drop expired ones; returns changes."""
+        """Merge old fine buckets into coarser ones, drop expired ones; returns changes.
+
+        A bucket with records not checkpointed yet waits for the next roll-up: the
+        roll-up's transaction does not carry the ledger of counted batches, so it
+        must not be the first to make records durable.
+        """
         now = self._clock()
         changes = 0
-        ops: list[Put | Delete] = []
+        deletes, self._unsaved_deletes = self._unsaved_deletes, {}
+        targets, self._unsaved_targets = self._unsaved_targets, set()
         for (width, keep), (next_width, _) in itertools.pairwise(_TIERS):
-            for key in [k for k in self._buckets if k[1] == width and k[2] + width < now - keep]:
+            for key in [
+                k
+                for k in self._buckets
+                if k[1] == width and k[2] + width < now - keep and k not in self._dirty
+            ]:
                 service, _, start = key
                 target = (service, next_width, start - start % next_width)
                 merged = dict(self._buckets.get(target, {}))
@@ -445,19 +546,19 @@ class Aggregator:
                     old = merged.get(series)
                     merged[series] = stats if old is None else old.merged(stats)
                 self._buckets[target] = merged
-                self._dirty.discard(key)
-                ops.append(Delete(self._key(*key)))
-                ops.append(Put(self._key(*target), _encode_bucket(merged)))
+                deletes[self._key(*key)] = None
+                targets.add(target)
                 changes += 1
         cutoff = now - self.settings.retention
         for key in [k for k in self._buckets if k[2] + k[1] < cutoff]:
             del self._buckets[key]
             self._dirty.discard(key)
-            ops.append(Delete(self._key(*key)))
+            targets.discard(key)
+            deletes[self._key(*key)] = None
             changes += 1
         for replica, buckets in self._peers.items():  # a gone replica's, too
             for service, width, start in [k for k in buckets if k[2] + k[1] < cutoff]:
-                ops.append(Delete(f"{REPLICA_BUCKETS}{replica}/{service}/{width:06d}/{start:012d}"))
+                deletes[f"{REPLICA_BUCKETS}{replica}/{service}/{width:06d}/{start:012d}"] = None
                 changes += 1
         for service, seen_by_key in list(self._series.items()):
             for series_key, seen in list(seen_by_key.items()):
@@ -465,10 +566,50 @@ class Aggregator:
                     del seen_by_key[series_key]
             if not seen_by_key:
                 del self._series[service]
+        changes += self.ledger.expire(now)  # written by the next checkpoint
+        ops: list[Put | Delete] = [Delete(key) for key in deletes]
+        ops += [
+            Put(self._key(*key), _encode_bucket(self._buckets[key]))
+            for key in sorted(targets)
+            if key in self._buckets
+        ]
         if ops:
-            # Later Puts of a target supersede earlier ones in the same transaction.
-            await self.store.txn((), ops)
+            try:
+                await self.store.txn((), ops)
+            except BaseException:
+                # Memory is rolled up already: the store follows with the next try.
+                self._unsaved_deletes = {**deletes, **self._unsaved_deletes}
+                self._unsaved_targets |= targets
+                raise
+        if self.settings.replica and now >= self._next_sweep:
+            await self.sweep_ledgers()
         return changes
+
+    async def sweep_ledgers(self) -> int:
+        """Delete the ledgers of replicas gone for longer than the reporter idle time
+        (a replica named after its process leaves one behind at every restart).
+
+        A shard is deleted only when its newest reporter is idle beyond the limit (its
+        owner would have forgotten them all) and only if it did not change since it
+        was read. Returns the shards deleted.
+        """
+        now = self._clock()
+        self._next_sweep = now + self.settings.reporter_idle_ttl / 4
+        cutoff = now - self.settings.reporter_idle_ttl
+        deleted = 0
+        for kv in await self.store.range(REPORTERS):
+            if kv.key.startswith(self._ledger_prefix):
+                continue
+            try:
+                newest = BatchLedger.newest(kv.value)
+            except (ValueError, KeyError, TypeError, IndexError):
+                newest = 0.0  # unreadable: nobody can use it
+            if newest < cutoff:
+                result = await self.store.txn([Compare(kv.key, kv.mod_revision)], [Delete(kv.key)])
+                deleted += result.succeeded
+        if deleted:
+            _log.info("metrics deleted %d idle reporter ledger shards of other replicas", deleted)
+        return deleted
 
     # -- queries -----------------------------------------------------------------------
 

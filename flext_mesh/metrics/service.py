@@ -7,6 +7,13 @@ feeds the registry's performance multiplier.
 
 Alerts are evaluated every 10 s over the last 5 minutes; an alert keeps the time it
 first fired for as long as it keeps firing (one episode).
+
+Ingest is exactly once per replica for batches that carry a reporter id and a batch
+sequence: a batch sent again (after a cut stream, a lost answer or an UNAVAILABLE
+from a failed durable write) is acknowledged, with the same accepted and rejected
+figures, without being counted again; the aggregator's ledger of counted batches is
+durable with the records. A batch re-sent to another replica after a failover may be
+counted twice, and batches with sequence 0 are counted every time they arrive.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class StreamTotals:
     rejected_count: int = 0
     batches: int = 0
     rejected: list[metrics_pb2.RejectedRecord] | None = None
+    duplicate_batches: int = 0
 
 
 class Metrics:
@@ -91,9 +99,16 @@ class Metrics:
 
     # -- ingest ----------------------------------------------------------------------
 
-    async def report_calls(self, records: Sequence[metrics_pb2.CallRecord]) -> Ingested:
-        """Ingest one batch; returns once the accepted records are durable."""
-        result = self.aggregator.ingest(records)
+    async def report_calls(
+        self,
+        records: Sequence[metrics_pb2.CallRecord],
+        *,
+        reporter_id: str = "",
+        sequence: int = 0,
+    ) -> Ingested:
+        """Ingest one batch; returns once the accepted records are durable (for a
+        duplicate batch: once its first copy is)."""
+        result = self.aggregator.ingest(records, reporter_id=reporter_id, sequence=sequence)
         await self.aggregator.durable()
         return result
 
@@ -106,17 +121,12 @@ class Metrics:
         async for batch in batches:
             totals.batches += 1
             try:
-                result = self.aggregator.ingest(batch.records)
-            except InvalidArgument as exc:
-                result = Ingested(
-                    0,
-                    tuple(
-                        metrics_pb2.RejectedRecord(
-                            index=_index_of(v.field), field=_field_of(v.field), reason=v.description
-                        )
-                        for v in exc.violations
-                    ),
+                result = self.aggregator.ingest(
+                    batch.records, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
                 )
+            except InvalidArgument as exc:
+                result = Ingested(0, _rejections(exc, len(batch.records)))
+            totals.duplicate_batches += result.duplicate
             totals.accepted += result.accepted
             totals.rejected_count += len(result.rejected)
             room = _MAX_LISTED_REJECTIONS - len(totals.rejected)
@@ -276,6 +286,25 @@ class Metrics:
         """Cumulative (service, operation, outcome, bucket counts, sum ms) for Prometheus."""
         for (service, operation, outcome), (counts, total) in self.aggregator.prometheus.items():
             yield service, operation, outcome, [int(c) for c in counts], float(total)  # type: ignore[union-attr]
+
+
+def _rejections(exc: InvalidArgument, size: int) -> tuple[metrics_pb2.RejectedRecord, ...]:
+    """The records of a refused batch, each with its reason (a fault of the batch as a
+    whole, such as its reporter_id, refuses every record)."""
+    out: list[metrics_pb2.RejectedRecord] = []
+    for v in exc.violations:
+        if v.field.startswith("records["):
+            out.append(
+                metrics_pb2.RejectedRecord(
+                    index=_index_of(v.field), field=_field_of(v.field), reason=v.description
+                )
+            )
+        else:
+            out.extend(
+                metrics_pb2.RejectedRecord(index=i, field=v.field, reason=v.description)
+                for i in range(max(size, 1))
+            )
+    return tuple(out)
 
 
 def _index_of(path: str) -> int:

@@ -29,9 +29,13 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     async def ReportCalls(
         self, request: metrics_pb2.ReportCallsRequest, context: _Context
     ) -> metrics_pb2.ReportCallsResponse:
-        """Ingest one batch (acknowledged once durable)."""
-        result = await self.metrics.report_calls(request.records)
-        return metrics_pb2.ReportCallsResponse(accepted=result.accepted, rejected=result.rejected)
+        """Ingest one batch (acknowledged once durable; counted once per sequence)."""
+        result = await self.metrics.report_calls(
+            request.records, reporter_id=request.reporter_id, sequence=request.batch_sequence
+        )
+        return metrics_pb2.ReportCallsResponse(
+            accepted=result.accepted, rejected=result.rejected, duplicate=result.duplicate
+        )
 
     @rpc_errors
     async def StreamCalls(
@@ -45,6 +49,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             rejected=totals.rejected,
             rejected_count=totals.rejected_count,
             batches=totals.batches,
+            duplicate_batches=totals.duplicate_batches,
         )
 
     @rpc_errors

@@ -27,49 +27,49 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lext_mesh/v1/metrics.proto\x12\rflext_mesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\nCallRecord\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x0f\n\x07success\x18\x05 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x16\n\x0e\x63orrelation_id\x18\x07 \x01(\t\x12\x16\n\x0etime_unix_nano\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t\x12%\n\x04side\x18\n \x01(\x0e\x32\x17.flext_mesh.v1.CallSide\x12\x16\n\x0e\x63\x61ller_service\x18\x0b \x01(\t\x12)\n\x08metadata\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\">\n\x0eRejectedRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"@\n\x12ReportCallsRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.flext_mesh.v1.CallRecord\"X\n\x13ReportCallsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12/\n\x08rejected\x18\x02 \x03(\x0b\x32\x1d.flext_mesh.v1.RejectedRecord\"q\n\x12StreamCallsRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.flext_mesh.v1.CallRecord\x12\x13\n\x0breporter_id\x18\x02 \x01(\t\x12\x1a\n\x12\x64ropped_since_last\x18\x03 \x01(\x04\"\x81\x01\n\x13StreamCallsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12/\n\x08rejected\x18\x02 \x03(\x0b\x32\x1d.flext_mesh.v1.RejectedRecord\x12\x16\n\x0erejected_count\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x04\"\x96\x01\n\x17GetServiceReportRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x12\n\nby_version\x18\x04 \x01(\x08\x12\x13\n\x0b\x62y_instance\x18\x05 \x01(\x08\"H\n\x18GetServiceReportResponse\x12,\n\x06report\x18\x01 \x01(\x0b\x32\x1c.flext_mesh.v1.ServiceReport\"\x83\x04\n\tCallStats\x12\x11\n\toperation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x13\n\x0btotal_calls\x18\x04 \x01(\x04\x12\x18\n\x10successful_calls\x18\x05 \x01(\x04\x12\x14\n\x0c\x66\x61iled_calls\x18\x06 \x01(\x04\x12\x1f\n\x17infrastructure_failures\x18\x07 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12\x12\n\nerror_rate\x18\t \x01(\x01\x12\x0e\n\x06min_ms\x18\n \x01(\x01\x12\x0e\n\x06\x61vg_ms\x18\x0b \x01(\x01\x12\x0e\n\x06max_ms\x18\x0c \x01(\x01\x12\x0e\n\x06p50_ms\x18\r \x01(\x01\x12\x0e\n\x06p95_ms\x18\x0e \x01(\x01\x12\x0e\n\x06p99_ms\x18\x0f \x01(\x01\x12\x1d\n\x15throughput_per_second\x18\x10 \x01(\x01\x12\x1b\n\x13throughput_per_hour\x18\x11 \x01(\x01\x12#\n\x05trend\x18\x12 \x01(\x0e\x32\x14.flext_mesh.v1.Trend\x12\x1c\n\x14trend_change_percent\x18\x13 \x01(\x01\x12\x14\n\x0chealth_score\x18\x14 \x01(\x01\x12\r\n\x05grade\x18\x15 \x01(\t\x12)\n\tanomalies\x18\x16 \x03(\x0b\x32\x16.flext_mesh.v1.Anomaly\"\xb8\x01\n\x07\x41nomaly\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.flext_mesh.v1.AnomalyKind\x12\x11\n\toperation\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08observed\x18\x04 \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x05 \x01(\x01\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"\xe5\x01\n\x05\x41lert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12.\n\x08severity\x18\x04 \x01(\x0e\x32\x1c.flext_mesh.v1.AlertSeverity\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x10\n\x08observed\x18\x07 \x01(\x01\x12\x0f\n\x07message\x18\x08 \x01(\t\x12-\n\tfire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x03\n\rServiceReport\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\rgenerate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07summary\x18\x05 \x01(\x0b\x32\x18.flext_mesh.v1.CallStats\x12,\n\noperations\x18\x06 \x03(\x0b\x32\x18.flext_mesh.v1.CallStats\x12*\n\x08versions\x18\x07 \x03(\x0b\x32\x18.flext_mesh.v1.CallStats\x12+\n\tinstances\x18\x08 \x03(\x0b\x32\x18.flext_mesh.v1.CallStats\x12\x17\n\x0frecommendations\x18\t \x03(\t\x12$\n\x06\x61lerts\x18\n \x03(\x0b\x32\x14.flext_mesh.v1.Alert\"\x84\x01\n\x11ListAlertsRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x32\n\x0cmin_severity\x18\x02 \x01(\x0e\x32\x1c.flext_mesh.v1.AlertSeverity\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x12ListAlertsResponse\x12$\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x14.flext_mesh.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*Q\n\x08\x43\x61llSide\x12\x19\n\x15\x43\x41LL_SIDE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41LL_SIDE_SERVER\x10\x01\x12\x14\n\x10\x43\x41LL_SIDE_CLIENT\x10\x02*w\n\x05Trend\x12\x15\n\x11TREND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TREND_INSUFFICIENT_DATA\x10\x01\x12\x10\n\x0cTREND_STABLE\x10\x02\x12\x13\n\x0fTREND_IMPROVING\x10\x03\x12\x13\n\x0fTREND_DEGRADING\x10\x04*b\n\x0b\x41nomalyKind\x12\x1c\n\x18\x41NOMALY_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41NOMALY_KIND_LATENCY\x10\x01\x12\x1b\n\x17\x41NOMALY_KIND_ERROR_RATE\x10\x02*\x81\x01\n\rAlertSeverity\x12\x1e\n\x1a\x41LERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LERT_SEVERITY_INFO\x10\x01\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x02\x12\x1b\n\x17\x41LERT_SEVERITY_CRITICAL\x10\x03\x32\xf6\x02\n\x0eMetricsService\x12T\n\x0bReportCalls\x12!.flext_mesh.v1.ReportCallsRequest\x1a\".flext_mesh.v1.ReportCallsResponse\x12V\n\x0bStreamCalls\x12!.flext_mesh.v1.StreamCallsRequest\x1a\".flext_mesh.v1.StreamCallsResponse(\x01\x12\x63\n\x10GetServiceReport\x12&.flext_mesh.v1.GetServiceReportRequest\x1a\'.flext_mesh.v1.GetServiceReportResponse\x12Q\n\nListAlerts\x12 .flext_mesh.v1.ListAlertsRequest\x1a!.flext_mesh.v1.ListAlertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lext_mesh/v1/metrics.proto\x12\rflext_mesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x02\n\nCallRecord\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x0f\n\x07success\x18\x05 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x16\n\x0e\x63orrelation_id\x18\x07 \x01(\t\x12\x16\n\x0etime_unix_nano\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t\x12%\n\x04side\x18\n \x01(\x0e\x32\x17.flext_mesh.v1.CallSide\x12\x16\n\x0e\x63\x61ller_service\x18\x0b \x01(\t\x12)\n\x08metadata\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\">\n\x0eRejectedRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"m\n\x12ReportCallsRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.flext_mesh.v1.CallRecord\x12\x13\n\x0breporter_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61tch_sequence\x18\x03 \x01(\x04\"k\n\x13ReportCallsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12/\n\x08rejected\x18\x02 \x03(\x0b\x32\x1d.flext_mesh.v1.RejectedRecord\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x89\x01\n\x12StreamCallsRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.flext_mesh.v1.CallRecord\x12\x13\n\x0breporter_id\x18\x02 \x01(\t\x12\x1a\n\x12\x64ropped_since_last\x18\x03 \x01(\x04\x12\x16\n\x0e\x62\x61tch_sequence\x18\x04 \x01(\x04\"\x9c\x01\n\x13StreamCallsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12/\n\x08rejected\x18\x02 \x03(\x0b\x32\x1d.flext_mesh.v1.RejectedRecord\x12\x16\n\x0erejected_count\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x04\x12\x19\n\x11\x64uplicate_batches\x18\x05 \x01(\x04\"\x96\x01\n\x17GetServiceReportRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x12\n\nby_version\x18\x04 \x01(\x08\x12\x13\n\x0b\x62y_instance\x18\x05 \x01(\x08\"H\n\x18GetServiceReportResponse\x12,\n\x06report\x18\x01 \x01(\x0b\x32\x1c.flext_mesh.v1.ServiceReport\"\x83\x04\n\tCallStats\x12\x11\n\toperation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x13\n\x0btotal_calls\x18\x04 \x01(\x04\x12\x18\n\x10successful_calls\x18\x05 \x01(\x04\x12\x14\n\x0c\x66\x61iled_calls\x18\x06 \x01(\x04\x12\x1f\n\x17infrastructure_failures\x18\x07 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12\x12\n\nerror_rate\x18\t \x01(\x01\x12\x0e\n\x06min_ms\x18\n \x01(\x01\x12\x0e\n\x06\x61vg_ms\x18\x0b \x01(\x01\x12\x0e\n\x06max_ms\x18\x0c \x01(\x01\x12\x0e\n\x06p50_ms\x18\r \x01(\x01\x12\x0e\n\x06p95_ms\x18\x0e \x01(\x01\x12\x0e\n\x06p99_ms\x18\x0f \x01(\x01\x12\x1d\n\x15throughput_per_second\x18\x10 \x01(\x01\x12\x1b\n\x13throughput_per_hour\x18\x11 \x01(\x01\x12#\n\x05trend\x18\x12 \x01(\x0e\x32\x14.flext_mesh.v1.Trend\x12\x1c\n\x14trend_change_percent\x18\x13 \x01(\x01\x12\x14\n\x0chealth_score\x18\x14 \x01(\x01\x12\r\n\x05grade\x18\x15 \x01(\t\x12)\n\tanomalies\x18\x16 \x03(\x0b\x32\x16.flext_mesh.v1.Anomaly\"\xb8\x01\n\x07\x41nomaly\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.flext_mesh.v1.AnomalyKind\x12\x11\n\toperation\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08observed\x18\x04 \x01(\x01\x12\x10\n\x08\x62\x61seline\x18\x05 \x01(\x01\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"\xe5\x01\n\x05\x41lert\x12\x10\n\x08\x61lert_id\x18\x01 \x01(\t\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12.\n\x08severity\x18\x04 \x01(\x0e\x32\x1c.flext_mesh.v1.AlertSeverity\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x10\n\x08observed\x18\x07 \x01(\x01\x12\x0f\n\x07message\x18\x08 \x01(\t\x12-\n\tfire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x03\n\rServiceReport\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\rgenerate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07summary\x18\x05 \x01(\x0b\x32\x18.flext_mesh.v1.CallStats\x12,\n\noperations\x18\x06 \x03(\x0b\x32\x18.flext_mesh.v1.CallStats\x12*\n\x08versions\x18\x07 \x03(\x0b\x32\x18.flext_mesh.v1.CallStats\x12+\n\tinstances\x18\x08 \x03(\x0b\x32\x18.flext_mesh.v1.CallStats\x12\x17\n\x0frecommendations\x18\t \x03(\t\x12$\n\x06\x61lerts\x18\n \x03(\x0b\x32\x14.flext_mesh.v1.Alert\"\x84\x01\n\x11ListAlertsRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x32\n\x0cmin_severity\x18\x02 \x01(\x0e\x32\x1c.flext_mesh.v1.AlertSeverity\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x12ListAlertsResponse\x12$\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x14.flext_mesh.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*Q\n\x08\x43\x61llSide\x12\x19\n\x15\x43\x41LL_SIDE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41LL_SIDE_SERVER\x10\x01\x12\x14\n\x10\x43\x41LL_SIDE_CLIENT\x10\x02*w\n\x05Trend\x12\x15\n\x11TREND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TREND_INSUFFICIENT_DATA\x10\x01\x12\x10\n\x0cTREND_STABLE\x10\x02\x12\x13\n\x0fTREND_IMPROVING\x10\x03\x12\x13\n\x0fTREND_DEGRADING\x10\x04*b\n\x0b\x41nomalyKind\x12\x1c\n\x18\x41NOMALY_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41NOMALY_KIND_LATENCY\x10\x01\x12\x1b\n\x17\x41NOMALY_KIND_ERROR_RATE\x10\x02*\x81\x01\n\rAlertSeverity\x12\x1e\n\x1a\x41LERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41LERT_SEVERITY_INFO\x10\x01\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x02\x12\x1b\n\x17\x41LERT_SEVERITY_CRITICAL\x10\x03\x32\xf6\x02\n\x0eMetricsService\x12T\n\x0bReportCalls\x12!.flext_mesh.v1.ReportCallsRequest\x1a\".flext_mesh.v1.ReportCallsResponse\x12V\n\x0bStreamCalls\x12!.flext_mesh.v1.StreamCallsRequest\x1a\".flext_mesh.v1.StreamCallsResponse(\x01\x12\x63\n\x10GetServiceReport\x12&.flext_mesh.v1.GetServiceReportRequest\x1a\'.flext_mesh.v1.GetServiceReportResponse\x12Q\n\nListAlerts\x12 .flext_mesh.v1.ListAlertsRequest\x1a!.flext_mesh.v1.ListAlertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flext_mesh.v1.metrics_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLSIDE']._serialized_start=2724
-  _globals['_CALLSIDE']._serialized_end=2805
-  _globals['_TREND']._serialized_start=2807
-  _globals['_TREND']._serialized_end=2926
-  _globals['_ANOMALYKIND']._serialized_start=2928
-  _globals['_ANOMALYKIND']._serialized_end=3026
-  _globals['_ALERTSEVERITY']._serialized_start=3029
-  _globals['_ALERTSEVERITY']._serialized_end=3158
+  _globals['_CALLSIDE']._serialized_start=2840
+  _globals['_CALLSIDE']._serialized_end=2921
+  _globals['_TREND']._serialized_start=2923
+  _globals['_TREND']._serialized_end=3042
+  _globals['_ANOMALYKIND']._serialized_start=3044
+  _globals['_ANOMALYKIND']._serialized_end=3142
+  _globals['_ALERTSEVERITY']._serialized_start=3145
+  _globals['_ALERTSEVERITY']._serialized_end=3274
   _globals['_CALLRECORD']._serialized_start=142
   _globals['_CALLRECORD']._serialized_end=446
   _globals['_REJECTEDRECORD']._serialized_start=448
   _globals['_REJECTEDRECORD']._serialized_end=510
   _globals['_REPORTCALLSREQUEST']._serialized_start=512
-  _globals['_REPORTCALLSREQUEST']._serialized_end=576
-  _globals['_REPORTCALLSRESPONSE']._serialized_start=578
-  _globals['_REPORTCALLSRESPONSE']._serialized_end=666
-  _globals['_STREAMCALLSREQUEST']._serialized_start=668
-  _globals['_STREAMCALLSREQUEST']._serialized_end=781
-  _globals['_STREAMCALLSRESPONSE']._serialized_start=784
-  _globals['_STREAMCALLSRESPONSE']._serialized_end=913
-  _globals['_GETSERVICEREPORTREQUEST']._serialized_start=916
-  _globals['_GETSERVICEREPORTREQUEST']._serialized_end=1066
-  _globals['_GETSERVICEREPORTRESPONSE']._serialized_start=1068
-  _globals['_GETSERVICEREPORTRESPONSE']._serialized_end=1140
-  _globals['_CALLSTATS']._serialized_start=1143
-  _globals['_CALLSTATS']._serialized_end=1658
-  _globals['_ANOMALY']._serialized_start=1661
-  _globals['_ANOMALY']._serialized_end=1845
-  _globals['_ALERT']._serialized_start=1848
-  _globals['_ALERT']._serialized_end=2077
-  _globals['_SERVICEREPORT']._serialized_start=2080
-  _globals['_SERVICEREPORT']._serialized_end=2502
-  _globals['_LISTALERTSREQUEST']._serialized_start=2505
-  _globals['_LISTALERTSREQUEST']._serialized_end=2637
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2639
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2722
-  _globals['_METRICSSERVICE']._serialized_start=3161
-  _globals['_METRICSSERVICE']._serialized_end=3535
+  _globals['_REPORTCALLSREQUEST']._serialized_end=621
+  _globals['_REPORTCALLSRESPONSE']._serialized_start=623
+  _globals['_REPORTCALLSRESPONSE']._serialized_end=730
+  _globals['_STREAMCALLSREQUEST']._serialized_start=733
+  _globals['_STREAMCALLSREQUEST']._serialized_end=870
+  _globals['_STREAMCALLSRESPONSE']._serialized_start=873
+  _globals['_STREAMCALLSRESPONSE']._serialized_end=1029
+  _globals['_GETSERVICEREPORTREQUEST']._serialized_start=1032
+  _globals['_GETSERVICEREPORTREQUEST']._serialized_end=1182
+  _globals['_GETSERVICEREPORTRESPONSE']._serialized_start=1184
+  _globals['_GETSERVICEREPORTRESPONSE']._serialized_end=1256
+  _globals['_CALLSTATS']._serialized_start=1259
+  _globals['_CALLSTATS']._serialized_end=1774
+  _globals['_ANOMALY']._serialized_start=1777
+  _globals['_ANOMALY']._serialized_end=1961
+  _globals['_ALERT']._serialized_start=1964
+  _globals['_ALERT']._serialized_end=2193
+  _globals['_SERVICEREPORT']._serialized_start=2196
+  _globals['_SERVICEREPORT']._serialized_end=2618
+  _globals['_LISTALERTSREQUEST']._serialized_start=2621
+  _globals['_LISTALERTSREQUEST']._serialized_end=2753
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2755
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2838
+  _globals['_METRICSSERVICE']._serialized_start=3277
+  _globals['_METRICSSERVICE']._serialized_end=3651
 # @@protoc_insertion_point(module_scope)

@@ -245,11 +245,35 @@ Global___RejectedRecord: _TypeAlias = RejectedRecord  # noqa: Y015
 
 @_typing.final
 class ReportCallsRequest(_message.Message):
-    """Request of MetricsService.ReportCalls."""
+    """Request of MetricsService.ReportCalls.
+
+    Exactly-once delivery: a reporter numbers its batches (batch_sequence 1, 2,
+    3, ... under one reporter_id) and re-sends a batch whose answer it did not
+    get with the same reporter_id and batch_sequence. The control plane remembers
+    the sequences it counted per reporter_id (durably, in the same write as the
+    records), so a batch sent again, on this RPC or on StreamCalls, before or
+    after a control-plane restart, is acknowledged without being counted again.
+    Limits of the guarantee: it holds per control-plane replica (a batch re-sent
+    to another replica after a failover may be counted twice), and a reporter
+    idle for an hour, or pushed out by 10000 more recent reporters, is forgotten.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int
+    REPORTER_ID_FIELD_NUMBER: _builtins.int
+    BATCH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    reporter_id: _builtins.str
+    """Id of the reporter, which numbers its batches; at most 256 printable
+    characters, required when batch_sequence is set. It must not be reused
+    with sequences starting again at 1 (a restarted process): the sidecar sends
+    its instance id plus a random suffix chosen when it starts.
+    """
+    batch_sequence: _builtins.int
+    """Number of this batch among the reporter's batches: 1 for the first, one
+    more for each next batch, the same when a batch is sent again. 0 (unset)
+    means "not deduplicated": every copy is counted (old clients, grpcurl).
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRecord]:
         """Records, 1 to 10000."""
@@ -258,10 +282,12 @@ class ReportCallsRequest(_message.Message):
         self,
         *,
         records: _abc.Iterable[Global___CallRecord] | None = ...,
+        reporter_id: _builtins.str = ...,
+        batch_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sequence", b"batch_sequence", "records", b"records", "reporter_id", b"reporter_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,8 +304,15 @@ class ReportCallsResponse(_message.Message):
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
-    """Records kept."""
+    """Records kept. For a duplicate batch, the records the control plane
+    accepts from it (they were counted when it first arrived).
+    """
+    duplicate: _builtins.bool
+    """True when this batch (reporter_id, batch_sequence) had been received
+    before: acknowledged, not counted again.
+    """
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]:
         """Records refused, with the reason."""
@@ -289,10 +322,11 @@ class ReportCallsResponse(_message.Message):
         *,
         accepted: _builtins.int = ...,
         rejected: _abc.Iterable[Global___RejectedRecord] | None = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicate", b"duplicate", "rejected", b"rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,10 +341,19 @@ class StreamCallsRequest(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     REPORTER_ID_FIELD_NUMBER: _builtins.int
     DROPPED_SINCE_LAST_FIELD_NUMBER: _builtins.int
+    BATCH_SEQUENCE_FIELD_NUMBER: _builtins.int
     reporter_id: _builtins.str
-    """Id of the reporter (e.g. the sidecar's instance id), for diagnostics."""
+    """Id of the reporter, which numbers its batches: as in ReportCallsRequest
+    (the sidecar sends its instance id plus a random per-process suffix).
+    """
     dropped_since_last: _builtins.int
     """Records the reporter dropped since its last batch (its buffer was full)."""
+    batch_sequence: _builtins.int
+    """Number of this batch among the reporter's batches, as in
+    ReportCallsRequest: a batch sent again with the same reporter_id and
+    batch_sequence is acknowledged without being counted again; 0 (unset)
+    means not deduplicated.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRecord]:
         """Records, 1 to 10000."""
@@ -321,10 +364,11 @@ class StreamCallsRequest(_message.Message):
         records: _abc.Iterable[Global___CallRecord] | None = ...,
         reporter_id: _builtins.str = ...,
         dropped_since_last: _builtins.int = ...,
+        batch_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_since_last", b"dropped_since_last", "records", b"records", "reporter_id", b"reporter_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sequence", b"batch_sequence", "dropped_since_last", b"dropped_since_last", "records", b"records", "reporter_id", b"reporter_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,12 +384,19 @@ class StreamCallsResponse(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     REJECTED_COUNT_FIELD_NUMBER: _builtins.int
     BATCHES_FIELD_NUMBER: _builtins.int
+    DUPLICATE_BATCHES_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
-    """Records kept over the whole stream."""
+    """Records kept over the whole stream, those of duplicate batches included
+    (they were counted when they first arrived).
+    """
     rejected_count: _builtins.int
     """Count of refused records, including those not listed."""
     batches: _builtins.int
-    """Batches received."""
+    """Batches received, duplicates included."""
+    duplicate_batches: _builtins.int
+    """Batches that had been received before (same reporter_id and
+    batch_sequence): acknowledged, not counted again.
+    """
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]:
         """Records refused over the whole stream (at most the first 1000 listed)."""
@@ -357,10 +408,11 @@ class StreamCallsResponse(_message.Message):
         rejected: _abc.Iterable[Global___RejectedRecord] | None = ...,
         rejected_count: _builtins.int = ...,
         batches: _builtins.int = ...,
+        duplicate_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batches", b"batches", "rejected", b"rejected", "rejected_count", b"rejected_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batches", b"batches", "duplicate_batches", b"duplicate_batches", "rejected", b"rejected", "rejected_count", b"rejected_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,7 +62,9 @@ class MetricsServiceServicer:
     """
 
     def ReportCalls(self, request, context):
-        """Ingests one batch of call records (at most 10000).
+        """Ingests one batch of call records (at most 10000). Answered once the
+        records are durable; a batch that names its reporter_id and batch_sequence
+        is counted exactly once, however often it is sent (see ReportCallsRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +72,8 @@ class MetricsServiceServicer:
 
     def StreamCalls(self, request_iterator, context):
         """Ingests a client stream of batches; answers once when the client closes.
+        Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
+        before the answer re-sends its batches without them being counted twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

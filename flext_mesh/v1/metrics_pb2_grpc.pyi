@@ -38,9 +38,15 @@ class MetricsServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MetricsServiceAsyncStub: ...
     ReportCalls: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.ReportCallsRequest, _metrics_pb2.ReportCallsResponse]
-    """Ingests one batch of call records (at most 10000)."""
+    """Ingests one batch of call records (at most 10000). Answered once the
+    records are durable; a batch that names its reporter_id and batch_sequence
+    is counted exactly once, however often it is sent (see ReportCallsRequest).
+    """
     StreamCalls: _grpc.StreamUnaryMultiCallable[_metrics_pb2.StreamCallsRequest, _metrics_pb2.StreamCallsResponse]
-    """Ingests a client stream of batches; answers once when the client closes."""
+    """Ingests a client stream of batches; answers once when the client closes.
+    Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
+    before the answer re-sends its batches without them being counted twice.
+    """
     GetServiceReport: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.GetServiceReportRequest, _metrics_pb2.GetServiceReportResponse]
     """Performance report of one service over a time window. NOT_FOUND when the
     service has no call recorded in the window.
@@ -54,9 +60,15 @@ class MetricsServiceAsyncStub(MetricsServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReportCalls: _aio.UnaryUnaryMultiCallable[_metrics_pb2.ReportCallsRequest, _metrics_pb2.ReportCallsResponse]  # type: ignore[assignment]
-    """Ingests one batch of call records (at most 10000)."""
+    """Ingests one batch of call records (at most 10000). Answered once the
+    records are durable; a batch that names its reporter_id and batch_sequence
+    is counted exactly once, however often it is sent (see ReportCallsRequest).
+    """
     StreamCalls: _aio.StreamUnaryMultiCallable[_metrics_pb2.StreamCallsRequest, _metrics_pb2.StreamCallsResponse]  # type: ignore[assignment]
-    """Ingests a client stream of batches; answers once when the client closes."""
+    """Ingests a client stream of batches; answers once when the client closes.
+    Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
+    before the answer re-sends its batches without them being counted twice.
+    """
     GetServiceReport: _aio.UnaryUnaryMultiCallable[_metrics_pb2.GetServiceReportRequest, _metrics_pb2.GetServiceReportResponse]  # type: ignore[assignment]
     """Performance report of one service over a time window. NOT_FOUND when the
     service has no call recorded in the window.
@@ -73,7 +85,10 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _metrics_pb2.ReportCallsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_metrics_pb2.ReportCallsResponse, _abc.Awaitable[_metrics_pb2.ReportCallsResponse]]:
-        """Ingests one batch of call records (at most 10000)."""
+        """Ingests one batch of call records (at most 10000). Answered once the
+        records are durable; a batch that names its reporter_id and batch_sequence
+        is counted exactly once, however often it is sent (see ReportCallsRequest).
+        """
 
     @_abc_1.abstractmethod
     def StreamCalls(
@@ -81,7 +96,10 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_metrics_pb2.StreamCallsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_metrics_pb2.StreamCallsResponse, _abc.Awaitable[_metrics_pb2.StreamCallsResponse]]:
-        """Ingests a client stream of batches; answers once when the client closes."""
+        """Ingests a client stream of batches; answers once when the client closes.
+        Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
+        before the answer re-sends its batches without them being counted twice.
+        """
 
     @_abc_1.abstractmethod
     def GetServiceReport(

@@ -217,7 +217,8 @@ async def test_outage_keeps_newest_records_within_bound_then_drains(rig: Rig) ->
 
 
 async def test_records_of_a_failed_stream_are_sent_again(rig: Rig) -> None:
-    """At least once: records written to a stream that fails before its answer are resent."""
+    """Records written to a stream that fails before its answer are sent again (here to
+    another control plane, which had not seen them: they count there once)."""
     await rig.start_plane("first")
     reporter = rig.reporter(flush_interval=0.1, stream_max_age=60.0)
 
@@ -320,3 +321,82 @@ def test_record_drops_the_oldest_when_full_and_never_raises() -> None:
 def test_settings_are_validated(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         ReporterSettings(**bad)
+
+
+async def test_a_restarted_reporter_with_the_same_id_is_not_taken_for_the_old_one(
+    rig: Rig,
+) -> None:
+    """Sequences start again at 1 in a new process: its batches must count all the same."""
+    await rig.start_plane()
+    first = rig.reporter(flush_interval=0.05)
+    record_calls(first, 10)
+    await first.aclose(within=5)
+    second = rig.reporter(flush_interval=0.05)
+    assert second.reporter_id == first.reporter_id
+    assert second.batch_reporter_id != first.batch_reporter_id
+    record_calls(second, 15)
+    await second.aclose(within=5)
+
+    assert (first.stats().sent, second.stats().sent) == (10, 15)
+    assert await rig.total() == 25
+
+
+async def test_the_reporter_waits_as_long_as_retry_info_says(tmp_path: Path) -> None:
+    """A control plane limited to 100 records/s (burst 100) ends the stream of two
+    batches of 110 RESOURCE_EXHAUSTED with a RetryInfo of 1.1 s, then refuses one of
+    the two batches sent again the same way. The reporter retries no sooner than told
+    (its own backoff is 10-20 ms), and each record is counted once."""
+    plane, port = await create_server(
+        fast_config(tmp_path, rate_limit_reports=100, rate_limit_reports_burst=100)
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", CHANNEL_OPTIONS)
+    settings = fast_settings(
+        batch_size=110,
+        flush_interval=0.02,
+        stream_max_age=5.0,
+        backoff_initial=0.01,
+        backoff_max=0.02,
+    )
+    try:
+        reporter = CallReporter(lambda: channel, reporter_id="limited", settings=settings)
+        started = time.monotonic()
+        async with reporter:
+            record_calls(reporter, 220)
+            await until(lambda: reporter.stats().sent == 220, within=10)
+        elapsed = time.monotonic() - started
+
+        stats = reporter.stats()
+        # Two waits of about 1.1 s; ignoring RetryInfo would mean ~100 refused attempts.
+        assert stats.failed_flushes <= 3, stats
+        assert elapsed >= 2.0, elapsed
+        assert (stats.sent, stats.dropped, stats.buffered, stats.in_flight) == (220, 0, 0, 0)
+        assert stats.duplicate_batches >= 1, "the first batch was counted before the cut"
+        reply = await metrics_pb2_grpc.MetricsServiceStub(channel).GetServiceReport(
+            metrics_pb2.GetServiceReportRequest(service_name="payment"), timeout=5
+        )
+        assert reply.report.summary.total_calls == 220
+    finally:
+        await channel.close()
+        await plane.stop(0.2)
+
+
+async def test_a_batch_refused_as_a_whole_when_sent_again_does_not_block_the_rest(
+    rig: Rig,
+) -> None:
+    """Batches of a failed stream are sent again one ReportCalls each: one that the
+    control plane refuses whole (INVALID_ARGUMENT) is counted as rejected, not retried
+    for ever in front of the others."""
+    await rig.start_plane("first")
+    reporter = rig.reporter(batch_size=5, flush_interval=0.05, stream_max_age=60.0)
+    for i in range(5):
+        reporter.record_call("payment", "charge", -1.0, True, correlation_id=f"bad-{i}")
+    record_calls(reporter, 5)
+    await until(lambda: reporter.stats().in_flight == 10, within=5)
+    await rig.stop_plane()  # before the stream's answer
+    await until(lambda: reporter.stats().buffered == 10, within=5)
+
+    await rig.start_plane("second")
+    await until(lambda: reporter.stats().sent == 10, within=8)
+    stats = reporter.stats()
+    assert (stats.rejected, stats.buffered, stats.in_flight, stats.batches) == (5, 0, 0, 2)
+    assert await rig.total() == 5
