@@ -106,12 +106,13 @@ protos-check: $(VENV)/.installed-dev  ## Fail when flext_mesh/v1 is not what `ma
 		rm -rf $$tmp; echo "flext_mesh/v1 differs from protos/: run 'make protos' and commit"; exit 1; \
 	fi
 
-bench: $(VENV)/.installed-dev  ## Run the benchmarks (prints figures; takes minutes).
+bench: $(VENV)/.installed-dev etcd  ## Run the benchmarks (prints figures; takes minutes).
 	$(PY) -m bench.ceiling
 	$(PY) -m bench.registry
 	$(PY) -m bench.metrics
 	$(PY) -m bench.sidecar
 	$(PY) -m bench.orchestrator
+	$(PY) -m bench.etcd
 
 soak: $(VENV)/.installed-dev  ## 60 s soak: 200 simulated sidecars, checks expiries, errors, memory.
 	SOAK_SECONDS=60 $(BIN)/pytest -n 0 -q -s tests/robustness/test_soak.py

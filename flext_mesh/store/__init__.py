@@ -19,12 +19,14 @@ from flext_mesh.store.base import (
     SubscriptionLagged,
     TxnResult,
 )
+from flext_mesh.store.etcd import EtcdStore, parse_endpoints
 from flext_mesh.store.sqlite import SqliteStore
 
 __all__ = [
     "Compacted",
     "Compare",
     "Delete",
+    "EtcdStore",
     "Event",
     "EventType",
     "KeyValue",
@@ -43,11 +45,16 @@ __all__ = [
 
 
 def open_store(url: str) -> Store:
-    """The Store for a URL (not yet opened): ``sqlite:///path`` or ``etcd://host:port``."""
+    """The Store for a URL (not yet opened): ``sqlite:///path`` or
+    ``etcd://host:port[,host:port...][/prefix]`` (keys under ``/flext-mesh`` unless a
+    prefix is given)."""
     if url.startswith("sqlite:///"):
         return SqliteStore(url[len("sqlite:///") :])
     if url.startswith("etcd://"):
-        raise StoreOpenError(
-            "the etcd store arrives with multi-replica support; use sqlite:///path for now"
+        hosts, slash, prefix = url[len("etcd://") :].partition("/")
+        if not hosts:
+            raise StoreOpenError(f"{url!r} names no etcd endpoint: use etcd://host:port")
+        return EtcdStore(
+            parse_endpoints(hosts), "/" + prefix if slash and prefix else "/flext-mesh"
         )
     raise StoreOpenError(f"{url!r} is not a store URL: use sqlite:///path.db or etcd://host:port")

@@ -1,4 +1,6 @@
-"""The SQLite Store: revisions, transactions, leases, history, durability and start-up errors."""
+"""What only the SQLite Store does: its own compaction, coalesced lease sweeps, restart
+grace, durability across kill -9, the schema and start-up errors. The contract both
+backends share is in test_store.py."""
 
 from __future__ import annotations
 
@@ -13,14 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from flext_mesh.errors import StoreUnavailable
 from flext_mesh.store import (
     Compacted,
-    Compare,
-    Delete,
     EventType,
     LeaseNotFound,
-    Put,
     SqliteStore,
     StoreOpenError,
 )
@@ -35,59 +33,6 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         yield s
     finally:
         await s.close()
-
-
-async def test_put_get_range_delete_track_revisions(store: SqliteStore) -> None:
-    r1 = await store.put("/a/1", b"one")
-    r2 = await store.put("/a/2", b"two")
-    r3 = await store.put("/a/1", b"uno")
-    await store.put("/b/1", b"other")
-    assert r1 < r2 < r3
-
-    kv = await store.get("/a/1")
-    assert kv is not None
-    assert (kv.value, kv.create_revision, kv.mod_revision, kv.version) == (b"uno", r1, r3, 2)
-
-    assert [k.key for k in await store.range("/a/")] == ["/a/1", "/a/2"]
-    assert [k.key for k in await store.range("/a/", start_after="/a/1")] == ["/a/2"]
-    assert [k.key for k in await store.range("/", limit=2)] == ["/a/1", "/a/2"]
-    await store.put("/a/3", b"three")
-    assert [k.key for k in await store.range("/a/", reverse=True)] == ["/a/3", "/a/2", "/a/1"]
-    newest_first = await store.range("/a/", reverse=True, start_after="/a/3", limit=1)
-    assert [k.key for k in newest_first] == ["/a/2"]
-    assert [k.key for k in await store.range("/b/", reverse=True)] == ["/b/1"]
-    await store.delete("/a/3")
-
-    r5 = await store.delete("/a/1")
-    assert r5 is not None
-    assert r5 > r3
-    assert await store.get("/a/1") is None
-    assert await store.delete("/a/1") is None
-    assert await store.current_revision() == r5
-
-
-async def test_txn_applies_success_or_failure_branch_atomically(store: SqliteStore) -> None:
-    rev = await store.put("/lock", b"owner-a")
-    won = await store.txn([Compare("/lock", rev)], [Put("/lock", b"owner-b"), Put("/x", b"1")])
-    assert won.succeeded
-    lost = await store.txn([Compare("/lock", rev)], [Put("/lock", b"owner-c")], [Put("/y", b"2")])
-    assert not lost.succeeded
-    assert (await store.get("/lock")).value == b"owner-b"  # type: ignore[union-attr]
-    assert await store.get("/y") is not None
-    created = await store.txn([Compare("/new", 0)], [Put("/new", b"first")])
-    assert created.succeeded
-    again = await store.txn([Compare("/new", 0)], [Put("/new", b"second")])
-    assert not again.succeeded
-
-
-async def test_one_revision_per_transaction_and_prefix_delete(store: SqliteStore) -> None:
-    before = await store.current_revision()
-    result = await store.txn([], [Put("/p/1", b"1"), Put("/p/2", b"2"), Put("/p/3", b"3")])
-    assert result.revision == before + 1
-    assert {e.revision for e in result.events} == {before + 1}
-    gone = await store.txn([], [Delete("/p/", prefix=True)])
-    assert [e.key for e in gone.events] == ["/p/1", "/p/2", "/p/3"]
-    assert await store.range("/p/") == []
 
 
 async def test_history_resumes_from_a_revision_and_reports_compaction(tmp_path: Path) -> None:
@@ -106,23 +51,6 @@ async def test_history_resumes_from_a_revision_and_reports_compaction(tmp_path: 
             await s.events_since(start, "/k/")
     finally:
         await s.close()
-
-
-async def test_subscription_then_history_misses_nothing(store: SqliteStore) -> None:
-    rev = await store.put("/w/0", b"0")
-    sub = store.subscribe("/w/")
-    writer = asyncio.gather(*(store.put(f"/w/{i}", b"x") for i in range(1, 50)))
-    history = await store.events_since(rev, "/w/")
-    await writer
-    seen = {e.revision for e in history}
-    async with asyncio.timeout(5):
-        async for batch in sub:
-            seen.update(e.revision for e in batch)
-            if len(seen) >= 49:
-                break
-    sub.close()
-    assert len(seen) == 49
-    assert min(seen) == rev + 1
 
 
 async def test_leases_renew_in_memory_and_expire_in_one_coalesced_revision(
@@ -152,15 +80,6 @@ async def test_leases_renew_in_memory_and_expire_in_one_coalesced_revision(
         await store.keep_alive(lease_a.lease_id)
     with pytest.raises(LeaseNotFound):
         await store.put("/inst/late", b"x", lease=lease_a.lease_id)
-
-
-async def test_revoke_deletes_the_leases_keys(store: SqliteStore) -> None:
-    lease = await store.grant_lease(30)
-    await store.put("/r/1", b"1", lease=lease.lease_id)
-    await store.revoke_lease(lease.lease_id)
-    assert await store.get("/r/1") is None
-    with pytest.raises(LeaseNotFound):
-        await store.revoke_lease(lease.lease_id)
 
 
 async def test_restart_keeps_keys_revision_and_gives_leases_one_ttl_of_grace(
@@ -271,45 +190,6 @@ async def test_path_under_a_file_is_refused(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StoreOpenError, match="cannot create store directory"):
         await SqliteStore(blocker / "sub" / "x.db").open()
-
-
-async def test_writes_after_close_fail_cleanly(tmp_path: Path) -> None:
-    s = SqliteStore(tmp_path / "c.db")
-    await s.open()
-    await s.close()
-    with pytest.raises(StoreUnavailable):
-        await s.put("/x", b"1")
-
-
-async def test_listeners_see_a_write_before_its_caller_resumes(store: SqliteStore) -> None:
-    seen: list[tuple[int, str]] = []
-    stop = store.listen("/svc/", lambda events: seen.extend((e.revision, e.key) for e in events))
-    rev = await store.put("/svc/a", b"1")
-    assert seen == [(rev, "/svc/a")], "the listener ran before put() returned"
-    await store.put("/other", b"x")
-    stop()
-    await store.put("/svc/b", b"2")
-    assert seen == [(rev, "/svc/a")]
-
-
-async def test_snapshot_reads_keys_and_revision_together(store: SqliteStore) -> None:
-    await store.put("/s/1", b"1")
-    rev = await store.put("/s/2", b"2")
-    await store.put("/t/1", b"x")
-    revision, kvs = await store.snapshot("/s/")
-    assert [kv.key for kv in kvs] == ["/s/1", "/s/2"]
-    assert revision >= rev
-
-
-async def test_events_carry_the_previous_value_live_and_in_history(store: SqliteStore) -> None:
-    live: list[tuple[str, bytes | None]] = []
-    store.listen("/p/", lambda events: live.extend((e.type.name, e.prev_value) for e in events))
-    start = await store.put("/p/x", b"v1")
-    await store.put("/p/x", b"v2")
-    await store.delete("/p/x")
-    assert live == [("PUT", None), ("PUT", b"v1"), ("DELETE", b"v2")]
-    history = await store.events_since(start - 1, "/p/")
-    assert [(e.type.name, e.prev_value) for e in history] == live
 
 
 async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
