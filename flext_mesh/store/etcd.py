@@ -933,5 +933,11 @@ def _translate(exc: grpc.aio.AioRpcError, method: str) -> Exception:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         # A request etcd refuses by its limits (too many operations, too large): a
         # programming or configuration error, not a fault worth retrying.
+        if "too many operations" in details:
+            return ValueError(
+                f"etcd refused {method}: {details}; start etcd with a higher --max-txn-ops "
+                "(default 128; the metrics checkpoint writes every changed bucket at once, "
+                "see the README's replica set-up)"
+            )
         return ValueError(f"etcd refused {method}: {details}")
     return StoreUnavailable(f"etcd {method} failed: {code.name} {details}")

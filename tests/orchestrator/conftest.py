@@ -131,8 +131,9 @@ async def flow(tmp_path: Path) -> AsyncIterator[Flow]:
     try:
         yield result
     finally:
-        await channel.close()
-        await plane.stop(0.2)
+        # The test may have swapped in a restarted control plane: stop the current one.
+        await result.channel.close()
+        await result.plane.stop(0.2)
         for server in result.servers:
             await server.stop(0)
         for servicer in result.servicers:
