@@ -316,6 +316,7 @@ async def test_invalid_payload_answers_invalid_argument_naming_each_field(served
     fields = {v.field for v in error.violations}
     assert fields == {"customer_id", "amount", "items.0.qty"}
     assert "items.0.qty" in error.message
+    await _until(lambda: bool(served.outcomes))  # recorded once the answer is sent
     assert served.outcomes[-1].code == InvalidArgument.grpc_status_code.value[0]
 
 

@@ -672,8 +672,11 @@ def test_cancel_stops_a_running_execution_and_refuses_an_ended_one(plane: str) -
     # Nothing to compensate (validate_payment has no compensation): straight to CANCELLED.
     assert cancel.stdout == f"execution {execution_id}: CANCELLED\n"
     ended = get_execution(plane, execution_id)
-    assert time.monotonic() - began < 2.5  # the 3 s step did not run to its end
     assert ended.state == orchestrator_pb2.EXECUTION_STATE_CANCELLED
+    # The 3 s step was cut, not waited for (the CLI's own start-up under load is the
+    # rest of the time, so the bound is loose).
+    assert ended.steps[1].state == orchestrator_pb2.STEP_STATE_CANCELLED
+    assert time.monotonic() - began < 10
 
     shown, again = cli_all(
         ["execution", "show", execution_id, "--events", "--control-plane", plane],
