@@ -109,17 +109,17 @@ DEFAULT_DURATION = 5.0
 QUICK_RUNS = 1
 """``--quick``: one run, for smoke tests; its figures are not worth quoting."""
 QUICK_WARMUP = 0.2
-#: ServerConfig settings that lift the per-client limits for a load generator, which
-#: stands for many clients (or their limit is what the benchmark would measure).
-UNLIMITED: dict[str, int] = {
+"""``--quick``: warm-up seconds."""
+QUICK_DURATION = 0.5
+"""``--quick``: measured seconds."""
+UNLIMITED: dict[str, Any] = {
     "rate_limit_writes": 0,
     "rate_limit_reports": 0,
     "max_instances_per_service": 1_000_000,
     "max_watchers_per_client": 100_000,
 }
-"""``--quick``: warm-up seconds."""
-QUICK_DURATION = 0.5
-"""``--quick``: measured seconds."""
+"""ServerConfig settings that lift the per-client limits for a load generator, which
+stands for many clients (or their limit is what the benchmark would measure)."""
 
 CAVEAT = (
     "Figures are medians of runs on a shared, noisy 2-core machine where client and server "
