@@ -67,7 +67,8 @@ def _build_parser() -> argparse.ArgumentParser:
             f"--{name.replace('_', '-')}",
             dest=name,
             metavar=_METAVARS.get(name, "N"),
-            help=f"{info.description} (default {info.default}; env FLEXT_MESH_{name.upper()})",
+            help=f"{info.description} (default {_shown(info.default)}; "
+            f"env FLEXT_MESH_{name.upper()})",
         )
 
     client = _client_options()
@@ -93,6 +94,15 @@ _METAVARS = {
     "auth_open_services": "NAMES",
     "token": "TOKEN",
 }
+
+
+def _shown(default: object) -> str:
+    """A setting's default as --help shows it: unset, a list, or the value."""
+    if default == "":
+        return "unset"
+    if isinstance(default, tuple):
+        return ",".join(str(item) for item in default) or "none"
+    return str(default)
 
 
 def _client_options() -> argparse.ArgumentParser:
