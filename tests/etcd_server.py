@@ -72,7 +72,12 @@ class EtcdServer:
 
     @classmethod
     def start(
-        cls, directory: Path, *, binary: str | None = None, timeout: float = 20.0
+        cls,
+        directory: Path,
+        *,
+        binary: str | None = None,
+        timeout: float = 20.0,
+        max_txn_ops: int = 4096,
     ) -> EtcdServer:
         """Start a member with its data under ``directory``; wait until it is healthy.
 
@@ -84,7 +89,7 @@ class EtcdServer:
         for attempt in range(3):
             client, peer = _free_ports(2)
             server = cls._launch(
-                binary, client, peer, directory / f"etcd-data-{attempt}", directory
+                binary, client, peer, directory / f"etcd-data-{attempt}", directory, max_txn_ops
             )
             if server._wait_healthy(timeout):
                 return server
@@ -106,7 +111,13 @@ class EtcdServer:
 
     @classmethod
     def _launch(
-        cls, binary: str, client: int, peer: int, data_dir: Path, log_dir: Path
+        cls,
+        binary: str,
+        client: int,
+        peer: int,
+        data_dir: Path,
+        log_dir: Path,
+        max_txn_ops: int = 4096,
     ) -> EtcdServer:
         log_path = log_dir / f"etcd-{client}-{time.monotonic_ns()}.log"
         with log_path.open("wb") as log:
@@ -124,7 +135,7 @@ class EtcdServer:
                     "--election-timeout=100",
                     # The metrics checkpoint writes every changed bucket in one
                     # transaction; the README's set-up raises etcd's default of 128 too.
-                    "--max-txn-ops=4096",
+                    f"--max-txn-ops={max_txn_ops}",
                     "--logger=zap",
                     "--log-level=warn",
                 ],

@@ -478,16 +478,21 @@ class Aggregator:
             dirty, self._dirty = self._dirty, set()
             shards = self.ledger.take_dirty()
             try:
-                ops: list[Put | Delete] = [
-                    Put(self._key(*key), _encode_bucket(self._buckets[key]))
+                groups: list[list[Put | Delete]] = [
+                    [Put(self._key(*key), _encode_bucket(self._buckets[key]))]
                     for key in sorted(dirty)
                     if key in self._buckets
                 ]
+                ledger: list[Put | Delete] = []
                 for shard in sorted(shards):
                     key = shard_key(self.settings.replica, shard)
                     value = self.ledger.encode(shard)
-                    ops.append(Delete(key) if value is None else Put(key, value))
-                if ops:
+                    ledger.append(Delete(key) if value is None else Put(key, value))
+                if ledger:
+                    # Last: if the store needs several transactions (etcd's op limit), a
+                    # crash between them re-counts a re-sent batch, never loses one.
+                    groups.append(ledger)
+                for ops in self._transactions(groups):
                     await self.store.txn((), ops)
             except BaseException as exc:
                 # Written again next time (a Put of a whole bucket is idempotent).
@@ -567,15 +572,25 @@ class Aggregator:
             if not seen_by_key:
                 del self._series[service]
         changes += self.ledger.expire(now)  # written by the next checkpoint
-        ops: list[Put | Delete] = [Delete(key) for key in deletes]
-        ops += [
-            Put(self._key(*key), _encode_bucket(self._buckets[key]))
+        # A coarse bucket is written with the deletes of the fine buckets merged into it,
+        # in one transaction, so that the store never holds both (or neither).
+        grouped: dict[_BucketKey, list[Put | Delete]] = {
+            key: [Put(self._key(*key), _encode_bucket(self._buckets[key]))]
             for key in sorted(targets)
             if key in self._buckets
-        ]
-        if ops:
+        }
+        alone: list[list[Put | Delete]] = []
+        for stored in deletes:
+            into = self._rollup_target(stored)
+            if into is not None and into in grouped:
+                grouped[into].append(Delete(stored))
+            else:
+                alone.append([Delete(stored)])
+        groups = [*grouped.values(), *alone]
+        if groups:
             try:
-                await self.store.txn((), ops)
+                for ops in self._transactions(groups):
+                    await self.store.txn((), ops)
             except BaseException:
                 # Memory is rolled up already: the store follows with the next try.
                 self._unsaved_deletes = {**deletes, **self._unsaved_deletes}
@@ -649,6 +664,38 @@ class Aggregator:
 
     def _key(self, service: str, width: int, start: int) -> str:
         return f"{self._prefix}{service}/{width:06d}/{start:012d}"
+
+    def _rollup_target(self, key: str) -> _BucketKey | None:
+        """The coarser bucket a stored bucket of this replica rolls up into, if any."""
+        if not key.startswith(self._prefix):
+            return None
+        try:
+            service, width, start = _parse_bucket_key(key[len(self._prefix) :])
+        except ValueError:
+            return None
+        for (tier, _), (next_width, _) in itertools.pairwise(_TIERS):
+            if tier == width:
+                return (service, next_width, start - start % next_width)
+        return None
+
+    def _transactions(self, groups: list[list[Put | Delete]]) -> list[list[Put | Delete]]:
+        """Pack groups of operations (each must commit together) into as few
+        transactions as the store allows: one unless it limits their size (etcd's
+        ``--max-txn-ops``), in order."""
+        limit: int | None = getattr(self.store, "max_txn_ops", None)
+        total = sum(len(group) for group in groups)
+        if not limit or total <= limit:
+            return [[op for group in groups for op in group]] if total else []
+        transactions: list[list[Put | Delete]] = []
+        current: list[Put | Delete] = []
+        for group in groups:
+            if current and len(current) + len(group) > limit:
+                transactions.append(current)
+                current = []
+            current.extend(group)
+        if current:
+            transactions.append(current)
+        return transactions
 
     def _on_peer_buckets(self, events: list[Event]) -> None:
         for event in events:

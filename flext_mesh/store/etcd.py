@@ -150,6 +150,11 @@ class _WatchCompacted(Exception):
 class EtcdStore:
     """The distributed Store (see the module docstring)."""
 
+    #: Most operations a caller should put in one transaction: etcd's default
+    #: ``--max-txn-ops`` (128) less the reserved key a delete adds. Callers that may
+    #: write more (the metrics checkpoint) split their writes to fit.
+    max_txn_ops = 126
+
     def __init__(
         self,
         endpoints: Sequence[tuple[str, int]],
