@@ -385,6 +385,7 @@ class Orchestrator:
         # An inline definition is stored without a name; it was valid when it started.
         spec = _validated(workflow, inline=not workflow.name)
         run = _Run(self, spec, view)
+        run.owned = True
         cancel = await self.store.get(_CANCELS + execution_id)
         if cancel is not None and not view.cancel_requested:
             run.stage(
@@ -484,8 +485,11 @@ class Orchestrator:
                 await self.store.keep_alive(lease)
             except LeaseNotFound:
                 _log.error("ownership lease lapsed; executions here stop and are taken over again")
+                self._claims.clear()  # the runs' next writes fail: they stop
+                for run in list(self._runs.values()):
+                    if run.task is not None:
+                        run.task.cancel()
                 self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
-                self._claims.clear()
                 self._claim_wakeup.set()
             except Exception as exc:
                 _log.warning("renewing the ownership lease failed: %s", exc)
@@ -638,6 +642,7 @@ class Orchestrator:
                 raise Unavailable("concurrent StartExecution with this key; retry")
             return existing, True
         self.claimed(execution_id, run.revision)
+        run.owned = True
         snapshot = orchestrator_pb2.Execution()
         snapshot.CopyFrom(run.view.execution)
         run.first = first
@@ -948,6 +953,9 @@ class _Run:
         self._ctx_steps = -1
         #: Store revision of the last committed flush.
         self.revision = 0
+        #: True once this replica holds the execution's owner key: from then on every
+        #: write must be fenced by it, and a run whose claim is gone writes nothing.
+        self.owned = False
 
     # -- persistence ----------------------------------------------------------------
 
@@ -1012,6 +1020,8 @@ class _Run:
                 ops.append(Delete(_CANCELS + self.execution_id))
                 ops.append(Put(f"{_ENDED}{end_ms:013d}/{self.execution_id}", b""))
             fence = self.orchestrator.fence(self.execution_id)
+            if fence is None and self.owned:  # the lease lapsed: another may drive it now
+                raise _OwnershipLost(self.execution_id)
             guards = [*compares, fence] if fence is not None else compares
             try:
                 result = await _committed(self.store.txn(guards, ops))

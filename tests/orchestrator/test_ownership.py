@@ -186,3 +186,25 @@ async def test_start_on_a_full_disk_fails_cleanly_and_works_once_space_returns(
     assert sorted(e.execution_id for e in listed.executions) == sorted(started)  # no half start
     execution = await flow.start("handover", {"key": "after-full-disk"})
     assert state(await flow.wait(execution.execution_id)) == "SUCCEEDED"
+
+
+async def test_a_replica_whose_lease_lapsed_stops_its_runs_and_they_are_taken_over(
+    flow: Flow, replica: Orchestrator
+) -> None:
+    request = orchestrator_pb2.StartExecutionRequest(workflow_name="handover")
+    request.input.update({"key": "lapsed", "behaviour": {"charge": {"sleep": 0.8}}})
+    execution, _ = await replica.start_execution(request)
+    await _running(flow, execution.execution_id, "charge")
+    lapsed = replica._lease
+    assert lapsed is not None
+    await flow.plane.store.revoke_lease(lapsed)  # as if etcd had expired it
+
+    done = await _ended(replica, execution.execution_id)
+    assert state(done) == "SUCCEEDED"
+    assert replica._lease != lapsed  # it noticed, and took a new lease
+    _, events = await replica.get_execution(execution.execution_id, include_events=True)
+    assert orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_RESUMED in [e.type for e in events]
+    ended = [e for e in events if e.type == orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_ENDED]
+    assert len(ended) == 1
+    # The charge in flight at the lapse was re-sent with its key: it happened once.
+    assert [e["operation"] for e in flow.ledger.of("lapsed")] == ["reserve", "charge", "ship"]
