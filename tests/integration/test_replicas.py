@@ -227,7 +227,8 @@ def test_a_workflow_survives_the_kill_of_its_owning_replica(cluster: Cluster) ->
     done = survivor.wait(execution_id, within=30)
     took = time.monotonic() - killed_at
     assert orchestrator_pb2.ExecutionState.Name(done.state) == "EXECUTION_STATE_SUCCEEDED"
-    assert done.owner == "cp-b"
+    alive = {name for name, plane in cluster.replicas.items() if plane.proc.poll() is None}
+    assert done.owner in alive  # whichever survivor claimed it first
     assert took < 15, f"takeover and finish took {took:.1f} s"
     history = survivor.get(execution_id).events
     assert any(e.type == orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_RESUMED for e in history)
