@@ -20,7 +20,7 @@ import inspect
 import logging
 import platform
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
@@ -43,6 +43,7 @@ from prometheus_client.utils import floatToGoString
 
 import flext_mesh
 from flext_mesh.http import Handler, Request, Response
+from flext_mesh.servicers.handlers import WrappingInterceptor
 
 __all__ = [
     "CALL_BUCKETS_SECONDS",
@@ -83,7 +84,6 @@ CallOutcome: TypeAlias = Literal["success", "business_error", "infrastructure_er
 _CALL_LABELS: Final = ("service", "operation", "outcome")
 _RPC_LABELS: Final = ("grpc_service", "grpc_method")
 _OK: Final = grpc.StatusCode.OK
-_MAX_CACHED_METHODS: Final = 4096
 _Behavior: TypeAlias = Callable[..., Any]
 #: Formats a bucket bound as prometheus_client's own histograms do (``0.0005``, ``1.0``).
 _format_le: Callable[[float], str] = floatToGoString
@@ -130,7 +130,7 @@ def _status_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) 
     return grpc.StatusCode.UNKNOWN
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(WrappingInterceptor):
     """Counts and times the RPCs the control plane serves, on a given registry.
 
     Every RPC counts ``flext_mesh_rpc_server_handled_total{grpc_code}`` when it ends.
@@ -146,6 +146,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self, registry: CollectorRegistry, *, buckets: Sequence[float] = RPC_BUCKETS_SECONDS
     ) -> None:
         """Create the RPC metrics on ``registry``."""
+        super().__init__()
         self.started = Counter(
             "flext_mesh_rpc_server_started_total",
             "Streaming RPCs started on the control plane.",
@@ -165,30 +166,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             buckets=tuple(buckets),
             registry=registry,
         )
-        # method -> (handler returned by the continuation, the wrapped handler)
-        self._cache: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Return the method's handler wrapped with metrics (wrapped once per method)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None and (cached[0] is handler or _same_handler(cached[0], handler)):
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        if cached is not None or len(self._cache) < _MAX_CACHED_METHODS:
-            self._cache[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -220,18 +197,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             )
             return wrapped
         return handler
-
-
-def _same_handler(a: grpc.RpcMethodHandler[Any, Any], b: grpc.RpcMethodHandler[Any, Any]) -> bool:
-    """Whether two handlers (e.g. rebuilt per call by a generic handler) behave the same."""
-    return (
-        a.unary_unary == b.unary_unary
-        and a.unary_stream == b.unary_stream
-        and a.stream_unary == b.stream_unary
-        and a.stream_stream == b.stream_stream
-        and a.request_deserializer == b.request_deserializer
-        and a.response_serializer == b.response_serializer
-    )
 
 
 def _timed_unary(behavior: _Behavior, metrics: _MethodMetrics) -> _Behavior:

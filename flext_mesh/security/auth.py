@@ -66,7 +66,7 @@ from flext_mesh.security.identity import Identity, current_identity, key_of
 from flext_mesh.security.ratelimit import RateLimiter
 from flext_mesh.security.tokens import TokenFile, TokensFileError
 from flext_mesh.security.transport import is_loopback
-from flext_mesh.servicers.handlers import Undecodable
+from flext_mesh.servicers.handlers import Undecodable, WrappingInterceptor
 from flext_mesh.store import Store
 from flext_mesh.store.base import Event, EventType
 from flext_mesh.v1 import registry_pb2
@@ -92,7 +92,6 @@ Limit: TypeAlias = Literal["writes", "reports"]
 Target: TypeAlias = Literal["instance", "service_name", "lease", "leases", "records"]
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _Behavior: TypeAlias = Callable[..., Any]
-_MAX_CACHED_METHODS: Final = 4096
 #: On a stream, a message that the rate limit would delay by at most this many seconds
 #: waits (the stream slows down); longer, the stream ends RESOURCE_EXHAUSTED. A stream
 #: ended after some messages were taken makes a reporter send them again.
@@ -392,7 +391,7 @@ async def _checked_messages(requests: AsyncIterator[Any], check: _Check) -> Asyn
         yield message
 
 
-class SecurityInterceptor(grpc.aio.ServerInterceptor):
+class SecurityInterceptor(WrappingInterceptor):
     """Authenticates, authorizes and rate-limits the control plane's RPCs.
 
     ``load()`` (tokens file) and ``start()`` (lease owners, needs the store open) are
@@ -409,14 +408,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         open_services: Iterable[str] = (),
         rules: dict[str, MethodRule] | None = None,
     ) -> None:
+        super().__init__()
         self.authenticator = authenticator
         self.leases = leases
         self.limiters: dict[Limit, RateLimiter | None] = {"writes": writes, "reports": reports}
         self.open_prefixes = tuple(f"/{name}/" for name in open_services)
         self.rules = METHOD_RULES if rules is None else rules
-        self._cache: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
 
     # -- lifecycle
 
@@ -441,26 +438,6 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             self.leases.stop()
 
     # -- interception
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """The method's handler, wrapped with the checks it needs (once per method)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None and (cached[0] is handler or _same_handler(cached[0], handler)):
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        if cached is not None or len(self._cache) < _MAX_CACHED_METHODS:
-            self._cache[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -752,18 +729,6 @@ class _Guard:
                 current_identity.reset(token)
 
         return coroutine
-
-
-def _same_handler(a: grpc.RpcMethodHandler[Any, Any], b: grpc.RpcMethodHandler[Any, Any]) -> bool:
-    """Whether two handlers (e.g. rebuilt per call by a generic handler) behave the same."""
-    return (
-        a.unary_unary == b.unary_unary
-        and a.unary_stream == b.unary_stream
-        and a.stream_unary == b.stream_unary
-        and a.stream_stream == b.stream_stream
-        and a.request_deserializer == b.request_deserializer
-        and a.response_serializer == b.response_serializer
-    )
 
 
 def build_security(config: ServerConfig, store: Store) -> SecurityInterceptor | None:

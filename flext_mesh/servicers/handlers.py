@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -19,7 +19,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from flext_mesh.errors import InvalidArgument, abort
 
-__all__ = ["LongStreams", "Undecodable", "add_servicer", "checked"]
+__all__ = ["LongStreams", "Undecodable", "WrappingInterceptor", "add_servicer", "checked"]
 
 _M = TypeVar("_M")
 
@@ -158,3 +158,60 @@ class LongStreams:
         """Cancel every tracked stream."""
         for task in list(self._tasks):
             task.cancel()
+
+
+#: Most methods whose wrapped handler a WrappingInterceptor keeps.
+_MAX_CACHED_METHODS = 4096
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's handler once (``_wrap``) and then
+    hands out the wrapped one, so the per-call cost is a dict lookup.
+
+    Generic handlers may build a new handler object per call; one that behaves the same
+    (same behaviours and serializers) reuses the cached wrapping.
+    """
+
+    def __init__(self) -> None:
+        # method -> (handler returned by the continuation, the wrapped handler)
+        self._cache: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The method's handler, wrapped (once per method)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and (cached[0] is handler or _same_handler(cached[0], handler)):
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if cached is not None or len(self._cache) < _MAX_CACHED_METHODS:
+            self._cache[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler to serve ``method`` with instead of ``handler``."""
+        raise NotImplementedError
+
+
+def _same_handler(a: grpc.RpcMethodHandler[Any, Any], b: grpc.RpcMethodHandler[Any, Any]) -> bool:
+    """Whether two handlers (e.g. rebuilt per call by a generic handler) behave the same."""
+    return (
+        a.unary_unary == b.unary_unary
+        and a.unary_stream == b.unary_stream
+        and a.stream_unary == b.stream_unary
+        and a.stream_stream == b.stream_stream
+        and a.request_deserializer == b.request_deserializer
+        and a.response_serializer == b.response_serializer
+    )
