@@ -185,8 +185,10 @@ class ServerConfig(BaseSettings):
     max_instances_per_service: int = Field(
         1_000, ge=1, le=1_000_000, description="Instances one service may have registered."
     )
+    # Without authentication every process on one host is one client (its address):
+    # each sidecar holds a Watch, so the default leaves room for a busy host.
     max_watchers_per_client: int = Field(
-        64, ge=1, le=100_000, description="Open Watch streams one client may hold."
+        1_024, ge=1, le=100_000, description="Open Watch streams one client may hold."
     )
 
     @field_validator("listen", "http_listen")
