@@ -15,7 +15,7 @@ import socket
 
 from flext_mesh.config import parse_host_port
 
-__all__ = ["AddressError", "grpc_target", "split_addresses"]
+__all__ = ["AddressError", "first_name", "grpc_target", "split_addresses"]
 
 
 class AddressError(ValueError):
@@ -44,6 +44,12 @@ def _family(host: str) -> int | None:
     except ValueError:
         return None
     return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+def first_name(value: str) -> str:
+    """The first host name (not an IP address) of an address list, or "": the name a
+    TLS certificate is checked against when the target became a list of addresses."""
+    return next((host for host, _ in split_addresses(value) if _family(host) is None), "")
 
 
 def _resolve(host: str, port: int) -> tuple[int, str]:

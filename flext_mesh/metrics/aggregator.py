@@ -682,7 +682,7 @@ class Aggregator:
         """Pack groups of operations (each must commit together) into as few
         transactions as the store allows: one unless it limits their size (etcd's
         ``--max-txn-ops``), in order."""
-        limit: int | None = getattr(self.store, "max_txn_ops", None)
+        limit = self.store.max_txn_ops
         total = sum(len(group) for group in groups)
         if not limit or total <= limit:
             return [[op for group in groups for op in group]] if total else []

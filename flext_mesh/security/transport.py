@@ -46,7 +46,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from flext_mesh.addresses import AddressError, grpc_target, split_addresses
+from flext_mesh.addresses import AddressError, first_name, grpc_target
 
 __all__ = [
     "ClientSecurity",
@@ -68,14 +68,6 @@ _FileStamp = tuple[str, int, int]  # path, mtime_ns, size
 class TransportError(ValueError):
     """A TLS setting that cannot work (a missing file, a key not matching its
     certificate, mTLS without a CA) or a listen address refused by the loopback rule."""
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # -- the loopback rule ---------------------------------------------------------------
@@ -425,11 +417,10 @@ def open_channel(
     server_name = security.tls_server_name
     if "," in target:  # several control-plane replicas: one target, pick_first fails over
         try:
-            names = [host for host, _ in split_addresses(target) if not _is_ip(host)]
+            server_name = server_name or first_name(target)
             target = grpc_target(target)
         except AddressError as exc:
             raise TransportError(str(exc)) from None
-        server_name = server_name or (names[0] if names else "")
     if credentials is not None and server_name:
         channel_options.append(("grpc.ssl_target_name_override", server_name))
     if aio:

@@ -199,6 +199,9 @@ class Store(Protocol):
     """Durable, revisioned key-value state with leases and an event history."""
 
     url: str
+    #: Most operations one transaction may hold (None: no limit); callers with more
+    #: split them (etcd's ``--max-txn-ops``).
+    max_txn_ops: int | None
 
     async def open(self) -> None:
         """Open (creating and migrating as needed); raises StoreOpenError."""

@@ -153,7 +153,7 @@ class EtcdStore:
     #: Most operations a caller should put in one transaction: etcd's default
     #: ``--max-txn-ops`` (128) less the reserved key a delete adds. Callers that may
     #: write more (the metrics checkpoint) split their writes to fit.
-    max_txn_ops = 126
+    max_txn_ops: int | None = 126
 
     def __init__(
         self,

@@ -114,6 +114,9 @@ _Write = Callable[[_WriteCtx], Any]
 class SqliteStore:
     """The embedded Store (see the module docstring)."""
 
+    #: One SQLite transaction holds any number of operations.
+    max_txn_ops: int | None = None
+
     def __init__(
         self,
         path: str | os.PathLike[str],
