@@ -70,7 +70,7 @@ from bench.harness import (
 )
 from bench.workflow_apps import INPUT, SERVICE, expected_output
 from flext_mesh.config import ServerConfig
-from flext_mesh.invoke import dict_to_struct, struct_to_dict
+from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
 from flext_mesh.logs import setup_logging
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.store import SqliteStore

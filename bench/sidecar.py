@@ -63,14 +63,14 @@ from bench.harness import (
     start_server_process,
 )
 from bench.registry import CONTROL_PLANE_FACTORY
-from flext_mesh.invoke import dict_to_struct, request_model_of, struct_to_dict
+from flext_mesh.hosting.operations import dict_to_struct, request_model_of, struct_to_dict
+from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.logs import setup_logging
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc
 from sidecar.client import MeshClient
 from sidecar.config import SidecarConfig
 from sidecar.main import Sidecar
-from sidecar.reporter import CallReporter
 
 __all__ = [
     "DIRECT_FACTORY",

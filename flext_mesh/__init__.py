@@ -43,7 +43,7 @@ from flext_mesh.processor import (
 from flext_mesh.result import FlextResult, UnwrapError
 
 if _typing.TYPE_CHECKING:
-    from flext_mesh.services.facade import FlextServices
+    from flext_mesh.facade.namespace import FlextServices
 
 __version__ = "0.1.0"
 
@@ -52,7 +52,7 @@ def __getattr__(name: str) -> _typing.Any:
     # FlextServices pulls in gRPC clients and the embedded sidecar: imported on first
     # use, so processors that only need FlextResult and ServiceProcessor stay light.
     if name == "FlextServices":
-        from flext_mesh.services.facade import FlextServices  # noqa: PLC0415
+        from flext_mesh.facade.namespace import FlextServices  # noqa: PLC0415
 
         return FlextServices
     raise AttributeError(f"module 'flext_mesh' has no attribute {name!r}")

@@ -43,7 +43,7 @@ from prometheus_client.utils import floatToGoString
 
 import flext_mesh
 from flext_mesh.http import Handler, Request, Response
-from flext_mesh.servicers.handlers import WrappingInterceptor
+from flext_mesh.rpc.handlers import WrappingInterceptor
 
 __all__ = [
     "CALL_BUCKETS_SECONDS",

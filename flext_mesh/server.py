@@ -24,6 +24,7 @@ from flext_mesh.config import ServerConfig, parse_host_port
 from flext_mesh.dashboard import Dashboard
 from flext_mesh.dashboard.access import authorizer, http_ssl_context
 from flext_mesh.errors import from_rpc_error
+from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
 from flext_mesh.observability import CallSeries, Observability
@@ -33,18 +34,17 @@ from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
-from flext_mesh.security.auth import SecurityConfigError, build_security, check_auth_required
-from flext_mesh.security.transport import (
+from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
     check_listen,
     open_channel,
     server_credentials,
 )
-from flext_mesh.servicers.handlers import LongStreams
+from flext_mesh.rpc.handlers import LongStreams
+from flext_mesh.security.auth import SecurityConfigError, build_security, check_auth_required
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer
-from flext_mesh.servicers.processor import ProcessorServicer, add_processor_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.store import Store, open_store

@@ -102,15 +102,16 @@ from flext_mesh.errors import (
     from_rpc_error,
     is_infrastructure,
 )
-from flext_mesh.invoke import dict_to_struct, struct_to_dict
-from flext_mesh.registry.balancer import Candidate, Picker, Strategy
-from flext_mesh.registry.policy import (
+from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
+from flext_mesh.hosting.reporter import CallReporter
+from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
+from flext_mesh.routing.balancer import Candidate, Picker, Strategy
+from flext_mesh.routing.policy import (
     DEFAULT_ZONE_MIN_HEALTHY_PERCENT,
     SplitPicker,
     validate_policy,
 )
-from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
-from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
+from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.v1 import (
     common_pb2,
     metrics_pb2,
@@ -120,7 +121,6 @@ from flext_mesh.v1 import (
     registry_pb2_grpc,
 )
 from sidecar.breaker import BreakerSettings, CircuitBreaker, Permit, RetryBudget
-from sidecar.reporter import CallReporter
 
 __all__ = ["BreakersOpen", "ClientSettings", "MeshClient", "SyncMeshClient", "mesh"]
 

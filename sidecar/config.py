@@ -62,7 +62,7 @@ class SidecarConfig(BaseSettings):
     )
 
     # Transport security: the same names and meaning as the control plane's (see
-    # flext_mesh.security.transport). The certificate is served to callers and shown to
+    # flext_mesh.rpc.channels). The certificate is served to callers and shown to
     # the control plane and to other sidecars when they ask (mTLS).
     tls_cert: str = Field(
         "", description="PEM certificate (chain) served, and shown to peers called with mTLS."

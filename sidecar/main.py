@@ -27,22 +27,22 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from flext_mesh.config import parse_host_port
+from flext_mesh.hosting.membership import Membership
+from flext_mesh.hosting.reporter import CallReporter
+from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.logs import setup_logging
 from flext_mesh.process import bind_problem, signal_received
-from flext_mesh.security.transport import (
+from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
     check_listen,
     open_channel,
     server_credentials,
 )
-from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.v1 import metrics_pb2, processor_pb2, registry_pb2
 from sidecar.app import AppError, load_app
 from sidecar.client import MeshClient, set_current
 from sidecar.config import SidecarConfig
-from sidecar.membership import Membership
-from sidecar.reporter import CallReporter
 
 __all__ = ["Sidecar", "main"]
 

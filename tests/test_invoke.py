@@ -1,4 +1,4 @@
-"""ProcessorService.Invoke over real gRPC, and the domain pieces in flext_mesh.invoke.
+"""ProcessorService.Invoke over real gRPC, and the domain pieces in flext_mesh.hosting.operations.
 
 Guide-style processors served by a `ProcessorServicer` on 127.0.0.1:0, called through
 the generated stub: validation, correlation ids, deadlines, business rejections,
@@ -33,16 +33,16 @@ from flext_mesh.errors import (
     Unavailable,
     from_rpc_error,
 )
-from flext_mesh.invoke import (
+from flext_mesh.hosting.operations import (
     IdempotencyCache,
     Operation,
     request_model_of,
     result_to_json,
     struct_to_dict,
 )
+from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.processor import RunRecorder, ServiceProcessor
 from flext_mesh.result import FlextResult
-from flext_mesh.servicers.processor import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 OK = grpc.StatusCode.OK.value[0]
@@ -570,7 +570,7 @@ async def test_control_plane_servicer_lists_nothing_and_answers_not_found() -> N
         assert "known: none" in (caught.value.details() or "")
 
 
-# -- flext_mesh.invoke, without a server -----------------------------------------------------
+# -- flext_mesh.hosting.operations, without a server -----------------------------------------
 
 TReq = TypeVar("TReq")
 

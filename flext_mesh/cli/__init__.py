@@ -27,7 +27,7 @@ from flext_mesh.cli import certs, metrics, policy, services, tokens, workflows
 from flext_mesh.cli.output import FORMATS
 from flext_mesh.config import DEFAULT_LISTEN, ServerConfig
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_rpc_error
-from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel, tls_problem
+from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel, tls_problem
 
 __all__ = ["main"]
 

@@ -62,7 +62,7 @@ from flext_mesh.errors import (
     Unavailable,
     error_for_code,
 )
-from flext_mesh.invoke import correlation_id_problem, dict_to_struct, struct_to_dict
+from flext_mesh.hosting.operations import correlation_id_problem, dict_to_struct, struct_to_dict
 from flext_mesh.orchestrator.definition import (
     CompensationSpec,
     RetrySpec,

@@ -27,8 +27,8 @@ from flext_mesh.errors import (
     Unavailable,
     from_rpc_error,
 )
-from flext_mesh.invoke import dict_to_struct, struct_to_dict
-from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
+from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 
 __all__ = ["AttemptFailed", "Discovery", "MeshInvoker", "StepInvoker", "StepReply"]

@@ -42,7 +42,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
+from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 
 __all__ = [
     "CheckStats",

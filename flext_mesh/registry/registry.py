@@ -36,26 +36,9 @@ from flext_mesh.errors import (
     ResourceExhausted,
     StoreUnavailable,
 )
-from flext_mesh.registry.balancer import (
-    Candidate,
-    Picker,
-    Strategy,
-    effective_weight,
-    in_panic,
-    performance_multiplier,
-)
 from flext_mesh.registry.health import HealthChecker, HealthCheckSettings, HealthTransition
 from flext_mesh.registry.health import HealthStatus as CheckStatus
 from flext_mesh.registry.outlier import OutlierDetector, OutlierSettings
-from flext_mesh.registry.policy import (
-    POLICIES,
-    SplitPicker,
-    apply_split,
-    apply_zone,
-    known_versions,
-    split_versions,
-    validate_policy,
-)
 from flext_mesh.registry.validation import (
     DEFAULT_TTL,
     DEFAULT_WEIGHT,
@@ -65,6 +48,23 @@ from flext_mesh.registry.validation import (
     validate_ttl,
 )
 from flext_mesh.registry.watch import Watcher, WatchHub, make_batch
+from flext_mesh.routing.balancer import (
+    Candidate,
+    Picker,
+    Strategy,
+    effective_weight,
+    in_panic,
+    performance_multiplier,
+)
+from flext_mesh.routing.policy import (
+    POLICIES,
+    SplitPicker,
+    apply_split,
+    apply_zone,
+    known_versions,
+    split_versions,
+    validate_policy,
+)
 from flext_mesh.store import Compacted, Compare, Event, EventType, Put, Store, StoreOpenError
 from flext_mesh.v1 import registry_pb2
 

@@ -61,12 +61,12 @@ from flext_mesh.errors import (
 )
 from flext_mesh.registry.registry import INSTANCES
 from flext_mesh.registry.validation import NAME as NAME_RULE
+from flext_mesh.rpc.channels import is_loopback
+from flext_mesh.rpc.handlers import Undecodable, WrappingInterceptor
 from flext_mesh.security.certs import SPIFFE_TRUST_DOMAIN
 from flext_mesh.security.identity import Identity, current_identity, key_of
 from flext_mesh.security.ratelimit import RateLimiter
 from flext_mesh.security.tokens import TokenFile, TokensFileError
-from flext_mesh.security.transport import is_loopback
-from flext_mesh.servicers.handlers import Undecodable, WrappingInterceptor
 from flext_mesh.store import Store
 from flext_mesh.store.base import Event, EventType
 from flext_mesh.v1 import registry_pb2

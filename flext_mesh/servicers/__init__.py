@@ -1,7 +1,5 @@
-"""gRPC servicers: protobuf in, domain calls, protobuf out; status codes live only here."""
+"""gRPC servicers of the control plane: protobuf in, domain calls, protobuf out.
 
-from __future__ import annotations
-
-from flext_mesh.servicers.processor import ProcessorServicer
-
-__all__ = ["ProcessorServicer"]
+Status codes and protobuf live here and in :mod:`flext_mesh.rpc`; the domains below
+(registry, metrics, orchestrator) raise :class:`flext_mesh.errors.MeshError` children.
+"""

@@ -35,9 +35,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flext_mesh import FlextResult, ServiceProcessor
+from flext_mesh.hosting import ProcessorServicer
+from flext_mesh.hosting.servicer import add_processor_servicer
 from flext_mesh.server import ControlPlane, create_server
-from flext_mesh.servicers import ProcessorServicer
-from flext_mesh.servicers.processor import add_processor_servicer
 from flext_mesh.v1 import (
     common_pb2,
     metrics_pb2,

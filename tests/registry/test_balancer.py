@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flext_mesh.registry import balancer
-from flext_mesh.registry.balancer import (
+from flext_mesh.routing import balancer
+from flext_mesh.routing.balancer import (
     Candidate,
     Picker,
     Strategy,

@@ -21,6 +21,8 @@ import pytest
 
 from flext_mesh.config import ServerConfig
 from flext_mesh.errors import StoreUnavailable
+from flext_mesh.hosting.membership import Membership
+from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.store import SqliteStore
 from flext_mesh.v1 import (
@@ -30,8 +32,6 @@ from flext_mesh.v1 import (
     registry_pb2_grpc,
 )
 from sidecar.client import MeshClient
-from sidecar.membership import Membership
-from sidecar.reporter import CallReporter, ReporterSettings
 from tests.conftest import BIN
 from tests.registry.conftest import fast_config
 from tests.robustness.conftest import StartPlane, instance, register_request

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from flext_mesh.rpc.channels import ClientSecurity
 from flext_mesh.security.certs import Issued, issue, make_ca, spiffe_id
-from flext_mesh.security.transport import ClientSecurity
 
 _LOOPBACK_DNS = ("localhost",)
 _LOOPBACK_IPS = ("127.0.0.1", "::1")

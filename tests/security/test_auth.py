@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
 from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.rpc.channels import ClientSecurity, open_channel
 from flext_mesh.security.auth import (
     METHOD_RULES,
     Authenticator,
@@ -29,7 +30,6 @@ from flext_mesh.security.auth import (
 )
 from flext_mesh.security.identity import client_key, current_identity
 from flext_mesh.security.tokens import TokenFile, add_token, remove_token
-from flext_mesh.security.transport import ClientSecurity, open_channel
 from flext_mesh.server import SERVICE_NAMES, ControlPlane, ServeError, create_server
 from flext_mesh.v1 import (
     metrics_pb2,

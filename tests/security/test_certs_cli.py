@@ -12,7 +12,7 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flext_mesh.cli import main
-from flext_mesh.security.transport import ClientSecurity, open_channel, server_credentials
+from flext_mesh.rpc.channels import ClientSecurity, open_channel, server_credentials
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

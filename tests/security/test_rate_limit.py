@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from flext_mesh.errors import ResourceExhausted, from_rpc_error
+from flext_mesh.hosting.membership import Membership
+from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
+from flext_mesh.rpc.channels import ClientSecurity, open_channel
 from flext_mesh.security.ratelimit import RateLimiter
-from flext_mesh.security.transport import ClientSecurity, open_channel
 from flext_mesh.server import create_server
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc, registry_pb2, registry_pb2_grpc
-from sidecar.membership import Membership
-from sidecar.reporter import CallReporter, ReporterSettings
 from tests.security.test_auth import config_for, record, register_request, secured_plane
 
 Code = grpc.StatusCode

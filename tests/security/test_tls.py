@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
-from flext_mesh.security.transport import (
+from flext_mesh.facade.registry import ServiceRegistry
+from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
     is_loopback,
@@ -24,7 +25,6 @@ from flext_mesh.security.transport import (
     tls_problem,
 )
 from flext_mesh.server import ControlPlane, ServeError, create_server
-from flext_mesh.services.registry import ServiceRegistry
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from sidecar.client import MeshClient
 from sidecar.config import SidecarConfig

@@ -22,13 +22,13 @@ from pydantic import BaseModel
 
 from flext_mesh import FlextResult, ServiceProcessor
 from flext_mesh.errors import DeadlineExceeded, MeshError
+from flext_mesh.hosting import ProcessorServicer
+from flext_mesh.hosting.reporter import CallReporter
+from flext_mesh.hosting.servicer import CallOutcome, add_processor_servicer
 from flext_mesh.server import create_server
-from flext_mesh.servicers import ProcessorServicer
-from flext_mesh.servicers.processor import CallOutcome, add_processor_servicer
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from sidecar.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from sidecar.client import BreakersOpen, ClientSettings, MeshClient
-from sidecar.reporter import CallReporter
 from tests.registry.conftest import fast_config
 from tests.sidecar.apps import PROCESSORS
 

@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
+from flext_mesh.hosting.reporter import CallReporter, ReporterSettings, ReporterStats
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
-from sidecar.reporter import CallReporter, ReporterSettings, ReporterStats
 from tests.registry.conftest import eventually, fast_config
 
 # Reconnect promptly after an outage, as the sidecar's channel does.

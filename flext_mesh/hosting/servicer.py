@@ -2,7 +2,7 @@
 
 The control plane hosts none of its own (it lists an empty set); the sidecar hosts the
 app's processors through the same servicer. The domain half (request models, payload
-and result conversion, the idempotency cache) is `flext_mesh.invoke`; this module adds
+and result conversion, the idempotency cache) is `flext_mesh.hosting.operations`; this module adds
 status codes, deadlines, threads, draining and call reporting.
 
 One Invoke:
@@ -54,7 +54,7 @@ from flext_mesh.errors import (
     from_result,
     rpc_errors,
 )
-from flext_mesh.invoke import (
+from flext_mesh.hosting.operations import (
     DEFAULT_IDEMPOTENCY_MAX_KEYS,
     DEFAULT_IDEMPOTENCY_WINDOW,
     MAX_CORRELATION_ID_LENGTH,
@@ -66,7 +66,7 @@ from flext_mesh.invoke import (
 )
 from flext_mesh.processor import ServiceProcessor, new_correlation_id
 from flext_mesh.result import FlextResult
-from flext_mesh.servicers.handlers import add_servicer
+from flext_mesh.rpc.handlers import add_servicer
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 __all__ = [
@@ -79,7 +79,7 @@ __all__ = [
     "correlation_id_problem",
 ]
 
-_log = logging.getLogger("flext_mesh.servicers.processor")
+_log = logging.getLogger("flext_mesh.hosting.servicer")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 _T = TypeVar("_T")

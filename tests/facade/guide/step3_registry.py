@@ -1,7 +1,7 @@
 """Step 3, "Service Registry Setup": registration with health monitoring, discovery by
 type with load balancing, and health checks.
 
-The guide's class only; ``tests/services/test_guide.py`` drives it. Registrations are
+The guide's class only; ``tests/facade/test_guide.py`` drives it. Registrations are
 leases on the control plane kept alive in the background; discovery and health checks
 ask the control plane which instance of each service is healthy.
 """

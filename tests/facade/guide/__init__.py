@@ -7,6 +7,6 @@ the sample request) in sections marked "filled in". Deviations from the guide's 
 carry a ``# deviation:`` comment saying why.
 
 Modules whose guide block ends in top-level usage code (``quick_start_*``,
-``step4_performance``) run it when executed: ``tests/services/test_guide.py`` runs them
+``step4_performance``) run it when executed: ``tests/facade/test_guide.py`` runs them
 with :func:`runpy.run_module` once ``FLEXT_MESH_CONTROL_PLANE`` names a control plane.
 """

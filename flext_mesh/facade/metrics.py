@@ -1,7 +1,7 @@
 """``FlextServices.ServiceMetrics``: the guide's call tracking, backed by MetricsService.
 
 ``track_service_call`` checks its arguments and queues a call record without blocking;
-a :class:`sidecar.reporter.CallReporter` on the bridge loop streams the records to the
+a :class:`flext_mesh.hosting.reporter.CallReporter` on the bridge loop streams the records to the
 control plane in batches (about once a second), and ``flush()`` / ``close()`` send what
 is still queued. ``report(service)`` answers from ``MetricsService.GetServiceReport``
 in the shape of the guide's performance report, so percentiles, health score and
@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
+from flext_mesh.facade._bridge import bridge
+from flext_mesh.facade.registry import ControlPlaneClient, enum_name
+from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
 from flext_mesh.result import FlextResult
-from flext_mesh.security.transport import ClientSecurity
-from flext_mesh.services._bridge import bridge
-from flext_mesh.services.registry import ControlPlaneClient, enum_name
+from flext_mesh.rpc.channels import ClientSecurity
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
-from sidecar.reporter import CallReporter, ReporterSettings
 
 __all__ = ["ServiceMetrics"]
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 __all__ = ["Bridge", "bridge"]
 
-_log = logging.getLogger("flext_mesh.services")
+_log = logging.getLogger("flext_mesh.facade")
 _T = TypeVar("_T")
 _lock = threading.Lock()
 _bridge: Bridge | None = None

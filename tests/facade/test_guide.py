@@ -1,4 +1,4 @@
-"""The guide's own code blocks (``tests/services/guide``) against a real control plane.
+"""The guide's own code blocks (``tests/facade/guide``) against a real control plane.
 
 One ``flext-mesh serve`` subprocess serves the module; ``FLEXT_MESH_CONTROL_PLANE``
 names it, which is how the guide's no-argument constructors find it. Modules whose
@@ -19,9 +19,9 @@ import pytest
 
 from flext_mesh import default_recorder
 from tests.conftest import BIN, ServeProcess, start_serve
-from tests.services.guide import pattern1_etl, step2_orchestration, step3_registry
+from tests.facade.guide import pattern1_etl, step2_orchestration, step3_registry
 
-GUIDE = "tests.services.guide"
+GUIDE = "tests.facade.guide"
 
 
 @pytest.fixture(scope="module")

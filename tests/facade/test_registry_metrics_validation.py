@@ -13,11 +13,11 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from flext_mesh.facade.metrics import ServiceMetrics
+from flext_mesh.facade.registry import ServiceRegistry, normalize_endpoint
+from flext_mesh.facade.validation import ServiceValidation
 from flext_mesh.result import FlextResult
 from flext_mesh.server import create_server
-from flext_mesh.services.metrics import ServiceMetrics
-from flext_mesh.services.registry import ServiceRegistry, normalize_endpoint
-from flext_mesh.services.validation import ServiceValidation
 from tests.conftest import ServeProcess, start_serve
 from tests.registry.conftest import fast_config
 

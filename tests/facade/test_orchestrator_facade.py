@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
+from flext_mesh.facade.orchestrator import ServiceOrchestrator
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.result import FlextResult
 from flext_mesh.server import create_server
-from flext_mesh.services.orchestrator import ServiceOrchestrator
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from tests.conftest import ServeProcess, start_serve
 from tests.registry.conftest import fast_config

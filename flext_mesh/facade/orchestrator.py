@@ -62,31 +62,31 @@ from flext_mesh.errors import (
     Unavailable,
     from_rpc_error,
 )
-from flext_mesh.invoke import Operation, dict_to_struct, struct_to_dict
+from flext_mesh.facade import control_plane_address
+from flext_mesh.facade._bridge import bridge
+from flext_mesh.hosting.membership import Membership
+from flext_mesh.hosting.operations import Operation, dict_to_struct, struct_to_dict
+from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_dict
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.registry.validation import check_name, raise_if, validate_instance
 from flext_mesh.result import STATUS_CODE_NAMES, FlextResult
-from flext_mesh.security.transport import (
+from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
     check_listen,
     open_channel,
     server_credentials,
 )
-from flext_mesh.servicers.processor import ProcessorServicer, add_processor_servicer
-from flext_mesh.services import control_plane_address
-from flext_mesh.services._bridge import bridge
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
     registry_pb2,
 )
-from sidecar.membership import Membership
 
 __all__ = ["ServiceOrchestrator"]
 
-_log = logging.getLogger("flext_mesh.services")
+_log = logging.getLogger("flext_mesh.facade")
 _T = TypeVar("_T")
 
 #: Lease TTL of a local service, seconds (renewed every third of it).
@@ -297,7 +297,7 @@ def _as_failure(error: MeshError) -> FlextResult[Any]:
 class ServiceOrchestrator:
     """The guide's ``FlextServices.ServiceOrchestrator``, backed by the control plane.
 
-    ``control_plane`` defaults as in :func:`flext_mesh.services.control_plane_address`;
+    ``control_plane`` defaults as in :func:`flext_mesh.facade.control_plane_address`;
     ``timeout`` bounds each call in seconds (a workflow's whole run included);
     ``listen_host`` is where local services listen (on a free port each) and how the
     control plane reaches them.

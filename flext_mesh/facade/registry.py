@@ -1,7 +1,7 @@
 """``FlextServices.ServiceRegistry``: the guide's registry, backed by RegistryService.
 
 ``register(service_info)`` registers an instance under a lease that a background
-:class:`sidecar.membership.Membership` keeps renewing on the bridge loop until
+:class:`flext_mesh.hosting.membership.Membership` keeps renewing on the bridge loop until
 ``deregister`` or ``close``; ``discover(name)`` asks the control plane for one healthy
 instance picked by the service's load-balancing strategy.
 
@@ -28,16 +28,16 @@ import grpc
 from google.protobuf import json_format
 
 from flext_mesh.errors import InvalidArgument, from_rpc_error
+from flext_mesh.facade import control_plane_address
+from flext_mesh.facade._bridge import bridge
+from flext_mesh.hosting.membership import Membership
 from flext_mesh.result import FlextResult
-from flext_mesh.security.transport import ClientSecurity, TransportError, open_channel
-from flext_mesh.services import control_plane_address
-from flext_mesh.services._bridge import bridge
+from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
-from sidecar.membership import Membership
 
 __all__ = ["ControlPlaneClient", "ServiceRegistry"]
 
-_log = logging.getLogger("flext_mesh.services")
+_log = logging.getLogger("flext_mesh.facade")
 _T = TypeVar("_T")
 
 # gRPC's default reconnect backoff grows to 120 s: a control plane that comes back

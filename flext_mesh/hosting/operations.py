@@ -1,7 +1,7 @@
 """Running hosted ServiceProcessors by operation name: the domain half of ProcessorService.
 
 Plain Python (protobuf's Struct for payloads, no gRPC): the servicer in
-`flext_mesh.servicers.processor` turns what this module returns into status codes.
+`flext_mesh.hosting.servicer` turns what this module returns into status codes.
 
 - `Operation` binds a name to a processor, finds its request model (`request_model_of`),
   validates dict payloads through the processor's `process_dict` and runs it
@@ -48,7 +48,7 @@ __all__ = [
     "struct_to_dict",
 ]
 
-_log = logging.getLogger("flext_mesh.invoke")
+_log = logging.getLogger("flext_mesh.hosting.operations")
 
 T = TypeVar("T")
 

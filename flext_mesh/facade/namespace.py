@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from flext_mesh.facade.metrics import ServiceMetrics as _ServiceMetrics
+from flext_mesh.facade.orchestrator import ServiceOrchestrator as _ServiceOrchestrator
+from flext_mesh.facade.registry import ServiceRegistry as _ServiceRegistry
+from flext_mesh.facade.validation import ServiceValidation as _ServiceValidation
 from flext_mesh.processor import ServiceProcessor as _ServiceProcessor
-from flext_mesh.services.metrics import ServiceMetrics as _ServiceMetrics
-from flext_mesh.services.orchestrator import ServiceOrchestrator as _ServiceOrchestrator
-from flext_mesh.services.registry import ServiceRegistry as _ServiceRegistry
-from flext_mesh.services.validation import ServiceValidation as _ServiceValidation
 
 __all__ = ["FlextServices"]
 

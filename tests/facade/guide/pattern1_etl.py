@@ -1,6 +1,6 @@
 """Pattern 1, "Complex ETL Service with Template Method": an ETL pipeline.
 
-The guide's class only; ``tests/services/test_guide.py`` drives it. ``process`` /
+The guide's class only; ``tests/facade/test_guide.py`` drives it. ``process`` /
 ``build`` are local (Template Method); ``execute_etl_pipeline`` runs extract, transform
 and load as a durable workflow whose steps the control plane calls on the local tap,
 transform and target services.
@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flext_mesh import FlextResult, FlextServices
-from tests.services.guide._domain import Json, JsonService
+from tests.facade.guide._domain import Json, JsonService
 
 # -- filled in: the domain classes the guide leaves undefined ---------------------------
 # A tiny in-memory source and warehouse stand in for Meltano and dbt: the tap extracts

@@ -1,6 +1,6 @@
 """Step 2, "Basic Service Orchestration": auth, payment and notification as one workflow.
 
-The guide's class only; ``tests/services/test_guide.py`` drives it. Its services are
+The guide's class only; ``tests/facade/test_guide.py`` drives it. Its services are
 served locally and called by the control plane's orchestrator; an optional step that
 fails leaves the workflow completed, a failing required step fails it, and
 ``implement_compensation_patterns`` then runs each compensation action as a workflow.
@@ -12,7 +12,7 @@ import time
 import uuid
 
 from flext_mesh import FlextResult, FlextServices
-from tests.services.guide._domain import Json, JsonService
+from tests.facade.guide._domain import Json, JsonService
 
 # -- filled in: the services the guide leaves undefined ---------------------------------
 # The orchestrator serves one processor per service for every operation name (the

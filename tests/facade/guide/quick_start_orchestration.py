@@ -7,7 +7,7 @@ runs as a durable execution on the control plane, which calls the two local serv
 from __future__ import annotations
 
 from flext_mesh import FlextResult, FlextServices
-from tests.services.guide._domain import Json, JsonService
+from tests.facade.guide._domain import Json, JsonService
 
 # -- filled in: the services the guide leaves undefined ---------------------------------
 
