@@ -69,12 +69,12 @@ from bench.harness import (
 from flext_mesh import FlextResult, ServiceProcessor
 from flext_mesh.config import ServerConfig
 from flext_mesh.hosting import ProcessorServicer
-from flext_mesh.hosting.operations import dict_to_struct
 from flext_mesh.hosting.servicer import add_processor_servicer
 from flext_mesh.logs import setup_logging
+from flext_mesh.rpc.payloads import dict_to_struct
 from flext_mesh.server import ControlPlane, create_server
-from flext_mesh.store import EtcdStore, Event
-from flext_mesh.store.etcd import parse_endpoints
+from flext_mesh.store import Event
+from flext_mesh.store.etcd import EtcdStore, parse_endpoints
 from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 # The test helper starts etcd on free loopback ports and waits until it is healthy.

@@ -70,10 +70,10 @@ from bench.harness import (
 )
 from bench.workflow_apps import INPUT, SERVICE, expected_output
 from flext_mesh.config import ServerConfig
-from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
 from flext_mesh.logs import setup_logging
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.server import ControlPlane, create_server
-from flext_mesh.store import SqliteStore
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,

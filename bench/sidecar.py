@@ -63,10 +63,11 @@ from bench.harness import (
     start_server_process,
 )
 from bench.registry import CONTROL_PLANE_FACTORY
-from flext_mesh.hosting.operations import dict_to_struct, request_model_of, struct_to_dict
+from flext_mesh.hosting.operations import request_model_of
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.logs import setup_logging
 from flext_mesh.processor import ServiceProcessor
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc
 from sidecar.client import MeshClient
 from sidecar.config import SidecarConfig

@@ -45,7 +45,7 @@ from flext_mesh.result import FlextResult, UnwrapError
 if _typing.TYPE_CHECKING:
     from flext_mesh.facade.namespace import FlextServices
 
-__version__ = "0.1.0"
+from flext_mesh.version import __version__
 
 
 def __getattr__(name: str) -> _typing.Any:

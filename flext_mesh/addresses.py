@@ -11,11 +11,33 @@ client's configuration. Names in a list are resolved once, when the channel is m
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 
-from flext_mesh.config import parse_host_port
+__all__ = [
+    "DEFAULT_LISTEN",
+    "AddressError",
+    "first_name",
+    "grpc_target",
+    "parse_host_port",
+    "split_addresses",
+]
 
-__all__ = ["AddressError", "first_name", "grpc_target", "split_addresses"]
+#: The control plane's default gRPC address, and where clients look for it.
+DEFAULT_LISTEN = "127.0.0.1:50051"
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})$")
+
+
+def parse_host_port(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 in brackets); ValueError naming the problem otherwise."""
+    match = _HOST_PORT.match(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
+    port = int(match["port"])
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} in {value!r} is outside {low}..65535")
+    return match["host"], port
 
 
 class AddressError(ValueError):

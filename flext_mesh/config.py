@@ -6,30 +6,17 @@ documented on each field. Every address, interval and limit lives here.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_LISTEN", "ServerConfig", "parse_host_port"]
+from flext_mesh.addresses import DEFAULT_LISTEN, parse_host_port
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})$")
+__all__ = ["ServerConfig"]
+
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-
-
-def parse_host_port(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (IPv6 in brackets); ValueError naming the problem otherwise."""
-    match = _HOST_PORT.match(value.strip())
-    if match is None:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:50051 or [::1]:50051)")
-    port = int(match["port"])
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise ValueError(f"port {port} in {value!r} is outside {low}..65535")
-    return match["host"], port
 
 
 class ServerConfig(BaseSettings):

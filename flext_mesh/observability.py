@@ -41,9 +41,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-import flext_mesh
 from flext_mesh.http import Handler, Request, Response
 from flext_mesh.rpc.handlers import WrappingInterceptor
+from flext_mesh.version import __version__
 
 __all__ = [
     "CALL_BUCKETS_SECONDS",
@@ -398,7 +398,7 @@ class Observability:
     def __init__(self, *, version: str | None = None, process_metrics: bool = True) -> None:
         """Create the registry; ``process_metrics`` adds process_*, python_* and gc metrics."""
         if version is None:
-            version = flext_mesh.__version__
+            version = __version__
         self.registry = CollectorRegistry()
         self.interceptor = RpcMetricsInterceptor(self.registry)
         self.build_info = Gauge(

@@ -20,20 +20,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
-from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.addresses import parse_host_port
+from flext_mesh.config import ServerConfig
 from flext_mesh.dashboard import Dashboard
 from flext_mesh.dashboard.access import authorizer, http_ssl_context
 from flext_mesh.errors import from_rpc_error
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.http import HttpServer
-from flext_mesh.metrics import AggregatorSettings, Metrics
+from flext_mesh.metrics.aggregator import AggregatorSettings
+from flext_mesh.metrics.service import Metrics
 from flext_mesh.observability import CallSeries, Observability
-from flext_mesh.orchestrator import MeshInvoker, Orchestrator, OrchestratorSettings
-from flext_mesh.orchestrator.engine import default_owner
+from flext_mesh.orchestrator.engine import Orchestrator, OrchestratorSettings, default_owner
+from flext_mesh.orchestrator.invoker import MeshInvoker
 from flext_mesh.process import bind_problem, signal_received
-from flext_mesh.registry import Registry, RegistrySettings
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
+from flext_mesh.registry.registry import Registry, RegistrySettings
 from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
@@ -161,7 +163,7 @@ class ControlPlane:
         self.watchers = WatchLimit(config.max_watchers_per_client)
         # Authentication and rate limits (None when both are off: no cost per call);
         # after the metrics interceptor, so refused calls are counted too.
-        self.security = build_security(config, store)
+        self.security = build_security(config, self.registry)
         interceptors: list[grpc.aio.ServerInterceptor] = [self.observability.interceptor]
         if self.security is not None:
             interceptors.append(self.security)
@@ -209,8 +211,6 @@ class ControlPlane:
         await self.store.open()
         try:
             await self.registry.start()
-            if self.security is not None:
-                await self.security.start()
             await self.metrics.start()
             await self.orchestrator.start()
             self._add_services()
@@ -232,8 +232,6 @@ class ControlPlane:
             await self.server.stop(0)
             await self.orchestrator.stop()
             await self.metrics.stop()
-            if self.security is not None:
-                self.security.stop()
             await self.registry.stop()
             await self.store.close()
             raise
@@ -267,8 +265,6 @@ class ControlPlane:
         await self.server.stop(grace)
         await self.orchestrator.stop()
         await self.metrics.stop()
-        if self.security is not None:
-            self.security.stop()
         await self.registry.stop()
         await self.store.close()
 

@@ -102,7 +102,6 @@ from flext_mesh.errors import (
     from_rpc_error,
     is_infrastructure,
 )
-from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
 from flext_mesh.routing.balancer import Candidate, Picker, Strategy
@@ -112,6 +111,8 @@ from flext_mesh.routing.policy import (
     validate_policy,
 )
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
+from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import (
     common_pb2,
     metrics_pb2,
@@ -127,10 +128,6 @@ __all__ = ["BreakersOpen", "ClientSettings", "MeshClient", "SyncMeshClient", "me
 _log = logging.getLogger("flext_sidecar.client")
 _T = TypeVar("_T")
 _HEALTHY = (registry_pb2.HEALTH_STATUS_SERVING, registry_pb2.HEALTH_STATUS_UNKNOWN)
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 _NOTHING_TRIED: frozenset[str] = frozenset()
 
 
@@ -423,7 +420,7 @@ class MeshClient:
 
     async def start(self, *, wait: float = 5.0) -> None:
         """Start watching the registry; wait up to ``wait`` s for the first snapshot."""
-        self._control = open_channel(self.control_plane, self.security, options=_CHANNEL_OPTIONS)
+        self._control = open_channel(self.control_plane, self.security)
         self._watch = asyncio.create_task(self._watch_forever(), name="mesh-client-watch")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
@@ -758,7 +755,7 @@ class MeshClient:
             reply = await stub.Invoke(
                 request,
                 timeout=remaining,
-                metadata=(("x-correlation-id", request.correlation_id),),
+                metadata=((CORRELATION_ID_HEADER, request.correlation_id),),
             )
         except grpc.aio.AioRpcError as exc:
             status = exc.code()
@@ -851,9 +848,7 @@ class MeshClient:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = open_channel(
-                endpoint, self._peer_security, options=_CHANNEL_OPTIONS
-            )
+            channel = self._channels[endpoint] = open_channel(endpoint, self._peer_security)
         return channel
 
     def _report(

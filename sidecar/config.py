@@ -7,9 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from flext_mesh.addresses import split_addresses
-from flext_mesh.config import DEFAULT_LISTEN, parse_host_port
-from flext_mesh.registry.validation import MAX_WEIGHT
+from flext_mesh.addresses import DEFAULT_LISTEN, parse_host_port, split_addresses
+from flext_mesh.names import MAX_WEIGHT
 
 __all__ = ["SidecarConfig"]
 

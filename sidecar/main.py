@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from flext_mesh.config import parse_host_port
+from flext_mesh.addresses import parse_host_port
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_processor_servicer

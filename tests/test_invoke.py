@@ -38,11 +38,11 @@ from flext_mesh.hosting.operations import (
     Operation,
     request_model_of,
     result_to_json,
-    struct_to_dict,
 )
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_processor_servicer
 from flext_mesh.processor import RunRecorder, ServiceProcessor
 from flext_mesh.result import FlextResult
+from flext_mesh.rpc.payloads import struct_to_dict
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 OK = grpc.StatusCode.OK.value[0]

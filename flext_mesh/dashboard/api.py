@@ -45,9 +45,9 @@ from flext_mesh.durations import parse_duration
 from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, NotFound
 from flext_mesh.http import Handler, Request, Response
 from flext_mesh.metrics.service import Metrics
-from flext_mesh.orchestrator import Orchestrator
-from flext_mesh.registry import Registry
-from flext_mesh.registry.validation import check_name, raise_if
+from flext_mesh.names import check_name, raise_if
+from flext_mesh.orchestrator.engine import Orchestrator
+from flext_mesh.registry.registry import Registry
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
 __all__ = [

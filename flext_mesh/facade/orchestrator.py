@@ -65,11 +65,12 @@ from flext_mesh.errors import (
 from flext_mesh.facade import control_plane_address
 from flext_mesh.facade._bridge import bridge
 from flext_mesh.hosting.membership import Membership
-from flext_mesh.hosting.operations import Operation, dict_to_struct, struct_to_dict
+from flext_mesh.hosting.operations import Operation
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
+from flext_mesh.names import check_name, raise_if
 from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_dict
 from flext_mesh.processor import ServiceProcessor
-from flext_mesh.registry.validation import check_name, raise_if, validate_instance
+from flext_mesh.registry.validation import validate_instance
 from flext_mesh.result import STATUS_CODE_NAMES, FlextResult
 from flext_mesh.rpc.channels import (
     ClientSecurity,
@@ -78,6 +79,7 @@ from flext_mesh.rpc.channels import (
     open_channel,
     server_credentials,
 )
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
@@ -99,10 +101,6 @@ _GRACE = 2.0
 _MARGIN = 5.0
 #: Operation names a catch-all service remembers (beyond, each call builds its own).
 _MAX_REMEMBERED_OPERATIONS = 256
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 _S = orchestrator_pb2
 _ENDED = {
     _S.EXECUTION_STATE_SUCCEEDED,
@@ -434,9 +432,7 @@ class ServiceOrchestrator:
     def channel(self) -> grpc.aio.Channel:
         """The channel to the control plane, created on the bridge's loop on first use."""
         if self._channel is None:
-            self._channel = open_channel(
-                self.control_plane, self.security, options=_CHANNEL_OPTIONS
-            )
+            self._channel = open_channel(self.control_plane, self.security)
         return self._channel
 
     async def _register(self, name: str, service: object) -> str:

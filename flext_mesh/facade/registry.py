@@ -40,12 +40,6 @@ __all__ = ["ControlPlaneClient", "ServiceRegistry"]
 _log = logging.getLogger("flext_mesh.facade")
 _T = TypeVar("_T")
 
-# gRPC's default reconnect backoff grows to 120 s: a control plane that comes back
-# would go unnoticed for minutes (same options as the sidecar's).
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 # Extra time a blocking caller waits beyond ``timeout`` for the bridge to answer: the
 # coroutine itself gives up at ``timeout`` and reports why.
 _SLACK = 2.0
@@ -106,9 +100,7 @@ class ControlPlaneClient:
     def _get_channel(self) -> grpc.aio.Channel:
         """The channel to the control plane (bridge loop only; created on first use)."""
         if self._channel is None:
-            self._channel = open_channel(
-                self.control_plane, self.security, options=_CHANNEL_OPTIONS
-            )
+            self._channel = open_channel(self.control_plane, self.security)
         return self._channel
 
     def _call(

@@ -6,8 +6,7 @@ Plain Python (protobuf's Struct for payloads, no gRPC): the servicer in
 - `Operation` binds a name to a processor, finds its request model (`request_model_of`),
   validates dict payloads through the processor's `process_dict` and runs it
   (`run_with_metrics` in a worker thread, or `arun_with_metrics` on the loop).
-- Payloads: `struct_to_dict` (whole numbers become ints, since a Struct only has
-  doubles) and `dict_to_struct`.
+- Payloads: :mod:`flext_mesh.rpc.payloads` (Struct <-> dict).
 - Results: `result_to_json` (the rule is in its docstring).
 - `IdempotencyCache`: replays the first successful outcome of a key; concurrent
   duplicates wait for the first.
@@ -20,7 +19,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import math
 import re
 import time
 from collections import OrderedDict
@@ -30,7 +28,6 @@ from typing import Any, Generic, TypeVar, get_args, get_origin
 
 import pydantic
 import pydantic_core
-from google.protobuf import struct_pb2
 
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.result import FlextResult
@@ -38,14 +35,10 @@ from flext_mesh.result import FlextResult
 __all__ = [
     "DEFAULT_IDEMPOTENCY_MAX_KEYS",
     "DEFAULT_IDEMPOTENCY_WINDOW",
-    "MAX_CORRELATION_ID_LENGTH",
     "IdempotencyCache",
     "Operation",
-    "correlation_id_problem",
-    "dict_to_struct",
     "request_model_of",
     "result_to_json",
-    "struct_to_dict",
 ]
 
 _log = logging.getLogger("flext_mesh.hosting.operations")
@@ -58,47 +51,10 @@ DEFAULT_IDEMPOTENCY_WINDOW = 600.0
 DEFAULT_IDEMPOTENCY_MAX_KEYS = 10_000
 """Most idempotency keys remembered; the least recently used is forgotten first."""
 
-# Whole doubles up to 2**53 are exact integers; beyond that a Struct cannot tell.
-_MAX_EXACT_INT = float(2**53)
 _INTERNAL = "INTERNAL"
 
 
 # -- payloads and results ----------------------------------------------------------------
-
-
-def _from_value(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        if math.isfinite(number) and number.is_integer() and abs(number) <= _MAX_EXACT_INT:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [_from_value(item) for item in value.list_value.values]
-    return None  # null_value, or unset
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """The Struct as plain Python data; whole numbers (5.0) become ints (5).
-
-    A Struct carries every number as a double, so `{"qty": 5}` sent as JSON arrives as
-    5.0; turning it back into 5 lets strict int fields and plain-dict processors see
-    what the caller wrote. Float fields accept ints, so nothing is lost.
-    """
-    return {key: _from_value(value) for key, value in struct.fields.items()}
-
-
-def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
-    """A Struct holding JSON-like `data` (str keys; numbers become doubles)."""
-    struct = struct_pb2.Struct()
-    struct.update(data)
-    return struct
 
 
 def result_to_json(value: object) -> dict[str, Any]:
@@ -285,23 +241,6 @@ class Operation:
         return FlextResult.fail(
             f"{match.group(1)} (the callee's log has the details)", code=_INTERNAL
         )
-
-
-# -- correlation ids -----------------------------------------------------------------------
-
-#: Longest correlation id accepted (characters), as processor.proto documents.
-MAX_CORRELATION_ID_LENGTH = 128
-_METADATA_SAFE = re.compile(r"^[\x20-\x7e]*$")
-
-
-def correlation_id_problem(value: str) -> str:
-    """Why ``value`` cannot be a correlation id ("" when it can): it travels as gRPC
-    metadata, so at most 128 printable ASCII characters."""
-    if len(value) > MAX_CORRELATION_ID_LENGTH:
-        return f"at most {MAX_CORRELATION_ID_LENGTH} characters, got {len(value)}"
-    if not _METADATA_SAFE.match(value):
-        return "only printable ASCII characters (it is sent as gRPC metadata)"
-    return ""
 
 
 # -- idempotency -------------------------------------------------------------------------

@@ -57,41 +57,26 @@ from flext_mesh.errors import (
 from flext_mesh.hosting.operations import (
     DEFAULT_IDEMPOTENCY_MAX_KEYS,
     DEFAULT_IDEMPOTENCY_WINDOW,
-    MAX_CORRELATION_ID_LENGTH,
     IdempotencyCache,
     Operation,
-    correlation_id_problem,
-    dict_to_struct,
-    struct_to_dict,
 )
 from flext_mesh.processor import ServiceProcessor, new_correlation_id
 from flext_mesh.result import FlextResult
 from flext_mesh.rpc.handlers import add_servicer
+from flext_mesh.rpc.metadata import (
+    CORRELATION_ID_HEADER,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    correlation_id_problem,
+)
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
-__all__ = [
-    "CORRELATION_ID_HEADER",
-    "MAX_CORRELATION_ID_LENGTH",
-    "MAX_IDEMPOTENCY_KEY_LENGTH",
-    "CallOutcome",
-    "ProcessorServicer",
-    "add_processor_servicer",
-    "correlation_id_problem",
-]
+__all__ = ["CallOutcome", "ProcessorServicer", "add_processor_servicer"]
 
 _log = logging.getLogger("flext_mesh.hosting.servicer")
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 _T = TypeVar("_T")
-
-CORRELATION_ID_HEADER = "x-correlation-id"
-"""Metadata key carrying the correlation id, in requests and in trailing metadata."""
-
-
-"""Longest correlation id accepted (characters), as processor.proto documents."""
-
-MAX_IDEMPOTENCY_KEY_LENGTH = 256
-"""Longest idempotency key accepted (characters), as processor.proto documents."""
 
 _OK = grpc.StatusCode.OK
 

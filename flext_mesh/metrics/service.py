@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound
 from flext_mesh.metrics import analysis
@@ -35,11 +36,10 @@ from flext_mesh.metrics.aggregator import (
     SeriesKey,
 )
 from flext_mesh.metrics.report import alert_message, build_report, evaluate_alerts
-from flext_mesh.registry import Registry
 from flext_mesh.store import Store
 from flext_mesh.v1 import metrics_pb2
 
-__all__ = ["ALERT_WINDOW", "Metrics", "StreamTotals"]
+__all__ = ["ALERT_WINDOW", "CallFeedback", "Metrics", "StreamTotals"]
 
 _log = logging.getLogger("flext_mesh.metrics")
 
@@ -59,13 +59,29 @@ class StreamTotals:
     duplicate_batches: int = 0
 
 
+class CallFeedback(Protocol):
+    """Where call outcomes go to move weights and eject outliers (the registry)."""
+
+    async def record_call(
+        self, service: str, instance_id: str, *, infrastructure_failure: bool
+    ) -> None:
+        """One call to an instance ended; ``infrastructure_failure`` when it faulted."""
+        ...
+
+    def set_call_stats(
+        self, service: str, instance_id: str, error_rate: float, latency_ms: float | None
+    ) -> None:
+        """An instance's recent infrastructure error rate and latency."""
+        ...
+
+
 class Metrics:
     """The metrics domain service (no gRPC: errors are MeshErrors)."""
 
     def __init__(
         self,
         store: Store,
-        registry: Registry | None = None,
+        registry: CallFeedback | None = None,
         settings: AggregatorSettings | None = None,
         thresholds: analysis.Thresholds | None = None,
         *,

@@ -76,8 +76,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from flext_mesh.durations import parse_duration
 from flext_mesh.errors import FieldViolation, InvalidArgument
-from flext_mesh.hosting.operations import struct_to_dict
-from flext_mesh.registry.validation import check_name, raise_if
+from flext_mesh.names import check_name, raise_if
 from flext_mesh.retry import (
     ALLOWED_RETRYABLE,
     DEFAULT_INITIAL_BACKOFF,
@@ -88,6 +87,7 @@ from flext_mesh.retry import (
     DEFAULT_RETRYABLE,
     RetrySpec,
 )
+from flext_mesh.rpc.payloads import struct_to_dict
 from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
 __all__ = [

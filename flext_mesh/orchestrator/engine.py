@@ -62,7 +62,6 @@ from flext_mesh.errors import (
     Unavailable,
     error_for_code,
 )
-from flext_mesh.hosting.operations import correlation_id_problem, dict_to_struct, struct_to_dict
 from flext_mesh.orchestrator.definition import (
     CompensationSpec,
     RetrySpec,
@@ -74,6 +73,8 @@ from flext_mesh.orchestrator.definition import (
 )
 from flext_mesh.orchestrator.history import ENDED_STATES, Ev, ExecutionView, St, Xs
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.store import (
     Compare,
     Delete,
@@ -88,8 +89,6 @@ from flext_mesh.store import (
 from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2
 
 __all__ = [
-    "MAX_CORRELATION_ID",
-    "MAX_IDEMPOTENCY_KEY",
     "MAX_INPUT_BYTES",
     "MAX_WORKFLOW_NAME",
     "Orchestrator",
@@ -101,10 +100,6 @@ _T = TypeVar("_T")
 
 #: Largest execution input accepted, serialized.
 MAX_INPUT_BYTES = 1024 * 1024
-#: Longest StartExecution idempotency key.
-MAX_IDEMPOTENCY_KEY = 256
-#: Longest correlation id.
-MAX_CORRELATION_ID = 128
 #: Longest cancellation reason, bytes.
 MAX_REASON_BYTES = 1024
 #: Longest workflow name: its metrics series is ``workflow/NAME`` and must fit 63.
@@ -1665,9 +1660,9 @@ def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:
                 "input", f"is {request.input.ByteSize()} bytes; at most {MAX_INPUT_BYTES}"
             )
         )
-    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         violations.append(
-            FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")
+            FieldViolation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
         )
     problem = correlation_id_problem(request.correlation_id)
     if problem:

@@ -27,8 +27,9 @@ from flext_mesh.errors import (
     Unavailable,
     from_rpc_error,
 )
-from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
+from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 
 __all__ = ["AttemptFailed", "Discovery", "MeshInvoker", "StepInvoker", "StepReply"]
@@ -37,11 +38,6 @@ __all__ = ["AttemptFailed", "Discovery", "MeshInvoker", "StepInvoker", "StepRepl
 MAX_CHANNELS = 256
 #: The orchestrator's name as a caller in call records.
 CALLER = "flext-mesh-orchestrator"
-_CORRELATION_HEADER = "x-correlation-id"
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +117,7 @@ class MeshInvoker:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = open_channel(
-                endpoint, self._security, options=_CHANNEL_OPTIONS
-            )
+            channel = self._channels[endpoint] = open_channel(endpoint, self._security)
             while len(self._channels) > MAX_CHANNELS:
                 _, oldest = self._channels.popitem(last=False)
                 task = asyncio.create_task(oldest.close(grace=5.0))
@@ -161,7 +155,7 @@ class MeshInvoker:
         code = 0
         try:
             reply = await stub.Invoke(
-                request, timeout=timeout, metadata=((_CORRELATION_HEADER, correlation_id),)
+                request, timeout=timeout, metadata=((CORRELATION_ID_HEADER, correlation_id),)
             )
         except grpc.aio.AioRpcError as exc:
             code = exc.code().value[0]

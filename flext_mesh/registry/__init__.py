@@ -1,7 +1,5 @@
-"""The service registry: leases, active health, outlier ejection, discovery, watch."""
+"""The service registry: leases, active health, outlier ejection, discovery, watch.
 
-from __future__ import annotations
-
-from flext_mesh.registry.registry import INSTANCES, Registry, RegistrySettings
-
-__all__ = ["INSTANCES", "Registry", "RegistrySettings"]
+Import from the modules (:mod:`.registry`, :mod:`.validation`, ...): this package
+imports nothing, so reading a validation rule does not load the store.
+"""

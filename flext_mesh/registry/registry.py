@@ -186,6 +186,8 @@ class Registry:
         # slot of the service's limit until it is in the cache (no overshoot under load).
         self._joining: dict[str, Counter[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Lease id -> service name of the instance it keeps registered.
+        self._lease_owners: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -243,9 +245,19 @@ class Registry:
 
     # -- the cache, fed by the store ---------------------------------------------
 
+    def service_of_lease(self, lease_id: str) -> str | None:
+        """The service whose instance ``lease_id`` keeps registered; None if none."""
+        return self._lease_owners.get(lease_id)
+
     def _put_cached(self, instance: registry_pb2.ServiceInstance) -> None:
-        self._services.setdefault(instance.service_name, {})[instance.instance_id] = instance
         name = instance.service_name
+        service = self._services.setdefault(name, {})
+        previous = service.get(instance.instance_id)
+        if previous is not None and previous.lease_id != instance.lease_id:
+            self._lease_owners.pop(previous.lease_id, None)
+        service[instance.instance_id] = instance
+        if instance.lease_id:
+            self._lease_owners[instance.lease_id] = name
         self._service_revision[name] = max(self._service_revision.get(name, 0), instance.revision)
 
     def _apply(self, events: list[Event]) -> None:
@@ -276,7 +288,9 @@ class Registry:
                 self._track(instance)
             return _translate(event, instance)
         service = self._services.get(service_name, {})
-        service.pop(instance_id, None)
+        gone = service.pop(instance_id, None)
+        if gone is not None:
+            self._lease_owners.pop(gone.lease_id, None)
         if service:
             self._service_revision[service_name] = event.revision
         else:

@@ -10,11 +10,11 @@ characters), at most 32 capabilities, metadata at most 16 KiB.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 from google.protobuf import duration_pb2
 
-from flext_mesh.errors import FieldViolation, InvalidArgument
+from flext_mesh.errors import FieldViolation
+from flext_mesh.names import DEFAULT_WEIGHT, MAX_NAME, MAX_WEIGHT, check_name, raise_if
 from flext_mesh.v1 import registry_pb2
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "validate_ttl",
 ]
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _HOST = re.compile(
     r"^(?:\[[0-9A-Fa-f:.]{2,45}\]"  # bracketed IPv6
@@ -41,28 +40,11 @@ _PRINTABLE = re.compile(r"^[\x21-\x7e]*$")
 DEFAULT_TTL = 10.0
 MIN_TTL = 1.0
 MAX_TTL = 3600.0
-DEFAULT_WEIGHT = 100
-MAX_WEIGHT = 10_000
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 255
 MAX_CAPABILITIES = 32
-MAX_SHORT = 63
+MAX_SHORT = MAX_NAME
 MAX_METADATA_BYTES = 16 * 1024
-
-
-def check_name(field: str, value: str, *, required: bool = True) -> list[FieldViolation]:
-    """Violations of a service, instance or operation name (empty when fine)."""
-    if not value:
-        return [FieldViolation(field, "is required")] if required else []
-    if len(value) > MAX_SHORT:
-        return [FieldViolation(field, f"is {len(value)} characters long; at most {MAX_SHORT}")]
-    if not NAME.match(value):
-        return [
-            FieldViolation(
-                field, "must be letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        ]
-    return []
 
 
 def validate_endpoint(field: str, endpoint: str) -> list[FieldViolation]:
@@ -153,10 +135,3 @@ def validate_instance(prefix: str, instance: registry_pb2.ServiceInstance) -> li
             )
         )
     return out
-
-
-def raise_if(violations: Iterable[FieldViolation]) -> None:
-    """Raise InvalidArgument listing every violation, if there is any."""
-    found = list(violations)
-    if found:
-        raise InvalidArgument.from_violations(found)

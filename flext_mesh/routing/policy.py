@@ -26,7 +26,7 @@ from typing import TypeVar
 from google.protobuf import duration_pb2
 
 from flext_mesh.errors import FieldViolation
-from flext_mesh.registry.validation import check_name
+from flext_mesh.names import check_name
 from flext_mesh.v1 import common_pb2, registry_pb2
 
 __all__ = [

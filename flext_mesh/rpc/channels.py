@@ -60,6 +60,13 @@ __all__ = [
 ]
 
 _ENV = "FLEXT_MESH_"
+
+#: gRPC's default reconnect backoff grows to 120 s: a peer or control plane that comes
+#: back would go unnoticed for minutes. Every channel of the mesh retries within 2 s.
+RECONNECT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 # BoringSSL's reason in gRPC's UNAVAILABLE details: "...OPENSSL_internal:REASON: text: OK".
 _SSL_REASON = re.compile(r"OPENSSL_internal:(?P<reason>[A-Z0-9_]+)(?::\s*(?P<text>[^:]+))?")
 _FileStamp = tuple[str, int, int]  # path, mtime_ns, size
@@ -409,11 +416,12 @@ def open_channel(
     """A channel to ``target`` secured per ``security`` (None: plaintext, no token).
 
     A ``grpc.aio`` channel, or a synchronous one with ``aio=False`` (the CLI). Raises
-    TransportError when a file of ``security`` is missing or wrong.
+    TransportError when a file of ``security`` is missing or wrong. ``options`` add to,
+    or override, :data:`RECONNECT_OPTIONS`.
     """
     security = security or _PLAINTEXT
     credentials = client_credentials(security)
-    channel_options = list(options)
+    channel_options = list({**dict(RECONNECT_OPTIONS), **dict(options)}.items())
     server_name = security.tls_server_name
     if "," in target:  # several control-plane replicas: one target, pick_first fails over
         try:

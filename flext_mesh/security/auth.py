@@ -47,11 +47,12 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
 import grpc
 
-from flext_mesh.config import ServerConfig, parse_host_port
+from flext_mesh.addresses import parse_host_port
+from flext_mesh.config import ServerConfig
 from flext_mesh.errors import (
     MeshError,
     PermissionDenied,
@@ -59,23 +60,19 @@ from flext_mesh.errors import (
     Unauthenticated,
     abort,
 )
-from flext_mesh.registry.registry import INSTANCES
-from flext_mesh.registry.validation import NAME as NAME_RULE
+from flext_mesh.names import NAME as NAME_RULE
 from flext_mesh.rpc.channels import is_loopback
 from flext_mesh.rpc.handlers import Undecodable, WrappingInterceptor
 from flext_mesh.security.certs import SPIFFE_TRUST_DOMAIN
 from flext_mesh.security.identity import Identity, current_identity, key_of
 from flext_mesh.security.ratelimit import RateLimiter
 from flext_mesh.security.tokens import TokenFile, TokensFileError
-from flext_mesh.store import Store
-from flext_mesh.store.base import Event, EventType
-from flext_mesh.v1 import registry_pb2
 
 __all__ = [
     "METHOD_RULES",
     "STREAM_MAX_WAIT",
     "Authenticator",
-    "LeaseOwners",
+    "LeaseOwnerLookup",
     "MethodRule",
     "SecurityConfigError",
     "SecurityInterceptor",
@@ -298,64 +295,13 @@ class Authenticator:
 # -- which service a lease keeps registered --------------------------------------------------
 
 
-class LeaseOwners:
-    """Lease id -> service name of the instance it keeps registered, from the store.
+class LeaseOwnerLookup(Protocol):
+    """Answers which service holds a lease (the registry implements it): ``service:NAME``
+    callers may renew only leases of NAME."""
 
-    Fed by the store's events (so instances registered through another replica are
-    known too); ``service:NAME`` callers may renew only leases of NAME.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._service_of_lease: dict[str, str] = {}
-        self._lease_of_key: dict[str, str] = {}
-        self._pending: list[Event] | None = None
-        self._unlisten: Callable[[], None] | None = None
-
-    async def start(self) -> None:
-        """Load the current instances and follow their changes."""
-        self._pending = []
-        self._unlisten = self._store.listen(INSTANCES, self._apply)
-        revision, kvs = await self._store.snapshot(INSTANCES)
-        for kv in kvs:
-            lease = kv.lease or registry_pb2.ServiceInstance.FromString(kv.value).lease_id
-            self._put(kv.key, lease)
-        pending, self._pending = self._pending, None
-        self._apply([event for event in pending if event.revision > revision])
-
-    def stop(self) -> None:
-        """Stop following the store."""
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
-
-    def service_of(self, lease_id: str) -> str | None:
+    def service_of_lease(self, lease_id: str) -> str | None:
         """The service whose instance ``lease_id`` keeps registered; None if none."""
-        return self._service_of_lease.get(lease_id)
-
-    def _put(self, key: str, lease: str | None) -> None:
-        old = self._lease_of_key.get(key)
-        if old is not None and old != lease:
-            self._service_of_lease.pop(old, None)
-        if lease:
-            self._lease_of_key[key] = lease
-            self._service_of_lease[lease] = key[len(INSTANCES) :].partition("/")[0]
-
-    def _apply(self, events: list[Event]) -> None:
-        if self._pending is not None:
-            self._pending.extend(events)
-            return
-        for event in events:
-            if event.type is EventType.PUT:
-                try:
-                    lease = registry_pb2.ServiceInstance.FromString(event.value).lease_id
-                except Exception:  # a value the registry would not read either
-                    continue
-                self._put(event.key, lease)
-            else:
-                old = self._lease_of_key.pop(event.key, None)
-                if old is not None:
-                    self._service_of_lease.pop(old, None)
+        ...
 
 
 # -- the interceptor ---------------------------------------------------------------------------
@@ -394,15 +340,15 @@ async def _checked_messages(requests: AsyncIterator[Any], check: _Check) -> Asyn
 class SecurityInterceptor(WrappingInterceptor):
     """Authenticates, authorizes and rate-limits the control plane's RPCs.
 
-    ``load()`` (tokens file) and ``start()`` (lease owners, needs the store open) are
-    called by the control plane at start, ``stop()`` at stop.
+    ``load()`` (tokens file) is called by the control plane at start; which service holds
+    a lease is asked of ``leases`` (the registry) when a renewal comes.
     """
 
     def __init__(
         self,
         *,
         authenticator: Authenticator | None = None,
-        leases: LeaseOwners | None = None,
+        leases: LeaseOwnerLookup | None = None,
         writes: RateLimiter | None = None,
         reports: RateLimiter | None = None,
         open_services: Iterable[str] = (),
@@ -426,16 +372,6 @@ class SecurityInterceptor(WrappingInterceptor):
             except TokensFileError as exc:
                 raise SecurityConfigError(f"--auth-tokens-file {exc}") from None
             _log.info("authentication on tokens=%d file=%s", len(tokens), tokens.path)
-
-    async def start(self) -> None:
-        """Follow the store's leases (after the store is open)."""
-        if self.leases is not None:
-            await self.leases.start()
-
-    def stop(self) -> None:
-        """Stop following the store."""
-        if self.leases is not None:
-            self.leases.stop()
 
     # -- interception
 
@@ -559,7 +495,7 @@ class _Guard:
             for lease_id in lease_ids:
                 # An unknown lease is let through: the registry answers it expired,
                 # which tells the caller to register again.
-                owner = self.leases.service_of(lease_id) if self.leases is not None else None
+                owner = self.leases.service_of_lease(lease_id) if self.leases is not None else None
                 if owner is not None and owner not in allowed:
                     return self._denied(
                         identity, f"renew lease {lease_id!r} of an instance of {owner!r}", owner
@@ -731,15 +667,15 @@ class _Guard:
         return coroutine
 
 
-def build_security(config: ServerConfig, store: Store) -> SecurityInterceptor | None:
+def build_security(config: ServerConfig, leases: LeaseOwnerLookup) -> SecurityInterceptor | None:
     """The interceptor the configuration asks for; None when it has nothing to do
     (authentication off and both rate limits 0), so it costs nothing then."""
     authenticator: Authenticator | None = None
-    leases: LeaseOwners | None = None
+    owners: LeaseOwnerLookup | None = None
     if auth_enabled(config):
         tokens = TokenFile(config.auth_tokens_file) if config.auth_tokens_file else None
         authenticator = Authenticator(tokens, certificates=config.tls_client_auth != "none")
-        leases = LeaseOwners(store)
+        owners = leases
     writes = (
         RateLimiter("writes", config.rate_limit_writes, config.rate_limit_writes_burst)
         if config.rate_limit_writes > 0
@@ -754,7 +690,7 @@ def build_security(config: ServerConfig, store: Store) -> SecurityInterceptor | 
         return None
     return SecurityInterceptor(
         authenticator=authenticator,
-        leases=leases,
+        leases=owners,
         writes=writes,
         reports=reports,
         open_services=config.auth_open_services,

@@ -38,7 +38,7 @@ from typing import Any, Final
 
 import yaml
 
-from flext_mesh.registry.validation import NAME as SERVICE_NAME
+from flext_mesh.names import NAME as SERVICE_NAME
 from flext_mesh.security.identity import Identity
 
 __all__ = [

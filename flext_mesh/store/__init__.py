@@ -1,4 +1,8 @@
-"""Durable state of the control plane behind one interface (see :mod:`.base`)."""
+"""Durable state of the control plane behind one interface (see :mod:`.base`).
+
+The backends (:mod:`.sqlite`, :mod:`.etcd`) are imported by :func:`open_store` when a
+URL names them, so importing the interface loads neither SQLite nor etcd's client.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +23,11 @@ from flext_mesh.store.base import (
     SubscriptionLagged,
     TxnResult,
 )
-from flext_mesh.store.etcd import EtcdStore, parse_endpoints
-from flext_mesh.store.sqlite import SqliteStore
 
 __all__ = [
     "Compacted",
     "Compare",
     "Delete",
-    "EtcdStore",
     "Event",
     "EventType",
     "KeyValue",
@@ -34,7 +35,6 @@ __all__ = [
     "LeaseNotFound",
     "Listener",
     "Put",
-    "SqliteStore",
     "Store",
     "StoreOpenError",
     "Subscription",
@@ -49,11 +49,15 @@ def open_store(url: str) -> Store:
     ``etcd://host:port[,host:port...][/prefix]`` (keys under ``/flext-mesh`` unless a
     prefix is given)."""
     if url.startswith("sqlite:///"):
+        from flext_mesh.store.sqlite import SqliteStore  # noqa: PLC0415
+
         return SqliteStore(url[len("sqlite:///") :])
     if url.startswith("etcd://"):
         hosts, slash, prefix = url[len("etcd://") :].partition("/")
         if not hosts:
             raise StoreOpenError(f"{url!r} names no etcd endpoint: use etcd://host:port")
+        from flext_mesh.store.etcd import EtcdStore, parse_endpoints  # noqa: PLC0415
+
         return EtcdStore(
             parse_endpoints(hosts), "/" + prefix if slash and prefix else "/flext-mesh"
         )

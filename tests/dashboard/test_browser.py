@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.hosting.operations import dict_to_struct
 from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.rpc.payloads import dict_to_struct
 from flext_mesh.v1 import (
     metrics_pb2,
     metrics_pb2_grpc,

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from flext_mesh.errors import DeadlineExceeded, MeshError
-from flext_mesh.hosting.operations import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc, registry_pb2, registry_pb2_grpc
 from sidecar.client import MeshClient
 from tests.conftest import ServeProcess, start_serve

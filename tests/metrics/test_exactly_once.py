@@ -14,7 +14,7 @@ import pytest
 from flext_mesh.errors import InvalidArgument, from_rpc_error
 from flext_mesh.metrics.aggregator import Aggregator, AggregatorSettings
 from flext_mesh.metrics.dedup import RECENT, REPORTERS, BatchLedger
-from flext_mesh.store import SqliteStore
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 from tests.conftest import start_serve
 from tests.metrics.test_metrics_rpc import Plane, _close, _open, record

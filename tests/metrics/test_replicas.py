@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flext_mesh.metrics.aggregator import Aggregator, AggregatorSettings, merge_stats
-from flext_mesh.store import SqliteStore
+from flext_mesh.store.sqlite import SqliteStore
 from tests.metrics.test_metrics_rpc import record
 
 

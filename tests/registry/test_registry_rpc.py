@@ -12,7 +12,7 @@ import pytest
 
 from flext_mesh.errors import FieldViolation, InvalidArgument, from_rpc_error
 from flext_mesh.server import create_server
-from flext_mesh.store import SqliteStore
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from tests.registry.conftest import Mesh, eventually, fast_config, start_health_endpoint
 

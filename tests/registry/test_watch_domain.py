@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from flext_mesh.errors import ResourceExhausted
-from flext_mesh.registry import Registry, RegistrySettings
-from flext_mesh.store import SqliteStore
+from flext_mesh.registry.registry import Registry, RegistrySettings
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import registry_pb2
 
 

@@ -24,7 +24,7 @@ from flext_mesh.errors import StoreUnavailable
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
 from flext_mesh.server import ControlPlane, create_server
-from flext_mesh.store import SqliteStore
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import (
     metrics_pb2,
     metrics_pb2_grpc,

@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from flext_mesh.errors import ResourceExhausted, from_rpc_error
-from flext_mesh.registry import Registry, RegistrySettings
+from flext_mesh.registry.registry import Registry, RegistrySettings
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.servicers.watchers import WatchLimit
-from flext_mesh.store import SqliteStore
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,

@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from flext_mesh.errors import NotFound, ResourceExhausted
-from flext_mesh.registry import INSTANCES, Registry, RegistrySettings
-from flext_mesh.store import SqliteStore
+from flext_mesh.registry.registry import INSTANCES, Registry, RegistrySettings
+from flext_mesh.store.sqlite import SqliteStore
 from tests.robustness.conftest import instance
 
 _T = TypeVar("_T")

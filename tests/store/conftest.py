@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flext_mesh.store import EtcdStore, SqliteStore, Store
+from flext_mesh.store import Store
+from flext_mesh.store.etcd import EtcdStore
+from flext_mesh.store.sqlite import SqliteStore
 from tests.etcd_server import EtcdServer
 
 #: Makes an unopened store of the test's backend (several calls: several replicas).

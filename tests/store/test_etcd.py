@@ -14,16 +14,8 @@ import pytest
 from aetcd import rpc  # type: ignore[import-untyped]
 
 from flext_mesh.errors import StoreUnavailable
-from flext_mesh.store import (
-    Compacted,
-    EtcdStore,
-    Event,
-    EventType,
-    Put,
-    StoreOpenError,
-    open_store,
-)
-from flext_mesh.store.etcd import SYNC_KEY, parse_endpoints
+from flext_mesh.store import Compacted, Event, EventType, Put, StoreOpenError, open_store
+from flext_mesh.store.etcd import SYNC_KEY, EtcdStore, parse_endpoints
 from tests.etcd_server import EtcdServer
 from tests.store.conftest import etcd_store
 

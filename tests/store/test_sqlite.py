@@ -15,14 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flext_mesh.store import (
-    Compacted,
-    EventType,
-    LeaseNotFound,
-    SqliteStore,
-    StoreOpenError,
-)
-from flext_mesh.store.sqlite import _MIGRATIONS, SCHEMA_VERSION
+from flext_mesh.store import Compacted, EventType, LeaseNotFound, StoreOpenError
+from flext_mesh.store.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 
 @pytest.fixture

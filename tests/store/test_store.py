@@ -10,16 +10,8 @@ import uuid
 import pytest
 
 from flext_mesh.errors import StoreUnavailable
-from flext_mesh.store import (
-    Compare,
-    Delete,
-    Event,
-    EventType,
-    LeaseNotFound,
-    Put,
-    SqliteStore,
-    Store,
-)
+from flext_mesh.store import Compare, Delete, Event, EventType, LeaseNotFound, Put, Store
+from flext_mesh.store.sqlite import SqliteStore
 from tests.store.conftest import StoreFactory
 
 
