@@ -19,22 +19,39 @@
         ├── DeadlineExceeded       DEADLINE_EXCEEDED
         └── InternalError          INTERNAL
 
-Servers raise these from domain code; :func:`to_rpc_status` and :func:`abort` turn them
-into statuses (validation errors carry ``google.rpc.BadRequest`` details). Clients turn
-``grpc.RpcError`` back into the same classes with :func:`from_rpc_error`.
+Servers raise these from domain code; :mod:`flext_mesh.rpc.status` turns them into
+statuses (validation errors carry ``google.rpc.BadRequest`` details, through
+grpcio-status) and client-side ``grpc.RpcError`` back into the same classes.
+
+What stops a process from starting (a flag, a file, an address, the store or the app
+to host) is a :class:`ConfigError`: never sent over an RPC, reported in one line by
+the process that hit it::
+
+    ConfigError
+    ├── StoreOpenError        (flext_mesh.store.base)   the store cannot be opened
+    ├── TransportError        (flext_mesh.rpc.channels) TLS files, addresses of a channel
+    ├── AddressError          (flext_mesh.addresses)    an address list
+    ├── TokensFileError       (flext_mesh.security.tokens)
+    ├── SecurityConfigError   (flext_mesh.security.auth)
+    ├── ServeError            (flext_mesh.server)       the control plane cannot start
+    ├── CertsError            (flext_mesh.cli.certs)
+    ├── SidecarError          (sidecar.main)            the sidecar cannot start
+    └── AppError              (sidecar.app)             the app module cannot be loaded
+
+Standing alone, on purpose: ``UnwrapError`` (the library's, a ValueError as the guide
+has it: a programming error, never an RPC), ``UnresolvedReference`` (a workflow
+reference, reported as InvalidArgument by the definition checks), the store's
+``Compacted`` and ``SubscriptionLagged`` (signals to a watcher that it must reload,
+answered in the domain), and private control-flow exceptions inside one module.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 if TYPE_CHECKING:
     from flext_mesh.result import FlextResult
@@ -43,6 +60,7 @@ __all__ = [
     "INFRASTRUCTURE_CODES",
     "AlreadyExists",
     "Cancelled",
+    "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
     "FieldViolation",
@@ -58,16 +76,10 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
-    "abort",
     "error_for_code",
     "from_result",
-    "from_rpc_error",
     "is_infrastructure",
-    "rpc_errors",
-    "to_rpc_status",
 ]
-
-_log = logging.getLogger("flext_mesh.errors")
 
 #: Codes that mean the infrastructure failed, not the business: retried by clients,
 #: counted by circuit breakers and outlier ejection.
@@ -263,133 +275,6 @@ def from_result(result: FlextResult[Any]) -> MeshError:
     return cls(message)
 
 
-def to_rpc_status(error: MeshError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` for an error, with BadRequest or RetryInfo details."""
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
-    if isinstance(error, InvalidArgument) and error.violations:
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        status.details.add().Pack(detail)
-    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
-        info = error_details_pb2.RetryInfo()
-        info.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
-        status.details.add().Pack(info)
-    return status
-
-
-async def abort(
-    context: grpc.aio.ServicerContext[Any, Any],
-    error: MeshError,
-    *,
-    trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
-) -> NoReturn:
-    """Abort the RPC with the status of ``error``, its details, and ``trailing_metadata``.
-
-    The ``google.rpc.Status`` details travel as ``grpc-status-details-bin`` in the
-    trailing metadata (what ``abort_with_status`` does, without replacing other keys).
-    """
-    status = to_rpc_status(error)
-    trailing = list(trailing_metadata)
-    if status.details:
-        trailing.append(("grpc-status-details-bin", status.SerializeToString()))
-    await context.abort(error.code, error.message, trailing_metadata=tuple(trailing))
-    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
-
-
-def from_rpc_error(exc: grpc.RpcError) -> MeshError:
-    """Map a client-side ``grpc.RpcError`` back to the error tree (``raise ... from exc``)."""
-    # Sync calls raise grpc.Call subclasses; grpc.aio raises AioRpcError, which is not
-    # one but has the same methods.
-    code_of = getattr(exc, "code", None)
-    code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
-    details_of = getattr(exc, "details", None)
-    message = (details_of() if callable(details_of) else None) or str(code.name)
-    cls = error_for_code(code)
-    if cls is InvalidArgument:
-        return InvalidArgument(message, _field_violations(exc))
-    if cls is ResourceExhausted:
-        return ResourceExhausted(message, _retry_after(exc))
-    if cls is MeshError and code is grpc.StatusCode.UNKNOWN:
-        return InfrastructureError(message)
-    if cls is MeshError:
-        return StatusError(message, code)
-    return cls(message)
-
-
-def _status_details(exc: grpc.RpcError) -> list[Any]:
-    trailing_of = getattr(exc, "trailing_metadata", None)
-    trailing: Any = trailing_of() if callable(trailing_of) else None
-    for key, value in trailing or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            return list(status.details)
-    return []
-
-
-def _field_violations(exc: grpc.RpcError) -> list[FieldViolation]:
-    out: list[FieldViolation] = []
-    for any_detail in _status_details(exc):
-        if any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            any_detail.Unpack(bad)
-            out.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
-    return out
-
-
-def _retry_after(exc: grpc.RpcError) -> float | None:
-    for any_detail in _status_details(exc):
-        if any_detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            any_detail.Unpack(info)
-            return float(info.retry_delay.ToNanoseconds()) / 1e9
-    return None
-
-
-_Handler = TypeVar("_Handler", bound=Callable[..., Any])
-
-
-def rpc_errors(method: _Handler) -> _Handler:
-    """Decorate a servicer method: MeshError aborts with its status; anything else INTERNAL.
-
-    Works for unary handlers (coroutines) and server-streaming handlers (async
-    generators). Unexpected exceptions are logged with their traceback once, and the
-    client sees INTERNAL without internals leaking.
-    """
-    name = method.__qualname__
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except MeshError as err:
-                await abort(context, err)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                _log.exception("unexpected error in %s", name)
-                await abort(context, InternalError(f"internal error in {name}"))
-
-        return stream_wrapper  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await method(self, request, context)
-        except MeshError as err:
-            await abort(context, err)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            _log.exception("unexpected error in %s", name)
-            await abort(context, InternalError(f"internal error in {name}"))
-
-    return unary_wrapper  # type: ignore[return-value]
+class ConfigError(Exception):
+    """A setting, file, address or dependency that stops a process from starting; the
+    message names it and says what to do. Never crosses an RPC."""

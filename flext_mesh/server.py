@@ -24,7 +24,6 @@ from flext_mesh.addresses import parse_host_port
 from flext_mesh.config import ServerConfig
 from flext_mesh.dashboard import Dashboard
 from flext_mesh.dashboard.access import authorizer, http_ssl_context
-from flext_mesh.errors import from_rpc_error
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics.aggregator import AggregatorSettings
@@ -44,6 +43,7 @@ from flext_mesh.rpc.channels import (
     server_credentials,
 )
 from flext_mesh.rpc.handlers import LongStreams
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.security.auth import SecurityConfigError, build_security, check_auth_required
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer

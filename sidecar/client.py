@@ -94,14 +94,7 @@ import grpc
 from google.protobuf import duration_pb2
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from flext_mesh.errors import (
-    DeadlineExceeded,
-    MeshError,
-    NotFound,
-    Unavailable,
-    from_rpc_error,
-    is_infrastructure,
-)
+from flext_mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable, is_infrastructure
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
 from flext_mesh.routing.balancer import Candidate, Picker, Strategy
@@ -113,6 +106,7 @@ from flext_mesh.routing.policy import (
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import (
     common_pb2,
     metrics_pb2,

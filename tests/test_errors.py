@@ -17,10 +17,9 @@ from flext_mesh.errors import (
     NotFound,
     ResourceExhausted,
     from_result,
-    from_rpc_error,
-    rpc_errors,
 )
 from flext_mesh.result import FlextResult
+from flext_mesh.rpc.status import from_rpc_error, rpc_errors
 
 RAISES: dict[str, MeshError | Exception] = {
     "invalid": InvalidArgument.from_violations(

@@ -31,7 +31,6 @@ from flext_mesh.errors import (
     MeshError,
     NotFound,
     Unavailable,
-    from_rpc_error,
 )
 from flext_mesh.hosting.operations import (
     IdempotencyCache,
@@ -43,6 +42,7 @@ from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_proc
 from flext_mesh.processor import RunRecorder, ServiceProcessor
 from flext_mesh.result import FlextResult
 from flext_mesh.rpc.payloads import struct_to_dict
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 OK = grpc.StatusCode.OK.value[0]

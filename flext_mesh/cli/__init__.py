@@ -26,8 +26,9 @@ from flext_mesh.addresses import DEFAULT_LISTEN, split_addresses
 from flext_mesh.cli import certs, metrics, policy, services, tokens, workflows
 from flext_mesh.cli.output import FORMATS
 from flext_mesh.config import ServerConfig
-from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_rpc_error
+from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel, tls_problem
+from flext_mesh.rpc.status import from_rpc_error
 
 __all__ = ["main"]
 

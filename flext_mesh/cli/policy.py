@@ -33,13 +33,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from flext_mesh.cli.output import EMPTY, message_to_dict, render_json
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
-from flext_mesh.errors import (
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    from_rpc_error,
-)
+from flext_mesh.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = [

@@ -26,7 +26,8 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.output import EMPTY, enum_label, message_to_dict, render_json, render_table
-from flext_mesh.errors import FieldViolation, InvalidArgument, from_rpc_error
+from flext_mesh.errors import FieldViolation, InvalidArgument
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = [

@@ -60,7 +60,6 @@ from flext_mesh.errors import (
     InvalidArgument,
     MeshError,
     Unavailable,
-    from_rpc_error,
 )
 from flext_mesh.facade import control_plane_address
 from flext_mesh.facade._bridge import bridge
@@ -80,6 +79,7 @@ from flext_mesh.rpc.channels import (
     server_credentials,
 )
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,

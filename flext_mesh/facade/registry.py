@@ -27,12 +27,13 @@ from urllib.parse import urlsplit
 import grpc
 from google.protobuf import json_format
 
-from flext_mesh.errors import InvalidArgument, from_rpc_error
+from flext_mesh.errors import InvalidArgument
 from flext_mesh.facade import control_plane_address
 from flext_mesh.facade._bridge import bridge
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.result import FlextResult
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["ControlPlaneClient", "ServiceRegistry"]

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from flext_mesh.errors import InvalidArgument, from_rpc_error
+from flext_mesh.errors import InvalidArgument
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["Membership"]

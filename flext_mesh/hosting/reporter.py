@@ -56,7 +56,8 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.errors import ResourceExhausted, from_rpc_error
+from flext_mesh.errors import ResourceExhausted
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
 __all__ = ["MAX_BATCH", "CallReporter", "ChannelSource", "ReporterSettings", "ReporterStats"]

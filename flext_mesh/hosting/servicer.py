@@ -50,9 +50,7 @@ from flext_mesh.errors import (
     NotFound,
     StatusError,
     Unavailable,
-    abort,
     from_result,
-    rpc_errors,
 )
 from flext_mesh.hosting.operations import (
     DEFAULT_IDEMPOTENCY_MAX_KEYS,
@@ -69,6 +67,7 @@ from flext_mesh.rpc.metadata import (
     correlation_id_problem,
 )
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.status import abort, rpc_errors
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
 __all__ = ["CallOutcome", "ProcessorServicer", "add_processor_servicer"]

@@ -19,17 +19,11 @@ from typing import Any, Protocol
 
 import grpc
 
-from flext_mesh.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    MeshError,
-    NotFound,
-    Unavailable,
-    from_rpc_error,
-)
+from flext_mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 
 __all__ = ["AttemptFailed", "Discovery", "MeshInvoker", "StepInvoker", "StepReply"]

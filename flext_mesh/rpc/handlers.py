@@ -17,7 +17,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from flext_mesh.errors import InvalidArgument, abort
+from flext_mesh.errors import InvalidArgument
+from flext_mesh.rpc.status import abort
 
 __all__ = ["LongStreams", "Undecodable", "WrappingInterceptor", "add_servicer", "checked"]
 

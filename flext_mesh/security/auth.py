@@ -53,16 +53,11 @@ import grpc
 
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.config import ServerConfig
-from flext_mesh.errors import (
-    MeshError,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    abort,
-)
+from flext_mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from flext_mesh.names import NAME as NAME_RULE
 from flext_mesh.rpc.channels import is_loopback
 from flext_mesh.rpc.handlers import Undecodable, WrappingInterceptor
+from flext_mesh.rpc.status import abort
 from flext_mesh.security.certs import SPIFFE_TRUST_DOMAIN
 from flext_mesh.security.identity import Identity, current_identity, key_of
 from flext_mesh.security.ratelimit import RateLimiter

@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.errors import rpc_errors
 from flext_mesh.metrics.service import Metrics
 from flext_mesh.rpc.handlers import LongStreams, add_servicer, checked
+from flext_mesh.rpc.status import rpc_errors
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
 __all__ = ["MetricsServicer", "add_metrics_servicer"]

@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.errors import rpc_errors
 from flext_mesh.orchestrator.engine import Orchestrator
 from flext_mesh.rpc.handlers import add_servicer
+from flext_mesh.rpc.status import rpc_errors
 from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.errors import rpc_errors
 from flext_mesh.registry.registry import Registry
 from flext_mesh.rpc.handlers import LongStreams, add_servicer, checked
+from flext_mesh.rpc.status import rpc_errors
 from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 

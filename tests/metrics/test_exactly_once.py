@@ -11,9 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from flext_mesh.errors import InvalidArgument, from_rpc_error
+from flext_mesh.errors import InvalidArgument
 from flext_mesh.metrics.aggregator import Aggregator, AggregatorSettings
 from flext_mesh.metrics.dedup import RECENT, REPORTERS, BatchLedger
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 from tests.conftest import start_serve

@@ -12,7 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from flext_mesh.errors import InvalidArgument, from_rpc_error
+from flext_mesh.errors import InvalidArgument
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.registry.conftest import eventually, fast_config

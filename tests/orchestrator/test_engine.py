@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.errors import from_rpc_error
 from flext_mesh.orchestrator.definition import workflow_from_dict
 from flext_mesh.rpc.payloads import struct_to_dict
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.server import create_server
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc, orchestrator_pb2
 from tests.orchestrator.conftest import Flow, kinds, state, states

@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.errors import from_rpc_error
 from flext_mesh.hosting import ProcessorServicer
 from flext_mesh.hosting.servicer import add_processor_servicer
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.server import create_server
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from tests.orchestrator.apps import processors

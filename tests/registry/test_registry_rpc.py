@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from flext_mesh.errors import FieldViolation, InvalidArgument, from_rpc_error
+from flext_mesh.errors import FieldViolation, InvalidArgument
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.server import create_server
 from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc

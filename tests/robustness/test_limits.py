@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.errors import ResourceExhausted, from_rpc_error
+from flext_mesh.errors import ResourceExhausted
 from flext_mesh.registry.registry import Registry, RegistrySettings
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.store.sqlite import SqliteStore

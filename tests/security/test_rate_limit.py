@@ -11,10 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.errors import ResourceExhausted, from_rpc_error
+from flext_mesh.errors import ResourceExhausted
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
 from flext_mesh.rpc.channels import ClientSecurity, open_channel
+from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.security.ratelimit import RateLimiter
 from flext_mesh.server import create_server
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc, registry_pb2, registry_pb2_grpc
