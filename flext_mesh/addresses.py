@@ -14,6 +14,8 @@ import ipaddress
 import re
 import socket
 
+from flext_mesh.errors import ConfigError
+
 __all__ = [
     "DEFAULT_LISTEN",
     "AddressError",
@@ -40,7 +42,7 @@ def parse_host_port(value: str, *, allow_zero: bool = True) -> tuple[str, int]:
     return match["host"], port
 
 
-class AddressError(ValueError):
+class AddressError(ConfigError, ValueError):
     """An address list that cannot be a gRPC target; the message says why."""
 
 

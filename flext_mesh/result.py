@@ -3,7 +3,10 @@ failure holding an error message, a gRPC status code name and optional field vio
 
 A failure is a *business* outcome (a rejected request), not an infrastructure fault; the
 code says how a server should report it (`INVALID_ARGUMENT`, `FAILED_PRECONDITION`, ...).
-This module knows the gRPC code *names* only and never imports grpc.
+This module knows the gRPC code *names* only and imports nothing outside the standard
+library, so it can be used on its own; ``import flext_mesh`` itself also loads grpc
+(the error tree knows its status codes) and pydantic (``ServiceProcessor`` validates
+with it), but no control-plane module.
 
 Truthiness is deliberately refused: `bool(result)` raises `TypeError`, because `if result:`
 reading as "if it succeeded" is exactly the bug this type exists to prevent. Test
@@ -51,8 +54,8 @@ STATUS_CODE_NAMES: frozenset[str] = frozenset(
         "UNAUTHENTICATED",
     }
 )
-"""Names of the gRPC status codes (`grpc.StatusCode` member names), kept here so the
-library does not depend on grpc."""
+"""Names of the gRPC status codes (`grpc.StatusCode` member names), kept here so this
+module does not import grpc."""
 
 DEFAULT_FAILURE_CODE = "FAILED_PRECONDITION"
 """Code of a failure created without `code` and without field violations."""

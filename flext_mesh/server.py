@@ -24,6 +24,7 @@ from flext_mesh.addresses import parse_host_port
 from flext_mesh.config import ServerConfig
 from flext_mesh.dashboard import Dashboard
 from flext_mesh.dashboard.access import authorizer, http_ssl_context
+from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.http import HttpServer
 from flext_mesh.metrics.aggregator import AggregatorSettings
@@ -71,7 +72,7 @@ SERVICE_NAMES: tuple[str, ...] = (
 )
 
 
-class ServeError(Exception):
+class ServeError(ConfigError):
     """The control plane cannot start (address in use, bad store); the message says why."""
 
 

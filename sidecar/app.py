@@ -6,12 +6,13 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from flext_mesh.errors import ConfigError
 from flext_mesh.processor import ServiceProcessor
 
 __all__ = ["AppError", "load_app"]
 
 
-class AppError(Exception):
+class AppError(ConfigError):
     """``--app`` does not name a usable mapping of processors; the message says why."""
 
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from flext_mesh.addresses import parse_host_port
+from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_processor_servicer
@@ -51,7 +52,7 @@ _log = logging.getLogger("flext_sidecar")
 _PROCESSOR_SERVICE = processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"].full_name
 
 
-class SidecarError(Exception):
+class SidecarError(ConfigError):
     """The sidecar cannot start; the message says why."""
 
 

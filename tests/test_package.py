@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -15,9 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 def test_all_is_complete_and_importable() -> None:
     public = {name for name in dir(flext_mesh) if not name.startswith("_")}
     modules = {"cli", "config", "errors", "logs", "processor", "result", "server", "servicers"}
-    modules |= {"store", "v1", "registry", "metrics", "http", "observability", "invoke", "process"}
-    modules |= {"orchestrator", "durations", "services", "retry"}  # submodules imported on the way
-    modules |= {"dashboard", "security", "addresses"}
+    modules |= {"store", "v1", "registry", "metrics", "http", "observability", "process"}
+    modules |= {"orchestrator", "durations", "facade", "retry"}  # submodules imported on the way
+    modules |= {"dashboard", "security", "addresses", "rpc", "routing", "hosting", "names"}
+    modules |= {"version"}
     modules |= {"annotations"}  # from __future__ import annotations
     assert public - modules - set(flext_mesh.__all__) == set()
     for name in flext_mesh.__all__:
@@ -39,3 +42,42 @@ def test_only_flext_mesh_and_sidecar_are_top_level_and_scripts_resolve() -> None
     for script in project["project"]["scripts"].values():
         module, attr = script.split(":")
         assert callable(getattr(importlib.import_module(module), attr))
+
+
+def _modules_loaded_by(statement: str) -> set[str]:
+    code = f"{statement}; import sys; print(chr(10).join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_the_sidecar_client_loads_no_store_registry_or_etcd_client() -> None:
+    # The data plane must not drag the control plane in: no store, no registry, no aetcd.
+    loaded = _modules_loaded_by("import sidecar.client")
+    heavy = ("flext_mesh.store", "flext_mesh.registry", "aetcd", "flext_mesh.orchestrator")
+    assert sorted(m for m in loaded if m.startswith(heavy)) == []
+
+
+def test_the_library_loads_without_the_control_plane() -> None:
+    # Service code imports FlextResult and ServiceProcessor: no servicers, no store.
+    loaded = _modules_loaded_by("import flext_mesh")
+    heavy = ("flext_mesh.store", "flext_mesh.registry", "flext_mesh.servicers", "sidecar")
+    assert sorted(m for m in loaded if m.startswith(heavy)) == []
+
+
+def test_every_startup_error_is_a_config_error() -> None:
+    from flext_mesh.addresses import AddressError
+    from flext_mesh.cli.certs import CertsError
+    from flext_mesh.errors import ConfigError, MeshError
+    from flext_mesh.rpc.channels import TransportError
+    from flext_mesh.security.auth import SecurityConfigError
+    from flext_mesh.security.tokens import TokensFileError
+    from flext_mesh.server import ServeError
+    from flext_mesh.store import StoreOpenError
+    from sidecar.app import AppError
+    from sidecar.main import SidecarError
+
+    startup = (AddressError, CertsError, TransportError, SecurityConfigError, TokensFileError)
+    startup += (ServeError, StoreOpenError, AppError, SidecarError)
+    for cls in startup:
+        assert issubclass(cls, ConfigError), cls
+        assert not issubclass(cls, MeshError), cls

@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography import x509
 
+from flext_mesh.errors import ConfigError
 from flext_mesh.security.certs import Issued, issue, load_issued, make_ca, spiffe_id
 
 __all__ = ["CertsError", "add_commands", "run"]
@@ -33,7 +34,7 @@ _SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _CA = "ca"
 
 
-class CertsError(Exception):
+class CertsError(ConfigError):
     """A ``certs`` command cannot do what was asked; the message says why."""
 
 

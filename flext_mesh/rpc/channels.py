@@ -47,6 +47,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from flext_mesh.addresses import AddressError, first_name, grpc_target
+from flext_mesh.errors import ConfigError
 
 __all__ = [
     "ClientSecurity",
@@ -72,7 +73,7 @@ _SSL_REASON = re.compile(r"OPENSSL_internal:(?P<reason>[A-Z0-9_]+)(?::\s*(?P<tex
 _FileStamp = tuple[str, int, int]  # path, mtime_ns, size
 
 
-class TransportError(ValueError):
+class TransportError(ConfigError, ValueError):
     """A TLS setting that cannot work (a missing file, a key not matching its
     certificate, mTLS without a CA) or a listen address refused by the loopback rule."""
 

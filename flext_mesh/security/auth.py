@@ -53,7 +53,13 @@ import grpc
 
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.config import ServerConfig
-from flext_mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
+from flext_mesh.errors import (
+    ConfigError,
+    MeshError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from flext_mesh.names import NAME as NAME_RULE
 from flext_mesh.rpc.channels import is_loopback
 from flext_mesh.rpc.handlers import Undecodable, WrappingInterceptor
@@ -90,7 +96,7 @@ _Behavior: TypeAlias = Callable[..., Any]
 STREAM_MAX_WAIT: Final = 1.0
 
 
-class SecurityConfigError(ValueError):
+class SecurityConfigError(ConfigError, ValueError):
     """The security settings cannot work (no authentication off loopback, a bad tokens
     file); the message is the one line ``flext-mesh serve`` prints."""
 

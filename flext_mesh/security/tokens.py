@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import yaml
 
+from flext_mesh.errors import ConfigError
 from flext_mesh.names import NAME as SERVICE_NAME
 from flext_mesh.security.identity import Identity
 
@@ -73,7 +74,7 @@ RELOAD_INTERVAL: Final = 1.0
 _CACHE_SIZE: Final = 4096
 
 
-class TokensFileError(ValueError):
+class TokensFileError(ConfigError, ValueError):
     """The tokens file cannot be used; the message names the file and the entry."""
 
 

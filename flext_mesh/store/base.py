@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from flext_mesh.errors import NotFound
+from flext_mesh.errors import ConfigError, NotFound
 
 __all__ = [
     "Compacted",
@@ -48,7 +48,7 @@ __all__ = [
 Listener = Callable[[list["Event"]], None]
 
 
-class StoreOpenError(Exception):
+class StoreOpenError(ConfigError):
     """The store cannot be opened (bad path, no permission, corrupted file, old schema)."""
 
 
