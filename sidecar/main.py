@@ -21,26 +21,19 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.errors import ConfigError
+from flext_mesh.hosting.host import HostSettings, ProcessorHost
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.reporter import CallReporter
-from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer, add_processor_servicer
+from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer
 from flext_mesh.logs import setup_logging
-from flext_mesh.process import bind_problem, signal_received
-from flext_mesh.rpc.channels import (
-    ClientSecurity,
-    TransportError,
-    check_listen,
-    open_channel,
-    server_credentials,
-)
-from flext_mesh.v1 import metrics_pb2, processor_pb2, registry_pb2
+from flext_mesh.process import signal_received
+from flext_mesh.rpc.channels import ClientSecurity, open_channel
+from flext_mesh.v1 import metrics_pb2, registry_pb2
 from sidecar.app import AppError, load_app
 from sidecar.client import MeshClient, set_current
 from sidecar.config import SidecarConfig
@@ -49,7 +42,6 @@ __all__ = ["Sidecar", "main"]
 
 PROG = "flext-sidecar"
 _log = logging.getLogger("flext_sidecar")
-_PROCESSOR_SERVICE = processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"].full_name
 
 
 class SidecarError(ConfigError):
@@ -57,15 +49,12 @@ class SidecarError(ConfigError):
 
 
 class Sidecar:
-    """One running sidecar: its server, processors and membership in the mesh."""
+    """One running sidecar: its host (server, processors, membership), reporter and
+    mesh client."""
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         self.operations = load_app(config.app)
-        self.health = health.aio.HealthServicer()
-        # SO_REUSEPORT off: a second process on the same port must fail, not share it.
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self.port = 0
         #: How this sidecar calls the control plane and other sidecars.
         self.security = ClientSecurity(
             tls_ca=config.tls_ca,
@@ -74,47 +63,53 @@ class Sidecar:
             tls_server_name=config.tls_server_name,
             token=config.token,
         )
+        self.host = ProcessorHost(
+            HostSettings(
+                listen=config.listen,
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+                tls_ca=config.tls_ca,
+                tls_client_auth=config.tls_client_auth,
+                insecure=config.insecure,
+            ),
+            channel=self.channel,
+            security=self.security,
+        )
+        self.port = 0
         self._channel: grpc.aio.Channel | None = None
-        self.processor: ProcessorServicer | None = None
         self.reporter: CallReporter | None = None
         self.client: MeshClient | None = None
-        self.membership: Membership | None = None
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The gRPC server serving ProcessorService, health and reflection."""
+        return self.host.server
+
+    @property
+    def processor(self) -> ProcessorServicer | None:
+        """The ProcessorService servicer, once started."""
+        return self.host.servicer
+
+    @property
+    def membership(self) -> Membership | None:
+        """The instance's registration, once started."""
+        return self.host.membership
 
     def channel(self) -> grpc.aio.Channel:
         """The channel to the control plane (created on first use)."""
         if self._channel is None:
-            # gRPC's default reconnect backoff grows to 120 s: a control plane that comes
-            # back would go unnoticed for minutes.
-            self._channel = open_channel(
-                self.config.control_plane,
-                self.security,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ],
-            )
+            self._channel = open_channel(self.config.control_plane, self.security)
         return self._channel
 
     async def start(self) -> int:
         """Bind and serve, then start registering; returns the bound port."""
         config = self.config
-        host, port = parse_host_port(config.listen)
+        host, _ = parse_host_port(config.listen)
         sys.setswitchinterval(config.switch_interval_ms / 1000)  # process-wide, see config
         try:
-            credentials = server_credentials(
-                config.tls_cert, config.tls_key, config.tls_ca, config.tls_client_auth
-            )
-            check_listen(config.listen, tls=credentials is not None, insecure=config.insecure)
-            self.security.check()
-        except TransportError as exc:
+            self.port = self.host.bind()
+        except ConfigError as exc:
             raise SidecarError(str(exc)) from None
-        try:
-            if credentials is None:
-                self.port = self.server.add_insecure_port(config.listen)
-            else:
-                self.port = self.server.add_secure_port(config.listen, credentials)
-        except RuntimeError as exc:
-            raise SidecarError(bind_problem(host, port)) from exc
         advertise = config.advertise or f"{_advertised_host(host)}:{self.port}"
         instance_id = config.instance_id or f"{config.service}-{socket.gethostname()}-{self.port}"
         self.reporter = CallReporter(self.channel, reporter_id=instance_id)
@@ -133,23 +128,16 @@ class Sidecar:
                 side=metrics_pb2.CALL_SIDE_SERVER,
             )
 
-        self.processor = ProcessorServicer(
-            self.operations,
-            service_name=config.service,
-            instance_id=instance_id,
-            version=config.version,
-            on_call=report,
+        await self.host.serve(
+            ProcessorServicer(
+                self.operations,
+                service_name=config.service,
+                instance_id=instance_id,
+                version=config.version,
+                on_call=report,
+            )
         )
-        add_processor_servicer(self.processor, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (_PROCESSOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        await self.server.start()
-        for name in ("", _PROCESSOR_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.membership = Membership(
-            self.channel,
+        self.host.register(
             registry_pb2.ServiceInstance(
                 service_name=config.service,
                 instance_id=instance_id,
@@ -164,7 +152,6 @@ class Sidecar:
             ),
             ttl=config.ttl,
         )
-        self.membership.start()
         self.reporter.start()
         self.client = MeshClient(
             config.control_plane,
@@ -188,19 +175,7 @@ class Sidecar:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, deregister, let in-flight calls finish."""
-        grace = self.config.grace_period if grace is None else grace
-        await self.health.enter_graceful_shutdown()
-        if self.processor is not None:
-            self.processor.drain()
-        if self.membership is not None:
-            await self.membership.stop(deregister=True)
-        if self.processor is not None:
-            idle = await self.processor.wait_idle(grace)
-            if not idle:
-                _log.warning("grace period over with calls still running")
-        await self.server.stop(0.5)
-        if self.processor is not None:
-            self.processor.close()
+        await self.host.stop(self.config.grace_period if grace is None else grace)
         if self.client is not None:
             set_current(None)
             await self.client.aclose()

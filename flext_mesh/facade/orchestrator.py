@@ -63,9 +63,9 @@ from flext_mesh.errors import (
 )
 from flext_mesh.facade import control_plane_address
 from flext_mesh.facade._bridge import bridge
-from flext_mesh.hosting.membership import Membership
+from flext_mesh.hosting.host import HostError, HostSettings, ProcessorHost
 from flext_mesh.hosting.operations import Operation
-from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
+from flext_mesh.hosting.servicer import ProcessorServicer
 from flext_mesh.names import check_name, raise_if
 from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_dict
 from flext_mesh.processor import ServiceProcessor
@@ -74,9 +74,7 @@ from flext_mesh.result import STATUS_CODE_NAMES, FlextResult
 from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
-    check_listen,
     open_channel,
-    server_credentials,
 )
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
@@ -145,13 +143,11 @@ class _CatchAllServicer(ProcessorServicer):
 
 @dataclass(slots=True)
 class _LocalService:
-    """One registered local service: its server, servicer and lease."""
+    """One registered local service: its host (server, servicer, lease)."""
 
     name: str
     instance_id: str
-    server: grpc.aio.Server
-    servicer: ProcessorServicer
-    membership: Membership
+    host: ProcessorHost
 
 
 def _operations_of(name: str, target: object) -> ServiceProcessor[Any, Any, Any] | dict[str, Any]:
@@ -450,20 +446,22 @@ class ServiceOrchestrator:
     async def _start_local(
         self, name: str, operations: ServiceProcessor[Any, Any, Any] | dict[str, Any]
     ) -> _LocalService:
-        address = _endpoint(self.listen_host, 0)
+        host = ProcessorHost(
+            HostSettings(
+                listen=_endpoint(self.listen_host, 0),
+                tls_cert=self.security.tls_cert,
+                tls_key=self.security.tls_key,
+                insecure=self.insecure,
+                reflection=False,
+            ),
+            channel=self.channel,
+            security=self.security,
+        )
         try:
-            credentials = server_credentials(self.security.tls_cert, self.security.tls_key)
-            check_listen(address, tls=credentials is not None, insecure=self.insecure)
-            self.security.check()
+            port = host.bind()
         except TransportError as exc:
             raise FailedPrecondition(str(exc)) from None
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(address)
-            else:
-                port = server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
+        except HostError as exc:
             raise Unavailable(f"cannot listen on {self.listen_host!r}: {exc}") from exc
         instance_id = _instance_id(name, port)
         servicer: ProcessorServicer
@@ -480,15 +478,13 @@ class ServiceOrchestrator:
         )
         try:
             raise_if(validate_instance("instance", instance))
-            add_processor_servicer(servicer, server)
-            await server.start()
         except BaseException:
-            await server.stop(None)
+            await host.server.stop(None)
             servicer.close()
             raise
-        membership = Membership(self.channel, instance, ttl=_TTL)
-        local = _LocalService(name, instance_id, server, servicer, membership)
-        membership.start()
+        await host.serve(servicer)
+        membership = host.register(instance, ttl=_TTL)
+        local = _LocalService(name, instance_id, host)
         window = min(self.timeout, _CONNECT_WINDOW)
         try:
             async with asyncio.timeout(window):
@@ -503,12 +499,7 @@ class ServiceOrchestrator:
         return local
 
     async def _stop_local(self, local: _LocalService) -> None:
-        local.servicer.drain()
-        await local.membership.stop(deregister=True)
-        if not await local.servicer.wait_idle(_GRACE):
-            _log.warning("%s: calls still running after %gs; stopping", local.name, _GRACE)
-        await local.server.stop(0.5)
-        local.servicer.close()
+        await local.host.stop(_GRACE)
 
     async def _aclose_here(self) -> None:
         self._closed = True
