@@ -76,10 +76,11 @@ chromium:  ## Install Debian's chromium if /usr/bin/chromium is missing.
 		|| echo "could not install chromium: the dashboard's browser test will skip (and fail with CI=true)"; \
 	}
 
-lint: install-dev  ## ruff, ruff format --check, mypy --strict, buf lint.
+lint: install-dev  ## ruff, ruff format --check, mypy --strict, the layer contract, buf lint.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	node_modules/.bin/buf lint
 
 fmt: install-dev  ## Format the code with ruff.

@@ -57,7 +57,6 @@ from flext_mesh.routing.balancer import (
     performance_multiplier,
 )
 from flext_mesh.routing.policy import (
-    POLICIES,
     SplitPicker,
     apply_split,
     apply_zone,
@@ -76,6 +75,8 @@ _log = logging.getLogger("flext_mesh.registry")
 REGISTRY = "/registry/"
 #: Store prefix of instances.
 INSTANCES = "/registry/instances/"
+#: Traffic policies, one key a service: ``/registry/policies/<service>``.
+POLICIES = "/registry/policies/"
 #: Asks one instance which operations it serves (ProcessorService.ListOperations).
 OperationLister = Callable[[registry_pb2.ServiceInstance], Awaitable[set[str]]]
 

@@ -31,15 +31,12 @@ from flext_mesh.v1 import common_pb2, registry_pb2
 
 __all__ = [
     "DEFAULT_ZONE_MIN_HEALTHY_PERCENT",
-    "POLICIES",
     "Selection",
     "SplitPicker",
     "apply_zone",
     "validate_policy",
 ]
 
-#: Store prefix of the policies.
-POLICIES = "/registry/policies/"
 DEFAULT_ZONE_MIN_HEALTHY_PERCENT = 70.0
 _RETRYABLE = frozenset(
     {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED"}
