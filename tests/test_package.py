@@ -10,6 +10,16 @@ from pathlib import Path
 
 import flext_mesh
 import sidecar
+from flext_mesh.addresses import AddressError
+from flext_mesh.cli.certs import CertsError
+from flext_mesh.errors import ConfigError, MeshError
+from flext_mesh.rpc.channels import TransportError
+from flext_mesh.security.auth import SecurityConfigError
+from flext_mesh.security.tokens import TokensFileError
+from flext_mesh.server import ServeError
+from flext_mesh.store import StoreOpenError
+from sidecar.app import AppError
+from sidecar.main import SidecarError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,16 +75,6 @@ def test_the_library_loads_without_the_control_plane() -> None:
 
 
 def test_every_startup_error_is_a_config_error() -> None:
-    from flext_mesh.addresses import AddressError
-    from flext_mesh.cli.certs import CertsError
-    from flext_mesh.errors import ConfigError, MeshError
-    from flext_mesh.rpc.channels import TransportError
-    from flext_mesh.security.auth import SecurityConfigError
-    from flext_mesh.security.tokens import TokensFileError
-    from flext_mesh.server import ServeError
-    from flext_mesh.store import StoreOpenError
-    from sidecar.app import AppError
-    from sidecar.main import SidecarError
 
     startup = (AddressError, CertsError, TransportError, SecurityConfigError, TokensFileError)
     startup += (ServeError, StoreOpenError, AppError, SidecarError)
