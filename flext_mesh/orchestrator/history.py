@@ -10,6 +10,7 @@ control plane that restarts rebuilds exactly the state it had persisted.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -21,11 +22,69 @@ from flext_mesh.v1 import common_pb2, orchestrator_pb2
 __all__ = [
     "ENDED_STATES",
     "Ev",
+    "ExecutionEventType",
+    "ExecutionState",
     "ExecutionView",
     "St",
+    "StepState",
     "Xs",
     "duration_between",
 ]
+
+
+# The three enums below mirror those of orchestrator.proto: names without the prefix,
+# the same numbers (tests/orchestrator/test_history.py holds them to it). A member goes
+# into a message as its number and a message's number comes out as ``Enum(value)``, so
+# what is stored is the protobuf encoding, as it was before these enums existed.
+
+
+class ExecutionEventType(enum.IntEnum):
+    """Kinds of execution event: ``orchestrator_pb2.ExecutionEventType`` without its prefix."""
+
+    UNSPECIFIED = 0
+    EXECUTION_CREATED = 1
+    EXECUTION_STARTED = 2
+    STEP_STARTED = 3
+    STEP_RETRYING = 4
+    STEP_SUCCEEDED = 5
+    STEP_FAILED = 6
+    STEP_SKIPPED = 7
+    STEP_CANCELLED = 8
+    COMPENSATION_STARTED = 9
+    COMPENSATION_SUCCEEDED = 10
+    COMPENSATION_FAILED = 11
+    CANCEL_REQUESTED = 12
+    EXECUTION_RESUMED = 13
+    EXECUTION_ENDED = 14
+
+
+class StepState(enum.IntEnum):
+    """States of a step: ``orchestrator_pb2.StepState`` without its prefix."""
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    SKIPPED = 5
+    CANCELLED = 6
+    COMPENSATING = 7
+    COMPENSATED = 8
+    COMPENSATION_FAILED = 9
+
+
+class ExecutionState(enum.IntEnum):
+    """States of an execution: ``orchestrator_pb2.ExecutionState`` without its prefix."""
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    COMPENSATING = 5
+    COMPENSATED = 6
+    COMPENSATION_FAILED = 7
+    CANCELLED = 8
 
 
 def _constants(enum: Any) -> Any:
