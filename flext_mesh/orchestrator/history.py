@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from types import SimpleNamespace
-from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -21,13 +19,10 @@ from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
 __all__ = [
     "ENDED_STATES",
-    "Ev",
     "ExecutionEventType",
     "ExecutionState",
     "ExecutionView",
-    "St",
     "StepState",
-    "Xs",
     "duration_between",
 ]
 
@@ -87,28 +82,14 @@ class ExecutionState(enum.IntEnum):
     CANCELLED = 8
 
 
-def _constants(enum: Any) -> Any:
-    """An enum's values as plain attributes: ``Ev.EXECUTION_EVENT_TYPE_STEP_STARTED``.
-
-    The generated ``EnumTypeWrapper`` resolves each attribute through ``__getattr__``
-    (about 2.5 µs); an execution makes dozens of such lookups per step.
-    """
-    return SimpleNamespace(**dict(enum.items()))
-
-
-#: Event types, step states and execution states as plain ints.
-Ev: Any = _constants(orchestrator_pb2.ExecutionEventType)
-St: Any = _constants(orchestrator_pb2.StepState)
-Xs: Any = _constants(orchestrator_pb2.ExecutionState)
-
 #: Execution states that are final: nothing runs any more.
-ENDED_STATES: frozenset[int] = frozenset(
+ENDED_STATES: frozenset[ExecutionState] = frozenset(
     {
-        orchestrator_pb2.EXECUTION_STATE_SUCCEEDED,
-        orchestrator_pb2.EXECUTION_STATE_FAILED,
-        orchestrator_pb2.EXECUTION_STATE_COMPENSATED,
-        orchestrator_pb2.EXECUTION_STATE_COMPENSATION_FAILED,
-        orchestrator_pb2.EXECUTION_STATE_CANCELLED,
+        ExecutionState.SUCCEEDED,
+        ExecutionState.FAILED,
+        ExecutionState.COMPENSATED,
+        ExecutionState.COMPENSATION_FAILED,
+        ExecutionState.CANCELLED,
     }
 )
 
@@ -171,17 +152,22 @@ class ExecutionView:
         return view
 
     @property
+    def state(self) -> ExecutionState:
+        """The execution's state."""
+        return ExecutionState(self.execution.state)
+
+    @property
     def ended(self) -> bool:
         """True once the execution reached a final state."""
-        return self.execution.state in ENDED_STATES
+        return self.state in ENDED_STATES
 
     def step(self, name: str) -> orchestrator_pb2.StepExecution:
         """The step's execution record (KeyError when the workflow has no such step)."""
         return self._steps[name]
 
-    def state_of(self, name: str) -> int:
+    def state_of(self, name: str) -> StepState:
         """The step's state."""
-        return self._steps[name].state
+        return StepState(self._steps[name].state)
 
     def apply(self, event: orchestrator_pb2.ExecutionEvent) -> None:
         """Fold one event in; events must come in index order, without gaps."""
@@ -194,15 +180,15 @@ class ExecutionView:
         execution.event_count = event.index
         if event.execution_state:
             execution.state = event.execution_state
-        kind = event.type
-        if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_CREATED:
+        kind = ExecutionEventType(event.type)
+        if kind == ExecutionEventType.EXECUTION_CREATED:
             execution.create_time.CopyFrom(event.time)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_STARTED:
+        elif kind == ExecutionEventType.EXECUTION_STARTED:
             execution.start_time.CopyFrom(event.time)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED:
+        elif kind == ExecutionEventType.CANCEL_REQUESTED:
             self.cancel_requested = True
             self.cancel_error.CopyFrom(event.error)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
+        elif kind == ExecutionEventType.EXECUTION_ENDED:
             execution.end_time.CopyFrom(event.time)
             execution.duration.CopyFrom(duration_between(execution.start_time, event.time))
             if event.HasField("error"):
@@ -215,40 +201,40 @@ class ExecutionView:
         step = self._steps[event.step_name]
         if event.step_state:
             step.state = event.step_state
-        kind = event.type
-        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
+        kind = ExecutionEventType(event.type)
+        if kind == ExecutionEventType.STEP_STARTED:
             step.attempts = event.attempt
             if not step.HasField("start_time"):
                 step.start_time.CopyFrom(event.time)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING:
+        elif kind == ExecutionEventType.STEP_RETRYING:
             step.attempts = event.attempt
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
-        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED:
+        elif kind == ExecutionEventType.STEP_SUCCEEDED:
             step.ClearField("error")
             step.output.CopyFrom(event.output)
             step.instance_id = event.instance_id
             self._end_step(step, event)
             self.completed.append(step.step_name)
             self.execution.output.get_or_create_struct(step.step_name).CopyFrom(event.output)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_FAILED:
+        elif kind == ExecutionEventType.STEP_FAILED:
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
             self._end_step(step, event)
         elif kind in (
-            Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
-            Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+            ExecutionEventType.STEP_SKIPPED,
+            ExecutionEventType.STEP_CANCELLED,
         ):
             if event.HasField("error"):
                 step.error.CopyFrom(event.error)
             self._end_step(step, event)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED:
+        elif kind == ExecutionEventType.COMPENSATION_STARTED:
             step.compensation_attempts = event.attempt
             if event.HasField("error"):
                 step.compensation_error.CopyFrom(event.error)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED:
+        elif kind == ExecutionEventType.COMPENSATION_SUCCEEDED:
             step.ClearField("compensation_error")
-        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED:
+        elif kind == ExecutionEventType.COMPENSATION_FAILED:
             step.compensation_error.CopyFrom(event.error)
 
     @staticmethod
