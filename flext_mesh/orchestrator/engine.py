@@ -71,7 +71,13 @@ from flext_mesh.orchestrator.definition import (
     resolve,
     validate_workflow,
 )
-from flext_mesh.orchestrator.history import ENDED_STATES, Ev, ExecutionView, St, Xs
+from flext_mesh.orchestrator.history import (
+    ENDED_STATES,
+    ExecutionEventType,
+    ExecutionState,
+    ExecutionView,
+    StepState,
+)
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
@@ -384,7 +390,7 @@ class Orchestrator:
         cancel = await self.store.get(_CANCELS + execution_id)
         if cancel is not None and not view.cancel_requested:
             run.stage(
-                Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED,
+                ExecutionEventType.CANCEL_REQUESTED,
                 error=Cancelled(
                     f"cancelled: {cancel.value.decode()}" if cancel.value else "cancelled"
                 ),
@@ -613,8 +619,8 @@ class Orchestrator:
                 idempotency_key=f"{execution_id}/{step.name}",
             )
         run = _Run(self, spec, ExecutionView(execution))
-        run.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_CREATED, state=Xs.EXECUTION_STATE_PENDING)
-        run.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_STARTED, state=Xs.EXECUTION_STATE_RUNNING)
+        run.stage(ExecutionEventType.EXECUTION_CREATED, state=ExecutionState.PENDING)
+        run.stage(ExecutionEventType.EXECUTION_STARTED, state=ExecutionState.RUNNING)
         first = run.schedule()
         extra: list[Put | Delete] = [
             Put(_DEFINITIONS + execution_id, workflow.SerializeToString()),
@@ -755,17 +761,16 @@ class Orchestrator:
         subscription = self.store.subscribe(_EXECUTIONS + execution_id)
         try:
             execution, _ = await self.get_execution(execution_id)
-            if execution.state in ENDED_STATES:
-                raise FailedPrecondition(
-                    f"execution {execution_id} already ended "
-                    f"({orchestrator_pb2.ExecutionState.Name(execution.state).removeprefix('EXECUTION_STATE_')})"
-                )
+            state = ExecutionState(execution.state)
+            if state in ENDED_STATES:
+                raise FailedPrecondition(f"execution {execution_id} already ended ({state.name})")
             await self.store.put(_CANCELS + execution_id, reason.encode())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.cancel_wait):
                     async for batch in subscription:
                         latest = orchestrator_pb2.Execution.FromString(batch[-1].value)
-                        if latest.state in (*ENDED_STATES, Xs.EXECUTION_STATE_COMPENSATING):
+                        state = ExecutionState(latest.state)
+                        if state in (*ENDED_STATES, ExecutionState.COMPENSATING):
                             return latest
             execution, _ = await self.get_execution(execution_id)
             return execution
@@ -801,7 +806,7 @@ class Orchestrator:
             if not kvs:
                 # Nothing after the asked index: unknown, still running, or ended.
                 execution, _ = await self.get_execution(execution_id)
-                if execution.state in ENDED_STATES:
+                if ExecutionState(execution.state) in ENDED_STATES:
                     yield orchestrator_pb2.WatchExecutionResponse(execution=execution)
                     return
             for kv in kvs:
@@ -839,7 +844,7 @@ class Orchestrator:
         self, execution_id: str, event: orchestrator_pb2.ExecutionEvent
     ) -> orchestrator_pb2.WatchExecutionResponse:
         message = orchestrator_pb2.WatchExecutionResponse(event=event)
-        if event.type == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
+        if ExecutionEventType(event.type) == ExecutionEventType.EXECUTION_ENDED:
             record = self._ended.get(execution_id)
             if record is not None:
                 message.execution.ParseFromString(record)
@@ -940,7 +945,7 @@ class _Run:
         self._cancel = asyncio.Event()
         self._progress = asyncio.Event()
         #: The execution state as last committed (the view may be ahead of it).
-        self.committed_state = view.execution.state
+        self.committed_state = view.state
         self._input: dict[str, Any] | None = None
         self._outputs: dict[str, dict[str, Any]] = {}
         self._payloads: dict[str, dict[str, Any]] = {}
@@ -956,11 +961,11 @@ class _Run:
 
     def stage(
         self,
-        kind: int,
+        kind: ExecutionEventType,
         *,
-        state: int = 0,
+        state: ExecutionState = ExecutionState.UNSPECIFIED,
         step: str = "",
-        step_state: int = 0,
+        step_state: StepState = StepState.UNSPECIFIED,
         attempt: int = 0,
         error: MeshError | None = None,
         output: dict[str, Any] | None = None,
@@ -969,13 +974,14 @@ class _Run:
         backoff: float | None = None,
     ) -> orchestrator_pb2.ExecutionEvent:
         """Fold an event into the view now; it is persisted by the next flush."""
+        # Into the message as protobuf numbers (each ValueType is int at run time).
         event = orchestrator_pb2.ExecutionEvent(
             index=self.view.execution.event_count + 1,
-            type=kind,  # type: ignore[arg-type]
+            type=orchestrator_pb2.ExecutionEventType.ValueType(kind),
             step_name=step,
             attempt=attempt,
-            execution_state=state or self.view.execution.state,  # type: ignore[arg-type]
-            step_state=step_state,  # type: ignore[arg-type]
+            execution_state=orchestrator_pb2.ExecutionState.ValueType(state or self.view.state),
+            step_state=orchestrator_pb2.StepState.ValueType(step_state),
             instance_id=instance_id,
             message=message,
         )
@@ -999,7 +1005,7 @@ class _Run:
                 return True
             events, self._staged = self._staged, []
             execution = self.view.execution
-            state = execution.state
+            state = self.view.state
             ops: list[Put | Delete] = [
                 Put(_event_key(self.execution_id, e.index), e.SerializeToString()) for e in events
             ]
@@ -1034,7 +1040,7 @@ class _Run:
         """Wait until running steps stopped after a cancellation (compensating or ended)."""
         while self.committed_state not in (
             *ENDED_STATES,
-            Xs.EXECUTION_STATE_COMPENSATING,
+            ExecutionState.COMPENSATING,
         ):
             await self._progress.wait()
 
@@ -1044,7 +1050,7 @@ class _Run:
             raise FailedPrecondition(f"execution {self.execution_id} already ended")
         if not self.view.cancel_requested:
             self.stage(
-                Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED,
+                ExecutionEventType.CANCEL_REQUESTED,
                 error=Cancelled(f"cancelled: {reason}" if reason else "cancelled"),
                 message=reason,
             )
@@ -1059,29 +1065,29 @@ class _Run:
         inflight: list[str] = []
         if resumed:
             self.stage(
-                Ev.EXECUTION_EVENT_TYPE_EXECUTION_RESUMED,
+                ExecutionEventType.EXECUTION_RESUMED,
                 message=f"resumed by {self.orchestrator.settings.owner}",
             )
             stopping = (
                 view.cancel_requested
-                or view.execution.state in (Xs.EXECUTION_STATE_COMPENSATING,)
+                or view.state == ExecutionState.COMPENSATING
                 or self._required_failure() is not None
             )
             for step in view.execution.steps:
-                if step.state != St.STEP_STATE_RUNNING:
+                if StepState(step.state) != StepState.RUNNING:
                     continue
                 if stopping:
                     self.stage(
-                        Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+                        ExecutionEventType.STEP_CANCELLED,
                         step=step.step_name,
-                        step_state=St.STEP_STATE_CANCELLED,
+                        step_state=StepState.CANCELLED,
                         message="in flight when the control plane stopped; not resent",
                     )
                 else:
                     self.stage(
-                        Ev.EXECUTION_EVENT_TYPE_STEP_STARTED,
+                        ExecutionEventType.STEP_STARTED,
                         step=step.step_name,
-                        step_state=St.STEP_STATE_RUNNING,
+                        step_state=StepState.RUNNING,
                         attempt=step.attempts + 1,
                         message="sent again after a restart, same idempotency key",
                     )
@@ -1094,13 +1100,13 @@ class _Run:
         unsettled = [
             s.step_name
             for s in view.execution.steps
-            if s.state not in (St.STEP_STATE_SUCCEEDED, St.STEP_STATE_FAILED, St.STEP_STATE_SKIPPED)
+            if StepState(s.state) not in (StepState.SUCCEEDED, StepState.FAILED, StepState.SKIPPED)
         ]
         if stop_error is None and unsettled:  # a bug, but never a false SUCCEEDED
             _log.error("execution=%s ended with unsettled steps %s", self.execution_id, unsettled)
             stop_error = ("", InternalError(f"steps {', '.join(unsettled)} never settled"))
         if stop_error is None:
-            self.stage(Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED, state=Xs.EXECUTION_STATE_SUCCEEDED)
+            self.stage(ExecutionEventType.EXECUTION_ENDED, state=ExecutionState.SUCCEEDED)
             await self.flush()
             self._record_end()
             return
@@ -1108,15 +1114,15 @@ class _Run:
         outcome = await self._compensate()
         cancelled = self.view.cancel_requested
         if outcome == "failed":
-            final = Xs.EXECUTION_STATE_COMPENSATION_FAILED
+            final = ExecutionState.COMPENSATION_FAILED
         elif cancelled:
-            final = Xs.EXECUTION_STATE_CANCELLED
+            final = ExecutionState.CANCELLED
         elif outcome == "compensated":
-            final = Xs.EXECUTION_STATE_COMPENSATED
+            final = ExecutionState.COMPENSATED
         else:
-            final = Xs.EXECUTION_STATE_FAILED
+            final = ExecutionState.FAILED
         self.stage(
-            Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED,
+            ExecutionEventType.EXECUTION_ENDED,
             state=final,
             step=failed_step,
             error=error,
@@ -1129,7 +1135,7 @@ class _Run:
         failed = [
             s
             for s in self.view.execution.steps
-            if s.state == St.STEP_STATE_FAILED and self.spec.step(s.step_name).required
+            if StepState(s.state) == StepState.FAILED and self.spec.step(s.step_name).required
         ]
         if not failed:
             return None
@@ -1163,39 +1169,39 @@ class _Run:
         view = self.view
         started: list[str] = []
         for step in self.spec.steps:
-            if view.state_of(step.name) != St.STEP_STATE_PENDING:
+            if view.state_of(step.name) != StepState.PENDING:
                 continue
             states = [view.state_of(d) for d in step.depends_on]
             blocked = [
                 d
                 for d, s in zip(step.depends_on, states, strict=True)
-                if s in (St.STEP_STATE_FAILED, St.STEP_STATE_SKIPPED, St.STEP_STATE_CANCELLED)
+                if s in (StepState.FAILED, StepState.SKIPPED, StepState.CANCELLED)
             ]
             if blocked:
                 self.stage(
-                    Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
+                    ExecutionEventType.STEP_SKIPPED,
                     step=step.name,
-                    step_state=St.STEP_STATE_SKIPPED,
+                    step_state=StepState.SKIPPED,
                     message=f"dependency {blocked[0]} did not succeed",
                 )
                 continue
-            if all(s == St.STEP_STATE_SUCCEEDED for s in states):
+            if all(s == StepState.SUCCEEDED for s in states):
                 try:
                     self._payload(step)
                 except MeshError as err:
                     self.stage(
-                        Ev.EXECUTION_EVENT_TYPE_STEP_FAILED,
+                        ExecutionEventType.STEP_FAILED,
                         step=step.name,
-                        step_state=St.STEP_STATE_FAILED,
+                        step_state=StepState.FAILED,
                         error=err,
                         message="input could not be built",
                     )
                     self._record_step(step, False, err.code)
                     continue
                 self.stage(
-                    Ev.EXECUTION_EVENT_TYPE_STEP_STARTED,
+                    ExecutionEventType.STEP_STARTED,
                     step=step.name,
-                    step_state=St.STEP_STATE_RUNNING,
+                    step_state=StepState.RUNNING,
                     attempt=1,
                 )
                 started.append(step.name)
@@ -1278,19 +1284,19 @@ class _Run:
                     self._settle(outcome)  # it finished as we cancelled it
                 else:
                     self.stage(
-                        Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+                        ExecutionEventType.STEP_CANCELLED,
                         step=name,
-                        step_state=St.STEP_STATE_CANCELLED,
+                        step_state=StepState.CANCELLED,
                         error=stop[1],
                         message="stopped: the execution is stopping",
                     )
             running.clear()
             for step in self.spec.steps:
-                if self.view.state_of(step.name) == St.STEP_STATE_PENDING:
+                if self.view.state_of(step.name) == StepState.PENDING:
                     self.stage(
-                        Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
+                        ExecutionEventType.STEP_SKIPPED,
                         step=step.name,
-                        step_state=St.STEP_STATE_SKIPPED,
+                        step_state=StepState.SKIPPED,
                         message="not run: the execution is stopping",
                     )
             await self.flush()
@@ -1311,9 +1317,9 @@ class _Run:
         if outcome.reply is not None:
             self._outputs[step.name] = outcome.reply.output
             self.stage(
-                Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED,
+                ExecutionEventType.STEP_SUCCEEDED,
                 step=step.name,
-                step_state=St.STEP_STATE_SUCCEEDED,
+                step_state=StepState.SUCCEEDED,
                 attempt=outcome.attempts,
                 output=outcome.reply.output,
                 instance_id=outcome.reply.instance_id,
@@ -1324,9 +1330,9 @@ class _Run:
         assert outcome.failure is not None
         error = outcome.failure.error
         self.stage(
-            Ev.EXECUTION_EVENT_TYPE_STEP_FAILED,
+            ExecutionEventType.STEP_FAILED,
             step=step.name,
-            step_state=St.STEP_STATE_FAILED,
+            step_state=StepState.FAILED,
             attempt=outcome.attempts,
             error=error,
             instance_id=outcome.failure.instance_id,
@@ -1358,9 +1364,9 @@ class _Run:
 
         async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
             self.stage(
-                Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING,
+                ExecutionEventType.STEP_RETRYING,
                 step=step.name,
-                step_state=St.STEP_STATE_RUNNING,
+                step_state=StepState.RUNNING,
                 attempt=number,
                 error=failure.error,
                 instance_id=failure.instance_id,
@@ -1372,9 +1378,9 @@ class _Run:
             attempts[0] = number
             if number > first_attempt:
                 self.stage(
-                    Ev.EXECUTION_EVENT_TYPE_STEP_STARTED,
+                    ExecutionEventType.STEP_STARTED,
                     step=step.name,
-                    step_state=St.STEP_STATE_RUNNING,
+                    step_state=StepState.RUNNING,
                     attempt=number,
                 )
                 await self.flush()
@@ -1402,19 +1408,19 @@ class _Run:
             name
             for name in reversed(self.view.completed)
             if self.spec.step(name).compensation is not None
-            and self.view.state_of(name) in (St.STEP_STATE_SUCCEEDED, St.STEP_STATE_COMPENSATING)
+            and self.view.state_of(name) in (StepState.SUCCEEDED, StepState.COMPENSATING)
         ]
         already = [
             s.step_name
             for s in self.view.execution.steps
-            if s.state in (St.STEP_STATE_COMPENSATED, St.STEP_STATE_COMPENSATION_FAILED)
+            if StepState(s.state) in (StepState.COMPENSATED, StepState.COMPENSATION_FAILED)
         ]
         if not todo and not already:
             return "none"
         for name in todo:
             await self._compensate_step(self.spec.step(name))
         failed = any(
-            s.state == St.STEP_STATE_COMPENSATION_FAILED for s in self.view.execution.steps
+            StepState(s.state) == StepState.COMPENSATION_FAILED for s in self.view.execution.steps
         )
         return "failed" if failed else "compensated"
 
@@ -1428,10 +1434,10 @@ class _Run:
 
         async def before_attempt(number: int) -> None:
             self.stage(
-                Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED,
-                state=Xs.EXECUTION_STATE_COMPENSATING,
+                ExecutionEventType.COMPENSATION_STARTED,
+                state=ExecutionState.COMPENSATING,
                 step=step.name,
-                step_state=St.STEP_STATE_COMPENSATING,
+                step_state=StepState.COMPENSATING,
                 attempt=number,
                 error=errors[-1].error if errors else None,
                 message=f"{compensation.service}.{compensation.operation}",
@@ -1464,10 +1470,10 @@ class _Run:
         except (AttemptFailed, MeshError) as exc:
             failure = exc if isinstance(exc, AttemptFailed) else AttemptFailed(exc)
             self.stage(
-                Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED,
-                state=Xs.EXECUTION_STATE_COMPENSATING,
+                ExecutionEventType.COMPENSATION_FAILED,
+                state=ExecutionState.COMPENSATING,
                 step=step.name,
-                step_state=St.STEP_STATE_COMPENSATION_FAILED,
+                step_state=StepState.COMPENSATION_FAILED,
                 attempt=self.view.step(step.name).compensation_attempts,
                 error=failure.error,
                 instance_id=failure.instance_id,
@@ -1482,10 +1488,10 @@ class _Run:
             )
             return
         self.stage(
-            Ev.EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED,
-            state=Xs.EXECUTION_STATE_COMPENSATING,
+            ExecutionEventType.COMPENSATION_SUCCEEDED,
+            state=ExecutionState.COMPENSATING,
             step=step.name,
-            step_state=St.STEP_STATE_COMPENSATED,
+            step_state=StepState.COMPENSATED,
             attempt=self.view.step(step.name).compensation_attempts,
             output=reply.output,
             instance_id=reply.instance_id,
@@ -1521,7 +1527,8 @@ class _Run:
 
     def _record_end(self) -> None:
         execution = self.view.execution
-        success = execution.state == Xs.EXECUTION_STATE_SUCCEEDED
+        state = self.view.state
+        success = state == ExecutionState.SUCCEEDED
         self.orchestrator.record(
             metrics_pb2.CallRecord(
                 service_name=self._series(),
@@ -1537,7 +1544,7 @@ class _Run:
         _log.info(
             "execution ended id=%s state=%s duration_ms=%.1f",
             self.execution_id,
-            orchestrator_pb2.ExecutionState.Name(execution.state).removeprefix("EXECUTION_STATE_"),
+            state.name,
             execution.duration.ToNanoseconds() / 1e6,
         )
 

@@ -10,9 +10,8 @@ control plane that restarts rebuilds exactly the state it had persisted.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
-from types import SimpleNamespace
-from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -20,36 +19,77 @@ from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
 __all__ = [
     "ENDED_STATES",
-    "Ev",
+    "ExecutionEventType",
+    "ExecutionState",
     "ExecutionView",
-    "St",
-    "Xs",
+    "StepState",
     "duration_between",
 ]
 
 
-def _constants(enum: Any) -> Any:
-    """An enum's values as plain attributes: ``Ev.EXECUTION_EVENT_TYPE_STEP_STARTED``.
-
-    The generated ``EnumTypeWrapper`` resolves each attribute through ``__getattr__``
-    (about 2.5 µs); an execution makes dozens of such lookups per step.
-    """
-    return SimpleNamespace(**dict(enum.items()))
+# The three enums below mirror those of orchestrator.proto: names without the prefix,
+# the same numbers (tests/orchestrator/test_history.py holds them to it). A member goes
+# into a message as its number and a message's number comes out as ``Enum(value)``, so
+# what is stored is the protobuf encoding, as it was before these enums existed.
 
 
-#: Event types, step states and execution states as plain ints.
-Ev: Any = _constants(orchestrator_pb2.ExecutionEventType)
-St: Any = _constants(orchestrator_pb2.StepState)
-Xs: Any = _constants(orchestrator_pb2.ExecutionState)
+class ExecutionEventType(enum.IntEnum):
+    """Kinds of execution event: ``orchestrator_pb2.ExecutionEventType`` without its prefix."""
+
+    UNSPECIFIED = 0
+    EXECUTION_CREATED = 1
+    EXECUTION_STARTED = 2
+    STEP_STARTED = 3
+    STEP_RETRYING = 4
+    STEP_SUCCEEDED = 5
+    STEP_FAILED = 6
+    STEP_SKIPPED = 7
+    STEP_CANCELLED = 8
+    COMPENSATION_STARTED = 9
+    COMPENSATION_SUCCEEDED = 10
+    COMPENSATION_FAILED = 11
+    CANCEL_REQUESTED = 12
+    EXECUTION_RESUMED = 13
+    EXECUTION_ENDED = 14
+
+
+class StepState(enum.IntEnum):
+    """States of a step: ``orchestrator_pb2.StepState`` without its prefix."""
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    SKIPPED = 5
+    CANCELLED = 6
+    COMPENSATING = 7
+    COMPENSATED = 8
+    COMPENSATION_FAILED = 9
+
+
+class ExecutionState(enum.IntEnum):
+    """States of an execution: ``orchestrator_pb2.ExecutionState`` without its prefix."""
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    COMPENSATING = 5
+    COMPENSATED = 6
+    COMPENSATION_FAILED = 7
+    CANCELLED = 8
+
 
 #: Execution states that are final: nothing runs any more.
-ENDED_STATES: frozenset[int] = frozenset(
+ENDED_STATES: frozenset[ExecutionState] = frozenset(
     {
-        orchestrator_pb2.EXECUTION_STATE_SUCCEEDED,
-        orchestrator_pb2.EXECUTION_STATE_FAILED,
-        orchestrator_pb2.EXECUTION_STATE_COMPENSATED,
-        orchestrator_pb2.EXECUTION_STATE_COMPENSATION_FAILED,
-        orchestrator_pb2.EXECUTION_STATE_CANCELLED,
+        ExecutionState.SUCCEEDED,
+        ExecutionState.FAILED,
+        ExecutionState.COMPENSATED,
+        ExecutionState.COMPENSATION_FAILED,
+        ExecutionState.CANCELLED,
     }
 )
 
@@ -112,17 +152,22 @@ class ExecutionView:
         return view
 
     @property
+    def state(self) -> ExecutionState:
+        """The execution's state."""
+        return ExecutionState(self.execution.state)
+
+    @property
     def ended(self) -> bool:
         """True once the execution reached a final state."""
-        return self.execution.state in ENDED_STATES
+        return self.state in ENDED_STATES
 
     def step(self, name: str) -> orchestrator_pb2.StepExecution:
         """The step's execution record (KeyError when the workflow has no such step)."""
         return self._steps[name]
 
-    def state_of(self, name: str) -> int:
+    def state_of(self, name: str) -> StepState:
         """The step's state."""
-        return self._steps[name].state
+        return StepState(self._steps[name].state)
 
     def apply(self, event: orchestrator_pb2.ExecutionEvent) -> None:
         """Fold one event in; events must come in index order, without gaps."""
@@ -135,15 +180,15 @@ class ExecutionView:
         execution.event_count = event.index
         if event.execution_state:
             execution.state = event.execution_state
-        kind = event.type
-        if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_CREATED:
+        kind = ExecutionEventType(event.type)
+        if kind == ExecutionEventType.EXECUTION_CREATED:
             execution.create_time.CopyFrom(event.time)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_STARTED:
+        elif kind == ExecutionEventType.EXECUTION_STARTED:
             execution.start_time.CopyFrom(event.time)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_CANCEL_REQUESTED:
+        elif kind == ExecutionEventType.CANCEL_REQUESTED:
             self.cancel_requested = True
             self.cancel_error.CopyFrom(event.error)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
+        elif kind == ExecutionEventType.EXECUTION_ENDED:
             execution.end_time.CopyFrom(event.time)
             execution.duration.CopyFrom(duration_between(execution.start_time, event.time))
             if event.HasField("error"):
@@ -156,40 +201,40 @@ class ExecutionView:
         step = self._steps[event.step_name]
         if event.step_state:
             step.state = event.step_state
-        kind = event.type
-        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
+        kind = ExecutionEventType(event.type)
+        if kind == ExecutionEventType.STEP_STARTED:
             step.attempts = event.attempt
             if not step.HasField("start_time"):
                 step.start_time.CopyFrom(event.time)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING:
+        elif kind == ExecutionEventType.STEP_RETRYING:
             step.attempts = event.attempt
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
-        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_SUCCEEDED:
+        elif kind == ExecutionEventType.STEP_SUCCEEDED:
             step.ClearField("error")
             step.output.CopyFrom(event.output)
             step.instance_id = event.instance_id
             self._end_step(step, event)
             self.completed.append(step.step_name)
             self.execution.output.get_or_create_struct(step.step_name).CopyFrom(event.output)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_FAILED:
+        elif kind == ExecutionEventType.STEP_FAILED:
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
             self._end_step(step, event)
         elif kind in (
-            Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED,
-            Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED,
+            ExecutionEventType.STEP_SKIPPED,
+            ExecutionEventType.STEP_CANCELLED,
         ):
             if event.HasField("error"):
                 step.error.CopyFrom(event.error)
             self._end_step(step, event)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_STARTED:
+        elif kind == ExecutionEventType.COMPENSATION_STARTED:
             step.compensation_attempts = event.attempt
             if event.HasField("error"):
                 step.compensation_error.CopyFrom(event.error)
-        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED:
+        elif kind == ExecutionEventType.COMPENSATION_SUCCEEDED:
             step.ClearField("compensation_error")
-        elif kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED:
+        elif kind == ExecutionEventType.COMPENSATION_FAILED:
             step.compensation_error.CopyFrom(event.error)
 
     @staticmethod
