@@ -50,7 +50,7 @@ import numpy as np
 from flext_mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from flext_mesh.metrics.dedup import MAX_REPORTER_ID, REPORTERS, BatchLedger, shard_key
 from flext_mesh.metrics.sketch import LatencySketch
-from flext_mesh.store import Compare, Delete, Event, EventType, Put, Store
+from flext_mesh.store import Compare, Delete, Event, EventType, KeyValue, Put, Store, follow
 from flext_mesh.v1 import metrics_pb2
 
 __all__ = [
@@ -228,10 +228,14 @@ class Aggregator:
                 await self.sweep_ledgers()
             except Exception:  # housekeeping: the roll-up tries again
                 _log.exception("sweeping other replicas' reporter ledgers failed")
-            self._unlisten = self.store.listen(REPLICA_BUCKETS, self._on_peer_buckets)
-            _, kvs = await self.store.snapshot(REPLICA_BUCKETS)
-            for kv in kvs:
-                self._peer_bucket(kv.key, kv.value)
+
+            def load(kvs: list[KeyValue]) -> None:
+                for kv in kvs:
+                    self._peer_bucket(kv.key, kv.value)
+
+            _, self._unlisten = await follow(
+                self.store, REPLICA_BUCKETS, load, self._on_peer_buckets
+            )
         self._tasks = [
             asyncio.create_task(self._checkpoint_forever(), name="metrics-checkpoint"),
             asyncio.create_task(self._rollup_forever(), name="metrics-rollup"),

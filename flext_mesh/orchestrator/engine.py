@@ -86,11 +86,13 @@ from flext_mesh.store import (
     Delete,
     Event,
     EventType,
+    KeyValue,
     LeaseNotFound,
     Put,
     Store,
     Subscription,
     SubscriptionLagged,
+    follow,
 )
 from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2
 
@@ -264,7 +266,6 @@ class Orchestrator:
         # PutWorkflow); validated specs per (name, version), which never change.
         self._latest: dict[str, orchestrator_pb2.Workflow] = {}
         self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
-        self._pending_workflows: list[Event] | None = None
         self._unlisten: Callable[[], None] | None = None
         # Records of executions that just ended, for the last WatchExecution message.
         self._ended: OrderedDict[str, bytes] = OrderedDict()
@@ -526,21 +527,15 @@ class Orchestrator:
                 return fresh, True
 
     async def _load_workflows(self) -> None:
-        self._pending_workflows = []
-        self._unlisten = self.store.listen(_WORKFLOWS, self._on_workflows)
-        revision, kvs = await self.store.snapshot(_WORKFLOWS)
-        for kv in kvs:
-            self._latest[kv.key.removeprefix(_WORKFLOWS)] = orchestrator_pb2.Workflow.FromString(
-                kv.value
-            )
-        pending, self._pending_workflows = self._pending_workflows, None
-        self._on_workflows([e for e in pending if e.revision > revision])
+        def load(kvs: list[KeyValue]) -> None:
+            for kv in kvs:
+                name = kv.key.removeprefix(_WORKFLOWS)
+                self._latest[name] = orchestrator_pb2.Workflow.FromString(kv.value)
+
+        _, self._unlisten = await follow(self.store, _WORKFLOWS, load, self._on_workflows)
 
     def _on_workflows(self, events: list[Event]) -> None:
         """Store listener: keep the latest definitions (on the loop, before acks)."""
-        if self._pending_workflows is not None:
-            self._pending_workflows.extend(events)
-            return
         for event in events:
             name = event.key.removeprefix(_WORKFLOWS)
             if event.type == EventType.DELETE:

@@ -64,7 +64,17 @@ from flext_mesh.routing.policy import (
     split_versions,
     validate_policy,
 )
-from flext_mesh.store import Compacted, Compare, Event, EventType, Put, Store, StoreOpenError
+from flext_mesh.store import (
+    Compacted,
+    Compare,
+    Event,
+    EventType,
+    KeyValue,
+    Put,
+    Store,
+    StoreOpenError,
+    follow,
+)
 from flext_mesh.v1 import registry_pb2
 
 __all__ = ["INSTANCES", "Registry", "RegistrySettings"]
@@ -182,7 +192,8 @@ class Registry:
         # Per-service outlier and health settings derived from policies (cached).
         self._service_settings: dict[str, tuple[OutlierSettings, HealthCheckSettings]] = {}
         # Events that arrive while the start-up snapshot is read; replayed after it.
-        self._pending: list[Event] | None = None
+        # True once the start-up snapshot is loaded (policy changes then re-track).
+        self._loaded = False
         # Instance ids with a Register in flight (how many), per service: each holds a
         # slot of the service's limit until it is in the cache (no overshoot under load).
         self._joining: dict[str, Counter[str]] = {}
@@ -194,30 +205,11 @@ class Registry:
 
     async def start(self) -> None:
         """Load the registry from the store, start health checks and background work."""
-        self._pending = []
-        self._unlisten.append(self.store.listen(REGISTRY, self._apply))
-        revision, kvs = await self.store.snapshot(REGISTRY)
-        for kv in kvs:
-            try:
-                if kv.key.startswith(POLICIES):
-                    policy = registry_pb2.ServicePolicy.FromString(kv.value)
-                    policy.revision = kv.mod_revision
-                    self._policies[policy.service_name] = policy
-                    continue
-                instance = registry_pb2.ServiceInstance.FromString(kv.value)
-            except DecodeError as exc:
-                # Damage inside a record passes SQLite's structural check at open.
-                raise StoreOpenError(
-                    f"store {self.store.url} is corrupted: the record at {kv.key} cannot be "
-                    f"decoded ({exc}); restore the store from a backup"
-                ) from exc
-            instance.revision = kv.mod_revision
-            self._put_cached(instance)
+        revision, unlisten = await follow(self.store, REGISTRY, self._load, self._apply)
+        self._unlisten.append(unlisten)
         self._revision = max(self._revision, revision)
-        pending, self._pending = self._pending, None
+        self._loaded = True
         self._health.start()
-        # Changes committed while the snapshot was read (a lease sweep) come after it.
-        self._apply([e for e in pending if e.revision > revision])
         for service in self._services.values():
             for instance in service.values():
                 self._track(instance)
@@ -250,6 +242,25 @@ class Registry:
         """The service whose instance ``lease_id`` keeps registered; None if none."""
         return self._lease_owners.get(lease_id)
 
+    def _load(self, kvs: list[KeyValue]) -> None:
+        """The start-up snapshot: every instance and policy into the cache."""
+        for kv in kvs:
+            try:
+                if kv.key.startswith(POLICIES):
+                    policy = registry_pb2.ServicePolicy.FromString(kv.value)
+                    policy.revision = kv.mod_revision
+                    self._policies[policy.service_name] = policy
+                    continue
+                instance = registry_pb2.ServiceInstance.FromString(kv.value)
+            except DecodeError as exc:
+                # Damage inside a record passes SQLite's structural check at open.
+                raise StoreOpenError(
+                    f"store {self.store.url} is corrupted: the record at {kv.key} cannot be "
+                    f"decoded ({exc}); restore the store from a backup"
+                ) from exc
+            instance.revision = kv.mod_revision
+            self._put_cached(instance)
+
     def _put_cached(self, instance: registry_pb2.ServiceInstance) -> None:
         name = instance.service_name
         service = self._services.setdefault(name, {})
@@ -263,9 +274,6 @@ class Registry:
 
     def _apply(self, events: list[Event]) -> None:
         """Store listener: update the cache and publish watch events (on the loop)."""
-        if self._pending is not None:
-            self._pending.extend(events)
-            return
         out: list[registry_pb2.WatchEvent] = []
         for event in events:
             out.append(self._apply_one(event))
@@ -312,7 +320,7 @@ class Registry:
             self._policies.pop(name, None)
         self._splits.pop(name, None)
         self._service_settings.pop(name, None)
-        if self._pending is None:  # health checks follow the service's new settings
+        if self._loaded:  # health checks follow the service's new settings
             for instance in self._services.get(name, {}).values():
                 self._track(instance)
         # Discover answers depend on the policy: a new revision invalidates them.

@@ -22,6 +22,7 @@ from flext_mesh.store.base import (
     Subscription,
     SubscriptionLagged,
     TxnResult,
+    follow,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Subscription",
     "SubscriptionLagged",
     "TxnResult",
+    "follow",
     "open_store",
 ]
 

@@ -41,6 +41,7 @@ __all__ = [
     "Subscription",
     "SubscriptionLagged",
     "TxnResult",
+    "follow",
 ]
 
 
@@ -262,3 +263,38 @@ class Store(Protocol):
         Batches arrive in revision order. The callback must be quick and must not raise;
         returns a function that stops the listening.
         """
+
+
+async def follow(
+    store: Store,
+    prefix: str,
+    load: Callable[[list[KeyValue]], None],
+    apply: Listener,
+) -> tuple[int, Callable[[], None]]:
+    """Load everything under ``prefix``, then follow its changes without missing one.
+
+    Listens first, reads the snapshot, hands it to ``load``, then replays to ``apply``
+    the events that arrived meanwhile and are newer than the snapshot; later events go
+    to ``apply`` as they come. Returns the snapshot's revision and the function that
+    stops following.
+    """
+    held: list[Event] = []
+    loaded = False
+
+    def on_events(events: list[Event]) -> None:
+        if loaded:
+            apply(events)
+        else:
+            held.extend(events)
+
+    unlisten = store.listen(prefix, on_events)
+    try:
+        revision, kvs = await store.snapshot(prefix)
+        load(kvs)
+    except BaseException:
+        unlisten()
+        raise
+    loaded = True
+    apply([event for event in held if event.revision > revision])
+    held.clear()
+    return revision, unlisten

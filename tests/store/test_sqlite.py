@@ -102,7 +102,7 @@ async def test_restart_keeps_keys_revision_and_gives_leases_one_ttl_of_grace(
 _CRASH_WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from flext_mesh.store import SqliteStore
+    from flext_mesh.store.sqlite import SqliteStore
 
     async def main() -> None:
         store = SqliteStore(sys.argv[1])
