@@ -134,12 +134,48 @@ class RegistrySettings:
 
 @dataclass(slots=True)
 class _Answer:
-    """A Discover query's pre-serialized answers, one per possible first pick."""
+    """A Discover query's answer in encoded parts, joined per call in the picked order.
+
+    A repeated message field on the wire is the concatenation of its encoded elements,
+    so an answer is ``header`` followed by the ``instances`` entries in any order: each
+    call costs one O(n) join, and memory is linear in the instances.
+    """
 
     revision: int
     picker: Picker | None
-    responses: list[bytes]
+    header: bytes
+    instances: list[bytes]
+    limit: int = 0
     split_fallback: bool = False
+
+    def encode(self) -> bytes:
+        """The serialized DiscoverResponse led by the picker's next pick."""
+        if self.picker is None:
+            return self.header
+        order = self.picker.order(self.picker.pick())
+        if self.limit:
+            order = order[: self.limit]
+        instances = self.instances
+        return self.header + b"".join([instances[i] for i in order])
+
+
+#: Tag of DiscoverResponse.instances (field 1, length-delimited).
+_INSTANCES_TAG = b"\x0a"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _encoded_field(instance: registry_pb2.ServiceInstance) -> bytes:
+    """``instance`` as one encoded element of DiscoverResponse.instances."""
+    data = instance.SerializeToString()
+    return _INSTANCES_TAG + _varint(len(data)) + data
 
 
 def _key(service: str, instance_id: str) -> str:
@@ -198,6 +234,8 @@ class Registry:
         # slot of the service's limit until it is in the cache (no overshoot under load).
         self._joining: dict[str, Counter[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # (service, instance id) -> (the cached instance object, its encoded element).
+        self._encodings: dict[tuple[str, str], tuple[registry_pb2.ServiceInstance, bytes]] = {}
         # Lease id -> service name of the instance it keeps registered.
         self._lease_owners: dict[str, str] = {}
 
@@ -300,6 +338,7 @@ class Registry:
         gone = service.pop(instance_id, None)
         if gone is not None:
             self._lease_owners.pop(gone.lease_id, None)
+        self._encodings.pop((service_name, instance_id), None)
         if service:
             self._service_revision[service_name] = event.revision
         else:
@@ -845,9 +884,7 @@ class Registry:
                 self._answers.popitem(last=False)
         if answer.split_fallback and self._on_split_fallback is not None:
             self._on_split_fallback(request.service_name, version)
-        if answer.picker is None:
-            return answer.responses[0]
-        return answer.responses[answer.picker.pick()]
+        return answer.encode()
 
     def _build_answer(
         self,
@@ -923,19 +960,28 @@ class Registry:
             split_fallback=split_fallback,
             zone_spillover=zone_spillover,
         )
+        header = base.SerializeToString()
         if not candidates:
-            return _Answer(revision, None, [base.SerializeToString()], split_fallback)
-        picker = Picker(candidates, Strategy(strategy))
-        responses = []
-        for first in range(len(candidates)):
-            order = picker.order(first)
-            if request.limit:
-                order = order[: request.limit]
-            response = registry_pb2.DiscoverResponse()
-            response.CopyFrom(base)
-            response.instances.extend(chosen[i] for i in order)
-            responses.append(response.SerializeToString())
-        return _Answer(revision, picker, responses, split_fallback)
+            return _Answer(revision, None, header, [], split_fallback=split_fallback)
+        return _Answer(
+            revision,
+            Picker(candidates, Strategy(strategy)),
+            header,
+            [self._encoded(i) for i in chosen],
+            limit=request.limit,
+            split_fallback=split_fallback,
+        )
+
+    def _encoded(self, instance: registry_pb2.ServiceInstance) -> bytes:
+        """The instance's encoded DiscoverResponse element, made once per cached object
+        (the cache replaces an instance's object whenever the instance changes)."""
+        key = (instance.service_name, instance.instance_id)
+        cached = self._encodings.get(key)
+        if cached is not None and cached[0] is instance:
+            return cached[1]
+        encoded = _encoded_field(instance)
+        self._encodings[key] = (instance, encoded)
+        return encoded
 
     def list_services(
         self, page_size: int, page_token: str, type_filter: str
