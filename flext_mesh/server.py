@@ -23,8 +23,8 @@ from prometheus_client import Counter
 from flext_mesh.config import ServerConfig, parse_host_port
 from flext_mesh.dashboard import Dashboard
 from flext_mesh.dashboard.access import authorizer, http_ssl_context
+from flext_mesh.dashboard.web import WebServer
 from flext_mesh.errors import from_rpc_error
-from flext_mesh.http import HttpServer
 from flext_mesh.metrics import AggregatorSettings, Metrics
 from flext_mesh.observability import CallSeries, Observability
 from flext_mesh.orchestrator import MeshInvoker, Orchestrator, OrchestratorSettings
@@ -171,7 +171,7 @@ class ControlPlane:
         self.dashboard = Dashboard(
             self.registry, self.metrics, self.orchestrator, authorize=authorizer(self.security)
         )
-        self.http = HttpServer(
+        self.http = WebServer(
             host,
             port,
             {**self.observability.routes(), **self.dashboard.routes()},
