@@ -7,7 +7,7 @@ Wiring, in the control plane::
     obs = Observability()
     server = grpc.aio.server(interceptors=[obs.interceptor], ...)
     obs.set_call_source(metrics_service.call_series)   # on the event loop
-    http = HttpServer(host, port, obs.routes())
+    http = WebServer(host, port, {**obs.routes(), ...})  # flext_mesh.dashboard.web
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
 import grpc
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -41,7 +43,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from flext_mesh.http import Handler, Request, Response
 from flext_mesh.rpc.handlers import WrappingInterceptor
 from flext_mesh.version import __version__
 
@@ -434,12 +435,14 @@ class Observability:
         body = generate_latest(self.registry)
         return gzip.compress(body, compresslevel=6) if gzipped else body
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics(self, request: web.Request) -> web.Response:
         """The ``/metrics`` handler: renders in a worker thread, gzipped when accepted."""
         gzipped = _accepts_gzip(request.headers.get("accept-encoding", ""))
         body = await asyncio.to_thread(self.render, gzipped=gzipped)
-        headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gzipped else {}
-        return Response(content_type=CONTENT_TYPE_LATEST, body=body, headers=headers)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        if gzipped:
+            headers |= {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        return web.Response(body=body, headers=headers)
 
     def routes(self) -> dict[str, Handler]:
         """The HTTP routes this object serves: ``/metrics``."""

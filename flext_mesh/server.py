@@ -24,9 +24,9 @@ from flext_mesh.addresses import parse_host_port
 from flext_mesh.config import ServerConfig
 from flext_mesh.dashboard import Dashboard
 from flext_mesh.dashboard.access import authorizer, http_ssl_context
+from flext_mesh.dashboard.web import WebServer
 from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
-from flext_mesh.http import HttpServer
 from flext_mesh.metrics.aggregator import AggregatorSettings
 from flext_mesh.metrics.service import Metrics
 from flext_mesh.observability import CallSeries, Observability
@@ -174,7 +174,7 @@ class ControlPlane:
         self.dashboard = Dashboard(
             self.registry, self.metrics, self.orchestrator, authorize=authorizer(self.security)
         )
-        self.http = HttpServer(
+        self.http = WebServer(
             host,
             port,
             {**self.observability.routes(), **self.dashboard.routes()},

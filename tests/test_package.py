@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_all_is_complete_and_importable() -> None:
     public = {name for name in dir(flext_mesh) if not name.startswith("_")}
     modules = {"cli", "config", "errors", "logs", "processor", "result", "server", "servicers"}
-    modules |= {"store", "v1", "registry", "metrics", "http", "observability", "process"}
+    modules |= {"store", "v1", "registry", "metrics", "observability", "process"}
     modules |= {"orchestrator", "durations", "facade", "retry"}  # submodules imported on the way
     modules |= {"dashboard", "security", "addresses", "rpc", "routing", "hosting", "names"}
     modules |= {"version"}

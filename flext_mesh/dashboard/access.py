@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ssl
 
+from aiohttp import web
+
 from flext_mesh.config import ServerConfig
 from flext_mesh.dashboard.api import Authorize, bearer_token
 from flext_mesh.errors import Unauthenticated
-from flext_mesh.http import Request
 from flext_mesh.security.auth import SecurityInterceptor
 
 __all__ = ["authorizer", "http_ssl_context"]
@@ -35,7 +36,7 @@ def authorizer(security: SecurityInterceptor | None) -> Authorize | None:
         return None
     tokens = security.authenticator.tokens
 
-    def authorize(request: Request) -> bool | str:
+    def authorize(request: web.Request) -> bool | str:
         if tokens is None:
             return (
                 "the dashboard takes bearer tokens: start the control plane with "

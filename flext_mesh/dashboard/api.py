@@ -29,21 +29,23 @@ import contextlib
 import datetime as dt
 import inspect
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Final, TypeAlias
 
 import grpc
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from flext_mesh.dashboard import events
-from flext_mesh.dashboard.assets import SECURITY_HEADERS, load_assets
+from flext_mesh.dashboard.assets import load_assets
 from flext_mesh.dashboard.series import build_series, snapshot
+from flext_mesh.dashboard.web import API_HEADERS, error_response, json_response, send_stream
 from flext_mesh.durations import parse_duration
 from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, NotFound
-from flext_mesh.http import Handler, Request, Response
 from flext_mesh.metrics.service import Metrics
 from flext_mesh.names import check_name, raise_if
 from flext_mesh.orchestrator.engine import Orchestrator
@@ -71,7 +73,7 @@ TOKEN_COOKIE: Final = "flext_mesh_token"
 #: Decides whether a request may read the API: ``True`` allows it; ``False`` or a
 #: reason (str) refuses it (401 when the request carried no token, else 403). May be a
 #: coroutine function; may raise Unauthenticated or PermissionDenied itself.
-Authorize: TypeAlias = Callable[[Request], "bool | str | Awaitable[bool | str]"]
+Authorize: TypeAlias = Callable[[web.Request], "bool | str | Awaitable[bool | str]"]
 _Result: TypeAlias = Message | Mapping[str, Any]
 
 #: gRPC status -> HTTP status, as Google's APIs map them over HTTP/JSON.
@@ -94,8 +96,11 @@ _HTTP_STATUS: Final = {
     grpc.StatusCode.DATA_LOSS: 500,
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
-_API_HEADERS: Final = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
-_SSE_HEADERS: Final = {**_API_HEADERS, "X-Accel-Buffering": "no"}
+_SSE_HEADERS: Final = {
+    **API_HEADERS,
+    "Content-Type": "text/event-stream",
+    "X-Accel-Buffering": "no",
+}
 _DEFAULT_REPORT_WINDOW = 24 * 3600.0
 _MIN_WINDOW = 10.0
 _MAX_PAGE = 1000
@@ -106,7 +111,7 @@ def http_status(code: grpc.StatusCode) -> int:
     return _HTTP_STATUS.get(code, 500)
 
 
-def bearer_token(request: Request) -> str | None:
+def bearer_token(request: web.Request) -> str | None:
     """The token a request carries: ``Authorization: Bearer`` first, else the cookie."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -120,7 +125,7 @@ def bearer_token(request: Request) -> str | None:
     return morsel.value if morsel is not None and morsel.value else None
 
 
-def _allow_all(request: Request) -> bool:
+def _allow_all(request: web.Request) -> bool:
     return True
 
 
@@ -178,7 +183,7 @@ class Dashboard:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _refusal(self, request: Request) -> Response | None:
+    async def _refusal(self, request: web.Request) -> web.Response | None:
         """None when ``authorize`` lets the request through, else the error response."""
         try:
             verdict = self.authorize(request)
@@ -190,18 +195,18 @@ class Dashboard:
             return None
         reason = verdict if isinstance(verdict, str) and verdict else "not allowed to read"
         if bearer_token(request) is None:
-            return _error(
+            return error_response(
                 401,
                 "UNAUTHENTICATED",
                 f"a bearer token is required: {reason}",
                 headers={"WWW-Authenticate": 'Bearer realm="flext-mesh"'},
             )
-        return _error(403, "PERMISSION_DENIED", reason)
+        return error_response(403, "PERMISSION_DENIED", reason)
 
-    def _json(self, handler: Callable[[Request], Awaitable[_Result]]) -> Handler:
+    def _json(self, handler: Callable[[web.Request], Awaitable[_Result]]) -> Handler:
         """A JSON route: authorize, call, encode in a worker thread, map MeshErrors."""
 
-        async def serve(request: Request) -> Response:
+        async def serve(request: web.Request) -> web.StreamResponse:
             refused = await self._refusal(request)
             if refused is not None:
                 return refused
@@ -210,14 +215,16 @@ class Dashboard:
             except MeshError as exc:
                 return _error_response(exc)
             body = await asyncio.to_thread(_encode, result)
-            return Response(content_type="application/json", body=body, headers=_API_HEADERS)
+            return web.Response(
+                body=body, headers={**API_HEADERS, "Content-Type": "application/json"}
+            )
 
         return serve
 
     def _guarded(self, handler: Handler) -> Handler:
         """A stream route: authorize, then let the handler answer (MeshErrors mapped)."""
 
-        async def serve(request: Request) -> Response:
+        async def serve(request: web.Request) -> web.StreamResponse:
             refused = await self._refusal(request)
             if refused is not None:
                 return refused
@@ -230,7 +237,7 @@ class Dashboard:
 
     # -- services ----------------------------------------------------------------------
 
-    async def _list_services(self, request: Request) -> _Result:
+    async def _list_services(self, request: web.Request) -> _Result:
         """ListServices: summaries sorted by name, paged."""
         return self.registry.list_services(
             _int(request, "page_size", maximum=_MAX_PAGE),
@@ -238,9 +245,9 @@ class Dashboard:
             request.query.get("type", ""),
         )
 
-    async def _get_service(self, request: Request) -> _Result:
+    async def _get_service(self, request: web.Request) -> _Result:
         """A service's instances (all of them, healthy or not) and its policy."""
-        name = request.params["name"]
+        name = request.match_info["name"]
         raise_if(check_name("name", name))
         # The registry's watch snapshot: every instance, whatever a policy's split says.
         stream = self.registry.watch([name], 0)
@@ -260,7 +267,7 @@ class Dashboard:
 
     # -- metrics -----------------------------------------------------------------------
 
-    def _window(self, request: Request, default: float) -> float:
+    def _window(self, request: web.Request, default: float) -> float:
         """The ``window`` parameter in seconds (``90s``, ``15m``, ``1h``, or seconds)."""
         text = request.query.get("window", "")
         if not text:
@@ -272,11 +279,11 @@ class Dashboard:
             )
         return nanos / 1e9
 
-    async def _get_report(self, request: Request) -> _Result:
+    async def _get_report(self, request: web.Request) -> _Result:
         """GetServiceReport over ``window`` (default 24 h, at most the retention)."""
         retention = self.metrics.aggregator.settings.retention
         report = await self.metrics.service_report(
-            request.params["name"],
+            request.match_info["name"],
             self._window(request, min(_DEFAULT_REPORT_WINDOW, retention)),
             operation=request.query.get("operation", ""),
             by_version=_bool(request, "by_version"),
@@ -284,9 +291,9 @@ class Dashboard:
         )
         return metrics_pb2.GetServiceReportResponse(report=report)
 
-    async def _get_series(self, request: Request) -> _Result:
+    async def _get_series(self, request: web.Request) -> _Result:
         """Per-bucket latency quantiles and error rates over ``window`` (default 15 min)."""
-        name = request.params["name"]
+        name = request.match_info["name"]
         operation = request.query.get("operation", "")
         window = self._window(request, self.settings.series_window)
         retention = self.metrics.aggregator.settings.retention
@@ -321,7 +328,7 @@ class Dashboard:
             "operations": series,
         }
 
-    async def _list_alerts(self, request: Request) -> _Result:
+    async def _list_alerts(self, request: web.Request) -> _Result:
         """ListAlerts: active alerts, most severe first."""
         return self.metrics.list_alerts(
             request.query.get("service", ""),
@@ -332,21 +339,21 @@ class Dashboard:
 
     # -- workflows and executions --------------------------------------------------------
 
-    async def _list_workflows(self, request: Request) -> _Result:
+    async def _list_workflows(self, request: web.Request) -> _Result:
         """ListWorkflows: definitions by name, paged."""
         workflows, token = await self.orchestrator.list_workflows(
             _int(request, "page_size", maximum=_MAX_PAGE), request.query.get("page_token", "")
         )
         return orchestrator_pb2.ListWorkflowsResponse(workflows=workflows, next_page_token=token)
 
-    async def _get_workflow(self, request: Request) -> _Result:
+    async def _get_workflow(self, request: web.Request) -> _Result:
         """GetWorkflow: the latest version, or ``version``."""
         workflow = await self.orchestrator.get_workflow(
-            request.params["name"], _int(request, "version")
+            request.match_info["name"], _int(request, "version")
         )
         return orchestrator_pb2.GetWorkflowResponse(workflow=workflow)
 
-    async def _list_executions(self, request: Request) -> _Result:
+    async def _list_executions(self, request: web.Request) -> _Result:
         """ListExecutions: newest first, by ``workflow`` and ``state``, paged."""
         executions, token = await self.orchestrator.list_executions(
             request.query.get("workflow", ""),
@@ -356,23 +363,23 @@ class Dashboard:
         )
         return orchestrator_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
 
-    async def _get_execution(self, request: Request) -> _Result:
+    async def _get_execution(self, request: web.Request) -> _Result:
         """GetExecution, with its event history when ``include_events=true``."""
         execution, history = await self.orchestrator.get_execution(
-            request.params["execution_id"], include_events=_bool(request, "include_events")
+            request.match_info["execution_id"], include_events=_bool(request, "include_events")
         )
         return orchestrator_pb2.GetExecutionResponse(execution=execution, events=history)
 
     # -- streams -----------------------------------------------------------------------
 
-    async def _registry_events(self, request: Request) -> Response:
+    async def _registry_events(self, request: web.Request) -> web.StreamResponse:
         """Registry changes as SSE: ``snapshot`` first (or the history since
         ``Last-Event-ID``), then ``change`` batches and ``progress``; ids are revisions."""
         services = [s for s in request.query.get("services", "").split(",") if s]
         from_revision = _resume_point(request, "from_revision")
         raise_if(v for i, name in enumerate(services) for v in check_name(f"services[{i}]", name))
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[bytes, None]:
             yield f"retry: {events.RETRY_MS}\n\n".encode()
             source = self.registry.watch(services, from_revision)
             interval = self.settings.heartbeat_interval
@@ -386,16 +393,16 @@ class Dashboard:
             except MeshError as exc:
                 yield events.event("stream_error", _error_document(exc))
 
-        return Response(content_type="text/event-stream", body=body(), headers=_SSE_HEADERS)
+        return await send_stream(request, body(), headers=_SSE_HEADERS)
 
-    async def _execution_events(self, request: Request) -> Response:
+    async def _execution_events(self, request: web.Request) -> web.StreamResponse:
         """An execution's events as SSE (``event``, ids are event indexes), then ``end``
         with the execution as it ended; the stream closes after ``end``."""
-        execution_id = request.params["execution_id"]
+        execution_id = request.match_info["execution_id"]
         after_index = _resume_point(request, "after_index")
         await self.orchestrator.get_execution(execution_id)  # 404 before streaming
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[bytes, None]:
             yield f"retry: {events.RETRY_MS}\n\n".encode()
             source = self.orchestrator.watch_execution(execution_id, after_index)
             interval = self.settings.heartbeat_interval
@@ -416,14 +423,14 @@ class Dashboard:
             except MeshError as exc:
                 yield events.event("stream_error", _error_document(exc))
 
-        return Response(content_type="text/event-stream", body=body(), headers=_SSE_HEADERS)
+        return await send_stream(request, body(), headers=_SSE_HEADERS)
 
 
 # -- helpers ---------------------------------------------------------------------------
 
 
-async def _to_page(request: Request) -> Response:
-    return Response(status=302, headers={"Location": PAGE_PATH}, body=b"")
+async def _to_page(request: web.Request) -> web.Response:
+    return web.Response(status=302, headers={"Location": PAGE_PATH})
 
 
 def _to_dict(message: Message) -> dict[str, Any]:
@@ -475,25 +482,18 @@ def _error_document(exc: MeshError) -> dict[str, Any]:
     return {"error": error}
 
 
-def _error_response(exc: MeshError) -> Response:
+def _error_response(exc: MeshError) -> web.Response:
     status = http_status(exc.code)
-    headers = dict(_API_HEADERS)
+    headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)
     if status in (429, 503) and retry_after:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="flext-mesh"'
-    return Response.json(_error_document(exc), status=status, headers=headers)
+    return json_response(_error_document(exc), status=status, headers=headers)
 
 
-def _error(
-    status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
-) -> Response:
-    document = {"error": {"code": status, "status": code, "message": message}}
-    return Response.json(document, status=status, headers={**_API_HEADERS, **(headers or {})})
-
-
-def _int(request: Request, name: str, *, maximum: int | None = None) -> int:
+def _int(request: web.Request, name: str, *, maximum: int | None = None) -> int:
     """A non-negative integer query parameter (0 when absent)."""
     text = request.query.get(name, "")
     if not text:
@@ -510,7 +510,7 @@ def _int(request: Request, name: str, *, maximum: int | None = None) -> int:
     return value
 
 
-def _bool(request: Request, name: str) -> bool:
+def _bool(request: web.Request, name: str) -> bool:
     """A boolean query parameter: true/1/yes or false/0/no (false when absent)."""
     text = request.query.get(name, "").lower()
     if text in ("", "false", "0", "no"):
@@ -520,7 +520,7 @@ def _bool(request: Request, name: str) -> bool:
     raise InvalidArgument.from_violations([FieldViolation(name, f"{text!r} is not true or false")])
 
 
-def _enum(request: Request, name: str, enum: Any, prefix: str) -> int:
+def _enum(request: web.Request, name: str, enum: Any, prefix: str) -> int:
     """An enum query parameter by name, with or without its prefix, any case
     (``running``, ``EXECUTION_STATE_RUNNING``); 0 when absent."""
     text = request.query.get(name, "").strip().upper()
@@ -538,7 +538,7 @@ def _enum(request: Request, name: str, enum: Any, prefix: str) -> int:
     return values[full]
 
 
-def _resume_point(request: Request, name: str) -> int:
+def _resume_point(request: web.Request, name: str) -> int:
     """Where a stream resumes: the browser's ``Last-Event-ID``, else the query parameter."""
     last = request.headers.get("last-event-id", "").strip()
     if last:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Final
 
-from flext_mesh.http import Handler, Request, Response
+from aiohttp import web
+from aiohttp.typedefs import Handler
 
 __all__ = ["SECURITY_HEADERS", "Asset", "load_assets"]
 
@@ -45,13 +46,13 @@ class Asset:
     content_type: str
     etag: str
 
-    async def serve(self, request: Request) -> Response:
+    async def serve(self, request: web.Request) -> web.Response:
         """The file, or 304 when the browser's copy is current."""
         headers = {**SECURITY_HEADERS, "ETag": self.etag, "Cache-Control": "no-cache"}
         matches = {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}
         if self.etag in matches or "*" in matches:
-            return Response(status=304, content_type=self.content_type, headers=headers)
-        return Response(body=self.body, content_type=self.content_type, headers=headers)
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=self.body, headers={**headers, "Content-Type": self.content_type})
 
 
 def load_assets(prefix: str) -> Mapping[str, Handler]:

@@ -1,15 +1,28 @@
-"""/metrics on the control plane's HTTP port, scraped for real and parsed by Prometheus' parser."""
+"""/metrics on the control plane's HTTP port, scraped for real and parsed by Prometheus'
+parser, and the RPC interceptor on a real grpc.aio server."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import threading
 import urllib.request
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
+from flext_mesh.dashboard.web import WebServer
+from flext_mesh.observability import (
+    CALL_BUCKETS_SECONDS,
+    CallMetricsCollector,
+    CallSeries,
+    Observability,
+)
 from flext_mesh.server import create_server
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 from tests.registry.conftest import fast_config
@@ -69,3 +82,259 @@ async def test_scrape_shows_mesh_calls_and_the_control_planes_own_rpcs(tmp_path:
     assert handled[("ReportCalls", "OK")] == 1.0
     assert handled[("GetServiceReport", "NOT_FOUND")] == 1.0
     assert "flext_mesh_build_info" in families
+
+
+# -- /metrics served alone ------------------------------------------------------------
+
+
+def families(text: str) -> dict[str, list[Sample]]:
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(samples: Iterable[Sample], name: str, **labels: str) -> float:
+    for sample in samples:
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            return sample.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def fetch(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """GET with urllib in a worker thread (a real, independent HTTP client)."""
+
+    def get() -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
+
+    return await asyncio.to_thread(get)
+
+
+@pytest.fixture
+def obs() -> Observability:
+    return Observability(version="9.9.9")
+
+
+@pytest.fixture
+async def server(obs: Observability) -> AsyncIterator[WebServer]:
+    async with WebServer("127.0.0.1", 0, obs.routes()) as http:
+        yield http
+
+
+async def test_metrics_is_prometheus_text_with_build_and_process_metrics(
+    server: WebServer,
+) -> None:
+    status, headers, body = await fetch(f"http://127.0.0.1:{server.port}/metrics")
+    assert status == 200
+    assert headers["content-type"] == CONTENT_TYPE_LATEST
+    assert int(headers["content-length"]) == len(body)
+    found = families(body.decode())
+    assert value(found["flext_mesh_build_info"], "flext_mesh_build_info", version="9.9.9") == 1
+    assert value(found["process_resident_memory_bytes"], "process_resident_memory_bytes") > 0
+    assert "python_info" in found
+
+
+async def test_metrics_gzip_when_accepted(server: WebServer) -> None:
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    status, headers, body = await fetch(url, {"Accept-Encoding": "gzip, deflate"})
+    assert (status, headers["content-encoding"], headers["vary"]) == (
+        200,
+        "gzip",
+        "Accept-Encoding",
+    )
+    assert "flext_mesh_build_info" in families(gzip.decompress(body).decode())
+
+
+async def test_two_observabilities_in_one_process_do_not_share_series() -> None:
+    first, second = Observability(version="1"), Observability(version="2")
+    assert b'version="1"' in first.render()
+    assert b'version="2"' not in first.render()
+    assert b'version="2"' in second.render()
+
+
+# -- mesh call metrics ------------------------------------------------------------------
+
+
+def two_series() -> list[CallSeries]:
+    bounds = (0.01, 0.1, 1.0)
+    return [
+        CallSeries(
+            service="payment",
+            operation="charge",
+            outcome="success",
+            bucket_bounds_seconds=bounds,
+            cumulative_counts=(5, 8, 9, 10),
+            sum_seconds=3.25,
+            count=10,
+        ),
+        CallSeries(
+            service="payment",
+            operation="charge",
+            outcome="infrastructure_error",
+            bucket_bounds_seconds=bounds,
+            cumulative_counts=(0, 0, 1, 2),
+            sum_seconds=4.5,
+            count=2,
+        ),
+    ]
+
+
+async def test_call_collector_exposes_histogram_and_counter(
+    obs: Observability, server: WebServer
+) -> None:
+    threads: list[int] = []
+
+    def source() -> list[CallSeries]:
+        threads.append(threading.get_ident())
+        return two_series()
+
+    obs.set_call_source(source)
+    assert threads == []  # registering does not call the source
+    _, _, body = await fetch(f"http://127.0.0.1:{server.port}/metrics")
+    found = families(body.decode())
+    hist = found["flext_mesh_call_duration_seconds"]
+    ok = {"service": "payment", "operation": "charge", "outcome": "success"}
+    bucket = "flext_mesh_call_duration_seconds_bucket"
+    assert [value(hist, bucket, **ok, le=le) for le in ("0.01", "0.1", "1.0", "+Inf")] == [
+        5,
+        8,
+        9,
+        10,
+    ]
+    assert value(hist, "flext_mesh_call_duration_seconds_count", **ok) == 10
+    assert value(hist, "flext_mesh_call_duration_seconds_sum", **ok) == 3.25
+    bad = {**ok, "outcome": "infrastructure_error"}
+    assert value(hist, bucket, **bad, le="+Inf") == 2
+    assert value(hist, "flext_mesh_call_duration_seconds_sum", **bad) == 4.5
+    assert value(found["flext_mesh_calls"], "flext_mesh_calls_total", **ok) == 10
+    assert value(found["flext_mesh_calls"], "flext_mesh_calls_total", **bad) == 2
+    # Rendered in a worker thread, yet the source ran on the event loop's thread.
+    assert threads == [threading.get_ident()]
+
+
+def test_call_collector_skips_inconsistent_series_and_formats_default_buckets() -> None:
+    good = CallSeries(
+        service="s",
+        operation="o",
+        outcome="business_error",
+        bucket_bounds_seconds=CALL_BUCKETS_SECONDS,
+        cumulative_counts=[1] * (len(CALL_BUCKETS_SECONDS) + 1),
+        sum_seconds=0.0001,
+        count=1,
+    )
+    broken = CallSeries(
+        service="s",
+        operation="broken",
+        outcome="success",
+        bucket_bounds_seconds=CALL_BUCKETS_SECONDS,
+        cumulative_counts=[1],
+        sum_seconds=0.0,
+        count=1,
+    )
+    hist, calls = CallMetricsCollector(lambda: [good, broken]).collect()
+    les = [s.labels["le"] for s in hist.samples if s.name.endswith("_bucket")]
+    assert les[:3] == ["0.0005", "0.001", "0.0025"]
+    assert les[-1] == "+Inf"
+    assert len(les) == len(CALL_BUCKETS_SECONDS) + 1
+    assert [s.labels["operation"] for s in calls.samples] == ["o"]
+    assert tuple(sorted(CALL_BUCKETS_SECONDS)) == CALL_BUCKETS_SECONDS
+
+
+# -- the control plane's own RPCs -------------------------------------------------------
+
+SERVICE = "flext_mesh.test.EchoService"
+
+
+async def get(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    if request == b"missing":
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+    return b"\x0a\x03" + request  # pre-serialized bytes, sent through an identity serializer
+
+
+async def listing(
+    request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
+    if request == b"missing":
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such list")
+    for i in range(3):
+        yield b"item-%d" % i
+
+
+async def chat(request_iterator: object, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    """Reader/writer style: context.read() until EOF, context.write() each answer."""
+    while isinstance(message := await context.read(), bytes):
+        await context.write(message.upper())
+
+
+def echo_handler() -> grpc.GenericRpcHandler:
+    identity = {"request_deserializer": None, "response_serializer": None}
+
+    def serialize(response: bytes) -> bytes:
+        assert isinstance(response, bytes)
+        return response
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Get": grpc.unary_unary_rpc_method_handler(get, response_serializer=serialize),
+            "List": grpc.unary_stream_rpc_method_handler(listing, **identity),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat, **identity),
+        },
+    )
+
+
+async def test_interceptor_counts_rpcs_by_code_and_times_unary(
+    obs: Observability, server: WebServer
+) -> None:
+    grpc_server = grpc.aio.server(interceptors=[obs.interceptor])
+    grpc_server.add_generic_rpc_handlers((echo_handler(),))
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+            unary = channel.unary_unary(f"/{SERVICE}/Get")
+            listing_call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
+            listing_call = channel.unary_stream(f"/{SERVICE}/List")
+            for _ in range(5):
+                assert await unary(b"abc") == b"\x0a\x03abc"
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await unary(b"missing")
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert [m async for m in listing_call(b"x")] == [b"item-0", b"item-1", b"item-2"]
+            with pytest.raises(grpc.aio.AioRpcError):
+                [m async for m in listing_call(b"missing")]
+            chat: grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+            chat = channel.stream_stream(f"/{SERVICE}/Chat")
+            chat_call = chat(iter([b"hi", b"yo"]))
+            assert [m async for m in chat_call] == [b"HI", b"YO"]
+    finally:
+        await grpc_server.stop(None)
+
+    _, _, body = await fetch(f"http://127.0.0.1:{server.port}/metrics")
+    found = families(body.decode())
+    handled = found["flext_mesh_rpc_server_handled"]
+    name = "flext_mesh_rpc_server_handled_total"
+    get_labels = {"grpc_service": SERVICE, "grpc_method": "Get"}
+    assert value(handled, name, **get_labels, grpc_code="OK") == 5
+    assert value(handled, name, **get_labels, grpc_code="NOT_FOUND") == 2
+    list_labels = {"grpc_service": SERVICE, "grpc_method": "List"}
+    assert value(handled, name, **list_labels, grpc_code="OK") == 1
+    assert value(handled, name, **list_labels, grpc_code="NOT_FOUND") == 1
+    chat_labels = {"grpc_service": SERVICE, "grpc_method": "Chat"}
+    assert value(handled, name, **chat_labels, grpc_code="OK") == 1
+    started = found["flext_mesh_rpc_server_started"]
+    assert value(started, "flext_mesh_rpc_server_started_total", **list_labels) == 2
+    seconds = found["flext_mesh_rpc_server_handling_seconds"]
+    assert value(seconds, "flext_mesh_rpc_server_handling_seconds_count", **get_labels) == 7
+    assert (
+        value(seconds, "flext_mesh_rpc_server_handling_seconds_bucket", **get_labels, le="10.0")
+        == 7
+    )
+    assert not [s for s in seconds if s.labels.get("grpc_method") == "List"]  # streams untimed
