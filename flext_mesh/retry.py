@@ -1,9 +1,9 @@
 """Retry policies (``RetryPolicy`` in common.proto) with their defaults applied.
 
 One definition for every caller that retries: workflow steps and compensations in the
-orchestrator, and the mesh client following a service's pushed policy. Light on
-purpose (gRPC and the generated common module only), so the sidecar imports it
-without the orchestrator.
+orchestrator, and the mesh client following a service's pushed policy;
+``flext_mesh.routing.policy.retry_spec`` builds one from the message. Part of the
+kernel: gRPC and the error tree only, no generated code, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import math
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import duration_pb2
 
 from flext_mesh.errors import INFRASTRUCTURE_CODES
-from flext_mesh.v1 import common_pb2
 
 __all__ = [
     "ALLOWED_RETRYABLE",
@@ -26,7 +24,6 @@ __all__ = [
     "DEFAULT_MULTIPLIER",
     "DEFAULT_RETRYABLE",
     "RetrySpec",
-    "retry_spec",
 ]
 
 DEFAULT_RETRYABLE: frozenset[grpc.StatusCode] = INFRASTRUCTURE_CODES
@@ -82,39 +79,3 @@ class RetrySpec:
     def retries(self, code: grpc.StatusCode) -> bool:
         """Tell whether a failure with ``code`` is worth another attempt."""
         return code in self.retryable
-
-
-def _seconds(duration: duration_pb2.Duration) -> float:
-    return duration.ToNanoseconds() / 1e9
-
-
-def retry_spec(
-    policy: common_pb2.RetryPolicy, *, default_attempts: int = DEFAULT_MAX_ATTEMPTS
-) -> RetrySpec:
-    """The policy with common.proto's defaults for what it leaves unset.
-
-    It is not validated here (the control plane validates policies); codes that are
-    not retryable names are dropped.
-    """
-    initial = (
-        _seconds(policy.initial_backoff)
-        if policy.HasField("initial_backoff")
-        else DEFAULT_INITIAL_BACKOFF
-    )
-    codes = {
-        code
-        for name in policy.retryable_codes
-        if (code := grpc.StatusCode.__members__.get(name)) in ALLOWED_RETRYABLE
-    }
-    return RetrySpec(
-        max_attempts=policy.max_attempts or default_attempts,
-        initial_backoff=initial,
-        multiplier=policy.backoff_multiplier or DEFAULT_MULTIPLIER,
-        max_backoff=(
-            _seconds(policy.max_backoff)
-            if policy.HasField("max_backoff")
-            else max(DEFAULT_MAX_BACKOFF, initial)
-        ),
-        jitter=policy.jitter if policy.HasField("jitter") else DEFAULT_JITTER,
-        retryable=frozenset(codes) if policy.retryable_codes else DEFAULT_RETRYABLE,
-    )

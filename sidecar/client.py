@@ -96,11 +96,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from flext_mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable, is_infrastructure
 from flext_mesh.hosting.reporter import CallReporter
-from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec, retry_spec
+from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec
 from flext_mesh.routing.balancer import Candidate, Picker, Strategy
 from flext_mesh.routing.policy import (
     DEFAULT_ZONE_MIN_HEALTHY_PERCENT,
     SplitPicker,
+    retry_spec,
     validate_policy,
 )
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel

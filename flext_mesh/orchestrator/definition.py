@@ -82,11 +82,11 @@ from flext_mesh.retry import (
     DEFAULT_INITIAL_BACKOFF,
     DEFAULT_JITTER,
     DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_BACKOFF,
     DEFAULT_MULTIPLIER,
     DEFAULT_RETRYABLE,
     RetrySpec,
 )
+from flext_mesh.routing.policy import retry_spec
 from flext_mesh.rpc.payloads import struct_to_dict
 from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
@@ -512,10 +512,9 @@ def _check_retry(
                 f"must be 1.0 to {_MAX_MULTIPLIER:g} (0 for the default 2.0), got {multiplier:g}",
             )
         )
-    cap: float | None = max(DEFAULT_MAX_BACKOFF, initial or 0.0)
     if policy.HasField("max_backoff"):
         low = initial if initial is not None else _MIN_BACKOFF
-        cap = _check_timeout(
+        _check_timeout(
             f"{path}.max_backoff",
             policy.max_backoff,
             (low, _MAX_MAX_BACKOFF, f"at least initial_backoff ({low:g}s) and at most 5m"),
@@ -524,7 +523,6 @@ def _check_retry(
     jitter = policy.jitter if policy.HasField("jitter") else DEFAULT_JITTER
     if not 0.0 <= jitter <= 1.0:
         out.append(FieldViolation(f"{path}.jitter", f"must be 0.0 to 1.0, got {jitter:g}"))
-    codes: set[grpc.StatusCode] = set()
     for j, name in enumerate(policy.retryable_codes):
         code = _STATUS_CODES.get(name)
         field_path = f"{path}.retryable_codes[{j}]"
@@ -543,16 +541,7 @@ def _check_retry(
                     f"(retryable: {allowed})",
                 )
             )
-        else:
-            codes.add(code)
-    return RetrySpec(
-        max_attempts=attempts,
-        initial_backoff=initial if initial is not None else DEFAULT_INITIAL_BACKOFF,
-        multiplier=multiplier,
-        max_backoff=cap if cap is not None else DEFAULT_MAX_BACKOFF,
-        jitter=jitter,
-        retryable=frozenset(codes) if policy.retryable_codes else DEFAULT_RETRYABLE,
-    )
+    return retry_spec(policy, default_attempts=default_attempts)
 
 
 def _check_references(

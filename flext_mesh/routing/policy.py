@@ -1,4 +1,5 @@
-"""Service traffic policies: validation, and the version split and zone preference.
+"""Service traffic policies: validation, the version split and zone preference, and the
+retry policies (protobuf -> :class:`~flext_mesh.retry.RetrySpec`).
 
 A ``ServicePolicy`` (registry.proto) is stored under ``/registry/policies/SERVICE``,
 versioned, and pushed to every watcher with the instances. Validation names every bad
@@ -23,10 +24,21 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import grpc
 from google.protobuf import duration_pb2
 
 from flext_mesh.errors import FieldViolation
 from flext_mesh.names import check_name
+from flext_mesh.retry import (
+    ALLOWED_RETRYABLE,
+    DEFAULT_INITIAL_BACKOFF,
+    DEFAULT_JITTER,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_MULTIPLIER,
+    DEFAULT_RETRYABLE,
+    RetrySpec,
+)
 from flext_mesh.v1 import common_pb2, registry_pb2
 
 __all__ = [
@@ -34,13 +46,12 @@ __all__ = [
     "Selection",
     "SplitPicker",
     "apply_zone",
+    "retry_spec",
     "validate_policy",
 ]
 
 DEFAULT_ZONE_MIN_HEALTHY_PERCENT = 70.0
-_RETRYABLE = frozenset(
-    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED"}
-)
+_RETRYABLE = frozenset(code.name for code in ALLOWED_RETRYABLE)
 _T = TypeVar("_T")
 
 
@@ -184,6 +195,38 @@ def _retry_violations(retry: common_pb2.RetryPolicy, path: str) -> list[FieldVio
                 )
             )
     return out
+
+
+def retry_spec(
+    policy: common_pb2.RetryPolicy, *, default_attempts: int = DEFAULT_MAX_ATTEMPTS
+) -> RetrySpec:
+    """The policy with common.proto's defaults for what it leaves unset.
+
+    It is not validated here (see ``validate_policy``; the orchestrator validates the
+    policies of its steps); codes that are not retryable names are dropped.
+    """
+    initial = (
+        _seconds(policy.initial_backoff)
+        if policy.HasField("initial_backoff")
+        else DEFAULT_INITIAL_BACKOFF
+    )
+    codes = {
+        code
+        for name in policy.retryable_codes
+        if (code := grpc.StatusCode.__members__.get(name)) in ALLOWED_RETRYABLE
+    }
+    return RetrySpec(
+        max_attempts=policy.max_attempts or default_attempts,
+        initial_backoff=initial,
+        multiplier=policy.backoff_multiplier or DEFAULT_MULTIPLIER,
+        max_backoff=(
+            _seconds(policy.max_backoff)
+            if policy.HasField("max_backoff")
+            else max(DEFAULT_MAX_BACKOFF, initial)
+        ),
+        jitter=policy.jitter if policy.HasField("jitter") else DEFAULT_JITTER,
+        retryable=frozenset(codes) if policy.retryable_codes else DEFAULT_RETRYABLE,
+    )
 
 
 def _breaker_violations(
