@@ -1,19 +1,28 @@
-"""Retry policies (``RetryPolicy`` in common.proto) with their defaults applied.
+"""Retries: one policy type, one backoff, one retry loop for every caller.
 
-One definition for every caller that retries: workflow steps and compensations in the
-orchestrator, and the mesh client following a service's pushed policy;
-``flext_mesh.routing.policy.retry_spec`` builds one from the message. Part of the
-kernel: gRPC and the error tree only, no generated code, so every layer may use it.
+``RetrySpec`` is a retry policy (``RetryPolicy`` in common.proto) with its defaults
+applied; ``flext_mesh.routing.policy.retry_spec`` builds one from the message.
+:func:`retry_async` retries a call per a spec: workflow steps and compensations in the
+orchestrator, the mesh client following a service's pushed policy, registration.
+:class:`Backoff` hands out the same waits to loops that retry until they are stopped
+(reconnecting a stream, resuming an execution). Part of the kernel: gRPC and the error
+tree only, no generated code, so every layer may use it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import grpc
 
-from flext_mesh.errors import INFRASTRUCTURE_CODES
+from flext_mesh.errors import INFRASTRUCTURE_CODES, MeshError
 
 __all__ = [
     "ALLOWED_RETRYABLE",
@@ -23,8 +32,16 @@ __all__ = [
     "DEFAULT_MAX_BACKOFF",
     "DEFAULT_MULTIPLIER",
     "DEFAULT_RETRYABLE",
+    "UNLIMITED_ATTEMPTS",
+    "Backoff",
+    "OnAttempt",
+    "RetryAdmission",
     "RetrySpec",
+    "retry_async",
+    "status_of",
 ]
+
+_T = TypeVar("_T")
 
 DEFAULT_RETRYABLE: frozenset[grpc.StatusCode] = INFRASTRUCTURE_CODES
 """Codes retried when ``retryable_codes`` is empty: the infrastructure faults."""
@@ -40,6 +57,8 @@ DEFAULT_MAX_BACKOFF = 5.0
 """Cap of one wait in seconds when ``max_backoff`` is unset."""
 DEFAULT_JITTER = 0.2
 """Jitter fraction when ``jitter`` is unset."""
+UNLIMITED_ATTEMPTS = sys.maxsize
+"""``max_attempts`` of a call retried until its deadline or its caller stops it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +98,107 @@ class RetrySpec:
     def retries(self, code: grpc.StatusCode) -> bool:
         """Tell whether a failure with ``code`` is worth another attempt."""
         return code in self.retryable
+
+
+class Backoff:
+    """The waits of ``spec.backoff`` for a loop that retries until it is stopped.
+
+    ``next(backoff)`` counts one more failure and returns the wait before the next try;
+    :meth:`reset` after a success starts again from ``initial_backoff``.
+    """
+
+    __slots__ = ("_rand", "failures", "spec")
+
+    def __init__(self, spec: RetrySpec, *, rand: Callable[[], float] = random.random) -> None:
+        """``rand`` draws the jitter, uniform in [0, 1) (a seeded one in tests)."""
+        self.spec = spec
+        self._rand = rand
+        #: Failures since the last reset: the waits handed out.
+        self.failures = 0
+
+    def __iter__(self) -> Backoff:
+        return self
+
+    def __next__(self) -> float:
+        self.failures += 1
+        return self.spec.backoff(self.failures, self._rand())
+
+    def reset(self) -> None:
+        """A try succeeded: the next failure waits ``initial_backoff`` again."""
+        self.failures = 0
+
+
+class RetryAdmission(Protocol):
+    """Admits or refuses one more retry (the sidecar's ``RetryBudget``)."""
+
+    def try_retry(self) -> bool:
+        """Whether a retry may start now; an admitted retry is counted."""
+        ...
+
+
+OnAttempt = Callable[[int, Exception, float], Awaitable[object]]
+"""Awaited before each wait: the number of the attempt that failed, its error, the wait."""
+
+
+def status_of(error: BaseException) -> grpc.StatusCode | None:
+    """The status code of a failed attempt (a MeshError or a grpc.RpcError); None for any
+    other exception, which is never retried."""
+    if isinstance(error, MeshError):
+        return error.code
+    if isinstance(error, grpc.RpcError):
+        code = getattr(error, "code", None)
+        return code() if callable(code) else grpc.StatusCode.UNKNOWN
+    return None
+
+
+async def retry_async(
+    call: Callable[[], Awaitable[_T]],
+    spec: RetrySpec,
+    *,
+    deadline: float | None = None,
+    budget: RetryAdmission | None = None,
+    on_attempt: OnAttempt | None = None,
+    status: Callable[[Exception], grpc.StatusCode | None] = status_of,
+    retry_after: Callable[[Exception], float | None] | None = None,
+    first_attempt: int = 1,
+    rand: Callable[[], float] = random.random,
+) -> _T:
+    """Await ``call()``, trying again per ``spec`` after a failure with a retryable status.
+
+    The first attempt is a plain ``await``: nothing is built unless it fails. A failure
+    is retried when ``status(error)`` is one of ``spec.retryable``; anything else
+    (business rejections, exceptions ``status`` gives None for, cancellation) is raised
+    at once. Attempt ``n`` failing waits ``spec.backoff(n, rand())``, at least what
+    ``retry_after(error)`` asks (a server's RetryInfo), then attempt ``n + 1`` starts.
+    The last failure is raised when attempt ``spec.max_attempts`` failed, when the wait
+    would reach ``deadline`` (``time.monotonic()``: it never sleeps past it), or when
+    ``budget`` refuses the retry (asked last, as it counts what it admits).
+    ``on_attempt`` is awaited before each wait. ``first_attempt`` numbers the first
+    attempt, for a call resumed after some attempts were made: ``spec.max_attempts``
+    counts those too, and at least one attempt is made.
+    """
+    try:
+        return await call()
+    except Exception as error:
+        failure = error
+    attempt = first_attempt
+    while True:
+        code = status(failure)
+        if code is None or attempt >= spec.max_attempts or not spec.retries(code):
+            raise failure
+        wait = spec.backoff(attempt, rand())
+        asked = retry_after(failure) if retry_after is not None else None
+        if asked is not None and asked > wait:
+            wait = asked
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            raise failure
+        if budget is not None and not budget.try_retry():
+            raise failure
+        if on_attempt is not None:
+            await on_attempt(attempt, failure, wait)
+        await asyncio.sleep(wait)
+        attempt += 1
+        try:
+            return await call()
+        except Exception as error:
+            failure = error
