@@ -9,12 +9,13 @@ with the deadline and the correlation id.
 Failures: a failure whose status code is retryable (by default the infrastructure
 faults UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN) is
 retried, preferably on another instance, with exponential backoff and jitter
-(tenacity), within the overall deadline and the retry budget (retries <= 20% of calls).
+(``flext_mesh.retry.retry_async``), within the overall deadline and the retry budget
+(retries <= 20% of calls).
 Only infrastructure faults count against the instance's breaker. A business rejection
 (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) is raised at once as its
 MeshError and never retried; nor are cancellations, nor ``BreakersOpen`` (every
-instance's breaker is open: fail fast). The first attempt is a plain ``await``:
-tenacity is entered only after a retryable failure, keeping it off the fast path.
+instance's breaker is open: fail fast). The first attempt is a plain ``await``: no
+retry state is built unless it fails, keeping retries off the fast path.
 
 Traffic policy
     The control plane pushes each service's ``ServicePolicy`` over the same Watch: the
@@ -80,7 +81,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 import time
 import uuid
@@ -92,11 +92,10 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from flext_mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable, is_infrastructure
+from flext_mesh.errors import DeadlineExceeded, NotFound, Unavailable, is_infrastructure
 from flext_mesh.hosting.reporter import CallReporter
-from flext_mesh.retry import ALLOWED_RETRYABLE, RetrySpec
+from flext_mesh.retry import ALLOWED_RETRYABLE, Backoff, RetrySpec, retry_async, status_of
 from flext_mesh.routing.balancer import Candidate, Picker, Strategy
 from flext_mesh.routing.policy import (
     DEFAULT_ZONE_MIN_HEALTHY_PERCENT,
@@ -348,7 +347,7 @@ class _Service:
 class _Call:
     """One call's state across its attempts."""
 
-    __slots__ = ("code", "deadline", "request", "routed", "service", "tried", "version")
+    __slots__ = ("deadline", "request", "routed", "service", "tried", "version")
 
     def __init__(self, service: str, request: processor_pb2.InvokeRequest, deadline: float) -> None:
         self.service = service
@@ -357,8 +356,6 @@ class _Call:
         self.tried: set[str] = set()
         self.routed = False
         self.version: str | None = None
-        #: Status code of the last failed attempt.
-        self.code = grpc.StatusCode.UNKNOWN
 
 
 class MeshClient:
@@ -471,7 +468,9 @@ class MeshClient:
         return True
 
     async def _watch_forever(self) -> None:
-        failures = 0
+        backoff = Backoff(
+            RetrySpec(initial_backoff=0.2, max_backoff=self.settings.watch_max_backoff)
+        )
         while True:
             assert self._control is not None
             stub = registry_pb2_grpc.RegistryServiceStub(self._control)
@@ -479,15 +478,13 @@ class MeshClient:
                 stream = stub.Watch(registry_pb2.WatchRequest(from_revision=self._revision))
                 async for message in stream:
                     self._apply(message)
-                    failures = 0
+                    backoff.reset()
             except grpc.aio.AioRpcError as exc:
-                failures += 1
-                if failures == 1:
+                if not backoff.failures:
                     _log.warning(
                         "registry watch broke (%s); keeping last-known state", exc.code().name
                     )
-            delay = min(self.settings.watch_max_backoff, 0.1 * 2 ** min(failures, 6))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(next(backoff))
 
     def _apply(self, message: registry_pb2.WatchResponse) -> None:
         """Apply one Watch message: a snapshot replaces everything, events update it."""
@@ -682,67 +679,27 @@ class MeshClient:
         request.payload.CopyFrom(dict_to_struct(dict(payload or {})))
         call = _Call(service, request, time.monotonic() + limit)
         self._budget.record_call()
-        retry = plan.retry
-        try:
-            return await self._attempt(call)
-        except MeshError as first:
-            if (
-                retry.max_attempts <= 1
-                or isinstance(first, BreakersOpen)
-                or not retry.retries(call.code)
-            ):
-                raise
-            pause = retry.backoff(1, random.random())
-            if time.monotonic() + pause >= call.deadline or not self._budget.try_retry():
-                raise
-            await asyncio.sleep(pause)
-
-        def stop(state: RetryCallState) -> bool:
-            # Attempts made: the first (before tenacity) plus tenacity's.
-            return (
-                state.attempt_number + 1 >= retry.max_attempts
-                or time.monotonic() + state.upcoming_sleep >= call.deadline
-                or not self._budget.try_retry()
-            )
-
-        retrying = AsyncRetrying(
-            stop=stop,
-            wait=lambda state: retry.backoff(state.attempt_number + 1, random.random()),
-            retry=retry_if_exception(
-                lambda e: (
-                    isinstance(e, MeshError)
-                    and not isinstance(e, BreakersOpen)
-                    and retry.retries(call.code)
-                )
-            ),
-            reraise=True,
+        return await retry_async(
+            lambda: self._attempt(call),
+            plan.retry,
+            deadline=call.deadline,
+            budget=self._budget,
+            status=_retry_status,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._attempt(call)
-        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     async def _attempt(self, call: _Call) -> dict[str, Any]:
         service, request = call.service, call.request
-        try:
-            instance, permit = self._pick(call)
-        except MeshError as exc:
-            call.code = exc.code
-            raise
+        instance, permit = self._pick(call)
         call.tried.add(instance.instance_id)
         remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             permit.ignore()
-            late = DeadlineExceeded(f"deadline passed before calling {service}")
-            call.code = late.code
-            raise late
+            raise DeadlineExceeded(f"deadline passed before calling {service}")
         try:
             channel = self._channel(instance.endpoint)
         except TransportError as exc:  # a TLS file gone or half-written since start
             permit.ignore()
-            unusable = Unavailable(str(exc))
-            call.code = unusable.code
-            raise unusable from exc
+            raise Unavailable(str(exc)) from exc
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         started = time.perf_counter()
         code = 0
@@ -755,7 +712,6 @@ class MeshClient:
         except grpc.aio.AioRpcError as exc:
             status = exc.code()
             code = status.value[0]
-            call.code = status
             if is_infrastructure(status):
                 permit.failure()
             else:
@@ -872,6 +828,12 @@ class MeshClient:
 
 class BreakersOpen(Unavailable):
     """Every instance of the service has an open circuit breaker: fail fast, no retry."""
+
+
+def _retry_status(error: BaseException) -> grpc.StatusCode | None:
+    """The status of a failed attempt for the retry policy; None (no retry) when every
+    breaker is open."""
+    return None if isinstance(error, BreakersOpen) else status_of(error)
 
 
 _current: MeshClient | None = None
