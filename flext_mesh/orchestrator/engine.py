@@ -21,7 +21,7 @@ events and resumed; a step that was in flight is sent again with the same idempo
 key, which a sidecar answers from its cache instead of running it twice.
 
 Step failures: infrastructure faults (the retry policy's codes) are retried with
-backoff through tenacity; business rejections fail the step at once. A failed optional
+backoff (``flext_mesh.retry``); business rejections fail the step at once. A failed optional
 step skips its dependents; a failed required step (or a cancellation, or the
 execution's timeout) stops scheduling, cancels running steps, and compensates the
 completed steps in reverse order of completion, each compensation retried per its
@@ -48,7 +48,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from flext_mesh.errors import (
     Cancelled,
@@ -79,6 +78,7 @@ from flext_mesh.orchestrator.history import (
     StepState,
 )
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.retry import Backoff, retry_async
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.store import (
@@ -353,15 +353,15 @@ class Orchestrator:
         retry.add_done_callback(self._tasks.discard)
 
     async def _resume_later(self, execution_id: str) -> None:
-        delay = self.settings.resume_delay
+        first = self.settings.resume_delay
+        backoff = Backoff(RetrySpec(initial_backoff=first, max_backoff=max(first, 30.0)))
         while not self._stopping:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(next(backoff))
             try:
                 await self._resume(execution_id)
                 return
             except Exception as exc:
                 _log.warning("resuming execution=%s failed (%s); retrying", execution_id, exc)
-                delay = min(delay * 2, 30.0)
 
     async def _resume(self, execution_id: str) -> None:
         if execution_id in self._runs:
@@ -1561,45 +1561,28 @@ async def _with_retries(
     Only the policy's codes are retried (infrastructure faults by default); a business
     rejection raises at once. An attempt resumed after a restart counts: the attempts
     left are ``max_attempts - (first_attempt - 1)``, at least one. The first attempt is
-    a plain ``await``; tenacity takes over only after a retryable failure.
+    a plain ``await`` (see ``flext_mesh.retry.retry_async``).
     """
-    left = max(1, policy.max_attempts - (first_attempt - 1))
-    await before_attempt(first_attempt)
-    try:
+    number = first_attempt
+
+    async def attempt() -> StepReply:
+        await before_attempt(number)
         return await call()
-    except AttemptFailed as failure:
-        if left <= 1 or not policy.retries(failure.error.code):
-            raise
-        backoff = policy.backoff(first_attempt, rng.random())
-        await on_retry(first_attempt, failure, backoff)
-        await asyncio.sleep(backoff)
-    base = first_attempt + 1  # number of the first attempt tenacity makes
-    waits: dict[int, float] = {}
 
-    def wait(state: RetryCallState) -> float:
-        number = base + state.attempt_number - 1
-        return waits.setdefault(number, policy.backoff(number, rng.random()))
-
-    async def before_sleep(state: RetryCallState) -> None:
-        number = base + state.attempt_number - 1
-        failure = state.outcome.exception() if state.outcome else None
+    async def retrying(failed: int, failure: Exception, backoff: float) -> None:
+        nonlocal number
         assert isinstance(failure, AttemptFailed)
-        await on_retry(number, failure, waits[number])
+        await on_retry(failed, failure, backoff)
+        number = failed + 1
 
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(left - 1),
-        wait=wait,
-        retry=retry_if_exception(
-            lambda e: isinstance(e, AttemptFailed) and policy.retries(e.error.code)
-        ),
-        before_sleep=before_sleep,
-        reraise=True,
+    return await retry_async(
+        attempt,
+        policy,
+        on_attempt=retrying,
+        status=lambda e: e.error.code if isinstance(e, AttemptFailed) else None,
+        first_attempt=first_attempt,
+        rand=rng.random,
     )
-    async for attempt in retrying:
-        with attempt:
-            await before_attempt(base + attempt.retry_state.attempt_number - 1)
-            return await call()
-    raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
 
 # -- validation ------------------------------------------------------------------------------
