@@ -1,8 +1,8 @@
 """Keeping one instance registered: register, renew over KeepAlive, register again.
 
 The loop never gives up while the sidecar runs: registration is retried with
-exponential backoff and jitter (tenacity) while the control plane is unreachable, the
-lease is renewed every TTL/3 over one ``KeepAlive`` stream, and a lease reported
+exponential backoff and jitter (``retry_async``) while the control plane is unreachable,
+the lease is renewed every TTL/3 over one ``KeepAlive`` stream, and a lease reported
 expired (the control plane lost it, or was down longer than the TTL) leads to a new
 registration. The sidecar serves its callers throughout: membership runs beside it.
 """
@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from flext_mesh.errors import InvalidArgument
+from flext_mesh.retry import UNLIMITED_ATTEMPTS, RetrySpec, retry_async, status_of
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -26,13 +26,14 @@ __all__ = ["Membership"]
 _log = logging.getLogger("flext_sidecar.membership")
 
 
-def _transient(exc: BaseException) -> bool:
-    # A refused registration (bad input) will not get better by retrying.
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-    )
+#: Every status but a refusal: a refused registration (bad input, no right to register)
+#: will not get better by retrying.
+_RETRYABLE = frozenset(grpc.StatusCode) - {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
 
 
 class Membership:
@@ -49,7 +50,13 @@ class Membership:
         self._channel = channel
         self.instance = instance
         self.ttl = ttl
-        self._max_backoff = max_backoff
+        self._retry = RetrySpec(
+            max_attempts=UNLIMITED_ATTEMPTS,
+            initial_backoff=0.2,
+            max_backoff=max_backoff,
+            jitter=0.5,
+            retryable=_RETRYABLE,
+        )
         self.lease_id = ""
         self.registered = asyncio.Event()
         self.registrations = 0
@@ -94,20 +101,17 @@ class Membership:
     async def _register(self) -> None:
         request = registry_pb2.RegisterRequest(instance=self.instance)
         request.ttl.FromNanoseconds(int(self.ttl * 1e9))
-        retrying = AsyncRetrying(
-            wait=wait_exponential_jitter(multiplier=0.1, max=self._max_backoff, jitter=0.1),
-            retry=retry_if_exception(_transient),
-            reraise=True,
-        )
+
+        async def register() -> registry_pb2.RegisterResponse:
+            stub = registry_pb2_grpc.RegistryServiceStub(self._channel())
+            return await stub.Register(request, timeout=max(1.0, self.ttl / 3))
+
+        async def failed(attempt: int, error: Exception, wait: float) -> None:
+            code = status_of(error)
+            _log.debug("registration attempt=%d failed (%s); again in %.2fs", attempt, code, wait)
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    if attempt.retry_state.attempt_number > 1:
-                        _log.debug(
-                            "registering again attempt=%d", attempt.retry_state.attempt_number
-                        )
-                    stub = registry_pb2_grpc.RegistryServiceStub(self._channel())
-                    reply = await stub.Register(request, timeout=max(1.0, self.ttl / 3))
+            reply = await retry_async(register, self._retry, on_attempt=failed)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             if isinstance(error, InvalidArgument):
