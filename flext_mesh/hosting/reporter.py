@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import secrets
 import time
 from collections import deque
@@ -57,6 +56,7 @@ from typing import Any
 import grpc
 
 from flext_mesh.errors import ResourceExhausted
+from flext_mesh.retry import Backoff, RetrySpec
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
@@ -92,7 +92,8 @@ class ReporterSettings:
     connect_timeout: float = 5.0
     """Time one attempt waits for the channel to be ready before backing off."""
     backoff_initial: float = 0.1
-    """First delay after a failed attempt; it doubles per failure."""
+    """First delay after a failed attempt (less up to half of it, at random); it doubles
+    per failure."""
     backoff_max: float = 5.0
     """Longest delay between attempts, jitter included."""
 
@@ -142,12 +143,6 @@ class ReporterStats:
     duplicate_batches: int
     """Acknowledged batches the control plane had counted before (sent again after a
     failure that hid their first acknowledgement); counted once all the same."""
-
-
-def _backoff(attempt: int, initial: float, cap: float) -> float:
-    """Exponential backoff with "equal jitter": within [d/2, d], d = min(cap, initial * 2^n)."""
-    delay = min(cap, initial * 2.0 ** min(attempt, 32))
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 class _StreamFailed(Exception):
@@ -201,7 +196,14 @@ class CallReporter:
         self._dropped = 0
         self._dropped_reported = 0
         self._failed_flushes = 0
-        self._failing = 0  # consecutive failed attempts
+        # Waits after failed attempts; its ``failures`` counts the consecutive ones.
+        self._backoff = Backoff(
+            RetrySpec(
+                initial_backoff=self.settings.backoff_initial,
+                max_backoff=self.settings.backoff_max,
+                jitter=0.5,
+            )
+        )
         self._rejected = 0
         self._batches = 0
         self._duplicates = 0
@@ -377,14 +379,13 @@ class CallReporter:
                 pass
 
     async def _run(self) -> None:
-        settings = self.settings
+        backoff = self._backoff
         while await self._wait_due(None):
             try:
                 await self._stream_once()
             except _StreamFailed as failed:
-                self._failing += 1
                 self._failed_flushes += 1
-                delay = _backoff(self._failing - 1, settings.backoff_initial, settings.backoff_max)
+                delay = next(backoff)
                 if failed.retry_after is not None:
                     # The control plane said when (its rate limit): no sooner.
                     delay = max(delay, failed.retry_after)
@@ -393,9 +394,9 @@ class CallReporter:
                     async with asyncio.timeout(delay):
                         await self._abandon.wait()
                 continue
-            if self._failing:
-                _log.info("call reporting resumed after %d failed attempts", self._failing)
-            self._failing = 0
+            if backoff.failures:
+                _log.info("call reporting resumed after %d failed attempts", backoff.failures)
+            backoff.reset()
 
     async def _stream_once(self) -> None:
         """Send again the batches of failed attempts, then due batches over one stream
@@ -562,7 +563,7 @@ class CallReporter:
             if isinstance(exc, grpc.aio.AioRpcError)
             else (type(exc).__name__ if isinstance(exc, TimeoutError) else repr(exc))
         )
-        level = logging.DEBUG if self._failing else logging.WARNING
+        level = logging.DEBUG if self._backoff.failures else logging.WARNING
         _log.log(
             level,
             "%s (%s); retrying with backoff, %d records buffered",
