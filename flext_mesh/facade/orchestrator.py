@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.registry.validation import validate_instance
 from flext_mesh.result import STATUS_CODE_NAMES, FlextResult
+from flext_mesh.retry import UNLIMITED_ATTEMPTS, RetrySpec, retry_async
 from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
@@ -93,6 +95,13 @@ _T = TypeVar("_T")
 _TTL = 10.0
 #: Longest wait for an unreachable control plane (registration, StartExecution).
 _CONNECT_WINDOW = 10.0
+#: StartExecution while the control plane is unreachable: until the connect window
+#: ends, 100 ms apart doubling up to 1 s.
+_START_RETRY = RetrySpec(
+    max_attempts=UNLIMITED_ATTEMPTS,
+    max_backoff=1.0,
+    retryable=frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}),
+)
 #: Seconds in-flight calls of a local service get when it stops.
 _GRACE = 2.0
 #: Extra seconds a blocking call waits for the bridge beyond its own bound.
@@ -557,25 +566,24 @@ class ServiceOrchestrator:
         deadline: float,
     ) -> orchestrator_pb2.Execution:
         """StartExecution, retried while the control plane is unreachable (same key)."""
-        loop = asyncio.get_running_loop()
-        give_up = min(deadline, loop.time() + _CONNECT_WINDOW)
-        delay = 0.1
-        while True:
-            left = give_up - loop.time()
+        # ``deadline`` is the loop's time; retry_async's is time.monotonic().
+        left = deadline - asyncio.get_running_loop().time()
+        give_up = time.monotonic() + min(left, _CONNECT_WINDOW)
+
+        async def start() -> orchestrator_pb2.Execution:
             try:
-                reply = await stub.StartExecution(request, timeout=max(left, 0.01))
+                timeout = max(give_up - time.monotonic(), 0.01)
+                reply = await stub.StartExecution(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                if not isinstance(error, Unavailable | DeadlineExceeded):
-                    raise error from exc
-                if loop.time() + delay >= give_up:
-                    raise Unavailable(
-                        f"control plane {self.control_plane} unreachable: {error.message}"
-                    ) from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
+                raise from_rpc_error(exc) from exc
             return reply.execution
+
+        try:
+            return await retry_async(start, _START_RETRY, deadline=give_up)
+        except (Unavailable, DeadlineExceeded) as error:
+            raise Unavailable(
+                f"control plane {self.control_plane} unreachable: {error.message}"
+            ) from error
 
     async def _follow(
         self,
