@@ -53,6 +53,7 @@ import grpc
 from aetcd import rpc  # type: ignore[import-untyped]
 
 from flext_mesh.errors import StoreUnavailable
+from flext_mesh.retry import Backoff, RetrySpec
 from flext_mesh.store.base import (
     Compacted,
     Compare,
@@ -89,6 +90,8 @@ _CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
+#: Waits between attempts to open the namespace watch again: 50 ms doubling up to 2 s.
+_WATCH_RETRY = RetrySpec(initial_backoff=0.05, max_backoff=2.0)
 
 
 def parse_endpoints(text: str) -> list[tuple[str, int]]:
@@ -781,7 +784,7 @@ class EtcdStore:
     # -- the namespace watch -------------------------------------------------------
 
     async def _watch_forever(self, started: asyncio.Future[None]) -> None:
-        delay = 0.05
+        backoff = Backoff(_WATCH_RETRY)
         while not self._closed:
             index = self._active
             try:
@@ -801,11 +804,12 @@ class EtcdStore:
                     self._failed_over(index, exc)
                 _log.warning("etcd watch failed, resuming from %d: %s", self._dispatched + 1, exc)
             finally:
+                if self._watch_up:  # it was up: a failure from now on is a first one
+                    backoff.reset()
                 self._watch_up = False
                 self._watch_call = None
                 self._release_waiters(everyone=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(next(backoff))
 
     async def _watch_once(self, index: int, started: asyncio.Future[None]) -> None:
         call = self._channel_stubs(index)[2].Watch()
