@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from flext_mesh import errors
 from flext_mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from flext_mesh.metrics.dedup import MAX_REPORTER_ID, REPORTERS, BatchLedger, shard_key
 from flext_mesh.metrics.sketch import LatencySketch
@@ -69,9 +70,9 @@ _log = logging.getLogger("flext_mesh.metrics")
 BUCKETS = "/metrics/buckets/"
 #: Per-replica buckets on a shared store: /metrics/replicas/<replica>/<service>/<width>/<start>.
 REPLICA_BUCKETS = "/metrics/replicas/"
-#: gRPC codes that are infrastructure faults (UNKNOWN, DEADLINE_EXCEEDED,
-#: RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE).
-INFRASTRUCTURE_CODES = frozenset({2, 4, 8, 13, 14})
+#: Numbers of the gRPC codes that are infrastructure faults (``errors.INFRASTRUCTURE_CODES``),
+#: as call records carry them.
+INFRASTRUCTURE_CODES = frozenset(code.value[0] for code in errors.INFRASTRUCTURE_CODES)
 _MAX_DURATION_MS = 86_400_000.0
 _FUTURE_SLACK_NS = 300 * 1_000_000_000
 _MAX_NAME = 63
