@@ -24,6 +24,7 @@ __all__ = [
     "format_number",
     "format_time",
     "message_to_dict",
+    "one_line",
     "render_json",
     "render_table",
 ]
@@ -44,6 +45,11 @@ def _cell(value: object) -> str:
         return text
     # One row per line, whatever a label value or a note contains.
     return "".join(char if char.isprintable() else " " for char in text)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: each run of white space (newlines too) as one space."""
+    return " ".join(text.split())
 
 
 def render_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

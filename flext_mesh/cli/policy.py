@@ -30,7 +30,8 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.output import EMPTY, message_to_dict, render_json
+from flext_mesh.cli.common import fail_with, violations_block
+from flext_mesh.cli.output import EMPTY, message_to_dict, one_line, render_json
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
 from flext_mesh.errors import (
@@ -57,7 +58,6 @@ __all__ = [
     "split",
 ]
 
-_PROG = "flext-mesh"
 # Fields of ServicePolicy that the control plane sets: accepted in a file (so that the
 # output of `policy show -o json` can be set again) and dropped.
 _OUTPUT_ONLY = frozenset({"version", "update_time", "revision"})
@@ -166,7 +166,7 @@ def set_policy(channel: grpc.Channel, args: argparse.Namespace) -> str:
         policy = load_policy_file(args.file, args.name)
     except InvalidArgument as exc:
         shown = "stdin" if args.file == "-" else args.file
-        _fail_with(_violations_block(f"{shown} is not a valid policy", exc))
+        fail_with(violations_block(f"{shown} is not a valid policy", exc))
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     stored = _put(stub, policy, args.expected_version, args.timeout)
     if args.output == "json":
@@ -283,8 +283,8 @@ def _put(
         error = from_rpc_error(exc)
         if not isinstance(error, InvalidArgument):
             raise
-        _fail_with(
-            _violations_block(
+        fail_with(
+            violations_block(
                 f"the control plane refused the policy of {policy.service_name}", error
             )
         )
@@ -322,7 +322,7 @@ def _yaml_problem(exc: Exception) -> str:
     mark = getattr(exc, "problem_mark", None)
     if problem and mark is not None:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return _flat(str(exc))
+    return one_line(str(exc))
 
 
 def _file_error(description: str) -> InvalidArgument:
@@ -365,7 +365,7 @@ def policy_from_data(data: Any, service: str) -> registry_pb2.ServicePolicy:
     try:
         json_format.ParseDict(normalized, policy)
     except json_format.ParseError as exc:  # a case the checks above missed
-        raise InvalidArgument.from_violations([FieldViolation("", _flat(str(exc)))]) from exc
+        raise InvalidArgument.from_violations([FieldViolation("", one_line(str(exc)))]) from exc
     return policy
 
 
@@ -774,27 +774,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _violations_block(headline: str, error: InvalidArgument) -> str:
-    violations = error.violations or (FieldViolation("", error.message),)
-    lines = [f"{_PROG}: error: {headline}:"]
-    lines.extend(
-        f"  {v.field}: {_flat(v.description)}" if v.field else f"  {_flat(v.description)}"
-        for v in violations
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _fail_with(text: str) -> NoReturn:
-    """Exit 1 after writing ``text`` (full ``flext-mesh: error: ...`` lines) to stderr."""
-    sys.stderr.write(text)
-    sys.stderr.flush()
-    raise SystemExit(1)
 
 
 def _positive(value: str) -> int:

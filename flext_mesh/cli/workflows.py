@@ -13,20 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.output import EMPTY, enum_label, message_to_dict, render_json, render_table
-from flext_mesh.errors import FieldViolation, InvalidArgument, from_rpc_error
+from flext_mesh.cli.common import PROG, emit, fail, fail_with, note, violations_block
+from flext_mesh.cli.output import (
+    EMPTY,
+    enum_label,
+    message_to_dict,
+    one_line,
+    render_json,
+    render_table,
+)
+from flext_mesh.errors import InvalidArgument, from_rpc_error
 from flext_mesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = [
@@ -80,7 +86,6 @@ EXECUTION_HEADERS = ("ID", "WORKFLOW", "STATE", "STARTED", "DURATION")
 #: Columns of the step table of ``execution show``.
 STEP_HEADERS = ("STEP", "STATE", "ATTEMPTS", "DURATION", "INSTANCE", "ERROR")
 
-_PROG = "flext-mesh"
 _PAGE_SIZE = 1000  # the largest page the orchestrator allows: fewest round trips
 _EXECUTION_SUBJECT = "(execution)"  # step names cannot hold parentheses
 # Reconnections of a watch whose stream broke with UNAVAILABLE (a control-plane
@@ -286,9 +291,9 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
         try:
             loaded.extend((name, workflow) for workflow in load_workflow_file(name))
         except InvalidArgument as exc:
-            problems.append(_violations_block(f"{name} is not a valid workflow file", exc))
+            problems.append(violations_block(f"{name} is not a valid workflow file", exc))
     if problems:
-        _fail_with("".join(problems))
+        fail_with("".join(problems))
 
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     applied: list[orchestrator_pb2.PutWorkflowResponse] = []
@@ -304,7 +309,7 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
             if not isinstance(error, InvalidArgument):
                 raise
             label = f"workflow {workflow.name!r} ({name})" if workflow.name else name
-            problems.append(_violations_block(f"{label} is not valid", error))
+            problems.append(violations_block(f"{label} is not valid", error))
     if args.output == "json":
         text = render_json([message_to_dict(response) for response in applied])
     else:
@@ -314,8 +319,8 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
             for r in applied
         )
     if problems:
-        _emit(text)
-        _fail_with("".join(problems))
+        emit(text)
+        fail_with("".join(problems))
     return text
 
 
@@ -362,7 +367,7 @@ def describe_workflow(workflow: orchestrator_pb2.Workflow) -> str:
         # The spec carries the defaults the orchestrator applies.
         spec = validate_workflow(workflow)
     except InvalidArgument as exc:  # stored under older rules than this CLI's
-        lines.append(f"note: the definition does not validate here ({_flat(exc.message)})")
+        lines.append(f"note: the definition does not validate here ({one_line(exc.message)})")
         return "\n".join(lines) + "\n" + render_json(message_to_dict(workflow))
     if workflow.description:
         lines.append(f"description: {workflow.description}")
@@ -434,10 +439,10 @@ def run_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
             return render_json(message_to_dict(response))
         return f"{execution.execution_id}\n"
     if args.output == "json":
-        _emit(_json_line(response))
+        emit(_json_line(response))
     else:
         how = "exists for this idempotency key" if response.existing else "started"
-        _emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
+        emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
     _watch_to_end(channel, args, execution)
     return ""
 
@@ -537,7 +542,7 @@ def watch_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.GetExecutionRequest(execution_id=args.id), timeout=args.timeout
     ).execution
     if args.output != "json":
-        _emit(f"execution {execution.execution_id} of {_workflow_label(execution)}\n")
+        emit(f"execution {execution.execution_id} of {_workflow_label(execution)}\n")
     _watch_to_end(channel, args, execution)
     return ""
 
@@ -572,7 +577,7 @@ class _Progress:
         kind = event.type
         step = event.step_name
         on = f" on {event.instance_id}" if event.instance_id else ""
-        note = f": {_flat(event.message)}" if event.message else ""
+        note = f": {one_line(event.message)}" if event.message else ""
         error = _error_text(event.error) if event.HasField("error") else ""
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
             return f"STARTED (attempt {event.attempt}){note}"
@@ -632,17 +637,17 @@ def _watch_to_end(
 
     def show(message: orchestrator_pb2.WatchExecutionResponse) -> None:
         if args.output == "json":
-            _emit(_json_line(message))
+            emit(_json_line(message))
         elif message.HasField("event"):
-            _emit(progress.line(message.event) + "\n")
+            emit(progress.line(message.event) + "\n")
 
     try:
         ended = _follow(channel, execution.execution_id, show, args.control_plane)
     except KeyboardInterrupt:
-        _note(_resume_hint(execution.execution_id))
+        note(_resume_hint(execution.execution_id))
         raise
     if args.output != "json":
-        _emit(_summary(ended))
+        emit(_summary(ended))
     if ended.state != Xs.EXECUTION_STATE_SUCCEEDED:
         raise SystemExit(1)
 
@@ -670,7 +675,7 @@ def _follow(
                 orchestrator_pb2.WatchExecutionRequest(execution_id=execution_id, after_index=last)
             ):
                 if tries:
-                    _note(f"watching again after event {last}")
+                    note(f"watching again after event {last}")
                     tries = 0
                 if message.event.index > last or not message.HasField("event"):
                     last = max(last, message.event.index)
@@ -681,16 +686,16 @@ def _follow(
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            broken, lost = exc, _flat(exc.details() or "UNAVAILABLE")
+            broken, lost = exc, one_line(exc.details() or "UNAVAILABLE")
         if tries == len(_RECONNECT_WAITS):
-            _note(_resume_hint(execution_id))
+            note(_resume_hint(execution_id))
             if broken is not None:
                 raise broken  # the usual "cannot reach the control plane" line
-            _fail_with(f"lost the watch of execution {execution_id}: {lost}\n")
+            fail(f"lost the watch of execution {execution_id}: {lost}")
         if tries == 0:
-            _note(f"watch interrupted after event {last} ({lost}); reconnecting to {address}")
+            note(f"watch interrupted after event {last} ({lost}); reconnecting to {address}")
         else:
-            _note(f"reconnecting to {address} (try {tries + 1} of {len(_RECONNECT_WAITS)}): {lost}")
+            note(f"reconnecting to {address} (try {tries + 1} of {len(_RECONNECT_WAITS)}): {lost}")
         ready = grpc.channel_ready_future(channel)
         try:
             ready.result(timeout=_RECONNECT_WAITS[tries])
@@ -703,7 +708,7 @@ def _follow(
 
 def _resume_hint(execution_id: str) -> str:
     return (
-        f"execution {execution_id} goes on; follow it with: {_PROG} execution watch {execution_id}"
+        f"execution {execution_id} goes on; follow it with: {PROG} execution watch {execution_id}"
     )
 
 
@@ -775,7 +780,7 @@ def _workflow_label(execution: orchestrator_pb2.Execution) -> str:
 
 
 def _error_text(error: common_pb2.ErrorInfo) -> str:
-    return " ".join(part for part in (error.code_name, _flat(error.message)) if part)
+    return " ".join(part for part in (error.code_name, one_line(error.message)) if part)
 
 
 def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
@@ -797,50 +802,12 @@ def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
     )
 
 
-def _flat(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(", ", ": "), ensure_ascii=False)
 
 
 def _json_line(message: Message) -> str:
     return json.dumps(message_to_dict(message), separators=(",", ":"), ensure_ascii=False) + "\n"
-
-
-def _violations_block(headline: str, error: InvalidArgument) -> str:
-    violations = error.violations or (FieldViolation("", error.message),)
-    lines = [f"{_PROG}: error: {headline}:"]
-    lines.extend(
-        f"  {v.field}: {_flat(v.description)}" if v.field else f"  {_flat(v.description)}"
-        for v in violations
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _emit(text: str) -> None:
-    """Write to stdout now (live output); a closed pipe ends the command quietly."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `flext-mesh execution watch ID | head -3`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1) from None
-
-
-def _note(text: str) -> None:
-    sys.stderr.write(f"{_PROG}: {text}\n")
-    sys.stderr.flush()
-
-
-def _fail_with(text: str) -> NoReturn:
-    """Exit 1 after writing ``text`` (full ``flext-mesh: error: ...`` lines) to stderr."""
-    if not text.startswith(f"{_PROG}: "):
-        text = f"{_PROG}: error: {text}"
-    sys.stderr.write(text)
-    sys.stderr.flush()
-    raise SystemExit(1)
 
 
 # -- argument types ------------------------------------------------------------------------
@@ -897,7 +864,7 @@ def _input_file(value: str) -> struct_pb2.Struct:
         else:
             data = json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise argparse.ArgumentTypeError(f"{value}: {_flat(str(exc))}") from exc
+        raise argparse.ArgumentTypeError(f"{value}: {one_line(str(exc))}") from exc
     return _input_struct(data, value)
 
 

@@ -1,0 +1,60 @@
+"""What every ``flext-mesh`` command shares besides rendering: its stdout and stderr.
+
+A command prints its result with :func:`emit`, a remark with :func:`note`, and fails
+with :func:`fail` (one ``flext-mesh: error: ...`` line) or :func:`fail_with` (a block
+such as :func:`violations_block`). Tables and JSON are in :mod:`flext_mesh.cli.output`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+from flext_mesh.cli.output import one_line
+from flext_mesh.errors import FieldViolation, InvalidArgument
+
+__all__ = ["PROG", "emit", "fail", "fail_with", "note", "violations_block"]
+
+#: The program name that starts every error line.
+PROG = "flext-mesh"
+
+
+def emit(text: str) -> None:
+    """Write ``text`` to stdout now (live output too); a closed pipe exits 1 quietly."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `flext-mesh services list | head -1`
+        # Point stdout at /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def note(text: str) -> None:
+    """Write ``flext-mesh: TEXT`` to stderr: a remark that is not the command's output."""
+    sys.stderr.write(f"{PROG}: {text}\n")
+    sys.stderr.flush()
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Exit with ``code`` after writing ``flext-mesh: error: MESSAGE`` to stderr."""
+    fail_with(f"{PROG}: error: {message}\n", code)
+
+
+def fail_with(text: str, code: int = 1) -> NoReturn:
+    """Exit with ``code`` after writing ``text``, whole ``flext-mesh: error: ...`` lines."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def violations_block(headline: str, error: InvalidArgument) -> str:
+    """``flext-mesh: error: HEADLINE:`` then each field violation of ``error``, indented."""
+    violations = error.violations or (FieldViolation("", error.message),)
+    lines = [f"{PROG}: error: {headline}:"]
+    lines.extend(
+        f"  {v.field}: {one_line(v.description)}" if v.field else f"  {one_line(v.description)}"
+        for v in violations
+    )
+    return "\n".join(lines) + "\n"
