@@ -1,4 +1,4 @@
-"""What every ``flext-mesh`` command shares besides rendering: its stdout and stderr.
+"""What every ``flext-mesh`` command shares besides rendering: argument types, stdout, stderr.
 
 A command prints its result with :func:`emit`, a remark with :func:`note`, and fails
 with :func:`fail` (one ``flext-mesh: error: ...`` line) or :func:`fail_with` (a block
@@ -7,6 +7,7 @@ such as :func:`violations_block`). Tables and JSON are in :mod:`flext_mesh.cli.o
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import NoReturn
@@ -14,7 +15,16 @@ from typing import NoReturn
 from flext_mesh.cli.output import one_line
 from flext_mesh.errors import FieldViolation, InvalidArgument
 
-__all__ = ["PROG", "emit", "fail", "fail_with", "note", "violations_block"]
+__all__ = [
+    "PROG",
+    "emit",
+    "fail",
+    "fail_with",
+    "non_negative_int",
+    "note",
+    "positive_int",
+    "violations_block",
+]
 
 #: The program name that starts every error line.
 PROG = "flext-mesh"
@@ -58,3 +68,26 @@ def violations_block(headline: str, error: InvalidArgument) -> str:
         for v in violations
     )
     return "\n".join(lines) + "\n"
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def positive_int(value: str) -> int:
+    """A whole number >= 1, such as a version (argparse type)."""
+    return _whole_number(value, 1)
+
+
+def non_negative_int(value: str) -> int:
+    """A whole number >= 0, such as a limit where 0 means none (argparse type)."""
+    return _whole_number(value, 0)
+
+
+def _whole_number(value: str, least: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = least - 1
+    if number < least:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= {least}")
+    return number

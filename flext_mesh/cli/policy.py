@@ -30,7 +30,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.common import fail_with, violations_block
+from flext_mesh.cli.common import fail_with, positive_int, violations_block
 from flext_mesh.cli.output import EMPTY, message_to_dict, one_line, render_json
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
@@ -106,7 +106,7 @@ def add_commands(
     set_p.add_argument(
         "--expected-version",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=0,
         help="only replace the policy if its version is still N (optimistic concurrency)",
     )
@@ -774,13 +774,3 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return number

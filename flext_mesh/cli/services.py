@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from flext_mesh.cli.common import non_negative_int
 from flext_mesh.cli.output import (
     enum_label,
     format_labels,
@@ -121,7 +122,11 @@ def add_commands(
         help="include unhealthy and ejected instances (healthy_only=false)",
     )
     discover_p.add_argument(
-        "--limit", metavar="N", type=_count, default=0, help="at most N instances (default all)"
+        "--limit",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="at most N instances (default all)",
     )
     discover_p.set_defaults(run=discover)
 
@@ -232,13 +237,3 @@ def _label(value: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
     return key, label_value
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
-    return number

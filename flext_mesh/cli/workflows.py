@@ -23,7 +23,16 @@ from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.common import PROG, emit, fail, fail_with, note, violations_block
+from flext_mesh.cli.common import (
+    PROG,
+    emit,
+    fail,
+    fail_with,
+    non_negative_int,
+    note,
+    positive_int,
+    violations_block,
+)
 from flext_mesh.cli.output import (
     EMPTY,
     enum_label,
@@ -146,7 +155,7 @@ def _add_workflow_commands(
     )
     show_p.add_argument("name", metavar="NAME", help="workflow name")
     show_p.add_argument(
-        "--version", metavar="N", type=_positive, default=0, help="this version (default latest)"
+        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
     )
     show_p.set_defaults(run=show_workflow)
 
@@ -172,7 +181,7 @@ def _add_workflow_commands(
     )
     run_p.add_argument("name", metavar="NAME", help="workflow name")
     run_p.add_argument(
-        "--version", metavar="N", type=_positive, default=0, help="this version (default latest)"
+        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
     )
     given = run_p.add_mutually_exclusive_group()
     given.add_argument(
@@ -240,7 +249,7 @@ def _add_execution_commands(
     list_p.add_argument(
         "--limit",
         metavar="N",
-        type=_count,
+        type=non_negative_int,
         default=50,
         help="at most N executions (default %(default)s; 0 for all)",
     )
@@ -866,23 +875,3 @@ def _input_file(value: str) -> struct_pb2.Struct:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise argparse.ArgumentTypeError(f"{value}: {one_line(str(exc))}") from exc
     return _input_struct(data, value)
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return number
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
-    return number
