@@ -1,8 +1,10 @@
-"""What every ``flext-mesh`` command shares besides rendering: argument types, stdout, stderr.
+"""What every ``flext-mesh`` command shares besides rendering: parsers, stdout, stderr.
 
-A command prints its result with :func:`emit`, a remark with :func:`note`, and fails
-with :func:`fail` (one ``flext-mesh: error: ...`` line) or :func:`fail_with` (a block
-such as :func:`violations_block`). Tables and JSON are in :mod:`flext_mesh.cli.output`.
+Each noun adds its verbs with :func:`add_noun` and :meth:`Verbs.add`, which record the
+function a verb runs as ``args.run``. A command prints its result with :func:`emit`, a
+remark with :func:`note`, and fails with :func:`fail` (one ``flext-mesh: error: ...``
+line) or :func:`fail_with` (a block such as :func:`violations_block`). Tables and JSON
+are in :mod:`flext_mesh.cli.output`.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from flext_mesh.cli.output import one_line
 from flext_mesh.errors import FieldViolation, InvalidArgument
 
 __all__ = [
     "PROG",
+    "Verbs",
+    "add_noun",
     "emit",
     "fail",
     "fail_with",
@@ -68,6 +73,48 @@ def violations_block(headline: str, error: InvalidArgument) -> str:
         for v in violations
     )
     return "\n".join(lines) + "\n"
+
+
+# -- parsers -------------------------------------------------------------------------------
+
+
+class Verbs:
+    """The verbs of one noun: each a parser with the noun's shared flags and its function."""
+
+    def __init__(
+        self, noun: argparse.ArgumentParser, parents: Sequence[argparse.ArgumentParser]
+    ) -> None:
+        self._verbs = noun.add_subparsers(dest="verb", metavar="VERB")
+        self._verbs.required = True
+        self._parents = list(parents)
+
+    def add(
+        self, name: str, run: Callable[..., str], *, help: str, description: str
+    ) -> argparse.ArgumentParser:
+        """Add the verb ``name``; parsing it sets ``args.run`` to ``run``.
+
+        ``run(channel, args)`` for commands that call the control plane (main opens the
+        channel), ``run(args)`` for those on local files (certs, tokens).
+        """
+        verb = self._verbs.add_parser(
+            name, parents=self._parents, help=help, description=description
+        )
+        verb.set_defaults(run=run)
+        return verb
+
+
+def add_noun(
+    nouns: argparse._SubParsersAction[Any],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    aliases: Sequence[str] = (),
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> Verbs:
+    """Add the noun ``name``, whose verbs all take the flags of ``parents``."""
+    noun = nouns.add_parser(name, aliases=list(aliases), help=help, description=description)
+    return Verbs(noun, parents)
 
 
 # -- argument types ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from flext_mesh.cli.common import add_noun
 from flext_mesh.cli.output import (
     enum_label,
     format_number,
@@ -53,16 +54,16 @@ def add_commands(
     parents: Sequence[argparse.ArgumentParser],
 ) -> None:
     """Add the ``metrics`` noun and its verbs; ``parents`` carry the connection flags."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "metrics",
         help="performance reports and alerts",
         description="Call metrics gathered by the control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-    report_p = verbs.add_parser(
-        "report",
         parents=parents,
+    )
+    report_p = verbs.add(
+        "report",
+        report,
         help="per-operation latency percentiles, error rate, trend, score and grade",
         description="A service's performance over a window ending now.",
     )
@@ -74,15 +75,13 @@ def add_commands(
     report_p.add_argument(
         "--by-version", action="store_true", help="also break operations down by version"
     )
-    report_p.set_defaults(run=report)
-    alerts_p = verbs.add_parser(
+    alerts_p = verbs.add(
         "alerts",
-        parents=parents,
+        alerts,
         help="alerts firing now (last 5 minutes), most severe first",
         description="Alerts firing now across services, most severe first.",
     )
     alerts_p.add_argument("--service", default="", help="only this service")
-    alerts_p.set_defaults(run=alerts)
 
 
 def _row(stats: metrics_pb2.CallStats, label: str) -> list[object]:

@@ -30,7 +30,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.common import fail_with, positive_int, violations_block
+from flext_mesh.cli.common import add_noun, fail_with, positive_int, violations_block
 from flext_mesh.cli.output import EMPTY, message_to_dict, one_line, render_json
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
@@ -79,18 +79,18 @@ def add_commands(
     parents: Sequence[argparse.ArgumentParser],
 ) -> None:
     """Add the ``policy`` noun and its verbs; ``parents`` carry the connection flags."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "policy",
         aliases=["policies"],
         help="set, show and delete traffic policies; shift traffic splits",
         description="Manage the per-service traffic policies of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    set_p = verbs.add_parser(
-        "set",
         parents=parents,
+    )
+
+    set_p = verbs.add(
+        "set",
+        set_policy,
         help="create or replace a service's policy from a YAML or JSON file",
         description=(
             "Create or replace a service's traffic policy from a YAML or JSON file ('-' "
@@ -110,11 +110,10 @@ def add_commands(
         default=0,
         help="only replace the policy if its version is still N (optimistic concurrency)",
     )
-    set_p.set_defaults(run=set_policy)
 
-    show_p = verbs.add_parser(
+    show_p = verbs.add(
         "show",
-        parents=parents,
+        show,
         help="a service's policy, summarised",
         description=(
             "A service's traffic policy, one setting per line; settings not set keep "
@@ -122,20 +121,18 @@ def add_commands(
         ),
     )
     show_p.add_argument("name", metavar="SERVICE", help="service name")
-    show_p.set_defaults(run=show)
 
-    delete_p = verbs.add_parser(
+    delete_p = verbs.add(
         "delete",
-        parents=parents,
+        delete,
         help="delete a service's policy (sidecars fall back to their defaults)",
         description="Delete a service's traffic policy; sidecars fall back to their defaults.",
     )
     delete_p.add_argument("name", metavar="SERVICE", help="service name")
-    delete_p.set_defaults(run=delete)
 
-    split_p = verbs.add_parser(
+    split_p = verbs.add(
         "split",
-        parents=parents,
+        split,
         help="replace only the traffic split of a service's policy",
         description=(
             "Replace only the traffic split of a service's policy (the canary step), "
@@ -154,7 +151,7 @@ def add_commands(
         help="a version and its share in percent, e.g. v1=90 v2=10",
     )
     split_p.add_argument("--clear", action="store_true", help="remove the split")
-    split_p.set_defaults(run=split, usage_error=split_p.error)
+    split_p.set_defaults(usage_error=split_p.error)
 
 
 # -- commands ------------------------------------------------------------------------------

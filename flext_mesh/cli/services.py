@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.cli.common import non_negative_int
+from flext_mesh.cli.common import add_noun, non_negative_int
 from flext_mesh.cli.output import (
     enum_label,
     format_labels,
@@ -66,35 +66,33 @@ def add_commands(
     parents: Sequence[argparse.ArgumentParser],
 ) -> None:
     """Add the ``services`` noun and its verbs; ``parents`` carry the connection flags."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "services",
         help="list services, show their instances, try discovery",
         description="Inspect the service registry of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    list_p = verbs.add_parser(
-        "list",
         parents=parents,
+    )
+
+    list_p = verbs.add(
+        "list",
+        list_services,
         help="one row per service with instance counts and health",
         description="One row per service: instance counts, health, versions and types.",
     )
     list_p.add_argument("--type", metavar="T", help="only services with instances of type T")
-    list_p.set_defaults(run=list_services)
 
-    show_p = verbs.add_parser(
+    show_p = verbs.add(
         "show",
-        parents=parents,
+        show,
         help="every instance of a service, sorted by instance id",
         description="Every instance of a service, healthy or not, sorted by instance id.",
     )
     show_p.add_argument("name", metavar="NAME", help="service name")
-    show_p.set_defaults(run=show)
 
-    discover_p = verbs.add_parser(
+    discover_p = verbs.add(
         "discover",
-        parents=parents,
+        discover,
         help="the instances a client would get, in pick order",
         description=(
             "Ask Discover as a client would: the instances in the order returned, the "
@@ -128,7 +126,6 @@ def add_commands(
         default=0,
         help="at most N instances (default all)",
     )
-    discover_p.set_defaults(run=discover)
 
 
 def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:

@@ -25,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.common import (
     PROG,
+    add_noun,
     emit,
     fail,
     fail_with,
@@ -114,18 +115,18 @@ def add_commands(
 def _add_workflow_commands(
     nouns: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser]
 ) -> None:
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "workflow",
         aliases=["workflows"],
         help="apply, list, show, delete and run workflow definitions",
         description="Manage the workflow definitions of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    apply_p = verbs.add_parser(
-        "apply",
         parents=parents,
+    )
+
+    apply_p = verbs.add(
+        "apply",
+        apply,
         help="create or update workflows from YAML or JSON files",
         description=(
             "Create or update the workflows of YAML (several documents allowed) or JSON "
@@ -134,19 +135,17 @@ def _add_workflow_commands(
         ),
     )
     apply_p.add_argument("files", metavar="FILE", nargs="+", help=".yaml, .yml or .json file")
-    apply_p.set_defaults(run=apply)
 
-    list_p = verbs.add_parser(
+    verbs.add(
         "list",
-        parents=parents,
+        list_workflows,
         help="one row per workflow (latest versions)",
         description="One row per workflow definition, latest versions, sorted by name.",
     )
-    list_p.set_defaults(run=list_workflows)
 
-    show_p = verbs.add_parser(
+    show_p = verbs.add(
         "show",
-        parents=parents,
+        show_workflow,
         help="a workflow's steps with their effective settings",
         description=(
             "A workflow's steps with their effective settings (defaults applied); "
@@ -157,20 +156,18 @@ def _add_workflow_commands(
     show_p.add_argument(
         "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
     )
-    show_p.set_defaults(run=show_workflow)
 
-    delete_p = verbs.add_parser(
+    delete_p = verbs.add(
         "delete",
-        parents=parents,
+        delete_workflow,
         help="delete a workflow (running executions finish)",
         description="Delete a workflow; executions already started finish on their version.",
     )
     delete_p.add_argument("name", metavar="NAME", help="workflow name")
-    delete_p.set_defaults(run=delete_workflow)
 
-    run_p = verbs.add_parser(
+    run_p = verbs.add(
         "run",
-        parents=parents,
+        run_workflow,
         help="start an execution, optionally following it live",
         description=(
             "Start an execution of a stored workflow and print its id. With --watch, "
@@ -204,24 +201,23 @@ def _add_workflow_commands(
         help="a second run with the same key returns the first execution",
     )
     run_p.add_argument("--watch", action="store_true", help="follow the execution until it ends")
-    run_p.set_defaults(run=run_workflow)
 
 
 def _add_execution_commands(
     nouns: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser]
 ) -> None:
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "execution",
         aliases=["executions"],
         help="show, list, cancel and watch workflow executions",
         description="Inspect and steer the workflow executions of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    show_p = verbs.add_parser(
-        "show",
         parents=parents,
+    )
+
+    show_p = verbs.add(
+        "show",
+        show_execution,
         help="an execution's state and its steps",
         description=(
             "An execution's state, times, error and steps. -o json prints the "
@@ -230,11 +226,10 @@ def _add_execution_commands(
     )
     show_p.add_argument("id", metavar="ID", help="execution id")
     show_p.add_argument("--events", action="store_true", help="also print the event history")
-    show_p.set_defaults(run=show_execution)
 
-    list_p = verbs.add_parser(
+    list_p = verbs.add(
         "list",
-        parents=parents,
+        list_executions,
         help="executions, newest first",
         description="Executions, newest first, optionally of one workflow or in one state.",
     )
@@ -253,11 +248,10 @@ def _add_execution_commands(
         default=50,
         help="at most N executions (default %(default)s; 0 for all)",
     )
-    list_p.set_defaults(run=list_executions)
 
-    cancel_p = verbs.add_parser(
+    cancel_p = verbs.add(
         "cancel",
-        parents=parents,
+        cancel_execution,
         help="cancel an execution (completed steps are compensated)",
         description=(
             "Cancel an execution: running steps are stopped and completed ones "
@@ -266,11 +260,10 @@ def _add_execution_commands(
     )
     cancel_p.add_argument("id", metavar="ID", help="execution id")
     cancel_p.add_argument("--reason", metavar="TEXT", default="", help="recorded in the history")
-    cancel_p.set_defaults(run=cancel_execution)
 
-    watch_p = verbs.add_parser(
+    watch_p = verbs.add(
         "watch",
-        parents=parents,
+        watch_execution,
         help="follow an execution live until it ends",
         description=(
             "Print an execution's events from the start, then live until it ends; exit 0 "
@@ -278,7 +271,6 @@ def _add_execution_commands(
         ),
     )
     watch_p.add_argument("id", metavar="ID", help="execution id")
-    watch_p.set_defaults(run=watch_execution)
 
 
 # -- workflow ------------------------------------------------------------------------------
