@@ -1,10 +1,10 @@
-"""What every ``flext-mesh`` command shares besides rendering: parsers, stdout, stderr.
+"""What every ``flext-mesh`` command shares besides rendering: parsers, paging, stdout, stderr.
 
 Each noun adds its verbs with :func:`add_noun` and :meth:`Verbs.add`, which record the
-function a verb runs as ``args.run``. A command prints its result with :func:`emit`, a
-remark with :func:`note`, and fails with :func:`fail` (one ``flext-mesh: error: ...``
-line) or :func:`fail_with` (a block such as :func:`violations_block`). Tables and JSON
-are in :mod:`flext_mesh.cli.output`.
+function a verb runs as ``args.run``; a List call is read with :func:`every_page`. A
+command prints its result with :func:`emit`, a remark with :func:`note`, and fails with
+:func:`fail` (one ``flext-mesh: error: ...`` line) or :func:`fail_with` (a block such as
+:func:`violations_block`). Tables and JSON are in :mod:`flext_mesh.cli.output`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from flext_mesh.cli.output import one_line
 from flext_mesh.errors import FieldViolation, InvalidArgument
 
 __all__ = [
+    "PAGE_SIZE",
     "PROG",
     "Verbs",
     "add_noun",
     "emit",
+    "every_page",
     "fail",
     "fail_with",
     "non_negative_int",
@@ -33,6 +35,17 @@ __all__ = [
 
 #: The program name that starts every error line.
 PROG = "flext-mesh"
+#: The largest page the List calls allow: fewest round trips.
+PAGE_SIZE = 1000
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+_PageT = TypeVar("_PageT", bound=_Page)
+_ItemT = TypeVar("_ItemT")
 
 
 def emit(text: str) -> None:
@@ -73,6 +86,33 @@ def violations_block(headline: str, error: InvalidArgument) -> str:
         for v in violations
     )
     return "\n".join(lines) + "\n"
+
+
+# -- calls ---------------------------------------------------------------------------------
+
+
+def every_page(
+    fetch: Callable[[str, int], _PageT],
+    items: Callable[[_PageT], Iterable[_ItemT]],
+    *,
+    limit: int = 0,
+) -> list[_ItemT]:
+    """The ``items`` of every page of a List call, the first ``limit`` of them (0: all).
+
+    ``fetch(token, size)`` asks for the page at ``token`` ("" for the first) of at most
+    ``size`` items. Paging stops at an empty next_page_token, or one given again.
+    Annotate the result (mypy infers Any from the ``items`` lambda otherwise).
+    """
+    found: list[_ItemT] = []
+    token = ""
+    while not limit or len(found) < limit:
+        wanted = limit - len(found) if limit else PAGE_SIZE
+        page = fetch(token, min(wanted, PAGE_SIZE))
+        found.extend(items(page))
+        if not page.next_page_token or page.next_page_token == token:
+            break
+        token = page.next_page_token
+    return found[:limit] if limit else found
 
 
 # -- parsers -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.cli.common import add_noun
+from flext_mesh.cli.common import add_noun, every_page
 from flext_mesh.cli.output import (
     enum_label,
     format_number,
@@ -135,19 +135,15 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
 def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``metrics alerts``: every page of ListAlerts."""
     stub = metrics_pb2_grpc.MetricsServiceStub(channel)
-    found: list[metrics_pb2.Alert] = []
-    token = ""
-    while True:
-        page = stub.ListAlerts(
+    found: list[metrics_pb2.Alert] = every_page(
+        lambda token, size: stub.ListAlerts(
             metrics_pb2.ListAlertsRequest(
-                service_name=args.service, page_size=1000, page_token=token
+                service_name=args.service, page_size=size, page_token=token
             ),
             timeout=args.timeout,
-        )
-        found.extend(page.alerts)
-        token = page.next_page_token
-        if not token:
-            break
+        ),
+        lambda page: page.alerts,
+    )
     if args.output == "json":
         return render_json([message_to_dict(a) for a in found])
     if not found:

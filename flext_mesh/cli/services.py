@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.cli.common import add_noun, non_negative_int
+from flext_mesh.cli.common import add_noun, every_page, non_negative_int
 from flext_mesh.cli.output import (
     enum_label,
     format_labels,
@@ -58,7 +58,6 @@ INSTANCE_HEADERS = (
     "UPTIME(%)",
     "LABELS",
 )
-_LIST_PAGE_SIZE = 1000  # the largest page ListServices allows: fewest round trips
 
 
 def add_commands(
@@ -131,19 +130,15 @@ def add_commands(
 def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``services list``: every page of ListServices, as a table or a JSON array."""
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
-    summaries: list[registry_pb2.ServiceSummary] = []
-    token = ""
-    while True:
-        page = stub.ListServices(
+    summaries: list[registry_pb2.ServiceSummary] = every_page(
+        lambda token, size: stub.ListServices(
             registry_pb2.ListServicesRequest(
-                page_size=_LIST_PAGE_SIZE, page_token=token, type=args.type or ""
+                page_size=size, page_token=token, type=args.type or ""
             ),
             timeout=args.timeout,
-        )
-        summaries.extend(page.services)
-        if not page.next_page_token or page.next_page_token == token:
-            break
-        token = page.next_page_token
+        ),
+        lambda page: page.services,
+    )
     if args.output == "json":
         return render_json([message_to_dict(s) for s in summaries])
     return render_table(

@@ -27,6 +27,7 @@ from flext_mesh.cli.common import (
     PROG,
     add_noun,
     emit,
+    every_page,
     fail,
     fail_with,
     non_negative_int,
@@ -96,7 +97,6 @@ EXECUTION_HEADERS = ("ID", "WORKFLOW", "STATE", "STARTED", "DURATION")
 #: Columns of the step table of ``execution show``.
 STEP_HEADERS = ("STEP", "STATE", "ATTEMPTS", "DURATION", "INSTANCE", "ERROR")
 
-_PAGE_SIZE = 1000  # the largest page the orchestrator allows: fewest round trips
 _EXECUTION_SUBJECT = "(execution)"  # step names cannot hold parentheses
 # Reconnections of a watch whose stream broke with UNAVAILABLE (a control-plane
 # restart): each try waits this long at most for the channel to be ready again.
@@ -328,17 +328,13 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
 def list_workflows(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``workflow list``: every page of ListWorkflows, as a table or a JSON array."""
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    workflows: list[orchestrator_pb2.Workflow] = []
-    token = ""
-    while True:
-        page = stub.ListWorkflows(
-            orchestrator_pb2.ListWorkflowsRequest(page_size=_PAGE_SIZE, page_token=token),
+    workflows: list[orchestrator_pb2.Workflow] = every_page(
+        lambda token, size: stub.ListWorkflows(
+            orchestrator_pb2.ListWorkflowsRequest(page_size=size, page_token=token),
             timeout=args.timeout,
-        )
-        workflows.extend(page.workflows)
-        if not page.next_page_token or page.next_page_token == token:
-            break
-        token = page.next_page_token
+        ),
+        lambda page: page.workflows,
+    )
     if args.output == "json":
         return render_json([message_to_dict(w) for w in workflows])
     return render_table(
@@ -488,25 +484,19 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
 def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``execution list``: pages of ListExecutions (newest first) up to ``--limit``."""
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    found: list[orchestrator_pb2.Execution] = []
-    token = ""
-    while not args.limit or len(found) < args.limit:
-        wanted = args.limit - len(found) if args.limit else _PAGE_SIZE
-        page = stub.ListExecutions(
+    found: list[orchestrator_pb2.Execution] = every_page(
+        lambda token, size: stub.ListExecutions(
             orchestrator_pb2.ListExecutionsRequest(
                 workflow_name=args.workflow,
                 state=args.state,
-                page_size=min(wanted, _PAGE_SIZE),
+                page_size=size,
                 page_token=token,
             ),
             timeout=args.timeout,
-        )
-        found.extend(page.executions)
-        if not page.next_page_token or page.next_page_token == token:
-            break
-        token = page.next_page_token
-    if args.limit:
-        found = found[: args.limit]
+        ),
+        lambda page: page.executions,
+        limit=args.limit,
+    )
     if args.output == "json":
         return render_json([message_to_dict(e) for e in found])
     return render_table(
