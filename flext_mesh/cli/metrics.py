@@ -14,8 +14,7 @@ from flext_mesh.cli.output import (
     enum_label,
     format_number,
     format_time,
-    message_to_dict,
-    render_json,
+    render_messages,
     render_table,
 )
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
@@ -112,7 +111,7 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
     )
     rep = result.report
     if args.output == "json":
-        return render_json(message_to_dict(rep))
+        return render_messages(rep)
     rows = [_row(op, op.operation) for op in rep.operations]
     rows += [_row(v, f"{v.operation}@{v.version or '-'}") for v in rep.versions]
     rows.append(_row(rep.summary, "(all)"))
@@ -145,7 +144,7 @@ def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:
         lambda page: page.alerts,
     )
     if args.output == "json":
-        return render_json([message_to_dict(a) for a in found])
+        return render_messages(found)
     if not found:
         return "no alert is firing\n"
     rows = [

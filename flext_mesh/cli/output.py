@@ -26,6 +26,7 @@ __all__ = [
     "message_to_dict",
     "one_line",
     "render_json",
+    "render_messages",
     "render_table",
 ]
 
@@ -87,6 +88,13 @@ def message_to_dict(message: Message) -> dict[str, Any]:
 def render_json(document: object) -> str:
     """A JSON document (indented, ending in a newline) for ``-o json``."""
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_messages(messages: Message | Iterable[Message]) -> str:
+    """``-o json`` of a message (a JSON object) or of several (an array of them)."""
+    if isinstance(messages, Message):
+        return render_json(message_to_dict(messages))
+    return render_json([message_to_dict(message) for message in messages])
 
 
 def enum_label(name: str, prefix: str) -> str:

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.common import add_noun, fail_with, positive_int, violations_block
-from flext_mesh.cli.output import EMPTY, message_to_dict, one_line, render_json
+from flext_mesh.cli.output import EMPTY, message_to_dict, one_line, render_json, render_messages
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
 from flext_mesh.errors import (
@@ -167,7 +167,7 @@ def set_policy(channel: grpc.Channel, args: argparse.Namespace) -> str:
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     stored = _put(stub, policy, args.expected_version, args.timeout)
     if args.output == "json":
-        return render_json(message_to_dict(stored))
+        return render_messages(stored)
     return f"{stored.service_name}: policy version {stored.version}\n"
 
 
@@ -178,7 +178,7 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
         registry_pb2.GetServicePolicyRequest(service_name=args.name), timeout=args.timeout
     ).policy
     if args.output == "json":
-        return render_json(message_to_dict(policy))
+        return render_messages(policy)
     return describe_policy(policy)
 
 
@@ -189,7 +189,7 @@ def delete(channel: grpc.Channel, args: argparse.Namespace) -> str:
         registry_pb2.DeleteServicePolicyRequest(service_name=args.name), timeout=args.timeout
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     return f"{args.name}: policy deleted\n"
 
 
@@ -223,7 +223,7 @@ def split(channel: grpc.Channel, args: argparse.Namespace) -> str:
             return _no_split_to_clear(current, args.output)
         stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
     if args.output == "json":
-        return render_json(message_to_dict(stored))
+        return render_messages(stored)
     pairs = [(s.version, s.weight) for s in stored.splits]
     shown = f"split {format_split(pairs)}" if pairs else "no split"
     return f"{stored.service_name}: policy version {stored.version}, {shown}\n"

@@ -19,8 +19,7 @@ from flext_mesh.cli.output import (
     format_labels,
     format_number,
     format_time,
-    message_to_dict,
-    render_json,
+    render_messages,
     render_table,
 )
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
@@ -140,7 +139,7 @@ def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
         lambda page: page.services,
     )
     if args.output == "json":
-        return render_json([message_to_dict(s) for s in summaries])
+        return render_messages(summaries)
     return render_table(
         SERVICE_HEADERS,
         (
@@ -167,7 +166,7 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
     )
     instances = sorted(response.instances, key=lambda i: i.instance_id)
     if args.output == "json":
-        return render_json([message_to_dict(i) for i in instances])
+        return render_messages(instances)
     return render_table(INSTANCE_HEADERS, (instance_row(i) for i in instances))
 
 
@@ -186,7 +185,7 @@ def discover(channel: grpc.Channel, args: argparse.Namespace) -> str:
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     response = stub.Discover(request, timeout=args.timeout)
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     notes = list(response.notes)
     if response.panic_mode and not any("panic" in note for note in notes):
         notes.insert(0, "panic mode: too few healthy instances, so all of them are returned")

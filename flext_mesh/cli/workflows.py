@@ -40,7 +40,7 @@ from flext_mesh.cli.output import (
     enum_label,
     message_to_dict,
     one_line,
-    render_json,
+    render_messages,
     render_table,
 )
 from flext_mesh.errors import InvalidArgument, from_rpc_error
@@ -312,7 +312,7 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
             label = f"workflow {workflow.name!r} ({name})" if workflow.name else name
             problems.append(violations_block(f"{label} is not valid", error))
     if args.output == "json":
-        text = render_json([message_to_dict(response) for response in applied])
+        text = render_messages(applied)
     else:
         text = "".join(
             f"{r.workflow.name}: version {r.workflow.version} "
@@ -336,7 +336,7 @@ def list_workflows(channel: grpc.Channel, args: argparse.Namespace) -> str:
         lambda page: page.workflows,
     )
     if args.output == "json":
-        return render_json([message_to_dict(w) for w in workflows])
+        return render_messages(workflows)
     return render_table(
         WORKFLOW_HEADERS,
         ((w.name, w.version, len(w.steps), _date_time(w.update_time)) for w in workflows),
@@ -351,7 +351,7 @@ def show_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     ).workflow
     if args.output == "json":
-        return render_json(message_to_dict(workflow))
+        return render_messages(workflow)
     return describe_workflow(workflow)
 
 
@@ -365,7 +365,7 @@ def describe_workflow(workflow: orchestrator_pb2.Workflow) -> str:
         spec = validate_workflow(workflow)
     except InvalidArgument as exc:  # stored under older rules than this CLI's
         lines.append(f"note: the definition does not validate here ({one_line(exc.message)})")
-        return "\n".join(lines) + "\n" + render_json(message_to_dict(workflow))
+        return "\n".join(lines) + "\n" + render_messages(workflow)
     if workflow.description:
         lines.append(f"description: {workflow.description}")
     timeout = human_duration(spec.timeout) if spec.timeout is not None else "none"
@@ -415,7 +415,7 @@ def delete_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.DeleteWorkflowRequest(name=args.name), timeout=args.timeout
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     return f"workflow {args.name!r} deleted\n"
 
 
@@ -433,7 +433,7 @@ def run_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
     execution = response.execution
     if not args.watch:
         if args.output == "json":
-            return render_json(message_to_dict(response))
+            return render_messages(response)
         return f"{execution.execution_id}\n"
     if args.output == "json":
         emit(_json_line(response))
@@ -455,7 +455,7 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     execution = response.execution
     lines = [
         f"execution {execution.execution_id}",
@@ -498,7 +498,7 @@ def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
         limit=args.limit,
     )
     if args.output == "json":
-        return render_json([message_to_dict(e) for e in found])
+        return render_messages(found)
     return render_table(
         EXECUTION_HEADERS,
         (
@@ -522,7 +522,7 @@ def cancel_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     return f"execution {response.execution.execution_id}: {_state(response.execution.state)}\n"
 
 
