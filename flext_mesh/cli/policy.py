@@ -19,7 +19,6 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,10 +27,16 @@ import grpc
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.common import add_noun, fail_with, positive_int, violations_block
-from flext_mesh.cli.output import EMPTY, message_to_dict, one_line, render_json, render_messages
+from flext_mesh.cli.output import (
+    enum_prefix,
+    format_date_time,
+    message_to_dict,
+    one_line,
+    render_json,
+    render_messages,
+)
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
 from flext_mesh.errors import (
@@ -518,7 +523,7 @@ def _enum_name(
     enum: EnumDescriptor, value: Any, path: str, out: list[FieldViolation]
 ) -> str | None:
     """``least_response_time``, ``LEAST-RESPONSE-TIME`` or the full name, as the full name."""
-    prefix = _enum_prefix(enum)
+    prefix = enum_prefix(enum)
     if isinstance(value, int) and not isinstance(value, bool):
         found = enum.values_by_number.get(value)
         if found is not None:
@@ -535,14 +540,6 @@ def _enum_name(
     ]
     out.append(FieldViolation(path, f"{value!r} is not one of {', '.join(choices)}"))
     return None
-
-
-def _enum_prefix(enum: EnumDescriptor) -> str:
-    """``LOAD_BALANCING_STRATEGY_`` for LoadBalancingStrategy (Buf: zero is PREFIX_UNSPECIFIED)."""
-    zero = enum.values_by_number.get(0)
-    if zero is not None and zero.name.endswith("_UNSPECIFIED"):
-        return zero.name.removesuffix("UNSPECIFIED")
-    return ""
 
 
 def _duration_json(value: Any, path: str, out: list[FieldViolation]) -> str | None:
@@ -632,7 +629,7 @@ def describe_policy(policy: registry_pb2.ServicePolicy) -> str:
         for operation in sorted(policy.operation_timeouts)
     )
     settings = [
-        ("updated", f"{_date_time(policy.update_time)} (revision {policy.revision})"),
+        ("updated", f"{format_date_time(policy.update_time)} (revision {policy.revision})"),
         ("strategy", _enum_text(registry_pb2.LoadBalancingStrategy.DESCRIPTOR, policy.strategy)),
         (
             "default timeout",
@@ -729,18 +726,11 @@ def _enum_text(enum: EnumDescriptor | None, value: int) -> str:
         return str(value)
     if found.number == 0:
         return _NOT_SET
-    return found.name.removeprefix(_enum_prefix(enum)).lower()
+    return found.name.removeprefix(enum_prefix(enum)).lower()
 
 
 def _number(value: float) -> str:
     return f"{value:g}"
-
-
-def _date_time(timestamp: Timestamp) -> str:
-    """Local ``YYYY-MM-DD HH:MM:SS``; ``-`` when unset."""
-    if not (timestamp.seconds or timestamp.nanos):
-        return EMPTY
-    return timestamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- helpers -------------------------------------------------------------------------------

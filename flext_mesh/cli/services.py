@@ -15,7 +15,7 @@ import grpc
 
 from flext_mesh.cli.common import add_noun, every_page, non_negative_int
 from flext_mesh.cli.output import (
-    enum_label,
+    enum_text,
     format_labels,
     format_number,
     format_time,
@@ -211,11 +211,7 @@ def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:
 
 def health_text(instance: registry_pb2.ServiceInstance) -> str:
     """``SERVING``, ``NOT_SERVING``, ...; with ``, EJECTED until HH:MM:SS`` when ejected."""
-    try:
-        name = registry_pb2.HealthStatus.Name(instance.health)
-    except ValueError:  # a status newer than this CLI
-        name = str(instance.health)
-    text = enum_label(name, "HEALTH_STATUS_")
+    text = enum_text(registry_pb2.HealthStatus.DESCRIPTOR, instance.health)
     if instance.ejected:
         text += ", EJECTED"
         if instance.HasField("ejected_until"):

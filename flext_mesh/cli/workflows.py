@@ -38,6 +38,8 @@ from flext_mesh.cli.common import (
 from flext_mesh.cli.output import (
     EMPTY,
     enum_label,
+    enum_text,
+    format_date_time,
     message_to_dict,
     one_line,
     render_messages,
@@ -339,7 +341,7 @@ def list_workflows(channel: grpc.Channel, args: argparse.Namespace) -> str:
         return render_messages(workflows)
     return render_table(
         WORKFLOW_HEADERS,
-        ((w.name, w.version, len(w.steps), _date_time(w.update_time)) for w in workflows),
+        ((w.name, w.version, len(w.steps), format_date_time(w.update_time)) for w in workflows),
     )
 
 
@@ -370,9 +372,8 @@ def describe_workflow(workflow: orchestrator_pb2.Workflow) -> str:
         lines.append(f"description: {workflow.description}")
     timeout = human_duration(spec.timeout) if spec.timeout is not None else "none"
     lines.append(f"timeout: {timeout}")
-    lines.append(
-        f"created: {_date_time(workflow.create_time)}   updated: {_date_time(workflow.update_time)}"
-    )
+    created, updated = workflow.create_time, workflow.update_time
+    lines.append(f"created: {format_date_time(created)}   updated: {format_date_time(updated)}")
     rows = []
     templates = []
     for step in spec.steps:
@@ -461,9 +462,9 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         f"execution {execution.execution_id}",
         f"workflow:     {_workflow_label(execution)}",
         f"state:        {_state(execution.state)}",
-        f"created:      {_date_time(execution.create_time, millis=True)}",
-        f"started:      {_date_time(execution.start_time, millis=True)}",
-        f"ended:        {_date_time(execution.end_time, millis=True)}",
+        f"created:      {format_date_time(execution.create_time, millis=True)}",
+        f"started:      {format_date_time(execution.start_time, millis=True)}",
+        f"ended:        {format_date_time(execution.end_time, millis=True)}",
         f"duration:     {_duration_of(execution)}",
     ]
     if execution.HasField("error"):
@@ -506,7 +507,7 @@ def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
                 e.execution_id,
                 _workflow_label(e),
                 _state(e.state),
-                _date_time(e.start_time),
+                format_date_time(e.start_time),
                 _duration_of(e),
             )
             for e in found
@@ -591,7 +592,7 @@ class _Progress:
             failed = f" (step {step})" if step else ""
             cause = f": {error}{failed}" if error else ""
             return f"ENDED {_state(event.execution_state)}{cause}"
-        name = _event_name(kind).removeprefix("EXECUTION_")
+        name = enum_text(Ev.DESCRIPTOR, kind).removeprefix("EXECUTION_")
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED:
             name = "CANCELLED"
         elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED:
@@ -723,47 +724,14 @@ def _duration_of(execution: orchestrator_pb2.Execution) -> str:
     return human_duration(_seconds(execution.duration))
 
 
-def _set(timestamp: Timestamp) -> bool:
-    return bool(timestamp.seconds or timestamp.nanos)
-
-
 def _clock(timestamp: Timestamp) -> str:
     """Local ``HH:MM:SS.mmm``."""
     local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
     return local.strftime("%H:%M:%S.") + f"{local.microsecond // 1000:03d}"
 
 
-def _date_time(timestamp: Timestamp, *, millis: bool = False) -> str:
-    """Local ``YYYY-MM-DD HH:MM:SS`` (with ``.mmm`` when asked); ``-`` when unset."""
-    if not _set(timestamp):
-        return EMPTY
-    local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
-    text = local.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{text}.{local.microsecond // 1000:03d}" if millis else text
-
-
 def _state(state: int) -> str:
-    try:
-        return enum_label(Xs.Name(state), "EXECUTION_STATE_")  # type: ignore[arg-type]
-    except ValueError:  # a state newer than this CLI
-        return str(state)
-
-
-def _step_state(state: int) -> str:
-    try:
-        return enum_label(
-            orchestrator_pb2.StepState.Name(state),  # type: ignore[arg-type]
-            "STEP_STATE_",
-        )
-    except ValueError:
-        return str(state)
-
-
-def _event_name(kind: int) -> str:
-    try:
-        return enum_label(Ev.Name(kind), "EXECUTION_EVENT_TYPE_")  # type: ignore[arg-type]
-    except ValueError:
-        return str(kind)
+    return enum_text(Xs.DESCRIPTOR, state)
 
 
 def _workflow_label(execution: orchestrator_pb2.Execution) -> str:
@@ -785,7 +753,7 @@ def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
         attempts += f" (+{step.compensation_attempts} comp.)"
     return (
         step.step_name,
-        _step_state(step.state),
+        enum_text(orchestrator_pb2.StepState.DESCRIPTOR, step.state),
         attempts,
         human_duration(_seconds(step.duration)) if step.HasField("duration") else EMPTY,
         step.instance_id,
