@@ -15,8 +15,10 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, Protocol, TypeVar
 
+import grpc
+
 from flext_mesh.cli.output import one_line
-from flext_mesh.errors import FieldViolation, InvalidArgument
+from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, from_rpc_error
 
 __all__ = [
     "PAGE_SIZE",
@@ -25,6 +27,7 @@ __all__ = [
     "add_noun",
     "emit",
     "every_page",
+    "expected_error",
     "fail",
     "fail_with",
     "non_negative_int",
@@ -46,6 +49,7 @@ class _Page(Protocol):
 
 _PageT = TypeVar("_PageT", bound=_Page)
 _ItemT = TypeVar("_ItemT")
+_ErrorT = TypeVar("_ErrorT", bound=MeshError)
 
 
 def emit(text: str) -> None:
@@ -113,6 +117,18 @@ def every_page(
             break
         token = page.next_page_token
     return found[:limit] if limit else found
+
+
+def expected_error(exc: grpc.RpcError, kind: type[_ErrorT]) -> _ErrorT:
+    """The error of a failed call if it is a ``kind``; any other is raised again.
+
+    For the failures a command answers itself (a refused policy, a missing one); the
+    others reach :func:`flext_mesh.cli.main`, which prints them as one line.
+    """
+    error = from_rpc_error(exc)
+    if not isinstance(error, kind):
+        raise exc
+    return error
 
 
 # -- parsers -------------------------------------------------------------------------------

@@ -28,7 +28,13 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from flext_mesh.cli.common import add_noun, fail_with, positive_int, violations_block
+from flext_mesh.cli.common import (
+    add_noun,
+    expected_error,
+    fail_with,
+    positive_int,
+    violations_block,
+)
 from flext_mesh.cli.output import (
     enum_prefix,
     format_date_time,
@@ -44,7 +50,6 @@ from flext_mesh.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    from_rpc_error,
 )
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -220,8 +225,7 @@ def split(channel: grpc.Channel, args: argparse.Namespace) -> str:
     try:
         stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
     except grpc.RpcError as exc:
-        if not isinstance(from_rpc_error(exc), FailedPrecondition):
-            raise
+        expected_error(exc, FailedPrecondition)
         # Changed since it was read: apply the split to the policy as it is now, once.
         current = _get_or_empty(stub, args.name, args.timeout)
         if not weights and not current.splits:
@@ -243,8 +247,7 @@ def _get_or_empty(
             registry_pb2.GetServicePolicyRequest(service_name=service), timeout=timeout
         ).policy
     except grpc.RpcError as exc:
-        if not isinstance(from_rpc_error(exc), NotFound):
-            raise
+        expected_error(exc, NotFound)
     return registry_pb2.ServicePolicy(service_name=service)
 
 
@@ -282,9 +285,7 @@ def _put(
     try:
         return stub.PutServicePolicy(request, timeout=timeout).policy
     except grpc.RpcError as exc:
-        error = from_rpc_error(exc)
-        if not isinstance(error, InvalidArgument):
-            raise
+        error = expected_error(exc, InvalidArgument)
         fail_with(
             violations_block(
                 f"the control plane refused the policy of {policy.service_name}", error

@@ -28,6 +28,7 @@ from flext_mesh.cli.common import (
     add_noun,
     emit,
     every_page,
+    expected_error,
     fail,
     fail_with,
     non_negative_int,
@@ -45,7 +46,7 @@ from flext_mesh.cli.output import (
     render_messages,
     render_table,
 )
-from flext_mesh.errors import InvalidArgument, from_rpc_error
+from flext_mesh.errors import InvalidArgument
 from flext_mesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = [
@@ -308,9 +309,7 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
                 )
             )
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if not isinstance(error, InvalidArgument):
-                raise
+            error = expected_error(exc, InvalidArgument)
             label = f"workflow {workflow.name!r} ({name})" if workflow.name else name
             problems.append(violations_block(f"{label} is not valid", error))
     if args.output == "json":
