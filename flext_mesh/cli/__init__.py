@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -24,15 +23,14 @@ from pydantic import ValidationError
 
 from flext_mesh.addresses import DEFAULT_LISTEN, split_addresses
 from flext_mesh.cli import certs, metrics, policy, services, tokens, workflows
-from flext_mesh.cli.output import FORMATS
+from flext_mesh.cli.common import PROG, emit, fail
+from flext_mesh.cli.output import FORMATS, one_line
 from flext_mesh.config import ServerConfig
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel, tls_problem
 from flext_mesh.rpc.status import from_rpc_error
 
 __all__ = ["main"]
-
-PROG = "flext-mesh"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,11 +166,6 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    sys.stderr.write(f"{PROG}: error: {message}\n")
-    raise SystemExit(code)
-
-
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     flags = {
         name: getattr(args, name)
@@ -187,40 +180,26 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
             f"{err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors()
         )
-        _fail(f"bad configuration: {problems}", 2)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+        fail(f"bad configuration: {problems}", 2)
 
 
 def _rpc_failure(exc: grpc.RpcError, address: str, timeout: float) -> str:
     """The line to print for a failed call to the control plane."""
     error = from_rpc_error(exc)
     if isinstance(error, Unavailable):
-        return f"cannot reach the control plane at {address}: {_one_line(error.message)}"
+        return f"cannot reach the control plane at {address}: {one_line(error.message)}"
     if isinstance(error, DeadlineExceeded):
         return f"the control plane at {address} did not answer within {timeout:g} s"
     if isinstance(error, InvalidArgument) and error.violations:
         return "invalid request: " + "; ".join(
-            f"{v.field}: {_one_line(v.description)}" for v in error.violations
+            f"{v.field}: {one_line(v.description)}" for v in error.violations
         )
-    return _one_line(error.message)
-
-
-def _print(text: str) -> None:
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `flext-mesh services list | head -1`
-        # Point stdout at /dev/null so that the flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1) from None
+    return one_line(error.message)
 
 
 def _client_security(args: argparse.Namespace) -> ClientSecurity:
     if (args.tls_cert or args.tls_key) and not args.tls_ca:
-        _fail(
+        fail(
             "--tls-cert and --tls-key need --tls-ca (the CA the control plane's "
             "certificate is signed by)",
             2,
@@ -264,14 +243,12 @@ def _run_operator_command(args: argparse.Namespace) -> None:
         with open_channel(address, security, aio=False) as channel:
             text: str = args.run(channel, args)
     except TransportError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except grpc.RpcError as exc:
-        _fail(
-            _transport_failure(exc, address, security) or _rpc_failure(exc, address, args.timeout)
-        )
+        fail(_transport_failure(exc, address, security) or _rpc_failure(exc, address, args.timeout))
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    _print(text)
+        fail("interrupted", 130)
+    emit(text)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -285,9 +262,9 @@ def _serve(args: argparse.Namespace) -> None:
     try:
         asyncio.run(serve(config))
     except (ServeError, StoreOpenError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -297,13 +274,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(args)
     elif args.command == "certs":
         try:
-            _print(certs.run(args))
+            emit(certs.run(args))
         except certs.CertsError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     elif args.command == "tokens":
         try:
-            _print(tokens.run(args))
+            emit(tokens.run(args))
         except tokens.TokensFileError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     else:
         _run_operator_command(args)

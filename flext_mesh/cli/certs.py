@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography import x509
 
+from flext_mesh.cli.common import add_noun
 from flext_mesh.errors import ConfigError
 from flext_mesh.security.certs import Issued, issue, load_issued, make_ca, spiffe_id
 
@@ -40,17 +41,17 @@ class CertsError(ConfigError):
 
 def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
     """Add the ``certs`` noun with its ``init`` and ``issue`` verbs."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "certs",
         help="make a development CA and certificates for TLS and mTLS",
         description="Make a development CA and the certificates it signs (local files; "
         "for demos and tests: production certificates come from your PKI).",
     )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
 
-    init_p = verbs.add_parser(
+    init_p = verbs.add(
         "init",
+        _init,
         help="make the CA: DIR/ca.crt and DIR/ca.key",
         description="Make a self-signed CA as DIR/ca.crt and DIR/ca.key (mode 0600). "
         "An existing CA is kept unless --force.",
@@ -63,10 +64,10 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         help="replace an existing CA (certificates it "
         "signed are then no longer trusted by those who trust the new one)",
     )
-    init_p.set_defaults(certs=_init)
 
-    issue_p = verbs.add_parser(
+    issue_p = verbs.add(
         "issue",
+        _issue,
         help="write DIR/NAME.crt and DIR/NAME.key signed by the CA",
         description="Write DIR/NAME.crt and DIR/NAME.key (mode 0600), signed by DIR/ca.crt, "
         "valid to serve and as a client certificate. Without --dns or --ip the "
@@ -89,12 +90,11 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
     identity.add_argument("--spiffe", type=_spiffe, metavar="URI", help="identity URI SAN")
     issue_p.add_argument("--days", type=_days, default=90, help="validity (default 90)")
     issue_p.add_argument("--force", action="store_true", help="replace NAME.crt and NAME.key")
-    issue_p.set_defaults(certs=_issue)
 
 
 def run(args: argparse.Namespace) -> str:
     """Run the parsed ``certs`` command; returns the text to print (CertsError if it fails)."""
-    text: str = args.certs(args)
+    text: str = args.run(args)
     return text
 
 

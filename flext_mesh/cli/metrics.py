@@ -9,12 +9,12 @@ from typing import Any
 
 import grpc
 
+from flext_mesh.cli.common import add_noun, every_page
 from flext_mesh.cli.output import (
     enum_label,
     format_number,
     format_time,
-    message_to_dict,
-    render_json,
+    render_messages,
     render_table,
 )
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
@@ -53,16 +53,16 @@ def add_commands(
     parents: Sequence[argparse.ArgumentParser],
 ) -> None:
     """Add the ``metrics`` noun and its verbs; ``parents`` carry the connection flags."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "metrics",
         help="performance reports and alerts",
         description="Call metrics gathered by the control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-    report_p = verbs.add_parser(
-        "report",
         parents=parents,
+    )
+    report_p = verbs.add(
+        "report",
+        report,
         help="per-operation latency percentiles, error rate, trend, score and grade",
         description="A service's performance over a window ending now.",
     )
@@ -74,15 +74,13 @@ def add_commands(
     report_p.add_argument(
         "--by-version", action="store_true", help="also break operations down by version"
     )
-    report_p.set_defaults(run=report)
-    alerts_p = verbs.add_parser(
+    alerts_p = verbs.add(
         "alerts",
-        parents=parents,
+        alerts,
         help="alerts firing now (last 5 minutes), most severe first",
         description="Alerts firing now across services, most severe first.",
     )
     alerts_p.add_argument("--service", default="", help="only this service")
-    alerts_p.set_defaults(run=alerts)
 
 
 def _row(stats: metrics_pb2.CallStats, label: str) -> list[object]:
@@ -113,7 +111,7 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
     )
     rep = result.report
     if args.output == "json":
-        return render_json(message_to_dict(rep))
+        return render_messages(rep)
     rows = [_row(op, op.operation) for op in rep.operations]
     rows += [_row(v, f"{v.operation}@{v.version or '-'}") for v in rep.versions]
     rows.append(_row(rep.summary, "(all)"))
@@ -136,21 +134,17 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
 def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``metrics alerts``: every page of ListAlerts."""
     stub = metrics_pb2_grpc.MetricsServiceStub(channel)
-    found: list[metrics_pb2.Alert] = []
-    token = ""
-    while True:
-        page = stub.ListAlerts(
+    found: list[metrics_pb2.Alert] = every_page(
+        lambda token, size: stub.ListAlerts(
             metrics_pb2.ListAlertsRequest(
-                service_name=args.service, page_size=1000, page_token=token
+                service_name=args.service, page_size=size, page_token=token
             ),
             timeout=args.timeout,
-        )
-        found.extend(page.alerts)
-        token = page.next_page_token
-        if not token:
-            break
+        ),
+        lambda page: page.alerts,
+    )
     if args.output == "json":
-        return render_json([message_to_dict(a) for a in found])
+        return render_messages(found)
     if not found:
         return "no alert is firing\n"
     rows = [

@@ -12,6 +12,7 @@ from datetime import UTC
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -20,11 +21,16 @@ __all__ = [
     "EMPTY",
     "FORMATS",
     "enum_label",
+    "enum_prefix",
+    "enum_text",
+    "format_date_time",
     "format_labels",
     "format_number",
     "format_time",
     "message_to_dict",
+    "one_line",
     "render_json",
+    "render_messages",
     "render_table",
 ]
 
@@ -44,6 +50,11 @@ def _cell(value: object) -> str:
         return text
     # One row per line, whatever a label value or a note contains.
     return "".join(char if char.isprintable() else " " for char in text)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: each run of white space (newlines too) as one space."""
+    return " ".join(text.split())
 
 
 def render_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -83,9 +94,35 @@ def render_json(document: object) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
+def render_messages(messages: Message | Iterable[Message]) -> str:
+    """``-o json`` of a message (a JSON object) or of several (an array of them)."""
+    if isinstance(messages, Message):
+        return render_json(message_to_dict(messages))
+    return render_json([message_to_dict(message) for message in messages])
+
+
 def enum_label(name: str, prefix: str) -> str:
     """An enum value name without its prefix: ``HEALTH_STATUS_SERVING`` -> ``SERVING``."""
     return name.removeprefix(prefix)
+
+
+def enum_prefix(enum: EnumDescriptor) -> str:
+    """What an enum's value names start with: ``LOAD_BALANCING_STRATEGY_``, say.
+
+    Taken from the zero value, ``PREFIX_UNSPECIFIED`` in Buf's style; "" without one.
+    """
+    zero = enum.values_by_number.get(0)
+    if zero is not None and zero.name.endswith("_UNSPECIFIED"):
+        return zero.name.removesuffix("UNSPECIFIED")
+    return ""
+
+
+def enum_text(enum: EnumDescriptor, value: int) -> str:
+    """A value's name without the enum's prefix (``SERVING``); its number if unknown here."""
+    found = enum.values_by_number.get(value)
+    if found is None:  # a value newer than this CLI
+        return str(value)
+    return found.name.removeprefix(enum_prefix(enum))
 
 
 def format_number(value: float, *, zero: str | None = None) -> str:
@@ -98,6 +135,15 @@ def format_number(value: float, *, zero: str | None = None) -> str:
 def format_labels(labels: Mapping[str, str]) -> str:
     """Labels as ``k=v,k=v`` sorted by key; ``-`` when there are none."""
     return ",".join(f"{key}={labels[key]}" for key in sorted(labels)) or EMPTY
+
+
+def format_date_time(timestamp: Timestamp, *, millis: bool = False) -> str:
+    """Local ``YYYY-MM-DD HH:MM:SS`` (then ``.mmm`` with ``millis``); ``-`` when unset."""
+    if not (timestamp.seconds or timestamp.nanos):
+        return EMPTY
+    local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
+    text = local.strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{local.microsecond // 1000:03d}" if millis else text
 
 
 def format_time(timestamp: Timestamp) -> str:

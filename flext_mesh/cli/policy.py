@@ -19,7 +19,6 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,13 +27,25 @@ import grpc
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.output import EMPTY, message_to_dict, render_json
+from flext_mesh.cli.common import (
+    add_noun,
+    expected_error,
+    fail_with,
+    positive_int,
+    violations_block,
+)
+from flext_mesh.cli.output import (
+    enum_prefix,
+    format_date_time,
+    message_to_dict,
+    one_line,
+    render_json,
+    render_messages,
+)
 from flext_mesh.durations import MAX_DURATION_NANOS
 from flext_mesh.durations import parse_duration as _parse
 from flext_mesh.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
-from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = [
@@ -52,7 +63,6 @@ __all__ = [
     "split",
 ]
 
-_PROG = "flext-mesh"
 # Fields of ServicePolicy that the control plane sets: accepted in a file (so that the
 # output of `policy show -o json` can be set again) and dropped.
 _OUTPUT_ONLY = frozenset({"version", "update_time", "revision"})
@@ -74,18 +84,18 @@ def add_commands(
     parents: Sequence[argparse.ArgumentParser],
 ) -> None:
     """Add the ``policy`` noun and its verbs; ``parents`` carry the connection flags."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "policy",
         aliases=["policies"],
         help="set, show and delete traffic policies; shift traffic splits",
         description="Manage the per-service traffic policies of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    set_p = verbs.add_parser(
-        "set",
         parents=parents,
+    )
+
+    set_p = verbs.add(
+        "set",
+        set_policy,
         help="create or replace a service's policy from a YAML or JSON file",
         description=(
             "Create or replace a service's traffic policy from a YAML or JSON file ('-' "
@@ -101,15 +111,14 @@ def add_commands(
     set_p.add_argument(
         "--expected-version",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=0,
         help="only replace the policy if its version is still N (optimistic concurrency)",
     )
-    set_p.set_defaults(run=set_policy)
 
-    show_p = verbs.add_parser(
+    show_p = verbs.add(
         "show",
-        parents=parents,
+        show,
         help="a service's policy, summarised",
         description=(
             "A service's traffic policy, one setting per line; settings not set keep "
@@ -117,20 +126,18 @@ def add_commands(
         ),
     )
     show_p.add_argument("name", metavar="SERVICE", help="service name")
-    show_p.set_defaults(run=show)
 
-    delete_p = verbs.add_parser(
+    delete_p = verbs.add(
         "delete",
-        parents=parents,
+        delete,
         help="delete a service's policy (sidecars fall back to their defaults)",
         description="Delete a service's traffic policy; sidecars fall back to their defaults.",
     )
     delete_p.add_argument("name", metavar="SERVICE", help="service name")
-    delete_p.set_defaults(run=delete)
 
-    split_p = verbs.add_parser(
+    split_p = verbs.add(
         "split",
-        parents=parents,
+        split,
         help="replace only the traffic split of a service's policy",
         description=(
             "Replace only the traffic split of a service's policy (the canary step), "
@@ -149,7 +156,7 @@ def add_commands(
         help="a version and its share in percent, e.g. v1=90 v2=10",
     )
     split_p.add_argument("--clear", action="store_true", help="remove the split")
-    split_p.set_defaults(run=split, usage_error=split_p.error)
+    split_p.set_defaults(usage_error=split_p.error)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -161,11 +168,11 @@ def set_policy(channel: grpc.Channel, args: argparse.Namespace) -> str:
         policy = load_policy_file(args.file, args.name)
     except InvalidArgument as exc:
         shown = "stdin" if args.file == "-" else args.file
-        _fail_with(_violations_block(f"{shown} is not a valid policy", exc))
+        fail_with(violations_block(f"{shown} is not a valid policy", exc))
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     stored = _put(stub, policy, args.expected_version, args.timeout)
     if args.output == "json":
-        return render_json(message_to_dict(stored))
+        return render_messages(stored)
     return f"{stored.service_name}: policy version {stored.version}\n"
 
 
@@ -176,7 +183,7 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
         registry_pb2.GetServicePolicyRequest(service_name=args.name), timeout=args.timeout
     ).policy
     if args.output == "json":
-        return render_json(message_to_dict(policy))
+        return render_messages(policy)
     return describe_policy(policy)
 
 
@@ -187,7 +194,7 @@ def delete(channel: grpc.Channel, args: argparse.Namespace) -> str:
         registry_pb2.DeleteServicePolicyRequest(service_name=args.name), timeout=args.timeout
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     return f"{args.name}: policy deleted\n"
 
 
@@ -213,15 +220,14 @@ def split(channel: grpc.Channel, args: argparse.Namespace) -> str:
     try:
         stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
     except grpc.RpcError as exc:
-        if not isinstance(from_rpc_error(exc), FailedPrecondition):
-            raise
+        expected_error(exc, FailedPrecondition)
         # Changed since it was read: apply the split to the policy as it is now, once.
         current = _get_or_empty(stub, args.name, args.timeout)
         if not weights and not current.splits:
             return _no_split_to_clear(current, args.output)
         stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
     if args.output == "json":
-        return render_json(message_to_dict(stored))
+        return render_messages(stored)
     pairs = [(s.version, s.weight) for s in stored.splits]
     shown = f"split {format_split(pairs)}" if pairs else "no split"
     return f"{stored.service_name}: policy version {stored.version}, {shown}\n"
@@ -236,8 +242,7 @@ def _get_or_empty(
             registry_pb2.GetServicePolicyRequest(service_name=service), timeout=timeout
         ).policy
     except grpc.RpcError as exc:
-        if not isinstance(from_rpc_error(exc), NotFound):
-            raise
+        expected_error(exc, NotFound)
     return registry_pb2.ServicePolicy(service_name=service)
 
 
@@ -275,11 +280,9 @@ def _put(
     try:
         return stub.PutServicePolicy(request, timeout=timeout).policy
     except grpc.RpcError as exc:
-        error = from_rpc_error(exc)
-        if not isinstance(error, InvalidArgument):
-            raise
-        _fail_with(
-            _violations_block(
+        error = expected_error(exc, InvalidArgument)
+        fail_with(
+            violations_block(
                 f"the control plane refused the policy of {policy.service_name}", error
             )
         )
@@ -317,7 +320,7 @@ def _yaml_problem(exc: Exception) -> str:
     mark = getattr(exc, "problem_mark", None)
     if problem and mark is not None:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return _flat(str(exc))
+    return one_line(str(exc))
 
 
 def _file_error(description: str) -> InvalidArgument:
@@ -360,7 +363,7 @@ def policy_from_data(data: Any, service: str) -> registry_pb2.ServicePolicy:
     try:
         json_format.ParseDict(normalized, policy)
     except json_format.ParseError as exc:  # a case the checks above missed
-        raise InvalidArgument.from_violations([FieldViolation("", _flat(str(exc)))]) from exc
+        raise InvalidArgument.from_violations([FieldViolation("", one_line(str(exc)))]) from exc
     return policy
 
 
@@ -516,7 +519,7 @@ def _enum_name(
     enum: EnumDescriptor, value: Any, path: str, out: list[FieldViolation]
 ) -> str | None:
     """``least_response_time``, ``LEAST-RESPONSE-TIME`` or the full name, as the full name."""
-    prefix = _enum_prefix(enum)
+    prefix = enum_prefix(enum)
     if isinstance(value, int) and not isinstance(value, bool):
         found = enum.values_by_number.get(value)
         if found is not None:
@@ -533,14 +536,6 @@ def _enum_name(
     ]
     out.append(FieldViolation(path, f"{value!r} is not one of {', '.join(choices)}"))
     return None
-
-
-def _enum_prefix(enum: EnumDescriptor) -> str:
-    """``LOAD_BALANCING_STRATEGY_`` for LoadBalancingStrategy (Buf: zero is PREFIX_UNSPECIFIED)."""
-    zero = enum.values_by_number.get(0)
-    if zero is not None and zero.name.endswith("_UNSPECIFIED"):
-        return zero.name.removesuffix("UNSPECIFIED")
-    return ""
 
 
 def _duration_json(value: Any, path: str, out: list[FieldViolation]) -> str | None:
@@ -630,7 +625,7 @@ def describe_policy(policy: registry_pb2.ServicePolicy) -> str:
         for operation in sorted(policy.operation_timeouts)
     )
     settings = [
-        ("updated", f"{_date_time(policy.update_time)} (revision {policy.revision})"),
+        ("updated", f"{format_date_time(policy.update_time)} (revision {policy.revision})"),
         ("strategy", _enum_text(registry_pb2.LoadBalancingStrategy.DESCRIPTOR, policy.strategy)),
         (
             "default timeout",
@@ -727,18 +722,11 @@ def _enum_text(enum: EnumDescriptor | None, value: int) -> str:
         return str(value)
     if found.number == 0:
         return _NOT_SET
-    return found.name.removeprefix(_enum_prefix(enum)).lower()
+    return found.name.removeprefix(enum_prefix(enum)).lower()
 
 
 def _number(value: float) -> str:
     return f"{value:g}"
-
-
-def _date_time(timestamp: Timestamp) -> str:
-    """Local ``YYYY-MM-DD HH:MM:SS``; ``-`` when unset."""
-    if not (timestamp.seconds or timestamp.nanos):
-        return EMPTY
-    return timestamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -769,34 +757,3 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _violations_block(headline: str, error: InvalidArgument) -> str:
-    violations = error.violations or (FieldViolation("", error.message),)
-    lines = [f"{_PROG}: error: {headline}:"]
-    lines.extend(
-        f"  {v.field}: {_flat(v.description)}" if v.field else f"  {_flat(v.description)}"
-        for v in violations
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _fail_with(text: str) -> NoReturn:
-    """Exit 1 after writing ``text`` (full ``flext-mesh: error: ...`` lines) to stderr."""
-    sys.stderr.write(text)
-    sys.stderr.flush()
-    raise SystemExit(1)
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return number

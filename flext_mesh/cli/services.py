@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
+from flext_mesh.cli.common import add_noun, every_page, non_negative_int
 from flext_mesh.cli.output import (
-    enum_label,
+    enum_text,
     format_labels,
     format_number,
     format_time,
-    message_to_dict,
-    render_json,
+    render_messages,
     render_table,
 )
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
@@ -57,7 +57,6 @@ INSTANCE_HEADERS = (
     "UPTIME(%)",
     "LABELS",
 )
-_LIST_PAGE_SIZE = 1000  # the largest page ListServices allows: fewest round trips
 
 
 def add_commands(
@@ -65,35 +64,33 @@ def add_commands(
     parents: Sequence[argparse.ArgumentParser],
 ) -> None:
     """Add the ``services`` noun and its verbs; ``parents`` carry the connection flags."""
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "services",
         help="list services, show their instances, try discovery",
         description="Inspect the service registry of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    list_p = verbs.add_parser(
-        "list",
         parents=parents,
+    )
+
+    list_p = verbs.add(
+        "list",
+        list_services,
         help="one row per service with instance counts and health",
         description="One row per service: instance counts, health, versions and types.",
     )
     list_p.add_argument("--type", metavar="T", help="only services with instances of type T")
-    list_p.set_defaults(run=list_services)
 
-    show_p = verbs.add_parser(
+    show_p = verbs.add(
         "show",
-        parents=parents,
+        show,
         help="every instance of a service, sorted by instance id",
         description="Every instance of a service, healthy or not, sorted by instance id.",
     )
     show_p.add_argument("name", metavar="NAME", help="service name")
-    show_p.set_defaults(run=show)
 
-    discover_p = verbs.add_parser(
+    discover_p = verbs.add(
         "discover",
-        parents=parents,
+        discover,
         help="the instances a client would get, in pick order",
         description=(
             "Ask Discover as a client would: the instances in the order returned, the "
@@ -121,29 +118,28 @@ def add_commands(
         help="include unhealthy and ejected instances (healthy_only=false)",
     )
     discover_p.add_argument(
-        "--limit", metavar="N", type=_count, default=0, help="at most N instances (default all)"
+        "--limit",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="at most N instances (default all)",
     )
-    discover_p.set_defaults(run=discover)
 
 
 def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``services list``: every page of ListServices, as a table or a JSON array."""
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
-    summaries: list[registry_pb2.ServiceSummary] = []
-    token = ""
-    while True:
-        page = stub.ListServices(
+    summaries: list[registry_pb2.ServiceSummary] = every_page(
+        lambda token, size: stub.ListServices(
             registry_pb2.ListServicesRequest(
-                page_size=_LIST_PAGE_SIZE, page_token=token, type=args.type or ""
+                page_size=size, page_token=token, type=args.type or ""
             ),
             timeout=args.timeout,
-        )
-        summaries.extend(page.services)
-        if not page.next_page_token or page.next_page_token == token:
-            break
-        token = page.next_page_token
+        ),
+        lambda page: page.services,
+    )
     if args.output == "json":
-        return render_json([message_to_dict(s) for s in summaries])
+        return render_messages(summaries)
     return render_table(
         SERVICE_HEADERS,
         (
@@ -170,7 +166,7 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
     )
     instances = sorted(response.instances, key=lambda i: i.instance_id)
     if args.output == "json":
-        return render_json([message_to_dict(i) for i in instances])
+        return render_messages(instances)
     return render_table(INSTANCE_HEADERS, (instance_row(i) for i in instances))
 
 
@@ -189,7 +185,7 @@ def discover(channel: grpc.Channel, args: argparse.Namespace) -> str:
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     response = stub.Discover(request, timeout=args.timeout)
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     notes = list(response.notes)
     if response.panic_mode and not any("panic" in note for note in notes):
         notes.insert(0, "panic mode: too few healthy instances, so all of them are returned")
@@ -215,11 +211,7 @@ def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:
 
 def health_text(instance: registry_pb2.ServiceInstance) -> str:
     """``SERVING``, ``NOT_SERVING``, ...; with ``, EJECTED until HH:MM:SS`` when ejected."""
-    try:
-        name = registry_pb2.HealthStatus.Name(instance.health)
-    except ValueError:  # a status newer than this CLI
-        name = str(instance.health)
-    text = enum_label(name, "HEALTH_STATUS_")
+    text = enum_text(registry_pb2.HealthStatus.DESCRIPTOR, instance.health)
     if instance.ejected:
         text += ", EJECTED"
         if instance.HasField("ejected_until"):
@@ -232,13 +224,3 @@ def _label(value: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
     return key, label_value
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
-    return number

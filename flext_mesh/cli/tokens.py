@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any
 
+from flext_mesh.cli.common import add_noun
 from flext_mesh.cli.output import FORMATS, render_table
 from flext_mesh.security.tokens import (
     SCOPE_KINDS,
@@ -33,15 +34,6 @@ _FILE_VARIABLE = "FLEXT_MESH_AUTH_TOKENS_FILE"
 
 def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
     """Add the ``tokens`` noun with its ``create``, ``list`` and ``revoke`` verbs."""
-    noun = nouns.add_parser(
-        "tokens",
-        help="create, list and revoke bearer tokens (a local tokens file)",
-        description="Manage the tokens file of `flext-mesh serve --auth-tokens-file`: "
-        "it stores SHA-256 hashes only. A running control plane sees changes within a "
-        "second.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
     file_options = argparse.ArgumentParser(add_help=False)
     default = os.environ.get(_FILE_VARIABLE, "")
     file_options.add_argument(
@@ -51,10 +43,19 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         required=not default,
         help=f"the tokens file (env {_FILE_VARIABLE})",
     )
-
-    create_p = verbs.add_parser(
-        "create",
+    verbs = add_noun(
+        nouns,
+        "tokens",
+        help="create, list and revoke bearer tokens (a local tokens file)",
+        description="Manage the tokens file of `flext-mesh serve --auth-tokens-file`: "
+        "it stores SHA-256 hashes only. A running control plane sees changes within a "
+        "second.",
         parents=[file_options],
+    )
+
+    create_p = verbs.add(
+        "create",
+        _create,
         help="make a token, store its hash, print it once",
         description="Make a random token, append its hash to the file (created with mode "
         "0600 if missing) and print the token on stdout. It is shown only this once.",
@@ -68,25 +69,22 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         metavar="SCOPE",
         help=f"repeatable: {', '.join(SCOPE_KINDS)}",
     )
-    create_p.set_defaults(tokens=_create)
 
-    list_p = verbs.add_parser(
+    list_p = verbs.add(
         "list",
-        parents=[file_options],
+        _list,
         help="names and scopes of the tokens",
         description="List the tokens of the file: names, scopes, creation times.",
     )
     list_p.add_argument("-o", "--output", choices=FORMATS, default=FORMATS[0])
-    list_p.set_defaults(tokens=_list)
 
-    revoke_p = verbs.add_parser(
+    revoke_p = verbs.add(
         "revoke",
-        parents=[file_options],
+        _revoke,
         help="remove a token (a running control plane refuses it within a second)",
         description="Remove the token named NAME from the file.",
     )
     revoke_p.add_argument("name", metavar="NAME")
-    revoke_p.set_defaults(tokens=_revoke)
 
 
 def _scope(value: str) -> str:
@@ -98,7 +96,7 @@ def _scope(value: str) -> str:
 
 def run(args: argparse.Namespace) -> str:
     """Run the parsed ``tokens`` command; returns the text to print (TokensFileError)."""
-    text: str = args.tokens(args)
+    text: str = args.run(args)
     return text
 
 

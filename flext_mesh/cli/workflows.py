@@ -13,21 +13,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flext_mesh.cli.output import EMPTY, enum_label, message_to_dict, render_json, render_table
-from flext_mesh.errors import FieldViolation, InvalidArgument
-from flext_mesh.rpc.status import from_rpc_error
+from flext_mesh.cli.common import (
+    PROG,
+    add_noun,
+    emit,
+    every_page,
+    expected_error,
+    fail,
+    fail_with,
+    non_negative_int,
+    note,
+    positive_int,
+    violations_block,
+)
+from flext_mesh.cli.output import (
+    EMPTY,
+    enum_label,
+    enum_text,
+    format_date_time,
+    message_to_dict,
+    one_line,
+    render_messages,
+    render_table,
+)
+from flext_mesh.errors import InvalidArgument
 from flext_mesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 __all__ = [
@@ -81,8 +100,6 @@ EXECUTION_HEADERS = ("ID", "WORKFLOW", "STATE", "STARTED", "DURATION")
 #: Columns of the step table of ``execution show``.
 STEP_HEADERS = ("STEP", "STATE", "ATTEMPTS", "DURATION", "INSTANCE", "ERROR")
 
-_PROG = "flext-mesh"
-_PAGE_SIZE = 1000  # the largest page the orchestrator allows: fewest round trips
 _EXECUTION_SUBJECT = "(execution)"  # step names cannot hold parentheses
 # Reconnections of a watch whose stream broke with UNAVAILABLE (a control-plane
 # restart): each try waits this long at most for the channel to be ready again.
@@ -101,18 +118,18 @@ def add_commands(
 def _add_workflow_commands(
     nouns: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser]
 ) -> None:
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "workflow",
         aliases=["workflows"],
         help="apply, list, show, delete and run workflow definitions",
         description="Manage the workflow definitions of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    apply_p = verbs.add_parser(
-        "apply",
         parents=parents,
+    )
+
+    apply_p = verbs.add(
+        "apply",
+        apply,
         help="create or update workflows from YAML or JSON files",
         description=(
             "Create or update the workflows of YAML (several documents allowed) or JSON "
@@ -121,19 +138,17 @@ def _add_workflow_commands(
         ),
     )
     apply_p.add_argument("files", metavar="FILE", nargs="+", help=".yaml, .yml or .json file")
-    apply_p.set_defaults(run=apply)
 
-    list_p = verbs.add_parser(
+    verbs.add(
         "list",
-        parents=parents,
+        list_workflows,
         help="one row per workflow (latest versions)",
         description="One row per workflow definition, latest versions, sorted by name.",
     )
-    list_p.set_defaults(run=list_workflows)
 
-    show_p = verbs.add_parser(
+    show_p = verbs.add(
         "show",
-        parents=parents,
+        show_workflow,
         help="a workflow's steps with their effective settings",
         description=(
             "A workflow's steps with their effective settings (defaults applied); "
@@ -142,22 +157,20 @@ def _add_workflow_commands(
     )
     show_p.add_argument("name", metavar="NAME", help="workflow name")
     show_p.add_argument(
-        "--version", metavar="N", type=_positive, default=0, help="this version (default latest)"
+        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
     )
-    show_p.set_defaults(run=show_workflow)
 
-    delete_p = verbs.add_parser(
+    delete_p = verbs.add(
         "delete",
-        parents=parents,
+        delete_workflow,
         help="delete a workflow (running executions finish)",
         description="Delete a workflow; executions already started finish on their version.",
     )
     delete_p.add_argument("name", metavar="NAME", help="workflow name")
-    delete_p.set_defaults(run=delete_workflow)
 
-    run_p = verbs.add_parser(
+    run_p = verbs.add(
         "run",
-        parents=parents,
+        run_workflow,
         help="start an execution, optionally following it live",
         description=(
             "Start an execution of a stored workflow and print its id. With --watch, "
@@ -168,7 +181,7 @@ def _add_workflow_commands(
     )
     run_p.add_argument("name", metavar="NAME", help="workflow name")
     run_p.add_argument(
-        "--version", metavar="N", type=_positive, default=0, help="this version (default latest)"
+        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
     )
     given = run_p.add_mutually_exclusive_group()
     given.add_argument(
@@ -191,24 +204,23 @@ def _add_workflow_commands(
         help="a second run with the same key returns the first execution",
     )
     run_p.add_argument("--watch", action="store_true", help="follow the execution until it ends")
-    run_p.set_defaults(run=run_workflow)
 
 
 def _add_execution_commands(
     nouns: argparse._SubParsersAction[Any], parents: Sequence[argparse.ArgumentParser]
 ) -> None:
-    noun = nouns.add_parser(
+    verbs = add_noun(
+        nouns,
         "execution",
         aliases=["executions"],
         help="show, list, cancel and watch workflow executions",
         description="Inspect and steer the workflow executions of a running control plane.",
-    )
-    verbs = noun.add_subparsers(dest="verb", metavar="VERB")
-    verbs.required = True
-
-    show_p = verbs.add_parser(
-        "show",
         parents=parents,
+    )
+
+    show_p = verbs.add(
+        "show",
+        show_execution,
         help="an execution's state and its steps",
         description=(
             "An execution's state, times, error and steps. -o json prints the "
@@ -217,11 +229,10 @@ def _add_execution_commands(
     )
     show_p.add_argument("id", metavar="ID", help="execution id")
     show_p.add_argument("--events", action="store_true", help="also print the event history")
-    show_p.set_defaults(run=show_execution)
 
-    list_p = verbs.add_parser(
+    list_p = verbs.add(
         "list",
-        parents=parents,
+        list_executions,
         help="executions, newest first",
         description="Executions, newest first, optionally of one workflow or in one state.",
     )
@@ -236,15 +247,14 @@ def _add_execution_commands(
     list_p.add_argument(
         "--limit",
         metavar="N",
-        type=_count,
+        type=non_negative_int,
         default=50,
         help="at most N executions (default %(default)s; 0 for all)",
     )
-    list_p.set_defaults(run=list_executions)
 
-    cancel_p = verbs.add_parser(
+    cancel_p = verbs.add(
         "cancel",
-        parents=parents,
+        cancel_execution,
         help="cancel an execution (completed steps are compensated)",
         description=(
             "Cancel an execution: running steps are stopped and completed ones "
@@ -253,11 +263,10 @@ def _add_execution_commands(
     )
     cancel_p.add_argument("id", metavar="ID", help="execution id")
     cancel_p.add_argument("--reason", metavar="TEXT", default="", help="recorded in the history")
-    cancel_p.set_defaults(run=cancel_execution)
 
-    watch_p = verbs.add_parser(
+    watch_p = verbs.add(
         "watch",
-        parents=parents,
+        watch_execution,
         help="follow an execution live until it ends",
         description=(
             "Print an execution's events from the start, then live until it ends; exit 0 "
@@ -265,7 +274,6 @@ def _add_execution_commands(
         ),
     )
     watch_p.add_argument("id", metavar="ID", help="execution id")
-    watch_p.set_defaults(run=watch_execution)
 
 
 # -- workflow ------------------------------------------------------------------------------
@@ -287,9 +295,9 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
         try:
             loaded.extend((name, workflow) for workflow in load_workflow_file(name))
         except InvalidArgument as exc:
-            problems.append(_violations_block(f"{name} is not a valid workflow file", exc))
+            problems.append(violations_block(f"{name} is not a valid workflow file", exc))
     if problems:
-        _fail_with("".join(problems))
+        fail_with("".join(problems))
 
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     applied: list[orchestrator_pb2.PutWorkflowResponse] = []
@@ -301,13 +309,11 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
                 )
             )
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            if not isinstance(error, InvalidArgument):
-                raise
+            error = expected_error(exc, InvalidArgument)
             label = f"workflow {workflow.name!r} ({name})" if workflow.name else name
-            problems.append(_violations_block(f"{label} is not valid", error))
+            problems.append(violations_block(f"{label} is not valid", error))
     if args.output == "json":
-        text = render_json([message_to_dict(response) for response in applied])
+        text = render_messages(applied)
     else:
         text = "".join(
             f"{r.workflow.name}: version {r.workflow.version} "
@@ -315,30 +321,26 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
             for r in applied
         )
     if problems:
-        _emit(text)
-        _fail_with("".join(problems))
+        emit(text)
+        fail_with("".join(problems))
     return text
 
 
 def list_workflows(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``workflow list``: every page of ListWorkflows, as a table or a JSON array."""
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    workflows: list[orchestrator_pb2.Workflow] = []
-    token = ""
-    while True:
-        page = stub.ListWorkflows(
-            orchestrator_pb2.ListWorkflowsRequest(page_size=_PAGE_SIZE, page_token=token),
+    workflows: list[orchestrator_pb2.Workflow] = every_page(
+        lambda token, size: stub.ListWorkflows(
+            orchestrator_pb2.ListWorkflowsRequest(page_size=size, page_token=token),
             timeout=args.timeout,
-        )
-        workflows.extend(page.workflows)
-        if not page.next_page_token or page.next_page_token == token:
-            break
-        token = page.next_page_token
+        ),
+        lambda page: page.workflows,
+    )
     if args.output == "json":
-        return render_json([message_to_dict(w) for w in workflows])
+        return render_messages(workflows)
     return render_table(
         WORKFLOW_HEADERS,
-        ((w.name, w.version, len(w.steps), _date_time(w.update_time)) for w in workflows),
+        ((w.name, w.version, len(w.steps), format_date_time(w.update_time)) for w in workflows),
     )
 
 
@@ -350,7 +352,7 @@ def show_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     ).workflow
     if args.output == "json":
-        return render_json(message_to_dict(workflow))
+        return render_messages(workflow)
     return describe_workflow(workflow)
 
 
@@ -363,15 +365,14 @@ def describe_workflow(workflow: orchestrator_pb2.Workflow) -> str:
         # The spec carries the defaults the orchestrator applies.
         spec = validate_workflow(workflow)
     except InvalidArgument as exc:  # stored under older rules than this CLI's
-        lines.append(f"note: the definition does not validate here ({_flat(exc.message)})")
-        return "\n".join(lines) + "\n" + render_json(message_to_dict(workflow))
+        lines.append(f"note: the definition does not validate here ({one_line(exc.message)})")
+        return "\n".join(lines) + "\n" + render_messages(workflow)
     if workflow.description:
         lines.append(f"description: {workflow.description}")
     timeout = human_duration(spec.timeout) if spec.timeout is not None else "none"
     lines.append(f"timeout: {timeout}")
-    lines.append(
-        f"created: {_date_time(workflow.create_time)}   updated: {_date_time(workflow.update_time)}"
-    )
+    created, updated = workflow.create_time, workflow.update_time
+    lines.append(f"created: {format_date_time(created)}   updated: {format_date_time(updated)}")
     rows = []
     templates = []
     for step in spec.steps:
@@ -414,7 +415,7 @@ def delete_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.DeleteWorkflowRequest(name=args.name), timeout=args.timeout
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     return f"workflow {args.name!r} deleted\n"
 
 
@@ -432,13 +433,13 @@ def run_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
     execution = response.execution
     if not args.watch:
         if args.output == "json":
-            return render_json(message_to_dict(response))
+            return render_messages(response)
         return f"{execution.execution_id}\n"
     if args.output == "json":
-        _emit(_json_line(response))
+        emit(_json_line(response))
     else:
         how = "exists for this idempotency key" if response.existing else "started"
-        _emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
+        emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
     _watch_to_end(channel, args, execution)
     return ""
 
@@ -454,15 +455,15 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     execution = response.execution
     lines = [
         f"execution {execution.execution_id}",
         f"workflow:     {_workflow_label(execution)}",
         f"state:        {_state(execution.state)}",
-        f"created:      {_date_time(execution.create_time, millis=True)}",
-        f"started:      {_date_time(execution.start_time, millis=True)}",
-        f"ended:        {_date_time(execution.end_time, millis=True)}",
+        f"created:      {format_date_time(execution.create_time, millis=True)}",
+        f"started:      {format_date_time(execution.start_time, millis=True)}",
+        f"ended:        {format_date_time(execution.end_time, millis=True)}",
         f"duration:     {_duration_of(execution)}",
     ]
     if execution.HasField("error"):
@@ -483,27 +484,21 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
 def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``execution list``: pages of ListExecutions (newest first) up to ``--limit``."""
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-    found: list[orchestrator_pb2.Execution] = []
-    token = ""
-    while not args.limit or len(found) < args.limit:
-        wanted = args.limit - len(found) if args.limit else _PAGE_SIZE
-        page = stub.ListExecutions(
+    found: list[orchestrator_pb2.Execution] = every_page(
+        lambda token, size: stub.ListExecutions(
             orchestrator_pb2.ListExecutionsRequest(
                 workflow_name=args.workflow,
                 state=args.state,
-                page_size=min(wanted, _PAGE_SIZE),
+                page_size=size,
                 page_token=token,
             ),
             timeout=args.timeout,
-        )
-        found.extend(page.executions)
-        if not page.next_page_token or page.next_page_token == token:
-            break
-        token = page.next_page_token
-    if args.limit:
-        found = found[: args.limit]
+        ),
+        lambda page: page.executions,
+        limit=args.limit,
+    )
     if args.output == "json":
-        return render_json([message_to_dict(e) for e in found])
+        return render_messages(found)
     return render_table(
         EXECUTION_HEADERS,
         (
@@ -511,7 +506,7 @@ def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
                 e.execution_id,
                 _workflow_label(e),
                 _state(e.state),
-                _date_time(e.start_time),
+                format_date_time(e.start_time),
                 _duration_of(e),
             )
             for e in found
@@ -527,7 +522,7 @@ def cancel_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     )
     if args.output == "json":
-        return render_json(message_to_dict(response))
+        return render_messages(response)
     return f"execution {response.execution.execution_id}: {_state(response.execution.state)}\n"
 
 
@@ -538,7 +533,7 @@ def watch_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.GetExecutionRequest(execution_id=args.id), timeout=args.timeout
     ).execution
     if args.output != "json":
-        _emit(f"execution {execution.execution_id} of {_workflow_label(execution)}\n")
+        emit(f"execution {execution.execution_id} of {_workflow_label(execution)}\n")
     _watch_to_end(channel, args, execution)
     return ""
 
@@ -573,7 +568,7 @@ class _Progress:
         kind = event.type
         step = event.step_name
         on = f" on {event.instance_id}" if event.instance_id else ""
-        note = f": {_flat(event.message)}" if event.message else ""
+        note = f": {one_line(event.message)}" if event.message else ""
         error = _error_text(event.error) if event.HasField("error") else ""
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
             return f"STARTED (attempt {event.attempt}){note}"
@@ -596,7 +591,7 @@ class _Progress:
             failed = f" (step {step})" if step else ""
             cause = f": {error}{failed}" if error else ""
             return f"ENDED {_state(event.execution_state)}{cause}"
-        name = _event_name(kind).removeprefix("EXECUTION_")
+        name = enum_text(Ev.DESCRIPTOR, kind).removeprefix("EXECUTION_")
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED:
             name = "CANCELLED"
         elif kind == Ev.EXECUTION_EVENT_TYPE_STEP_SKIPPED:
@@ -633,17 +628,17 @@ def _watch_to_end(
 
     def show(message: orchestrator_pb2.WatchExecutionResponse) -> None:
         if args.output == "json":
-            _emit(_json_line(message))
+            emit(_json_line(message))
         elif message.HasField("event"):
-            _emit(progress.line(message.event) + "\n")
+            emit(progress.line(message.event) + "\n")
 
     try:
         ended = _follow(channel, execution.execution_id, show, args.control_plane)
     except KeyboardInterrupt:
-        _note(_resume_hint(execution.execution_id))
+        note(_resume_hint(execution.execution_id))
         raise
     if args.output != "json":
-        _emit(_summary(ended))
+        emit(_summary(ended))
     if ended.state != Xs.EXECUTION_STATE_SUCCEEDED:
         raise SystemExit(1)
 
@@ -671,7 +666,7 @@ def _follow(
                 orchestrator_pb2.WatchExecutionRequest(execution_id=execution_id, after_index=last)
             ):
                 if tries:
-                    _note(f"watching again after event {last}")
+                    note(f"watching again after event {last}")
                     tries = 0
                 if message.event.index > last or not message.HasField("event"):
                     last = max(last, message.event.index)
@@ -682,16 +677,16 @@ def _follow(
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            broken, lost = exc, _flat(exc.details() or "UNAVAILABLE")
+            broken, lost = exc, one_line(exc.details() or "UNAVAILABLE")
         if tries == len(_RECONNECT_WAITS):
-            _note(_resume_hint(execution_id))
+            note(_resume_hint(execution_id))
             if broken is not None:
                 raise broken  # the usual "cannot reach the control plane" line
-            _fail_with(f"lost the watch of execution {execution_id}: {lost}\n")
+            fail(f"lost the watch of execution {execution_id}: {lost}")
         if tries == 0:
-            _note(f"watch interrupted after event {last} ({lost}); reconnecting to {address}")
+            note(f"watch interrupted after event {last} ({lost}); reconnecting to {address}")
         else:
-            _note(f"reconnecting to {address} (try {tries + 1} of {len(_RECONNECT_WAITS)}): {lost}")
+            note(f"reconnecting to {address} (try {tries + 1} of {len(_RECONNECT_WAITS)}): {lost}")
         ready = grpc.channel_ready_future(channel)
         try:
             ready.result(timeout=_RECONNECT_WAITS[tries])
@@ -704,7 +699,7 @@ def _follow(
 
 def _resume_hint(execution_id: str) -> str:
     return (
-        f"execution {execution_id} goes on; follow it with: {_PROG} execution watch {execution_id}"
+        f"execution {execution_id} goes on; follow it with: {PROG} execution watch {execution_id}"
     )
 
 
@@ -728,47 +723,14 @@ def _duration_of(execution: orchestrator_pb2.Execution) -> str:
     return human_duration(_seconds(execution.duration))
 
 
-def _set(timestamp: Timestamp) -> bool:
-    return bool(timestamp.seconds or timestamp.nanos)
-
-
 def _clock(timestamp: Timestamp) -> str:
     """Local ``HH:MM:SS.mmm``."""
     local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
     return local.strftime("%H:%M:%S.") + f"{local.microsecond // 1000:03d}"
 
 
-def _date_time(timestamp: Timestamp, *, millis: bool = False) -> str:
-    """Local ``YYYY-MM-DD HH:MM:SS`` (with ``.mmm`` when asked); ``-`` when unset."""
-    if not _set(timestamp):
-        return EMPTY
-    local = timestamp.ToDatetime(tzinfo=UTC).astimezone()
-    text = local.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{text}.{local.microsecond // 1000:03d}" if millis else text
-
-
 def _state(state: int) -> str:
-    try:
-        return enum_label(Xs.Name(state), "EXECUTION_STATE_")  # type: ignore[arg-type]
-    except ValueError:  # a state newer than this CLI
-        return str(state)
-
-
-def _step_state(state: int) -> str:
-    try:
-        return enum_label(
-            orchestrator_pb2.StepState.Name(state),  # type: ignore[arg-type]
-            "STEP_STATE_",
-        )
-    except ValueError:
-        return str(state)
-
-
-def _event_name(kind: int) -> str:
-    try:
-        return enum_label(Ev.Name(kind), "EXECUTION_EVENT_TYPE_")  # type: ignore[arg-type]
-    except ValueError:
-        return str(kind)
+    return enum_text(Xs.DESCRIPTOR, state)
 
 
 def _workflow_label(execution: orchestrator_pb2.Execution) -> str:
@@ -776,7 +738,7 @@ def _workflow_label(execution: orchestrator_pb2.Execution) -> str:
 
 
 def _error_text(error: common_pb2.ErrorInfo) -> str:
-    return " ".join(part for part in (error.code_name, _flat(error.message)) if part)
+    return " ".join(part for part in (error.code_name, one_line(error.message)) if part)
 
 
 def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
@@ -790,16 +752,12 @@ def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
         attempts += f" (+{step.compensation_attempts} comp.)"
     return (
         step.step_name,
-        _step_state(step.state),
+        enum_text(orchestrator_pb2.StepState.DESCRIPTOR, step.state),
         attempts,
         human_duration(_seconds(step.duration)) if step.HasField("duration") else EMPTY,
         step.instance_id,
         "; ".join(errors),
     )
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _compact(data: Any) -> str:
@@ -808,40 +766,6 @@ def _compact(data: Any) -> str:
 
 def _json_line(message: Message) -> str:
     return json.dumps(message_to_dict(message), separators=(",", ":"), ensure_ascii=False) + "\n"
-
-
-def _violations_block(headline: str, error: InvalidArgument) -> str:
-    violations = error.violations or (FieldViolation("", error.message),)
-    lines = [f"{_PROG}: error: {headline}:"]
-    lines.extend(
-        f"  {v.field}: {_flat(v.description)}" if v.field else f"  {_flat(v.description)}"
-        for v in violations
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _emit(text: str) -> None:
-    """Write to stdout now (live output); a closed pipe ends the command quietly."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `flext-mesh execution watch ID | head -3`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1) from None
-
-
-def _note(text: str) -> None:
-    sys.stderr.write(f"{_PROG}: {text}\n")
-    sys.stderr.flush()
-
-
-def _fail_with(text: str) -> NoReturn:
-    """Exit 1 after writing ``text`` (full ``flext-mesh: error: ...`` lines) to stderr."""
-    if not text.startswith(f"{_PROG}: "):
-        text = f"{_PROG}: error: {text}"
-    sys.stderr.write(text)
-    sys.stderr.flush()
-    raise SystemExit(1)
 
 
 # -- argument types ------------------------------------------------------------------------
@@ -898,25 +822,5 @@ def _input_file(value: str) -> struct_pb2.Struct:
         else:
             data = json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise argparse.ArgumentTypeError(f"{value}: {_flat(str(exc))}") from exc
+        raise argparse.ArgumentTypeError(f"{value}: {one_line(str(exc))}") from exc
     return _input_struct(data, value)
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return number
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
-    return number
