@@ -234,36 +234,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         cid = new_correlation_id() if problem or not given else given
         context.set_trailing_metadata(((CORRELATION_ID_HEADER, cid),))
         token = logs.correlation_id.set(cid)
-        code = grpc.StatusCode.UNKNOWN
         replayed = False
-        try:
-            if problem:
-                raise InvalidArgument("", [FieldViolation("correlation_id", problem)])
-            response, replayed = await self._invoke(request, context, cid)
-            code = _OK
-            return response
-        except MeshError as err:
-            code = err.code
-            await abort(context, err, trailing_metadata=((CORRELATION_ID_HEADER, cid),))
-        except asyncio.CancelledError:
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if _deadline_passed(context)
-                else grpc.StatusCode.CANCELLED
-            )
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            _log.exception("unexpected error invoking %r", request.operation)
-            code = grpc.StatusCode.INTERNAL
-            await abort(
-                context,
-                InternalError("internal error in Invoke"),
-                trailing_metadata=((CORRELATION_ID_HEADER, cid),),
-            )
-        finally:
-            logs.correlation_id.reset(token)
+
+        def report(code: grpc.StatusCode) -> None:
+            # Reported before the answer leaves, so a caller that saw the answer
+            # can count on the hook having run.
             self._report(
                 CallOutcome(
                     operation=request.operation,
@@ -274,6 +249,36 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     replayed=replayed,
                 )
             )
+
+        try:
+            if problem:
+                raise InvalidArgument("", [FieldViolation("correlation_id", problem)])
+            response, replayed = await self._invoke(request, context, cid)
+            report(_OK)
+            return response
+        except MeshError as err:
+            report(err.code)
+            await abort(context, err, trailing_metadata=((CORRELATION_ID_HEADER, cid),))
+        except asyncio.CancelledError:
+            report(
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if _deadline_passed(context)
+                else grpc.StatusCode.CANCELLED
+            )
+            raise
+        except grpc.aio.AbortError:
+            report(grpc.StatusCode.UNKNOWN)
+            raise
+        except Exception:
+            _log.exception("unexpected error invoking %r", request.operation)
+            report(grpc.StatusCode.INTERNAL)
+            await abort(
+                context,
+                InternalError("internal error in Invoke"),
+                trailing_metadata=((CORRELATION_ID_HEADER, cid),),
+            )
+        finally:
+            logs.correlation_id.reset(token)
 
     @rpc_errors
     async def ListOperations(
