@@ -148,10 +148,13 @@ class Picker:
         """The strategy applied."""
         self._random = (rng if rng is not None else random.Random()).random
         cands = self.candidates
-        # Fallback order of every answer: weight descending, then key, then index.
-        self._by_weight = sorted(
-            range(len(cands)), key=lambda i: (-cands[i].weight, cands[i].key, i)
-        )
+        keys = [c.key for c in cands]
+        negated = [-c.weight for c in cands]
+        # Fallback order of every answer: weight descending, then key, then index (two
+        # stable sorts keyed in C: quick for thousands, linear when already in order).
+        by_weight = sorted(range(len(cands)), key=keys.__getitem__)
+        by_weight.sort(key=negated.__getitem__)
+        self._by_weight = by_weight
         # Only candidates of positive weight come first; if none has, all do, equally.
         eligible = [i for i, c in enumerate(cands) if c.weight > 0]
         if eligible:
@@ -161,22 +164,35 @@ class Picker:
             weights = [1.0] * len(cands)
         self._eligible = eligible
         self._weights = weights
-        self._total = math.fsum(weights)
-        self._cumulative = list(accumulate(weights))
-        # Weighted round robin state (see _pick_wrr).
-        self._d = max(2 * len(weights) - 2, 1)
-        self._denominators = [self._d * w for w in weights]
+        self._total = total = math.fsum(weights)
+        self._cumulative: list[float] = []
+        self._rank: list[int] = []
+        self._first = -1
+        # Weighted round robin state (see _pick_wrr), built only for that strategy.
+        self._d = d = max(2 * len(weights) - 2, 1)
+        self._denominators: list[float] = []
         self._step = 0
-        self._served = [0] * len(weights)
+        self._served: list[int] = []
         self._ready: list[tuple[float, int]] = []
-        self._pending = [self._window(pos, 0) for pos in range(len(weights))]
-        heapify(self._pending)
-        # Rank of each eligible position in least-response-time order (0 = fastest).
-        rt_order = _by_response_time(cands, eligible, weights)
-        self._rank = [0] * len(eligible)
-        for rank, pos in enumerate(rt_order):
-            self._rank[pos] = rank
-        if self.strategy is Strategy.HIGHEST_UPTIME:
+        self._pending: list[tuple[float, float, int]] = []
+        strategy = self.strategy
+        if strategy is Strategy.WEIGHTED_ROUND_ROBIN and len(eligible) > 1:
+            self._denominators = denominators = [d * w for w in weights]
+            self._served = [0] * len(weights)
+            # Inlined _window(pos, 0) for every position; those already released at the
+            # first step start in the ready heap (with equal weights, all of them), so
+            # no pick moves more than its share between the heaps.
+            windows = [
+                (total / den, (d - 1) * total / den, pos) for pos, den in enumerate(denominators)
+            ]
+            self._ready = [(deadline, pos) for release, deadline, pos in windows if release <= 1]
+            if len(self._ready) < len(windows):
+                self._pending = [w for w in windows if w[0] > 1]
+                heapify(self._pending)
+            heapify(self._ready)
+        if strategy in (Strategy.RANDOM, Strategy.POWER_OF_TWO_CHOICES):
+            self._cumulative = list(accumulate(weights))
+        if strategy is Strategy.HIGHEST_UPTIME:
             first_pos = min(
                 range(len(eligible)),
                 key=lambda p: (
@@ -186,16 +202,23 @@ class Picker:
                     eligible[p],
                 ),
             )
+            self._first = eligible[first_pos]
+        elif strategy in (Strategy.LEAST_RESPONSE_TIME, Strategy.POWER_OF_TWO_CHOICES):
+            # Rank of each eligible position in least-response-time order (0 = fastest).
+            rt_order = _by_response_time(cands, eligible, weights)
+            self._rank = [0] * len(eligible)
+            for rank, pos in enumerate(rt_order):
+                self._rank[pos] = rank
+            self._first = eligible[rt_order[0]]
         else:
-            first_pos = rt_order[0]
-        self._first = eligible[first_pos]
+            self._first = eligible[0]
         self._pick: Callable[[], int] = {
             Strategy.WEIGHTED_ROUND_ROBIN: self._pick_wrr,
             Strategy.LEAST_RESPONSE_TIME: self._pick_first,
             Strategy.HIGHEST_UPTIME: self._pick_first,
             Strategy.POWER_OF_TWO_CHOICES: self._pick_p2c,
             Strategy.RANDOM: self._pick_random,
-        }[self.strategy]
+        }[strategy]
         if len(eligible) == 1:
             self._pick = self._pick_first
 
@@ -203,11 +226,22 @@ class Picker:
         """Index of the candidate to put first in the next answer."""
         return self._pick()
 
-    def order(self, first: int) -> list[int]:
-        """Full order of an answer led by ``first``: then the rest by weight descending, key."""
+    def order(self, first: int, limit: int = 0) -> list[int]:
+        """Order of an answer led by ``first``: then the rest by weight descending, key;
+        at most ``limit`` indexes when ``limit`` > 0."""
         if not 0 <= first < len(self.candidates):
             raise IndexError(f"candidate index {first} out of range")
-        return [first, *(i for i in self._by_weight if i != first)]
+        rest = self._by_weight
+        if limit > 0:
+            head = rest[:limit]
+            if first in head:
+                head.remove(first)
+            else:
+                head = head[: limit - 1]
+            return [first, *head]
+        out = [first, *rest]
+        del out[rest.index(first) + 1]
+        return out
 
     def _pick_first(self) -> int:
         return self._first
