@@ -71,11 +71,18 @@ class StepInvoker(Protocol):
         """Close connections."""
 
 
+class Discovered(Protocol):
+    """One Discover answer, read in process without decoding."""
+
+    def first(self) -> registry_pb2.ServiceInstance | None:
+        """The chosen instance; None when no instance is healthy."""
+
+
 class Discovery(Protocol):
     """The registry's Discover, in process (see flext_mesh.registry.Registry.discover)."""
 
-    def discover(self, request: registry_pb2.DiscoverRequest) -> bytes:
-        """The serialized DiscoverResponse."""
+    async def discover(self, request: registry_pb2.DiscoverRequest) -> Discovered:
+        """The answer to one Discover request."""
 
 
 class MeshInvoker:
@@ -96,17 +103,19 @@ class MeshInvoker:
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def _pick(self, service: str) -> registry_pb2.ServiceInstance:
+    async def _pick(self, service: str) -> registry_pb2.ServiceInstance:
         try:
-            raw = self._discovery.discover(registry_pb2.DiscoverRequest(service_name=service))
+            answer = await self._discovery.discover(
+                registry_pb2.DiscoverRequest(service_name=service)
+            )
         except NotFound as exc:
             raise AttemptFailed(Unavailable(exc.message)) from None
         except InvalidArgument as exc:
             raise AttemptFailed(exc) from None
-        answer = registry_pb2.DiscoverResponse.FromString(raw)
-        if not answer.instances:
+        first = answer.first()
+        if first is None:
             raise AttemptFailed(Unavailable(f"service {service!r} has no healthy instance"))
-        return answer.instances[0]
+        return first
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
@@ -132,7 +141,7 @@ class MeshInvoker:
         idempotency_key: str,
     ) -> StepReply:
         """One attempt on the next instance of ``service``; AttemptFailed on any failure."""
-        instance = self._pick(service)
+        instance = await self._pick(service)
         request = processor_pb2.InvokeRequest(
             operation=operation,
             correlation_id=correlation_id,

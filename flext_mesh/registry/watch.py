@@ -1,21 +1,28 @@
 """Fan-out of registry changes to Watch streams.
 
-One hub per registry: each batch of changes is translated once, then serialized once
-per distinct service filter (all watchers of ``payment`` share the same bytes), and
-queued to every watcher. A watcher whose queue is full is cut off with a status that
-tells it to resume from its last revision: nothing is buffered without bound and, as
-history is kept, the resumed watcher loses nothing.
+Watchers with the same service filter share a *channel*: one log of batches, each
+translated and serialized once (all watchers of ``payment`` send the same bytes), and
+one wake-up future. Publishing a change costs one batch per channel that wants it plus
+one future completion, whatever the number of watchers; channels of other services are
+not touched (an index by service name finds the channels a change concerns). Each
+watcher reads the log from its own cursor, so a slow stream delays nobody else.
+
+A batch stays in the log until every watcher of the channel has read it. A watcher that
+falls more than ``max_pending`` batches behind is cut off with a status that tells it
+to resume from its last revision: nothing is buffered without bound and, as history is
+kept in the store, the resumed watcher loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flext_mesh.v1 import registry_pb2
 
-__all__ = ["Batch", "WatchHub", "Watcher"]
+__all__ = ["Batch", "WatchHub", "Watcher", "make_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,28 +35,117 @@ class Batch:
     payload: bytes
 
 
-@dataclass(eq=False)
-class Watcher:
-    """One Watch stream's queue. ``services`` None means every service."""
+class _Entry:
+    __slots__ = ("batch", "unread")
 
-    services: frozenset[str] | None
-    max_pending: int
-    queue: asyncio.Queue[Batch | None] = field(default_factory=asyncio.Queue)
-    overflowed: bool = False
+    def __init__(self, batch: Batch, unread: int) -> None:
+        self.batch = batch
+        self.unread = unread
+
+
+class _Channel:
+    """The log and wake-up future shared by the watchers of one filter."""
+
+    __slots__ = ("closed", "first", "log", "max_pending", "services", "wakeup", "watchers")
+
+    def __init__(self, services: frozenset[str] | None, max_pending: int) -> None:
+        self.services = services
+        self.max_pending = max_pending
+        self.log: deque[_Entry] = deque()
+        self.first = 0  # sequence number of log[0]
+        self.watchers: set[Watcher] = set()
+        self.wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.log)
+
+    def append(self, batch: Batch) -> None:
+        if not self.watchers:
+            return
+        self.log.append(_Entry(batch, len(self.watchers)))
+        if len(self.log) > self.max_pending:
+            # Someone is too far behind: cut the laggards off (rare, so a scan is fine).
+            limit = self.end - self.max_pending
+            for watcher in self.watchers:
+                if watcher._cursor < limit:
+                    watcher._cut_off()
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self.wakeup.done():
+            self.wakeup.set_result(None)
+        self.wakeup = asyncio.get_running_loop().create_future()
+
+    def release(self, upto: int, start: int) -> None:
+        """A watcher read (or gave up) the entries from ``start`` up to ``upto``."""
+        log = self.log
+        for seq in range(max(start, self.first), min(upto, self.end)):
+            log[seq - self.first].unread -= 1
+        while log and log[0].unread <= 0:
+            log.popleft()
+            self.first += 1
+
+
+class Watcher:
+    """One Watch stream's place in its channel. ``services`` None means every service."""
+
+    __slots__ = ("_channel", "_cursor", "max_pending", "overflowed")
+
+    def __init__(self, channel: _Channel, max_pending: int) -> None:
+        self._channel = channel
+        self._cursor = channel.end
+        self.max_pending = max_pending
+        """Batches the watcher may fall behind before it is cut off."""
+        self.overflowed = False
+        """True once it fell too far behind (its stream must end with a status)."""
+
+    @property
+    def services(self) -> frozenset[str] | None:
+        """The watched services; None for all."""
+        return self._channel.services
+
+    @property
+    def pending(self) -> int:
+        """Batches published and not read yet."""
+        return self._channel.end - self._cursor
 
     def wants(self, service: str) -> bool:
         """Whether events of ``service`` go to this watcher."""
-        return self.services is None or service in self.services
+        services = self._channel.services
+        return services is None or service in services
 
-    def offer(self, batch: Batch) -> None:
-        """Queue a batch, or cut the watcher off when it is too far behind."""
+    async def next(self, timeout: float | None = None) -> Batch | None:  # noqa: ASYNC109
+        """The next batch; None when the stream must end (hub closed, or overflowed);
+        TimeoutError when nothing came within ``timeout`` seconds."""
+        channel = self._channel
+        while self._cursor >= channel.end:
+            if channel.closed or self.overflowed:
+                return None
+            wakeup = channel.wakeup
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(wakeup)
         if self.overflowed:
-            return
-        if self.queue.qsize() >= self.max_pending:
-            self.overflowed = True
-            self.queue.put_nowait(None)
-            return
-        self.queue.put_nowait(batch)
+            return None
+        seq = self._cursor
+        batch = channel.log[seq - channel.first].batch
+        self._cursor = seq + 1
+        channel.release(seq + 1, seq)
+        return batch
+
+    def _cut_off(self) -> None:
+        self.overflowed = True
+        self._leave()
+
+    def _leave(self) -> None:
+        channel = self._channel
+        channel.release(channel.end, self._cursor)
+        self._cursor = channel.end
 
 
 class WatchHub:
@@ -57,42 +153,68 @@ class WatchHub:
 
     def __init__(self, *, max_pending: int = 1024) -> None:
         self._max_pending = max_pending
-        self._watchers: set[Watcher] = set()
+        self._channels: dict[frozenset[str] | None, _Channel] = {}
+        # Service name -> channels whose filter names it (channel of all: key None).
+        self._by_service: dict[str, set[_Channel]] = {}
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._watchers)
+        return self._count
 
     def add(self, services: Iterable[str] = ()) -> Watcher:
         """Register a watcher of ``services`` (empty: all); it starts buffering at once."""
-        names = frozenset(services)
-        watcher = Watcher(names or None, self._max_pending)
-        self._watchers.add(watcher)
+        names = frozenset(services) or None
+        channel = self._channels.get(names)
+        if channel is None:
+            channel = self._channels[names] = _Channel(names, self._max_pending)
+            for name in names or ():
+                self._by_service.setdefault(name, set()).add(channel)
+        watcher = Watcher(channel, self._max_pending)
+        channel.watchers.add(watcher)
+        self._count += 1
         return watcher
 
     def remove(self, watcher: Watcher) -> None:
         """Forget a watcher (its stream ended)."""
-        self._watchers.discard(watcher)
+        channel = watcher._channel
+        if watcher not in channel.watchers:
+            return
+        channel.watchers.discard(watcher)
+        watcher._leave()
+        self._count -= 1
+        if not channel.watchers and self._channels.get(channel.services) is channel:
+            del self._channels[channel.services]
+            for name in channel.services or ():
+                chans = self._by_service.get(name)
+                if chans is not None:
+                    chans.discard(channel)
+                    if not chans:
+                        del self._by_service[name]
 
     def close_all(self) -> None:
         """End every watch stream (shutdown)."""
-        for watcher in self._watchers:
-            watcher.queue.put_nowait(None)
-        self._watchers.clear()
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        self._by_service.clear()
 
     def publish(self, events: list[registry_pb2.WatchEvent]) -> None:
         """Deliver one batch of events (in revision order) to every interested watcher."""
-        if not events or not self._watchers:
+        if not events or not self._channels:
             return
-        by_filter: dict[frozenset[str] | None, Batch | None] = {}
-        for watcher in self._watchers:
-            key = watcher.services
-            if key not in by_filter:
-                by_filter[key] = make_batch(
-                    [e for e in events if key is None or e.service_name in key]
-                )
-            batch = by_filter[key]
+        every = self._channels.get(None)
+        if every is not None:
+            batch = make_batch(events)
             if batch is not None:
-                watcher.offer(batch)
+                every.append(batch)
+        concerned: set[_Channel] = set()
+        for name in {e.service_name for e in events}:
+            concerned.update(self._by_service.get(name, ()))
+        for channel in concerned:
+            wanted = channel.services or frozenset()
+            batch = make_batch([e for e in events if e.service_name in wanted])
+            if batch is not None:
+                channel.append(batch)
 
 
 def make_batch(events: list[registry_pb2.WatchEvent]) -> Batch | None:

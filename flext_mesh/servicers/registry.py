@@ -77,7 +77,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     @rpc_errors
     async def Discover(self, request: registry_pb2.DiscoverRequest, context: _Context) -> bytes:  # type: ignore[override]
         """Instances ordered by strategy (pre-serialized DiscoverResponse)."""
-        return self.registry.discover(request)
+        return (await self.registry.discover(request)).payload()
 
     @rpc_errors
     async def ListServices(

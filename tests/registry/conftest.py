@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
 from flext_mesh.server import ControlPlane, create_server
+from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 TTL_ONLY = registry_pb2.HEALTH_CHECK_MODE_TTL_ONLY
@@ -57,6 +58,15 @@ class Mesh:
             registry_pb2.DiscoverRequest(service_name=service, healthy_only=False)
         )
         return {i.instance_id: i for i in reply.instances}
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite store in a temporary directory."""
+    s = SqliteStore(tmp_path / "registry.db")
+    await s.open()
+    yield s
+    await s.close()
 
 
 def fast_config(tmp_path: Path, **overrides: Any) -> ServerConfig:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -12,14 +10,6 @@ from flext_mesh.errors import ResourceExhausted
 from flext_mesh.registry.registry import Registry, RegistrySettings
 from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import registry_pb2
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "w.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def _instance(i: int) -> registry_pb2.ServiceInstance:
