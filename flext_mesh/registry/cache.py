@@ -145,8 +145,10 @@ class InstanceCache:
         self._service_revision: dict[str, int] = {}
         # Lease id -> (service, instance id) of the instance it keeps registered.
         self._leases: dict[str, tuple[str, str]] = {}
-        # (service, instance id) -> (the instance object, its encoded element).
-        self._encodings: dict[tuple[str, str], tuple[registry_pb2.ServiceInstance, bytes]] = {}
+        # (service, instance id) -> the encoded element of the cached instance object,
+        # dropped whenever that object is replaced or renewed (bytes only: nothing here
+        # for the garbage collector to walk).
+        self._encodings: dict[tuple[str, str], bytes] = {}
         # Bumped when an instance of the service is renewed (its last_renew_time moved).
         self._renewals: dict[str, int] = {}
         self._instance_listeners: list[Callable[[InstanceChange], None]] = []
@@ -205,11 +207,10 @@ class InstanceCache:
     def encoded(self, instance: registry_pb2.ServiceInstance) -> bytes:
         """The instance's encoded element, made once per version of the instance."""
         key = (instance.service_name, instance.instance_id)
-        cached = self._encodings.get(key)
-        if cached is not None and cached[0] is instance:
-            return cached[1]
-        encoded = encoded_field(instance)
-        self._encodings[key] = (instance, encoded)
+        encoded = self._encodings.get(key)
+        if encoded is None or self._services.get(key[0], {}).get(key[1]) is not instance:
+            encoded = encoded_field(instance)
+            self.keep_encodings([(instance, encoded)])
         return encoded
 
     def encodings_of(
@@ -217,15 +218,16 @@ class InstanceCache:
     ) -> tuple[list[bytes], list[tuple[registry_pb2.ServiceInstance, bytes]]]:
         """The instances' encoded elements, and those made now (for :meth:`keep_encodings`).
 
-        Safe on a worker thread: it only reads the cache.
+        Safe on a worker thread: it only reads the cache. An instance replaced meanwhile
+        may get its newer version's bytes (the answer's revision is stale then anyway).
         """
         known = self._encodings
         out: list[bytes] = []
         fresh: list[tuple[registry_pb2.ServiceInstance, bytes]] = []
         for instance in instances:
             cached = known.get((instance.service_name, instance.instance_id))
-            if cached is not None and cached[0] is instance:
-                out.append(cached[1])
+            if cached is not None:
+                out.append(cached)
             else:
                 encoded = encoded_field(instance)
                 out.append(encoded)
@@ -238,7 +240,7 @@ class InstanceCache:
         for instance, encoded in fresh:
             name, ident = instance.service_name, instance.instance_id
             if services.get(name, {}).get(ident) is instance:
-                self._encodings[(name, ident)] = (instance, encoded)
+                self._encodings[(name, ident)] = encoded
 
     def renewed(self, lease_id: str, now: float | None = None) -> None:
         """Note that ``lease_id`` was renewed: its instance's ``last_renew_time`` moves
@@ -284,6 +286,7 @@ class InstanceCache:
         if previous is not None and previous.lease_id != instance.lease_id:
             self._leases.pop(previous.lease_id, None)
         service[instance.instance_id] = instance
+        self._encodings.pop((name, instance.instance_id), None)
         if instance.lease_id:
             self._leases[instance.lease_id] = (name, instance.instance_id)
         self._service_revision[name] = max(self._service_revision.get(name, 0), instance.revision)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound
 from flext_mesh.names import check_name, raise_if
 from flext_mesh.registry.cache import InstanceCache
-from flext_mesh.routing.balancer import Candidate, Picker, Strategy, in_panic
+from flext_mesh.routing.balancer import Picker, Strategy, in_panic
 from flext_mesh.routing.policy import SplitPicker, apply_split, apply_zone, split_versions
 from flext_mesh.v1 import registry_pb2
 
@@ -309,20 +309,18 @@ class Discovery:
         if not chosen:
             empty = _Answer(revision, renewals, None, header, [], [], split_fallback=split_fallback)
             return empty, []
-        candidates = [
-            Candidate(
-                i.instance_id,
-                _weight(i, panic),
-                i.response_time_ms,
-                i.uptime_percentage,
-            )
-            for i in chosen
-        ]
+        picker = Picker.from_columns(
+            [i.instance_id for i in chosen],
+            [_weight(i, panic) for i in chosen],
+            [i.response_time_ms for i in chosen],
+            [i.uptime_percentage for i in chosen],
+            Strategy(strategy),
+        )
         encodings, fresh = self._cache.encodings_of(chosen)
         answer = _Answer(
             revision,
             renewals,
-            Picker(candidates, Strategy(strategy)),
+            picker,
             header,
             chosen,
             encodings,

@@ -115,21 +115,25 @@ class Picker:
 
     __slots__ = (
         "_by_weight",
+        "_candidates",
         "_cumulative",
         "_d",
         "_denominators",
         "_eligible",
         "_first",
+        "_keys",
         "_pending",
         "_pick",
         "_random",
         "_rank",
         "_ready",
+        "_rts",
         "_served",
         "_step",
         "_total",
+        "_uptimes",
         "_weights",
-        "candidates",
+        "_weights_of_all",
         "strategy",
     )
 
@@ -142,26 +146,93 @@ class Picker:
     ) -> None:
         if not candidates:
             raise ValueError("a picker needs at least one candidate")
-        self.candidates: tuple[Candidate, ...] = tuple(candidates)
+        self._candidates: tuple[Candidate, ...] | None = tuple(candidates)
+        self._setup(
+            [c.key for c in candidates],
+            [c.weight for c in candidates],
+            [c.response_time_ms for c in candidates],
+            [c.uptime_percentage for c in candidates],
+            strategy=strategy,
+            rng=rng,
+        )
+
+    @classmethod
+    def from_columns(
+        cls,
+        keys: list[str],
+        weights: list[float],
+        response_times_ms: list[float],
+        uptime_percentages: list[float],
+        strategy: Strategy,
+        *,
+        rng: random.Random | None = None,
+    ) -> Picker:
+        """A picker over candidates given as columns (candidate i is ``keys[i]``,
+        ``weights[i]``, ...): no object per candidate, for thousands of them. The lists
+        are kept, not copied. Same checks as :class:`Candidate`, made on whole columns."""
+        n = len(keys)
+        if not n:
+            raise ValueError("a picker needs at least one candidate")
+        if not len(weights) == len(response_times_ms) == len(uptime_percentages) == n:
+            raise ValueError("the columns have different lengths")
+        if not (math.isfinite(math.fsum(weights)) and min(weights) >= 0):
+            raise ValueError("a weight is negative or not finite")
+        if not (math.isfinite(math.fsum(response_times_ms)) and min(response_times_ms) >= 0):
+            raise ValueError("a response time is negative or not finite")
+        if not (math.isfinite(math.fsum(uptime_percentages)) and min(uptime_percentages) >= 0):
+            raise ValueError("an uptime percentage is not in 0..100")
+        if max(uptime_percentages) > 100:
+            raise ValueError("an uptime percentage is not in 0..100")
+        picker = cls.__new__(cls)
+        picker._candidates = None
+        picker._setup(
+            keys, weights, response_times_ms, uptime_percentages, strategy=strategy, rng=rng
+        )
+        return picker
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
         """The candidates; ``pick()`` and ``order()`` return indexes into this tuple."""
+        if self._candidates is None:
+            self._candidates = tuple(
+                Candidate(key, w, rt, up)
+                for key, w, rt, up in zip(
+                    self._keys, self._weights_of_all, self._rts, self._uptimes, strict=True
+                )
+            )
+        return self._candidates
+
+    def _setup(
+        self,
+        keys: list[str],
+        all_weights: list[float],
+        rts: list[float],
+        uptimes: list[float],
+        *,
+        strategy: Strategy,
+        rng: random.Random | None,
+    ) -> None:
         self.strategy = Strategy(strategy)
         """The strategy applied."""
         self._random = (rng if rng is not None else random.Random()).random
-        cands = self.candidates
-        keys = [c.key for c in cands]
-        negated = [-c.weight for c in cands]
+        self._keys = keys
+        self._weights_of_all = all_weights
+        self._rts = rts
+        self._uptimes = uptimes
+        n = len(keys)
+        negated = [-w for w in all_weights]
         # Fallback order of every answer: weight descending, then key, then index (two
         # stable sorts keyed in C: quick for thousands, linear when already in order).
-        by_weight = sorted(range(len(cands)), key=keys.__getitem__)
+        by_weight = sorted(range(n), key=keys.__getitem__)
         by_weight.sort(key=negated.__getitem__)
         self._by_weight = by_weight
         # Only candidates of positive weight come first; if none has, all do, equally.
-        eligible = [i for i, c in enumerate(cands) if c.weight > 0]
+        eligible = [i for i, w in enumerate(all_weights) if w > 0]
         if eligible:
-            weights = [cands[i].weight for i in eligible]
+            weights = [all_weights[i] for i in eligible]
         else:
-            eligible = list(range(len(cands)))
-            weights = [1.0] * len(cands)
+            eligible = list(range(n))
+            weights = [1.0] * n
         self._eligible = eligible
         self._weights = weights
         self._total = total = math.fsum(weights)
@@ -196,16 +267,16 @@ class Picker:
             first_pos = min(
                 range(len(eligible)),
                 key=lambda p: (
-                    -cands[eligible[p]].uptime_percentage,
+                    -uptimes[eligible[p]],
                     -weights[p],
-                    cands[eligible[p]].key,
+                    keys[eligible[p]],
                     eligible[p],
                 ),
             )
             self._first = eligible[first_pos]
         elif strategy in (Strategy.LEAST_RESPONSE_TIME, Strategy.POWER_OF_TWO_CHOICES):
             # Rank of each eligible position in least-response-time order (0 = fastest).
-            rt_order = _by_response_time(cands, eligible, weights)
+            rt_order = _by_response_time(keys, rts, eligible, weights)
             self._rank = [0] * len(eligible)
             for rank, pos in enumerate(rt_order):
                 self._rank[pos] = rank
@@ -229,7 +300,7 @@ class Picker:
     def order(self, first: int, limit: int = 0) -> list[int]:
         """Order of an answer led by ``first``: then the rest by weight descending, key;
         at most ``limit`` indexes when ``limit`` > 0."""
-        if not 0 <= first < len(self.candidates):
+        if not 0 <= first < len(self._keys):
             raise IndexError(f"candidate index {first} out of range")
         rest = self._by_weight
         if limit > 0:
@@ -309,16 +380,16 @@ class Picker:
 
 
 def _by_response_time(
-    cands: Sequence[Candidate], eligible: Sequence[int], weights: Sequence[float]
+    keys: Sequence[str], rts: Sequence[float], eligible: Sequence[int], weights: Sequence[float]
 ) -> list[int]:
     """Positions in ``eligible`` by response time (unknown = median of known), weight, key."""
-    known = [cands[i].response_time_ms for i in eligible if cands[i].response_time_ms > 0]
+    known = [rts[i] for i in eligible if rts[i] > 0]
     median = statistics.median(known) if known else 0.0
 
     def sort_key(pos: int) -> tuple[float, float, str, int]:
-        cand = cands[eligible[pos]]
-        rt = cand.response_time_ms if cand.response_time_ms > 0 else median
-        return (rt, -weights[pos], cand.key, eligible[pos])
+        i = eligible[pos]
+        rt = rts[i] if rts[i] > 0 else median
+        return (rt, -weights[pos], keys[i], i)
 
     return sorted(range(len(eligible)), key=sort_key)
 

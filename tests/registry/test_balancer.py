@@ -469,3 +469,40 @@ def test_performance_multiplier_is_always_a_usable_multiplier(
 )
 def test_in_panic_edges(total: int, healthy: int, threshold: float, expected: bool) -> None:
     assert in_panic(total, healthy, threshold) is expected
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_a_picker_from_columns_picks_as_one_from_candidates(strategy: Strategy) -> None:
+    cands = [
+        Candidate(f"k{i}", float(1 + i % 4), float(5 + i % 7), float(90 + i % 10))
+        for i in range(40)
+    ]
+    columns = Picker.from_columns(
+        [c.key for c in cands],
+        [c.weight for c in cands],
+        [c.response_time_ms for c in cands],
+        [c.uptime_percentage for c in cands],
+        strategy,
+        rng=random.Random(7),
+    )
+    objects = Picker(cands, strategy, rng=random.Random(7))
+    assert [columns.pick() for _ in range(200)] == [objects.pick() for _ in range(200)]
+    assert columns.order(3) == objects.order(3)
+    assert columns.order(3, 5) == objects.order(3, 5) == objects.order(3)[:5]
+    assert columns.candidates == objects.candidates
+
+
+@pytest.mark.parametrize(
+    ("weights", "rts", "uptimes"),
+    [
+        ([1.0, -1.0], [0.0, 0.0], [100.0, 100.0]),
+        ([1.0, math.nan], [0.0, 0.0], [100.0, 100.0]),
+        ([1.0, 1.0], [0.0, math.inf], [100.0, 100.0]),
+        ([1.0, 1.0], [0.0, 0.0], [100.0, 101.0]),
+    ],
+)
+def test_columns_are_checked_like_candidates(
+    weights: list[float], rts: list[float], uptimes: list[float]
+) -> None:
+    with pytest.raises(ValueError, match="not"):
+        Picker.from_columns(["a", "b"], weights, rts, uptimes, Strategy.RANDOM)
