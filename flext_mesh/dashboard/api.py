@@ -47,7 +47,7 @@ from flext_mesh.dashboard.web import API_HEADERS, error_response, json_response,
 from flext_mesh.durations import parse_duration
 from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, NotFound
 from flext_mesh.metrics.service import Metrics
-from flext_mesh.names import check_name, raise_if
+from flext_mesh.names import MAX_NAME, check_length, check_name, raise_if
 from flext_mesh.orchestrator.engine import Orchestrator
 from flext_mesh.registry.registry import Registry
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
@@ -282,10 +282,14 @@ class Dashboard:
     async def _get_report(self, request: web.Request) -> _Result:
         """GetServiceReport over ``window`` (default 24 h, at most the retention)."""
         retention = self.metrics.aggregator.settings.retention
+        name, operation = request.match_info["name"], request.query.get("operation", "")
+        raise_if(
+            check_length("name", name, MAX_NAME) + check_length("operation", operation, MAX_NAME)
+        )
         report = await self.metrics.service_report(
-            request.match_info["name"],
+            name,
             self._window(request, min(_DEFAULT_REPORT_WINDOW, retention)),
-            operation=request.query.get("operation", ""),
+            operation=operation,
             by_version=_bool(request, "by_version"),
             by_instance=_bool(request, "by_instance"),
         )

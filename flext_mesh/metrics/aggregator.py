@@ -78,6 +78,10 @@ _FUTURE_SLACK_NS = 300 * 1_000_000_000
 _MAX_NAME = 63
 _OUTCOMES = ("success", "business_error", "infrastructure_error")
 _MAX_BATCH = 10_000
+# CallSide numbers of metrics.proto (UNSPECIFIED, SERVER, CLIENT).
+_SIDES = frozenset(metrics_pb2.CallSide.values())
+# Longest correlation id a record may carry (as on the wire: rpc.metadata).
+_MAX_CORRELATION_ID = 128
 
 #: (bucket width s, how long buckets of that width are kept before rolling up, s).
 _TIERS: tuple[tuple[int, int], ...] = ((10, 600), (60, 3600), (600, 0))
@@ -322,6 +326,15 @@ class Aggregator:
                 )
             elif not 0 <= code <= 16:
                 problem = ("status_code", f"{code} is not a gRPC status code")
+            elif record.side not in _SIDES:
+                problem = ("side", f"{record.side} is not a CallSide")
+            elif (
+                len(record.instance_id) > _MAX_NAME
+                or len(record.version) > _MAX_NAME
+                or len(record.caller_service) > _MAX_NAME
+                or len(record.correlation_id) > _MAX_CORRELATION_ID
+            ):
+                problem = _too_long(record)
             elif stamp > future_ns:
                 problem = ("time_unix_nano", "is more than 5 minutes in the future")
             elif stamp < cutoff_ns:
@@ -805,3 +818,17 @@ def merge_stats(stats: Iterable[BucketStats]) -> BucketStats:
         total.failures += item.failures
         total.infrastructure_failures += item.infrastructure_failures
     return total
+
+
+def _too_long(record: metrics_pb2.CallRecord) -> tuple[str, str]:
+    """The first over-long identifying field of a record, and how long it is."""
+    for name, limit in (
+        ("instance_id", _MAX_NAME),
+        ("version", _MAX_NAME),
+        ("caller_service", _MAX_NAME),
+        ("correlation_id", _MAX_CORRELATION_ID),
+    ):
+        value: str = getattr(record, name)
+        if len(value) > limit:
+            return (name, f"is {len(value)} characters long; at most {limit}")
+    return ("record", "a field is too long")

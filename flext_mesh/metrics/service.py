@@ -19,7 +19,6 @@ counted twice, and batches with sequence 0 are counted every time they arrive.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -36,6 +35,8 @@ from flext_mesh.metrics.aggregator import (
     SeriesKey,
 )
 from flext_mesh.metrics.report import alert_message, build_report, evaluate_alerts
+from flext_mesh.names import MAX_NAME, check_length, raise_if
+from flext_mesh.paging import decode_page_token, encode_page_token
 from flext_mesh.store import Store
 from flext_mesh.v1 import metrics_pb2
 
@@ -243,18 +244,17 @@ class Metrics:
         self, service: str, min_severity: int, page_size: int, page_token: str
     ) -> metrics_pb2.ListAlertsResponse:
         """Active alerts, most severe first, then newest first, paged."""
-        if page_size > 1000:
-            raise InvalidArgument.from_violations(
-                [FieldViolation("page_size", f"{page_size} is over the maximum 1000")]
+        violations = check_length("service_name", service, MAX_NAME)
+        if min_severity not in metrics_pb2.AlertSeverity.values():
+            violations.append(
+                FieldViolation("min_severity", f"{min_severity} is not a known severity")
             )
-        offset = 0
-        if page_token:
-            try:
-                offset = int(base64.urlsafe_b64decode(page_token.encode()).decode())
-            except ValueError as exc:
-                raise InvalidArgument.from_violations(
-                    [FieldViolation("page_token", "is not a token from a previous response")]
-                ) from exc
+        if page_size > 1000:
+            violations.append(FieldViolation("page_size", f"{page_size} is over the maximum 1000"))
+        raise_if(violations)
+        query = ("ListAlerts", service, min_severity)
+        cursor = decode_page_token(page_token, query)
+        offset = int(cursor) if cursor.isascii() and cursor.isdigit() else 0
         alerts = [
             a
             for a in self._alerts.values()
@@ -265,9 +265,7 @@ class Metrics:
         page = alerts[offset : offset + size]
         response = metrics_pb2.ListAlertsResponse(alerts=page)
         if offset + size < len(alerts):
-            response.next_page_token = base64.urlsafe_b64encode(
-                str(offset + size).encode()
-            ).decode()
+            response.next_page_token = encode_page_token(str(offset + size), query)
         return response
 
     async def _alerts_forever(self) -> None:

@@ -61,6 +61,7 @@ from flext_mesh.errors import (
     Unavailable,
     error_for_code,
 )
+from flext_mesh.names import check_id, check_length, check_name, elide, raise_if
 from flext_mesh.orchestrator.definition import (
     CompensationSpec,
     RetrySpec,
@@ -78,6 +79,7 @@ from flext_mesh.orchestrator.history import (
     StepState,
 )
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.paging import decode_page_token, encode_page_token
 from flext_mesh.retry import Backoff, retry_async
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
@@ -130,6 +132,8 @@ _OWNERS = "/orchestrator/owners/"
 _CANCELS = "/orchestrator/cancel-requests/"
 
 _COMPENSATION_DEFAULT_ATTEMPTS = 5
+#: The query of ListWorkflows' page tokens (it has no filter).
+_LIST_WORKFLOWS = ("ListWorkflows",)
 
 
 def default_owner() -> str:
@@ -557,12 +561,12 @@ class Orchestrator:
         _require_name("name", name)
         latest = self._latest.get(name)
         if latest is None:
-            raise NotFound(f"workflow {name!r} does not exist")
+            raise NotFound(f"workflow {elide(name)!r} does not exist")
         if version <= 0 or version == latest.version:
             return latest
         kv = await self.store.get(f"{_VERSIONS}{name}/{version:012d}")
         if kv is None:
-            raise NotFound(f"workflow {name!r} has no version {version}")
+            raise NotFound(f"workflow {elide(name)!r} has no version {version}")
         return orchestrator_pb2.Workflow.FromString(kv.value)
 
     async def list_workflows(
@@ -570,12 +574,14 @@ class Orchestrator:
     ) -> tuple[list[orchestrator_pb2.Workflow], str]:
         """Definitions sorted by name, and the next page's token."""
         size = _page_size(page_size)
+        after = decode_page_token(page_token, _LIST_WORKFLOWS)
         kvs = await self.store.range(
-            _WORKFLOWS, start_after=_WORKFLOWS + page_token if page_token else "", limit=size + 1
+            _WORKFLOWS, start_after=_WORKFLOWS + after if after else "", limit=size + 1
         )
         more = len(kvs) > size
         workflows = [orchestrator_pb2.Workflow.FromString(kv.value) for kv in kvs[:size]]
-        return workflows, (workflows[-1].name if more else "")
+        last = workflows[-1].name if more else ""
+        return workflows, encode_page_token(last, _LIST_WORKFLOWS)
 
     async def delete_workflow(self, name: str) -> None:
         """Delete a definition; executions already started finish on their copy."""
@@ -670,6 +676,7 @@ class Orchestrator:
             raise InvalidArgument(
                 "", [FieldViolation("workflow_version", "must be >= 0 (0 = latest)")]
             )
+        raise_if(_workflow_name("workflow_name", request.workflow_name))
         workflow = await self.get_workflow(request.workflow_name, request.workflow_version)
         return workflow, self._spec_of(workflow)
 
@@ -684,10 +691,10 @@ class Orchestrator:
         self, execution_id: str, *, include_events: bool = False
     ) -> tuple[orchestrator_pb2.Execution, list[orchestrator_pb2.ExecutionEvent]]:
         """The execution as last committed, and its history when asked."""
-        _require("execution_id", execution_id)
+        raise_if(check_id("execution_id", execution_id))
         record = await self.store.get(_EXECUTIONS + execution_id)
         if record is None:
-            raise NotFound(f"execution {execution_id!r} does not exist")
+            raise NotFound(f"execution {elide(execution_id)!r} does not exist")
         events: list[orchestrator_pb2.ExecutionEvent] = []
         if include_events:
             events = [
@@ -701,10 +708,14 @@ class Orchestrator:
     ) -> tuple[list[orchestrator_pb2.Execution], str]:
         """Executions newest first, filtered, and the next page's token."""
         size = _page_size(page_size)
+        violations = _workflow_name("workflow_name", workflow_name, required=False)
         if state and state not in orchestrator_pb2.ExecutionState.values():
-            raise InvalidArgument("", [FieldViolation("state", f"unknown state {state}")])
+            violations.append(FieldViolation("state", f"unknown state {state}"))
+        raise_if(violations)
+        query = ("ListExecutions", workflow_name, state)
+        after = decode_page_token(page_token, query)
         found: list[orchestrator_pb2.Execution] = []
-        cursor = _EXECUTIONS + page_token if page_token else ""
+        cursor = _EXECUTIONS + after if after else ""
         chunk = max(size * 2, 64)
         while len(found) <= size:
             kvs = await self.store.range(_EXECUTIONS, start_after=cursor, limit=chunk, reverse=True)
@@ -722,11 +733,11 @@ class Orchestrator:
             cursor = kvs[-1].key
         more = len(found) > size
         page = found[:size]
-        return page, (page[-1].execution_id if more else "")
+        return page, encode_page_token(page[-1].execution_id if more else "", query)
 
     async def cancel_execution(self, execution_id: str, reason: str) -> orchestrator_pb2.Execution:
         """Record a cancellation and wait (briefly) until running steps stopped."""
-        _require("execution_id", execution_id)
+        raise_if(check_id("execution_id", execution_id))
         if len(reason.encode()) > MAX_REASON_BYTES:
             raise InvalidArgument(
                 "", [FieldViolation("reason", f"at most {MAX_REASON_BYTES} bytes")]
@@ -787,7 +798,7 @@ class Orchestrator:
         self, execution_id: str, after_index: int
     ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
         """Events after ``after_index``, live, until the execution ends."""
-        _require("execution_id", execution_id)
+        raise_if(check_id("execution_id", execution_id))
         if after_index < 0:
             raise InvalidArgument("", [FieldViolation("after_index", "must be >= 0")])
         prefix = f"{_EVENTS}{execution_id}/"
@@ -1628,13 +1639,16 @@ def _same_definition(a: orchestrator_pb2.Workflow, b: orchestrator_pb2.Workflow)
     return bare(a) == bare(b)
 
 
-def _require(name: str, value: str) -> None:
-    if not value:
-        raise InvalidArgument("", [FieldViolation(name, "is required")])
+def _workflow_name(field: str, value: str, *, required: bool = True) -> list[FieldViolation]:
+    """Violations of a workflow name in a request that looks one up (a longer one or
+    one of other characters cannot have been stored)."""
+    return check_length(field, value, MAX_WORKFLOW_NAME) or check_name(
+        field, value, required=required
+    )
 
 
 def _require_name(name: str, value: str) -> None:
-    _require(name, value)
+    raise_if(_workflow_name(name, value))
 
 
 def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:

@@ -16,7 +16,6 @@ In-process callers (the orchestrator's invoker) read the chosen instances from a
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import time
 from collections import OrderedDict
@@ -24,8 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound
-from flext_mesh.names import check_name, raise_if
+from flext_mesh.errors import FieldViolation, NotFound
+from flext_mesh.names import MAX_NAME, check_length, check_name, raise_if
+from flext_mesh.paging import decode_page_token, encode_page_token
 from flext_mesh.registry.cache import InstanceCache
 from flext_mesh.routing.balancer import Picker, Strategy, in_panic
 from flext_mesh.routing.policy import SplitPicker, apply_split, apply_zone, split_versions
@@ -355,13 +355,10 @@ class Discovery:
         violations: list[FieldViolation] = []
         if not 0 <= page_size <= 1000:
             violations.append(FieldViolation("page_size", f"{page_size} is not in 0..1000"))
-        if len(type_filter) > 63:
-            violations.append(
-                FieldViolation("type", f"is {len(type_filter)} characters; at most 63")
-            )
+        violations += check_length("type", type_filter, MAX_NAME)
         raise_if(violations)
         query = ("ListServices", type_filter)
-        after = _decode_token(page_token, query) if page_token else ""
+        after = decode_page_token(page_token, query)
         size = page_size or 100
         services = self._cache.services
         names = sorted(n for n in services if n > after)
@@ -372,7 +369,7 @@ class Discovery:
                 continue
             if len(response.services) == size:
                 last = response.services[-1].service_name
-                response.next_page_token = _encode_token(last, query)
+                response.next_page_token = encode_page_token(last, query)
                 break
             response.services.append(_summary(name, instances))
         return response
@@ -408,8 +405,8 @@ def _validate(request: registry_pb2.DiscoverRequest, strategy: int) -> None:
     if not request.service_name and not request.type:
         violations.append(FieldViolation("service_name", "give service_name or type"))
     violations += check_name("service_name", request.service_name, required=False)
-    if len(request.type) > 63:
-        violations.append(FieldViolation("type", f"is {len(request.type)} characters; at most 63"))
+    violations += check_length("type", request.type, MAX_NAME)
+    violations += check_length("caller_zone", request.caller_zone, MAX_NAME)
     if strategy not in registry_pb2.LoadBalancingStrategy.values():
         violations.append(FieldViolation("strategy", f"{strategy} is not a known strategy"))
     if not 0 <= request.limit <= 10_000:
@@ -431,8 +428,6 @@ def _validate(request: registry_pb2.DiscoverRequest, strategy: int) -> None:
             )
     if len(request.label_selector) > 32:
         violations.append(FieldViolation("label_selector", "at most 32 labels"))
-    if len(request.caller_zone) > 63:
-        violations.append(FieldViolation("caller_zone", "at most 63 characters"))
     raise_if(violations)
 
 
@@ -448,16 +443,3 @@ def _summary(
         versions=sorted({i.version for i in instances if i.version}),
         types=sorted({i.type for i in instances if i.type}),
     )
-
-
-def _encode_token(cursor: str, query: tuple[str, ...]) -> str:
-    return base64.urlsafe_b64encode(cursor.encode()).decode()
-
-
-def _decode_token(token: str, query: tuple[str, ...]) -> str:
-    try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument.from_violations(
-            [FieldViolation("page_token", "is not a token from a previous response")]
-        ) from exc

@@ -30,21 +30,67 @@ from flext_mesh.errors import (
     error_for_code,
 )
 
-__all__ = ["abort", "from_rpc_error", "rpc_errors", "to_rpc_status"]
+__all__ = [
+    "MAX_STATUS_MESSAGE_BYTES",
+    "MAX_VIOLATION_BYTES",
+    "abort",
+    "from_rpc_error",
+    "rpc_errors",
+    "to_rpc_status",
+]
 
 _log = logging.getLogger("flext_mesh.rpc.status")
 
+# A status travels as trailing metadata, which gRPC clients refuse past 16 KiB (a
+# client then sees RESOURCE_EXHAUSTED instead of the real status) and may refuse past
+# 8 KiB: whatever the request held, a status is cut to fit well within that.
+#: Longest status message sent, UTF-8 bytes; a longer one ends in an ellipsis.
+MAX_STATUS_MESSAGE_BYTES = 1024
+#: Field violations sent at most, UTF-8 bytes of their paths and descriptions; the
+#: rest are counted in one last violation.
+MAX_VIOLATION_BYTES = 2048
+_MAX_PATH_BYTES = 200
+_MAX_DESCRIPTION_BYTES = 400
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` within ``limit`` UTF-8 bytes, ending in an ellipsis when cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _fitting(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
+    """The violations a status carries: the first ones, up to MAX_VIOLATION_BYTES."""
+    out: list[FieldViolation] = []
+    room = MAX_VIOLATION_BYTES
+    for i, v in enumerate(violations):
+        path = _clip(v.field, _MAX_PATH_BYTES)
+        description = _clip(v.description, _MAX_DESCRIPTION_BYTES)
+        size = len(path.encode()) + len(description.encode())
+        if size > room:
+            left = len(violations) - i
+            out.append(FieldViolation(path, f"and {left} more violations, not listed"))
+            break
+        out.append(FieldViolation(path, description))
+        room -= size
+    return out
+
 
 def to_rpc_status(error: MeshError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` for an error, with BadRequest or RetryInfo details."""
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    """The ``google.rpc.Status`` for an error, with BadRequest or RetryInfo details,
+    cut to a size every gRPC client accepts."""
+    status = status_pb2.Status(
+        code=error.code.value[0], message=_clip(error.message, MAX_STATUS_MESSAGE_BYTES)
+    )
     if isinstance(error, InvalidArgument) and error.violations:
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
                     field=v.field, description=v.description
                 )
-                for v in error.violations
+                for v in _fitting(error.violations)
             ]
         )
         status.details.add().Pack(detail)
@@ -70,7 +116,7 @@ async def abort(
     trailing = list(trailing_metadata)
     if status.details:
         trailing.extend(rpc_status.to_status(status).trailing_metadata)
-    await context.abort(error.code, error.message, trailing_metadata=tuple(trailing))
+    await context.abort(error.code, status.message, trailing_metadata=tuple(trailing))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from flext_mesh.metrics.service import Metrics
+from flext_mesh.names import MAX_NAME, check_length, raise_if
 from flext_mesh.rpc.handlers import LongStreams, add_servicer, checked
 from flext_mesh.rpc.status import rpc_errors
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
@@ -57,6 +58,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self, request: metrics_pb2.GetServiceReportRequest, context: _Context
     ) -> metrics_pb2.GetServiceReportResponse:
         """Performance report of a service over a window."""
+        raise_if(
+            check_length("service_name", request.service_name, MAX_NAME)
+            + check_length("operation", request.operation, MAX_NAME)
+        )
         retention = self.metrics.aggregator.settings.retention
         window = (
             request.window.ToNanoseconds() / 1e9

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 
+from flext_mesh.errors import FieldViolation
+from flext_mesh.names import MAX_ID, MAX_NAME, check_id, check_length, raise_if
 from flext_mesh.registry.registry import Registry
 from flext_mesh.rpc.handlers import LongStreams, add_servicer, checked
 from flext_mesh.rpc.status import rpc_errors
@@ -16,6 +18,9 @@ from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 __all__ = ["RegistryServicer", "add_registry_servicer"]
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+#: Longer than any endpoint (a 253-character host, ':' and a port): refused before the
+#: registry's validation would quote it.
+_MAX_ENDPOINT = 259
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -38,6 +43,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.RegisterRequest, context: _Context
     ) -> registry_pb2.RegisterResponse:
         """Register an instance under a lease."""
+        raise_if(
+            check_length("instance.endpoint", request.instance.endpoint, _MAX_ENDPOINT)
+            + _long_keys("instance.labels", request.instance.labels)
+        )
         ttl = request.ttl if request.HasField("ttl") else None
         instance, lease, revision = await self.registry.register(request.instance, ttl)
         return registry_pb2.RegisterResponse(instance=instance, lease=lease, revision=revision)
@@ -47,6 +56,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.HeartbeatRequest, context: _Context
     ) -> registry_pb2.HeartbeatResponse:
         """Renew one lease."""
+        raise_if(check_id("lease_id", request.lease_id))
         return registry_pb2.HeartbeatResponse(lease=await self.registry.heartbeat(request.lease_id))
 
     @rpc_errors
@@ -64,7 +74,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 request = await context.read()
                 if request is grpc.aio.EOF:
                     return
-                await context.write(await keep_alive(checked(request).lease_ids))
+                lease_ids = checked(request).lease_ids
+                if max(map(len, lease_ids), default=0) > MAX_ID:
+                    raise_if(
+                        v
+                        for i, lease_id in enumerate(lease_ids)
+                        for v in check_id(f"lease_ids[{i}]", lease_id)
+                    )
+                await context.write(await keep_alive(lease_ids))
 
     @rpc_errors
     async def Deregister(
@@ -125,6 +142,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         """Delete a policy; callers fall back to their own settings."""
         revision = await self.registry.delete_policy(request.service_name)
         return registry_pb2.DeleteServicePolicyResponse(revision=revision)
+
+
+def _long_keys(field: str, labels: Mapping[str, str]) -> list[FieldViolation]:
+    """A violation when a label key is longer than any valid one (not quoting it)."""
+    longest = max(map(len, labels), default=0)
+    if longest > MAX_NAME:
+        return [FieldViolation(field, f"has a key {longest} characters long; at most {MAX_NAME}")]
+    return []
 
 
 def add_registry_servicer(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
