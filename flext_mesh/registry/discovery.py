@@ -315,6 +315,7 @@ class Discovery:
             [i.response_time_ms for i in chosen],
             [i.uptime_percentage for i in chosen],
             Strategy(strategy),
+            rotate=True,
         )
         encodings, fresh = self._cache.encodings_of(chosen)
         answer = _Answer(

@@ -143,7 +143,11 @@ class Picker:
         strategy: Strategy,
         *,
         rng: random.Random | None = None,
+        rotate: bool = False,
     ) -> None:
+        """``rotate``: weighted round robin starts at a random candidate instead of the
+        first of equal standing, so pickers rebuilt often (a registry change each) do
+        not all hand their first picks to the same candidate."""
         if not candidates:
             raise ValueError("a picker needs at least one candidate")
         self._candidates: tuple[Candidate, ...] | None = tuple(candidates)
@@ -154,6 +158,7 @@ class Picker:
             [c.uptime_percentage for c in candidates],
             strategy=strategy,
             rng=rng,
+            rotate=rotate,
         )
 
     @classmethod
@@ -166,6 +171,7 @@ class Picker:
         strategy: Strategy,
         *,
         rng: random.Random | None = None,
+        rotate: bool = False,
     ) -> Picker:
         """A picker over candidates given as columns (candidate i is ``keys[i]``,
         ``weights[i]``, ...): no object per candidate, for thousands of them. The lists
@@ -186,7 +192,13 @@ class Picker:
         picker = cls.__new__(cls)
         picker._candidates = None
         picker._setup(
-            keys, weights, response_times_ms, uptime_percentages, strategy=strategy, rng=rng
+            keys,
+            weights,
+            response_times_ms,
+            uptime_percentages,
+            strategy=strategy,
+            rng=rng,
+            rotate=rotate,
         )
         return picker
 
@@ -211,6 +223,7 @@ class Picker:
         *,
         strategy: Strategy,
         rng: random.Random | None,
+        rotate: bool = False,
     ) -> None:
         self.strategy = Strategy(strategy)
         """The strategy applied."""
@@ -233,6 +246,11 @@ class Picker:
         else:
             eligible = list(range(n))
             weights = [1.0] * n
+        if rotate and self.strategy is Strategy.WEIGHTED_ROUND_ROBIN and len(eligible) > 1:
+            # Ties go to the lowest position: start the positions at a random one.
+            offset = int(self._random() * len(eligible)) % len(eligible)
+            eligible = eligible[offset:] + eligible[:offset]
+            weights = weights[offset:] + weights[:offset]
         self._eligible = eligible
         self._weights = weights
         self._total = total = math.fsum(weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -199,10 +200,39 @@ async def test_answers_built_on_the_worker_thread_are_the_same_as_inline(
                 i.instance_id for i in registry_pb2.DiscoverResponse.FromString(payload).instances
             ]
 
-        assert [order(p) for p in threaded] == [order(p) for p in inline]
+        def counts(payloads: list[bytes]) -> Counter[str]:
+            return Counter(order(p)[0] for p in payloads)
+
+        by_weight = sorted(order(inline[0]), key=lambda i: (-int(i[1:]), i))
+        for payload in inline + threaded:
+            first, *rest = order(payload)
+            assert rest == [i for i in by_weight if i != first]
+        share = counts(inline)
+        assert all(abs(share[i] - counts(threaded)[i]) <= 1 for i in by_weight)
         concurrent = await asyncio.gather(*(registry.discover(request) for _ in range(5)))
         firsts = [answer.first() for answer in concurrent]
         assert all(first is not None for first in firsts)
         assert len({id(a._answer) for a in concurrent}) == 1, "one shared answer"
+    finally:
+        await registry.stop()
+
+
+async def test_answers_rebuilt_on_every_change_do_not_favour_one_instance(
+    store: SqliteStore,
+) -> None:
+    registry = Registry(store, RegistrySettings(refresh_interval=3600))
+    await registry.start()
+    try:
+        for i in range(10):
+            await registry.register(_instance(f"i{i}"))
+        request = registry_pb2.DiscoverRequest(service_name="pay")
+        firsts: Counter[str] = Counter()
+        for i in range(200):  # a change, then one Discover: every answer is a new one
+            await registry.register(_instance(f"extra-{i % 2}"))
+            first = (await registry.discover(request)).first()
+            assert first is not None
+            firsts[first.instance_id] += 1
+        assert len(firsts) == 12
+        assert max(firsts.values()) < 50, firsts
     finally:
         await registry.stop()
