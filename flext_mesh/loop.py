@@ -29,9 +29,10 @@ import asyncio
 import itertools
 import logging
 import math
+import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["LAG_BUCKETS_SECONDS", "LagSnapshot", "LoopLagMonitor"]
@@ -110,6 +111,7 @@ class LoopLagMonitor:
         self._stalls = 0
         self._in_stall = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._time: Callable[[], float] = time.monotonic  # the loop's clock once started
         self._task: asyncio.Task[None] | None = None
         self._due = math.inf  # loop time the next wake-up is due; inf when not running
         self._next_warning = -math.inf
@@ -123,7 +125,7 @@ class LoopLagMonitor:
         if self._task is not None and not self._task.done():
             raise RuntimeError("the loop lag monitor is already running")
         loop = asyncio.get_running_loop()
-        self._loop = loop
+        self._loop, self._time = loop, loop.time
         self._due = loop.time() + self.interval
         self._task = loop.create_task(self._run(), name="loop-lag-monitor")
 
@@ -193,8 +195,7 @@ class LoopLagMonitor:
     # -- readings ----------------------------------------------------------------
 
     def _overdue(self) -> float:
-        loop = self._loop
-        return 0.0 if loop is None else max(0.0, loop.time() - self._due)
+        return max(0.0, self._time() - self._due)
 
     @property
     def lost_seconds(self) -> float:
@@ -205,7 +206,7 @@ class LoopLagMonitor:
         """``(stalled seconds, stalls)`` up to now, a stall still going on included.
 
         One reading for both, as lease expiry asks for it on every renewal."""
-        overdue = self._overdue()
+        overdue = self._time() - self._due
         if overdue <= self.stall_threshold:
             return self._stalled, self._stalls
         return self._stalled + overdue, self._stalls + (0 if self._in_stall else 1)
