@@ -1,12 +1,14 @@
 """Prometheus metrics of the control plane: one registry per control plane, the metrics
 of its own RPCs (a grpc.aio server interceptor), the mesh's call metrics (a collector
-over the metrics service's aggregates) and the ``/metrics`` route that exposes them.
+over the metrics service's aggregates), its event loop's lag (a collector over a
+LoopLagMonitor) and the ``/metrics`` route that exposes them.
 
 Wiring, in the control plane::
 
     obs = Observability()
     server = grpc.aio.server(interceptors=[obs.interceptor], ...)
     obs.set_call_source(metrics_service.call_series)   # on the event loop
+    obs.set_loop_monitor(monitor)                      # flext_mesh.loop.LoopLagMonitor
     http = WebServer(host, port, {**obs.routes(), ...})  # flext_mesh.dashboard.web
 """
 
@@ -38,11 +40,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.rpc.handlers import WrappingInterceptor
 from flext_mesh.version import __version__
 
@@ -52,6 +55,7 @@ __all__ = [
     "CallMetricsCollector",
     "CallOutcome",
     "CallSeries",
+    "LoopLagCollector",
     "Observability",
     "RpcMetricsInterceptor",
 ]
@@ -388,6 +392,53 @@ def _runs_on(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+# -- the event loop ---------------------------------------------------------------------
+
+
+class LoopLagCollector(Collector):
+    """Exposes a LoopLagMonitor at scrape time: ``flext_mesh_event_loop_lag_seconds``
+    (histogram of how late its 0.1 s timer fired; the sum is the time the loop lost)
+    and ``flext_mesh_event_loop_lag_max_seconds`` (the largest lag in its window, 60 s).
+
+    Reads the monitor without the loop, so a scrape is answered even while the loop is
+    slow, and costs the loop nothing.
+    """
+
+    def __init__(self, monitor: LoopLagMonitor) -> None:
+        """Collect from ``monitor`` (started and stopped by its owner)."""
+        self._monitor = monitor
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric names (so the registry rejects duplicates)."""
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        """The two families from the monitor's current record."""
+        return self._families(self._monitor)
+
+    @staticmethod
+    def _families(monitor: LoopLagMonitor | None) -> list[Metric]:
+        lag = HistogramMetricFamily(
+            "flext_mesh_event_loop_lag_seconds",
+            "How late the control plane's event loop ran a periodic timer; while it is "
+            "late nothing else runs on the loop (the sum is the time it lost).",
+        )
+        lag_max = GaugeMetricFamily(
+            "flext_mesh_event_loop_lag_max_seconds",
+            "The largest event loop lag in the last minute.",
+        )
+        if monitor is not None:
+            snap = monitor.snapshot()
+            les = (*(_format_le(bound) for bound in snap.bucket_bounds), "+Inf")
+            lag.add_metric(
+                [],
+                [(le, float(n)) for le, n in zip(les, snap.cumulative_counts, strict=True)],
+                snap.sum_seconds,
+            )
+            lag_max.add_metric([], snap.recent_max_seconds)
+        return [lag, lag_max]
+
+
 # -- the bundle -------------------------------------------------------------------------
 
 
@@ -414,6 +465,7 @@ class Observability:
             PlatformCollector(registry=self.registry)  # python_info
             GCCollector(registry=self.registry)  # python_gc_* (CPython)
         self._calls: CallMetricsCollector | None = None
+        self._loop_lag: LoopLagCollector | None = None
 
     def set_call_source(self, source: Callable[[], Iterable[CallSeries]] | None) -> None:
         """Expose the mesh call metrics from ``source`` (None removes them). Call it on
@@ -429,6 +481,15 @@ class Observability:
                 loop = None
             self._calls = CallMetricsCollector(source, loop=loop)
             self.registry.register(self._calls)
+
+    def set_loop_monitor(self, monitor: LoopLagMonitor | None) -> None:
+        """Expose the event loop lag measured by ``monitor`` (None removes it)."""
+        if self._loop_lag is not None:
+            self.registry.unregister(self._loop_lag)
+            self._loop_lag = None
+        if monitor is not None:
+            self._loop_lag = LoopLagCollector(monitor)
+            self.registry.register(self._loop_lag)
 
     def render(self, *, gzipped: bool = False) -> bytes:
         """The exposition in Prometheus text format (blocking: run it in a thread)."""

@@ -27,6 +27,7 @@ from flext_mesh.dashboard.access import authorizer, http_ssl_context
 from flext_mesh.dashboard.web import WebServer
 from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
+from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.metrics.aggregator import AggregatorSettings
 from flext_mesh.metrics.service import Metrics
 from flext_mesh.observability import CallSeries, Observability
@@ -114,6 +115,9 @@ class ControlPlane:
         self.config = config
         self.store = store
         self.observability = Observability()
+        #: Measures stalls of the event loop: /metrics and a warning for each long one.
+        self.loop_monitor = LoopLagMonitor()
+        self.observability.set_loop_monitor(self.loop_monitor)
         #: Several replicas may share an etcd store; a SQLite file has one owner.
         shared_store = config.store.startswith("etcd://")
         self._split_fallbacks = Counter(
@@ -211,6 +215,7 @@ class ControlPlane:
         sys.setswitchinterval(self.config.switch_interval_ms / 1000)
         await self.store.open()
         try:
+            self.loop_monitor.start()
             await self.registry.start()
             await self.metrics.start()
             await self.orchestrator.start()
@@ -235,6 +240,7 @@ class ControlPlane:
             await self.metrics.stop()
             await self.registry.stop()
             await self.store.close()
+            await self.loop_monitor.aclose()
             raise
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -268,6 +274,7 @@ class ControlPlane:
         await self.metrics.stop()
         await self.registry.stop()
         await self.store.close()
+        await self.loop_monitor.aclose()
 
     async def _list_operations(self, instance: registry_pb2.ServiceInstance) -> set[str]:
         """The operations an instance serves (ProcessorService.ListOperations, 2 s)."""

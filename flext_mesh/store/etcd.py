@@ -35,6 +35,11 @@ about 0.5 s of its deadline; a transaction is limited to etcd's ``--max-txn-ops`
 (128 by default) operations; history is kept until etcd compacts it (configure
 ``--auto-compaction-*`` on etcd). A lease cannot change its TTL while it lives, so
 ``grant_lease`` with the id of a live lease renews it only when the TTL is the same.
+Stalls of this process count against leases: etcd times them on its own clock, so a
+renewal held up while this process's event loop is stalled reaches etcd late, and a
+stall longer than what is left of a lease's TTL lets etcd expire it (the SQLite store
+stops lease time during stalls; etcd extends leases only when its leader changes).
+The control plane's ``flext_mesh_event_loop_lag_seconds`` shows such stalls.
 """
 
 from __future__ import annotations

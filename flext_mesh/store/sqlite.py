@@ -12,6 +12,25 @@ after a restart every lease gets one full TTL of grace, so a restart never evict
 whole mesh. A sweeper task revokes expired leases in one batch per tick, so watchers
 see one coalesced revision instead of a stampede.
 
+Stalls: a lease renewed on time does not expire because this process stopped running
+for a while (a long callback, CPU starvation). Deadlines are kept in *lease time*: the
+monotonic clock minus the time the event loop lost to stalls, as the store's own
+LoopLagMonitor measures it (a stall: consecutive 0.1 s ticks each more than 0.25 s
+late; its length: their lateness added up), minus ``stall_grace`` (0.5 s) per stall.
+Lease time never runs backwards: after a stall it stands still until the clock has
+made up the grace. So a stall of S seconds pushes every deadline about S + 0.5 s later
+(the ~0.1 s before the monitor's tick came due is not counted), as etcd's lessor
+extends every lease by an election timeout when it takes over (``Promote``). The grace
+is for the renewals gRPC queued during the stall: they are served after it, one read
+at a time, so yielding to the loop once would not let them through. A stall counts as
+soon as the loop runs again, before the monitor itself does, so the first renewal
+served after it, or the sweeper if it runs first, already sees the pushed deadlines;
+stalls that began while the sweeper waited on a write count the same. Lags under
+0.25 s do not count: they hold a renewal up by no more than that. A lease nobody
+renews still expires, later by what stalls took plus their grace. A store given its
+own ``clock`` (a test's fake) does not do this: stalls happen in real time, not in
+that clock's.
+
 Faults: a write that SQLite refuses (disk full, I/O error) fails with StoreUnavailable
 and changes nothing, neither on disk nor in memory (revision, lease deadlines,
 listeners); once the disk has room again, writes succeed without a restart. A file
@@ -24,6 +43,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -37,6 +57,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from flext_mesh.errors import StoreUnavailable
+from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.store.base import (
     Compacted,
     Compare,
@@ -126,10 +147,16 @@ class SqliteStore:
         sweep_interval: float = 0.25,
         read_threads: int = 2,
         clock: Callable[[], float] = time.monotonic,
+        stall_grace: float = 0.5,
     ) -> None:
-        """``clock`` (monotonic seconds) times lease deadlines; tests pass a fake one."""
+        """``clock`` (monotonic seconds) times lease deadlines; tests pass a fake one.
+        ``stall_grace``: seconds every lease gets on top of what a stall of the event
+        loop took (see the module docstring)."""
         self.path = Path(path)
         self._clock = clock
+        self._stall_grace = stall_grace
+        self._lag: LoopLagMonitor | None = None  # measures stalls; None with a fake clock
+        self._lease_time = -math.inf  # the latest lease time handed out (it never falls)
         self.url = f"sqlite:///{self.path}"
         self._synchronous = synchronous
         self._history = history_revisions
@@ -147,7 +174,7 @@ class SqliteStore:
         self._subs: set[Subscription] = set()
         self._listeners: dict[int, tuple[str, Listener]] = {}
         self._next_listener = 0
-        self._deadlines: dict[str, tuple[float, float]] = {}  # lease -> (ttl s, monotonic)
+        self._deadlines: dict[str, tuple[float, float]] = {}  # lease -> (ttl s, lease time)
         self._sweeper: asyncio.Task[None] | None = None
         self._revision = 0
         self._compact_revision = 0
@@ -166,7 +193,9 @@ class SqliteStore:
         self._revision = _meta(conn, "revision")
         self._compact_revision = _meta(conn, "compact_revision")
         self._max_pages = int(conn.execute("PRAGMA max_page_count").fetchone()[0])
-        now = self._clock()
+        # Lease time starts again from the clock: every lease is reloaded below.
+        self._lag, self._lease_time = None, -math.inf
+        now = self._lease_now()
         for lease_id, ttl_ms in conn.execute("SELECT lease_id, ttl_ms FROM leases"):
             # One full TTL of grace after a restart (see the module docstring).
             self._deadlines[lease_id] = (ttl_ms / 1000.0, now + ttl_ms / 1000.0)
@@ -176,6 +205,11 @@ class SqliteStore:
         )
         self._writer.start()
         self._closed = False
+        if self._clock is time.monotonic:
+            # Its stalls start at none, so lease time goes on from the clock. No
+            # warnings: the process's own monitor logs stalls.
+            self._lag = LoopLagMonitor(log_stalls=False)
+            self._lag.start()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="store-lease-sweeper")
         _log.info(
             "store opened path=%s schema=%d revision=%d leases=%d",
@@ -193,6 +227,8 @@ class SqliteStore:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._lag is not None:
+            await self._lag.aclose()
         # Readers first: the writer's connection, closed last, then checkpoints the WAL
         # into the file and removes it (a read-only connection cannot), so a cleanly
         # stopped store is one file.
@@ -599,7 +635,7 @@ class SqliteStore:
             ctx.conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, ttl_ms))
 
         await self._write(write)
-        self._deadlines[lease] = (ttl, self._clock() + ttl)
+        self._deadlines[lease] = (ttl, self._lease_now() + ttl)
         return LeaseInfo(lease, ttl, time.time() + ttl)
 
     async def keep_alive(self, lease_id: str) -> LeaseInfo:
@@ -609,7 +645,7 @@ class SqliteStore:
     def keep_alive_now(self, lease_id: str) -> LeaseInfo:
         """Synchronous renewal for hot paths on the event loop (it touches only memory)."""
         entry = self._deadlines.get(lease_id)
-        now = self._clock()
+        now = self._lease_now()
         if entry is None or entry[1] <= now:
             raise LeaseNotFound(f"lease {lease_id} not found or expired")
         ttl = entry[0]
@@ -626,12 +662,22 @@ class SqliteStore:
 
     async def leases(self) -> list[LeaseInfo]:
         """Every live lease with its current expiry."""
-        now_m, now_w = self._clock(), time.time()
+        now_m, now_w = self._lease_now(), time.time()
         return [
             LeaseInfo(lease, ttl, now_w + (deadline - now_m))
             for lease, (ttl, deadline) in self._deadlines.items()
             if deadline > now_m
         ]
+
+    def _lease_now(self) -> float:
+        """Now in lease time: the clock minus what stalls of the loop took and their
+        grace, never below a value already handed out (see the module docstring)."""
+        now = self._clock()
+        if self._lag is not None:
+            stalled, stalls = self._lag.stall_totals()
+            now -= stalled + stalls * self._stall_grace
+        self._lease_time = max(self._lease_time, now)
+        return self._lease_time
 
     async def _sweep_forever(self) -> None:
         failing = 0
@@ -651,13 +697,14 @@ class SqliteStore:
                 failing = 0
 
     async def expire_due(self) -> int:
-        """Revoke every lease past its deadline in one write; returns how many."""
-        now = self._clock()
+        """Revoke every lease past its deadline (in lease time) in one write; returns
+        how many."""
+        now = self._lease_now()
         due = [lease for lease, (_, deadline) in self._deadlines.items() if deadline <= now]
         if not due:
             return 0
         await self._write(lambda ctx: _revoke(ctx, due, expired=True))
-        now = self._clock()
+        now = self._lease_now()
         for lease in due:
             entry = self._deadlines.get(lease)
             if entry is not None and entry[1] <= now:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -82,6 +84,38 @@ async def test_scrape_shows_mesh_calls_and_the_control_planes_own_rpcs(tmp_path:
     assert handled[("ReportCalls", "OK")] == 1.0
     assert handled[("GetServiceReport", "NOT_FOUND")] == 1.0
     assert "flext_mesh_build_info" in families
+
+
+def _stall_the_loop(seconds: float) -> None:
+    """Hold the event loop, as a blocking call in a handler would: nothing else runs."""
+    time.sleep(seconds)
+
+
+async def test_scrape_shows_the_event_loop_lag_and_a_stall_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flext_mesh.loop")
+    plane, _ = await create_server(fast_config(tmp_path))
+    try:
+        await asyncio.sleep(0.25)
+        _stall_the_loop(0.4)
+        await asyncio.sleep(0.15)
+        families = await asyncio.to_thread(_scrape, plane.http_port)
+    finally:
+        await plane.stop(0.2)
+
+    lag = {(s[0], s[1].get("le")): s[2] for s in families["flext_mesh_event_loop_lag_seconds"]}
+    count = lag[("flext_mesh_event_loop_lag_seconds_count", None)]
+    assert count >= 3
+    assert lag[("flext_mesh_event_loop_lag_seconds_bucket", "+Inf")] == count
+    assert lag[("flext_mesh_event_loop_lag_seconds_bucket", "0.25")] <= count - 1
+    assert lag[("flext_mesh_event_loop_lag_seconds_sum", None)] >= 0.3
+    [(_, _, lag_max)] = families["flext_mesh_event_loop_lag_max_seconds"]
+    assert lag_max >= 0.3
+    # One warning, from the control plane's monitor (the store's own stays quiet).
+    stalls = [r.getMessage() for r in caplog.records if r.name == "flext_mesh.loop"]
+    assert len(stalls) == 1, stalls
+    assert stalls[0].startswith("event loop stalled for 0.")
 
 
 # -- /metrics served alone ------------------------------------------------------------

@@ -214,3 +214,50 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
+
+
+async def test_a_stall_of_the_loop_expires_no_lease_renewed_on_time(tmp_path: Path) -> None:
+    # Leases of 1 s renewed right before the loop stalls for 2.5 s: their deadlines pass
+    # during the stall, the renewals come after it. "first" is renewed before anything
+    # else runs, "later" after the sweeper has had its turns; "lapsed" never again.
+    grace = 0.25
+    s = SqliteStore(tmp_path / "stall.db", sweep_interval=0.05, stall_grace=grace)
+    await s.open()
+    try:
+        leases = {name: (await s.grant_lease(1)).lease_id for name in ("first", "later", "lapsed")}
+        for name, lease_id in leases.items():
+            await s.put(f"/inst/{name}", b"x", lease=lease_id)
+        sub = s.subscribe("/inst/")
+        await asyncio.sleep(0.12)  # the sweeper and the stall monitor are running
+        for lease_id in leases.values():
+            s.keep_alive_now(lease_id)
+
+        _stall_the_loop(2.5)
+        stall_ended = time.monotonic()
+        s.keep_alive_now(leases["first"])  # LeaseNotFound here was the bug
+        await asyncio.sleep(0.15)  # three sweeps
+        await s.keep_alive(leases["later"])
+
+        while await s.get("/inst/lapsed") is not None:
+            assert time.monotonic() - stall_ended < 1 + grace + 0.75, "lapsed never expired"
+            await s.keep_alive(leases["first"])
+            await s.keep_alive(leases["later"])
+            await asyncio.sleep(0.05)
+        expired_after = time.monotonic() - stall_ended
+        # Its deadline went by during the stall; the stall did not count.
+        assert expired_after > 0.5
+        assert [k.key for k in await s.range("/inst/")] == ["/inst/first", "/inst/later"]
+        async with asyncio.timeout(2):
+            batch = await anext(aiter(sub))
+        assert [(e.key, e.expired) for e in batch] == [("/inst/lapsed", True)]
+        assert {lease.lease_id for lease in await s.leases()} == {
+            leases["first"],
+            leases["later"],
+        }
+    finally:
+        await s.close()
+
+
+def _stall_the_loop(seconds: float) -> None:
+    """Hold the event loop, as a blocking call in a handler would: nothing else runs."""
+    time.sleep(seconds)
