@@ -980,6 +980,8 @@ class WatchFigures:
     """Watchers open for the RSS figure with a target."""
     rss_mb: dict[str, float] = field(default_factory=dict)
     """Control-plane RSS by watchers open."""
+    probe: ProbeStats | None = None
+    """The Health/Check probe from each change to its last delivery."""
 
     def note_opens(self, failed: int, first_error: str) -> None:
         """Count a watcher process's failed opens."""
@@ -1059,8 +1061,11 @@ async def watch_fanout(
         figures.open_s = time.perf_counter() - started
         await asyncio.sleep(1.0)
         figures.rss_mb[f"{watchers + other_watchers:,} watchers"] = plane.rss_mb()
+        probe_ms: list[float] = []
+        probe_errors = 0
         for change in range(changes):
             await asyncio.sleep(0.5)
+            await asyncio.to_thread(bench.probe.take)  # from here to the last delivery
             request = register_request("watched", f"change-{change}")
             sent = time.monotonic_ns()
             reply = await stub.Register(request, timeout=30)
@@ -1071,6 +1076,9 @@ async def watch_fanout(
                     for h in handles
                 )
             )
+            taken, failed = await asyncio.to_thread(bench.probe.take)
+            probe_ms += taken
+            probe_errors += failed
             for latencies, missing, other_hits in reports:
                 figures.latencies_ms += latencies
                 figures.missing += missing
@@ -1081,6 +1089,7 @@ async def watch_fanout(
                 file=bench.out,
                 flush=True,
             )
+        figures.probe = ProbeStats.of(probe_ms, probe_errors)
     finally:
         await asyncio.gather(*(asyncio.to_thread(h.stop) for h in handles))
     return figures
@@ -1351,7 +1360,8 @@ def report(
         + (f" (first: {watch.open_error})" if watch.open_error else "")
         + "; "
         f"watchers of the other service notified: {watch.other_hits} (expected 0: "
-        f"{'met' if watch.other_hits == 0 else 'MISSED'})",
+        f"{'met' if watch.other_hits == 0 else 'MISSED'}); probe p50/p99/max during the "
+        f"deliveries: {watch.probe or '-'} ms",
         file=out,
     )
     rss = watch.rss_mb.get(f"{watch.rss_watchers:,} watchers", math.nan)
@@ -1410,6 +1420,7 @@ def report(
             "failed_opens": watch.failed_opens,
             "open_error": watch.open_error,
             "open_s": watch.open_s,
+            "probe": watch.probe,
         },
         "rss_mb": {"idle": rss_idle, "instances": watch.instances, "by_watchers": watch.rss_mb},
         "writes": {"loads": write.loads, "rates": write.rates},
