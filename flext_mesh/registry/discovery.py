@@ -41,6 +41,8 @@ THREAD_AT = 1000
 #: An answer's instances are re-encoded at most this often when they were renewed
 #: (their last_renew_time moved), seconds.
 RENEWAL_REFRESH = 1.0
+#: New encodings handed to the cache between two yields to the event loop.
+_KEEP_SLICE = 2000
 #: Most instances all cached answers may hold together (memory stays bounded).
 MAX_CACHED_INSTANCES = 200_000
 
@@ -208,7 +210,7 @@ class Discovery:
                 answer, fresh = await loop.run_in_executor(self._executor, build)
             else:
                 answer, fresh = build()
-            self._cache.keep_encodings(fresh)
+            await self._keep(fresh)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters (if any) get it too
@@ -345,7 +347,15 @@ class Discovery:
         else:
             encodings, fresh = self._cache.encodings_of(members)
         answer.encodings = encodings
-        self._cache.keep_encodings(fresh)
+        await self._keep(fresh)
+
+    async def _keep(self, fresh: list[tuple[registry_pb2.ServiceInstance, bytes]]) -> None:
+        """Hand new encodings to the cache, a slice at a time (there may be thousands
+        after a burst of renewals or at start-up)."""
+        for start in range(0, len(fresh), _KEEP_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self._cache.keep_encodings(fresh[start : start + _KEEP_SLICE])
 
     # -- ListServices ----------------------------------------------------------------
 

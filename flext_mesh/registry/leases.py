@@ -9,13 +9,14 @@ store with the instance's next change, so after a restart it reads as of that wr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from flext_mesh.errors import (
     FieldViolation,
@@ -37,6 +38,8 @@ _log = logging.getLogger("flext_mesh.registry")
 _HS = registry_pb2.HealthStatus
 #: Most leases one KeepAlive message renews.
 MAX_KEEP_ALIVE = 1000
+#: Renewals handled between two yields to the event loop.
+_SLICE = 250
 
 
 class Leases:
@@ -177,7 +180,9 @@ class Leases:
             )
         response = registry_pb2.KeepAliveResponse()
         renewed = self._cache.renewed
-        for lease_id in lease_ids:
+        for i, lease_id in enumerate(lease_ids):
+            if i and not i % _SLICE:
+                await asyncio.sleep(0)  # a full message is 1,000 renewals: let others in
             try:
                 info = await self._store.keep_alive(lease_id)
             except NotFound:
@@ -197,10 +202,15 @@ class Leases:
 
 
 def _lease(lease_id: str, ttl: float, expires_at: float) -> registry_pb2.Lease:
-    lease = registry_pb2.Lease(lease_id=lease_id)
-    lease.ttl.FromNanoseconds(int(ttl * 1e9))
-    lease.expire_time.FromNanoseconds(int(expires_at * 1e9))
-    return lease
+    ttl_ns = int(ttl * 1e9)
+    expires_ns = int(expires_at * 1e9)
+    return registry_pb2.Lease(
+        lease_id=lease_id,
+        ttl=duration_pb2.Duration(seconds=ttl_ns // 1_000_000_000, nanos=ttl_ns % 1_000_000_000),
+        expire_time=timestamp_pb2.Timestamp(
+            seconds=expires_ns // 1_000_000_000, nanos=expires_ns % 1_000_000_000
+        ),
+    )
 
 
 async def _quietly_revoke(store: Store, lease_id: str) -> None:
