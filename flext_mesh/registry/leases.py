@@ -29,7 +29,7 @@ from flext_mesh.names import check_name, raise_if
 from flext_mesh.registry.cache import InstanceCache, instance_key
 from flext_mesh.registry.validation import DEFAULT_WEIGHT, validate_instance, validate_ttl
 from flext_mesh.registry.weights import Weights
-from flext_mesh.store.base import Put, Store
+from flext_mesh.store.base import LeaseInfo, Store
 from flext_mesh.v1 import registry_pb2
 
 __all__ = ["Leases"]
@@ -144,16 +144,15 @@ class Leases:
             new.uptime_percentage = 100.0
             new.register_time.GetCurrentTime()
         new.effective_weight = self._weights.weight_of(new)
-        lease = await self._store.grant_lease(seconds)
-        new.lease_id = lease.lease_id
-        new.last_renew_time.GetCurrentTime()
-        try:
-            key = instance_key(new.service_name, new.instance_id)
-            put = Put(key, new.SerializeToString(), lease.lease_id)
-            result = await self._store.txn((), (put,))
-        except BaseException:
-            await _quietly_revoke(self._store, lease.lease_id)
-            raise
+        key = instance_key(new.service_name, new.instance_id)
+
+        def value(lease: LeaseInfo) -> bytes:
+            new.lease_id = lease.lease_id
+            new.last_renew_time.GetCurrentTime()
+            return new.SerializeToString()
+
+        # One durable write for the lease and the instance (one commit on SQLite).
+        lease, result = await self._store.put_with_lease(key, value, seconds)
         if previous is not None and previous.lease_id != lease.lease_id:
             await _quietly_revoke(self._store, previous.lease_id)
         stored = self._cache.get(new.service_name, new.instance_id) or new

@@ -242,6 +242,13 @@ class Store(Protocol):
     async def grant_lease(self, ttl: float, *, lease_id: str | None = None) -> LeaseInfo:
         """Create (or with a known id, replace) a lease of ``ttl`` seconds."""
 
+    async def put_with_lease(
+        self, key: str, value: Callable[[LeaseInfo], bytes], ttl: float
+    ) -> tuple[LeaseInfo, TxnResult]:
+        """Grant a lease of ``ttl`` seconds and put ``key`` under it, its value made by
+        ``value(lease)``. One durable write where the backend can (SQLite); else a
+        grant then a put, the lease revoked again if the put fails."""
+
     async def keep_alive(self, lease_id: str) -> LeaseInfo:
         """Renew a lease for its TTL; LeaseNotFound when it expired or never existed."""
 

@@ -45,6 +45,7 @@ The control plane's ``flext_mesh_event_loop_lag_seconds`` shows such stalls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -598,6 +599,20 @@ class EtcdStore:
         return revision
 
     # -- leases ------------------------------------------------------------------
+
+    async def put_with_lease(
+        self, key: str, value: Callable[[LeaseInfo], bytes], ttl: float
+    ) -> tuple[LeaseInfo, TxnResult]:
+        """Grant a lease, then put ``key`` under it (etcd has no grant inside a Txn);
+        the lease is revoked again if the put fails."""
+        lease = await self.grant_lease(ttl)
+        try:
+            result = await self.txn((), (Put(key, value(lease), lease.lease_id),))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.revoke_lease(lease.lease_id)
+            raise
+        return lease, result
 
     async def grant_lease(self, ttl: float, *, lease_id: str | None = None) -> LeaseInfo:
         """Create a lease of ``ttl`` seconds, rounded up to whole seconds by etcd.

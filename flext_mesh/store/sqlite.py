@@ -638,6 +638,32 @@ class SqliteStore:
         self._deadlines[lease] = (ttl, self._lease_now() + ttl)
         return LeaseInfo(lease, ttl, time.time() + ttl)
 
+    async def put_with_lease(
+        self, key: str, value: Callable[[LeaseInfo], bytes], ttl: float
+    ) -> tuple[LeaseInfo, TxnResult]:
+        """Grant a lease and put ``key`` under it in one transaction (one commit)."""
+        if ttl <= 0:
+            raise ValueError("lease ttl must be positive")
+        lease = uuid.uuid4().hex
+        ttl_ms = round(ttl * 1000)
+        info = LeaseInfo(lease, ttl, time.time() + ttl)
+        data = value(info)
+
+        def write(ctx: _WriteCtx) -> TxnResult:
+            ctx.conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (lease, ttl_ms))
+            _apply(ctx, Put(key, data, lease))
+            return TxnResult(True, ctx.revision, tuple(ctx.events))
+
+        # Known before the write: a caller cancelled while it commits still leaves a
+        # lease the sweeper times out (revoking one that never committed is harmless).
+        self._deadlines[lease] = (ttl, self._lease_now() + ttl)
+        try:
+            result = await self._write(write)
+        except Exception:
+            self._deadlines.pop(lease, None)
+            raise
+        return info, result
+
     async def keep_alive(self, lease_id: str) -> LeaseInfo:
         """Renew a lease in memory (no disk write); LeaseNotFound when gone."""
         return self.keep_alive_now(lease_id)

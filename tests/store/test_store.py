@@ -146,6 +146,31 @@ async def test_an_unrenewed_lease_expires_and_its_keys_go_as_expired(store: Stor
     assert lease.lease_id not in {info.lease_id for info in await store.leases()}
 
 
+async def test_put_with_lease_writes_a_key_that_lives_and_dies_with_its_new_lease(
+    store: Store,
+) -> None:
+    seen: list[Event] = []
+    store.listen("/pl/", seen.extend)
+    lease, result = await store.put_with_lease("/pl/a", lambda info: info.lease_id.encode(), 1)
+    assert result.succeeded
+    kv = await store.get("/pl/a")
+    assert kv is not None
+    assert (kv.value, kv.lease, kv.mod_revision) == (
+        lease.lease_id.encode(),
+        lease.lease_id,
+        result.revision,
+    )
+    assert [(e.type, e.key) for e in seen] == [(EventType.PUT, "/pl/a")]
+    renewed = await store.keep_alive(lease.lease_id)
+    assert renewed.lease_id == lease.lease_id
+    deadline = time.monotonic() + 6
+    while await store.get("/pl/a") is not None:
+        assert time.monotonic() < deadline, "the lease never expired"
+        await asyncio.sleep(0.1)
+    with pytest.raises(LeaseNotFound):
+        await store.keep_alive(lease.lease_id)
+
+
 async def test_revoke_deletes_the_leases_keys_as_a_deregistration(store: Store) -> None:
     lease = await store.grant_lease(30)
     await store.put("/r/1", b"1", lease=lease.lease_id)
