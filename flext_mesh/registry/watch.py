@@ -1,11 +1,13 @@
 """Fan-out of registry changes to Watch streams.
 
 Watchers with the same service filter share a *channel*: one log of batches, each
-translated and serialized once (all watchers of ``payment`` send the same bytes), and
-one wake-up future. Publishing a change costs one batch per channel that wants it plus
-one future completion, whatever the number of watchers; channels of other services are
-not touched (an index by service name finds the channels a change concerns). Each
-watcher reads the log from its own cursor, so a slow stream delays nobody else.
+translated and serialized once (all watchers of ``payment`` send the same bytes).
+Publishing a change costs one batch per channel that wants it; channels of other
+services are not touched (an index by service name finds the channels a change
+concerns). The channel's waiting watchers are woken :data:`WAKE_SLICE` per turn of the
+event loop, so a change reaching 10,000 streams leaves room for other calls between
+slices. Each watcher reads the log from its own cursor, so a slow stream delays nobody
+else.
 
 A batch stays in the log until every watcher of the channel has read it. A watcher that
 falls more than ``max_pending`` batches behind is cut off with a status that tells it
@@ -44,9 +46,9 @@ class _Entry:
 
 
 class _Channel:
-    """The log and wake-up future shared by the watchers of one filter."""
+    """The log and the waiting watchers of one filter."""
 
-    __slots__ = ("closed", "first", "log", "max_pending", "services", "wakeup", "watchers")
+    __slots__ = ("closed", "first", "log", "max_pending", "services", "waiters", "watchers")
 
     def __init__(self, services: frozenset[str] | None, max_pending: int) -> None:
         self.services = services
@@ -54,7 +56,7 @@ class _Channel:
         self.log: deque[_Entry] = deque()
         self.first = 0  # sequence number of log[0]
         self.watchers: set[Watcher] = set()
-        self.wakeup: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters: deque[asyncio.Future[bool]] = deque()
         self.closed = False
 
     @property
@@ -77,10 +79,24 @@ class _Channel:
         self.closed = True
         self._wake()
 
+    def wait(self) -> asyncio.Future[bool]:
+        """A future set True at the next wake-up (a watcher's own: cancelling it
+        touches nobody else)."""
+        waiters = self.waiters
+        if len(waiters) > 2 * len(self.watchers) + 16:
+            # Timed-out waits of idle watchers: drop them now and then.
+            self.waiters = waiters = deque(w for w in waiters if not w.done())
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        return future
+
     def _wake(self) -> None:
-        if not self.wakeup.done():
-            self.wakeup.set_result(None)
-        self.wakeup = asyncio.get_running_loop().create_future()
+        """Wake every waiting watcher, :data:`WAKE_SLICE` per turn of the event loop,
+        so that thousands of streams never keep the loop from other work."""
+        if not self.waiters:
+            return
+        waking, self.waiters = self.waiters, deque()
+        _wake_slice(asyncio.get_running_loop(), waking)
 
     def release(self, upto: int, start: int) -> None:
         """A watcher read (or gave up) the entries from ``start`` up to ``upto``."""
@@ -127,9 +143,19 @@ class Watcher:
         while self._cursor >= channel.end:
             if channel.closed or self.overflowed:
                 return None
-            wakeup = channel.wakeup
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(wakeup)
+            future = channel.wait()
+            timer = (
+                asyncio.get_running_loop().call_later(timeout, _time_out, future)
+                if timeout is not None
+                else None
+            )
+            try:
+                woken = await future
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if not woken:
+                raise TimeoutError
         if self.overflowed:
             return None
         seq = self._cursor
@@ -215,6 +241,24 @@ class WatchHub:
             batch = make_batch([e for e in events if e.service_name in wanted])
             if batch is not None:
                 channel.append(batch)
+
+
+#: Watchers woken per turn of the event loop when a change reaches many of them.
+WAKE_SLICE = 256
+
+
+def _wake_slice(loop: asyncio.AbstractEventLoop, waking: deque[asyncio.Future[bool]]) -> None:
+    for _ in range(min(WAKE_SLICE, len(waking))):
+        future = waking.popleft()
+        if not future.done():
+            future.set_result(True)
+    if waking:
+        loop.call_soon(_wake_slice, loop, waking)
+
+
+def _time_out(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(False)
 
 
 def make_batch(events: list[registry_pb2.WatchEvent]) -> Batch | None:

@@ -15,7 +15,7 @@ import pytest
 from flext_mesh.errors import InvalidArgument
 from flext_mesh.registry import discovery
 from flext_mesh.registry.registry import Registry, RegistrySettings
-from flext_mesh.registry.watch import WatchHub
+from flext_mesh.registry.watch import WAKE_SLICE, Watcher, WatchHub
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import registry_pb2
@@ -236,3 +236,35 @@ async def test_answers_rebuilt_on_every_change_do_not_favour_one_instance(
         assert max(firsts.values()) < 50, firsts
     finally:
         await registry.stop()
+
+
+async def test_a_change_wakes_thousands_of_watchers_a_slice_per_turn_of_the_loop() -> None:
+    hub = WatchHub(max_pending=8)
+    watchers = [hub.add(["pay"]) for _ in range(1000)]
+    received: list[int] = []
+
+    async def read(watcher: Watcher) -> None:
+        batch = await watcher.next(10)
+        assert batch is not None
+        received.append(batch.last_revision)
+
+    tasks = [asyncio.create_task(read(w)) for w in watchers]
+    await asyncio.sleep(0)  # every reader waits
+    hub.publish([registry_pb2.WatchEvent(revision=9, service_name="pay")])
+    turns = 0
+    while len(received) < 1000:
+        await asyncio.sleep(0)
+        turns += 1
+        assert turns < 100
+    assert received == [9] * 1000
+    assert turns >= 1000 // WAKE_SLICE, "not all woken in one turn: other work gets in"
+    await asyncio.gather(*tasks)
+
+
+async def test_an_idle_watcher_times_out_and_leaves_no_waits_behind() -> None:
+    hub = WatchHub()
+    watcher = hub.add(["pay"])
+    for _ in range(100):
+        with pytest.raises(TimeoutError):
+            await watcher.next(0)
+    assert len(watcher._channel.waiters) <= 2 * 1 + 16 + 1
