@@ -26,7 +26,7 @@ from flext_mesh.errors import (
     StoreUnavailable,
 )
 from flext_mesh.names import check_name, raise_if
-from flext_mesh.registry.cache import InstanceCache, instance_key
+from flext_mesh.registry.cache import InstanceCache, instance_key, stamp_now
 from flext_mesh.registry.validation import DEFAULT_WEIGHT, validate_instance, validate_ttl
 from flext_mesh.registry.weights import Weights
 from flext_mesh.store.base import LeaseInfo, Store
@@ -142,13 +142,13 @@ class Leases:
                 else _HS.HEALTH_STATUS_UNKNOWN
             )
             new.uptime_percentage = 100.0
-            new.register_time.GetCurrentTime()
+            stamp_now(new.register_time)
         new.effective_weight = self._weights.weight_of(new)
         key = instance_key(new.service_name, new.instance_id)
 
         def value(lease: LeaseInfo) -> bytes:
             new.lease_id = lease.lease_id
-            new.last_renew_time.GetCurrentTime()
+            stamp_now(new.last_renew_time)
             return new.SerializeToString()
 
         # One durable write for the lease and the instance (one commit on SQLite).
