@@ -306,16 +306,18 @@ class InstanceCache:
         out: list[registry_pb2.WatchEvent] = []
         changes: list[InstanceChange] = []
         policies: list[str] = []
+        hub = self.hub
         for event in events:
             if event.key.startswith(POLICIES):
                 out.append(self._apply_policy(event))
                 policies.append(out[-1].service_name)
             else:
-                watch_event, change = self._apply_instance(event)
-                out.append(watch_event)
+                change = self._apply_instance(event)
                 changes.append(change)
+                if hub.watched(change.service):  # no WatchEvent nobody would read
+                    out.append(translate(event, change.new))
             self.revision = max(self.revision, event.revision)
-        self.hub.publish(out)
+        hub.publish(out)
         for change in changes:
             for instance_listener in self._instance_listeners:
                 instance_listener(change)
@@ -323,16 +325,13 @@ class InstanceCache:
             for policy_listener in self._policy_listeners:
                 policy_listener(service)
 
-    def _apply_instance(self, event: Event) -> tuple[registry_pb2.WatchEvent, InstanceChange]:
+    def _apply_instance(self, event: Event) -> InstanceChange:
         service_name, instance_id = split_key(event.key)
         if event.type is EventType.PUT:
             instance = registry_pb2.ServiceInstance.FromString(event.value)
             instance.revision = event.revision
             previous = self._put(instance)
-            return (
-                translate(event, instance),
-                InstanceChange(service_name, instance_id, previous, instance),
-            )
+            return InstanceChange(service_name, instance_id, previous, instance)
         service = self._services.get(service_name, {})
         gone = service.pop(instance_id, None)
         if gone is not None:
@@ -344,7 +343,7 @@ class InstanceCache:
             self._services.pop(service_name, None)
             self._service_revision.pop(service_name, None)
             self._renewals.pop(service_name, None)
-        return translate(event, None), InstanceChange(service_name, instance_id, gone, None)
+        return InstanceChange(service_name, instance_id, gone, None)
 
     def _apply_policy(self, event: Event) -> registry_pb2.WatchEvent:
         out = translate_event(event)

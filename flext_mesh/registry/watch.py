@@ -187,6 +187,10 @@ class WatchHub:
     def __len__(self) -> int:
         return self._count
 
+    def watched(self, service: str) -> bool:
+        """Whether any watcher wants changes of ``service``."""
+        return None in self._channels or service in self._by_service
+
     def add(self, services: Iterable[str] = ()) -> Watcher:
         """Register a watcher of ``services`` (empty: all); it starts buffering at once."""
         names = frozenset(services) or None
