@@ -268,3 +268,22 @@ async def test_an_idle_watcher_times_out_and_leaves_no_waits_behind() -> None:
         with pytest.raises(TimeoutError):
             await watcher.next(0)
     assert len(watcher._channel.waiters) <= 2 * 1 + 16 + 1
+
+
+async def test_in_process_callers_read_the_answer_without_decoding(store: SqliteStore) -> None:
+    registry = Registry(store, RegistrySettings(refresh_interval=3600))
+    await registry.start()
+    try:
+        for i in range(5):
+            await registry.register(_instance(f"i{i}", weight=10 * (i + 1)))
+        for limit in (0, 3):
+            answer = await registry.discover(
+                registry_pb2.DiscoverRequest(service_name="pay", limit=limit)
+            )
+            decoded = registry_pb2.DiscoverResponse.FromString(answer.payload())
+            instances = answer.instances()
+            assert list(decoded.instances) == instances
+            assert answer.first() is instances[0]
+            assert len(instances) == (limit or 5)
+    finally:
+        await registry.stop()
