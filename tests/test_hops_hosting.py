@@ -348,9 +348,9 @@ async def test_concurrent_calls_each_see_their_own_context_in_tasks_they_start(
     for seen in chain.async_witness.seen:
         by_id.setdefault(seen.correlation_id, []).append(seen)
     assert sorted(by_id) == ["cid-fast", "cid-slow"]
-    for cid, seen in by_id.items():
-        assert len(seen) == 2  # the processor's task and the task it started
-        for one in seen:
+    for cid, sightings in by_id.items():
+        assert len(sightings) == 2  # the processor's task and the task it started
+        for one in sightings:
             assert one.context is not None
             assert one.context.correlation_id == cid
             assert one.context.deadline is None  # the caller set none
@@ -388,3 +388,24 @@ def test_the_readme_s_nested_call_example_rejects_as_it_says() -> None:
     result = asyncio.run(checkout.arun_with_metrics("checkout", {"items": []}))
     assert (result.code, result.error) == ("INVALID_ARGUMENT", "items: at least one item")
     assert result.field_violations == (("items", "at least one item"),)
+
+
+def test_serving_nests_and_restores_the_outer_context() -> None:
+    outer = rpc_context.CallContext("outer", deadline=time.monotonic() + 10)
+    inner = rpc_context.CallContext("inner", traceparent=TRACEPARENT)
+    with rpc_context.serving(outer) as entered:
+        assert entered is outer
+        seen: list[rpc_context.CallContext | None] = []
+
+        def serve_inner() -> None:
+            with rpc_context.serving(inner):
+                seen.append(rpc_context.current())
+                raise KeyError("left by an exception")
+
+        with pytest.raises(KeyError):
+            serve_inner()
+        assert seen == [inner]
+        assert rpc_context.current() is outer
+        assert outer.metadata() == ()
+        assert inner.metadata() == (("traceparent", TRACEPARENT),)
+    assert rpc_context.current() is None
