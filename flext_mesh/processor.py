@@ -424,6 +424,10 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
         """The failure an exception in `stage` stands for: a MeshError's own (its code
         and details), anything else an INTERNAL failure, logged with its traceback."""
         if isinstance(exc, MeshError):
+            try:
+                failure: FlextResult[R] = exc.to_result()
+            except ValueError:  # code OK, a negative retry delay: a bug where it was raised
+                return self._internal_failure(exc, stage, context)
             # An answer, not a bug: no traceback. A fault of the infrastructure under a
             # nested call is worth a line; a business rejection is the caller's business.
             logger.log(
@@ -435,7 +439,7 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
                 exc.message,
                 context,
             )
-            return exc.to_result()
+            return failure
         return self._internal_failure(exc, stage, context)
 
     def _internal_failure(self, exc: Exception, stage: str, context: str) -> FlextResult[R]:

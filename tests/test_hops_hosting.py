@@ -409,3 +409,20 @@ def test_serving_nests_and_restores_the_outer_context() -> None:
         assert outer.metadata() == ()
         assert inner.metadata() == (("traceparent", TRACEPARENT),)
     assert rpc_context.current() is None
+
+
+def test_a_mesh_error_that_cannot_be_an_answer_is_a_bug() -> None:
+    class Odd(ServiceProcessor[dict[str, Any], None, None]):
+        def process(self, request: dict[str, Any]) -> FlextResult[None]:
+            if request["odd"] == "ok":
+                raise StatusError("fine?", grpc.StatusCode.OK)
+            raise ResourceExhausted("later", retry_after=-1)
+
+        def build(self, domain: None, *, correlation_id: str) -> None:
+            return domain
+
+    for odd in ("ok", "negative"):
+        result = Odd(metrics_sink=RunRecorder()).run_with_metrics("odd", {"odd": odd})
+        assert result.code == "INTERNAL"
+        assert result.error is not None
+        assert result.error.startswith("Odd.process raised")
