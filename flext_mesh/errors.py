@@ -21,7 +21,10 @@
 
 Servers raise these from domain code; :mod:`flext_mesh.rpc.status` turns them into
 statuses (validation errors carry ``google.rpc.BadRequest`` details, through
-grpcio-status) and client-side ``grpc.RpcError`` back into the same classes.
+grpcio-status) and client-side ``grpc.RpcError`` back into the same classes. A
+``ServiceProcessor`` that raises one (its own, or one a nested mesh call raised) fails
+with it as a ``FlextResult`` (:meth:`MeshError.to_result`), and the mesh answers its
+status: a business rejection stays one, hop after hop.
 
 What stops a process from starting (a flag, a file, an address, the store or the app
 to host) is a :class:`ConfigError`: never sent over an RPC, reported in one line by
@@ -49,12 +52,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import grpc
 
-if TYPE_CHECKING:
-    from flext_mesh.result import FlextResult
+from flext_mesh.result import FlextResult
 
 __all__ = [
     "INFRASTRUCTURE_CODES",
@@ -120,6 +122,16 @@ class MeshError(Exception):
     def code(self) -> grpc.StatusCode:
         """The gRPC status code of this error."""
         return self.grpc_status_code
+
+    def to_result(self) -> FlextResult[Any]:
+        """This error as a failed FlextResult: its code, message, field violations and
+        retry delay, so that a processor can return a nested call's error unchanged."""
+        return FlextResult.fail(
+            self.message,
+            code=self.code.name,
+            field_violations=getattr(self, "violations", None),
+            retry_after=getattr(self, "retry_after", None),
+        )
 
 
 class StatusError(MeshError):
@@ -265,13 +277,19 @@ def error_for_code(code: grpc.StatusCode | str) -> type[MeshError]:
 
 
 def from_result(result: FlextResult[Any]) -> MeshError:
-    """Turn a failed FlextResult into the error of its code, keeping field violations."""
+    """Turn a failed FlextResult into the error of its code, keeping field violations
+    and the retry delay (a code with no class of its own is a StatusError)."""
     message = result.error or "operation failed"
-    cls = error_for_code(result.code or "FAILED_PRECONDITION")
+    name = result.code or "FAILED_PRECONDITION"
+    cls = error_for_code(name)
     if cls is InvalidArgument:
         return InvalidArgument(
             message, [FieldViolation(f, d) for f, d in (result.field_violations or ())]
         )
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, result.retry_after)
+    if cls is MeshError:
+        return StatusError(message, _BY_NAME.get(name.upper(), grpc.StatusCode.UNKNOWN))
     return cls(message)
 
 

@@ -10,11 +10,22 @@ Async: `arun_with_metrics` awaits an async `process` and calls a sync one inline
 caller decides about thread pools). `run_with_metrics` on an async `process` uses
 `asyncio.run` when the current thread has no running loop, and raises `TypeError` inside
 a running loop.
+
+Failures: a `FlextResult.fail` is the processor's answer as it is. A `MeshError` raised
+in `process` or `build` (a rejection of the processor's own, or one a nested mesh call
+raised) is the same failure: its code, message, field violations and retry delay
+(`MeshError.to_result`), so a business rejection keeps its kind across hops. Any other
+exception is a bug: logged with its traceback, an `INTERNAL` failure.
+
+While `process` and `build` run, `self.correlation_id` is the run's correlation id (the
+inbound call's, when a sidecar serves it): a context variable, so it is right in every
+task and thread that serves a call at the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import threading
@@ -28,6 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import pydantic
 
+from flext_mesh.errors import MeshError, is_infrastructure
 from flext_mesh.result import FieldViolationPair, FlextResult
 
 __all__ = [
@@ -57,6 +69,11 @@ DEFAULT_MAX_RECORDS = 10_000
 _INTERNAL = "INTERNAL"
 _CANCELLED = "CANCELLED"
 _INVALID_ARGUMENT = "INVALID_ARGUMENT"
+
+# The correlation id of the run in progress in this context (task or thread).
+_run_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flext_mesh_run_correlation_id", default=None
+)
 
 
 def new_correlation_id() -> str:
@@ -245,6 +262,19 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
         return cleaned.splitlines()[0].strip() if cleaned else ""
 
     @property
+    def correlation_id(self) -> str:
+        """The correlation id of the call being processed, from inside `process` or
+        `build` (the inbound call's when a sidecar serves it; tasks started there see it
+        too). Raises RuntimeError outside a run."""
+        cid = _run_correlation_id.get()
+        if cid is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.correlation_id is known only while "
+                "run_with_metrics / arun_with_metrics runs process() or build()"
+            )
+        return cid
+
+    @property
     def operation_description(self) -> str:
         """Same as `describe()`: the one-line description of this processor."""
         return self.describe()
@@ -267,7 +297,8 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
     def run_with_metrics(
         self, category: str, request: TRequest, *, correlation_id: str | None = None
     ) -> FlextResult[TResult]:
-        """Process, build and record one request; exceptions become INTERNAL failures.
+        """Process, build and record one request; a MeshError raised becomes its own
+        failure, any other exception an INTERNAL one.
 
         An async `process` runs under `asyncio.run` when no loop is running in this
         thread; inside a running loop this raises TypeError (use `arun_with_metrics`).
@@ -286,6 +317,7 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
         started_at = time.time()
         start_ns = time.perf_counter_ns()
         stage = "process"
+        token = _run_correlation_id.set(cid)
         try:
             outcome = self.process(request)
             if inspect.isawaitable(outcome):
@@ -299,9 +331,9 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
             stage = "build"
             result = self._complete(domain, cid)
         except Exception as exc:
-            result = self._internal_failure(
-                exc, stage, f"category={category}, correlation_id={cid}"
-            )
+            result = self._failure(exc, stage, f"category={category}, correlation_id={cid}")
+        finally:
+            _run_correlation_id.reset(token)
         self._record(category, cid, result, started_at, start_ns)
         return result
 
@@ -313,6 +345,7 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
         started_at = time.time()
         start_ns = time.perf_counter_ns()
         stage = "process"
+        token = _run_correlation_id.set(cid)
         try:
             outcome = self.process(request)
             if inspect.isawaitable(outcome):
@@ -325,9 +358,9 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
             self._record(category, cid, cancelled, started_at, start_ns)
             raise
         except Exception as exc:
-            result = self._internal_failure(
-                exc, stage, f"category={category}, correlation_id={cid}"
-            )
+            result = self._failure(exc, stage, f"category={category}, correlation_id={cid}")
+        finally:
+            _run_correlation_id.reset(token)
         self._record(category, cid, result, started_at, start_ns)
         return result
 
@@ -387,6 +420,28 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
             return cast("FlextResult[TResult]", domain_result)
         return FlextResult.ok(self.build(domain_result.value, correlation_id=correlation_id))
 
+    def _failure(self, exc: Exception, stage: str, context: str) -> FlextResult[R]:
+        """The failure an exception in `stage` stands for: a MeshError's own (its code
+        and details), anything else an INTERNAL failure, logged with its traceback."""
+        if isinstance(exc, MeshError):
+            try:
+                failure: FlextResult[R] = exc.to_result()
+            except ValueError:  # code OK, a negative retry delay: a bug where it was raised
+                return self._internal_failure(exc, stage, context)
+            # An answer, not a bug: no traceback. A fault of the infrastructure under a
+            # nested call is worth a line; a business rejection is the caller's business.
+            logger.log(
+                logging.WARNING if is_infrastructure(exc.code) else logging.DEBUG,
+                "%s.%s failed with %s: %s (%s)",
+                type(self).__name__,
+                stage,
+                exc.code.name,
+                exc.message,
+                context,
+            )
+            return failure
+        return self._internal_failure(exc, stage, context)
+
     def _internal_failure(self, exc: Exception, stage: str, context: str) -> FlextResult[R]:
         """Log an unexpected exception and turn it into an INTERNAL failure."""
         name = type(self).__name__
@@ -433,9 +488,7 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
         try:
             return handler(request)
         except Exception as exc:
-            return self._internal_failure(
-                exc, "process_json/process_dict", f"handler for {model.__name__}"
-            )
+            return self._failure(exc, "process_json/process_dict", f"handler for {model.__name__}")
 
 
 def _expect_result(outcome: object) -> FlextResult[Any]:

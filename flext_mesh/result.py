@@ -64,6 +64,7 @@ VALIDATION_FAILURE_CODE = "INVALID_ARGUMENT"
 """Code of a failure created without `code` but with field violations."""
 
 _UNKNOWN_ERROR = "unknown error"
+_INFINITY = float("inf")
 
 
 class _NamedCode(Protocol):
@@ -130,13 +131,14 @@ class FlextResult(Generic[T_co]):
     Immutable and covariant: a `FlextResult[Dog]` is a `FlextResult[Animal]`.
     """
 
-    __slots__ = ("_code", "_error", "_field_violations", "_success", "_value")
+    __slots__ = ("_code", "_error", "_field_violations", "_retry_after", "_success", "_value")
 
     _success: bool
     _value: T_co | None
     _error: str | None
     _code: str | None
     _field_violations: tuple[FieldViolationPair, ...]
+    _retry_after: float | None
 
     def __init__(
         self,
@@ -146,6 +148,7 @@ class FlextResult(Generic[T_co]):
         _error: str | None,
         _code: str | None,
         _field_violations: tuple[FieldViolationPair, ...],
+        _retry_after: float | None = None,
     ) -> None:
         """Internal: use `FlextResult.ok(...)` or `FlextResult.fail(...)`."""
         object.__setattr__(self, "_success", _success)
@@ -153,6 +156,7 @@ class FlextResult(Generic[T_co]):
         object.__setattr__(self, "_error", _error)
         object.__setattr__(self, "_code", _code)
         object.__setattr__(self, "_field_violations", _field_violations)
+        object.__setattr__(self, "_retry_after", _retry_after)
 
     # -- constructors --------------------------------------------------------------
 
@@ -168,6 +172,7 @@ class FlextResult(Generic[T_co]):
         *,
         code: str | _NamedCode | None = None,
         field_violations: _FieldViolationsArg = None,
+        retry_after: float | None = None,
     ) -> FlextResult[T_co]:
         """A failure with message `error` and a gRPC status code name.
 
@@ -176,7 +181,12 @@ class FlextResult(Generic[T_co]):
         field violations, otherwise `FAILED_PRECONDITION`. An empty or None `error`
         becomes "unknown error". A `code` that is not a gRPC status code name (or is
         "OK") raises ValueError; `grpc.StatusCode` members are accepted by name.
+        `retry_after`: seconds the caller should wait before trying again (sent as
+        `google.rpc.RetryInfo` with RESOURCE_EXHAUSTED); ValueError unless finite and
+        at least 0.
         """
+        if retry_after is not None and not (0.0 <= retry_after < _INFINITY):  # NaN too
+            raise ValueError(f"retry_after must be a finite number >= 0, got {retry_after!r}")
         violations = _normalize_violations(field_violations)
         if code is not None:
             name = _normalize_code(code)
@@ -190,6 +200,7 @@ class FlextResult(Generic[T_co]):
             _error=str(error) if error else _UNKNOWN_ERROR,
             _code=name,
             _field_violations=violations,
+            _retry_after=None if retry_after is None else float(retry_after),
         )
 
     # -- state ---------------------------------------------------------------------
@@ -230,6 +241,11 @@ class FlextResult(Generic[T_co]):
     def field_violations(self) -> tuple[FieldViolationPair, ...]:
         """`(field, description)` pairs of a validation failure; empty otherwise."""
         return self._field_violations
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds to wait before trying again, when the failure says (else None)."""
+        return self._retry_after
 
     # -- combinators ---------------------------------------------------------------
 
@@ -278,7 +294,14 @@ class FlextResult(Generic[T_co]):
         return (_rebuild, self._key())
 
     def _key(self) -> tuple[object, ...]:
-        return (self._success, self._value, self._error, self._code, self._field_violations)
+        return (
+            self._success,
+            self._value,
+            self._error,
+            self._code,
+            self._field_violations,
+            self._retry_after,
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FlextResult):
@@ -292,15 +315,18 @@ class FlextResult(Generic[T_co]):
         if self._success:
             return f"FlextResult.ok({self._value!r})"
         extra = f", field_violations={self._field_violations!r}" if self._field_violations else ""
+        if self._retry_after is not None:
+            extra += f", retry_after={self._retry_after!r}"
         return f"FlextResult.fail({self._error!r}, code={self._code!r}{extra})"
 
 
-def _rebuild(
+def _rebuild(  # noqa: PLR0917 - pickle hands the state over positionally
     success: bool,
     value: object,
     error: str | None,
     code: str | None,
     field_violations: tuple[FieldViolationPair, ...],
+    retry_after: float | None = None,
 ) -> FlextResult[object]:
     """Unpickle a FlextResult (pickling cannot go through the immutable __setattr__)."""
     return FlextResult(
@@ -309,4 +335,5 @@ def _rebuild(
         _error=error,
         _code=code,
         _field_violations=field_violations,
+        _retry_after=retry_after,
     )

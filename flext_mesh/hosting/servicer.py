@@ -10,15 +10,22 @@ One Invoke:
 1. UNAVAILABLE while draining, NOT_FOUND for an unknown operation (known ones listed).
 2. Correlation id: the request's, else metadata `x-correlation-id`, else generated; it
    is answered in the response and in trailing metadata `x-correlation-id`, and set in
-   `flext_mesh.logs.correlation_id` while the call runs.
+   `flext_mesh.logs.correlation_id` while the call runs. The call's context (that id,
+   the deadline, the W3C `traceparent` / `tracestate` headers) is made current with
+   `flext_mesh.rpc.context.serving` while the processor runs, in the tasks it starts
+   and in the pool thread of a sync processor: the mesh calls it makes carry it on.
+   The processor reads the id as `self.correlation_id`.
 3. The payload is validated against the operation's request model (INVALID_ARGUMENT
    with `google.rpc.BadRequest` field violations) and the processor runs: a sync
    `process` in this servicer's bounded thread pool, an async one on the loop.
 4. The gRPC deadline bounds the run: past it the call answers DEADLINE_EXCEEDED. A sync
    processor cannot be stopped inside its thread; it runs to its end and its result
    is discarded (it holds a pool thread until then).
-5. A `FlextResult` failure answers the status of its code with its message; an
-   exception inside the processor answers INTERNAL naming only the exception's type.
+5. A `FlextResult` failure answers the status of its code with its message and
+   details (field violations, retry delay); so does a `MeshError` raised in the
+   processor, a nested mesh call's included (a rejection three hops away reaches the
+   first caller as itself, and the outcome hook counts it as what it is). Any other
+   exception answers INTERNAL naming only the exception's type.
 6. With an idempotency key, the first successful response of (operation, key) is
    replayed for `idempotency_window` seconds (`replayed=true`, the first call's
    correlation id and duration); failures are not remembered, so a retry runs again.
@@ -48,7 +55,6 @@ from flext_mesh.errors import (
     InvalidArgument,
     MeshError,
     NotFound,
-    StatusError,
     Unavailable,
     from_result,
 )
@@ -60,6 +66,7 @@ from flext_mesh.hosting.operations import (
 )
 from flext_mesh.processor import ServiceProcessor, new_correlation_id
 from flext_mesh.result import FlextResult
+from flext_mesh.rpc.context import TRACEPARENT_HEADER, TRACESTATE_HEADER, CallContext, serving
 from flext_mesh.rpc.handlers import add_servicer
 from flext_mesh.rpc.metadata import (
     CORRELATION_ID_HEADER,
@@ -98,20 +105,30 @@ class CallOutcome:
     """True when the answer came from the idempotency cache without running."""
 
 
-def _error_of(result: FlextResult[Any]) -> MeshError:
-    """The error a failed FlextResult answers with, keeping its precise code."""
-    error = from_result(result)
-    code = grpc.StatusCode.__members__.get(result.code or "")
-    if type(error) is MeshError and code is not None:
-        return StatusError(error.message, code)
-    return error
+def _inbound_headers(context: _Context) -> tuple[str, str, str]:
+    """The correlation id, `traceparent` and `tracestate` headers of a call ("" if absent)."""
+    cid = traceparent = tracestate = ""
+    for key, value in context.invocation_metadata() or ():
+        if not isinstance(value, str):
+            continue
+        if key == CORRELATION_ID_HEADER:
+            cid = cid or value
+        elif key == TRACEPARENT_HEADER:
+            traceparent = traceparent or value
+        elif key == TRACESTATE_HEADER:
+            tracestate = tracestate or value
+    return cid, traceparent, tracestate
 
 
-def _metadata_value(context: _Context, key: str) -> str:
-    for item in context.invocation_metadata() or ():
-        if item[0] == key and isinstance(item[1], str):
-            return item[1]
-    return ""
+def _call_context(context: _Context, cid: str, traceparent: str, tracestate: str) -> CallContext:
+    """The context the mesh calls made while serving this call carry on."""
+    remaining: float | None = context.time_remaining()
+    return CallContext(
+        correlation_id=cid,
+        deadline=None if remaining is None else time.monotonic() + remaining,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )
 
 
 def _deadline_passed(context: _Context) -> bool:
@@ -228,7 +245,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     ) -> processor_pb2.InvokeResponse:
         """Run one operation (see processor.proto and this module's docstring)."""
         started = time.perf_counter_ns()
-        given = request.correlation_id or _metadata_value(context, CORRELATION_ID_HEADER)
+        header_cid, traceparent, tracestate = _inbound_headers(context)
+        given = request.correlation_id or header_cid
         problem = correlation_id_problem(given)
         # A bad id is refused, but the answer still needs one it can carry as metadata.
         cid = new_correlation_id() if problem or not given else given
@@ -253,7 +271,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         try:
             if problem:
                 raise InvalidArgument("", [FieldViolation("correlation_id", problem)])
-            response, replayed = await self._invoke(request, context, cid)
+            with serving(_call_context(context, cid, traceparent, tracestate)):
+                response, replayed = await self._invoke(request, context, cid)
             report(_OK)
             return response
         except MeshError as err:
@@ -355,7 +374,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             result = await self._in_thread(_run_blocking, operation, payload, cid)
         duration_ms = (time.perf_counter_ns() - started) / 1e6
         if result.is_failure:
-            raise _error_of(result)
+            raise from_result(result)
         return processor_pb2.InvokeResponse(
             result=result.value,
             correlation_id=cid,
@@ -364,7 +383,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         )
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run `fn(*args)` in the pool with this task's context (the correlation id)."""
+        """Run `fn(*args)` in the pool with this task's context (the correlation id and
+        the call's context, for the mesh calls a sync processor makes)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=self._max_workers, thread_name_prefix="flext-processor"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = [
@@ -68,11 +67,26 @@ def current() -> CallContext | None:
     return _current.get()
 
 
-@contextlib.contextmanager
-def serving(context: CallContext) -> Iterator[CallContext]:
+class _Serving:
+    """The context manager :func:`serving` returns (a class: a third of the cost of a
+    generator-based one, and it runs on every served call)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: CallContext) -> None:
+        self._context = context
+        self._token: contextvars.Token[CallContext | None] | None = None
+
+    def __enter__(self) -> CallContext:
+        self._token = _current.set(self._context)
+        return self._context
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
+
+def serving(context: CallContext) -> contextlib.AbstractContextManager[CallContext]:
     """Make ``context`` current for the code (and the tasks it starts) in the block."""
-    token = _current.set(context)
-    try:
-        yield context
-    finally:
-        _current.reset(token)
+    return _Serving(context)
