@@ -8,6 +8,12 @@ zone preference, strategy), skips instances whose circuit breaker is open
 (:mod:`sidecar.breaker`), and calls ``ProcessorService.Invoke`` with the deadline and
 the correlation id.
 
+Context: a call made while a hosted processor serves one (the hosting layer sets
+:func:`flext_mesh.rpc.context.serving`; contextvars follow the tasks it starts) carries
+that call's correlation id unless one is given, a deadline no later than that call's
+less ``ClientSettings.deadline_margin`` (20 ms, for the answer's way back), and its
+W3C ``traceparent`` / ``tracestate`` headers, unchanged.
+
 Failures: a failure whose status code is retryable (by default the infrastructure
 faults UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN) is
 retried, preferably on another instance, with exponential backoff and jitter
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -42,13 +49,14 @@ from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.retry import RetrySpec, retry_async, status_of
 from flext_mesh.routing.balancer import Strategy
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
+from flext_mesh.rpc.context import current as current_call
 from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 from sidecar.breaker import BreakerSettings, CircuitBreaker, Permit, RetryBudget
-from sidecar.discovery import Discovery, ServiceEntry
-from sidecar.routes import Attempts, BreakersOpen, Plan, Plans, Router, Routes
+from sidecar.discovery import Discovery
+from sidecar.routes import Attempts, BreakersOpen, Plan, Plans, Router
 from sidecar.sync import SyncMeshClient
 
 __all__ = [
@@ -63,10 +71,21 @@ __all__ = [
 _log = logging.getLogger("flext_sidecar.client")
 
 
+def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"ClientSettings.{name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        low = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"ClientSettings.{name} must be finite and {low}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
     """How the mesh client calls; defaults documented here and in the README. A
-    service's pushed policy overrides them (see :mod:`sidecar.routes`)."""
+    service's pushed policy overrides them (see :mod:`sidecar.routes`). A bad value
+    raises ``ValueError`` naming the field."""
 
     #: Deadline of a call when the caller gives none, seconds.
     default_timeout: float = 10.0
@@ -84,6 +103,20 @@ class ClientSettings:
     watch_max_backoff: float = 2.0
     #: Zone of the caller, for the policies' zone preference; empty: no preference.
     zone: str = ""
+    #: Time kept back from the inbound call's deadline when a call made while serving
+    #: it inherits that deadline, seconds: for the answer to travel back in time.
+    deadline_margin: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("default_timeout", "initial_backoff", "max_backoff", "watch_max_backoff"):
+            _positive(name, getattr(self, name))
+        _positive("deadline_margin", self.deadline_margin, allow_zero=True)
+        if isinstance(self.max_attempts, bool) or not (
+            isinstance(self.max_attempts, int) and self.max_attempts >= 1
+        ):
+            raise ValueError(
+                f"ClientSettings.max_attempts must be an integer >= 1, got {self.max_attempts!r}"
+            )
 
 
 def _default_plan(settings: ClientSettings) -> Plan:
@@ -106,12 +139,20 @@ def _default_plan(settings: ClientSettings) -> Plan:
 class _Call(Attempts):
     """One call's state across its attempts."""
 
-    __slots__ = ("deadline", "request")
+    __slots__ = ("deadline", "metadata", "request")
 
-    def __init__(self, service: str, request: processor_pb2.InvokeRequest, deadline: float) -> None:
+    def __init__(
+        self,
+        service: str,
+        request: processor_pb2.InvokeRequest,
+        *,
+        deadline: float,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
         super().__init__(service)
         self.request = request
         self.deadline = deadline
+        self.metadata = metadata
 
 
 class MeshClient:
@@ -228,14 +269,6 @@ class MeshClient:
                 breaker.reconfigure(plan.breaker)
         self._discovery.service_changed(service)
 
-    def _routes(self, service: str, cached: ServiceEntry) -> Routes:
-        """The service's routes, built again when its instances or its plan changed."""
-        routes = cached.routes
-        if routes is not None and routes.plan is self._plans.plan(service):
-            return routes
-        routes = cached.routes = self._router.build(service, cached.instances)
-        return routes
-
     # -- calls -----------------------------------------------------------------------
 
     async def call(
@@ -250,19 +283,42 @@ class MeshClient:
     ) -> dict[str, Any]:
         """Call ``operation`` of ``service``; returns the result as a dict.
 
-        ``timeout`` (seconds) overrides the policy's and the settings' deadlines. Raises
-        the MeshError of a business rejection, Unavailable when no instance can take the
-        call, DeadlineExceeded when the deadline passes.
+        ``timeout`` (seconds) overrides the policy's and the settings' deadlines. Made
+        while serving a call (inside a hosted processor), the call carries that call's
+        correlation id (unless ``correlation_id`` is given), a deadline no later than
+        its deadline less ``settings.deadline_margin``, and its ``traceparent`` /
+        ``tracestate`` headers. Raises the MeshError of a business rejection,
+        Unavailable when no instance can take the call, DeadlineExceeded when the
+        deadline passes, ValueError for a timeout that is not a positive number.
         """
         plan = self._plans.plan(service)
-        limit = timeout or plan.operation_timeouts.get(operation, plan.default_timeout)
+        if timeout:
+            if not (timeout > 0 and math.isfinite(timeout)):
+                raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            limit = timeout
+        else:
+            limit = plan.operation_timeouts.get(operation, plan.default_timeout)
+        metadata: tuple[tuple[str, str], ...] = ()
+        inbound = current_call()
+        if inbound is not None:
+            correlation_id = correlation_id or inbound.correlation_id
+            left = inbound.remaining(self.settings.deadline_margin)
+            if left is not None and left < limit:
+                limit = left
+            metadata = inbound.metadata()
+        correlation_id = correlation_id or uuid.uuid4().hex
         request = processor_pb2.InvokeRequest(
             operation=operation,
-            correlation_id=correlation_id or uuid.uuid4().hex,
+            correlation_id=correlation_id,
             idempotency_key=idempotency_key,
         )
         request.payload.CopyFrom(dict_to_struct(dict(payload or {})))
-        call = _Call(service, request, time.monotonic() + limit)
+        call = _Call(
+            service,
+            request,
+            deadline=time.monotonic() + limit,
+            metadata=((CORRELATION_ID_HEADER, correlation_id), *metadata),
+        )
         self._budget.record_call()
         return await retry_async(
             lambda: self._attempt(call),
@@ -292,7 +348,7 @@ class MeshClient:
             reply = await stub.Invoke(
                 request,
                 timeout=remaining,
-                metadata=((CORRELATION_ID_HEADER, request.correlation_id),),
+                metadata=call.metadata,
             )
         except grpc.aio.AioRpcError as exc:
             status = exc.code()
@@ -318,7 +374,10 @@ class MeshClient:
             if not self._discovery.synced.is_set():
                 raise Unavailable(f"no registry data yet for {service!r}")
             raise NotFound(f"service {service!r} has no registered instance")
-        return self._router.pick(self._routes(service, cached), call)
+        routes = cached.routes
+        if routes is None or routes.plan is not self._plans.plan(service):
+            routes = cached.routes = self._router.build(service, cached.instances)
+        return self._router.pick(routes, call)
 
     def _breaker(self, service: str, instance_id: str) -> CircuitBreaker:
         key = (service, instance_id)
@@ -383,7 +442,9 @@ _current: MeshClient | None = None
 
 def mesh() -> MeshClient:
     """The mesh client of the sidecar hosting this code (for processors that call
-    other services); its calls are reported as outbound calls of this service."""
+    other services); its calls are reported as outbound calls of this service, and a
+    call made while serving one carries that call's correlation id, deadline and trace
+    headers (see :meth:`MeshClient.call`). RuntimeError outside a sidecar."""
     if _current is None:
         raise RuntimeError("no mesh client: this code is not running in flext-sidecar")
     return _current

@@ -16,7 +16,9 @@ Traffic policy
     does not count::
 
         deadline         call(timeout=) > policy operation_timeouts[operation]
-                         > policy default_timeout > ClientSettings.default_timeout
+                         > policy default_timeout > ClientSettings.default_timeout;
+                         never later than the deadline of the call being served
+                         (less ClientSettings.deadline_margin), when there is one
         retries          policy retry, whole: its unset fields take common.proto's
                          defaults (3 attempts, 100 ms x 2.0 up to 5 s, jitter 0.2, the
                          infrastructure codes; ABORTED may be listed too)

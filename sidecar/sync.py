@@ -8,6 +8,9 @@ from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from flext_mesh.rpc.context import current as current_call
+from flext_mesh.rpc.context import serving
+
 if TYPE_CHECKING:
     from sidecar.client import MeshClient
 
@@ -42,8 +45,19 @@ class SyncMeshClient:
         payload: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Blocking twin of :meth:`MeshClient.call`."""
-        return self._run(self.client.call(service, operation, payload, **kwargs))
+        """Blocking twin of :meth:`MeshClient.call`. Called while serving a call (a
+        sync processor in its worker thread), it carries that call's context as
+        :meth:`MeshClient.call` does."""
+        inbound = current_call()
+        if inbound is None:
+            return self._run(self.client.call(service, operation, payload, **kwargs))
+
+        async def carried() -> dict[str, Any]:
+            # The loop thread has its own context: set the caller's there.
+            with serving(inbound):
+                return await self.client.call(service, operation, payload, **kwargs)
+
+        return self._run(carried())
 
     def close(self) -> None:
         """Stop the client and its loop thread."""
