@@ -18,12 +18,14 @@ Failures: a failure whose status code is retryable (by default the infrastructur
 faults UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN) is
 retried, preferably on another instance, with exponential backoff and jitter
 (``flext_mesh.retry.retry_async``), within the overall deadline and the retry budget
-(retries <= 20% of calls).
-Only infrastructure faults count against the instance's breaker. A business rejection
-(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) is raised at once as its
-MeshError and never retried; nor are cancellations, nor ``BreakersOpen`` (every
-instance's breaker is open: fail fast). The first attempt is a plain ``await``: no
-retry state is built unless it fails, keeping retries off the fast path.
+(retries <= 20% of calls). Each attempt but the last has a per-try timeout (see
+``ClientSettings.per_try_timeout``): an instance that hangs costs a share of the
+deadline, not all of it. Only infrastructure faults count against the instance's
+breaker. A business rejection (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...)
+is raised at once as its MeshError and never retried; nor are cancellations, nor
+``BreakersOpen`` (every instance's breaker is open: fail fast). The first attempt is a
+plain ``await``: no retry state is built unless it fails, keeping retries off the fast
+path.
 
 Public names: :class:`MeshClient`, :class:`ClientSettings`, :class:`BreakersOpen`,
 :class:`SyncMeshClient` (for synchronous code), and :func:`mesh` (the client of the
@@ -69,6 +71,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("flext_sidecar.client")
+_DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
@@ -95,6 +98,13 @@ class ClientSettings:
     initial_backoff: float = 0.05
     #: Cap of one backoff, seconds.
     max_backoff: float = 1.0
+    #: Longest one attempt may take, seconds (Envoy's per_try_timeout); an attempt
+    #: that outlives it is retried. None: the call's deadline divided by its attempts
+    #: (3.3 s of the default 10 s), applied while an instance the call has not tried
+    #: is left to retry on, so that an instance that hangs leaves time to retry on
+    #: another, and a service of one instance keeps its whole deadline per attempt.
+    #: The last attempt may always use whatever is left of the deadline.
+    per_try_timeout: float | None = None
     #: Retries allowed as a share of calls (Envoy-style retry budget).
     retry_budget_ratio: float = 0.2
     #: Per-instance circuit breakers.
@@ -110,6 +120,7 @@ class ClientSettings:
     def __post_init__(self) -> None:
         for name in ("default_timeout", "initial_backoff", "max_backoff", "watch_max_backoff"):
             _positive(name, getattr(self, name))
+        _positive("per_try_timeout", self.per_try_timeout)
         _positive("deadline_margin", self.deadline_margin, allow_zero=True)
         if isinstance(self.max_attempts, bool) or not (
             isinstance(self.max_attempts, int) and self.max_attempts >= 1
@@ -121,14 +132,16 @@ class ClientSettings:
 
 def _default_plan(settings: ClientSettings) -> Plan:
     """The plan of a service without a policy: the settings alone."""
+    retry = RetrySpec(
+        max_attempts=settings.max_attempts,
+        initial_backoff=settings.initial_backoff,
+        max_backoff=settings.max_backoff,
+    )
     return Plan(
         default_timeout=settings.default_timeout,
         operation_timeouts={},
-        retry=RetrySpec(
-            max_attempts=settings.max_attempts,
-            initial_backoff=settings.initial_backoff,
-            max_backoff=settings.max_backoff,
-        ),
+        retry=retry,
+        per_try_timeout=settings.per_try_timeout,
         breaker=settings.breaker,
         strategy=Strategy.WEIGHTED_ROUND_ROBIN,
         split=None,
@@ -136,10 +149,24 @@ def _default_plan(settings: ClientSettings) -> Plan:
     )
 
 
+class AttemptTimedOut(DeadlineExceeded):
+    """One attempt outlived its per-try timeout (the call's deadline had not passed)."""
+
+
 class _Call(Attempts):
     """One call's state across its attempts."""
 
-    __slots__ = ("deadline", "metadata", "request")
+    __slots__ = (
+        "deadline",
+        "explicit_per_try",
+        "last_attempt",
+        "metadata",
+        "operation",
+        "per_try",
+        "request",
+        "size",
+        "started_attempts",
+    )
 
     def __init__(
         self,
@@ -148,11 +175,25 @@ class _Call(Attempts):
         *,
         deadline: float,
         metadata: tuple[tuple[str, str], ...],
+        per_try: float,
+        explicit_per_try: bool,
+        last_attempt: int,
     ) -> None:
         super().__init__(service)
         self.request = request
+        self.operation = request.operation
         self.deadline = deadline
         self.metadata = metadata
+        #: Longest one attempt may take, but the last.
+        self.per_try = per_try
+        #: Whether the per-try timeout was set (else the default share of the deadline,
+        #: applied only while an untried instance is left).
+        self.explicit_per_try = explicit_per_try
+        #: Instances the last pick could choose among.
+        self.size = 0
+        #: Number of the last attempt the retry policy allows (it gets all that is left).
+        self.last_attempt = last_attempt
+        self.started_attempts = 0
 
 
 class MeshClient:
@@ -313,16 +354,31 @@ class MeshClient:
             idempotency_key=idempotency_key,
         )
         request.payload.CopyFrom(dict_to_struct(dict(payload or {})))
+        retry = plan.retry
+        per_try = plan.per_try_timeout or limit / retry.max_attempts
         call = _Call(
             service,
             request,
             deadline=time.monotonic() + limit,
             metadata=((CORRELATION_ID_HEADER, correlation_id), *metadata),
+            per_try=per_try,
+            explicit_per_try=plan.per_try_timeout is not None,
+            last_attempt=retry.max_attempts,
         )
         self._budget.record_call()
+        if per_try < limit:
+            # A per-try expiry is retried even when the policy does not retry
+            # DEADLINE_EXCEEDED: cutting the attempt is only worth it for a retry.
+            return await retry_async(
+                lambda: self._attempt(call),
+                plan.cut_retry,
+                deadline=call.deadline,
+                budget=self._budget,
+                status=_retry_status if _DEADLINE in retry.retryable else _cut_status,
+            )
         return await retry_async(
             lambda: self._attempt(call),
-            plan.retry,
+            retry,
             deadline=call.deadline,
             budget=self._budget,
             status=_retry_status,
@@ -332,10 +388,16 @@ class MeshClient:
         service, request = call.service, call.request
         instance, permit = self._pick(call)
         call.tried.add(instance.instance_id)
+        call.started_attempts += 1
         remaining = call.deadline - time.monotonic()
         if remaining <= 0:
             permit.ignore()
             raise DeadlineExceeded(f"deadline passed before calling {service}")
+        cut = (
+            call.started_attempts < call.last_attempt
+            and call.per_try < remaining
+            and (call.explicit_per_try or call.size > len(call.tried))
+        )
         try:
             channel = self._channel(instance.endpoint)
         except TransportError as exc:  # a TLS file gone or half-written since start
@@ -347,7 +409,7 @@ class MeshClient:
         try:
             reply = await stub.Invoke(
                 request,
-                timeout=remaining,
+                timeout=call.per_try if cut else remaining,
                 metadata=call.metadata,
             )
         except grpc.aio.AioRpcError as exc:
@@ -357,6 +419,16 @@ class MeshClient:
                 permit.failure()
             else:
                 permit.ignore()
+            if (
+                cut
+                and status is _DEADLINE
+                and time.perf_counter() - started >= call.per_try * 0.9
+                and time.monotonic() < call.deadline
+            ):
+                raise AttemptTimedOut(
+                    f"attempt {call.started_attempts} on {instance.instance_id} took more "
+                    f"than its per-try timeout of {call.per_try:.3g} s"
+                ) from exc
             raise from_rpc_error(exc) from exc
         except asyncio.CancelledError:
             permit.ignore()
@@ -377,6 +449,7 @@ class MeshClient:
         routes = cached.routes
         if routes is None or routes.plan is not self._plans.plan(service):
             routes = cached.routes = self._router.build(service, cached.instances)
+        call.size = routes.size
         return self._router.pick(routes, call)
 
     def _breaker(self, service: str, instance_id: str) -> CircuitBreaker:
@@ -435,6 +508,14 @@ def _retry_status(error: BaseException) -> grpc.StatusCode | None:
     """The status of a failed attempt for the retry policy; None (no retry) when every
     breaker is open."""
     return None if isinstance(error, BreakersOpen) else status_of(error)
+
+
+def _cut_status(error: BaseException) -> grpc.StatusCode | None:
+    """As :func:`_retry_status`, for a policy that does not retry DEADLINE_EXCEEDED:
+    only an attempt cut by its per-try timeout is retried, not an expired call."""
+    if isinstance(error, DeadlineExceeded) and not isinstance(error, AttemptTimedOut):
+        return None
+    return _retry_status(error)
 
 
 _current: MeshClient | None = None

@@ -24,6 +24,9 @@ Traffic policy
                          infrastructure codes; ABORTED may be listed too)
                          > ClientSettings max_attempts, initial_backoff, max_backoff
                          (x 2.0, jitter 0.2, the infrastructure codes)
+        per-try timeout  policy retry.per_try_timeout (a policy retry without one
+                         means the default) > ClientSettings.per_try_timeout
+                         > deadline / max_attempts while an untried instance is left
         breakers         each circuit_breaker field the policy sets
                          > ClientSettings.breaker > BreakerSettings' defaults
         strategy         policy strategy > weighted round robin
@@ -65,7 +68,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -123,12 +126,23 @@ class Plan:
     default_timeout: float
     operation_timeouts: Mapping[str, float]
     retry: RetrySpec
+    #: Longest one attempt may take; None: the call's deadline / retry.max_attempts.
+    per_try_timeout: float | None
     breaker: BreakerSettings
     strategy: Strategy
     #: The version rotation (its state lives as long as the policy); None: no split.
     split: SplitPicker | None
     #: Zone preference threshold in percent; None: no preference (or no caller zone).
     zone_min_percent: float | None
+    #: ``retry`` that also retries DEADLINE_EXCEEDED: for calls whose attempts are cut
+    #: by a per-try timeout, which is worth cutting only to try again.
+    cut_retry: RetrySpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        cut = replace(
+            self.retry, retryable=self.retry.retryable | {grpc.StatusCode.DEADLINE_EXCEEDED}
+        )
+        object.__setattr__(self, "cut_retry", cut)
 
 
 def _retry_of(policy: common_pb2.RetryPolicy, service: str) -> RetrySpec:
@@ -191,6 +205,12 @@ def plan_of(
             _retry_of(policy.retry, policy.service_name)
             if policy.HasField("retry")
             else default.retry
+        ),
+        # The policy's retry replaces the settings' whole, per-try timeout included.
+        per_try_timeout=(
+            (seconds(policy.retry.per_try_timeout) or None)
+            if policy.HasField("retry")
+            else default.per_try_timeout
         ),
         breaker=(
             _breaker_of(breaker_base, policy.circuit_breaker)
@@ -365,10 +385,14 @@ class _Route:
 class Routes:
     """The routes of one service at one cache state and plan."""
 
-    __slots__ = ("by_version", "default", "plan", "split")
+    __slots__ = ("by_version", "default", "plan", "size", "split")
 
-    def __init__(self, plan: Plan, default: _Route, by_version: dict[str, _Route]) -> None:
+    def __init__(
+        self, plan: Plan, default: _Route, by_version: dict[str, _Route], size: int
+    ) -> None:
         self.plan = plan
+        #: Instances the routes lead to.
+        self.size = size
         self.split = plan.split
         self.default = default
         self.by_version = by_version
@@ -444,7 +468,7 @@ class Router:
         if plan.split is not None:
             for version in plan.split.weights:
                 by_version[version] = _Route(version, group(version), group(version, others=True))
-        return Routes(plan, _Route(None, group(), None), by_version)
+        return Routes(plan, _Route(None, group(), None), by_version, len(live))
 
     def _tier(
         self, service: str, instances: list[registry_pb2.ServiceInstance], strategy: Strategy
