@@ -4,7 +4,7 @@
 (:mod:`sidecar.discovery`: resumed after a broken stream, last-known state kept while
 the control plane is away). Each call picks an instance by the service's plan
 (:mod:`sidecar.routes`: the pushed traffic policy over these settings, version split,
-zone preference, strategy), skips instances whose circuit breaker is open
+zone preference, strategy), skips instances whose circuit breakers refuse it
 (:mod:`sidecar.breaker`), and calls ``ProcessorService.Invoke`` with the deadline and
 the correlation id.
 
@@ -20,12 +20,13 @@ retried, preferably on another instance, with exponential backoff and jitter
 (``flext_mesh.retry.retry_async``), within the overall deadline and the retry budget
 (retries <= 20% of calls). Each attempt but the last has a per-try timeout (see
 ``ClientSettings.per_try_timeout``): an instance that hangs costs a share of the
-deadline, not all of it. Only infrastructure faults count against the instance's
-breaker. A business rejection (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...)
-is raised at once as its MeshError and never retried; nor are cancellations, nor
-``BreakersOpen`` (every instance's breaker is open: fail fast). The first attempt is a
-plain ``await``: no retry state is built unless it fails, keeping retries off the fast
-path.
+deadline, not all of it. Only infrastructure faults count against breakers: a
+connection-level fault against the instance, a deadline set for the operation or the
+call against that operation on the instance (:mod:`sidecar.breaker`). A business
+rejection (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) is raised at once as
+its MeshError and never retried; nor are cancellations, nor ``BreakersOpen`` (every
+instance's breaker is open: fail fast). The first attempt is a plain ``await``: no
+retry state is built unless it fails, keeping retries off the fast path.
 
 Public names: :class:`MeshClient`, :class:`ClientSettings`, :class:`BreakersOpen`,
 :class:`SyncMeshClient` (for synchronous code), and :func:`mesh` (the client of the
@@ -56,7 +57,13 @@ from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
-from sidecar.breaker import BreakerSettings, CircuitBreaker, Permit, RetryBudget
+from sidecar.breaker import (
+    BreakerBoard,
+    BreakerSettings,
+    BreakerState,
+    CallPermit,
+    RetryBudget,
+)
 from sidecar.discovery import Discovery
 from sidecar.routes import Attempts, BreakersOpen, Plan, Plans, Router
 from sidecar.sync import SyncMeshClient
@@ -164,6 +171,7 @@ class _Call(Attempts):
         "operation",
         "per_try",
         "request",
+        "scoped",
         "size",
         "started_attempts",
     )
@@ -178,6 +186,7 @@ class _Call(Attempts):
         per_try: float,
         explicit_per_try: bool,
         last_attempt: int,
+        scoped: bool,
     ) -> None:
         super().__init__(service)
         self.request = request
@@ -193,6 +202,9 @@ class _Call(Attempts):
         self.size = 0
         #: Number of the last attempt the retry policy allows (it gets all that is left).
         self.last_attempt = last_attempt
+        #: Whether the deadline was set for this call or operation (an expiry counts
+        #: against the operation on the instance) rather than the service's default.
+        self.scoped = scoped
         self.started_attempts = 0
 
 
@@ -231,12 +243,14 @@ class MeshClient:
         self.reporter = reporter
         self.zone = self.settings.zone if zone is None else zone
         self._plans = Plans(_default_plan(self.settings), self.settings.breaker, self.zone)
-        self._router = Router(self._plans, self._breaker, self.zone)
+        self._breakers = BreakerBoard(
+            lambda service: self._plans.plan(service).breaker, on_transition=_log_transition
+        )
+        self._router = Router(self._plans, self._breakers, self.zone)
         self._discovery = Discovery(
             self._policy_changed, max_backoff=self.settings.watch_max_backoff
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
         self._budget = RetryBudget(self.settings.retry_budget_ratio)
         self._control: grpc.aio.Channel | None = None
 
@@ -305,9 +319,7 @@ class MeshClient:
         plan = self._plans.set(service, policy)
         if plan is None:
             return
-        for (name, _), breaker in self._breakers.items():
-            if name == service:
-                breaker.reconfigure(plan.breaker)
+        self._breakers.reconfigure(service, plan.breaker)
         self._discovery.service_changed(service)
 
     # -- calls -----------------------------------------------------------------------
@@ -336,16 +348,19 @@ class MeshClient:
         if timeout:
             if not (timeout > 0 and math.isfinite(timeout)):
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-            limit = timeout
+            limit, scoped = timeout, True
         else:
-            limit = plan.operation_timeouts.get(operation, plan.default_timeout)
+            limit = plan.operation_timeouts.get(operation, 0.0)
+            scoped = limit > 0
+            if not scoped:
+                limit = plan.default_timeout
         metadata: tuple[tuple[str, str], ...] = ()
         inbound = current_call()
         if inbound is not None:
             correlation_id = correlation_id or inbound.correlation_id
             left = inbound.remaining(self.settings.deadline_margin)
             if left is not None and left < limit:
-                limit = left
+                limit, scoped = left, True
             metadata = inbound.metadata()
         correlation_id = correlation_id or uuid.uuid4().hex
         request = processor_pb2.InvokeRequest(
@@ -364,6 +379,7 @@ class MeshClient:
             per_try=per_try,
             explicit_per_try=plan.per_try_timeout is not None,
             last_attempt=retry.max_attempts,
+            scoped=scoped,
         )
         self._budget.record_call()
         if per_try < limit:
@@ -415,7 +431,9 @@ class MeshClient:
         except grpc.aio.AioRpcError as exc:
             status = exc.code()
             code = status.value[0]
-            if is_infrastructure(status):
+            if status is _DEADLINE and call.scoped:
+                permit.operation_failure()
+            elif is_infrastructure(status):
                 permit.failure()
             else:
                 permit.ignore()
@@ -439,7 +457,7 @@ class MeshClient:
         finally:
             self._report(service, instance, request, started, code)
 
-    def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, Permit]:
+    def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, CallPermit]:
         service = call.service
         cached = self._discovery.services.get(service)
         if cached is None or not cached.instances:
@@ -450,29 +468,12 @@ class MeshClient:
         if routes is None or routes.plan is not self._plans.plan(service):
             routes = cached.routes = self._router.build(service, cached.instances)
         call.size = routes.size
-        return self._router.pick(routes, call)
+        return self._router.pick(routes, call, call.operation)
 
-    def _breaker(self, service: str, instance_id: str) -> CircuitBreaker:
-        key = (service, instance_id)
-        breaker = self._breakers.get(key)
-        if breaker is None:
-
-            def log(old: Any, new: Any) -> None:
-                _log.info(
-                    "circuit breaker service=%s instance=%s %s->%s",
-                    service,
-                    instance_id,
-                    old.name,
-                    new.name,
-                )
-
-            settings = self._plans.plan(service).breaker
-            breaker = self._breakers[key] = CircuitBreaker(settings, on_transition=log)
-        return breaker
-
-    def breaker_state(self, service: str, instance_id: str) -> str:
-        """CLOSED, OPEN or HALF_OPEN: the breaker of one instance, for operators."""
-        return self._breaker(service, instance_id).state.name
+    def breaker_state(self, service: str, instance_id: str, operation: str = "") -> str:
+        """CLOSED, OPEN or HALF_OPEN: the breaker of one instance, or of one operation on
+        it (an operation whose own deadline never expired there reads CLOSED)."""
+        return self._breakers.state(service, instance_id, operation).name
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
@@ -501,6 +502,28 @@ class MeshClient:
             correlation_id=request.correlation_id,
             side=metrics_pb2.CALL_SIDE_CLIENT,
             caller_service=self.caller_service,
+        )
+
+
+def _log_transition(
+    service: str, instance_id: str, operation: str, old: BreakerState, new: BreakerState
+) -> None:
+    if operation:
+        _log.info(
+            "circuit breaker service=%s instance=%s operation=%s %s->%s",
+            service,
+            instance_id,
+            operation,
+            old.name,
+            new.name,
+        )
+    else:
+        _log.info(
+            "circuit breaker service=%s instance=%s %s->%s",
+            service,
+            instance_id,
+            old.name,
+            new.name,
         )
 
 

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -84,7 +84,7 @@ from flext_mesh.routing.policy import (
     validate_policy,
 )
 from flext_mesh.v1 import common_pb2, registry_pb2
-from sidecar.breaker import BreakerSettings, CircuitBreaker, Permit
+from sidecar.breaker import BreakerBoard, BreakerSettings, CallPermit, InstanceBreakers
 
 __all__ = [
     "Attempts",
@@ -292,7 +292,7 @@ class _Tier:
     def __init__(
         self,
         instances: list[registry_pb2.ServiceInstance],
-        breakers: list[CircuitBreaker],
+        breakers: list[InstanceBreakers],
         strategy: Strategy,
     ) -> None:
         self.instances = instances
@@ -311,22 +311,22 @@ class _Tier:
         )
 
     def acquire(
-        self, skip: frozenset[str] | set[str]
-    ) -> tuple[registry_pb2.ServiceInstance, Permit] | None:
+        self, skip: frozenset[str] | set[str], operation: str
+    ) -> tuple[registry_pb2.ServiceInstance, CallPermit] | None:
         """The strategy's choice, else the next in its order: the first instance not in
-        ``skip`` whose breaker admits a call, with the breaker's permit."""
+        ``skip`` whose breakers admit a call of ``operation``, with their permit."""
         picker = self.picker
         first = picker.pick()
         instance = self.instances[first]
         if instance.instance_id not in skip:
-            permit = self.breakers[first].acquire()
+            permit = self.breakers[first].acquire(operation)
             if permit is not None:
                 return instance, permit
         for index in picker.order(first):
             instance = self.instances[index]
             if index == first or instance.instance_id in skip:
                 continue
-            permit = self.breakers[index].acquire()
+            permit = self.breakers[index].acquire(operation)
             if permit is not None:
                 return instance, permit
         return None
@@ -420,10 +420,6 @@ class Attempts:
         self.version: str | None = None
 
 
-BreakerOf = Callable[[str, str], CircuitBreaker]
-"""The breaker of (service, instance id)."""
-
-
 class Router:
     """Builds each service's routes and picks an instance per attempt (see *Picks*).
 
@@ -432,10 +428,10 @@ class Router:
     that left the caller's zone because too few of its instances were callable.
     """
 
-    def __init__(self, plans: Plans, breaker_of: BreakerOf, zone: str) -> None:
+    def __init__(self, plans: Plans, breakers: BreakerBoard, zone: str) -> None:
         self.plans = plans
         self.zone = zone
-        self._breaker_of = breaker_of
+        self._breakers = breakers
         self.split_fallbacks: Counter[tuple[str, str]] = Counter()
         self.zone_spillovers: Counter[str] = Counter()
         self._falling_back: set[tuple[str, str]] = set()
@@ -475,11 +471,13 @@ class Router:
     ) -> _Tier | None:
         if not instances:
             return None
-        breakers = [self._breaker_of(service, i.instance_id) for i in instances]
+        breakers = [self._breakers.of(service, i.instance_id) for i in instances]
         return _Tier(instances, breakers, strategy)
 
-    def pick(self, routes: Routes, call: Attempts) -> tuple[registry_pb2.ServiceInstance, Permit]:
-        """An instance for the next attempt of ``call`` and its breaker's permit; raises
+    def pick(
+        self, routes: Routes, call: Attempts, operation: str
+    ) -> tuple[registry_pb2.ServiceInstance, CallPermit]:
+        """An instance for the next attempt of ``call`` and its breakers' permit; raises
         BreakersOpen when every breaker refuses."""
         service = call.service
         if not call.routed:
@@ -492,12 +490,20 @@ class Router:
             for group, is_fallback in route.stages:
                 tiers, spilled = group.tiers()
                 for tier in tiers:
-                    found = tier.acquire(skip)
+                    found = tier.acquire(skip, operation)
                     if found is not None:
                         if spilled or route.version is not None:
                             self._count(service, route, spilled, is_fallback)
                         return found
-        raise BreakersOpen(f"every instance of {service!r} has an open circuit breaker")
+        raise BreakersOpen(
+            f"every instance of {service!r} has an open circuit breaker"
+            + ("" if self._open_for_instances(routes, route) else f" for {operation!r}")
+        )
+
+    @staticmethod
+    def _open_for_instances(routes: Routes, route: _Route) -> bool:
+        """Whether the instances' own breakers (not only operations') are all open."""
+        return not any(group.has_callable() for group, _ in route.stages)
 
     def _count(self, service: str, route: _Route, spilled: bool, is_fallback: bool) -> None:
         """Count a pick's zone spill-over and split fallback; log fallback transitions."""
