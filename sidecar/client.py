@@ -2,11 +2,11 @@
 
 ``MeshClient`` keeps a discovery cache fed by ``RegistryService.Watch``
 (:mod:`sidecar.discovery`: resumed after a broken stream, last-known state kept while
-the control plane is away). Each call picks an instance by the service's plan
-(:mod:`sidecar.routes`: the pushed traffic policy over these settings, version split,
-zone preference, strategy), skips instances whose circuit breakers refuse it
-(:mod:`sidecar.breaker`), and calls ``ProcessorService.Invoke`` with the deadline and
-the correlation id.
+the control plane is away, and while a service's set is momentarily empty). Each call
+picks an instance by the service's plan (:mod:`sidecar.routes`: the pushed traffic
+policy over these settings, version split, zone preference, strategy), skips instances
+whose circuit breakers refuse it (:mod:`sidecar.breaker`), and calls
+``ProcessorService.Invoke`` with the deadline and the correlation id.
 
 Context: a call made while a hosted processor serves one (the hosting layer sets
 :func:`flext_mesh.rpc.context.serving`; contextvars follow the tasks it starts) carries
@@ -79,6 +79,7 @@ __all__ = [
 
 _log = logging.getLogger("flext_sidecar.client")
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
 def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
@@ -123,12 +124,17 @@ class ClientSettings:
     #: Time kept back from the inbound call's deadline when a call made while serving
     #: it inherits that deadline, seconds: for the answer to travel back in time.
     deadline_margin: float = 0.02
+    #: Seconds a service whose last instance left (a lease expired while the store
+    #: froze, a control plane came back empty) is still called on its last-known
+    #: instances before NotFound, unless one of them answers UNAVAILABLE first.
+    last_known_grace: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("default_timeout", "initial_backoff", "max_backoff", "watch_max_backoff"):
             _positive(name, getattr(self, name))
         _positive("per_try_timeout", self.per_try_timeout)
         _positive("deadline_margin", self.deadline_margin, allow_zero=True)
+        _positive("last_known_grace", self.last_known_grace, allow_zero=True)
         if isinstance(self.max_attempts, bool) or not (
             isinstance(self.max_attempts, int) and self.max_attempts >= 1
         ):
@@ -248,7 +254,9 @@ class MeshClient:
         )
         self._router = Router(self._plans, self._breakers, self.zone)
         self._discovery = Discovery(
-            self._policy_changed, max_backoff=self.settings.watch_max_backoff
+            self._policy_changed,
+            max_backoff=self.settings.watch_max_backoff,
+            grace=self.settings.last_known_grace,
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._budget = RetryBudget(self.settings.retry_budget_ratio)
@@ -295,7 +303,7 @@ class MeshClient:
         return self._router.zone_spillovers
 
     def instances(self, service: str) -> list[registry_pb2.ServiceInstance]:
-        """Last-known instances of a service (empty when unknown)."""
+        """Registered instances of a service, as last known (empty when unknown)."""
         return self._discovery.instances(service)
 
     def policy(self, service: str) -> registry_pb2.ServicePolicy | None:
@@ -402,7 +410,7 @@ class MeshClient:
 
     async def _attempt(self, call: _Call) -> dict[str, Any]:
         service, request = call.service, call.request
-        instance, permit = self._pick(call)
+        instance, permit, last_known = self._pick(call)
         call.tried.add(instance.instance_id)
         call.started_attempts += 1
         remaining = call.deadline - time.monotonic()
@@ -437,6 +445,8 @@ class MeshClient:
                 permit.failure()
             else:
                 permit.ignore()
+            if status is _UNAVAILABLE and last_known:
+                self._discovery.forget(service, instance.instance_id)
             if (
                 cut
                 and status is _DEADLINE
@@ -457,18 +467,28 @@ class MeshClient:
         finally:
             self._report(service, instance, request, started, code)
 
-    def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, CallPermit]:
+    def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, CallPermit, bool]:
+        """An instance, its breakers' permit, and whether it is only last-known."""
         service = call.service
         cached = self._discovery.services.get(service)
-        if cached is None or not cached.instances:
-            if not self._discovery.synced.is_set():
-                raise Unavailable(f"no registry data yet for {service!r}")
+        if cached is not None and cached.instances:
+            routes = cached.routes
+            if routes is None or routes.plan is not self._plans.plan(service):
+                routes = cached.routes = self._router.build(service, cached.instances)
+            call.size = routes.size
+            instance, permit = self._router.pick(routes, call, call.operation)
+            return instance, permit, False
+        if not self._discovery.synced.is_set():
+            raise Unavailable(f"no registry data yet for {service!r}")
+        last_known = cached.last_known() if cached is not None else None
+        if cached is None or not last_known:
             raise NotFound(f"service {service!r} has no registered instance")
-        routes = cached.routes
+        routes = cached.last_known_routes
         if routes is None or routes.plan is not self._plans.plan(service):
-            routes = cached.routes = self._router.build(service, cached.instances)
+            routes = cached.last_known_routes = self._router.build(service, last_known)
         call.size = routes.size
-        return self._router.pick(routes, call, call.operation)
+        instance, permit = self._router.pick(routes, call, call.operation)
+        return instance, permit, True
 
     def breaker_state(self, service: str, instance_id: str, operation: str = "") -> str:
         """CLOSED, OPEN or HALF_OPEN: the breaker of one instance, or of one operation on
