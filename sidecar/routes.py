@@ -60,12 +60,21 @@ Picks
     3. The policy's strategy picks among what is left. A retry prefers an instance the
        call has not tried: in the same zone, then in the other zones, then in the other
        versions (this is not counted as a fallback or a spill-over), and only then one
-       it tried already.
+       it tried already. When the chosen instance's breakers refuse the call, the
+       strategy chooses again (its turn passes to the next in the rotation, not always
+       to the same instance); only then is the rest tried by weight.
+
+    Routes are built again after every change of the service, but a weighted round
+    robin does not start over each time (that gave the first instance one extra call
+    per change: 60% of the calls with a change every 5): the picker is kept while the
+    instances and weights it reads are unchanged, and a new one carries on after the
+    instance picked last.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -284,50 +293,93 @@ class Plans:
 # -- routes --------------------------------------------------------------------------
 
 
+class _Rotation:
+    """What a tier's picker carries over when the tier is built again: the picker
+    itself while its inputs are unchanged, else where its rotation had got to."""
+
+    __slots__ = ("last", "picker", "signature")
+
+    def __init__(self) -> None:
+        self.signature: tuple[Any, ...] = ()
+        self.picker: Picker | None = None
+        #: Instance id of the last pick; "" before any.
+        self.last = ""
+
+
+#: Strategies whose every pick is the same until the candidates change.
+_FIXED = frozenset({Strategy.LEAST_RESPONSE_TIME, Strategy.HIGHEST_UPTIME})
+
+
 class _Tier:
     """Instances a pick may choose among, their breakers, and the strategy's picker."""
 
-    __slots__ = ("breakers", "instances", "picker")
+    __slots__ = ("breakers", "draws", "instances", "picker", "rotation")
 
     def __init__(
         self,
         instances: list[registry_pb2.ServiceInstance],
         breakers: list[InstanceBreakers],
         strategy: Strategy,
+        rotation: _Rotation,
     ) -> None:
+        """``instances`` are sorted by id; ``rotation`` is the one of the tier this one
+        replaces (same service, version and zone)."""
         self.instances = instances
         self.breakers = breakers
+        self.rotation = rotation
+        #: Picks drawn before falling back to the fixed order, when one is refused.
+        self.draws = 1 if strategy in _FIXED else len(instances)
+        ids = [i.instance_id for i in instances]
+        weights = [i.effective_weight or float(i.weight or 1) for i in instances]
+        signature: tuple[Any, ...] = (strategy, ids, weights)
+        if strategy is not Strategy.WEIGHTED_ROUND_ROBIN and strategy is not Strategy.RANDOM:
+            signature += (
+                [i.response_time_ms for i in instances],
+                [i.uptime_percentage for i in instances],
+            )
+        if rotation.picker is not None and rotation.signature == signature:
+            # A change that moves nothing the strategy reads (health checks' response
+            # times under round robin, labels, renewals) keeps the picker: a new one
+            # would start its rotation over and favour its first candidates.
+            self.picker = rotation.picker
+            return
         self.picker = Picker(
             [
-                Candidate(
-                    i.instance_id,
-                    i.effective_weight or float(i.weight or 1),
-                    i.response_time_ms,
-                    i.uptime_percentage,
-                )
-                for i in instances
+                Candidate(key, weight, i.response_time_ms, i.uptime_percentage)
+                for key, weight, i in zip(ids, weights, instances, strict=True)
             ],
             strategy,
+            # Carry on after the last pick, not from the first instance again.
+            start=bisect_right(ids, rotation.last) if rotation.last else None,
         )
+        rotation.picker, rotation.signature = self.picker, signature
 
     def acquire(
         self, skip: frozenset[str] | set[str], operation: str
     ) -> tuple[registry_pb2.ServiceInstance, CallPermit] | None:
-        """The strategy's choice, else the next in its order: the first instance not in
-        ``skip`` whose breakers admit a call of ``operation``, with their permit."""
+        """The strategy's choice, else its next choices, else the first in its fixed
+        order: the first instance not in ``skip`` whose breakers admit a call of
+        ``operation``, with their permit."""
         picker = self.picker
-        first = picker.pick()
-        instance = self.instances[first]
-        if instance.instance_id not in skip:
-            permit = self.breakers[first].acquire(operation)
-            if permit is not None:
-                return instance, permit
-        for index in picker.order(first):
-            instance = self.instances[index]
-            if index == first or instance.instance_id in skip:
+        instances = self.instances
+        for _ in range(self.draws):
+            index = picker.pick()
+            instance = instances[index]
+            if instance.instance_id not in skip:
+                permit = self.breakers[index].acquire(operation)
+                if permit is not None:
+                    self.rotation.last = instance.instance_id
+                    return instance, permit
+        # Drawing again gives a refused pick's share to the next in the rotation, not
+        # always to the same instance; the fixed order is the last resort.
+        drawn = index
+        for index in picker.order(drawn):
+            instance = instances[index]
+            if index == drawn or instance.instance_id in skip:
                 continue
             permit = self.breakers[index].acquire(operation)
             if permit is not None:
+                self.rotation.last = instance.instance_id
                 return instance, permit
         return None
 
@@ -435,6 +487,8 @@ class Router:
         self.split_fallbacks: Counter[tuple[str, str]] = Counter()
         self.zone_spillovers: Counter[str] = Counter()
         self._falling_back: set[tuple[str, str]] = set()
+        # By (service, version, the other versions, caller zone only).
+        self._rotations: dict[tuple[str, str | None, bool, bool], _Rotation] = {}
 
     def build(self, service: str, instances: Mapping[str, registry_pb2.ServiceInstance]) -> Routes:
         """The routes of ``service`` over ``instances`` under its current plan."""
@@ -449,13 +503,18 @@ class Router:
                 return version is None or (instance.version == version) != others
 
             members = [i for i in live if keep(i)]
-            everywhere = self._tier(service, members, plan.strategy)
+            everywhere = self._tier(service, (version, others, False), members, plan.strategy)
             if plan.zone_min_percent is None:
                 return _Group(everywhere)
             zone = self.zone
             return _Group(
                 everywhere,
-                self._tier(service, [i for i in members if i.zone == zone], plan.strategy),
+                self._tier(
+                    service,
+                    (version, others, True),
+                    [i for i in members if i.zone == zone],
+                    plan.strategy,
+                ),
                 sum(1 for i in everything if keep(i) and i.zone == zone),
                 plan.zone_min_percent,
             )
@@ -467,12 +526,17 @@ class Router:
         return Routes(plan, _Route(None, group(), None), by_version, len(live))
 
     def _tier(
-        self, service: str, instances: list[registry_pb2.ServiceInstance], strategy: Strategy
+        self,
+        service: str,
+        key: tuple[str | None, bool, bool],
+        instances: list[registry_pb2.ServiceInstance],
+        strategy: Strategy,
     ) -> _Tier | None:
         if not instances:
             return None
+        rotation = self._rotations.setdefault((service, *key), _Rotation())
         breakers = [self._breakers.of(service, i.instance_id) for i in instances]
-        return _Tier(instances, breakers, strategy)
+        return _Tier(instances, breakers, strategy, rotation)
 
     def pick(
         self, routes: Routes, call: Attempts, operation: str
