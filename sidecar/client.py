@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 import uuid
 from collections import Counter
@@ -80,6 +81,7 @@ __all__ = [
 _log = logging.getLogger("flext_sidecar.client")
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_ZONE_ENV = "FLEXT_MESH_ZONE"
 
 
 def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
@@ -119,8 +121,9 @@ class ClientSettings:
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     #: Seconds between Watch reconnection attempts at most.
     watch_max_backoff: float = 2.0
-    #: Zone of the caller, for the policies' zone preference; empty: no preference.
-    zone: str = ""
+    #: Zone of the caller, for the policies' zone preference; None reads
+    #: ``FLEXT_MESH_ZONE`` (as ``flext-sidecar --zone`` does); empty: no preference.
+    zone: str | None = None
     #: Time kept back from the inbound call's deadline when a call made while serving
     #: it inherits that deadline, seconds: for the answer to travel back in time.
     deadline_margin: float = 0.02
@@ -218,10 +221,11 @@ class MeshClient:
     """Async client of the mesh (see the module docstring).
 
     ``zone`` is the caller's zone for the policies' zone preference (default
-    ``settings.zone``). ``split_fallbacks[(service, version)]`` counts the attempts that
-    fell back from a split version without a callable instance, and
-    ``zone_spillovers[service]`` the attempts that left the caller's zone because too
-    few of its instances were callable.
+    ``settings.zone``, whose default is ``FLEXT_MESH_ZONE``).
+    ``split_fallbacks[(service, version)]`` counts the attempts that fell back from a
+    split version without a callable instance, and ``zone_spillovers[service]`` the
+    attempts that left the caller's zone because too few of its instances were
+    callable.
 
     ``security`` secures the channels to the control plane and to the instances called
     (TLS when its ``tls_ca`` is set, mTLS with a certificate, a bearer token); None
@@ -247,7 +251,9 @@ class MeshClient:
         self.caller_service = caller_service
         self.settings = settings or ClientSettings()
         self.reporter = reporter
-        self.zone = self.settings.zone if zone is None else zone
+        if zone is None:
+            zone = self.settings.zone
+        self.zone = os.environ.get(_ZONE_ENV, "") if zone is None else zone
         self._plans = Plans(_default_plan(self.settings), self.settings.breaker, self.zone)
         self._breakers = BreakerBoard(
             lambda service: self._plans.plan(service).breaker, on_transition=_log_transition

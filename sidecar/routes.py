@@ -32,7 +32,8 @@ Traffic policy
         strategy         policy strategy > weighted round robin
         version split    policy splits > no split
         zone preference  policy zone, for the caller zone: MeshClient(zone=)
-                         > ClientSettings.zone; no caller zone: no preference
+                         > ClientSettings.zone > FLEXT_MESH_ZONE; no caller zone:
+                         no preference
 
     The retry budget is the client's (``retry_budget_ratio``) whatever the policy.
     New breaker settings reconfigure the service's existing breakers in place: they
