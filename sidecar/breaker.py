@@ -302,11 +302,16 @@ class CircuitBreaker:
 
     def acquire(self) -> Permit | None:
         """A permit to start one call now, or None when the breaker refuses it."""
+        generation = self._admit()
+        return None if generation is None else Permit(self, generation)
+
+    def _admit(self) -> int | None:
+        """Admit one call: the generation its permit belongs to, or None (refused)."""
         if not self.can_acquire():
             return None
         if self._state is BreakerState.HALF_OPEN:
             self._trial_in_flight += 1
-        return Permit(self, self._generation)
+        return self._generation
 
     def snapshot(self) -> BreakerSnapshot:
         """State and counters as they are now."""
@@ -387,9 +392,9 @@ class CircuitBreaker:
                 _log.exception("circuit breaker transition callback failed")
 
 
-class CallPermit:
-    """Leave to make one call to one instance: its instance breaker's permit and, when
-    the operation has a breaker there, that one's too.
+class CallPermit(Permit):
+    """Leave to make one call to one instance: a permit of the instance's breaker that
+    holds, when the operation has a breaker there, that one's permit too.
 
     Resolve it once, by what the outcome says: :meth:`success`, :meth:`failure` (a
     connection-level fault: the instance's), :meth:`operation_failure` (the deadline
@@ -397,38 +402,41 @@ class CallPermit:
     :meth:`ignore` (a business rejection, a cancellation). Later calls are no-ops.
     """
 
-    __slots__ = ("_instance", "_name", "_operation", "_owner")
+    __slots__ = ("_name", "_operation", "_owner")
 
     def __init__(
         self,
-        instance: Permit,
-        operation: Permit | None,
         owner: InstanceBreakers,
+        generation: int,
+        operation: Permit | None,
         name: str,
     ) -> None:
-        self._instance = instance
+        # Permit.__init__ inlined: one permit per call, on the hot path.
+        self._breaker = owner.instance
+        self._generation = generation
+        self._resolved = False
         self._operation = operation
         self._owner = owner
         self._name = name
 
     def success(self) -> None:
         """The call succeeded."""
-        self._instance.success()
+        super().success()
         if self._operation is not None:
             self._operation.success()
 
     def failure(self) -> None:
         """A connection-level fault: counts against the whole instance."""
-        self._instance.failure()
+        super().failure()
         if self._operation is not None:
             self._operation.ignore()
 
     def operation_failure(self) -> None:
         """The operation's own deadline expired: counts against the operation on this
         instance only (its breaker is made on the first such failure)."""
-        if self._instance.resolved:
+        if self.resolved:
             return
-        self._instance.ignore()
+        super().ignore()
         permit = self._operation
         if permit is None:
             permit = self._owner.operation(self._name).acquire()
@@ -437,7 +445,7 @@ class CallPermit:
 
     def ignore(self) -> None:
         """The outcome says nothing about health."""
-        self._instance.ignore()
+        super().ignore()
         if self._operation is not None:
             self._operation.ignore()
 
@@ -464,17 +472,17 @@ class InstanceBreakers:
     def acquire(self, operation: str) -> CallPermit | None:
         """A permit for one call of ``operation``, or None when the instance's breaker
         or the operation's refuses it."""
-        permit = self.instance.acquire()
-        if permit is None:
+        generation = self.instance._admit()
+        if generation is None:
             return None
         breaker = self.operations.get(operation)
         if breaker is None:
-            return CallPermit(permit, None, self, operation)
+            return CallPermit(self, generation, None, operation)
         allowed = breaker.acquire()
         if allowed is None:
-            permit.ignore()
+            Permit(self.instance, generation).ignore()  # free a half-open trial slot
             return None
-        return CallPermit(permit, allowed, self, operation)
+        return CallPermit(self, generation, allowed, operation)
 
     def can_acquire(self) -> bool:
         """Whether the instance's breaker would admit a call now."""

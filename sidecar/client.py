@@ -197,7 +197,11 @@ class _Call(Attempts):
         last_attempt: int,
         scoped: bool,
     ) -> None:
-        super().__init__(service)
+        # Attempts.__init__ inlined: one per call, on the hot path.
+        self.service = service
+        self.tried: set[str] = set()
+        self.routed = False
+        self.version: str | None = None
         self.request = request
         self.operation = request.operation
         self.deadline = deadline
@@ -358,7 +362,8 @@ class MeshClient:
         Unavailable when no instance can take the call, DeadlineExceeded when the
         deadline passes, ValueError for a timeout that is not a positive number.
         """
-        plan = self._plans.plan(service)
+        plans = self._plans
+        plan = plans.by_service.get(service, plans.default)
         if timeout:
             if not (timeout > 0 and math.isfinite(timeout)):
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -404,7 +409,7 @@ class MeshClient:
                 plan.cut_retry,
                 deadline=call.deadline,
                 budget=self._budget,
-                status=_retry_status if _DEADLINE in retry.retryable else _cut_status,
+                status=_retry_status if plan.retries_deadline else _cut_status,
             )
         return await retry_async(
             lambda: self._attempt(call),
@@ -479,7 +484,8 @@ class MeshClient:
         cached = self._discovery.services.get(service)
         if cached is not None and cached.instances:
             routes = cached.routes
-            if routes is None or routes.plan is not self._plans.plan(service):
+            plans = self._plans
+            if routes is None or routes.plan is not plans.by_service.get(service, plans.default):
                 routes = cached.routes = self._router.build(service, cached.instances)
             call.size = routes.size
             instance, permit = self._router.pick(routes, call, call.operation)

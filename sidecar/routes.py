@@ -147,12 +147,14 @@ class Plan:
     #: ``retry`` that also retries DEADLINE_EXCEEDED: for calls whose attempts are cut
     #: by a per-try timeout, which is worth cutting only to try again.
     cut_retry: RetrySpec = field(init=False)
+    #: Whether ``retry`` itself retries DEADLINE_EXCEEDED (worked out once, not per call).
+    retries_deadline: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        cut = replace(
-            self.retry, retryable=self.retry.retryable | {grpc.StatusCode.DEADLINE_EXCEEDED}
-        )
+        deadline = grpc.StatusCode.DEADLINE_EXCEEDED
+        cut = replace(self.retry, retryable=self.retry.retryable | {deadline})
         object.__setattr__(self, "cut_retry", cut)
+        object.__setattr__(self, "retries_deadline", deadline in self.retry.retryable)
 
 
 def _retry_of(policy: common_pb2.RetryPolicy, service: str) -> RetrySpec:
@@ -249,11 +251,12 @@ class Plans:
         self._breaker_base = breaker_base
         self._zone = zone
         self._policies: dict[str, registry_pb2.ServicePolicy] = {}
-        self._plans: dict[str, Plan] = {}
+        #: The plans of the services with a policy (read on every call).
+        self.by_service: dict[str, Plan] = {}
 
     def plan(self, service: str) -> Plan:
         """The plan of ``service``'s calls."""
-        return self._plans.get(service, self.default)
+        return self.by_service.get(service, self.default)
 
     def policy(self, service: str) -> registry_pb2.ServicePolicy | None:
         """The policy in force for ``service`` (not a copy); None without one."""
@@ -267,7 +270,7 @@ class Plans:
             if current is None:
                 return None
             del self._policies[service]
-            self._plans.pop(service, None)
+            self.by_service.pop(service, None)
             _log.info("traffic policy of %s deleted; back to the client settings", service)
             return self.default
         if current is not None and policy == current:
@@ -286,7 +289,7 @@ class Plans:
             )
             return None
         self._policies[service] = policy
-        self._plans[service] = plan
+        self.by_service[service] = plan
         _log.info("traffic policy version %d of %s applied", policy.version, service)
         return plan
 
