@@ -15,27 +15,39 @@ Two servers run the same processors (``bench.apps``), each in its own subprocess
 Both clients send the same dict payload and get a dict back, so both pay the
 ``Struct`` conversions on both ends; the ratios measure the mesh machinery.
 
+The nested case (A -> B), two hops each way:
+
+- **direct nested**: a second plain server (``DirectRelayServicer``) validates the
+  payload and calls the direct server through a plain stub, then answers its result.
+- **mesh nested**: a second sidecar (service ``bench-front``) hosts ``relay``, whose
+  ``process`` calls ``bench.charge`` through ``sidecar.client.mesh()`` (the call
+  carries the inbound correlation id and deadline); the client calls it through its
+  ``MeshClient``.
+
 Targets (issue 5), each against the direct call measured in the same run, interleaved:
 
 - mesh p50 @1 <= 1.15x direct p50 (shared/PERFORMANCE.md aims at 1.10x);
 - mesh QPS @64 >= 0.85x direct QPS;
 - sidecar RSS <= 80 MB, idle and after the load.
 
-Also printed: the cost of ``CallReporter.record_call`` (a micro-loop, and the mesh p50
-with the client's reporter on and off), the CPU each process spends per call, and the
-latency the mesh adds at p90 beside Istio's published +2.65 ms for its Envoy proxy.
+Nested figures are printed beside the one-hop ones (no target yet: the performance
+issue sets them). Also printed: the cost of ``CallReporter.record_call`` (a micro-loop,
+and the mesh p50 with the client's reporter on and off), the CPU each process spends per
+call, and the latency the mesh adds at p90 beside Istio's published +2.65 ms for its
+Envoy proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -44,7 +56,7 @@ import grpc
 import grpc.aio
 import pydantic
 
-from bench.apps import PAYLOAD, PROCESSORS
+from bench.apps import PAYLOAD, PROCESSORS, ChargeRequest
 from bench.harness import (
     BenchSettings,
     Comparison,
@@ -67,6 +79,7 @@ from flext_mesh.hosting.operations import request_model_of
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.logs import setup_logging
 from flext_mesh.processor import ServiceProcessor
+from flext_mesh.result import FlextResult
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc
 from sidecar.client import MeshClient
@@ -75,9 +88,16 @@ from sidecar.main import Sidecar
 
 __all__ = [
     "DIRECT_FACTORY",
+    "DIRECT_RELAY_FACTORY",
+    "FRONT_FACTORY",
+    "RELAY",
     "SIDECAR_FACTORY",
+    "DirectRelayServicer",
     "DirectServicer",
+    "RelayService",
     "direct_factory",
+    "direct_relay_factory",
+    "front_factory",
     "main",
     "sidecar_factory",
 ]
@@ -86,7 +106,13 @@ SIDECAR_FACTORY = "bench.sidecar:sidecar_factory"
 """Factory of the sidecar under test, for ``start_server_process``."""
 DIRECT_FACTORY = "bench.sidecar:direct_factory"
 """Factory of the direct baseline server, for ``start_server_process``."""
+DIRECT_RELAY_FACTORY = "bench.sidecar:direct_relay_factory"
+"""Factory of the direct nested baseline's first hop, for ``start_server_process``."""
+FRONT_FACTORY = "bench.sidecar:front_factory"
+"""Factory of the mesh nested case's first hop (a sidecar), for ``start_server_process``."""
 SERVICE = "bench"
+FRONT_SERVICE = "bench-front"
+RELAY_OPERATION = "relay"
 APP = "bench.apps:PROCESSORS"
 OPERATION = "charge"
 ALTERNATE = {"charge": "charge_async", "charge_async": "charge"}
@@ -172,6 +198,99 @@ class DirectServicer(processor_pb2_grpc.ProcessorServiceServicer):
             operations=[processor_pb2.OperationInfo(name=name) for name in self._operations],
             service_name=SERVICE,
         )
+
+
+class RelayService(ServiceProcessor[ChargeRequest, dict[str, Any], dict[str, Any]]):
+    """The nested case's first hop: charge through the mesh (``sidecar.client.mesh()``)."""
+
+    async def process(self, request: ChargeRequest) -> FlextResult[dict[str, Any]]:
+        from sidecar.client import mesh  # noqa: PLC0415 - only inside a sidecar
+
+        return FlextResult[dict[str, Any]].ok(
+            await mesh().call(SERVICE, OPERATION, request.model_dump())
+        )
+
+    def build(self, receipt: dict[str, Any], *, correlation_id: str) -> dict[str, Any]:
+        return receipt
+
+
+RELAY = {RELAY_OPERATION: RelayService()}
+"""What the nested case's first sidecar hosts (``--app bench.sidecar:RELAY``)."""
+
+
+async def front_factory(control_plane: str) -> tuple[grpc.aio.Server, int]:
+    """A started sidecar hosting :data:`RELAY` as service ``bench-front``."""
+    setup_logging("WARNING")
+    sidecar = Sidecar(
+        SidecarConfig(
+            service=FRONT_SERVICE,
+            app="bench.sidecar:RELAY",
+            control_plane=control_plane,
+            listen="127.0.0.1:0",
+            instance_id="bench-front",
+            log_level="WARNING",
+        )
+    )
+    port = await sidecar.start()
+    _RUNNING.append(sidecar)
+    assert sidecar.client is not None
+    if not await sidecar.client.wait_for_instances(SERVICE, 1, within=15):
+        raise RuntimeError(f"the front sidecar did not discover {SERVICE!r}")
+    return sidecar.server, port
+
+
+class DirectRelayServicer(processor_pb2_grpc.ProcessorServiceServicer):
+    """The direct nested baseline's first hop: validate, call the direct server through a
+    plain stub, answer its result."""
+
+    def __init__(self, target_port: int) -> None:
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{target_port}")
+        self._stub: processor_pb2_grpc.ProcessorServiceAsyncStub = (
+            processor_pb2_grpc.ProcessorServiceStub(self._channel)
+        )
+
+    async def Invoke(  # noqa: N802 - the RPC's name
+        self, request: processor_pb2.InvokeRequest, context: _Context
+    ) -> processor_pb2.InvokeResponse:
+        """Validate the payload, charge on the next hop, answer its result."""
+        if request.operation != RELAY_OPERATION:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no {request.operation!r}")
+        try:
+            validated = ChargeRequest.model_validate(struct_to_dict(request.payload))
+        except pydantic.ValidationError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        reply = await self._stub.Invoke(
+            processor_pb2.InvokeRequest(
+                operation=OPERATION,
+                payload=dict_to_struct(validated.model_dump()),
+                correlation_id=request.correlation_id,
+            ),
+            timeout=context.time_remaining(),
+        )
+        receipt = struct_to_dict(reply.result)
+        return processor_pb2.InvokeResponse(
+            result=dict_to_struct(receipt), correlation_id=request.correlation_id
+        )
+
+    async def ListOperations(  # noqa: N802 - the RPC's name
+        self, request: processor_pb2.ListOperationsRequest, context: _Context
+    ) -> processor_pb2.ListOperationsResponse:
+        """The one operation."""
+        return processor_pb2.ListOperationsResponse(
+            operations=[processor_pb2.OperationInfo(name=RELAY_OPERATION)],
+            service_name=FRONT_SERVICE,
+        )
+
+
+async def direct_relay_factory(target_port: int) -> tuple[grpc.aio.Server, int]:
+    """A started plain grpc.aio server relaying to the direct server on ``target_port``."""
+    server = grpc.aio.server()
+    processor_pb2_grpc.add_ProcessorServiceServicer_to_server(
+        DirectRelayServicer(target_port), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
 
 
 async def _abort(context: _Context, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -326,6 +445,8 @@ async def run_loads(
     direct: ServerProcess,
     sidecar: ServerProcess,
     plane: ServerProcess,
+    direct_relay: ServerProcess,
+    front: ServerProcess,
 ) -> tuple[Figures, CpuMeter]:
     """Every load, interleaved run by run."""
     timing = {"warmup": settings.warmup, "duration": settings.duration}
@@ -334,10 +455,27 @@ async def run_loads(
     assert direct.pid is not None
     assert sidecar.pid is not None
     assert plane.pid is not None
-    meter = CpuMeter({"direct": direct.pid, "sidecar": sidecar.pid}, plane.pid)
-    async with connect(direct.port) as direct_channel, connect(plane.port) as report_channel:
+    assert direct_relay.pid is not None
+    assert front.pid is not None
+    meter = CpuMeter(
+        {
+            "direct": direct.pid,
+            "sidecar": sidecar.pid,
+            "direct nested": direct_relay.pid,
+            "mesh nested": front.pid,
+        },
+        plane.pid,
+    )
+    async with (
+        connect(direct.port) as direct_channel,
+        connect(direct_relay.port) as relay_channel,
+        connect(plane.port) as report_channel,
+    ):
         stub: processor_pb2_grpc.ProcessorServiceAsyncStub = (
             processor_pb2_grpc.ProcessorServiceStub(direct_channel)
+        )
+        relay_stub: processor_pb2_grpc.ProcessorServiceAsyncStub = (
+            processor_pb2_grpc.ProcessorServiceStub(relay_channel)
         )
         reporter = CallReporter(lambda: report_channel, reporter_id="bench-client")
         client = MeshClient(control_plane, caller_service="bench-client", reporter=reporter)
@@ -345,6 +483,17 @@ async def run_loads(
         await client.start()
         try:
             await _wait_discovered(client, SERVICE)
+            await _wait_discovered(client, FRONT_SERVICE)
+
+            async def direct_nested_call() -> object:
+                request = processor_pb2.InvokeRequest(
+                    operation=RELAY_OPERATION, payload=dict_to_struct(PAYLOAD)
+                )
+                reply = await relay_stub.Invoke(request, timeout=10)
+                return struct_to_dict(reply.result)
+
+            async def mesh_nested_call() -> object:
+                return await client.call(FRONT_SERVICE, RELAY_OPERATION, PAYLOAD)
 
             async def direct_call() -> object:
                 request = processor_pb2.InvokeRequest(
@@ -359,7 +508,13 @@ async def run_loads(
 
                 return call
 
-            for check in (direct_call, mesh_call(operation), mesh_call(alternate)):
+            for check in (
+                direct_call,
+                mesh_call(operation),
+                mesh_call(alternate),
+                direct_nested_call,
+                mesh_nested_call,
+            ):
                 await check()  # fail fast, before minutes of errors
 
             def load(
@@ -382,6 +537,10 @@ async def run_loads(
                 "direct @64": ("direct", load(direct_call, 64)),
                 "mesh @64": ("sidecar", load(mesh_call(operation), 64)),
                 f"mesh {alternate} @64": ("sidecar", load(mesh_call(alternate), 64)),
+                "direct nested @1": ("direct nested", load(direct_nested_call, 1)),
+                "mesh nested @1": ("mesh nested", load(mesh_nested_call, 1)),
+                "direct nested @64": ("direct nested", load(direct_nested_call, 64)),
+                "mesh nested @64": ("mesh nested", load(mesh_nested_call, 64)),
             }
             results = await repeat_interleaved(
                 {name: meter.wrap(name, server, run) for name, (server, run) in loads.items()},
@@ -399,6 +558,30 @@ async def run_loads(
             await client.aclose()
             await reporter.aclose(flush=True, within=2.0)
     return Figures(results), meter
+
+
+@contextlib.asynccontextmanager
+async def _nested_servers(
+    plane: ServerProcess, direct: ServerProcess
+) -> AsyncIterator[tuple[ServerProcess, ServerProcess]]:
+    """The first hops of the nested case: a plain relay to ``direct`` and a sidecar
+    whose processor calls the bench sidecar through the mesh."""
+    direct_relay = await asyncio.to_thread(
+        start_server_process, DIRECT_RELAY_FACTORY, kwargs={"target_port": direct.port}
+    )
+    try:
+        front = await asyncio.to_thread(
+            start_server_process,
+            FRONT_FACTORY,
+            kwargs={"control_plane": f"127.0.0.1:{plane.port}"},
+        )
+        try:
+            await asyncio.sleep(1.0)  # registered, first health check done
+            yield direct_relay, front
+        finally:
+            await asyncio.to_thread(front.stop)
+    finally:
+        await asyncio.to_thread(direct_relay.stop)
 
 
 async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
@@ -424,13 +607,16 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
                     assert sidecar.pid is not None
                     await asyncio.sleep(1.0)  # registered, first health check done
                     idle_rss = _proc_status_mb(sidecar.pid, "VmRSS")
-                    figures, meter = await run_loads(
-                        settings,
-                        operation=operation,
-                        direct=direct,
-                        sidecar=sidecar,
-                        plane=plane,
-                    )
+                    async with _nested_servers(plane, direct) as (direct_relay, front):
+                        figures, meter = await run_loads(
+                            settings,
+                            operation=operation,
+                            direct=direct,
+                            sidecar=sidecar,
+                            plane=plane,
+                            direct_relay=direct_relay,
+                            front=front,
+                        )
                     await asyncio.sleep(1.0)
                     loaded_rss = _proc_status_mb(sidecar.pid, "VmRSS")
                     peak_rss = _proc_status_mb(sidecar.pid, "VmHWM")
@@ -445,6 +631,8 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
     d1, m1, off1 = m("direct @1"), m("mesh @1"), m("mesh @1 no client report")
     d64, m64 = m("direct @64"), m("mesh @64")
     a1, a64 = m(f"mesh {alternate} @1"), m(f"mesh {alternate} @64")
+    dn1, mn1 = m("direct nested @1"), m("mesh nested @1")
+    dn64, mn64 = m("direct nested @64"), m("mesh nested @64")
     comparisons = [
         Comparison(
             label=f"mesh p50 @1 ({operation})",
@@ -477,6 +665,20 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
             baseline_label="direct",
         ),
         Comparison(
+            label="mesh nested p50 @1 (A -> B)",
+            candidate=mn1.p50_us,
+            baseline=dn1.p50_us,
+            baseline_label="direct nested",
+            higher_is_better=False,
+            unit="µs",
+        ),
+        Comparison(
+            label="mesh nested qps @64 (A -> B)",
+            candidate=mn64.qps,
+            baseline=dn64.qps,
+            baseline_label="direct nested",
+        ),
+        Comparison(
             label="mesh p50 @1, client reporter on vs off",
             candidate=m1.p50_us,
             baseline=off1.p50_us,
@@ -489,6 +691,7 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
         "@1": (m1.p90_us - d1.p90_us) / 1000,
         "@64": (m64.p90_us - d64.p90_us) / 1000,
         f"{alternate} @1": (a1.p90_us - d1.p90_us) / 1000,
+        "nested @1": (mn1.p90_us - dn1.p90_us) / 1000,
     }
 
     print(file=out)
@@ -550,7 +753,8 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
     print(
         f"added latency at p90 (mesh p90 - direct p90): {added_p90_ms['@1']:+.3f} ms at 1 in "
         f"flight ({operation}), {added_p90_ms[f'{alternate} @1']:+.3f} ms ({alternate}), "
-        f"{added_p90_ms['@64']:+.3f} ms at 64 in flight (mostly queueing); Istio publishes "
+        f"{added_p90_ms['@64']:+.3f} ms at 64 in flight (mostly queueing), "
+        f"{added_p90_ms['nested @1']:+.3f} ms for two hops (A -> B); Istio publishes "
         f"+{ISTIO_P90_MS} ms at p90 for its Envoy proxy (its own load test and hardware: "
         f"orientation only) -> at 1 in flight we add "
         f"{added_p90_ms['@1'] / ISTIO_P90_MS:.0%} of that",

@@ -22,7 +22,17 @@ States, as in resilience4j: CLOSED (calls flow, outcomes counted) -> OPEN (calls
 refused for the open duration) -> HALF_OPEN (a few trial calls) -> CLOSED after enough
 trial successes, or OPEN again, for twice as long, on a trial failure.
 
-Neither class is thread-safe: use each from one thread (the sidecar's event loop).
+Which breaker a fault counts against (:class:`BreakerBoard`, :class:`CallPermit`): a
+connection-level fault (UNAVAILABLE: refused, reset, draining; INTERNAL, UNKNOWN,
+RESOURCE_EXHAUSTED) counts against the instance, whose breaker guards every call to it;
+a deadline that the caller set for one operation (a policy's operation timeout, a
+call's own timeout, what is left of the inbound call's deadline) counts against that
+operation on that instance, whose breaker guards only that operation's calls there.
+A slow operation thus stops being called on an instance without taking the
+instance's other operations down.
+
+None of these classes is thread-safe: use each from one thread (the sidecar's event
+loop).
 """
 
 from __future__ import annotations
@@ -39,10 +49,13 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "BreakerBoard",
     "BreakerSettings",
     "BreakerSnapshot",
     "BreakerState",
+    "CallPermit",
     "CircuitBreaker",
+    "InstanceBreakers",
     "Permit",
     "RetryBudget",
     "TransitionCallback",
@@ -289,11 +302,16 @@ class CircuitBreaker:
 
     def acquire(self) -> Permit | None:
         """A permit to start one call now, or None when the breaker refuses it."""
+        generation = self._admit()
+        return None if generation is None else Permit(self, generation)
+
+    def _admit(self) -> int | None:
+        """Admit one call: the generation its permit belongs to, or None (refused)."""
         if not self.can_acquire():
             return None
         if self._state is BreakerState.HALF_OPEN:
             self._trial_in_flight += 1
-        return Permit(self, self._generation)
+        return self._generation
 
     def snapshot(self) -> BreakerSnapshot:
         """State and counters as they are now."""
@@ -372,6 +390,165 @@ class CircuitBreaker:
             except Exception:
                 # A metrics or logging hook must not corrupt or block the breaker.
                 _log.exception("circuit breaker transition callback failed")
+
+
+class CallPermit(Permit):
+    """Leave to make one call to one instance: a permit of the instance's breaker that
+    holds, when the operation has a breaker there, that one's permit too.
+
+    Resolve it once, by what the outcome says: :meth:`success`, :meth:`failure` (a
+    connection-level fault: the instance's), :meth:`operation_failure` (the deadline
+    set for this operation expired: the operation's, on this instance) or
+    :meth:`ignore` (a business rejection, a cancellation). Later calls are no-ops.
+    """
+
+    __slots__ = ("_name", "_operation", "_owner")
+
+    def __init__(
+        self,
+        owner: InstanceBreakers,
+        generation: int,
+        operation: Permit | None,
+        name: str,
+    ) -> None:
+        # Permit.__init__ inlined: one permit per call, on the hot path.
+        self._breaker = owner.instance
+        self._generation = generation
+        self._resolved = False
+        self._operation = operation
+        self._owner = owner
+        self._name = name
+
+    def success(self) -> None:
+        """The call succeeded."""
+        super().success()
+        if self._operation is not None:
+            self._operation.success()
+
+    def failure(self) -> None:
+        """A connection-level fault: counts against the whole instance."""
+        super().failure()
+        if self._operation is not None:
+            self._operation.ignore()
+
+    def operation_failure(self) -> None:
+        """The operation's own deadline expired: counts against the operation on this
+        instance only (its breaker is made on the first such failure)."""
+        if self.resolved:
+            return
+        super().ignore()
+        permit = self._operation
+        if permit is None:
+            permit = self._owner.operation(self._name).acquire()
+        if permit is not None:
+            permit.failure()
+
+    def ignore(self) -> None:
+        """The outcome says nothing about health."""
+        super().ignore()
+        if self._operation is not None:
+            self._operation.ignore()
+
+
+class InstanceBreakers:
+    """The breakers of one instance: the instance's own, and one per operation whose
+    own deadline expired there (made on the first such expiry)."""
+
+    __slots__ = ("_make", "instance", "operations")
+
+    def __init__(self, make: Callable[[str], CircuitBreaker]) -> None:
+        """``make(operation)`` makes a breaker ("" for the instance's)."""
+        self._make = make
+        self.instance = make("")
+        self.operations: dict[str, CircuitBreaker] = {}
+
+    def operation(self, name: str) -> CircuitBreaker:
+        """The breaker of operation ``name`` on this instance (made when missing)."""
+        breaker = self.operations.get(name)
+        if breaker is None:
+            breaker = self.operations[name] = self._make(name)
+        return breaker
+
+    def acquire(self, operation: str) -> CallPermit | None:
+        """A permit for one call of ``operation``, or None when the instance's breaker
+        or the operation's refuses it."""
+        generation = self.instance._admit()
+        if generation is None:
+            return None
+        breaker = self.operations.get(operation)
+        if breaker is None:
+            return CallPermit(self, generation, None, operation)
+        allowed = breaker.acquire()
+        if allowed is None:
+            Permit(self.instance, generation).ignore()  # free a half-open trial slot
+            return None
+        return CallPermit(self, generation, allowed, operation)
+
+    def can_acquire(self) -> bool:
+        """Whether the instance's breaker would admit a call now."""
+        return self.instance.can_acquire()
+
+    def reconfigure(self, settings: BreakerSettings) -> None:
+        """Follow ``settings`` from now on, in every breaker of the instance."""
+        self.instance.reconfigure(settings)
+        for breaker in self.operations.values():
+            breaker.reconfigure(settings)
+
+
+#: Called with (service, instance id, operation or "" for the instance, old, new).
+BoardTransition = Callable[[str, str, str, BreakerState, BreakerState], None]
+
+
+class BreakerBoard:
+    """Every breaker of a client, by (service, instance id), made on first use with the
+    settings ``settings_of(service)`` gives then."""
+
+    def __init__(
+        self,
+        settings_of: Callable[[str], BreakerSettings],
+        *,
+        on_transition: BoardTransition | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._settings_of = settings_of
+        self._on_transition = on_transition
+        self._clock = clock
+        self._instances: dict[tuple[str, str], InstanceBreakers] = {}
+
+    def of(self, service: str, instance_id: str) -> InstanceBreakers:
+        """The breakers of one instance."""
+        key = (service, instance_id)
+        found = self._instances.get(key)
+        if found is None:
+            found = self._instances[key] = InstanceBreakers(
+                lambda operation: self._make(service, instance_id, operation)
+            )
+        return found
+
+    def _make(self, service: str, instance_id: str, operation: str) -> CircuitBreaker:
+        hook = self._on_transition
+        callback: TransitionCallback | None = None
+        if hook is not None:
+
+            def callback(old: BreakerState, new: BreakerState) -> None:
+                hook(service, instance_id, operation, old, new)
+
+        return CircuitBreaker(self._settings_of(service), clock=self._clock, on_transition=callback)
+
+    def reconfigure(self, service: str, settings: BreakerSettings) -> None:
+        """New settings for every breaker of ``service``, keeping their state."""
+        for (name, _), breakers in self._instances.items():
+            if name == service:
+                breakers.reconfigure(settings)
+
+    def state(self, service: str, instance_id: str, operation: str = "") -> BreakerState:
+        """The state of an instance's breaker, or of one operation's there (CLOSED
+        when that operation never had one)."""
+        breakers = self.of(service, instance_id)
+        if not operation:
+            return breakers.instance.state
+        breaker = breakers.operations.get(operation)
+        return BreakerState.CLOSED if breaker is None else breaker.state
 
 
 @dataclass(slots=True)

@@ -12,7 +12,8 @@ Effective weight (what the strategies balance on)::
     health multiplier       SERVING 1, UNKNOWN 1, NOT_SERVING 0, DRAINING 0; 0 when ejected
     performance multiplier  latency factor x error factor
     latency factor          clamp(sqrt(service median / response time), 0.5, 1.5);
-                            1 when either is unknown
+                            1 when either is unknown, or when the response time is
+                            within 1 ms or 25% of the median (noise, not a difference)
     error factor            clamp(1 - 2 x infrastructure error rate, 0.1, 1)
 """
 
@@ -22,7 +23,7 @@ import enum
 import math
 import random
 import statistics
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
@@ -51,6 +52,11 @@ _HEALTH_MULTIPLIER = {
 
 _LATENCY_FACTOR_MIN = 0.5
 _LATENCY_FACTOR_MAX = 1.5
+# Response times this close to the service median count as equal to it: equal
+# instances measured a few tenths of a millisecond apart (a GC pause, a busy loop) kept
+# 40/60 weights until the next refresh.
+_LATENCY_NOISE_MS = 1.0
+_LATENCY_NOISE_SHARE = 0.25
 _ERROR_FACTOR_MIN = 0.1
 
 
@@ -144,10 +150,14 @@ class Picker:
         *,
         rng: random.Random | None = None,
         rotate: bool = False,
+        start: int | None = None,
     ) -> None:
         """``rotate``: weighted round robin starts at a random candidate instead of the
         first of equal standing, so pickers rebuilt often (a registry change each) do
-        not all hand their first picks to the same candidate."""
+        not all hand their first picks to the same candidate. ``start``: it starts at
+        candidate ``start`` instead (or the next one of positive weight after it), so
+        a picker that replaces another can carry on its rotation: pass the index of
+        the candidate after the last one the old picker chose."""
         if not candidates:
             raise ValueError("a picker needs at least one candidate")
         self._candidates: tuple[Candidate, ...] | None = tuple(candidates)
@@ -159,6 +169,7 @@ class Picker:
             strategy=strategy,
             rng=rng,
             rotate=rotate,
+            start=start,
         )
 
     @classmethod
@@ -224,6 +235,7 @@ class Picker:
         strategy: Strategy,
         rng: random.Random | None,
         rotate: bool = False,
+        start: int | None = None,
     ) -> None:
         self.strategy = Strategy(strategy)
         """The strategy applied."""
@@ -246,9 +258,17 @@ class Picker:
         else:
             eligible = list(range(n))
             weights = [1.0] * n
-        if rotate and self.strategy is Strategy.WEIGHTED_ROUND_ROBIN and len(eligible) > 1:
-            # Ties go to the lowest position: start the positions at a random one.
-            offset = int(self._random() * len(eligible)) % len(eligible)
+        if (
+            (rotate or start is not None)
+            and self.strategy is Strategy.WEIGHTED_ROUND_ROBIN
+            and len(eligible) > 1
+        ):
+            # Ties go to the lowest position: start the positions at a random one, or
+            # at the first eligible candidate from ``start`` on.
+            if start is None:
+                offset = int(self._random() * len(eligible)) % len(eligible)
+            else:
+                offset = bisect_left(eligible, start % n) % len(eligible)
             eligible = eligible[offset:] + eligible[:offset]
             weights = weights[offset:] + weights[:offset]
         self._eligible = eligible
@@ -440,12 +460,18 @@ def performance_multiplier(
 
     Latency factor: ``clamp(sqrt(service_median_ms / response_time_ms), 0.5, 1.5)`` when
     both are known (finite and > 0), else 1: an instance 4x slower than the service median
-    gets half the weight, one 4x faster 1.5x at most. Error factor:
+    gets half the weight, one 4x faster 1.5x at most. A response time within 1 ms or 25%
+    of the median is measurement noise, not a difference: its factor is 1. Error factor:
     ``clamp(1 - 2 x infrastructure_error_rate, 0.1, 1)``, 1 when the rate is not finite:
     each 10% of infrastructure errors costs 20% of the weight, never below 10%.
     """
     latency = 1.0
-    if _known(response_time_ms) and _known(service_median_ms):
+    if (
+        _known(response_time_ms)
+        and _known(service_median_ms)
+        and abs(response_time_ms - service_median_ms)
+        > max(_LATENCY_NOISE_MS, _LATENCY_NOISE_SHARE * service_median_ms)
+    ):
         latency = math.sqrt(service_median_ms / response_time_ms)
         latency = min(max(latency, _LATENCY_FACTOR_MIN), _LATENCY_FACTOR_MAX)
     errors = 1.0

@@ -185,6 +185,7 @@ def _retry_violations(retry: common_pb2.RetryPolicy, path: str) -> list[FieldVio
         _range(out, f"{path}.backoff_multiplier", retry.backoff_multiplier, low=1, high=10)
     if retry.HasField("jitter"):
         _range(out, f"{path}.jitter", retry.jitter, low=0, high=1)
+    _duration(out, f"{path}.per_try_timeout", retry, "per_try_timeout", low=0.001, high=3600)
     for i, code in enumerate(retry.retryable_codes):
         if code not in _RETRYABLE:
             out.append(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lext_mesh/v1/common.proto\x12\rflext_mesh.v1\x1a\x1egoogle/protobuf/duration.proto\"\xdc\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x06jitter\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fretryable_codes\x18\x06 \x03(\tB\t\n\x07_jitter\"U\n\tErrorInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0einfrastructure\x18\x04 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66lext_mesh/v1/common.proto\x12\rflext_mesh.v1\x1a\x1egoogle/protobuf/duration.proto\"\x90\x02\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x06jitter\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fretryable_codes\x18\x06 \x03(\t\x12\x32\n\x0fper_try_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\t\n\x07_jitter\"U\n\tErrorInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0einfrastructure\x18\x04 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flext_mesh.v1.common_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RETRYPOLICY']._serialized_start=78
-  _globals['_RETRYPOLICY']._serialized_end=298
-  _globals['_ERRORINFO']._serialized_start=300
-  _globals['_ERRORINFO']._serialized_end=385
+  _globals['_RETRYPOLICY']._serialized_end=350
+  _globals['_ERRORINFO']._serialized_start=352
+  _globals['_ERRORINFO']._serialized_end=437
 # @@protoc_insertion_point(module_scope)

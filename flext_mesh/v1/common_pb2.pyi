@@ -46,6 +46,7 @@ class RetryPolicy(_message.Message):
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
     JITTER_FIELD_NUMBER: _builtins.int
     RETRYABLE_CODES_FIELD_NUMBER: _builtins.int
+    PER_TRY_TIMEOUT_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Total attempts, the first one included. Default 3 when 0; 1 disables
     retries; at most 10.
@@ -76,6 +77,19 @@ class RetryPolicy(_message.Message):
         INTERNAL, UNKNOWN. Business codes listed here are refused.
         """
 
+    @_builtins.property
+    def per_try_timeout(self) -> _duration_pb2.Duration:
+        """Longest one attempt may take (Envoy's per_try_timeout); an attempt that
+        outlives it is cancelled and retried, preferably on another instance,
+        whatever retryable_codes says of DEADLINE_EXCEEDED. Unset: the call's
+        deadline divided by max_attempts, applied while an instance the call has
+        not tried is left, so that an instance that hangs leaves time to retry on
+        another (a service of one instance keeps the whole deadline). The last
+        attempt may use all that is left of the deadline either way. 1 ms to 1 h.
+        Followed by mesh clients (service policies); a workflow step's own
+        timeout already bounds each of its attempts.
+        """
+
     def __init__(
         self,
         *,
@@ -85,10 +99,11 @@ class RetryPolicy(_message.Message):
         max_backoff: _duration_pb2.Duration | None = ...,
         jitter: _builtins.float | None = ...,
         retryable_codes: _abc.Iterable[_builtins.str] | None = ...,
+        per_try_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_backoff", b"max_backoff", "per_try_timeout", b"per_try_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "retryable_codes", b"retryable_codes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "per_try_timeout", b"per_try_timeout", "retryable_codes", b"retryable_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
     _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
