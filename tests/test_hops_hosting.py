@@ -380,7 +380,7 @@ def test_the_readme_s_nested_call_example_rejects_as_it_says() -> None:
     (block,) = [
         block
         for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-        if "class Checkout" in block
+        if "class Checkout(" in block
     ]
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(block, "README.md", "exec"), namespace)

@@ -223,7 +223,9 @@ async def test_the_sync_client_carries_the_context_of_the_thread_that_calls_it(
 
 
 async def test_the_readme_mesh_example_runs_in_a_sidecar(tmp_path: Path) -> None:
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "mesh()" in b]
+    (block,) = [
+        b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "class CheckoutService(" in b
+    ]
     module = types.ModuleType("readme_shop")
     exec(compile(block, "README.md", "exec"), module.__dict__)
     sys.modules["readme_shop"] = module

@@ -210,11 +210,6 @@ async def test_business_rejections_leave_weights_breakers_and_ejection_alone(
         assert instance.effective_weight == BASE_WEIGHT, f"hop-{hop}: {instance}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the caller side (sidecar.client reading flext_mesh.rpc.context.current()) "
-    "lands separately; remove this mark once it has",
-)
 def test_one_correlation_id_and_the_trace_headers_end_to_end(chain: Chain) -> None:
     with grpc.insecure_channel(chain.sidecars["a"].address) as channel:
         stub = processor_pb2_grpc.ProcessorServiceStub(channel)
