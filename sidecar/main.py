@@ -62,7 +62,7 @@ class Sidecar:
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
-        self.operations = load_app(config.app)
+        self.operations = load_app(config.app, app_dir=config.app_dir)
         #: How this sidecar calls the control plane and other sidecars.
         self.security = ClientSecurity(
             tls_ca=config.tls_ca,
