@@ -172,6 +172,7 @@ def test_the_control_plane_logs_refusals_at_info_naming_the_client_not_the_token
     bad = "fm_" + "z" * 43
     run_sidecar(mesh, "--token", mesh.tokens["orders-sidecar"])
     run_sidecar(mesh, "--token", bad)
+    run_sidecar(mesh, "--token", mesh.tokens["operator"], "--label", "bad key=1")
 
     log = mesh.plane.log()
     assert re.search(
@@ -184,6 +185,12 @@ def test_the_control_plane_logs_refusals_at_info_naming_the_client_not_the_token
         r" INFO flext_mesh\.security\.auth unauthenticated "
         r"method=flext_mesh\.v1\.RegistryService/Register client=address:127\.0\.0\.1 "
         r"reason=invalid bearer token: unknown or revoked",
+        log,
+    ), log
+    assert re.search(
+        r" INFO flext_mesh\.security\.auth invalid registration "
+        r"method=flext_mesh\.v1\.RegistryService/Register client=token:operator "
+        r"reason=invalid request: instance\.labels\['bad key'\]: key must be",
         log,
     ), log
     for token in (*mesh.tokens.values(), bad):
