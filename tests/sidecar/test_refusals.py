@@ -23,9 +23,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.rpc.channels import ClientSecurity, open_channel
+from flext_mesh.security.certs import spiffe_id
 from flext_mesh.security.tokens import add_token, load_entries, write_entries
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 from tests.conftest import BIN, REPO, ServeProcess, start_serve
+from tests.security.conftest import Pki, pki  # noqa: F401 - the session's certificates
 from tests.sidecar.test_sidecar_process import start_sidecar
 
 pytestmark = pytest.mark.xdist_group("refusals")
@@ -247,3 +249,29 @@ def test_a_revoked_token_is_one_error_not_serving_and_registration_retried(
     for sign in LEFT_BEHIND:
         assert sign not in log, log
     assert token[3:] not in log
+
+
+def test_a_certificate_not_allowed_to_register_exits_2_naming_its_identity(
+    tmp_path: Path,
+    pki: Pki,  # noqa: F811 - the fixture imported above
+) -> None:
+    orders = pki.issue("orders-sidecar", uris=[spiffe_id("service", "orders")])
+    plane = start_serve(tmp_path, *pki.serve_flags(pki.control_plane, "require"))
+    try:
+        done = run_sidecar(Mesh(plane, tmp_path / "none", {}), *pki.serve_flags(orders))
+    finally:
+        plane.kill()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"flext-sidecar: error: the control plane at {plane.address} refused to register "
+        "service 'payment': PERMISSION_DENIED: certificate 'spiffe://flext-mesh/service/orders' "
+        "(scopes: service:orders) may not register instances of 'payment': needs scope admin "
+        "or service:payment"
+    ), done.stderr
+    for sign in LEFT_BEHIND:
+        assert sign not in done.stderr, done.stderr
+    assert re.search(
+        r" INFO flext_mesh\.security\.auth permission denied method=flext_mesh\.v1\."
+        r"RegistryService/Register client=certificate:spiffe://flext-mesh/service/orders ",
+        plane.log(),
+    ), plane.log()
