@@ -229,7 +229,7 @@ def test_each_readme_sidecar_command_registers_and_serves(
     security = setup.security(command.serve)
     operation, payload = CALLS[words[words.index("--app") + 1].rsplit(":", 1)[1]]
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while not (match := _SERVING.search(log_path.read_text())):
             assert proc.poll() is None, f"{command.text}\n{log_path.read_text()}"
             assert time.monotonic() < deadline, log_path.read_text()
@@ -258,7 +258,12 @@ def test_each_readme_sidecar_command_registers_and_serves(
         assert reply.HasField("result"), log_path.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(15)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"no exit 30 s after SIGTERM:\n{log_path.read_text()}") from None
     log = log_path.read_text()
     assert code == 0, log
     assert "Traceback" not in log, log

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -72,9 +73,19 @@ def app_dir(tmp_path: Path) -> Path:
     return tmp_path / "project"
 
 
-def serve(cwd: Path, plane: ServeProcess, *args: str, env: dict[str, str] | None = None) -> str:
-    """Run ``flext-sidecar --service greeter ARGS`` in ``cwd`` until it registers and
-    answers a call; returns its log after a clean SIGTERM."""
+@dataclass
+class Sidecar:
+    """A running ``flext-sidecar --service greeter`` and its log."""
+
+    proc: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start(cwd: Path, plane: ServeProcess, *args: str, env: dict[str, str] | None = None) -> Sidecar:
+    """Start ``flext-sidecar --service greeter ARGS`` in ``cwd``."""
     log_path = cwd / f"sidecar-{time.monotonic_ns()}.log"
     with log_path.open("w") as log:
         command = [str(BIN / "flext-sidecar"), "--service", "greeter"]
@@ -86,36 +97,58 @@ def serve(cwd: Path, plane: ServeProcess, *args: str, env: dict[str, str] | None
             text=True,
             env=env or environment(),
         )
+    return Sidecar(proc, log_path)
+
+
+def registers_and_serves(sidecar: Sidecar, plane: ServeProcess) -> None:
+    """Wait until ``sidecar`` is listed by Discover, then call it."""
+    deadline = time.monotonic() + 30
+    while not (match := _SERVING.search(sidecar.log())):
+        assert sidecar.proc.poll() is None, sidecar.log()
+        assert time.monotonic() < deadline, sidecar.log()
+        time.sleep(0.05)
+    with grpc.insecure_channel(plane.address) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        request = registry_pb2.DiscoverRequest(service_name="greeter", healthy_only=False)
+        while True:
+            try:
+                found = registry.Discover(request, timeout=5)
+            except grpc.RpcError:
+                found = registry_pb2.DiscoverResponse()
+            if match["instance"] in {i.instance_id for i in found.instances}:
+                break
+            assert time.monotonic() < deadline, sidecar.log()
+            time.sleep(0.1)
+    with grpc.insecure_channel(match["listen"]) as channel:
+        invoke = processor_pb2.InvokeRequest(operation="greet")
+        invoke.payload.update({"name": "ada"})
+        reply = processor_pb2_grpc.ProcessorServiceStub(channel).Invoke(invoke, timeout=5)
+    assert dict(reply.result) == {"greeting": "hello ada"}
+
+
+def stop(*sidecars: Sidecar) -> None:
+    """SIGTERM each; each exits 0 (bounded)."""
+    for sidecar in sidecars:
+        if sidecar.proc.poll() is None:
+            sidecar.proc.send_signal(signal.SIGTERM)
+    for sidecar in sidecars:
+        try:
+            code = sidecar.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            sidecar.proc.kill()
+            sidecar.proc.wait(10)
+            raise AssertionError(f"no exit 30 s after SIGTERM:\n{sidecar.log()}") from None
+        assert code == 0, sidecar.log()
+
+
+def serve(cwd: Path, plane: ServeProcess, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run ``flext-sidecar --service greeter ARGS`` in ``cwd`` until it registers and
+    answers a call, then stop it."""
+    sidecar = start(cwd, plane, *args, env=env)
     try:
-        deadline = time.monotonic() + 20
-        while not (match := _SERVING.search(log_path.read_text())):
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        with grpc.insecure_channel(plane.address) as channel:
-            registry = registry_pb2_grpc.RegistryServiceStub(channel)
-            while True:
-                try:
-                    found = registry.Discover(
-                        registry_pb2.DiscoverRequest(service_name="greeter", healthy_only=False),
-                        timeout=5,
-                    )
-                except grpc.RpcError:
-                    found = registry_pb2.DiscoverResponse()
-                if match["instance"] in {i.instance_id for i in found.instances}:
-                    break
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.1)
-        with grpc.insecure_channel(match["listen"]) as channel:
-            request = processor_pb2.InvokeRequest(operation="greet")
-            request.payload.update({"name": "ada"})
-            reply = processor_pb2_grpc.ProcessorServiceStub(channel).Invoke(request, timeout=5)
-        assert dict(reply.result) == {"greeting": "hello ada"}
+        registers_and_serves(sidecar, plane)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(15)
-    assert code == 0, log_path.read_text()
-    return log_path.read_text()
+        stop(sidecar)
 
 
 def fails(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -145,16 +178,18 @@ def test_app_dir_names_where_the_app_is_imported_from(
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    serve(elsewhere, plane, "--app", "greeter.mesh:PROCESSORS", "--app-dir", str(app_dir))
-    # Relative to the current directory, and from the environment as every flag.
-    serve(tmp_path, plane, "--app", "greeter.mesh:PROCESSORS", "--app-dir", "project")
-    serve(
-        elsewhere,
-        plane,
-        "--app",
-        "greeter.mesh:PROCESSORS",
-        env=environment(FLEXT_MESH_APP_DIR=str(app_dir)),
-    )
+    app = ("--app", "greeter.mesh:PROCESSORS")
+    sidecars = [
+        start(elsewhere, plane, *app, "--app-dir", str(app_dir)),
+        # Relative to the current directory, and from the environment as every flag.
+        start(tmp_path, plane, *app, "--app-dir", "project"),
+        start(elsewhere, plane, *app, env=environment(FLEXT_MESH_APP_DIR=str(app_dir))),
+    ]
+    try:
+        for sidecar in sidecars:
+            registers_and_serves(sidecar, plane)
+    finally:
+        stop(*sidecars)
 
 
 def test_a_module_not_found_names_the_module_and_the_directory_searched(

@@ -241,7 +241,7 @@ def test_a_revoked_token_is_one_error_not_serving_and_registration_retried(
         print(f"\nrefusal noticed in {noticed:.2f}s; registered {back:.2f}s after the fix")
     finally:
         sidecar.proc.send_signal(signal.SIGTERM)
-        code = sidecar.proc.wait(15)
+        code = sidecar.proc.wait(30)
     log = sidecar.log()
     assert code == 0, log
     assert "registration accepted again after a refusal" in log
