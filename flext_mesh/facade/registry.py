@@ -379,7 +379,8 @@ class ServiceRegistry(ControlPlaneClient):
         # caller deregisters at once would otherwise bring the instance back.
         remaining = started + self.timeout - loop.time() - 0.1
         with contextlib.suppress(TimeoutError):  # it keeps trying in the background
-            await asyncio.wait_for(membership.registered.wait(), max(remaining, 0.0))
+            async with asyncio.timeout(max(remaining, 0.0)):
+                await membership.registered.wait()
         return FlextResult.ok(instance.instance_id)
 
     # -- deregister --------------------------------------------------------------------

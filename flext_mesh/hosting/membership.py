@@ -258,7 +258,11 @@ class Membership:
             try:
                 while True:
                     outbox.put_nowait(registry_pb2.KeepAliveRequest(lease_ids=[self.lease_id]))
-                    reply = await asyncio.wait_for(call.read(), timeout=interval * 2)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+                    # cancel that lands as the read completes, and stop() would wait
+                    # for this loop for ever.
+                    async with asyncio.timeout(interval * 2):
+                        reply = await call.read()
                     if not isinstance(reply, registry_pb2.KeepAliveResponse):
                         break  # EOF: the control plane closed the stream
                     if self.lease_id in reply.expired_lease_ids:
