@@ -116,6 +116,19 @@ def discovered(mesh: Mesh) -> set[str]:
     return {instance.instance_id for instance in reply.instances}
 
 
+def accepted(mesh: Mesh, token: str) -> bool:
+    """Whether the control plane takes ``token`` (for a read its scope allows)."""
+    with open_channel(mesh.address, ClientSecurity(token=token), aio=False) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        try:
+            stub.ListServices(registry_pb2.ListServicesRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            return False
+    return True
+
+
 def health(address: str) -> int:
     """The sidecar's overall grpc.health.v1 status."""
     with grpc.insecure_channel(address) as channel:
@@ -204,6 +217,9 @@ def test_a_revoked_token_is_one_error_not_serving_and_registration_retried(
 ) -> None:
     token = add_token(mesh.tokens_file, "payment-sidecar", ["service:payment"])
     entry = next(e for e in load_entries(mesh.tokens_file) if e.name == "payment-sidecar")
+    # The control plane reads the file again within a second: until then the new token
+    # is refused (and a sidecar refused at start exits).
+    wait_until(lambda: accepted(mesh, token), 5, "the control plane knows the new token")
     sidecar = start_sidecar(tmp_path, mesh.address, "--token", token)  # TTL 2 s
     try:
         wait_until(lambda: sidecar.instance in discovered(mesh), 15, "registered")
