@@ -25,6 +25,11 @@ class SidecarConfig(BaseSettings):
         description="MODULE:ATTR naming a mapping of operation to ServiceProcessor, or a "
         "callable returning one."
     )
+    app_dir: str = Field(
+        ".",
+        description="Directory --app is imported from, put first on the import path (as "
+        "uvicorn's --app-dir); default: the current directory.",
+    )
     listen: str = Field("127.0.0.1:0", description="Where ProcessorService is served.")
     advertise: str = Field(
         "", description="Endpoint registered for callers (default: the bound listen address)."

@@ -2,7 +2,10 @@
 
 It serves ``ProcessorService`` and ``grpc.health.v1`` on ``--listen``, registers with
 the control plane under a lease and keeps it alive (registering again after losing
-it), and starts serving even while the control plane is down. On SIGTERM or SIGINT:
+it), and starts serving even while the control plane is down. A registration the
+control plane refuses (PERMISSION_DENIED, UNAUTHENTICATED, INVALID_ARGUMENT) is one line
+and exit 2 when it is the first answer; later (a revoked token) it is one ERROR, health
+NOT_SERVING and registration retried with capped backoff. On SIGTERM or SIGINT:
 health turns NOT_SERVING, new calls are refused as draining, the instance is
 deregistered, in-flight calls get the grace period, and the process exits 0.
 
@@ -27,7 +30,7 @@ from pydantic_settings import SettingsError
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.host import HostSettings, ProcessorHost
-from flext_mesh.hosting.membership import Membership
+from flext_mesh.hosting.membership import Membership, describe_refusal
 from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer
 from flext_mesh.logs import setup_logging
@@ -48,13 +51,18 @@ class SidecarError(ConfigError):
     """The sidecar cannot start; the message says why."""
 
 
+class RegistrationRefused(SidecarError):
+    """The control plane refused the first registration (a token or certificate that
+    may not register the service, a bad instance): exit 2, nothing will change that."""
+
+
 class Sidecar:
     """One running sidecar: its host (server, processors, membership), reporter and
     mesh client."""
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
-        self.operations = load_app(config.app)
+        self.operations = load_app(config.app, app_dir=config.app_dir)
         #: How this sidecar calls the control plane and other sidecars.
         self.security = ClientSecurity(
             tls_ca=config.tls_ca,
@@ -151,6 +159,7 @@ class Sidecar:
                 health_check_mode=registry_pb2.HEALTH_CHECK_MODE_GRPC,
             ),
             ttl=config.ttl,
+            report_first_refusal=False,  # run() exits with it
         )
         self.reporter.start()
         self.client = MeshClient(
@@ -192,10 +201,28 @@ def _advertised_host(host: str) -> str:
 
 
 async def run(config: SidecarConfig) -> None:
-    """Run a sidecar until SIGTERM or SIGINT, then drain."""
+    """Run a sidecar until SIGTERM or SIGINT, then drain.
+
+    Raises :class:`RegistrationRefused` (after stopping) when the control plane's first
+    answer to the registration is a refusal.
+    """
     stop = signal_received()
     sidecar = Sidecar(config)
     await sidecar.start()
+    membership = sidecar.membership
+    assert membership is not None
+    first = asyncio.ensure_future(membership.first_answer())
+    try:
+        await asyncio.wait((stop, first), return_when=asyncio.FIRST_COMPLETED)
+        refusal = first.result() if first.done() else None
+    finally:
+        first.cancel()
+    if not stop.done() and refusal is not None:
+        await sidecar.stop(grace=0)
+        raise RegistrationRefused(
+            f"the control plane at {config.control_plane} refused to register service "
+            f"{config.service!r}: {describe_refusal(refusal)}"
+        )
     received = await stop
     _log.info("draining signal=%s grace=%.1fs", received, config.grace_period)
     await sidecar.stop()
@@ -250,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(config.log_level)
     try:
         asyncio.run(run(config))
-    except AppError as exc:
+    except (AppError, RegistrationRefused) as exc:
         _fail(str(exc), 2)
     except SidecarError as exc:
         _fail(str(exc))

@@ -5,7 +5,9 @@ Code written against the guide (``FlextServices.ServiceRegistry()``,
 unchanged; every call does the real thing through the control plane given as
 ``control_plane=`` or ``FLEXT_MESH_CONTROL_PLANE`` (default ``127.0.0.1:50051``).
 Methods return ``FlextResult``s; nothing raises to the caller. Each blocking method has
-an ``a``-prefixed twin for asyncio code.
+an ``a``-prefixed twin for asyncio code. ``close()``, leaving a ``with`` block, or the
+interpreter's exit deregisters what an object registered and stops its background work
+(see :mod:`flext_mesh.facade._bridge`).
 """
 
 from __future__ import annotations

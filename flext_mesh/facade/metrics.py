@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
 
-from flext_mesh.facade._bridge import bridge
 from flext_mesh.facade.registry import ControlPlaneClient, enum_name
 from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
 from flext_mesh.result import FlextResult
@@ -83,7 +82,7 @@ class ServiceMetrics(ControlPlaneClient):
                 "track_service_call: this ServiceMetrics is closed", code="FAILED_PRECONDITION"
             )
         try:
-            bridge().loop.call_soon_threadsafe(self._queue, built.value)
+            self._loop_bridge().loop.call_soon_threadsafe(self._queue, built.value)
         except RuntimeError as exc:  # the bridge's loop was closed (interpreter exit)
             return FlextResult.fail(f"track_service_call: {exc}", code="FAILED_PRECONDITION")
         return FlextResult.ok(None)

@@ -34,7 +34,9 @@ outcome). A top-level ``input`` is the execution input (default ``{}``), which s
 whose ``input`` is None receive.
 
 Nothing raises to the caller; each blocking method has an ``a``-prefixed twin.
-``close()`` (or leaving the ``with`` block) drains and deregisters every local service.
+``close()`` (or leaving the ``with`` block, or the interpreter's exit) drains and
+deregisters every local service. A control plane that refuses to register one (a token
+or certificate without ``service:NAME``) fails ``register_service`` with its status.
 An execution still running when ``timeout`` passes is left to the control plane (it
 is durable): the failure names its execution id.
 """
@@ -44,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
@@ -63,7 +66,7 @@ from flext_mesh.errors import (
     Unavailable,
 )
 from flext_mesh.facade import control_plane_address
-from flext_mesh.facade._bridge import bridge
+from flext_mesh.facade._bridge import Bridge, attach, detach
 from flext_mesh.hosting.host import HostError, HostSettings, ProcessorHost
 from flext_mesh.hosting.operations import Operation
 from flext_mesh.hosting.servicer import ProcessorServicer
@@ -334,6 +337,8 @@ class ServiceOrchestrator:
         self._channel: grpc.aio.Channel | None = None
         self._services: dict[str, _LocalService] = {}
         self._closed = False
+        self._bridge: Bridge | None = None
+        self._bridge_lock = threading.Lock()
 
     # -- the guide's methods -------------------------------------------------------------
 
@@ -343,7 +348,7 @@ class ServiceOrchestrator:
 
     async def aregister_service(self, name: str, service: object) -> FlextResult[str]:
         """Async twin of :meth:`register_service`."""
-        return await bridge().run_async(self._guarded(self._register(name, service)))
+        return await self._async(self._register(name, service))
 
     def orchestrate_workflow(self, workflow: Mapping[str, Any]) -> FlextResult[dict[str, Any]]:
         """Run ``workflow`` (the guide's dict) to its end; see the module docstring."""
@@ -353,7 +358,7 @@ class ServiceOrchestrator:
         self, workflow: Mapping[str, Any]
     ) -> FlextResult[dict[str, Any]]:
         """Async twin of :meth:`orchestrate_workflow`."""
-        return await bridge().run_async(self._guarded(self._orchestrate(workflow)))
+        return await self._async(self._orchestrate(workflow))
 
     @property
     def services(self) -> dict[str, str]:
@@ -363,25 +368,32 @@ class ServiceOrchestrator:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> FlextResult[None]:
-        """Drain, deregister and stop every local service; close the channel."""
-        if self._closed:
+        """Drain, deregister and stop every local service; close the channel (idempotent).
+        An orchestrator left open is closed at interpreter exit."""
+        bridge = self._closing()
+        if bridge is None:
             return FlextResult[None].ok(None)
         try:
-            bridge().run(self._aclose_here(), len(self._services) * (_GRACE + 3) + _MARGIN)
+            bridge.run(self._close_on_loop(), len(self._services) * (_GRACE + 3) + _MARGIN)
         except Exception as exc:
             _log.exception("closing the ServiceOrchestrator failed")
             return FlextResult[None].fail(f"closing failed: {exc}", code="INTERNAL")
+        finally:
+            detach(self, bridge)
         return FlextResult[None].ok(None)
 
     async def aclose(self) -> FlextResult[None]:
         """Async twin of :meth:`close`."""
-        if self._closed:
+        bridge = self._closing()
+        if bridge is None:
             return FlextResult[None].ok(None)
         try:
-            await bridge().run_async(self._aclose_here())
+            await bridge.run_async(self._close_on_loop())
         except Exception as exc:
             _log.exception("closing the ServiceOrchestrator failed")
             return FlextResult[None].fail(f"closing failed: {exc}", code="INTERNAL")
+        finally:
+            detach(self, bridge)
         return FlextResult[None].ok(None)
 
     def __enter__(self) -> ServiceOrchestrator:
@@ -408,9 +420,37 @@ class ServiceOrchestrator:
 
     # -- plumbing (everything below runs on the bridge's loop) ---------------------------
 
-    def _blocking(self, coroutine: Coroutine[Any, Any, _T]) -> FlextResult[_T]:
+    def _loop_bridge(self) -> Bridge:
+        """The bridge this object runs on (attached on first use, until closed)."""
+        with self._bridge_lock:
+            if self._bridge is None:
+                self._bridge = attach(self)
+            return self._bridge
+
+    def _closing(self) -> Bridge | None:
+        """The bridge to close on; None when there is nothing to close."""
+        with self._bridge_lock:
+            if self._bridge is None:
+                self._closed = True
+            return None if self._closed else self._bridge
+
+    def _closed_failure(self, coroutine: Coroutine[Any, Any, Any]) -> FlextResult[Any]:
+        coroutine.close()
+        return FlextResult.fail("this ServiceOrchestrator is closed", code="FAILED_PRECONDITION")
+
+    async def _async(self, coroutine: Coroutine[Any, Any, _T]) -> FlextResult[_T]:
+        if self._closed:
+            return self._closed_failure(coroutine)
         try:
-            return bridge().run(self._guarded(coroutine), self.timeout + _MARGIN)
+            return await self._loop_bridge().run_async(self._guarded(coroutine))
+        except RuntimeError as exc:  # the bridge stopped under a concurrent close()
+            return FlextResult.fail(str(exc), code="FAILED_PRECONDITION")
+
+    def _blocking(self, coroutine: Coroutine[Any, Any, _T]) -> FlextResult[_T]:
+        if self._closed:
+            return self._closed_failure(coroutine)
+        try:
+            return self._loop_bridge().run(self._guarded(coroutine), self.timeout + _MARGIN)
         except TimeoutError:
             return FlextResult.fail(
                 f"no answer within {self.timeout + _MARGIN:.0f}s", code="DEADLINE_EXCEEDED"
@@ -492,25 +532,29 @@ class ServiceOrchestrator:
             servicer.close()
             raise
         await host.serve(servicer)
-        membership = host.register(instance, ttl=_TTL)
+        membership = host.register(instance, ttl=_TTL, report_first_refusal=False)
         local = _LocalService(name, instance_id, host)
         window = min(self.timeout, _CONNECT_WINDOW)
         try:
             async with asyncio.timeout(window):
-                await membership.registered.wait()
+                refusal = await membership.first_answer()
         except TimeoutError:
             await self._stop_local(local)
             raise Unavailable(
                 f"control plane {self.control_plane} unreachable: {name!r} was not registered "
                 f"within {window:g}s"
             ) from None
+        if refusal is not None:  # a token or certificate that may not register ``name``
+            await self._stop_local(local)
+            raise refusal
         local.instance_id = membership.instance.instance_id
         return local
 
     async def _stop_local(self, local: _LocalService) -> None:
         await local.host.stop(_GRACE)
 
-    async def _aclose_here(self) -> None:
+    async def _close_on_loop(self) -> None:
+        """Stop every local service and close the channel (on the bridge's loop)."""
         self._closed = True
         services, self._services = list(self._services.values()), {}
         for local in services:

@@ -2,8 +2,9 @@
 
 ``register(service_info)`` registers an instance under a lease that a background
 :class:`flext_mesh.hosting.membership.Membership` keeps renewing on the bridge loop until
-``deregister`` or ``close``; ``discover(name)`` asks the control plane for one healthy
-instance picked by the service's load-balancing strategy.
+``deregister``, ``close`` or interpreter exit (which deregisters it too);
+``discover(name)`` asks the control plane for one healthy instance picked by the
+service's load-balancing strategy.
 
 This module also holds :class:`ControlPlaneClient`, the base of the facade objects that
 talk to the control plane: one channel per object, every call bounded by ``timeout``,
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import re
+import threading
 from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -29,7 +31,7 @@ from google.protobuf import json_format
 
 from flext_mesh.errors import InvalidArgument
 from flext_mesh.facade import control_plane_address
-from flext_mesh.facade._bridge import bridge
+from flext_mesh.facade._bridge import Bridge, attach, detach
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.result import FlextResult
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
@@ -95,8 +97,22 @@ class ControlPlaneClient:
         """TLS and token of the channel to the control plane."""
         self._channel: grpc.aio.Channel | None = None
         self._closed = False
+        self._bridge: Bridge | None = None
+        self._bridge_lock = threading.Lock()
 
     # -- running calls -----------------------------------------------------------------
+
+    def _loop_bridge(self) -> Bridge:
+        """The bridge this object runs on (attached on first use, until closed)."""
+        with self._bridge_lock:
+            if self._bridge is None:
+                self._bridge = attach(self)
+            return self._bridge
+
+    def _closed_failure(self, what: str) -> FlextResult[Any]:
+        return FlextResult.fail(
+            f"{what}: this {type(self).__name__} is closed", code="FAILED_PRECONDITION"
+        )
 
     def _get_channel(self) -> grpc.aio.Channel:
         """The channel to the control plane (bridge loop only; created on first use)."""
@@ -112,9 +128,12 @@ class ControlPlaneClient:
         allow_closed: bool = False,
     ) -> FlextResult[_T]:
         """Run ``coroutine`` on the bridge and wait (blocking methods)."""
+        if self._closed and not allow_closed:
+            coroutine.close()
+            return self._closed_failure(what)
         guarded = self._guard(what, coroutine, allow_closed=allow_closed)
         try:
-            return bridge().run(guarded, self.timeout + _SLACK)
+            return self._loop_bridge().run(guarded, self.timeout + _SLACK)
         except TimeoutError:
             return FlextResult.fail(
                 f"{what}: no answer from the control plane at {self.control_plane} "
@@ -133,9 +152,12 @@ class ControlPlaneClient:
         allow_closed: bool = False,
     ) -> FlextResult[_T]:
         """Run ``coroutine`` on the bridge; the caller's loop keeps running."""
+        if self._closed and not allow_closed:
+            coroutine.close()
+            return self._closed_failure(what)
         guarded = self._guard(what, coroutine, allow_closed=allow_closed)
         try:
-            return await bridge().run_async(guarded)
+            return await self._loop_bridge().run_async(guarded)
         except RuntimeError as exc:
             guarded.close()
             return FlextResult.fail(f"{what}: {exc}", code="FAILED_PRECONDITION")
@@ -150,9 +172,7 @@ class ControlPlaneClient:
         """Bound ``coroutine`` by ``timeout`` and turn every error into a failure."""
         if self._closed and not allow_closed:
             coroutine.close()
-            return FlextResult.fail(
-                f"{what}: this {type(self).__name__} is closed", code="FAILED_PRECONDITION"
-            )
+            return self._closed_failure(what)
         try:
             async with asyncio.timeout(self.timeout):
                 return await coroutine
@@ -215,13 +235,34 @@ class ControlPlaneClient:
             if channel is not None:
                 await channel.close()
 
+    def _closing(self) -> Bridge | None:
+        """The bridge to close on; None when there is nothing to close (never used,
+        or closed already)."""
+        with self._bridge_lock:
+            if self._bridge is None:
+                self._closed = True
+            return None if self._closed else self._bridge
+
     def close(self) -> FlextResult[None]:
-        """Stop everything this object started and close its channel (idempotent)."""
-        return self._call("close", self._close_on_loop(), allow_closed=True)
+        """Stop everything this object started (deregister, flush) and close its channel;
+        idempotent. Objects left open are closed at interpreter exit."""
+        bridge = self._closing()
+        if bridge is None:
+            return FlextResult.ok(None)
+        try:
+            return self._call("close", self._close_on_loop(), allow_closed=True)
+        finally:
+            detach(self, bridge)
 
     async def aclose(self) -> FlextResult[None]:
         """Async twin of :meth:`close`."""
-        return await self._acall("close", self._close_on_loop(), allow_closed=True)
+        bridge = self._closing()
+        if bridge is None:
+            return FlextResult.ok(None)
+        try:
+            return await self._acall("close", self._close_on_loop(), allow_closed=True)
+        finally:
+            detach(self, bridge)
 
     def __enter__(self) -> Self:
         return self
@@ -338,7 +379,8 @@ class ServiceRegistry(ControlPlaneClient):
         # caller deregisters at once would otherwise bring the instance back.
         remaining = started + self.timeout - loop.time() - 0.1
         with contextlib.suppress(TimeoutError):  # it keeps trying in the background
-            await asyncio.wait_for(membership.registered.wait(), max(remaining, 0.0))
+            async with asyncio.timeout(max(remaining, 0.0)):
+                await membership.registered.wait()
         return FlextResult.ok(instance.instance_id)
 
     # -- deregister --------------------------------------------------------------------

@@ -3,7 +3,8 @@
 One assembly for every process that hosts processors (``flext-sidecar`` and the
 facade's embedded services): bind, serve ``ProcessorService`` (plus
 ``grpc.health.v1`` and, optionally, reflection), turn health SERVING, register the
-instance under a lease and keep it (:class:`~flext_mesh.hosting.membership.Membership`).
+instance under a lease and keep it (:class:`~flext_mesh.hosting.membership.Membership`);
+health is NOT_SERVING while the control plane refuses the instance.
 ``stop()`` drains in the order callers rely on: health NOT_SERVING, new calls refused,
 deregistered, in-flight calls given the grace period, server stopped.
 
@@ -23,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flext_mesh.addresses import parse_host_port
-from flext_mesh.errors import ConfigError
+from flext_mesh.errors import ConfigError, MeshError
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.process import bind_problem
@@ -118,11 +119,39 @@ class ProcessorHost:
         for name in ("", _PROCESSOR_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def register(self, instance: registry_pb2.ServiceInstance, *, ttl: float) -> Membership:
-        """Register ``instance`` under a lease and keep it registered (in the background)."""
-        self.membership = Membership(self._channel, instance, ttl=ttl)
+    def register(
+        self,
+        instance: registry_pb2.ServiceInstance,
+        *,
+        ttl: float,
+        report_first_refusal: bool = True,
+    ) -> Membership:
+        """Register ``instance`` under a lease and keep it registered (in the background).
+
+        While the control plane refuses it (a revoked token, a scope that does not
+        cover the service), health is NOT_SERVING; SERVING again once it is accepted.
+        ``report_first_refusal=False``: a refusal before any registration is left to
+        the caller of ``membership.first_answer()``.
+        """
+        self.membership = Membership(
+            self._channel,
+            instance,
+            ttl=ttl,
+            on_standing=self._standing,
+            report_first_refusal=report_first_refusal,
+        )
         self.membership.start()
         return self.membership
+
+    async def _standing(self, refusal: MeshError | None) -> None:
+        # After enter_graceful_shutdown() (draining), set() changes nothing.
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if refusal is None
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", _PROCESSOR_SERVICE):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float) -> bool:
         """Drain and stop; False when calls were still running after ``grace`` seconds."""

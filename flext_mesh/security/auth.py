@@ -23,7 +23,9 @@ made by NAME (``caller_service``: its outbound calls), and reads discovery (Disc
 ListServices, Watch, GetServicePolicy) to call the others. ``read`` reads everything
 (registry, reports, alerts, workflows, executions); ``workflow`` manages workflows and
 their executions and reads them. A wrong scope: PERMISSION_DENIED naming the scope
-needed.
+needed. Every refusal is logged at INFO with the method, the client (a token's name, a
+certificate's identity or, unauthenticated, an address; never a credential) and the
+reason, at most once per 10 s for one client, method and kind (:class:`RefusalLog`).
 
 Rate limits: per client (its token's name, its certificate's SPIFFE id, or its
 address when authentication is off), writes (each write RPC, each KeepAlive message)
@@ -45,6 +47,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, TypeAlias
@@ -75,6 +78,7 @@ __all__ = [
     "Authenticator",
     "LeaseOwnerLookup",
     "MethodRule",
+    "RefusalLog",
     "SecurityConfigError",
     "SecurityInterceptor",
     "auth_enabled",
@@ -293,6 +297,52 @@ class Authenticator:
         return identity
 
 
+# -- refusals in the log -------------------------------------------------------------------
+
+
+class RefusalLog:
+    """Logs refused calls at INFO: what was refused, who asked (a token's name, a
+    certificate's identity or an address; never a credential) and why.
+
+    A client retrying a refused call would fill the log: one line per client, method
+    and kind of refusal per ``every`` seconds, the next one saying how many were left
+    out meanwhile.
+    """
+
+    def __init__(self, every: float = 10.0, *, max_keys: int = 4096) -> None:
+        self.every = every
+        self.max_keys = max_keys
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def log(self, kind: str, method: str, client: str, reason: str) -> None:
+        """Log one refusal of ``method`` to ``client`` (``kind``: unauthenticated or
+        permission denied), unless the same was logged less than ``every`` s ago."""
+        key = (kind, method, client)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.every:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        if last is None and len(self._last) >= self.max_keys:
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self.every}
+            if len(self._last) >= self.max_keys:
+                self._last.clear()
+        self._last[key] = (now, 0)
+        left_out = f" (and {last[1]} more like it)" if last is not None and last[1] else ""
+        _log.info(
+            "%s method=%s client=%s reason=%s%s",
+            kind,
+            method.lstrip("/"),
+            client,
+            reason,
+            left_out,
+        )
+
+
+#: The control plane's refusals (one per process).
+refusals = RefusalLog()
+
+
 # -- which service a lease keeps registered --------------------------------------------------
 
 
@@ -435,15 +485,16 @@ class _Guard:
         try:
             identity = self.authenticator.authenticate(context)
         except Unauthenticated as exc:
-            _log.debug("unauthenticated method=%s reason=%s", self.method, exc.message)
+            refusals.log("unauthenticated", self.method, key_of(None, context), exc.message)
             raise
         if identity.admin or not identity.kinds.isdisjoint(self.rule.scopes):
             return identity
-        _log.debug("permission denied method=%s caller=%s", self.method, identity.name)
-        raise PermissionDenied(
+        error = PermissionDenied(
             f"{identity.describe()} may not call {self.method.lstrip('/')}: "
             f"needs scope {self.rule.needed()}"
         )
+        refusals.log("permission denied", self.method, key_of(identity, context), error.message)
+        raise error
 
     def inspect(self, identity: Identity | None, key: str, request: Any) -> MeshError | None:
         """The error for one unary request, None when it may go on."""
@@ -513,10 +564,12 @@ class _Guard:
         return None
 
     def _denied(self, identity: Identity, what: str, service: str) -> PermissionDenied:
-        _log.debug("permission denied method=%s caller=%s", self.method, identity.name)
-        return PermissionDenied(
+        error = PermissionDenied(
             f"{identity.describe()} may not {what}: needs scope admin or service:{service}"
         )
+        client = f"{identity.source}:{identity.name}"
+        refusals.log("permission denied", self.method, client, error.message)
+        return error
 
     # -- the wrappers
 

@@ -7,11 +7,13 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.errors import FieldViolation
+from flext_mesh.errors import FieldViolation, InvalidArgument
 from flext_mesh.names import MAX_ID, MAX_NAME, check_id, check_length, raise_if
 from flext_mesh.registry.registry import Registry
 from flext_mesh.rpc.handlers import LongStreams, add_servicer, checked
 from flext_mesh.rpc.status import rpc_errors
+from flext_mesh.security.auth import refusals
+from flext_mesh.security.identity import client_key
 from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -21,6 +23,7 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 #: Longer than any endpoint (a 253-character host, ':' and a port): refused before the
 #: registry's validation would quote it.
 _MAX_ENDPOINT = 259
+_REGISTER = "/flext_mesh.v1.RegistryService/Register"
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -43,12 +46,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.RegisterRequest, context: _Context
     ) -> registry_pb2.RegisterResponse:
         """Register an instance under a lease."""
-        raise_if(
-            check_length("instance.endpoint", request.instance.endpoint, _MAX_ENDPOINT)
-            + _long_keys("instance.labels", request.instance.labels)
-        )
         ttl = request.ttl if request.HasField("ttl") else None
-        instance, lease, revision = await self.registry.register(request.instance, ttl)
+        try:
+            raise_if(
+                check_length("instance.endpoint", request.instance.endpoint, _MAX_ENDPOINT)
+                + _long_keys("instance.labels", request.instance.labels)
+            )
+            instance, lease, revision = await self.registry.register(request.instance, ttl)
+        except InvalidArgument as exc:  # a refusal the operator should see, as auth's are
+            refusals.log("invalid registration", _REGISTER, client_key(context), exc.message)
+            raise
         return registry_pb2.RegisterResponse(instance=instance, lease=lease, revision=revision)
 
     @rpc_errors
