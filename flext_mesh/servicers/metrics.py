@@ -59,6 +59,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self, request_iterator: AsyncIterator[metrics_pb2.DeliverCallsRequest], context: _Context
     ) -> AsyncIterator[metrics_pb2.DeliverCallsResponse]:
         """Ingest a stream of numbered batches, acknowledging each once durable."""
+        # Acknowledgements are written while the next batches are read (and checked:
+        # the rate limit may end the stream from the reading side). Headers sent first
+        # keep that end from racing the first acknowledgement to send them.
+        await context.send_initial_metadata(())
         with self.streams.track():
             async for sequence, result in self.metrics.deliver_calls(_decoded(request_iterator)):
                 yield metrics_pb2.DeliverCallsResponse(
