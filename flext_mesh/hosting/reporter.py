@@ -26,8 +26,9 @@ Delivery guarantee: **exactly once, across control-plane replicas.** Every batch
 a sequence number (1, 2, 3, ...) under :attr:`CallReporter.batch_reporter_id` when it
 leaves the buffer, and keeps it. It is held only until its acknowledgement: when a
 stream fails, the batches written on it and not acknowledged are sent again, with
-their numbers and before any new batch, on the next stream, whichever replica that
-reaches. The control planes share one ledger of counted (reporter id, sequence)
+their numbers and before any new batch, one ``ReportCalls`` each (each acknowledged,
+or refused with its own status and RetryInfo, by itself), to whichever replica the
+channel reaches next. The control planes share one ledger of counted (reporter id, sequence)
 pairs, written with the records, so a batch counted before its acknowledgement was
 lost is acknowledged again as a copy (``duplicate_batches``), never counted again.
 A control plane without ``DeliverCalls`` (older than the reporter) gets each batch by
@@ -380,15 +381,15 @@ class CallReporter:
     def _window_full(self) -> bool:
         return self._written_count >= self.settings.max_unacknowledged
 
-    def _next_batch(self) -> metrics_pb2.DeliverCallsRequest | None:
-        """The next batch to write: one to send again, else a new one if due; marked
-        written. None when none is due."""
+    def _next_batch(self, *, new: bool = True) -> metrics_pb2.DeliverCallsRequest | None:
+        """The next batch to write: one to send again, else (``new``) a new one if due;
+        marked written. None when none is due."""
         if self._closing and not self._flush_on_close:
             return None
         batch = None
         while self._pending and batch is None:
             batch = self._unacked.get(self._pending.popleft())  # None: acknowledged since
-        if batch is None and self._buffer_due():
+        if batch is None and new and self._buffer_due():
             batch = self._take_batch()
         if batch is not None:
             self._written[batch.batch_sequence] = time.monotonic()
@@ -497,8 +498,16 @@ class CallReporter:
             backoff.reset()
 
     async def _deliver_once(self) -> None:
-        """Deliver due batches (those to send again first) over one stream until it is
-        due to rotate, then close it once they are acknowledged."""
+        """Send again the batches of a failed attempt, one ReportCalls each, then deliver
+        due batches over one stream until it is due to rotate, then close it once they
+        are acknowledged.
+
+        Those sent again are acknowledged one by one, with their own status: a stream
+        the rate limit ends while batches are being written may report a plain
+        INTERNAL error in place of its RESOURCE_EXHAUSTED and RetryInfo (grpc's client
+        replaces the status when a write fails), and the next stream would be cut the
+        same way without waiting as long as asked.
+        """
         settings = self.settings
         try:
             channel = self._channel()
@@ -511,6 +520,10 @@ class CallReporter:
         if time.monotonic() < self._unary_until:
             await self._report_unary(stub)
             return
+        if self._pending:
+            await self._report_unary(stub, again_only=True)
+            if not self._due():
+                return  # no stream is held open while idle
         try:
             await self._stream(stub)
         except _Unimplemented:
@@ -530,6 +543,12 @@ class CallReporter:
         rotate_at = time.monotonic() + settings.stream_max_age
         written = 0
         try:
+            # The control plane answers with its headers first: nothing is written to a
+            # stream it refuses (a write racing the refusal would hide its status).
+            async with asyncio.timeout(settings.connect_timeout):
+                await call.initial_metadata()
+            if call.done() and await call.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise _Unimplemented
             while written < settings.stream_max_records and await self._wait(rotate_at, call):
                 batch = self._next_batch()
                 if batch is None:
@@ -545,6 +564,8 @@ class CallReporter:
         except asyncio.CancelledError:
             call.cancel()
             self._requeue()
+            raise
+        except _Unimplemented:
             raise
         except Exception as exc:
             error = await _failure_of(call, reader, exc)
@@ -578,9 +599,12 @@ class CallReporter:
                     rejected.reason,
                 )
 
-    async def _report_unary(self, stub: metrics_pb2_grpc.MetricsServiceAsyncStub) -> None:
+    async def _report_unary(
+        self, stub: metrics_pb2_grpc.MetricsServiceAsyncStub, *, again_only: bool = False
+    ) -> None:
         """Deliver due batches one ReportCalls each, concurrently up to the window,
-        until none is due (a control plane older than DeliverCalls).
+        until none is due (a control plane older than DeliverCalls), or only the
+        batches to send again (``again_only``).
 
         A batch the control plane refuses as a whole (INVALID_ARGUMENT, or
         RESOURCE_EXHAUSTED without RetryInfo: its series limit) is acknowledged as
@@ -588,9 +612,12 @@ class CallReporter:
         """
         timeout = self.settings.ack_timeout + self.settings.connect_timeout
         rotate_at = time.monotonic() + self.settings.stream_max_age
-        while await self._wait(rotate_at):
+        while (self._pending if again_only else True) and await self._wait(rotate_at):
             batches: list[metrics_pb2.DeliverCallsRequest] = []
-            while not self._window_full() and (batch := self._next_batch()) is not None:
+            while (
+                not self._window_full()
+                and (batch := self._next_batch(new=not again_only)) is not None
+            ):
                 batches.append(batch)
             try:
                 results = await asyncio.gather(
@@ -655,18 +682,16 @@ async def _failure_of(
     call: grpc.aio.Call, reader: asyncio.Task[None], exc: Exception
 ) -> BaseException:
     """The error with the stream's status (and its RetryInfo) when the stream ended with
-    one: the acknowledgement reader gets it; a write to a stream the server already
-    ended may fail with a plainer exception."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc
+    one: the acknowledgement reader gets it, while a write to a stream the server
+    already ended fails with a plainer error ("Internal error from Core")."""
     if call.done():
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await asyncio.wait({reader})
-    if reader.done() and not reader.cancelled():
-        error = reader.exception()
-        if isinstance(error, grpc.aio.AioRpcError):
-            return error
+        if reader.done() and not reader.cancelled():
+            error = reader.exception()
+            if isinstance(error, grpc.aio.AioRpcError):
+                return error
     return exc
 
 
