@@ -884,11 +884,13 @@ class Aggregator:
         self._unsettled = None
         if result.succeeded:
             self._marker_revision = result.revision
+            _log.info("metrics checkpoint of unknown outcome was not written: writing again")
             return
         marker = await self.store.get(self._marker_key)
         if marker is not None and marker.value == attempt.marker:
             self._apply(attempt, marker.mod_revision)
             self._staged = [b for b in self._staged if not b.finished]
+            _log.info("metrics checkpoint of unknown outcome was written")
             return
         await self._reload(set())  # someone else's marker: take its revision
 
