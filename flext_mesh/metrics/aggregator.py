@@ -282,9 +282,11 @@ class Aggregator:
         self.ledgers = LedgerCache(
             idle_ttl=self.settings.reporter_idle_ttl, max_reporters=self.settings.max_reporters
         )
-        # Ledgers of the old per-replica layout, read at start; dropped once idle.
+        # Ledgers of the old per-replica layout, read at start; dropped once idle, and
+        # whether their keys are left to sweep.
         self._legacy: dict[str, ReporterLedger] = {}
         self._legacy_until = 0.0
+        self._legacy_shards = False
         # The lease the ledger keys and the marker are written under, and when to take
         # a new one (a key expires a reporter idle time or so after its last write).
         self._lease: str | None = None
@@ -342,10 +344,11 @@ class Aggregator:
         marker = await self.store.get(self._marker_key)
         self._marker_revision = marker.mod_revision if marker is not None else 0
         await self._load_legacy(now)
-        try:
-            await self.sweep_ledgers()
-        except Exception:  # housekeeping: the roll-up tries again
-            _log.exception("sweeping idle reporter ledgers of the old layout failed")
+        if self._legacy:
+            try:
+                await self.sweep_ledgers()
+            except Exception:  # housekeeping: the roll-up tries again
+                _log.exception("sweeping idle reporter ledgers of the old layout failed")
         if self.settings.replica:
 
             def load(kvs: list[KeyValue]) -> None:
@@ -367,6 +370,7 @@ class Aggregator:
         if not legacy:
             return
         self._legacy, unreadable = read_legacy(kv.value for kv in legacy)
+        self._legacy_shards = True
         self._legacy_until = now + self.settings.reporter_idle_ttl
         if unreadable:
             _log.warning("ignoring %d unreadable reporter ledger shards", unreadable)
@@ -853,13 +857,17 @@ class Aggregator:
         """Read again the marker and the ledgers of ``reporters`` (a guard failed)."""
         marker = await self.store.get(self._marker_key)
         revision = marker.mod_revision if marker is not None else 0
-        if revision != self._marker_revision:
+        if (
+            revision != self._marker_revision
+            and marker is not None  # (absent: it expired, this replica idle for an hour)
+            and not marker.value.startswith(self._marker_tag.encode())
+        ):
             _log.warning(
                 "metrics checkpoint marker %s was written by another process: is another "
                 "control plane running with this --node-name?",
                 self._marker_key,
             )
-            self._marker_revision = revision
+        self._marker_revision = revision
         kvs = await asyncio.gather(*(self.store.get(reporter_key(rid)) for rid in reporters))
         now = self._clock()
         for rid, kv in zip(reporters, kvs, strict=True):
@@ -875,12 +883,18 @@ class Aggregator:
         attempt = self._unsettled
         if attempt is None:
             return
-        lease = await self._ledger_lease()
         fence = f"{self._marker_tag}:{next(self._attempts)}".encode()
-        result = await self.store.txn(
-            [Compare(self._marker_key, self._marker_revision)],
-            [Put(self._marker_key, fence, lease)],
-        )
+        try:
+            result = await self.store.txn(
+                [Compare(self._marker_key, self._marker_revision)],
+                [Put(self._marker_key, fence, await self._ledger_lease())],
+            )
+        except LeaseNotFound:  # not applied: again under a new lease
+            self._lease = None
+            result = await self.store.txn(
+                [Compare(self._marker_key, self._marker_revision)],
+                [Put(self._marker_key, fence, await self._ledger_lease())],
+            )
         self._unsettled = None
         if result.succeeded:
             self._marker_revision = result.revision
@@ -989,7 +1003,7 @@ class Aggregator:
                 self._unsaved_deletes = {**deletes, **self._unsaved_deletes}
                 self._unsaved_targets |= targets
                 raise
-        if now >= self._next_sweep:
+        if self._legacy_shards and now >= self._next_sweep:
             await self.sweep_ledgers()
         return changes
 
@@ -1001,9 +1015,11 @@ class Aggregator:
         self._next_sweep = now + self.settings.reporter_idle_ttl / 4
         cutoff = now - self.settings.reporter_idle_ttl
         deleted = 0
+        left = False
         for kv in await self.store.range(REPORTERS):
             if not is_legacy_key(kv.key):
                 continue
+            left = True
             try:
                 newest = newest_legacy(kv.value)
             except (ValueError, KeyError, TypeError, IndexError):
@@ -1013,6 +1029,7 @@ class Aggregator:
                 deleted += result.succeeded
         if deleted:
             _log.info("metrics deleted %d idle reporter ledger shards of the old layout", deleted)
+        self._legacy_shards = left
         return deleted
 
     # -- queries -----------------------------------------------------------------------
