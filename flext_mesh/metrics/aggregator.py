@@ -398,6 +398,12 @@ class Aggregator:
         """Validate one batch and return once it is durably counted (see :meth:`submit`)."""
         return await self.submit(records, reporter_id=reporter_id, sequence=sequence)
 
+    def record(self, records: Sequence[metrics_pb2.CallRecord]) -> None:
+        """Stage records this control plane made itself (workflow and step durations)
+        without waiting: a failed write keeps them staged for the next checkpoint.
+        Raises as :meth:`submit` when none is good."""
+        self.submit(records).add_done_callback(_consume)
+
     def submit(
         self,
         records: Sequence[metrics_pb2.CallRecord],
@@ -1150,6 +1156,12 @@ def _valid_name(name: str, known: set[str]) -> bool:
             known.add(name)
         return True
     return False
+
+
+def _consume(future: asyncio.Future[Ingested]) -> None:
+    """Retrieve the outcome nobody waits for (the batch stays staged on failure)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
