@@ -153,7 +153,7 @@ class ControlPlane:
                 owner=config.node_name or default_owner(),
                 exclusive_store=not shared_store,
             ),
-            report=self.metrics.aggregator.ingest,
+            report=self.metrics.aggregator.record,
         )
         self.health = health.aio.HealthServicer()
         options: list[tuple[str, Any]] = [

@@ -1,17 +1,20 @@
-"""Call reporting: a bounded buffer of call records, flushed in batches over StreamCalls.
+"""Call reporting: a bounded buffer of call records, delivered in acknowledged batches.
 
 The sidecar calls :meth:`CallReporter.record` (or :meth:`CallReporter.record_call`) once
 per call, on the event loop thread; that is an O(1) append that never blocks and never
 raises. One background task owned by the reporter sends the buffer to the control
-plane in batches over one long-lived ``MetricsService.StreamCalls`` client stream:
+plane in numbered batches over one long-lived ``MetricsService.DeliverCalls`` stream,
+which acknowledges each batch once its records are durably counted:
 
 * a batch leaves when ``batch_size`` records are waiting, or ``flush_interval`` seconds
   after the oldest waiting record arrived (measured from when the buffer last became
   non-empty or a batch was last taken from it), whichever comes first;
-* the stream is closed and reopened every ``stream_max_age`` seconds or after
-  ``stream_max_records`` records, so that the control plane's answer (accepted and
-  rejected counts, logged at DEBUG) acknowledges what was written on it, and no
-  stream is held open while the reporter is idle;
+* at most ``max_unacknowledged`` records are written and not yet acknowledged; past
+  that the reporter waits for acknowledgements (the buffer keeps filling);
+* a batch not acknowledged within ``ack_timeout`` of being written fails the stream (a
+  control plane that hangs is left, as one that is gone);
+* the stream is closed, once its batches are acknowledged, and a new one opened when
+  due, every ``stream_max_age`` seconds or after ``stream_max_records`` records;
 * while the control plane is unreachable the reporter retries with exponential
   backoff and jitter (capped), never sooner than a ``google.rpc.RetryInfo`` that came
   with RESOURCE_EXHAUSTED says (the control plane's rate limit); the buffer keeps
@@ -19,22 +22,24 @@ plane in batches over one long-lived ``MetricsService.StreamCalls`` client strea
   control plane how many records were dropped since the previous one
   (``dropped_since_last``).
 
-Delivery guarantee: **exactly once per control-plane replica.** Every batch gets a
-sequence number (1, 2, 3, ...) under :attr:`CallReporter.batch_reporter_id` when it
-leaves the buffer, and keeps it. Batches written to a stream stay held ("in flight")
-until the control plane answers for that stream. If the stream fails first, they are
-sent again, with their sequence numbers, one ``ReportCalls`` each (each acknowledged
-by itself, so a stream that keeps failing part-way cannot hold them back) before new
-batches go out on the next stream. The control plane counts a batch once per
-(reporter id, sequence), so the batches it had received before the failure are
-acknowledged again, not counted again. A batch re-sent to another replica after a
-failover may be counted twice. Records are lost only when they are dropped from a
-full buffer (counted in ``dropped``), refused by the control plane (``rejected``),
-or still held when :meth:`CallReporter.aclose` gives up.
+Delivery guarantee: **exactly once, across control-plane replicas.** Every batch gets
+a sequence number (1, 2, 3, ...) under :attr:`CallReporter.batch_reporter_id` when it
+leaves the buffer, and keeps it. It is held only until its acknowledgement: when a
+stream fails, the batches written on it and not acknowledged are sent again, with
+their numbers and before any new batch, one ``ReportCalls`` each (each acknowledged,
+or refused with its own status and RetryInfo, by itself), to whichever replica the
+channel reaches next. The control planes share one ledger of counted (reporter id, sequence)
+pairs, written with the records, so a batch counted before its acknowledgement was
+lost is acknowledged again as a copy (``duplicate_batches``), never counted again.
+A control plane without ``DeliverCalls`` (older than the reporter) gets each batch by
+``ReportCalls``, acknowledged by its answer, with the same guarantee. Records are
+lost only when they are dropped from a full buffer (counted in ``dropped``), refused
+by the control plane (``rejected``), or still held when :meth:`CallReporter.aclose`
+gives up.
 
 Memory is bounded: at most ``max_buffer`` records wait in the buffer, plus at most
-``stream_max_records + batch_size`` in numbered batches (in flight or waiting to be
-sent again). Every record is accounted for::
+``max_unacknowledged + batch_size`` in numbered batches (written and not acknowledged,
+or waiting to be sent again). Every record is accounted for::
 
     recorded == sent + dropped + buffered + in_flight
 """
@@ -51,7 +56,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import grpc
 
@@ -68,6 +72,8 @@ _log = logging.getLogger("flext_sidecar.reporter")
 MAX_BATCH = 10_000
 #: Longest reporter id the control plane takes (metrics.proto), suffix included.
 _MAX_REPORTER_ID = 256
+#: How long a reporter that found no DeliverCalls uses ReportCalls before trying again.
+_UNARY_FOR = 300.0
 
 #: Returns the channel to the control plane to use now (the owner may fail over).
 ChannelSource = Callable[[], grpc.aio.Channel]
@@ -83,12 +89,14 @@ class ReporterSettings:
     """Records per batch, at most; a full batch is sent at once (1 to 10000)."""
     flush_interval: float = 1.0
     """A partial batch is sent this long after its oldest record arrived."""
+    max_unacknowledged: int = 10_000
+    """Records written and not yet acknowledged, at most (at least ``batch_size``)."""
     stream_max_age: float = 30.0
-    """A stream is closed (and its records acknowledged) after this long."""
+    """A stream is closed (once its batches are acknowledged) after this long."""
     stream_max_records: int = 10_000
     """A stream is closed after this many records were written on it."""
     ack_timeout: float = 10.0
-    """Time the control plane has to answer once a stream is closed."""
+    """Time the control plane has to acknowledge a batch written to it."""
     connect_timeout: float = 5.0
     """Time one attempt waits for the channel to be ready before backing off."""
     backoff_initial: float = 0.1
@@ -103,6 +111,11 @@ class ReporterSettings:
         if self.max_buffer < self.batch_size:
             raise ValueError(
                 f"max_buffer ({self.max_buffer}) must be at least batch_size ({self.batch_size})"
+            )
+        if self.max_unacknowledged < self.batch_size:
+            raise ValueError(
+                f"max_unacknowledged ({self.max_unacknowledged}) must be at least "
+                f"batch_size ({self.batch_size})"
             )
         if self.stream_max_records < 1:
             raise ValueError("stream_max_records must be at least 1")
@@ -154,8 +167,12 @@ class _StreamFailed(Exception):
         self.retry_after = retry_after
 
 
+class _Unimplemented(Exception):
+    """The control plane has no DeliverCalls (it is older than this reporter)."""
+
+
 class CallReporter:
-    """Buffers call records and streams them to the control plane in batches.
+    """Buffers call records and delivers them to the control plane in batches.
 
     ``channel`` returns the channel to use for the next stream (called once per
     attempt, so the owner may switch control planes). Give that channel a short
@@ -186,11 +203,16 @@ class CallReporter:
         # When the oldest waiting record arrived (approximately), time.monotonic().
         self._first_at = 0.0
         self._sequence = 0  # of the last batch taken from the buffer
-        # Numbered batches of failed attempts, oldest first, to send again as they are.
-        self._resend: deque[metrics_pb2.StreamCallsRequest] = deque()
-        self._resend_count = 0
-        self._in_flight: list[metrics_pb2.StreamCallsRequest] = []
-        self._in_flight_count = 0
+        # Numbered batches not acknowledged yet, by sequence, oldest first, and their
+        # records; of those, the ones written on the open stream (with when), and the
+        # ones to send (again) before any new batch.
+        self._unacked: dict[int, metrics_pb2.DeliverCallsRequest] = {}
+        self._unacked_count = 0
+        self._written: dict[int, float] = {}
+        self._written_count = 0
+        self._pending: deque[int] = deque()
+        # Until when the control plane is taken to lack DeliverCalls (monotonic).
+        self._unary_until = 0.0
         self._recorded = 0
         self._sent = 0
         self._dropped = 0
@@ -207,7 +229,7 @@ class CallReporter:
         self._rejected = 0
         self._batches = 0
         self._duplicates = 0
-        self._wake = asyncio.Event()  # a batch may be due, or closing
+        self._wake = asyncio.Event()  # a batch may be due, an ack came, or closing
         self._abandon = asyncio.Event()  # closing without flushing: cut waits short
         self._closing = False
         self._flush_on_close = True
@@ -282,8 +304,8 @@ class CallReporter:
             sent=self._sent,
             dropped=self._dropped,
             failed_flushes=self._failed_flushes,
-            buffered=len(self._buffer) + self._resend_count,
-            in_flight=self._in_flight_count,
+            buffered=len(self._buffer) + self._unacked_count - self._written_count,
+            in_flight=self._written_count,
             rejected=self._rejected,
             batches=self._batches,
             duplicate_batches=self._duplicates,
@@ -301,9 +323,10 @@ class CallReporter:
     async def aclose(self, *, flush: bool = True, within: float = 5.0) -> None:
         """Stop the flusher, first sending what is buffered when ``flush`` (idempotent).
 
-        Within ``within`` seconds the flusher sends the buffer (``flush=True``) or only
-        closes its open stream; then it is cancelled. What was not delivered stays
-        counted in ``buffered``; records recorded afterwards count as ``dropped``.
+        Within ``within`` seconds the flusher sends the buffer and waits for its
+        acknowledgements (``flush=True``), or only waits for the acknowledgements of
+        what it wrote; then it is cancelled. What was not delivered stays counted in
+        ``buffered`` or ``in_flight``; records recorded afterwards count as ``dropped``.
         """
         if not self._closing:
             self._closing = True
@@ -318,7 +341,7 @@ class CallReporter:
                 _log.warning(
                     "call reporter closing: gave up after %.1fs with %d records undelivered",
                     within,
-                    len(self._buffer) + self._resend_count + self._in_flight_count,
+                    len(self._buffer) + self._unacked_count,
                 )
                 task.cancel()
                 await asyncio.wait({task})
@@ -338,14 +361,10 @@ class CallReporter:
     ) -> None:
         await self.aclose()
 
-    # -- the flusher -------------------------------------------------------------------
+    # -- what to send ------------------------------------------------------------------
 
-    def _due(self) -> bool:
-        """Whether a batch should leave now."""
-        if self._closing and not self._flush_on_close:
-            return False
-        if self._resend:
-            return True  # overdue: send as soon as the control plane is there
+    def _buffer_due(self) -> bool:
+        """Whether a new batch should leave the buffer now."""
         size = len(self._buffer)
         if size == 0:
             return False
@@ -353,36 +372,116 @@ class CallReporter:
             return True
         return time.monotonic() - self._first_at >= self.settings.flush_interval
 
-    async def _wait_due(self, until: float | None, stream: grpc.aio.Call | None = None) -> bool:
-        """Wait until a batch is due (True); False at ``until`` (monotonic), on closing,
-        or when ``stream`` ended."""
+    def _due(self) -> bool:
+        """Whether there is a batch to send now (window permitting)."""
+        if self._closing and not self._flush_on_close:
+            return False
+        return bool(self._pending) or self._buffer_due()
+
+    def _window_full(self) -> bool:
+        return self._written_count >= self.settings.max_unacknowledged
+
+    def _next_batch(self, *, new: bool = True) -> metrics_pb2.DeliverCallsRequest | None:
+        """The next batch to write: one to send again, else (``new``) a new one if due;
+        marked written. None when none is due."""
+        if self._closing and not self._flush_on_close:
+            return None
+        batch = None
+        while self._pending and batch is None:
+            batch = self._unacked.get(self._pending.popleft())  # None: acknowledged since
+        if batch is None and new and self._buffer_due():
+            batch = self._take_batch()
+        if batch is not None:
+            self._written[batch.batch_sequence] = time.monotonic()
+            self._written_count += len(batch.records)
+        return batch
+
+    def _take_batch(self) -> metrics_pb2.DeliverCallsRequest:
+        """Number the next batch of up to ``batch_size`` buffered records."""
+        buffer = self._buffer
+        count = min(self._batch_size, len(buffer))
+        records = [buffer.popleft() for _ in range(count)]
+        if buffer:
+            self._first_at = time.monotonic()
+        dropped = self._dropped - self._dropped_reported
+        self._dropped_reported = self._dropped
+        self._sequence += 1
+        batch = metrics_pb2.DeliverCallsRequest(
+            records=records,
+            reporter_id=self.batch_reporter_id,
+            dropped_since_last=dropped,
+            batch_sequence=self._sequence,
+        )
+        self._unacked[self._sequence] = batch
+        self._unacked_count += count
+        return batch
+
+    def _acknowledge(
+        self, sequence: int, *, rejected: int, duplicate: bool
+    ) -> metrics_pb2.DeliverCallsRequest | None:
+        """The control plane acknowledged a batch: it is delivered, and forgotten."""
+        batch = self._unacked.pop(sequence, None)
+        if batch is None:
+            return None  # not ours, or acknowledged before
+        size = len(batch.records)
+        self._unacked_count -= size
+        if self._written.pop(sequence, None) is not None:
+            self._written_count -= size
+        self._sent += size
+        self._rejected += rejected
+        self._batches += 1
+        self._duplicates += duplicate
+        self._wake.set()
+        return batch
+
+    def _requeue(self) -> None:
+        """Every unacknowledged batch goes back, numbered as it is, to be sent again
+        first (in order)."""
+        self._pending = deque(self._unacked)
+        self._written.clear()
+        self._written_count = 0
+
+    # -- the flusher -------------------------------------------------------------------
+
+    async def _wait(self, until: float | None, call: grpc.aio.Call | None = None) -> bool:
+        """Wait until a batch can be written (True); False at ``until`` (monotonic), on
+        closing with nothing left to send, or when ``call`` ended. Raises TimeoutError
+        when a written batch waits for its acknowledgement past ``ack_timeout``."""
+        ack_timeout = self.settings.ack_timeout
         while True:
             self._wake.clear()
-            if stream is not None and stream.done():
-                return False
-            if self._due():
-                return True
-            if self._closing:
+            if call is not None and call.done():
                 return False
             now = time.monotonic()
+            if self._written:
+                oldest = next(iter(self._written.values()))
+                if now - oldest > ack_timeout:
+                    raise TimeoutError(f"no acknowledgement within {ack_timeout:g}s")
+            if self._due():
+                if not self._window_full():
+                    return True
+            elif self._closing:
+                return False
             timeouts: list[float] = []
-            if self._buffer:
+            if self._buffer and not self._window_full():
                 timeouts.append(self._first_at + self.settings.flush_interval - now)
+            if self._written:
+                timeouts.append(next(iter(self._written.values())) + ack_timeout - now)
             if until is not None:
                 if now >= until:
                     return False
                 timeouts.append(until - now)
             try:
-                async with asyncio.timeout(min(timeouts) if timeouts else None):
+                async with asyncio.timeout(max(0.0, min(timeouts)) if timeouts else None):
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
     async def _run(self) -> None:
         backoff = self._backoff
-        while await self._wait_due(None):
+        while await self._wait(None):
             try:
-                await self._stream_once()
+                await self._deliver_once()
             except _StreamFailed as failed:
                 self._failed_flushes += 1
                 delay = next(backoff)
@@ -398,9 +497,17 @@ class CallReporter:
                 _log.info("call reporting resumed after %d failed attempts", backoff.failures)
             backoff.reset()
 
-    async def _stream_once(self) -> None:
-        """Send again the batches of failed attempts, then due batches over one stream
-        until it is due to rotate, then close it."""
+    async def _deliver_once(self) -> None:
+        """Send again the batches of a failed attempt, one ReportCalls each, then deliver
+        due batches over one stream until it is due to rotate, then close it once they
+        are acknowledged.
+
+        Those sent again are acknowledged one by one, with their own status: a stream
+        the rate limit ends while batches are being written may report a plain
+        INTERNAL error in place of its RESOURCE_EXHAUSTED and RetryInfo (grpc's client
+        replaces the status when a write fails), and the next stream would be cut the
+        same way without waiting as long as asked.
+        """
         settings = self.settings
         try:
             channel = self._channel()
@@ -410,158 +517,156 @@ class CallReporter:
             self._log_failure("control plane unreachable", exc)
             raise _StreamFailed from exc
         stub = metrics_pb2_grpc.MetricsServiceStub(channel)
-        if self._resend:
-            await self._send_again(stub)
+        if time.monotonic() < self._unary_until:
+            await self._report_unary(stub)
+            return
+        if self._pending:
+            await self._report_unary(stub, again_only=True)
             if not self._due():
                 return  # no stream is held open while idle
-        call = stub.StreamCalls(timeout=settings.stream_max_age + settings.ack_timeout)
-        # A stream that fails while idle wakes the flusher, which requeues its records.
-        call.add_done_callback(lambda _: self._wake.set())
-        rotate_at = time.monotonic() + settings.stream_max_age
         try:
-            while self._in_flight_count < settings.stream_max_records and await self._wait_due(
-                rotate_at, call
-            ):
-                await call.write(self._take_batch())
+            await self._stream(stub)
+        except _Unimplemented:
+            _log.info(
+                "the control plane has no DeliverCalls (an older version): reporting "
+                "each batch with ReportCalls"
+            )
+            self._unary_until = time.monotonic() + _UNARY_FOR
+            await self._report_unary(stub)
+
+    async def _stream(self, stub: metrics_pb2_grpc.MetricsServiceAsyncStub) -> None:
+        settings = self.settings
+        call = stub.DeliverCalls(timeout=settings.stream_max_age + settings.ack_timeout)
+        # A stream that fails while idle wakes the flusher, which sends its batches again.
+        call.add_done_callback(lambda _: self._wake.set())
+        reader = asyncio.create_task(self._read_acks(call), name="sidecar-call-reporter-acks")
+        rotate_at = time.monotonic() + settings.stream_max_age
+        written = 0
+        try:
+            # The control plane answers with its headers first: nothing is written to a
+            # stream it refuses (a write racing the refusal would hide its status).
+            async with asyncio.timeout(settings.connect_timeout):
+                await call.initial_metadata()
+            if call.done() and await call.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise _Unimplemented
+            while written < settings.stream_max_records and await self._wait(rotate_at, call):
+                batch = self._next_batch()
+                if batch is None:
+                    continue
+                await call.write(batch)
+                written += len(batch.records)
             await call.done_writing()
-            response = await call
+            # The control plane ends the stream once it acknowledged every batch.
+            async with asyncio.timeout(settings.ack_timeout):
+                await asyncio.shield(reader)
+            if self._written:
+                raise RuntimeError("the stream ended before acknowledging every batch")
         except asyncio.CancelledError:
             call.cancel()
             self._requeue()
+            raise
+        except _Unimplemented:
             raise
         except Exception as exc:
-            error = await _status_of(call, exc)
+            error = await _failure_of(call, reader, exc)
             call.cancel()
             self._requeue()
+            if (
+                isinstance(error, grpc.aio.AioRpcError)
+                and error.code() is grpc.StatusCode.UNIMPLEMENTED
+            ):
+                raise _Unimplemented from exc
             self._log_failure("call stream failed", error)
             raise _StreamFailed(_retry_after(error)) from exc
-        self._acknowledge(response)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
-    async def _send_again(self, stub: metrics_pb2_grpc.MetricsServiceAsyncStub) -> None:
-        """Send the batches of failed attempts again, one ReportCalls each, concurrently.
-
-        Each is acknowledged by itself: a stream that a rate limit ends after its first
-        batches would make every later attempt pay for those again and never get
-        further. A batch the control plane refuses as a whole (INVALID_ARGUMENT, or
-        RESOURCE_EXHAUSTED without RetryInfo: its series limit) is acknowledged as
-        rejected, not retried for ever. Raises _StreamFailed when some remain.
-        """
-        batches = list(self._resend)
-        self._resend.clear()
-        self._resend_count = 0
-        self._in_flight.extend(batches)
-        self._in_flight_count += sum(len(b.records) for b in batches)
-        timeout = self.settings.ack_timeout + self.settings.connect_timeout
-        try:
-            results = await asyncio.gather(
-                *(
-                    stub.ReportCalls(
-                        metrics_pb2.ReportCallsRequest(
-                            records=batch.records,
-                            reporter_id=batch.reporter_id,
-                            batch_sequence=batch.batch_sequence,
-                        ),
-                        timeout=timeout,
-                    )
-                    for batch in batches
-                ),
-                return_exceptions=True,
+    async def _read_acks(
+        self,
+        call: grpc.aio.StreamStreamCall[
+            metrics_pb2.DeliverCallsRequest, metrics_pb2.DeliverCallsResponse
+        ],
+    ) -> None:
+        async for ack in call:
+            self._acknowledge(
+                ack.batch_sequence, rejected=len(ack.rejected), duplicate=ack.duplicate
             )
-        except asyncio.CancelledError:
-            self._requeue()
-            raise
-        failed: list[metrics_pb2.StreamCallsRequest] = []
-        errors: list[BaseException] = []
-        for batch, result in zip(batches, results, strict=True):
-            size = len(batch.records)
-            if isinstance(result, metrics_pb2.ReportCallsResponse):
-                self._sent += size
-                self._rejected += len(result.rejected)
-                self._batches += 1
-                self._duplicates += result.duplicate
-            elif _refused_for_good(result):
-                assert isinstance(result, grpc.aio.AioRpcError)
-                _log.warning(
-                    "control plane refused a batch of %d call records (%s: %s)",
-                    size,
-                    result.code().name,
-                    result.details(),
+            for rejected in ack.rejected[:3]:
+                _log.debug(
+                    "control plane rejected a call record field=%s reason=%s",
+                    rejected.field,
+                    rejected.reason,
                 )
-                self._sent += size
-                self._rejected += size
-                self._batches += 1
-            else:
-                failed.append(batch)
-                errors.append(result)
-        self._in_flight = failed
-        self._in_flight_count = sum(len(b.records) for b in failed)
-        if failed:
-            self._requeue()
-            self._log_failure("sending call records again failed", errors[0])
-            waits = [w for w in map(_retry_after, errors) if w is not None]
-            raise _StreamFailed(max(waits) if waits else None)
 
-    def _take_batch(self) -> metrics_pb2.StreamCallsRequest:
-        """Number the next batch of up to ``batch_size`` buffered records; it is in flight."""
-        buffer = self._buffer
-        count = min(self._batch_size, len(buffer))
-        records = [buffer.popleft() for _ in range(count)]
-        if buffer:
-            self._first_at = time.monotonic()
-        dropped = self._dropped - self._dropped_reported
-        self._dropped_reported = self._dropped
-        self._sequence += 1
-        batch = metrics_pb2.StreamCallsRequest(
-            records=records,
-            reporter_id=self.batch_reporter_id,
-            dropped_since_last=dropped,
-            batch_sequence=self._sequence,
-        )
-        self._in_flight.append(batch)
-        self._in_flight_count += count
-        return batch
+    async def _report_unary(
+        self, stub: metrics_pb2_grpc.MetricsServiceAsyncStub, *, again_only: bool = False
+    ) -> None:
+        """Deliver due batches one ReportCalls each, concurrently up to the window,
+        until none is due (a control plane older than DeliverCalls), or only the
+        batches to send again (``again_only``).
 
-    def _acknowledge(self, response: metrics_pb2.StreamCallsResponse) -> None:
-        """The control plane answered for the stream: its records are delivered."""
-        self._sent += self._in_flight_count
-        self._rejected += response.rejected_count
-        self._batches += response.batches
-        self._duplicates += response.duplicate_batches
-        _log.debug(
-            "call stream acknowledged records=%d accepted=%d rejected=%d batches=%d duplicates=%d",
-            self._in_flight_count,
-            response.accepted,
-            response.rejected_count,
-            response.batches,
-            response.duplicate_batches,
-        )
-        for rejected in response.rejected[:3]:
-            _log.debug(
-                "control plane rejected a call record field=%s reason=%s",
-                rejected.field,
-                rejected.reason,
-            )
-        self._in_flight.clear()
-        self._in_flight_count = 0
-
-    def _requeue(self) -> None:
-        """Unacknowledged batches go back, numbered as they are, to be sent again first."""
-        for batch in self._in_flight:
-            # Drops reported with a batch that may not have arrived are reported again,
-            # with the next new batch (ReportCalls does not carry them).
-            self._dropped_reported -= batch.dropped_since_last
-            batch.dropped_since_last = 0
-        self._resend.extendleft(reversed(self._in_flight))
-        self._resend_count += self._in_flight_count
-        self._in_flight = []
-        self._in_flight_count = 0
+        A batch the control plane refuses as a whole (INVALID_ARGUMENT, or
+        RESOURCE_EXHAUSTED without RetryInfo: its series limit) is acknowledged as
+        rejected, not retried for ever. Raises _StreamFailed when some fail.
+        """
+        timeout = self.settings.ack_timeout + self.settings.connect_timeout
+        rotate_at = time.monotonic() + self.settings.stream_max_age
+        while (self._pending if again_only else True) and await self._wait(rotate_at):
+            batches: list[metrics_pb2.DeliverCallsRequest] = []
+            while (
+                not self._window_full()
+                and (batch := self._next_batch(new=not again_only)) is not None
+            ):
+                batches.append(batch)
+            try:
+                results = await asyncio.gather(
+                    *(
+                        stub.ReportCalls(
+                            metrics_pb2.ReportCallsRequest(
+                                records=batch.records,
+                                reporter_id=batch.reporter_id,
+                                batch_sequence=batch.batch_sequence,
+                            ),
+                            timeout=timeout,
+                        )
+                        for batch in batches
+                    ),
+                    return_exceptions=True,
+                )
+            except asyncio.CancelledError:
+                self._requeue()
+                raise
+            errors: list[BaseException] = []
+            for batch, result in zip(batches, results, strict=True):
+                sequence = batch.batch_sequence
+                if isinstance(result, metrics_pb2.ReportCallsResponse):
+                    self._acknowledge(
+                        sequence, rejected=len(result.rejected), duplicate=result.duplicate
+                    )
+                elif _refused_for_good(result):
+                    assert isinstance(result, grpc.aio.AioRpcError)
+                    _log.warning(
+                        "control plane refused a batch of %d call records (%s: %s)",
+                        len(batch.records),
+                        result.code().name,
+                        result.details(),
+                    )
+                    self._acknowledge(sequence, rejected=len(batch.records), duplicate=False)
+                else:
+                    errors.append(result)
+            if errors:
+                self._requeue()
+                self._log_failure("reporting call records failed", errors[0])
+                waits = [w for w in map(_retry_after, errors) if w is not None]
+                raise _StreamFailed(max(waits) if waits else None)
 
     def _log_failure(self, what: str, exc: BaseException) -> None:
         """WARNING on the first failure of a run of failures, DEBUG after."""
         detail = (
             f"{exc.code().name}: {exc.details()}"
             if isinstance(exc, grpc.aio.AioRpcError)
-            else (type(exc).__name__ if isinstance(exc, TimeoutError) else repr(exc))
+            else (str(exc) or type(exc).__name__)
         )
         level = logging.DEBUG if self._backoff.failures else logging.WARNING
         _log.log(
@@ -569,21 +674,24 @@ class CallReporter:
             "%s (%s); retrying with backoff, %d records buffered",
             what,
             detail,
-            len(self._buffer) + self._resend_count + self._in_flight_count,
+            len(self._buffer) + self._unacked_count,
         )
 
 
-async def _status_of(call: grpc.aio.StreamUnaryCall[Any, Any], exc: Exception) -> BaseException:
-    """The error with the call's status (and its RetryInfo) when the call has ended:
-    a write to a stream the server already ended may fail with a plainer exception."""
-    if isinstance(exc, grpc.aio.AioRpcError) or not call.done():
-        return exc
-    try:
-        await call
-    except grpc.aio.AioRpcError as status:
-        return status
-    except Exception:  # not a status: keep the first error
-        return exc
+async def _failure_of(
+    call: grpc.aio.Call, reader: asyncio.Task[None], exc: Exception
+) -> BaseException:
+    """The error with the stream's status (and its RetryInfo) when the stream ended with
+    one: the acknowledgement reader gets it, while a write to a stream the server
+    already ended fails with a plainer error ("Internal error from Core")."""
+    if call.done():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.wait({reader})
+        if reader.done() and not reader.cancelled():
+            error = reader.exception()
+            if isinstance(error, grpc.aio.AioRpcError):
+                return error
     return exc
 
 

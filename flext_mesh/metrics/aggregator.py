@@ -10,16 +10,24 @@ error). Memory is bounded by series x buckets, never by the number of calls:
 - a service may have at most ``max_series_per_service`` series (default 1,000); a
   record that would open one more is rejected with a reason, never stored silently.
 
-Durability: every ``checkpoint_interval`` (0.5 s) the buckets changed since the last
-checkpoint are written to the store in one transaction, and only then are the reports
-that fed them acknowledged. A crash (even ``kill -9``) loses no acknowledged record.
+Durability: a batch is validated when it arrives and *staged*; every
+``checkpoint_interval`` (0.5 s) the staged batches are folded into the buckets they
+touch and those buckets are written to the store in one transaction, and only then are
+the batches acknowledged and counted in reports. A crash (even ``kill -9``) loses no
+acknowledged record, and nothing that was not written is ever shown.
 
-Exactly once: a batch that carries its reporter's id and sequence number is counted
-once however often it arrives (:mod:`flext_mesh.metrics.dedup`). The sequence is noted
-in memory together with the records it brings, and written in the same checkpoint
-transaction, so a re-sent batch is recognized after a failed write (the retry of a
-batch answered UNAVAILABLE is acknowledged once the first copy is durable, not counted
-again) and after a restart. The ledger is per replica.
+Exactly once, across replicas: a batch that carries its reporter's id and sequence
+number is counted once however often, and to whichever replica, it is sent
+(:mod:`flext_mesh.metrics.dedup`). The checkpoint writes, in the same transaction as
+the buckets, each reporter's ledger key in the shared store, guarded by its
+``mod_revision``: when another replica counted one of those reporters' batches
+meanwhile, the guard fails, the keys are read again, and the batches now known as
+counted are dropped (acknowledged as copies) before writing again. Every transaction
+also writes this replica's checkpoint marker (``/metrics/checkpoints/<replica>``,
+guarded the same way), so a write whose outcome is unknown (a lost answer, a timeout)
+is settled before the next one: either it is found in the store and taken as done, or
+the marker is moved past it and it can never apply. A batch of a reporter whose ledger
+is not cached costs one read of its key; nothing costs a store round trip per record.
 
 Several replicas (on etcd): each writes its own buckets under
 ``/metrics/replicas/<replica>/`` and follows the others' through a store listener, so
@@ -39,23 +47,49 @@ import base64
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from flext_mesh import errors
-from flext_mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
-from flext_mesh.metrics.dedup import MAX_REPORTER_ID, REPORTERS, BatchLedger, shard_key
+from flext_mesh.errors import (
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    StoreUnavailable,
+)
+from flext_mesh.metrics.dedup import (
+    MAX_REPORTER_ID,
+    REPORTERS,
+    LedgerCache,
+    ReporterLedger,
+    is_legacy_key,
+    newest_legacy,
+    read_legacy,
+    reporter_key,
+)
 from flext_mesh.metrics.sketch import LatencySketch
-from flext_mesh.store import Compare, Delete, Event, EventType, KeyValue, Put, Store, follow
+from flext_mesh.store import (
+    Compare,
+    Delete,
+    Event,
+    EventType,
+    KeyValue,
+    LeaseNotFound,
+    Put,
+    Store,
+    follow,
+)
 from flext_mesh.v1 import metrics_pb2
 
 __all__ = [
     "BUCKETS",
+    "CHECKPOINTS",
     "INFRASTRUCTURE_CODES",
     "Aggregator",
     "AggregatorSettings",
@@ -70,6 +104,8 @@ _log = logging.getLogger("flext_mesh.metrics")
 BUCKETS = "/metrics/buckets/"
 #: Per-replica buckets on a shared store: /metrics/replicas/<replica>/<service>/<width>/<start>.
 REPLICA_BUCKETS = "/metrics/replicas/"
+#: Per-replica checkpoint markers: /metrics/checkpoints/<replica, "-" when alone>.
+CHECKPOINTS = "/metrics/checkpoints/"
 #: Numbers of the gRPC codes that are infrastructure faults (``errors.INFRASTRUCTURE_CODES``),
 #: as call records carry them.
 INFRASTRUCTURE_CODES = frozenset(code.value[0] for code in errors.INFRASTRUCTURE_CODES)
@@ -82,6 +118,12 @@ _MAX_BATCH = 10_000
 _SIDES = frozenset(metrics_pb2.CallSide.values())
 # Longest correlation id a record may carry (as on the wire: rpc.metadata).
 _MAX_CORRELATION_ID = 128
+# Writes of one checkpoint transaction tried again after a guard failed (another
+# replica counted some of its reporters' batches meanwhile) before giving up until
+# the next checkpoint.
+_GUARD_ATTEMPTS = 5
+# Reporter ledgers read from the store at once.
+_LOAD_CONCURRENCY = 64
 
 #: (bucket width s, how long buckets of that width are kept before rolling up, s).
 _TIERS: tuple[tuple[int, int], ...] = ((10, 600), (60, 3600), (600, 0))
@@ -144,8 +186,8 @@ class AggregatorSettings:
 class Ingested:
     """Outcome of one batch: how many records were kept, and why others were not.
 
-    For a duplicate batch (counted when it first came) the same figures, not counted
-    again: what the control plane accepts of it now.
+    For a duplicate batch (counted when it first came, here or on another replica) the
+    same figures, not counted again: what the control plane accepts of it now.
     """
 
     accepted: int
@@ -155,6 +197,61 @@ class Ingested:
 
 # (service, bucket width, bucket start) -> series -> stats
 _BucketKey = tuple[str, int, int]
+# One series' records of a batch in one 10 s bucket: durations (ms) and outcome kinds
+# (0 success, 1 business error, 2 infrastructure fault).
+_Group = tuple[_BucketKey, SeriesKey, np.ndarray, np.ndarray]
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """A validated batch waiting for the checkpoint that makes it durable."""
+
+    reporter_id: str
+    #: 0: not deduplicated.
+    sequence: int
+    #: Its records by bucket and series; those already written are removed (a batch
+    #: too big for one transaction is written in several).
+    groups: list[_Group]
+    result: Ingested
+    #: Who waits for the acknowledgement, and whether each sent a copy.
+    waiters: list[tuple[asyncio.Future[Ingested], bool]] = field(default_factory=list)
+    #: Durably counted (here, or by another replica before).
+    finished: bool = False
+
+    def resolve(self, *, counted_elsewhere: bool = False) -> None:
+        """Acknowledge: durable now (or counted by another replica before)."""
+        self.finished = True
+        for future, copy in self.waiters:
+            if not future.done():
+                future.set_result(replace(self.result, duplicate=copy or counted_elsewhere))
+        self.waiters.clear()
+
+    def fail(self, exc: Exception) -> None:
+        """Its write failed: tell who waits (a copy sent again waits anew)."""
+        for future, _ in self.waiters:
+            if not future.done():
+                future.set_exception(exc)
+        self.waiters.clear()
+
+
+@dataclass(slots=True)
+class _Part:
+    """What one transaction writes of a batch: some of its groups, and maybe its
+    sequence (with its last groups)."""
+
+    batch: _Batch
+    groups: list[_Group]
+    notes_sequence: bool
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """A checkpoint transaction sent, with what it wrote, until its outcome is known."""
+
+    marker: bytes
+    parts: list[_Part]
+    buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]]
+    ledgers: dict[str, ReporterLedger]
 
 
 class Aggregator:
@@ -172,16 +269,35 @@ class Aggregator:
         self.settings = settings or AggregatorSettings()
         self._on_outcomes = on_outcomes
         self._clock = clock
+        #: Durable buckets (what the store holds of this replica, or is writing).
         self._buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
         self._series: dict[str, dict[SeriesKey, float]] = defaultdict(dict)  # -> last seen
-        self._dirty: set[_BucketKey] = set()
+        # Batches waiting for a checkpoint, in arrival order, and by (reporter, sequence).
+        self._staged: list[_Batch] = []
+        self._staged_by_key: dict[tuple[str, int], _Batch] = {}
         self._pending_acks: list[asyncio.Future[None]] = []
-        # Held for a whole checkpoint: an ack waits for a write that began after it.
+        # Held for a whole checkpoint or roll-up: one writer of this replica's keys.
         self._checkpoint_lock = asyncio.Lock()
-        #: Batches counted, per reporter (exactly-once ingest).
-        self.ledger = BatchLedger(
+        #: Ledgers of recently active reporters (exactly-once ingest).
+        self.ledgers = LedgerCache(
             idle_ttl=self.settings.reporter_idle_ttl, max_reporters=self.settings.max_reporters
         )
+        # Ledgers of the old per-replica layout, read at start; dropped once idle, and
+        # whether their keys are left to sweep.
+        self._legacy: dict[str, ReporterLedger] = {}
+        self._legacy_until = 0.0
+        self._legacy_shards = False
+        # The lease the ledger keys and the marker are written under, and when to take
+        # a new one (a key expires a reporter idle time or so after its last write).
+        self._lease: str | None = None
+        self._lease_renew_at = 0.0
+        # The checkpoint marker: its key, mod_revision as last seen, this process's tag.
+        self._marker_key = f"{CHECKPOINTS}{self.settings.replica or '-'}"
+        self._marker_revision = 0
+        self._marker_tag = secrets.token_hex(6)
+        self._attempts = itertools.count(1)
+        # A checkpoint transaction whose outcome is unknown (settled before any other).
+        self._unsettled: _Attempt | None = None
         # A roll-up whose transaction failed: its deletes and merged targets are
         # written by the next one (both in one transaction, or a restart counts twice).
         self._unsaved_deletes: dict[str, None] = {}
@@ -196,7 +312,8 @@ class Aggregator:
         self.instance_window: dict[tuple[str, str], list[float]] = defaultdict(
             lambda: [0, 0, 0.0, 0]
         )
-        #: Cumulative Prometheus histogram state per (service, operation, outcome).
+        #: Cumulative Prometheus histogram state per (service, operation, outcome), of
+        #: the calls this replica counted (durably).
         self.prometheus: dict[tuple[str, str, str], list[np.ndarray | float]] = {}
         self.prometheus_bounds_ms: np.ndarray = np.array(
             [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], dtype=float
@@ -207,14 +324,13 @@ class Aggregator:
         #: Other replicas' buckets, by replica, fed by a store listener.
         self._peers: dict[str, dict[_BucketKey, dict[SeriesKey, BucketStats]]] = {}
         self._unlisten: Callable[[], None] | None = None
-        #: Where this replica's ledger of counted batches lives in the store.
-        self._ledger_prefix = f"{REPORTERS}{replica}/"
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         """Load persisted buckets within the retention and start checkpointing."""
-        cutoff = self._clock() - self.settings.retention
+        now = self._clock()
+        cutoff = now - self.settings.retention
         loaded = 0
         for kv in await self.store.range(self._prefix):
             service, width, start = _parse_bucket_key(kv.key[len(self._prefix) :])
@@ -225,14 +341,15 @@ class Aggregator:
             for key in series:
                 self._series[service][key] = float(start)
             loaded += 1
-        ledger = await self.store.range(self._ledger_prefix)
-        if unreadable := self.ledger.load((kv.value for kv in ledger), self._clock()):
-            _log.warning("ignoring %d unreadable reporter ledger shards", unreadable)
-        if self.settings.replica:
+        marker = await self.store.get(self._marker_key)
+        self._marker_revision = marker.mod_revision if marker is not None else 0
+        await self._load_legacy(now)
+        if self._legacy:
             try:
                 await self.sweep_ledgers()
             except Exception:  # housekeeping: the roll-up tries again
-                _log.exception("sweeping other replicas' reporter ledgers failed")
+                _log.exception("sweeping idle reporter ledgers of the old layout failed")
+        if self.settings.replica:
 
             def load(kvs: list[KeyValue]) -> None:
                 for kv in kvs:
@@ -245,12 +362,18 @@ class Aggregator:
             asyncio.create_task(self._checkpoint_forever(), name="metrics-checkpoint"),
             asyncio.create_task(self._rollup_forever(), name="metrics-rollup"),
         ]
-        _log.info(
-            "metrics loaded buckets=%d services=%d reporters=%d",
-            loaded,
-            len(self._series),
-            len(self.ledger),
-        )
+        _log.info("metrics loaded buckets=%d services=%d", loaded, len(self._series))
+
+    async def _load_legacy(self, now: float) -> None:
+        """Read per-replica ledgers of the old layout, if any are left."""
+        legacy = [kv for kv in await self.store.range(REPORTERS) if is_legacy_key(kv.key)]
+        if not legacy:
+            return
+        self._legacy, unreadable = read_legacy(kv.value for kv in legacy)
+        self._legacy_shards = True
+        self._legacy_until = now + self.settings.reporter_idle_ttl
+        if unreadable:
+            _log.warning("ignoring %d unreadable reporter ledger shards", unreadable)
 
     async def stop(self) -> None:
         """Write the last checkpoint and stop background work."""
@@ -265,18 +388,38 @@ class Aggregator:
 
     # -- ingest ----------------------------------------------------------------------
 
-    def ingest(
+    async def ingest(
         self,
         records: Sequence[metrics_pb2.CallRecord],
         *,
         reporter_id: str = "",
         sequence: int = 0,
     ) -> Ingested:
-        """Validate and fold one batch; good records of a mixed batch are kept.
+        """Validate one batch and return once it is durably counted (see :meth:`submit`)."""
+        return await self.submit(records, reporter_id=reporter_id, sequence=sequence)
 
-        A batch with a ``sequence`` (> 0) that its reporter already had counted is
-        validated again but not folded (``Ingested.duplicate``). Sequence 0 is never
-        deduplicated.
+    def record(self, records: Sequence[metrics_pb2.CallRecord]) -> None:
+        """Stage records this control plane made itself (workflow and step durations)
+        without waiting: a failed write keeps them staged for the next checkpoint.
+        Raises as :meth:`submit` when none is good."""
+        self.submit(records).add_done_callback(_consume)
+
+    def submit(
+        self,
+        records: Sequence[metrics_pb2.CallRecord],
+        *,
+        reporter_id: str = "",
+        sequence: int = 0,
+    ) -> asyncio.Future[Ingested]:
+        """Validate one batch and stage it for the next checkpoint; good records of a
+        mixed batch are kept. The future is done once the batch is durably counted, or
+        fails with the error of the write that failed (send it again).
+
+        A batch with a ``sequence`` (> 0) that its reporter already had counted, here
+        or on another replica, is validated again but not counted
+        (``Ingested.duplicate``). Sequence 0 is never deduplicated. Raises
+        InvalidArgument when no record is good, ResourceExhausted when none fits the
+        series limit.
         """
         if not records:
             raise InvalidArgument.from_violations(
@@ -296,8 +439,11 @@ class Aggregator:
                     )
                 ]
             )
-        duplicate = sequence > 0 and self.ledger.counted(reporter_id, sequence)
         now = self._clock()
+        staged = self._staged_by_key.get((reporter_id, sequence)) if sequence else None
+        duplicate = staged is not None or (
+            sequence > 0 and self.ledgers.counted(reporter_id, sequence)
+        )
         now_ns = int(now * 1e9)
         cutoff_ns = int((now - self.settings.retention) * 1e9)
         future_ns = now_ns + _FUTURE_SLACK_NS
@@ -362,6 +508,7 @@ class Aggregator:
             group[1].append(duration)
             group[2].append(kind)
         capped: set[int] = set()
+        folds: list[_Group] = []
         for (service, operation, instance, version, tens), (indexes, values, kinds) in list(
             groups.items()
         ):
@@ -385,12 +532,13 @@ class Aggregator:
                 window = self.instance_window[(service, instance)]
                 window[2] += sum(values)
                 window[3] += len(values)
-            self._fold(
-                service,
-                tens * 10,
-                series_key,
-                np.array(values, dtype=np.float64),
-                np.array(kinds, dtype=np.int8),
+            folds.append(
+                (
+                    (service, 10, tens * 10),
+                    series_key,
+                    np.array(values, dtype=np.float64),
+                    np.array(kinds, dtype=np.int8),
+                )
             )
         if capped:
             rejected.sort(key=lambda r: r.index)
@@ -400,17 +548,33 @@ class Aggregator:
         if accepted == 0 and any(r.field == "operation" and "series" in r.reason for r in rejected):
             # Not noted as counted: a later retry may fit once series expire.
             raise ResourceExhausted(rejected[0].reason)
-        if duplicate:
-            self.ledger.touch(reporter_id, now)
-        elif sequence:
-            # With the records, in memory now and in the same checkpoint: a retry of
-            # this batch after a failed write is known as counted.
-            self.ledger.record(reporter_id, sequence, now)
+        if sequence:
+            self.ledgers.touch(reporter_id, now)
+        result = Ingested(accepted, tuple(rejected))
         if accepted == 0:
+            if sequence and not duplicate:
+                # Noted all the same (its copies are as bad), so that the reporter's
+                # high-water mark moves past it.
+                batch = _Batch(reporter_id, sequence, [], result)
+                self._staged.append(batch)
+                self._staged_by_key[(reporter_id, sequence)] = batch
             raise InvalidArgument.from_violations(
                 [FieldViolation(f"records[{r.index}].{r.field}", r.reason) for r in rejected]
             )
-        return Ingested(accepted, tuple(rejected), duplicate)
+        future: asyncio.Future[Ingested] = asyncio.get_running_loop().create_future()
+        if staged is not None:
+            staged.waiters.append((future, True))  # acknowledged with its first copy
+        elif duplicate:
+            future.set_result(replace(result, duplicate=True))  # durable: counted before
+        else:
+            # Noted as counted with its records, in the same transaction: a retry of
+            # this batch after a failed write is known as a copy, here and on every
+            # replica.
+            batch = _Batch(reporter_id, sequence, folds, result, [(future, False)])
+            self._staged.append(batch)
+            if sequence:
+                self._staged_by_key[(reporter_id, sequence)] = batch
+        return future
 
     def _series_key(self, operation: str, instance: str, version: str) -> SeriesKey:
         key = self._series_keys.get((operation, instance, version))
@@ -420,22 +584,37 @@ class Aggregator:
                 self._series_keys[(operation, instance, version)] = key
         return key
 
-    def _fold(
-        self, service: str, start: int, key: SeriesKey, durations: np.ndarray, outcome: np.ndarray
-    ) -> None:
-        bucket_key = (service, 10, start)
-        bucket = self._buckets.get(bucket_key)
-        if bucket is None:
-            bucket = self._buckets[bucket_key] = {}
-        stats = bucket.get(key)
-        if stats is None:
-            stats = bucket[key] = BucketStats()
-        stats.sketch.add_many(durations)
-        counts = np.bincount(outcome, minlength=3)
-        stats.failures += int(counts[1] + counts[2])
-        stats.infrastructure_failures += int(counts[2])
-        self._dirty.add(bucket_key)
-        self._prometheus_fold(service, key.operation, durations, outcome)
+    def _folded(self, parts: Iterable[_Part]) -> dict[_BucketKey, dict[SeriesKey, BucketStats]]:
+        """The buckets ``parts`` touch, as they will be with their records: new objects,
+        the durable ones left as they are until the write succeeds."""
+        arrays: dict[tuple[_BucketKey, SeriesKey], tuple[list[np.ndarray], list[np.ndarray]]]
+        arrays = {}
+        for part in parts:
+            for bucket_key, series_key, durations, kinds in part.groups:
+                found = arrays.get((bucket_key, series_key))
+                if found is None:
+                    found = arrays[(bucket_key, series_key)] = ([], [])
+                found[0].append(durations)
+                found[1].append(kinds)
+        out: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
+        for (bucket_key, series_key), (all_durations, all_kinds) in arrays.items():
+            bucket = out.get(bucket_key)
+            if bucket is None:
+                bucket = out[bucket_key] = dict(self._buckets.get(bucket_key, {}))
+            old = bucket.get(series_key)
+            stats = (
+                BucketStats(old.sketch.copy(), old.failures, old.infrastructure_failures)
+                if old is not None
+                else BucketStats()
+            )
+            values = all_durations[0] if len(all_durations) == 1 else np.concatenate(all_durations)
+            outcome = all_kinds[0] if len(all_kinds) == 1 else np.concatenate(all_kinds)
+            stats.sketch.add_many(values)
+            counts = np.bincount(outcome, minlength=3)
+            stats.failures += int(counts[1] + counts[2])
+            stats.infrastructure_failures += int(counts[2])
+            bucket[series_key] = stats
+        return out
 
     def _prometheus_fold(
         self, service: str, operation: str, durations: np.ndarray, outcome: np.ndarray
@@ -476,46 +655,22 @@ class Aggregator:
     # -- durability ------------------------------------------------------------------
 
     async def durable(self) -> None:
-        """Wait until everything ingested so far is in the store.
-
-        Also when nothing is left to write but a checkpoint is under way: a duplicate
-        batch is acknowledged only once its first copy is durable, and that copy may
-        be in the write in progress (or in one that is failing).
-        """
-        if not self._dirty and not self.ledger.dirty and not self._checkpoint_lock.locked():
+        """Wait until everything ingested so far is in the store (or its write failed)."""
+        if not self._staged and self._unsettled is None and not self._checkpoint_lock.locked():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending_acks.append(future)
         await future
 
     async def checkpoint(self) -> None:
-        """Write every changed bucket, and the ledger of counted batches, in one
-        transaction; then release the acks that waited for it."""
+        """Write the staged batches with their reporters' ledgers, in as few
+        transactions as the store allows; then acknowledge them."""
         async with self._checkpoint_lock:
             acks, self._pending_acks = self._pending_acks, []
-            dirty, self._dirty = self._dirty, set()
-            shards = self.ledger.take_dirty()
             try:
-                groups: list[list[Put | Delete]] = [
-                    [Put(self._key(*key), _encode_bucket(self._buckets[key]))]
-                    for key in sorted(dirty)
-                    if key in self._buckets
-                ]
-                ledger: list[Put | Delete] = []
-                for shard in sorted(shards):
-                    key = shard_key(self.settings.replica, shard)
-                    value = self.ledger.encode(shard)
-                    ledger.append(Delete(key) if value is None else Put(key, value))
-                if ledger:
-                    # Last: if the store needs several transactions (etcd's op limit), a
-                    # crash between them re-counts a re-sent batch, never loses one.
-                    groups.append(ledger)
-                for ops in self._transactions(groups):
-                    await self.store.txn((), ops)
+                await self._settle()
+                await self._write_staged()
             except BaseException as exc:
-                # Written again next time (a Put of a whole bucket is idempotent).
-                self._dirty |= dirty
-                self.ledger.dirty |= shards
                 if isinstance(exc, Exception):
                     for ack in acks:
                         if not ack.done():
@@ -526,6 +681,248 @@ class Aggregator:
             for ack in acks:
                 if not ack.done():
                     ack.set_result(None)
+
+    async def _write_staged(self) -> None:
+        batches, self._staged = self._staged, []
+        if not batches:
+            return
+        try:
+            await self._load_ledgers({b.reporter_id for b in batches if b.sequence})
+            for parts in self._plan(self._drop_counted(batches)):
+                await self._commit(parts)
+        except BaseException as exc:
+            # Written again next time; who waits is told now (and may send it again).
+            left = [b for b in batches if not b.finished]
+            self._staged[:0] = left
+            if isinstance(exc, Exception):
+                for batch in left:
+                    batch.fail(exc)
+            raise
+
+    async def _load_ledgers(self, reporters: set[str]) -> None:
+        """Read the ledgers of reporters not cached (concurrently, a bounded number)."""
+        missing = [rid for rid in reporters if rid not in self.ledgers]
+        if not missing:
+            return
+        slots = asyncio.Semaphore(_LOAD_CONCURRENCY)
+
+        async def load(rid: str) -> None:
+            async with slots:
+                kv = await self.store.get(reporter_key(rid))
+            self.ledgers.put(rid, self._ledger_of(rid, kv), self._clock())
+
+        await asyncio.gather(*(load(rid) for rid in missing))
+
+    def _ledger_of(self, reporter_id: str, kv: KeyValue | None) -> ReporterLedger:
+        """A reporter's ledger from its stored key (or from the old layout when none)."""
+        if kv is None:
+            if self._legacy and self._clock() > self._legacy_until:
+                self._legacy = {}
+            legacy = self._legacy.get(reporter_id)
+            if legacy is None:
+                return ReporterLedger()
+            return ReporterLedger(legacy.high, set(legacy.above))
+        try:
+            return ReporterLedger.decode(kv.value, kv.mod_revision)
+        except ValueError as exc:
+            # Overwritten by the next write (its batches may count again, once).
+            _log.warning("ignoring an unreadable reporter ledger %s: %s", kv.key, exc)
+            return ReporterLedger(revision=kv.mod_revision)
+
+    def _drop_counted(self, batches: list[_Batch]) -> list[_Batch]:
+        """Acknowledge, as copies, the batches a ledger shows counted; the others."""
+        left: list[_Batch] = []
+        for batch in batches:
+            if batch.sequence:
+                ledger = self.ledgers.get(batch.reporter_id)
+                if ledger is not None and ledger.counted(batch.sequence):
+                    del self._staged_by_key[(batch.reporter_id, batch.sequence)]
+                    batch.resolve(counted_elsewhere=True)
+                    continue
+            left.append(batch)
+        return left
+
+    def _plan(self, batches: list[_Batch]) -> list[list[_Part]]:
+        """The transactions that write ``batches``: each holds whole reporters (their
+        sequences with their records), within the store's limit of operations. A
+        reporter whose records alone touch more buckets than one transaction may hold
+        has its buckets spread over several, its sequences written with the last."""
+        units: dict[str | int, list[_Batch]] = {}
+        for index, batch in enumerate(batches):
+            units.setdefault(batch.reporter_id if batch.sequence else index, []).append(batch)
+        limit = self.store.max_txn_ops
+        if not limit:
+            return [[_Part(b, list(b.groups), True) for b in batches]]
+        room = max(1, limit - 2)  # the marker, and the reporter's ledger key
+        plans: list[list[_Part]] = []
+        current: list[_Part] = []
+        current_keys: set[_BucketKey] = set()
+        current_ops = 1  # the marker
+        for unit in units.values():
+            keys = {group[0] for batch in unit for group in batch.groups}
+            ledger = 1 if unit[0].sequence else 0
+            need = len(keys - current_keys) + ledger
+            if current and current_ops + need > limit:
+                plans.append(current)
+                current, current_keys, current_ops = [], set(), 1
+                need = len(keys) + ledger
+            if 1 + need <= limit:
+                current.extend(_Part(b, list(b.groups), True) for b in unit)
+                current_keys |= keys
+                current_ops += need
+                continue
+            ordered = sorted(keys)
+            chunks = [set(ordered[i : i + room]) for i in range(0, len(ordered), room)]
+            for number, chunk in enumerate(chunks):
+                last = number == len(chunks) - 1
+                parts = [_Part(b, [g for g in b.groups if g[0] in chunk], last) for b in unit]
+                if last:
+                    current, current_keys = parts, set(chunk)
+                    current_ops = 1 + len(chunk) + ledger
+                else:
+                    plans.append(parts)
+        if current:
+            plans.append(current)
+        return plans
+
+    async def _commit(self, parts: list[_Part]) -> None:
+        """Write one planned transaction (the batches another replica counted meanwhile
+        are left out and acknowledged as copies)."""
+        for _ in range(_GUARD_ATTEMPTS):
+            parts = [p for p in parts if not p.batch.finished]
+            if not parts:
+                return
+            lease = await self._ledger_lease()
+            attempt = self._attempt(parts)
+            compares = [Compare(self._marker_key, self._marker_revision)]
+            ops: list[Put | Delete] = [
+                Put(self._key(*key), _encode_bucket(series))
+                for key, series in sorted(attempt.buckets.items())
+            ]
+            seen = self._clock()
+            for rid, ledger in attempt.ledgers.items():
+                cached = self.ledgers.get(rid)
+                compares.append(Compare(reporter_key(rid), cached.revision if cached else 0))
+                ops.append(Put(reporter_key(rid), ledger.encode(seen), lease))
+            ops.append(Put(self._marker_key, attempt.marker, lease))
+            self._unsettled = attempt
+            try:
+                result = await self.store.txn(compares, ops)
+            except LeaseNotFound:
+                # Never applied (the store refused the lease): take a new one.
+                self._unsettled = None
+                self._lease = None
+                continue
+            self._unsettled = None
+            if result.succeeded:
+                self._apply(attempt, result.revision)
+                return
+            # A guard failed: another replica wrote some of these ledgers (or this
+            # replica's marker: another process with its name). Read them again.
+            await self._reload(set(attempt.ledgers))
+            self._drop_counted(list({id(p.batch): p.batch for p in parts}.values()))
+        raise StoreUnavailable(
+            f"metrics checkpoint: {_GUARD_ATTEMPTS} writes in a row found reporter ledgers "
+            "changed by another replica; trying again"
+        )
+
+    def _attempt(self, parts: list[_Part]) -> _Attempt:
+        """What a transaction of ``parts`` writes: buckets, ledgers and the marker."""
+        sequences: dict[str, list[int]] = {}
+        for part in parts:
+            if part.notes_sequence and part.batch.sequence:
+                sequences.setdefault(part.batch.reporter_id, []).append(part.batch.sequence)
+        ledgers: dict[str, ReporterLedger] = {}
+        for rid, seqs in sequences.items():
+            cached = self.ledgers.get(rid)
+            ledgers[rid] = (cached or ReporterLedger()).noting(seqs)
+        marker = f"{self._marker_tag}:{next(self._attempts)}".encode()
+        return _Attempt(marker, parts, self._folded(parts), ledgers)
+
+    def _apply(self, attempt: _Attempt, revision: int) -> None:
+        """A transaction was written (at ``revision``): what it wrote is durable."""
+        self._buckets.update(attempt.buckets)
+        now = self._clock()
+        for rid, ledger in attempt.ledgers.items():
+            ledger.revision = revision
+            self.ledgers.put(rid, ledger, now)
+        self._marker_revision = revision
+        for part in attempt.parts:
+            batch = part.batch
+            for group in part.groups:
+                (service, _, _), series_key, durations, kinds = group
+                self._prometheus_fold(service, series_key.operation, durations, kinds)
+            written = {id(group) for group in part.groups}
+            batch.groups = [g for g in batch.groups if id(g) not in written]
+            if part.notes_sequence:
+                if batch.sequence:
+                    self._staged_by_key.pop((batch.reporter_id, batch.sequence), None)
+                batch.resolve()
+
+    async def _reload(self, reporters: set[str]) -> None:
+        """Read again the marker and the ledgers of ``reporters`` (a guard failed)."""
+        marker = await self.store.get(self._marker_key)
+        revision = marker.mod_revision if marker is not None else 0
+        if (
+            revision != self._marker_revision
+            and marker is not None  # (absent: it expired, this replica idle for an hour)
+            and not marker.value.startswith(self._marker_tag.encode())
+        ):
+            _log.warning(
+                "metrics checkpoint marker %s was written by another process: is another "
+                "control plane running with this --node-name?",
+                self._marker_key,
+            )
+        self._marker_revision = revision
+        kvs = await asyncio.gather(*(self.store.get(reporter_key(rid)) for rid in reporters))
+        now = self._clock()
+        for rid, kv in zip(reporters, kvs, strict=True):
+            self.ledgers.put(rid, self._ledger_of(rid, kv), now)
+
+    async def _settle(self) -> None:
+        """Find out whether a transaction whose answer was lost was written.
+
+        Moves the marker past it (guarded by the marker's revision before it): if that
+        works, it was not written and never will be (its own guard now fails); if not,
+        the marker shows whether it was.
+        """
+        attempt = self._unsettled
+        if attempt is None:
+            return
+        fence = f"{self._marker_tag}:{next(self._attempts)}".encode()
+        try:
+            result = await self.store.txn(
+                [Compare(self._marker_key, self._marker_revision)],
+                [Put(self._marker_key, fence, await self._ledger_lease())],
+            )
+        except LeaseNotFound:  # not applied: again under a new lease
+            self._lease = None
+            result = await self.store.txn(
+                [Compare(self._marker_key, self._marker_revision)],
+                [Put(self._marker_key, fence, await self._ledger_lease())],
+            )
+        self._unsettled = None
+        if result.succeeded:
+            self._marker_revision = result.revision
+            _log.info("metrics checkpoint of unknown outcome was not written: writing again")
+            return
+        marker = await self.store.get(self._marker_key)
+        if marker is not None and marker.value == attempt.marker:
+            self._apply(attempt, marker.mod_revision)
+            self._staged = [b for b in self._staged if not b.finished]
+            _log.info("metrics checkpoint of unknown outcome was written")
+            return
+        await self._reload(set())  # someone else's marker: take its revision
+
+    async def _ledger_lease(self) -> str:
+        """The lease for ledger keys and the marker: a new one every quarter of the
+        reporter idle time, each lasting that time and a quarter."""
+        now = time.monotonic()
+        if self._lease is None or now >= self._lease_renew_at:
+            ttl = self.settings.reporter_idle_ttl
+            self._lease = (await self.store.grant_lease(ttl * 1.25)).lease_id
+            self._lease_renew_at = now + ttl / 4
+        return self._lease
 
     async def _checkpoint_forever(self) -> None:
         while True:
@@ -548,20 +945,19 @@ class Aggregator:
     async def rollup(self) -> int:
         """Merge old fine buckets into coarser ones, drop expired ones; returns changes.
 
-        A bucket with records not checkpointed yet waits for the next roll-up: the
-        roll-up's transaction does not carry the ledger of counted batches, so it
-        must not be the first to make records durable.
+        Runs between checkpoints (it holds their lock), on durable buckets only.
         """
+        async with self._checkpoint_lock:
+            await self._settle()
+            return await self._rollup()
+
+    async def _rollup(self) -> int:
         now = self._clock()
         changes = 0
         deletes, self._unsaved_deletes = self._unsaved_deletes, {}
         targets, self._unsaved_targets = self._unsaved_targets, set()
         for (width, keep), (next_width, _) in itertools.pairwise(_TIERS):
-            for key in [
-                k
-                for k in self._buckets
-                if k[1] == width and k[2] + width < now - keep and k not in self._dirty
-            ]:
+            for key in [k for k in self._buckets if k[1] == width and k[2] + width < now - keep]:
                 service, _, start = key
                 target = (service, next_width, start - start % next_width)
                 merged = dict(self._buckets.get(target, {}))
@@ -575,7 +971,6 @@ class Aggregator:
         cutoff = now - self.settings.retention
         for key in [k for k in self._buckets if k[2] + k[1] < cutoff]:
             del self._buckets[key]
-            self._dirty.discard(key)
             targets.discard(key)
             deletes[self._key(*key)] = None
             changes += 1
@@ -589,7 +984,7 @@ class Aggregator:
                     del seen_by_key[series_key]
             if not seen_by_key:
                 del self._series[service]
-        changes += self.ledger.expire(now)  # written by the next checkpoint
+        self.ledgers.expire(now)  # memory only: the keys expire with their leases
         # A coarse bucket is written with the deletes of the fine buckets merged into it,
         # in one transaction, so that the store never holds both (or neither).
         grouped: dict[_BucketKey, list[Put | Delete]] = {
@@ -614,34 +1009,33 @@ class Aggregator:
                 self._unsaved_deletes = {**deletes, **self._unsaved_deletes}
                 self._unsaved_targets |= targets
                 raise
-        if self.settings.replica and now >= self._next_sweep:
+        if self._legacy_shards and now >= self._next_sweep:
             await self.sweep_ledgers()
         return changes
 
     async def sweep_ledgers(self) -> int:
-        """Delete the ledgers of replicas gone for longer than the reporter idle time
-        (a replica named after its process leaves one behind at every restart).
-
-        A shard is deleted only when its newest reporter is idle beyond the limit (its
-        owner would have forgotten them all) and only if it did not change since it
-        was read. Returns the shards deleted.
-        """
+        """Delete the per-replica ledger shards of the old layout once every reporter
+        in them is idle beyond the reporter idle time (and only if the shard did not
+        change since it was read). Returns the shards deleted."""
         now = self._clock()
         self._next_sweep = now + self.settings.reporter_idle_ttl / 4
         cutoff = now - self.settings.reporter_idle_ttl
         deleted = 0
+        left = False
         for kv in await self.store.range(REPORTERS):
-            if kv.key.startswith(self._ledger_prefix):
+            if not is_legacy_key(kv.key):
                 continue
+            left = True
             try:
-                newest = BatchLedger.newest(kv.value)
+                newest = newest_legacy(kv.value)
             except (ValueError, KeyError, TypeError, IndexError):
                 newest = 0.0  # unreadable: nobody can use it
             if newest < cutoff:
                 result = await self.store.txn([Compare(kv.key, kv.mod_revision)], [Delete(kv.key)])
                 deleted += result.succeeded
         if deleted:
-            _log.info("metrics deleted %d idle reporter ledger shards of other replicas", deleted)
+            _log.info("metrics deleted %d idle reporter ledger shards of the old layout", deleted)
+        self._legacy_shards = left
         return deleted
 
     # -- queries -----------------------------------------------------------------------
@@ -762,6 +1156,12 @@ def _valid_name(name: str, known: set[str]) -> bool:
             known.add(name)
         return True
     return False
+
+
+def _consume(future: asyncio.Future[Ingested]) -> None:
+    """Retrieve the outcome nobody waits for (the batch stays staged on failure)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -1,32 +1,37 @@
-"""Which batches of call records were counted already: exactly-once reporting.
+"""Which batches of call records were counted already: the exactly-once ledger.
 
-A reporter numbers its batches 1, 2, 3, ... under one reporter id, and sends a batch
-again, with the same number, when it did not get the answer (a stream cut, a lost
-reply, a failed durable write). The :class:`BatchLedger` remembers, per reporter id,
-a *high-water mark* (every sequence up to it was counted) and the counted sequences
-above it: batches may arrive out of order (two streams of one reporter around a
-reconnect, concurrent re-sends). At most :data:`RECENT` sequences are kept above the
-mark; past that the mark moves up to the oldest of them, and a batch that never came
-below the new mark would be taken for a copy (a reporter never leaves such a gap).
+A reporter numbers its batches 1, 2, 3, ... under one reporter id and sends a batch
+again, with the same number, when it did not get the acknowledgement (a stream cut, a
+replica killed, a failed durable write). Its :class:`ReporterLedger` says which
+sequences were counted: a *high-water mark* (every sequence up to it) and the counted
+ones above it (batches may arrive out of order: two streams around a reconnect,
+concurrent re-sends). At most :data:`RECENT` are kept above the mark; past that the
+mark moves up to the oldest of them, and a batch that never came below the new mark
+would be taken for a copy (a reporter never leaves such a gap).
 
-Bounded: a reporter idle for ``idle_ttl`` (1 h by default) is forgotten, and at most
-``max_reporters`` (10,000) are kept, the least recently active dropped first. A batch
-of a forgotten reporter that is sent again is counted again.
+Shared by every replica: one store key per reporter, ``/metrics/reporters/<id>``
+(:func:`reporter_key`), that the aggregator writes in the same transaction as the
+buckets holding the batch's records, guarded by the key's ``mod_revision``. Whichever
+replica commits a batch first counts it; any other one, the replica a reporter failed
+over to or the same one again, finds it there (or, when its guard fails, reads the key
+again and finds it then). The key is written under a lease that lets it expire about
+an hour after the reporter's last batch.
 
-Durable: the aggregator writes the ledger in the same store transaction as the
-buckets it protects (its checkpoint), so after a restart, ``kill -9`` included, a
-batch is known as counted exactly when its records are in the store. The ledger
-lives in :data:`SHARDS` keys per replica, ``/metrics/reporters/<replica>/<shard>``
-(``<replica>`` empty for a lone control plane): a checkpoint writes at most that many
-keys however many reporters sent, which keeps it within etcd's operations per
-transaction. Each replica keeps its own ledger: a batch re-sent to *another* replica
-after a failover may be counted twice (once by each).
+In memory, :class:`LedgerCache` keeps the ledgers of recently active reporters with
+the revision they were read or written at: bounded (least recently used first) and
+emptied of idle reporters. A cached ledger may be stale, never wrong in the unsafe
+direction: sequences are only ever added, so "counted" is always true; a stale one is
+caught by the guard of the next write.
+
+Before the shared ledger, each replica kept its own in :data:`SHARDS` keys
+``/metrics/reporters/<replica>/<shard>``; :func:`read_legacy` reads those (a replica
+upgraded while reporters re-send batches it counted), which are deleted once idle.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,14 +42,17 @@ __all__ = [
     "RECENT",
     "REPORTERS",
     "SHARDS",
-    "BatchLedger",
-    "shard_key",
-    "shard_of",
+    "LedgerCache",
+    "ReporterLedger",
+    "is_legacy_key",
+    "newest_legacy",
+    "read_legacy",
+    "reporter_key",
 ]
 
-#: Store prefix of the ledgers: /metrics/reporters/<replica>/<shard, 2 digits>.
+#: Store prefix of the ledgers: /metrics/reporters/<reporter id, percent-encoded>.
 REPORTERS: Final = "/metrics/reporters/"
-#: Keys one replica's ledger is spread over.
+#: Keys a replica's ledger was spread over before the ledger was shared.
 SHARDS: Final = 16
 #: Counted sequences kept above a reporter's high-water mark, at most.
 RECENT: Final = 1024
@@ -53,147 +61,145 @@ MAX_REPORTER_ID: Final = 256
 
 
 @dataclass(slots=True)
-class _Reporter:
-    """What one reporter had counted."""
+class ReporterLedger:
+    """The sequences one reporter had counted, as of a store revision."""
 
     high: int = 0
+    """Every sequence up to this one was counted."""
     above: set[int] = field(default_factory=set)
-    seen: float = 0.0
+    """Counted sequences above ``high``."""
+    revision: int = 0
+    """``mod_revision`` of the reporter's key when read or written here; 0: absent."""
+    used: float = 0.0
+    """When this replica last had a batch of the reporter (Unix seconds)."""
+
+    def counted(self, sequence: int) -> bool:
+        """Whether the batch was counted."""
+        return sequence <= self.high or sequence in self.above
+
+    def noting(self, sequences: Iterable[int]) -> ReporterLedger:
+        """A copy with ``sequences`` counted too (this one is left as it is)."""
+        high, above = self.high, set(self.above)
+        above.update(s for s in sequences if s > high)
+        while len(above) > RECENT:
+            # Give up waiting for the oldest gap: the mark jumps to the lowest counted.
+            lowest = min(above)
+            above.discard(lowest)
+            high = lowest
+        while high + 1 in above:
+            high += 1
+            above.discard(high)
+        return ReporterLedger(high, above, self.revision, self.used)
+
+    def merged(self, other: ReporterLedger) -> ReporterLedger:
+        """A copy that counts what either counts (for ledgers of the old layout)."""
+        high = max(self.high, other.high)
+        return ReporterLedger(high, set(), self.revision, self.used).noting(
+            s for s in (*self.above, *other.above) if s > high
+        )
+
+    def encode(self, seen: float) -> bytes:
+        """The stored value (JSON): the mark, the sequences above it, when last seen."""
+        return json.dumps(
+            {"v": 2, "high": self.high, "above": sorted(self.above), "seen": seen},
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, value: bytes, revision: int) -> ReporterLedger:
+        """A stored value back (ValueError when it is not one)."""
+        try:
+            doc = json.loads(value)
+            return cls(int(doc["high"]), {int(s) for s in doc["above"]}, revision)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a reporter ledger: {exc}") from None
 
 
-class BatchLedger:
-    """Counted (reporter id, batch sequence) pairs, bounded, in shards to persist."""
+class LedgerCache:
+    """The ledgers of recently active reporters, bounded, least recently used first."""
 
     def __init__(self, *, idle_ttl: float = 3600.0, max_reporters: int = 10_000) -> None:
         self.idle_ttl = idle_ttl
         self.max_reporters = max_reporters
-        #: Shards changed since the aggregator last took them for a checkpoint.
-        self.dirty: set[int] = set()
-        self._shards: list[dict[str, _Reporter]] = [{} for _ in range(SHARDS)]
-        # Least recently active first: reporter id -> shard.
-        self._lru: OrderedDict[str, int] = OrderedDict()
+        self._ledgers: OrderedDict[str, ReporterLedger] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._ledgers)
+
+    def __contains__(self, reporter_id: object) -> bool:
+        return reporter_id in self._ledgers
+
+    def get(self, reporter_id: str) -> ReporterLedger | None:
+        """The cached ledger of a reporter, or None when it is not cached."""
+        return self._ledgers.get(reporter_id)
 
     def counted(self, reporter_id: str, sequence: int) -> bool:
-        """Whether this batch was counted before."""
-        shard = self._lru.get(reporter_id)
-        if shard is None:
-            return False
-        reporter = self._shards[shard][reporter_id]
-        return sequence <= reporter.high or sequence in reporter.above
+        """Whether the batch is known here to be counted (False when not cached)."""
+        ledger = self._ledgers.get(reporter_id)
+        return ledger is not None and ledger.counted(sequence)
 
-    def record(self, reporter_id: str, sequence: int, now: float) -> None:
-        """Note that the batch was counted (its shard is then dirty)."""
-        shard = self._lru.get(reporter_id)
-        if shard is None:
-            shard = shard_of(reporter_id)
-            reporter = self._shards[shard][reporter_id] = _Reporter()
-            self._lru[reporter_id] = shard
-            while len(self._lru) > self.max_reporters:
-                self._forget(next(iter(self._lru)))
-        else:
-            reporter = self._shards[shard][reporter_id]
-            self._lru.move_to_end(reporter_id)
-        reporter.seen = now
-        self.dirty.add(shard)
-        if sequence <= reporter.high or sequence in reporter.above:
-            return
-        above = reporter.above
-        above.add(sequence)
-        if len(above) > RECENT:
-            # Give up waiting for the oldest gap: the mark jumps to the lowest counted.
-            lowest = min(above)
-            above.discard(lowest)
-            reporter.high = lowest
-        while reporter.high + 1 in above:
-            reporter.high += 1
-            above.discard(reporter.high)
+    def put(self, reporter_id: str, ledger: ReporterLedger, now: float) -> None:
+        """Cache (or replace) a reporter's ledger; it is the most recently used."""
+        ledger.used = now
+        self._ledgers[reporter_id] = ledger
+        self._ledgers.move_to_end(reporter_id)
+        while len(self._ledgers) > self.max_reporters:
+            self._ledgers.popitem(last=False)
 
     def touch(self, reporter_id: str, now: float) -> None:
-        """The reporter is active (it re-sent a batch): keep it; not worth a write."""
-        shard = self._lru.get(reporter_id)
-        if shard is not None:
-            self._lru.move_to_end(reporter_id)
-            self._shards[shard][reporter_id].seen = now
+        """The reporter sent a batch: keep its ledger longer."""
+        ledger = self._ledgers.get(reporter_id)
+        if ledger is not None:
+            ledger.used = now
+            self._ledgers.move_to_end(reporter_id)
 
     def expire(self, now: float) -> int:
-        """Forget reporters idle for longer than ``idle_ttl``; returns how many."""
+        """Drop ledgers idle here for longer than ``idle_ttl``; returns how many."""
         cutoff = now - self.idle_ttl
         gone = 0
-        # Nearly in order of last activity (a wall clock may step back): stop at the
-        # first one still active, the others go at a later pass.
-        while self._lru:
-            oldest = next(iter(self._lru))
-            if self._shards[self._lru[oldest]][oldest].seen >= cutoff:
+        # Nearly in order of use (a wall clock may step back): stop at the first one
+        # still in use, the others go at a later pass.
+        while self._ledgers:
+            oldest = next(iter(self._ledgers.values()))
+            if oldest.used >= cutoff:
                 break
-            self._forget(oldest)
+            self._ledgers.popitem(last=False)
             gone += 1
         return gone
 
-    def _forget(self, reporter_id: str) -> None:
-        shard = self._lru.pop(reporter_id)
-        del self._shards[shard][reporter_id]
-        self.dirty.add(shard)
 
-    # -- persistence --------------------------------------------------------------------
-
-    def take_dirty(self) -> set[int]:
-        """The shards to write now (no longer dirty; give them back if the write fails)."""
-        dirty, self.dirty = self.dirty, set()
-        return dirty
-
-    def encode(self, shard: int) -> bytes | None:
-        """A shard's stored value; None when it is empty (delete the key)."""
-        reporters = self._shards[shard]
-        if not reporters:
-            return None
-        rows = [[rid, r.high, sorted(r.above), r.seen] for rid, r in reporters.items()]
-        return json.dumps({"v": 1, "reporters": rows}, separators=(",", ":")).encode()
-
-    def load(self, values: Iterable[bytes], now: float) -> int:
-        """Take stored shards back (at start): idle reporters are left out. Returns how
-        many values were unreadable (skipped: their reporters' batches count again)."""
-        cutoff = now - self.idle_ttl
-        rows: list[tuple[float, str, int, list[int]]] = []
-        unreadable = 0
-        for value in values:
-            try:
-                stored = [
-                    (float(seen), str(rid), int(high), [int(s) for s in above])
-                    for rid, high, above, seen in json.loads(value)["reporters"]
-                ]
-            except (ValueError, KeyError, TypeError):
-                unreadable += 1
-                continue
-            for row in stored:
-                if row[0] >= cutoff:
-                    rows.append(row)
-                else:
-                    self.dirty.add(shard_of(row[1]))
-        rows.sort()
-        for seen, rid, high, above in rows:
-            shard = shard_of(rid)
-            self._shards[shard][rid] = _Reporter(high, set(above), seen)
-            self._lru[rid] = shard
-            self._lru.move_to_end(rid)
-        while len(self._lru) > self.max_reporters:
-            self._forget(next(iter(self._lru)))
-        return unreadable
-
-    @staticmethod
-    def newest(value: bytes) -> float:
-        """When the most recently active reporter of a stored shard was last seen."""
-        rows = json.loads(value)["reporters"]
-        return max((float(row[3]) for row in rows), default=0.0)
+def reporter_key(reporter_id: str) -> str:
+    """The store key of a reporter's ledger (the id percent-encoded: no ``/`` in it)."""
+    return REPORTERS + urllib.parse.quote(reporter_id, safe="")
 
 
-def shard_of(reporter_id: str) -> int:
-    """The shard of a reporter id (stable across processes, unlike ``hash``)."""
-    return zlib.crc32(reporter_id.encode()) % SHARDS
+def is_legacy_key(key: str) -> bool:
+    """Whether a key under :data:`REPORTERS` is a shard of a per-replica ledger."""
+    return "/" in key[len(REPORTERS) :]
 
 
-def shard_key(replica: str, shard: int) -> str:
-    """The store key of one shard of a replica's ledger."""
-    return f"{REPORTERS}{replica}/{shard:02d}"
+def read_legacy(values: Iterable[bytes]) -> tuple[dict[str, ReporterLedger], int]:
+    """The reporters of per-replica ledger shards, each counting what any shard counts,
+    and how many values were unreadable."""
+    found: dict[str, ReporterLedger] = {}
+    unreadable = 0
+    for value in values:
+        try:
+            rows = [
+                (str(rid), int(high), [int(s) for s in above])
+                for rid, high, above, _seen in json.loads(value)["reporters"]
+            ]
+        except (ValueError, KeyError, TypeError):
+            unreadable += 1
+            continue
+        for rid, high, above in rows:
+            ledger = ReporterLedger(high, set(above))
+            known = found.get(rid)
+            found[rid] = ledger if known is None else known.merged(ledger)
+    return found, unreadable
+
+
+def newest_legacy(value: bytes) -> float:
+    """When the most recently active reporter of a per-replica shard was last seen."""
+    rows = json.loads(value)["reporters"]
+    return max((float(row[3]) for row in rows), default=0.0)

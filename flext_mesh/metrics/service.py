@@ -8,24 +8,27 @@ feeds the registry's performance multiplier.
 Alerts are evaluated every 10 s over the last 5 minutes; an alert keeps the time it
 first fired for as long as it keeps firing (one episode).
 
-Ingest is exactly once per replica for batches that carry a reporter id and a batch
-sequence: a batch sent again (after a cut stream, a lost answer or an UNAVAILABLE
-from a failed durable write) is acknowledged, with the same accepted and rejected
-figures, without being counted again; the aggregator's ledger of counted batches is
-durable with the records. A batch re-sent to another replica after a failover may be
-counted twice, and batches with sequence 0 are counted every time they arrive.
+Ingest is exactly once, across replicas, for batches that carry a reporter id and a
+batch sequence: a batch sent again (after a cut stream, a lost answer, an UNAVAILABLE
+from a failed durable write, or to another replica after a failover) is acknowledged,
+with the same accepted and rejected figures, without being counted again; the ledger
+of counted batches is in the shared store, written with the records. Batches with
+sequence 0 are counted every time they arrive. ``deliver_calls`` acknowledges each
+batch of a stream as soon as it is durable, so a reporter holds only the batches
+whose acknowledgement it has not had.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound
+from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
 from flext_mesh.metrics import analysis
 from flext_mesh.metrics.aggregator import (
     Aggregator,
@@ -47,6 +50,10 @@ _log = logging.getLogger("flext_mesh.metrics")
 #: Window over which alerts are evaluated, seconds.
 ALERT_WINDOW = 300.0
 _MAX_LISTED_REJECTIONS = 1000
+#: Batches of one DeliverCalls stream read and not yet acknowledged, at most: past it
+#: the stream is not read until acknowledgements catch up (flow control holds the
+#: reporter back).
+MAX_UNACKNOWLEDGED_BATCHES = 256
 
 
 @dataclass(slots=True)
@@ -125,9 +132,7 @@ class Metrics:
     ) -> Ingested:
         """Ingest one batch; returns once the accepted records are durable (for a
         duplicate batch: once its first copy is)."""
-        result = self.aggregator.ingest(records, reporter_id=reporter_id, sequence=sequence)
-        await self.aggregator.durable()
-        return result
+        return await self.aggregator.ingest(records, reporter_id=reporter_id, sequence=sequence)
 
     async def stream_calls(
         self, batches: AsyncIterator[metrics_pb2.StreamCallsRequest]
@@ -135,21 +140,101 @@ class Metrics:
         """Ingest a stream of batches; a bad batch is counted, not fatal to the stream."""
         totals = StreamTotals(rejected=[])
         assert totals.rejected is not None
+        outcomes: list[Ingested | asyncio.Future[Ingested]] = []
         async for batch in batches:
             totals.batches += 1
             try:
-                result = self.aggregator.ingest(
-                    batch.records, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
+                outcomes.append(
+                    self.aggregator.submit(
+                        batch.records, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
+                    )
                 )
             except InvalidArgument as exc:
-                result = Ingested(0, _rejections(exc, len(batch.records)))
+                outcomes.append(Ingested(0, _rejections(exc, len(batch.records))))
+        # Answered once every batch is durable; a failed write fails the stream.
+        durable = await asyncio.gather(
+            *(o for o in outcomes if isinstance(o, asyncio.Future)), return_exceptions=True
+        )
+        if error := next((d for d in durable if isinstance(d, BaseException)), None):
+            raise error
+        written = iter(durable)
+        for outcome in outcomes:
+            result = next(written) if isinstance(outcome, asyncio.Future) else outcome
+            assert isinstance(result, Ingested)
             totals.duplicate_batches += result.duplicate
             totals.accepted += result.accepted
             totals.rejected_count += len(result.rejected)
             room = _MAX_LISTED_REJECTIONS - len(totals.rejected)
             totals.rejected.extend(result.rejected[:room])
-        await self.aggregator.durable()
         return totals
+
+    async def deliver_calls(
+        self, batches: AsyncIterator[metrics_pb2.DeliverCallsRequest]
+    ) -> AsyncIterator[tuple[int, Ingested]]:
+        """Ingest a stream of numbered batches; yields (batch_sequence, outcome) for each
+        as soon as it is durably counted, in that order (not the order they came in).
+
+        A batch with no good record is acknowledged with every record rejected; one
+        without a reporter id or sequence ends the stream (InvalidArgument), and so
+        does a failed durable write (its error: the reporter sends again what was not
+        acknowledged).
+        """
+        acks: asyncio.Queue[tuple[int, Ingested] | BaseException | None] = asyncio.Queue()
+        room = asyncio.Semaphore(MAX_UNACKNOWLEDGED_BATCHES)
+        unanswered = 0
+
+        def durable(sequence: int, future: asyncio.Future[Ingested]) -> None:
+            room.release()
+            if future.cancelled():
+                acks.put_nowait(asyncio.CancelledError())
+            elif (error := future.exception()) is not None:
+                acks.put_nowait(error)
+            else:
+                acks.put_nowait((sequence, future.result()))
+
+        async def read() -> None:
+            nonlocal unanswered
+            async for batch in batches:
+                sequence = batch.batch_sequence
+                if not sequence or not batch.reporter_id:
+                    raise InvalidArgument.from_violations(
+                        [
+                            FieldViolation(
+                                "batch_sequence" if not sequence else "reporter_id",
+                                "is required on DeliverCalls (every batch is acknowledged by "
+                                "its reporter_id and batch_sequence)",
+                            )
+                        ]
+                    )
+                await room.acquire()
+                unanswered += 1
+                try:
+                    future = self.aggregator.submit(
+                        batch.records, reporter_id=batch.reporter_id, sequence=sequence
+                    )
+                except (InvalidArgument, ResourceExhausted) as exc:
+                    room.release()
+                    acks.put_nowait((sequence, Ingested(0, _refused(exc, len(batch.records)))))
+                    continue
+                future.add_done_callback(functools.partial(durable, sequence))
+
+        reader = asyncio.create_task(read(), name="metrics-deliver-calls-reader")
+        reader.add_done_callback(lambda _: acks.put_nowait(None))
+        try:
+            reading = True
+            while reading or unanswered:
+                item = await acks.get()
+                if item is None:
+                    reading = False
+                    if (error := reader.exception()) is not None:
+                        raise error
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    unanswered -= 1
+                    yield item
+        finally:
+            reader.cancel()
 
     # -- reports -------------------------------------------------------------------
 
@@ -300,6 +385,18 @@ class Metrics:
         """Cumulative (service, operation, outcome, bucket counts, sum ms) for Prometheus."""
         for (service, operation, outcome), (counts, total) in self.aggregator.prometheus.items():
             yield service, operation, outcome, [int(c) for c in counts], float(total)  # type: ignore[union-attr]
+
+
+def _refused(
+    exc: InvalidArgument | ResourceExhausted, size: int
+) -> tuple[metrics_pb2.RejectedRecord, ...]:
+    """The records of a batch refused as a whole, each with the reason."""
+    if isinstance(exc, InvalidArgument):
+        return _rejections(exc, size)
+    return tuple(
+        metrics_pb2.RejectedRecord(index=i, field="operation", reason=exc.message)
+        for i in range(size)
+    )
 
 
 def _rejections(exc: InvalidArgument, size: int) -> tuple[metrics_pb2.RejectedRecord, ...]:

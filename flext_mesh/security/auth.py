@@ -6,7 +6,7 @@ required with ``--tls-client-auth require``):
 - a bearer token in the ``authorization: Bearer <token>`` metadata, looked up in the
   tokens file (:mod:`flext_mesh.security.tokens`); when a call carries one it decides,
   even over mTLS. A token revoked from the file is refused within a second, and an
-  open client stream (KeepAlive, StreamCalls) that authenticated with it ends at its
+  open client stream (KeepAlive, StreamCalls, DeliverCalls) that authenticated with it ends at its
   next message; an open server stream (Watch) runs until it ends;
 - otherwise the client certificate's SPIFFE-style URI SAN:
   ``spiffe://flext-mesh/service/NAME`` is ``service:NAME``,
@@ -149,6 +149,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     # MetricsService
     "/flext_mesh.v1.MetricsService/ReportCalls": MethodRule(_SERVICE, "reports", "records"),
     "/flext_mesh.v1.MetricsService/StreamCalls": MethodRule(_SERVICE, "reports", "records"),
+    "/flext_mesh.v1.MetricsService/DeliverCalls": MethodRule(_SERVICE, "reports", "records"),
     "/flext_mesh.v1.MetricsService/GetServiceReport": MethodRule(_READ),
     "/flext_mesh.v1.MetricsService/ListAlerts": MethodRule(_READ),
     # OrchestratorService

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,6 +16,7 @@ from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 __all__ = ["MetricsServicer", "add_metrics_servicer"]
 
 _Context = grpc.aio.ServicerContext[Any, Any]
+_Batch = TypeVar("_Batch", metrics_pb2.StreamCallsRequest, metrics_pb2.DeliverCallsRequest)
 _DEFAULT_WINDOW = 24 * 3600.0
 
 
@@ -54,6 +55,24 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         )
 
     @rpc_errors
+    async def DeliverCalls(
+        self, request_iterator: AsyncIterator[metrics_pb2.DeliverCallsRequest], context: _Context
+    ) -> AsyncIterator[metrics_pb2.DeliverCallsResponse]:
+        """Ingest a stream of numbered batches, acknowledging each once durable."""
+        # Acknowledgements are written while the next batches are read (and checked:
+        # the rate limit may end the stream from the reading side). Headers sent first
+        # keep that end from racing the first acknowledgement to send them.
+        await context.send_initial_metadata(())
+        with self.streams.track():
+            async for sequence, result in self.metrics.deliver_calls(_decoded(request_iterator)):
+                yield metrics_pb2.DeliverCallsResponse(
+                    batch_sequence=sequence,
+                    accepted=result.accepted,
+                    rejected=result.rejected,
+                    duplicate=result.duplicate,
+                )
+
+    @rpc_errors
     async def GetServiceReport(
         self, request: metrics_pb2.GetServiceReportRequest, context: _Context
     ) -> metrics_pb2.GetServiceReportResponse:
@@ -87,9 +106,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         )
 
 
-async def _decoded(
-    requests: AsyncIterator[metrics_pb2.StreamCallsRequest],
-) -> AsyncIterator[metrics_pb2.StreamCallsRequest]:
+async def _decoded(requests: AsyncIterator[_Batch]) -> AsyncIterator[_Batch]:
     async for request in requests:
         yield checked(request)
 

@@ -249,13 +249,14 @@ class ReportCallsRequest(_message.Message):
 
     Exactly-once delivery: a reporter numbers its batches (batch_sequence 1, 2,
     3, ... under one reporter_id) and re-sends a batch whose answer it did not
-    get with the same reporter_id and batch_sequence. The control plane remembers
-    the sequences it counted per reporter_id (durably, in the same write as the
-    records), so a batch sent again, on this RPC or on StreamCalls, before or
-    after a control-plane restart, is acknowledged without being counted again.
-    Limits of the guarantee: it holds per control-plane replica (a batch re-sent
-    to another replica after a failover may be counted twice), and a reporter
-    idle for an hour, or pushed out by 10000 more recent reporters, is forgotten.
+    get with the same reporter_id and batch_sequence. The control plane keeps the
+    sequences counted per reporter_id in the store that every replica shares,
+    written in the same transaction as the records they protect, so a batch sent
+    again, on any of the ingest RPCs, to any replica, before or after a restart
+    or a kill -9, is acknowledged without being counted again. Limits of the
+    guarantee: a reporter idle for an hour is forgotten (its key expires), and a
+    batch whose records span more buckets than one store transaction holds
+    (etcd's --max-txn-ops) may count twice if a crash splits its write.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -417,6 +418,89 @@ class StreamCallsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamCallsResponse: _TypeAlias = StreamCallsResponse  # noqa: Y015
+
+@_typing.final
+class DeliverCallsRequest(_message.Message):
+    """Request of MetricsService.DeliverCalls: one numbered batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    REPORTER_ID_FIELD_NUMBER: _builtins.int
+    DROPPED_SINCE_LAST_FIELD_NUMBER: _builtins.int
+    BATCH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    reporter_id: _builtins.str
+    """Id of the reporter, which numbers its batches: as in ReportCallsRequest.
+    Required.
+    """
+    dropped_since_last: _builtins.int
+    """Records the reporter dropped since its previous batch (its buffer was
+    full).
+    """
+    batch_sequence: _builtins.int
+    """Number of this batch among the reporter's batches, as in
+    ReportCallsRequest; the acknowledgement names it. Required (at least 1).
+    """
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRecord]:
+        """Records, 1 to 10000."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___CallRecord] | None = ...,
+        reporter_id: _builtins.str = ...,
+        dropped_since_last: _builtins.int = ...,
+        batch_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_sequence", b"batch_sequence", "dropped_since_last", b"dropped_since_last", "records", b"records", "reporter_id", b"reporter_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverCallsRequest: _TypeAlias = DeliverCallsRequest  # noqa: Y015
+
+@_typing.final
+class DeliverCallsResponse(_message.Message):
+    """Response of MetricsService.DeliverCalls: the acknowledgement of one batch,
+    sent once its records are durably counted (for a copy of a batch counted
+    before: once that first copy is durable).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    batch_sequence: _builtins.int
+    """The batch_sequence of the batch acknowledged."""
+    accepted: _builtins.int
+    """Records kept (for a copy: what the control plane accepts of it now)."""
+    duplicate: _builtins.bool
+    """True when this batch had been counted before (by this or another
+    replica): acknowledged, not counted again.
+    """
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRecord]:
+        """Records refused, with the reason; a batch with no good record lists all."""
+
+    def __init__(
+        self,
+        *,
+        batch_sequence: _builtins.int = ...,
+        accepted: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___RejectedRecord] | None = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_sequence", b"batch_sequence", "duplicate", b"duplicate", "rejected", b"rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverCallsResponse: _TypeAlias = DeliverCallsResponse  # noqa: Y015
 
 @_typing.final
 class GetServiceReportRequest(_message.Message):

@@ -5,7 +5,7 @@ import warnings
 
 from flext_mesh.v1 import metrics_pb2 as flext__mesh_dot_v1_dot_metrics__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -45,6 +45,11 @@ class MetricsServiceStub:
                 request_serializer=flext__mesh_dot_v1_dot_metrics__pb2.StreamCallsRequest.SerializeToString,
                 response_deserializer=flext__mesh_dot_v1_dot_metrics__pb2.StreamCallsResponse.FromString,
                 _registered_method=True)
+        self.DeliverCalls = channel.stream_stream(
+                '/flext_mesh.v1.MetricsService/DeliverCalls',
+                request_serializer=flext__mesh_dot_v1_dot_metrics__pb2.DeliverCallsRequest.SerializeToString,
+                response_deserializer=flext__mesh_dot_v1_dot_metrics__pb2.DeliverCallsResponse.FromString,
+                _registered_method=True)
         self.GetServiceReport = channel.unary_unary(
                 '/flext_mesh.v1.MetricsService/GetServiceReport',
                 request_serializer=flext__mesh_dot_v1_dot_metrics__pb2.GetServiceReportRequest.SerializeToString,
@@ -64,7 +69,8 @@ class MetricsServiceServicer:
     def ReportCalls(self, request, context):
         """Ingests one batch of call records (at most 10000). Answered once the
         records are durable; a batch that names its reporter_id and batch_sequence
-        is counted exactly once, however often it is sent (see ReportCallsRequest).
+        is counted exactly once, however often it is sent and to whichever replica
+        (see ReportCallsRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,6 +80,21 @@ class MetricsServiceServicer:
         """Ingests a client stream of batches; answers once when the client closes.
         Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
         before the answer re-sends its batches without them being counted twice.
+        Kept for older reporters: DeliverCalls acknowledges each batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeliverCalls(self, request_iterator, context):
+        """Ingests a stream of numbered batches and acknowledges each one, by its
+        batch_sequence, once its records are durably counted (in any order). A
+        reporter keeps a batch only until its acknowledgement and sends the
+        unacknowledged ones again, on a new stream, to this or another replica,
+        where they are recognized and not counted twice. Every batch needs a
+        reporter_id and a batch_sequence (INVALID_ARGUMENT ends the stream
+        otherwise). A failed durable write ends the stream UNAVAILABLE: the batches
+        not acknowledged yet are to be sent again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +127,11 @@ def add_MetricsServiceServicer_to_server(servicer, server):
                     servicer.StreamCalls,
                     request_deserializer=flext__mesh_dot_v1_dot_metrics__pb2.StreamCallsRequest.FromString,
                     response_serializer=flext__mesh_dot_v1_dot_metrics__pb2.StreamCallsResponse.SerializeToString,
+            ),
+            'DeliverCalls': grpc.stream_stream_rpc_method_handler(
+                    servicer.DeliverCalls,
+                    request_deserializer=flext__mesh_dot_v1_dot_metrics__pb2.DeliverCallsRequest.FromString,
+                    response_serializer=flext__mesh_dot_v1_dot_metrics__pb2.DeliverCallsResponse.SerializeToString,
             ),
             'GetServiceReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServiceReport,
@@ -173,6 +199,33 @@ class MetricsService:
             '/flext_mesh.v1.MetricsService/StreamCalls',
             flext__mesh_dot_v1_dot_metrics__pb2.StreamCallsRequest.SerializeToString,
             flext__mesh_dot_v1_dot_metrics__pb2.StreamCallsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverCalls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/flext_mesh.v1.MetricsService/DeliverCalls',
+            flext__mesh_dot_v1_dot_metrics__pb2.DeliverCallsRequest.SerializeToString,
+            flext__mesh_dot_v1_dot_metrics__pb2.DeliverCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,12 +40,24 @@ class MetricsServiceStub:
     ReportCalls: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.ReportCallsRequest, _metrics_pb2.ReportCallsResponse]
     """Ingests one batch of call records (at most 10000). Answered once the
     records are durable; a batch that names its reporter_id and batch_sequence
-    is counted exactly once, however often it is sent (see ReportCallsRequest).
+    is counted exactly once, however often it is sent and to whichever replica
+    (see ReportCallsRequest).
     """
     StreamCalls: _grpc.StreamUnaryMultiCallable[_metrics_pb2.StreamCallsRequest, _metrics_pb2.StreamCallsResponse]
     """Ingests a client stream of batches; answers once when the client closes.
     Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
     before the answer re-sends its batches without them being counted twice.
+    Kept for older reporters: DeliverCalls acknowledges each batch.
+    """
+    DeliverCalls: _grpc.StreamStreamMultiCallable[_metrics_pb2.DeliverCallsRequest, _metrics_pb2.DeliverCallsResponse]
+    """Ingests a stream of numbered batches and acknowledges each one, by its
+    batch_sequence, once its records are durably counted (in any order). A
+    reporter keeps a batch only until its acknowledgement and sends the
+    unacknowledged ones again, on a new stream, to this or another replica,
+    where they are recognized and not counted twice. Every batch needs a
+    reporter_id and a batch_sequence (INVALID_ARGUMENT ends the stream
+    otherwise). A failed durable write ends the stream UNAVAILABLE: the batches
+    not acknowledged yet are to be sent again.
     """
     GetServiceReport: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.GetServiceReportRequest, _metrics_pb2.GetServiceReportResponse]
     """Performance report of one service over a time window. NOT_FOUND when the
@@ -62,12 +74,24 @@ class MetricsServiceAsyncStub(MetricsServiceStub):
     ReportCalls: _aio.UnaryUnaryMultiCallable[_metrics_pb2.ReportCallsRequest, _metrics_pb2.ReportCallsResponse]  # type: ignore[assignment]
     """Ingests one batch of call records (at most 10000). Answered once the
     records are durable; a batch that names its reporter_id and batch_sequence
-    is counted exactly once, however often it is sent (see ReportCallsRequest).
+    is counted exactly once, however often it is sent and to whichever replica
+    (see ReportCallsRequest).
     """
     StreamCalls: _aio.StreamUnaryMultiCallable[_metrics_pb2.StreamCallsRequest, _metrics_pb2.StreamCallsResponse]  # type: ignore[assignment]
     """Ingests a client stream of batches; answers once when the client closes.
     Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
     before the answer re-sends its batches without them being counted twice.
+    Kept for older reporters: DeliverCalls acknowledges each batch.
+    """
+    DeliverCalls: _aio.StreamStreamMultiCallable[_metrics_pb2.DeliverCallsRequest, _metrics_pb2.DeliverCallsResponse]  # type: ignore[assignment]
+    """Ingests a stream of numbered batches and acknowledges each one, by its
+    batch_sequence, once its records are durably counted (in any order). A
+    reporter keeps a batch only until its acknowledgement and sends the
+    unacknowledged ones again, on a new stream, to this or another replica,
+    where they are recognized and not counted twice. Every batch needs a
+    reporter_id and a batch_sequence (INVALID_ARGUMENT ends the stream
+    otherwise). A failed durable write ends the stream UNAVAILABLE: the batches
+    not acknowledged yet are to be sent again.
     """
     GetServiceReport: _aio.UnaryUnaryMultiCallable[_metrics_pb2.GetServiceReportRequest, _metrics_pb2.GetServiceReportResponse]  # type: ignore[assignment]
     """Performance report of one service over a time window. NOT_FOUND when the
@@ -87,7 +111,8 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_metrics_pb2.ReportCallsResponse, _abc.Awaitable[_metrics_pb2.ReportCallsResponse]]:
         """Ingests one batch of call records (at most 10000). Answered once the
         records are durable; a batch that names its reporter_id and batch_sequence
-        is counted exactly once, however often it is sent (see ReportCallsRequest).
+        is counted exactly once, however often it is sent and to whichever replica
+        (see ReportCallsRequest).
         """
 
     @_abc_1.abstractmethod
@@ -99,6 +124,23 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Ingests a client stream of batches; answers once when the client closes.
         Batches are deduplicated as in ReportCalls, so a reporter whose stream broke
         before the answer re-sends its batches without them being counted twice.
+        Kept for older reporters: DeliverCalls acknowledges each batch.
+        """
+
+    @_abc_1.abstractmethod
+    def DeliverCalls(
+        self,
+        request_iterator: _MaybeAsyncIterator[_metrics_pb2.DeliverCallsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_metrics_pb2.DeliverCallsResponse], _abc.AsyncIterator[_metrics_pb2.DeliverCallsResponse]]:
+        """Ingests a stream of numbered batches and acknowledges each one, by its
+        batch_sequence, once its records are durably counted (in any order). A
+        reporter keeps a batch only until its acknowledgement and sends the
+        unacknowledged ones again, on a new stream, to this or another replica,
+        where they are recognized and not counted twice. Every batch needs a
+        reporter_id and a batch_sequence (INVALID_ARGUMENT ends the stream
+        otherwise). A failed durable write ends the stream UNAVAILABLE: the batches
+        not acknowledged yet are to be sent again.
         """
 
     @_abc_1.abstractmethod

@@ -56,13 +56,12 @@ async def test_checkpoints_and_rollups_of_many_services_fit_etcds_limit(
         aggregator = Aggregator(store, AggregatorSettings(replica="cp-a"), clock=lambda: now[0])
         await aggregator.start()
         stamp = int(now[0] * 1e9)
-        result = aggregator.ingest(
+        result = await aggregator.ingest(
             [record(name, stamp) for name in SERVICES for _ in range(2)],
             reporter_id="sidecar-1",
             sequence=1,
         )
         assert result.accepted == 600
-        await aggregator.checkpoint()  # 300 buckets + the ledger: three transactions
         stored = await store.range(f"{REPLICA_BUCKETS}cp-a/")
         assert len(stored) == 300
 
@@ -77,7 +76,7 @@ async def test_checkpoints_and_rollups_of_many_services_fit_etcds_limit(
         await again.start()
         try:
             assert {_count(again, name) for name in SERVICES} == {2}
-            duplicate = again.ingest(
+            duplicate = await again.ingest(
                 [record(SERVICES[0], stamp)],
                 reporter_id="sidecar-1",
                 sequence=1,

@@ -1,11 +1,13 @@
 """Exactly-once call reporting: a batch that names its reporter and sequence number is
 counted once, however often and in whatever order it arrives, across a failed durable
-write (a full disk) and a control-plane restart (``kill -9`` included)."""
+write (a full disk), a control-plane restart (``kill -9`` included) and replicas (the
+ledger is shared)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -13,7 +15,13 @@ import pytest
 
 from flext_mesh.errors import InvalidArgument
 from flext_mesh.metrics.aggregator import Aggregator, AggregatorSettings
-from flext_mesh.metrics.dedup import RECENT, REPORTERS, BatchLedger
+from flext_mesh.metrics.dedup import (
+    RECENT,
+    REPORTERS,
+    LedgerCache,
+    ReporterLedger,
+    reporter_key,
+)
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
@@ -275,47 +283,121 @@ async def test_a_retry_after_a_full_disk_is_counted_once(tmp_path: Path) -> None
 # -- replicas ------------------------------------------------------------------------------
 
 
-async def test_the_ledger_is_per_replica_and_a_gone_replicas_ledger_is_swept(
-    tmp_path: Path,
-) -> None:
-    """Each replica remembers the batches it counted (restart included); a batch sent
-    to another replica after a failover counts again there (documented). The ledger
-    of a replica gone for longer than the reporter idle time is deleted."""
+def _replica(store: SqliteStore, name: str, **settings: float) -> Aggregator:
+    return Aggregator(store, AggregatorSettings(replica=name, checkpoint_interval=0.05, **settings))
+
+
+def _count(*replicas: Aggregator, service: str = "orders") -> int:
+    """Calls of ``service`` as the first replica reports them (its own and its peers')."""
+    return sum(
+        stats.count
+        for _, _, series in replicas[0].window(service, 600)
+        for stats in series.values()
+    )
+
+
+async def test_a_batch_counted_by_one_replica_is_a_copy_on_the_others(tmp_path: Path) -> None:
+    """The ledger is shared: a batch re-sent to another replica after a failover (or
+    back again) is acknowledged there as a copy, and when two replicas get the same
+    batch at once, one counts it."""
+    store = SqliteStore(str(tmp_path / "shared.db"))
+    await store.open()
+    try:
+        a, b = _replica(store, "a"), _replica(store, "b")
+        await a.start()
+        await b.start()
+        try:
+            records = [record(service="orders")] * 5
+            assert not (await a.ingest(records, reporter_id="r~1", sequence=1)).duplicate
+            # b never saw this reporter: it reads its ledger from the store.
+            assert (await b.ingest(records, reporter_id="r~1", sequence=1)).duplicate
+            assert not (await b.ingest(records, reporter_id="r~1", sequence=2)).duplicate
+            # a's own view of the reporter is stale now: its write is refused, it reads
+            # the ledger again and finds 2 counted.
+            assert (await a.ingest(records, reporter_id="r~1", sequence=2)).duplicate
+            # The same batch on both at once: one counts it, the other answers a copy.
+            both = await asyncio.gather(
+                a.ingest(records, reporter_id="r~1", sequence=3),
+                b.ingest(records, reporter_id="r~1", sequence=3),
+            )
+            assert sorted(r.duplicate for r in both) == [False, True]
+            assert all(r.accepted == 5 for r in both)
+
+            async def merged() -> int:
+                return _count(a)
+
+            await _eventually(merged, 15)
+            assert _count(b) == 15
+        finally:
+            await a.stop()
+            await b.stop()
+
+        # A replica started afresh (the same name, or a new one) knows them too.
+        for name in ("a", "c"):
+            again = _replica(store, name)
+            await again.start()
+            try:
+                for seq in (1, 2, 3):
+                    reply = await again.ingest(records, reporter_id="r~1", sequence=seq)
+                    assert reply.duplicate, (name, seq)
+            finally:
+                await again.stop()
+    finally:
+        await store.close()
+
+
+async def _eventually(read: Callable[[], Awaitable[int]], expected: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while (value := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, (value, expected)
+        await asyncio.sleep(0.02)
+
+
+async def test_an_idle_reporters_ledger_expires(tmp_path: Path) -> None:
+    """Bounded: a reporter's key lives a reporter idle time (and a quarter) after its
+    last batch, then the store deletes it."""
+    store = SqliteStore(str(tmp_path / "shared.db"))
+    await store.open()
+    try:
+        a = _replica(store, "a", reporter_idle_ttl=1.0)
+        await a.start()
+        try:
+            await a.ingest([record(service="orders")], reporter_id="idle~1", sequence=1)
+            assert await store.get(reporter_key("idle~1")) is not None
+            deadline = asyncio.get_running_loop().time() + 10
+            while await store.get(reporter_key("idle~1")) is not None:
+                assert asyncio.get_running_loop().time() < deadline, "the ledger key stayed"
+                await asyncio.sleep(0.1)
+        finally:
+            await a.stop()
+    finally:
+        await store.close()
+
+
+async def test_ledgers_of_the_per_replica_layout_are_still_honoured(tmp_path: Path) -> None:
+    """A replica upgraded while reporters re-send what the old layout counted: their
+    batches stay copies, and the old shards go once their reporters are idle."""
     store = SqliteStore(str(tmp_path / "shared.db"))
     await store.open()
     now = [1_000_000.0]
-
-    def replica(name: str) -> Aggregator:
-        settings = AggregatorSettings(replica=name, checkpoint_interval=0.05, retention=1e9)
-        return Aggregator(store, settings, clock=lambda: now[0])
-
+    old = {"v": 1, "reporters": [["r~9", 4, [6], now[0]], ["r~8", 1, [], now[0] - 7200]]}
+    await store.put(f"{REPORTERS}old-replica/03", json.dumps(old).encode())
     try:
-        a, b = replica("a"), replica("b")
+        settings = AggregatorSettings(replica="a", checkpoint_interval=0.05, retention=1e9)
+        a = Aggregator(store, settings, clock=lambda: now[0])
         await a.start()
-        await b.start()
-        records = [record(service="orders")] * 5
-        assert not a.ingest(records, reporter_id="r~1", sequence=1).duplicate
-        assert a.ingest(records, reporter_id="r~1", sequence=1).duplicate
-        assert not b.ingest(records, reporter_id="r~1", sequence=1).duplicate  # failover
-        await a.durable()
-        await a.stop()
-        await b.stop()
-
-        again = replica("a")
-        await again.start()
-        assert again.ingest(records, reporter_id="r~1", sequence=1).duplicate
-        await again.stop()
-        assert {kv.key.split("/")[3] for kv in await store.range(REPORTERS)} == {"a", "b"}
-
-        now[0] += 3601  # "b" is gone for longer than an hour; "a" starts again
-        later = replica("a")
-        await later.start()
         try:
-            assert "b" not in {kv.key.split("/")[3] for kv in await store.range(REPORTERS)}
-            # Its own reporter went idle too: forgotten, a re-sent batch counts again.
-            assert not later.ingest(records, reporter_id="r~1", sequence=1).duplicate
+            records = [record(service="orders")]  # stamped with the fake clock
+            copies = [
+                (await a.ingest(records, reporter_id="r~9", sequence=s)).duplicate
+                for s in (4, 5, 6, 7)
+            ]
+            assert copies == [True, False, True, False]
+            now[0] += 3601
+            await a.rollup()  # housekeeping: every reporter of the old shard is idle
+            assert await store.get(f"{REPORTERS}old-replica/03") is None
         finally:
-            await later.stop()
+            await a.stop()
     finally:
         await store.close()
 
@@ -323,33 +405,33 @@ async def test_the_ledger_is_per_replica_and_a_gone_replicas_ledger_is_swept(
 # -- the ledger's bounds (pure logic) -----------------------------------------------------
 
 
-def test_the_ledger_forgets_idle_reporters_and_keeps_at_most_its_cap() -> None:
-    ledger = BatchLedger(idle_ttl=60, max_reporters=3)
+def test_the_ledger_cache_forgets_idle_reporters_and_keeps_at_most_its_cap() -> None:
+    cache = LedgerCache(idle_ttl=60, max_reporters=3)
     for i, rid in enumerate(("a", "b", "c")):
-        ledger.record(rid, 1, now=float(i))
-    ledger.record("a", 2, now=10.0)  # a is the most recently active
-    ledger.record("d", 1, now=11.0)  # one too many: b, the least recently active, goes
-    assert [r for r in ("a", "b", "c", "d") if ledger.counted(r, 1)] == ["a", "c", "d"]
-    assert ledger.expire(now=65.0) == 1  # c: idle since 2
-    assert len(ledger) == 2
-    assert ledger.expire(now=72.0) == 2
-    assert not ledger.counted("a", 1)
+        cache.put(rid, ReporterLedger().noting([1]), now=float(i))
+    cache.touch("a", now=10.0)  # a is the most recently used
+    cache.put("d", ReporterLedger().noting([1]), now=11.0)  # one too many: b goes
+    assert [r for r in ("a", "b", "c", "d") if cache.counted(r, 1)] == ["a", "c", "d"]
+    assert cache.expire(now=65.0) == 1  # c: idle since 2
+    assert len(cache) == 2
+    assert cache.expire(now=72.0) == 2
+    assert not cache.counted("a", 1)
 
 
 def test_the_ledger_keeps_a_bounded_window_above_its_mark() -> None:
-    ledger = BatchLedger()
-    for seq in range(2, RECENT + 2):  # 1 never comes: everything waits above the mark
-        ledger.record("r", seq, now=0.0)
-    assert not ledger.counted("r", 1)
-    value = ledger.encode(next(iter(ledger.take_dirty())))
-    assert value is not None
-    assert len(value) > RECENT  # the window is stored
-    ledger.record("r", RECENT + 2, now=0.0)  # past the bound: the mark jumps the gap
-    assert ledger.counted("r", 1)  # given up: a very late 1 would be taken for a copy
-    value = ledger.encode(next(iter(ledger.take_dirty())))
-    assert value is not None
+    ledger = ReporterLedger().noting(range(2, RECENT + 2))  # 1 never comes
+    assert not ledger.counted(1)
+    assert len(ledger.encode(0.0)) > RECENT  # the window is stored
+    ledger = ledger.noting([RECENT + 2])  # past the bound: the mark jumps the gap
+    assert ledger.counted(1)  # given up: a very late 1 would be taken for a copy
+    value = ledger.encode(0.0)
     assert len(value) < 100  # compacted to the mark
-    reloaded = BatchLedger()
-    reloaded.load([value], now=0.0)
-    assert all(reloaded.counted("r", s) for s in range(1, RECENT + 3))
-    assert not reloaded.counted("r", RECENT + 3)
+    reloaded = ReporterLedger.decode(value, revision=7)
+    assert all(reloaded.counted(s) for s in range(1, RECENT + 3))
+    assert not reloaded.counted(RECENT + 3)
+    assert reloaded.revision == 7
+
+
+def test_a_reporter_id_makes_one_key_whatever_it_holds() -> None:
+    assert reporter_key("payment-host-7001~a1b2") == f"{REPORTERS}payment-host-7001~a1b2"
+    assert reporter_key("a/b%c") == f"{REPORTERS}a%2Fb%25c"

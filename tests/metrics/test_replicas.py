@@ -51,10 +51,10 @@ async def test_each_replica_reports_the_calls_of_all(store: SqliteStore) -> None
     await a.start()
     await b.start()
     try:
-        a.ingest([record(duration=10) for _ in range(300)])
-        b.ingest([record(duration=200, ok=False, code=9) for _ in range(100)])
-        await a.durable()
-        await b.durable()
+        await asyncio.gather(
+            a.ingest([record(duration=10) for _ in range(300)]),
+            b.ingest([record(duration=200, ok=False, code=9) for _ in range(100)]),
+        )
 
         await _eventually_equal(lambda: _totals(a, "payment")[:2], (400, 100))
         await _eventually_equal(lambda: _totals(b, "payment")[:2], (400, 100))
@@ -73,10 +73,8 @@ async def test_a_restarted_replica_keeps_its_own_buckets_and_sees_the_others(
     a, b = _replica(store, "a"), _replica(store, "b")
     await a.start()
     await b.start()
-    a.ingest([record(service="orders") for _ in range(5)])
-    b.ingest([record(service="orders") for _ in range(7)])
-    await a.durable()
-    await b.durable()
+    await a.ingest([record(service="orders") for _ in range(5)])
+    await b.ingest([record(service="orders") for _ in range(7)])
     await a.stop()
 
     again = _replica(store, "a")
@@ -84,8 +82,7 @@ async def test_a_restarted_replica_keeps_its_own_buckets_and_sees_the_others(
     try:
         assert _totals(again, "orders")[0] == 12
         # Its own buckets are its own again: new calls add to them, not to a copy.
-        again.ingest([record(service="orders") for _ in range(3)])
-        await again.durable()
+        await again.ingest([record(service="orders") for _ in range(3)])
         await _eventually_equal(lambda: _totals(b, "orders")[0], 15)
     finally:
         await again.stop()

@@ -55,7 +55,11 @@ CASES: list[tuple[str, _Request, str]] = [
 #: (the registry sets an instance's health itself).
 OUTPUT_ONLY = {"RegisterRequest.instance.health"}
 #: Checked per record by the metrics aggregator (see the test below).
-PER_RECORD = {"ReportCallsRequest.records.side", "StreamCallsRequest.records.side"}
+PER_RECORD = {
+    "ReportCallsRequest.records.side",
+    "StreamCallsRequest.records.side",
+    "DeliverCallsRequest.records.side",
+}
 #: The request field paths CASES cover.
 COVERED = {
     "ListAlertsRequest.min_severity",

@@ -618,6 +618,7 @@ def test_every_rpc_of_the_contracts_has_a_rule() -> None:
     assert {name for name, limit in limited.items() if limit == "reports"} == {
         "ReportCalls",
         "StreamCalls",
+        "DeliverCalls",
     }
 
 
