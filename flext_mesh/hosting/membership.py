@@ -248,6 +248,9 @@ class Membership:
         """Renew every TTL/3 over one stream; return when the lease is gone or its
         renewal is refused (registering again then says why)."""
         interval = self.ttl / 3
+        # After a broken stream, try again soon (0.1 s doubling up to the interval):
+        # a renewal waiting a whole interval behind a cut leaves too little of the TTL.
+        pause = 0.1
         while True:
             stub = registry_pb2_grpc.RegistryServiceStub(self._channel())
             # Our own request iterator, ended in ``finally``: with a channel that has
@@ -268,18 +271,21 @@ class Membership:
                     if self.lease_id in reply.expired_lease_ids:
                         _log.warning("lease %s expired; registering again", self.lease_id)
                         return
+                    pause = 0.1
                     await asyncio.sleep(interval)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in REFUSAL_CODES:
                     _log.debug("lease renewal refused (%s): %s", exc.code().name, exc.details())
                     return
                 _log.debug("keep-alive stream broke: %s: %s", exc.code().name, exc.details())
-                await asyncio.sleep(min(interval, 1.0))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, interval)
             except (TimeoutError, asyncio.InvalidStateError) as exc:
                 # A write on a stream the server already ended (the control plane
                 # died) raises InvalidStateError rather than AioRpcError.
                 _log.debug("keep-alive stream broke: %r", exc)
-                await asyncio.sleep(min(interval, 1.0))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, interval)
             finally:
                 outbox.put_nowait(None)
                 call.cancel()
