@@ -175,10 +175,12 @@ class AggregatorSettings:
     #: This replica's name when several share the store (etcd); "" when it is alone.
     replica: str = ""
     #: Seconds after which a reporter that sent nothing is forgotten by the
-    #: deduplication of batches (a batch of it sent again later counts again).
+    #: deduplication of batches (its ledger key expires a quarter later at most; a
+    #: batch of it sent again after that counts again).
     reporter_idle_ttl: float = 3600.0
-    #: Reporters whose batch sequences are remembered, at most (least recently
-    #: active forgotten first).
+    #: Reporters whose ledgers this replica keeps in memory, at most (least recently
+    #: active dropped first, and read from the store again when they send again);
+    #: also bounds the reporters one checkpoint writes well.
     max_reporters: int = 10_000
 
 
