@@ -55,9 +55,17 @@ def test_a_replica_killed_between_counting_and_acknowledging_counts_nothing_twic
     b = start_serve(tmp_path, "--store", etcd.url, "--node-name", "cp-b")
     try:
         acknowledged_by_a: list[int] = []
+        released = threading.Event()
+
+        def held_open() -> Iterator[metrics_pb2.DeliverCallsRequest]:
+            # The stream stays open after the last batch, so it ends only with A: A may
+            # acknowledge every batch before the kill lands, and must not see a half-close.
+            yield from (numbered(s) for s in range(1, BATCHES + 1))
+            released.wait(20)
+
         with grpc.insecure_channel(a.address) as channel:
             acks = metrics_pb2_grpc.MetricsServiceStub(channel).DeliverCalls(
-                iter([numbered(s) for s in range(1, BATCHES + 1)]), timeout=20
+                held_open(), timeout=20
             )
             cut: grpc.RpcError | None = None
             try:
@@ -67,6 +75,8 @@ def test_a_replica_killed_between_counting_and_acknowledging_counts_nothing_twic
                         a.kill()
             except grpc.RpcError as exc:
                 cut = exc
+            finally:
+                released.set()
         assert cut is not None, "the stream broke with A"
         assert acknowledged_by_a, "A acknowledged a batch before it was killed"
 
