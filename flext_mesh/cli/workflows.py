@@ -571,7 +571,10 @@ class _Progress:
         note = f": {one_line(event.message)}" if event.message else ""
         error = _error_text(event.error) if event.HasField("error") else ""
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
-            return f"STARTED (attempt {event.attempt}){note}"
+            twice = " [at-least-once]" if event.at_least_once else ""
+            return f"STARTED (attempt {event.attempt}){on}{twice}{note}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED:
+            return f"OUTCOME_RESOLVED {_step_state(event.step_state)}{note}"
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING:
             backoff = human_duration(_seconds(event.backoff))
             served = f" on {event.instance_id}" if event.instance_id else ""
@@ -588,7 +591,8 @@ class _Progress:
         if kind == Ev.EXECUTION_EVENT_TYPE_COMPENSATION_FAILED:
             return f"COMPENSATION_FAILED{on}: {error}{note}"
         if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
-            failed = f" (step {step})" if step else ""
+            failed_step = event.failed_step or step  # histories from before failed_step
+            failed = f" (step {failed_step})" if failed_step else ""
             cause = f": {error}{failed}" if error else ""
             return f"ENDED {_state(event.execution_state)}{cause}"
         name = enum_text(Ev.DESCRIPTOR, kind).removeprefix("EXECUTION_")
@@ -731,6 +735,10 @@ def _clock(timestamp: Timestamp) -> str:
 
 def _state(state: int) -> str:
     return enum_text(Xs.DESCRIPTOR, state)
+
+
+def _step_state(state: int) -> str:
+    return enum_text(orchestrator_pb2.StepState.DESCRIPTOR, state)
 
 
 def _workflow_label(execution: orchestrator_pb2.Execution) -> str:

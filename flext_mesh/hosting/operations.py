@@ -9,7 +9,8 @@ Plain Python (protobuf's Struct for payloads, no gRPC): the servicer in
 - Payloads: :mod:`flext_mesh.rpc.payloads` (Struct <-> dict).
 - Results: `result_to_json` (the rule is in its docstring).
 - `IdempotencyCache`: replays the first successful outcome of a key; concurrent
-  duplicates wait for the first.
+  duplicates wait for the first; `outcome` reports what became of a key without
+  running anything (how a caller settles an attempt whose answer it lost).
 """
 
 from __future__ import annotations
@@ -338,6 +339,25 @@ class IdempotencyCache(Generic[T]):
             self._put(key, value)
             flight.outcome = (value,)
         flight.done.set()
+
+    def knows(self, key: Hashable) -> bool:
+        """True when `key` has a remembered outcome or its first call is running."""
+        return key in self._running or self._lookup(key) is not None
+
+    async def outcome(self, key: Hashable) -> tuple[T] | None:
+        """What became of `key`'s call, never running anything: its remembered value
+        (boxed), after waiting for the first call while it runs; None when there is no
+        record (never seen, failed, or forgotten)."""
+        while True:
+            hit = self._lookup(key)
+            if hit is not None:
+                return hit
+            flight = self._running.get(key)
+            if flight is None:
+                return None
+            await flight.done.wait()
+            if flight.outcome is not None:
+                return flight.outcome
 
     async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """`(value, replayed)`: the remembered outcome of `key`, or `fn()`'s (then kept)."""

@@ -28,7 +28,11 @@ One Invoke:
    exception answers INTERNAL naming only the exception's type.
 6. With an idempotency key, the first successful response of (operation, key) is
    replayed for `idempotency_window` seconds (`replayed=true`, the first call's
-   correlation id and duration); failures are not remembered, so a retry runs again.
+   correlation id and duration); a duplicate of a call still running waits for it;
+   failures are not remembered, so a retry runs again. A draining instance still
+   answers keys it has (done or running). `lookup_only` reports a key's outcome
+   without ever running the operation (NOT_FOUND when there is no record): how the
+   orchestrator settles a step attempt whose answer it lost.
 """
 
 from __future__ import annotations
@@ -311,7 +315,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     async def _invoke(
         self, request: processor_pb2.InvokeRequest, context: _Context, cid: str
     ) -> tuple[processor_pb2.InvokeResponse, bool]:
-        if self._draining:
+        key = request.idempotency_key
+        has_key = bool(key) and self._cache.knows((request.operation, key))
+        if self._draining and not has_key:
+            # A resend of a call this instance has (or runs) is answered from it: the
+            # work is done here once, whatever the drain.
             raise Unavailable(
                 f"{self._service_name} instance {self._instance_id or '-'} is draining; "
                 "call another instance"
@@ -324,7 +332,6 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             raise NotFound(
                 f"{self._service_name} has no operation {request.operation!r} (known: {known})"
             )
-        key = request.idempotency_key
         if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
             raise InvalidArgument(
                 "",
@@ -335,6 +342,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     )
                 ],
             )
+        if request.lookup_only and not key:
+            raise InvalidArgument(
+                "", [FieldViolation("idempotency_key", "required with lookup_only")]
+            )
         run = functools.partial(self._run, operation, request.payload, cid)
         self._in_flight += 1
         self._idle.clear()
@@ -342,9 +353,18 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             timeout = asyncio.timeout(context.time_remaining())
             try:
                 async with timeout:
-                    if not key:
+                    if request.lookup_only:
+                        found = await self._cache.outcome((operation.name, key))
+                        if found is None:
+                            raise NotFound(
+                                f"no call of {operation.name!r} with idempotency key {key!r} "
+                                f"succeeded or runs on instance {self._instance_id or '-'}"
+                            )
+                        stored, replayed = found[0], True
+                    elif not key:
                         return await run(), False
-                    stored, replayed = await self._cache.run((operation.name, key), run)
+                    else:
+                        stored, replayed = await self._cache.run((operation.name, key), run)
             except TimeoutError:
                 if not timeout.expired():
                     raise

@@ -73,6 +73,7 @@ from flext_mesh.orchestrator.definition import (
 )
 from flext_mesh.orchestrator.history import (
     ENDED_STATES,
+    UNKNOWN_OUTCOME_CODES,
     ExecutionEventType,
     ExecutionState,
     ExecutionView,
@@ -96,7 +97,7 @@ from flext_mesh.store import (
     SubscriptionLagged,
     follow,
 )
-from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2
+from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2, registry_pb2
 
 __all__ = [
     "MAX_INPUT_BYTES",
@@ -165,6 +166,9 @@ class OrchestratorSettings:
     ownership_ttl: float = 8.0
     #: Seconds between scans for active executions nobody owns.
     claim_interval: float = 2.0
+    #: Seconds to wait for the instance that got a step attempt whose answer was lost
+    #: (cancelled in flight, timed out) to say what became of it, before compensating.
+    resolve_timeout: float = 30.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -622,7 +626,7 @@ class Orchestrator:
         run = _Run(self, spec, ExecutionView(execution))
         run.stage(ExecutionEventType.EXECUTION_CREATED, state=ExecutionState.PENDING)
         run.stage(ExecutionEventType.EXECUTION_STARTED, state=ExecutionState.RUNNING)
-        first = run.schedule()
+        first = await run.begin(run.schedule())
         extra: list[Put | Delete] = [
             Put(_DEFINITIONS + execution_id, workflow.SerializeToString()),
             Put(_ACTIVE + execution_id, b""),
@@ -962,6 +966,12 @@ class _Run:
         #: True once this replica holds the execution's owner key: from then on every
         #: write must be fenced by it, and a run whose claim is gone writes nothing.
         self.owned = False
+        #: Instance chosen for each step's next attempt (persisted with STEP_STARTED).
+        #: (Or why none could be picked: the attempt fails with it, unsent.)
+        self._targets: dict[str, registry_pb2.ServiceInstance | AttemptFailed] = {}
+        #: Per step, the instance of the last attempt whose outcome is unknown (sent
+        #: and not answered yet, or timed out): a cancel leaves it to be resolved.
+        self._unanswered: dict[str, str] = {}
 
     # -- persistence ----------------------------------------------------------------
 
@@ -978,6 +988,8 @@ class _Run:
         instance_id: str = "",
         message: str = "",
         backoff: float | None = None,
+        failed_step: str = "",
+        at_least_once: bool = False,
     ) -> orchestrator_pb2.ExecutionEvent:
         """Fold an event into the view now; it is persisted by the next flush."""
         # Into the message as protobuf numbers (each ValueType is int at run time).
@@ -990,6 +1002,8 @@ class _Run:
             step_state=orchestrator_pb2.StepState.ValueType(step_state),
             instance_id=instance_id,
             message=message,
+            failed_step=failed_step,
+            at_least_once=at_least_once,
         )
         event.time.CopyFrom(_now())
         if error is not None:
@@ -1083,20 +1097,17 @@ class _Run:
                 if StepState(step.state) != StepState.RUNNING:
                     continue
                 if stopping:
+                    # Its answer is lost: settled before compensating (maybe applied).
                     self.stage(
                         ExecutionEventType.STEP_CANCELLED,
+                        state=self._settling(step.step_name, step.instance_id),
                         step=step.step_name,
                         step_state=StepState.CANCELLED,
+                        instance_id=step.instance_id,
                         message="in flight when the control plane stopped; not resent",
                     )
                 else:
-                    self.stage(
-                        ExecutionEventType.STEP_STARTED,
-                        step=step.step_name,
-                        step_state=StepState.RUNNING,
-                        attempt=step.attempts + 1,
-                        message="sent again after a restart, same idempotency key",
-                    )
+                    await self._resend(step)
                     inflight.append(step.step_name)
             if view.cancel_requested:
                 self._cancel.set()
@@ -1130,7 +1141,7 @@ class _Run:
         self.stage(
             ExecutionEventType.EXECUTION_ENDED,
             state=final,
-            step=failed_step,
+            failed_step=failed_step,
             error=error,
         )
         await self.flush()
@@ -1171,9 +1182,9 @@ class _Run:
         return deadline is not None and time.time() >= deadline
 
     def schedule(self) -> list[str]:
-        """Stage skips and starts of steps whose dependencies settled; returns started."""
+        """Stage skips of steps that cannot run; returns the steps ready to start."""
         view = self.view
-        started: list[str] = []
+        ready: list[str] = []
         for step in self.spec.steps:
             if view.state_of(step.name) != StepState.PENDING:
                 continue
@@ -1204,14 +1215,58 @@ class _Run:
                     )
                     self._record_step(step, False, err.code)
                     continue
-                self.stage(
-                    ExecutionEventType.STEP_STARTED,
-                    step=step.name,
-                    step_state=StepState.RUNNING,
-                    attempt=1,
-                )
-                started.append(step.name)
-        return started
+                ready.append(step.name)
+        return ready
+
+    async def begin(self, names: list[str]) -> list[str]:
+        """Pick an instance for each ready step and stage its STEP_STARTED with it (so
+        the instance is persisted before the call is sent); returns ``names``."""
+        for name in names:
+            instance = await self._pick(self.spec.step(name).service)
+            self._targets[name] = instance
+            self.stage(
+                ExecutionEventType.STEP_STARTED,
+                step=name,
+                step_state=StepState.RUNNING,
+                attempt=1,
+                instance_id=_instance_id(instance),
+            )
+        return names
+
+    async def _pick(self, service: str) -> registry_pb2.ServiceInstance | AttemptFailed:
+        """The next instance of ``service``, or why there is none (the attempt then
+        fails with it without being sent, and is retried per the policy)."""
+        try:
+            return await self.orchestrator.invoker.pick(service)
+        except AttemptFailed as failure:
+            return failure
+
+    async def _resend(self, step: orchestrator_pb2.StepExecution) -> None:
+        """Stage the STEP_STARTED of a step in flight when the last owner stopped: to the
+        instance that got it while it is there, else elsewhere (at-least-once)."""
+        service = self.spec.step(step.step_name).service
+        invoker = self.orchestrator.invoker
+        before = step.instance_id
+        there = invoker.still_there(service, before)
+        moved = there is None and bool(before)
+        instance = there if there is not None else await self._pick(service)
+        if not moved:
+            message = "sent again after a restart, same idempotency key, same instance"
+        else:
+            message = (
+                f"sent again after a restart, same idempotency key: instance {before} is "
+                "gone, so the step may run twice (at-least-once)"
+            )
+        self._targets[step.step_name] = instance
+        self.stage(
+            ExecutionEventType.STEP_STARTED,
+            step=step.step_name,
+            step_state=StepState.RUNNING,
+            attempt=step.attempts + 1,
+            instance_id=_instance_id(instance),
+            message=message,
+            at_least_once=moved,
+        )
 
     def _context(self) -> dict[str, Any]:
         """What references see: the input, completed steps' outputs, the execution."""
@@ -1256,8 +1311,9 @@ class _Run:
             while True:
                 stop = self._stop_reason()
                 if stop is None:
-                    started = self.schedule()
+                    ready = self.schedule()
                     stop = self._stop_reason()  # a required step's input failed
+                    started = await self.begin(ready) if stop is None else []
                 else:
                     started = []
                 if stop is None and not started and not running:
@@ -1289,12 +1345,19 @@ class _Run:
                 if isinstance(outcome, _Outcome):
                     self._settle(outcome)  # it finished as we cancelled it
                 else:
+                    # An attempt on its way had its answer cut off: the instance may
+                    # do the work anyway; settled before compensating.
+                    unanswered = self._unanswered.pop(name, "")
                     self.stage(
                         ExecutionEventType.STEP_CANCELLED,
+                        state=self._settling(name, unanswered),
                         step=name,
                         step_state=StepState.CANCELLED,
                         error=stop[1],
-                        message="stopped: the execution is stopping",
+                        instance_id=unanswered,
+                        message="stopped in flight: the execution is stopping"
+                        if unanswered
+                        else "stopped: the execution is stopping",
                     )
             running.clear()
             for step in self.spec.steps:
@@ -1350,25 +1413,42 @@ class _Run:
         record = self.view.step(step.name)
         first_attempt = record.attempts or 1
         idempotency_key = record.idempotency_key
+        invoker = self.orchestrator.invoker
+        last: list[AttemptFailed] = []
 
         async def call() -> StepReply:
             payload = self._payload(step)
+            target = self._targets.get(step.name)
+            if target is None:  # pragma: no cover - every attempt is staged with one
+                target = await self._pick(step.service)
+            if isinstance(target, AttemptFailed):
+                raise target
             timeout = step.timeout
             deadline = self._deadline()
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.time()))
-            return await self.orchestrator.invoker.invoke(
-                step.service,
-                step.operation,
-                payload,
-                timeout=timeout,
-                correlation_id=self.view.execution.correlation_id,
-                idempotency_key=idempotency_key,
-            )
+            self._unanswered[step.name] = target.instance_id
+            try:
+                reply = await invoker.invoke(
+                    step.service,
+                    step.operation,
+                    payload,
+                    timeout=timeout,
+                    correlation_id=self.view.execution.correlation_id,
+                    idempotency_key=idempotency_key,
+                    instance=target,
+                )
+            except AttemptFailed as failure:
+                if not _unknown_outcome(failure):
+                    self._unanswered.pop(step.name, None)  # it answered: not done
+                raise
+            self._unanswered.pop(step.name, None)
+            return reply
 
         attempts = [first_attempt]
 
         async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
+            last[:] = [failure]
             self.stage(
                 ExecutionEventType.STEP_RETRYING,
                 step=step.name,
@@ -1382,14 +1462,33 @@ class _Run:
 
         async def before_attempt(number: int) -> None:
             attempts[0] = number
-            if number > first_attempt:
-                self.stage(
-                    ExecutionEventType.STEP_STARTED,
-                    step=step.name,
-                    step_state=StepState.RUNNING,
-                    attempt=number,
-                )
-                await self.flush()
+            if number <= first_attempt:
+                return
+            # A resend whose previous answer was lost goes back to the same instance
+            # (its idempotency cache joins or replays it); after an answer, any instance.
+            failure = last[0] if last else None
+            there: registry_pb2.ServiceInstance | None = None
+            pinned = failure is not None and _unknown_outcome(failure)
+            if failure is not None and pinned:
+                there = invoker.still_there(step.service, failure.instance_id)
+            moved = pinned and there is None
+            target = there if there is not None else await self._pick(step.service)
+            self._targets[step.name] = target
+            self.stage(
+                ExecutionEventType.STEP_STARTED,
+                step=step.name,
+                step_state=StepState.RUNNING,
+                attempt=number,
+                instance_id=_instance_id(target),
+                at_least_once=moved,
+                message=(
+                    "the instance that got the previous attempt is gone: the step may "
+                    "run twice (at-least-once)"
+                    if moved
+                    else ""
+                ),
+            )
+            await self.flush()
 
         try:
             reply = await _with_retries(
@@ -1404,17 +1503,24 @@ class _Run:
             return _Outcome(step.name, failure=failure, attempts=attempts[0])
         except MeshError as error:  # the input could not be built
             return _Outcome(step.name, failure=AttemptFailed(error), attempts=attempts[0])
+        finally:
+            self._targets.pop(step.name, None)
         return _Outcome(step.name, reply=reply, attempts=attempts[0])
 
     # -- compensation ---------------------------------------------------------------------
 
     async def _compensate(self) -> str:
-        """Compensate completed steps, newest first: "none", "compensated" or "failed"."""
+        """Settle unknown outcomes, then compensate completed steps newest first (and
+        those whose outcome cannot be known): "none", "compensated" or "failed"."""
+        anyway = await self._resolve_unknown()
         todo = [
-            name
-            for name in reversed(self.view.completed)
-            if self.spec.step(name).compensation is not None
-            and self.view.state_of(name) in (StepState.SUCCEEDED, StepState.COMPENSATING)
+            *anyway,
+            *(
+                name
+                for name in reversed(self.view.completed)
+                if self.spec.step(name).compensation is not None
+                and self.view.state_of(name) in (StepState.SUCCEEDED, StepState.COMPENSATING)
+            ),
         ]
         already = [
             s.step_name
@@ -1424,13 +1530,118 @@ class _Run:
         if not todo and not already:
             return "none"
         for name in todo:
-            await self._compensate_step(self.spec.step(name))
+            await self._compensate_step(self.spec.step(name), anyway=name in anyway)
         failed = any(
             StepState(s.state) == StepState.COMPENSATION_FAILED for s in self.view.execution.steps
         )
         return "failed" if failed else "compensated"
 
-    async def _compensate_step(self, step: StepSpec) -> None:
+    def _settling(self, name: str, instance_id: str) -> ExecutionState:
+        """COMPENSATING when a step cut off in flight on ``instance_id`` declares a
+        compensation (its outcome is settled, then maybe undone), else no change."""
+        if instance_id and self.spec.step(name).compensation is not None:
+            return ExecutionState.COMPENSATING
+        return ExecutionState.UNSPECIFIED
+
+    def _unknown_outcomes(self) -> list[orchestrator_pb2.StepExecution]:
+        """Steps with a compensation whose last attempt may have been applied unseen."""
+        return [
+            s
+            for s in self.view.execution.steps
+            if s.outcome_unknown
+            and self.spec.step(s.step_name).compensation is not None
+            and StepState(s.state)
+            in (StepState.CANCELLED, StepState.FAILED, StepState.COMPENSATING)
+        ]
+
+    async def _resolve_unknown(self) -> list[str]:
+        """Ask the instance that got each unknown attempt what became of it (same key,
+        ``lookup_only``, at most ``resolve_timeout`` s, all at once): one that succeeded
+        becomes SUCCEEDED (then compensated like any), one with no record was not
+        applied. Returns the steps whose outcome cannot be known: compensated anyway."""
+        steps = self._unknown_outcomes()
+        if not steps:
+            return []
+        answers = await asyncio.gather(*(self._ask(s) for s in steps))
+        anyway: list[str] = []
+        for step, (reply, reason, applied) in zip(steps, answers, strict=True):
+            name = step.step_name
+            if StepState(step.state) == StepState.COMPENSATING:
+                anyway.append(name)  # resumed mid-compensation: it was decided already
+                continue
+            if reply is not None:
+                self.stage(
+                    ExecutionEventType.STEP_OUTCOME_RESOLVED,
+                    state=ExecutionState.COMPENSATING,
+                    step=name,
+                    step_state=StepState.SUCCEEDED,
+                    output=reply.output,
+                    instance_id=reply.instance_id,
+                    message=f"instance {reply.instance_id} answered that it succeeded: "
+                    "it is compensated",
+                )
+                self._outputs[name] = reply.output
+                continue
+            # Not applied: the step keeps its state. Cannot be known: COMPENSATING, and
+            # its compensation runs anyway (compensations tolerate nothing to undo).
+            self.stage(
+                ExecutionEventType.STEP_OUTCOME_RESOLVED,
+                state=ExecutionState.COMPENSATING,
+                step=name,
+                step_state=StepState(step.state) if applied is False else StepState.COMPENSATING,
+                instance_id=step.instance_id,
+                message=reason,
+            )
+            if applied is None:
+                anyway.append(name)
+        await self.flush()
+        return anyway
+
+    async def _ask(
+        self, step: orchestrator_pb2.StepExecution
+    ) -> tuple[StepReply | None, str, bool | None]:
+        """(reply, why, applied) of a step's unknown attempt: applied is True with the
+        reply, False when the instance has no record of it, None when unknowable."""
+        spec = self.spec.step(step.step_name)
+        invoker = self.orchestrator.invoker
+        timeout = self.orchestrator.settings.resolve_timeout
+        instance = invoker.still_there(spec.service, step.instance_id)
+        if instance is None:
+            return (
+                None,
+                f"instance {step.instance_id} is gone: whether the step was applied cannot "
+                "be known; its compensation runs anyway",
+                None,
+            )
+        try:
+            reply = await invoker.invoke(
+                spec.service,
+                spec.operation,
+                {},
+                timeout=timeout,
+                correlation_id=self.view.execution.correlation_id,
+                idempotency_key=step.idempotency_key,
+                instance=instance,
+                lookup_only=True,
+            )
+        except AttemptFailed as failure:
+            if failure.error.code == grpc.StatusCode.NOT_FOUND:
+                return (
+                    None,
+                    f"instance {step.instance_id} has no record of it: not applied, "
+                    "nothing to compensate",
+                    False,
+                )
+            return (
+                None,
+                f"instance {step.instance_id} did not say within {timeout:g} s "
+                f"({failure.error.message}): whether the step was applied cannot be known; "
+                "its compensation runs anyway",
+                None,
+            )
+        return reply, "", True
+
+    async def _compensate_step(self, step: StepSpec, *, anyway: bool = False) -> None:
         compensation = step.compensation
         assert compensation is not None
         record = self.view.step(step.name)
@@ -1446,7 +1657,8 @@ class _Run:
                 step_state=StepState.COMPENSATING,
                 attempt=number,
                 error=errors[-1].error if errors else None,
-                message=f"{compensation.service}.{compensation.operation}",
+                message=f"{compensation.service}.{compensation.operation}"
+                + (" (the step's outcome is unknown: compensating anyway)" if anyway else ""),
             )
             await self.flush()
 
@@ -1454,7 +1666,7 @@ class _Run:
             errors.append(failure)
 
         async def call() -> StepReply:
-            payload = self._compensation_payload(step, compensation)
+            payload = self._compensation_payload(step, compensation, anyway=anyway)
             return await self.orchestrator.invoker.invoke(
                 compensation.service,
                 compensation.operation,
@@ -1505,9 +1717,11 @@ class _Run:
         await self.flush()
 
     def _compensation_payload(
-        self, step: StepSpec, compensation: CompensationSpec
+        self, step: StepSpec, compensation: CompensationSpec, *, anyway: bool = False
     ) -> dict[str, Any]:
         if compensation.input is None:
+            if anyway:  # no output to give: what the step was asked to do
+                return self._payload(step)
             return struct_to_dict(self.view.step(step.name).output)
         return _as_payload(compensation.input, self._context(), f"steps.{step.name}.compensation")
 
@@ -1556,6 +1770,16 @@ class _Run:
 
 
 # -- retries ---------------------------------------------------------------------------------
+
+
+def _instance_id(target: registry_pb2.ServiceInstance | AttemptFailed) -> str:
+    return "" if isinstance(target, AttemptFailed) else target.instance_id
+
+
+def _unknown_outcome(failure: AttemptFailed) -> bool:
+    """True when the attempt reached an instance and its answer was lost (it may have
+    been applied there)."""
+    return bool(failure.instance_id) and failure.error.code.value[0] in UNKNOWN_OUTCOME_CODES
 
 
 async def _with_retries(

@@ -19,6 +19,7 @@ from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
 __all__ = [
     "ENDED_STATES",
+    "UNKNOWN_OUTCOME_CODES",
     "ExecutionEventType",
     "ExecutionState",
     "ExecutionView",
@@ -51,6 +52,7 @@ class ExecutionEventType(enum.IntEnum):
     CANCEL_REQUESTED = 12
     EXECUTION_RESUMED = 13
     EXECUTION_ENDED = 14
+    STEP_OUTCOME_RESOLVED = 15
 
 
 class StepState(enum.IntEnum):
@@ -90,6 +92,17 @@ ENDED_STATES: frozenset[ExecutionState] = frozenset(
         ExecutionState.COMPENSATED,
         ExecutionState.COMPENSATION_FAILED,
         ExecutionState.CANCELLED,
+    }
+)
+
+
+#: Status codes (numbers) of an attempt whose answer was lost rather than given: the
+#: instance may have done the work (a callee that answers any other code did not, or
+#: failed). A step that ends on one of these has ``outcome_unknown`` set.
+UNKNOWN_OUTCOME_CODES: frozenset[int] = frozenset(
+    {
+        1,  # CANCELLED: the caller cut it off (CancelExecution, a stopping execution)
+        4,  # DEADLINE_EXCEEDED: the step's timeout passed first
     }
 )
 
@@ -193,7 +206,8 @@ class ExecutionView:
             execution.duration.CopyFrom(duration_between(execution.start_time, event.time))
             if event.HasField("error"):
                 execution.error.CopyFrom(event.error)
-            execution.failed_step = event.step_name
+            # Histories written before failed_step existed named it in step_name.
+            execution.failed_step = event.failed_step or event.step_name
         elif event.step_name:
             self._apply_step(event)
 
@@ -206,6 +220,10 @@ class ExecutionView:
             step.attempts = event.attempt
             if not step.HasField("start_time"):
                 step.start_time.CopyFrom(event.time)
+            if event.instance_id:
+                step.instance_id = event.instance_id
+            if event.at_least_once:
+                step.at_least_once = True
         elif kind == ExecutionEventType.STEP_RETRYING:
             step.attempts = event.attempt
             step.error.CopyFrom(event.error)
@@ -220,6 +238,9 @@ class ExecutionView:
         elif kind == ExecutionEventType.STEP_FAILED:
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
+            step.outcome_unknown = (
+                bool(event.instance_id) and event.error.code in UNKNOWN_OUTCOME_CODES
+            )
             self._end_step(step, event)
         elif kind in (
             ExecutionEventType.STEP_SKIPPED,
@@ -227,7 +248,21 @@ class ExecutionView:
         ):
             if event.HasField("error"):
                 step.error.CopyFrom(event.error)
+            if kind == ExecutionEventType.STEP_CANCELLED and event.instance_id:
+                # Cut off in flight: the instance named may have done the work.
+                step.instance_id = event.instance_id
+                step.outcome_unknown = True
             self._end_step(step, event)
+        elif kind == ExecutionEventType.STEP_OUTCOME_RESOLVED:
+            if StepState(event.step_state) == StepState.SUCCEEDED:
+                step.ClearField("error")
+                step.output.CopyFrom(event.output)
+                step.instance_id = event.instance_id
+                self.completed.append(step.step_name)
+                self.execution.output.get_or_create_struct(step.step_name).CopyFrom(event.output)
+            # COMPENSATING: it cannot be known (its compensation runs anyway); any
+            # other state: it was not applied.
+            step.outcome_unknown = StepState(event.step_state) == StepState.COMPENSATING
         elif kind == ExecutionEventType.COMPENSATION_STARTED:
             step.compensation_attempts = event.attempt
             if event.HasField("error"):

@@ -2,10 +2,13 @@
 
 Discovery goes through the control plane's own registry (the same answer a client's
 Discover gets: healthy instances, weighted round robin over effective weights, panic
-mode). One call is one attempt on one instance; the engine retries per the step's
-policy and picks again, so a retry lands on the next instance in rotation. Every attempt
-is reported to the metrics service as a client-side call record, so the orchestrator's
-calls feed outlier ejection like any sidecar's.
+mode). One call is one attempt on one instance. The engine picks the instance *before*
+the attempt (`pick`) so that it is persisted with the attempt's STEP_STARTED event, and
+it sends a resend whose earlier outcome is unknown back to that instance while it is
+`still_there` (the callee's idempotency cache joins or replays it: the work is done
+once). `lookup` asks an instance what became of an attempt without running anything.
+Every attempt is reported to the metrics service as a client-side call record, so the
+orchestrator's calls feed outlier ejection like any sidecar's.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class AttemptFailed(Exception):
 class StepInvoker(Protocol):
     """Makes one attempt of a step call."""
 
+    async def pick(self, service: str) -> registry_pb2.ServiceInstance:
+        """The instance the next attempt goes to; AttemptFailed when none is healthy."""
+
+    def still_there(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
+        """The instance while it is registered and not failing its health checks."""
+
     async def invoke(
         self,
         service: str,
@@ -64,8 +73,10 @@ class StepInvoker(Protocol):
         timeout: float,  # noqa: ASYNC109 - a gRPC deadline, passed on as is
         correlation_id: str,
         idempotency_key: str,
+        instance: registry_pb2.ServiceInstance | None = None,
+        lookup_only: bool = False,
     ) -> StepReply:
-        """Call once; raise AttemptFailed."""
+        """Call once (on ``instance``, else the next one picked); raise AttemptFailed."""
 
     async def aclose(self) -> None:
         """Close connections."""
@@ -83,6 +94,9 @@ class Discovery(Protocol):
 
     async def discover(self, request: registry_pb2.DiscoverRequest) -> Discovered:
         """The answer to one Discover request."""
+
+    def get(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
+        """The registered instance, or None."""
 
 
 class MeshInvoker:
@@ -103,7 +117,17 @@ class MeshInvoker:
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def _pick(self, service: str) -> registry_pb2.ServiceInstance:
+    def still_there(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
+        """The instance while it is registered and not NOT_SERVING (a draining one
+        still answers the keys it has)."""
+        if not instance_id:
+            return None
+        instance = self._discovery.get(service, instance_id)
+        if instance is None or instance.health == registry_pb2.HEALTH_STATUS_NOT_SERVING:
+            return None
+        return instance
+
+    async def pick(self, service: str) -> registry_pb2.ServiceInstance:
         try:
             answer = await self._discovery.discover(
                 registry_pb2.DiscoverRequest(service_name=service)
@@ -139,13 +163,19 @@ class MeshInvoker:
         timeout: float,  # noqa: ASYNC109 - a gRPC deadline, passed on as is
         correlation_id: str,
         idempotency_key: str,
+        instance: registry_pb2.ServiceInstance | None = None,
+        lookup_only: bool = False,
     ) -> StepReply:
-        """One attempt on the next instance of ``service``; AttemptFailed on any failure."""
-        instance = await self._pick(service)
+        """One attempt on ``instance`` (else the next instance of ``service``);
+        AttemptFailed on any failure. ``lookup_only`` asks what became of an earlier
+        attempt with the key (NOT_FOUND: no record) and never runs the operation."""
+        if instance is None:
+            instance = await self.pick(service)
         request = processor_pb2.InvokeRequest(
             operation=operation,
             correlation_id=correlation_id,
             idempotency_key=idempotency_key,
+            lookup_only=lookup_only,
         )
         request.payload.CopyFrom(dict_to_struct(dict(payload)))
         try:
@@ -172,14 +202,15 @@ class MeshInvoker:
             code = grpc.StatusCode.CANCELLED.value[0]
             raise
         finally:
-            self._record(
-                instance=instance,
-                operation=operation,
-                correlation_id=correlation_id,
-                started=started,
-                started_ns=started_ns,
-                code=code,
-            )
+            if not lookup_only:  # a question about a call, not a call
+                self._record(
+                    instance=instance,
+                    operation=operation,
+                    correlation_id=correlation_id,
+                    started=started,
+                    started_ns=started_ns,
+                    code=code,
+                )
         return StepReply(struct_to_dict(reply.result), instance.instance_id, reply.replayed)
 
     def _record(

@@ -161,7 +161,18 @@ class _ExecutionEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ex
     EXECUTION_EVENT_TYPE_EXECUTION_RESUMED: _ExecutionEventType.ValueType  # 13
     """Execution resumed by a control plane after a restart or takeover."""
     EXECUTION_EVENT_TYPE_EXECUTION_ENDED: _ExecutionEventType.ValueType  # 14
-    """Execution ended (see execution_state)."""
+    """Execution ended (see execution_state; failed_step names the step whose
+    failure ended it).
+    """
+    EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED: _ExecutionEventType.ValueType  # 15
+    """The outcome of a step attempt whose answer was lost (cancelled in flight,
+    timed out, in flight when its control plane stopped) was settled before
+    compensating: step_state is SUCCEEDED when the instance that got it
+    answered that it succeeded (output holds its output; it is compensated
+    like any completed step), otherwise the step keeps its state and message
+    says whether it was not applied or cannot be known (then its compensation,
+    if declared, runs anyway).
+    """
 
 class ExecutionEventType(_ExecutionEventType, metaclass=_ExecutionEventTypeEnumTypeWrapper):
     """Kind of an execution event."""
@@ -195,7 +206,18 @@ EXECUTION_EVENT_TYPE_CANCEL_REQUESTED: ExecutionEventType.ValueType  # 12
 EXECUTION_EVENT_TYPE_EXECUTION_RESUMED: ExecutionEventType.ValueType  # 13
 """Execution resumed by a control plane after a restart or takeover."""
 EXECUTION_EVENT_TYPE_EXECUTION_ENDED: ExecutionEventType.ValueType  # 14
-"""Execution ended (see execution_state)."""
+"""Execution ended (see execution_state; failed_step names the step whose
+failure ended it).
+"""
+EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED: ExecutionEventType.ValueType  # 15
+"""The outcome of a step attempt whose answer was lost (cancelled in flight,
+timed out, in flight when its control plane stopped) was settled before
+compensating: step_state is SUCCEEDED when the instance that got it
+answered that it succeeded (output holds its output; it is compensated
+like any completed step), otherwise the step keeps its state and message
+says whether it was not applied or cannot be known (then its compensation,
+if declared, runs anyway).
+"""
 Global___ExecutionEventType: _TypeAlias = ExecutionEventType  # noqa: Y015
 
 @_typing.final
@@ -591,6 +613,8 @@ class StepExecution(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     COMPENSATION_ATTEMPTS_FIELD_NUMBER: _builtins.int
     COMPENSATION_ERROR_FIELD_NUMBER: _builtins.int
+    OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
+    AT_LEAST_ONCE_FIELD_NUMBER: _builtins.int
     step_name: _builtins.str
     """Step name."""
     state: Global___StepState.ValueType
@@ -598,11 +622,21 @@ class StepExecution(_message.Message):
     attempts: _builtins.int
     """Attempts made, the first one included."""
     instance_id: _builtins.str
-    """Instance that served the last attempt."""
+    """Instance the last attempt went to (or that served it)."""
     idempotency_key: _builtins.str
     """Idempotency key sent with every attempt: the same for retries and resumes."""
     compensation_attempts: _builtins.int
     """Attempts of the compensation."""
+    outcome_unknown: _builtins.bool
+    """True while an attempt was sent and its answer lost (cancelled in flight,
+    timed out, in flight when its control plane stopped): the instance may have
+    done the work. Settled before compensating (STEP_OUTCOME_RESOLVED) for steps
+    that declare a compensation; stays true for steps that do not.
+    """
+    at_least_once: _builtins.bool
+    """True when an attempt went to another instance than an earlier one with the
+    same idempotency key whose outcome was unknown: the step may have run twice.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the first attempt started."""
@@ -642,10 +676,12 @@ class StepExecution(_message.Message):
         idempotency_key: _builtins.str = ...,
         compensation_attempts: _builtins.int = ...,
         compensation_error: _common_pb2.ErrorInfo | None = ...,
+        outcome_unknown: _builtins.bool = ...,
+        at_least_once: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_error", b"compensation_error", "duration", b"duration", "end_time", b"end_time", "error", b"error", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensation_attempts", b"compensation_attempts", "compensation_error", b"compensation_error", "duration", b"duration", "end_time", b"end_time", "error", b"error", "idempotency_key", b"idempotency_key", "instance_id", b"instance_id", "output", b"output", "start_time", b"start_time", "state", b"state", "step_name", b"step_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_least_once", b"at_least_once", "attempts", b"attempts", "compensation_attempts", b"compensation_attempts", "compensation_error", b"compensation_error", "duration", b"duration", "end_time", b"end_time", "error", b"error", "idempotency_key", b"idempotency_key", "instance_id", b"instance_id", "outcome_unknown", b"outcome_unknown", "output", b"output", "start_time", b"start_time", "state", b"state", "step_name", b"step_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -771,12 +807,16 @@ class ExecutionEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     BACKOFF_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    FAILED_STEP_FIELD_NUMBER: _builtins.int
+    AT_LEAST_ONCE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the execution's history, from 1, without gaps."""
     type: Global___ExecutionEventType.ValueType
     """Kind."""
     step_name: _builtins.str
-    """Step concerned; empty for execution-level events."""
+    """Step concerned; empty for execution-level events (EXECUTION_ENDED
+    included: the step that made it fail is in failed_step).
+    """
     attempt: _builtins.int
     """Attempt number concerned, from 1."""
     execution_state: Global___ExecutionState.ValueType
@@ -786,7 +826,19 @@ class ExecutionEvent(_message.Message):
     message: _builtins.str
     """Human-readable detail."""
     instance_id: _builtins.str
-    """Instance that served the attempt, for step and compensation outcomes."""
+    """Instance concerned: for STEP_STARTED the instance the attempt is sent to
+    (persisted before it is sent: a resend goes there too); for outcomes the
+    instance that served the attempt.
+    """
+    failed_step: _builtins.str
+    """For EXECUTION_ENDED: the required step whose failure ended the execution;
+    empty when it succeeded, was cancelled or timed out.
+    """
+    at_least_once: _builtins.bool
+    """For STEP_STARTED: true when the attempt goes to another instance than an
+    earlier attempt with the same idempotency key whose outcome is unknown
+    (that instance is gone): the step may then run twice (at-least-once).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -818,10 +870,12 @@ class ExecutionEvent(_message.Message):
         message: _builtins.str = ...,
         backoff: _duration_pb2.Duration | None = ...,
         instance_id: _builtins.str = ...,
+        failed_step: _builtins.str = ...,
+        at_least_once: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "output", b"output", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff", b"backoff", "error", b"error", "execution_state", b"execution_state", "index", b"index", "instance_id", b"instance_id", "message", b"message", "output", b"output", "step_name", b"step_name", "step_state", b"step_state", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_least_once", b"at_least_once", "attempt", b"attempt", "backoff", b"backoff", "error", b"error", "execution_state", b"execution_state", "failed_step", b"failed_step", "index", b"index", "instance_id", b"instance_id", "message", b"message", "output", b"output", "step_name", b"step_name", "step_state", b"step_state", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lext_mesh/v1/processor.proto\x12\rflext_mesh.v1\x1a\x1cgoogle/protobuf/struct.proto\"}\n\rInvokeRequest\x12\x11\n\toperation\x18\x01 \x01(\t\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x8d\x01\n\x0eInvokeResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x17\n\x15ListOperationsRequest\"\x86\x01\n\x16ListOperationsResponse\x12\x30\n\noperations\x18\x01 \x03(\x0b\x32\x1c.flext_mesh.v1.OperationInfo\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"c\n\rOperationInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x0erequest_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb8\x01\n\x10ProcessorService\x12\x45\n\x06Invoke\x12\x1c.flext_mesh.v1.InvokeRequest\x1a\x1d.flext_mesh.v1.InvokeResponse\x12]\n\x0eListOperations\x12$.flext_mesh.v1.ListOperationsRequest\x1a%.flext_mesh.v1.ListOperationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lext_mesh/v1/processor.proto\x12\rflext_mesh.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x92\x01\n\rInvokeRequest\x12\x11\n\toperation\x18\x01 \x01(\t\x12(\n\x07payload\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x13\n\x0blookup_only\x18\x05 \x01(\x08\"\x8d\x01\n\x0eInvokeResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x17\n\x15ListOperationsRequest\"\x86\x01\n\x16ListOperationsResponse\x12\x30\n\noperations\x18\x01 \x03(\x0b\x32\x1c.flext_mesh.v1.OperationInfo\x12\x14\n\x0cservice_name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"c\n\rOperationInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x0erequest_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb8\x01\n\x10ProcessorService\x12\x45\n\x06Invoke\x12\x1c.flext_mesh.v1.InvokeRequest\x1a\x1d.flext_mesh.v1.InvokeResponse\x12]\n\x0eListOperations\x12$.flext_mesh.v1.ListOperationsRequest\x1a%.flext_mesh.v1.ListOperationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flext_mesh.v1.processor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INVOKEREQUEST']._serialized_start=78
-  _globals['_INVOKEREQUEST']._serialized_end=203
-  _globals['_INVOKERESPONSE']._serialized_start=206
-  _globals['_INVOKERESPONSE']._serialized_end=347
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=349
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=372
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=375
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=509
-  _globals['_OPERATIONINFO']._serialized_start=511
-  _globals['_OPERATIONINFO']._serialized_end=610
-  _globals['_PROCESSORSERVICE']._serialized_start=613
-  _globals['_PROCESSORSERVICE']._serialized_end=797
+  _globals['_INVOKEREQUEST']._serialized_start=79
+  _globals['_INVOKEREQUEST']._serialized_end=225
+  _globals['_INVOKERESPONSE']._serialized_start=228
+  _globals['_INVOKERESPONSE']._serialized_end=369
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=371
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=394
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=397
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=531
+  _globals['_OPERATIONINFO']._serialized_start=533
+  _globals['_OPERATIONINFO']._serialized_end=632
+  _globals['_PROCESSORSERVICE']._serialized_start=635
+  _globals['_PROCESSORSERVICE']._serialized_end=819
 # @@protoc_insertion_point(module_scope)

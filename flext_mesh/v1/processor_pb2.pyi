@@ -32,6 +32,7 @@ class InvokeRequest(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    LOOKUP_ONLY_FIELD_NUMBER: _builtins.int
     operation: _builtins.str
     """Operation name, as listed by ListOperations. Required."""
     correlation_id: _builtins.str
@@ -41,7 +42,15 @@ class InvokeRequest(_message.Message):
     idempotency_key: _builtins.str
     """When set, a second Invoke with the same key within the callee's
     idempotency window (default 10 min) returns the first result without
-    running the operation again. At most 256 characters.
+    running the operation again; a call with the key of one still running
+    waits for it and answers its result. At most 256 characters.
+    """
+    lookup_only: _builtins.bool
+    """Only report what became of an earlier call with idempotency_key: its
+    result when it succeeded (replayed = true), after waiting for it while it
+    runs; NOT_FOUND when this instance has no record of it within its window
+    (never received, failed, or forgotten). The operation never runs.
+    Answered while draining too.
     """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
@@ -56,10 +65,11 @@ class InvokeRequest(_message.Message):
         payload: _struct_pb2.Struct | None = ...,
         correlation_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        lookup_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "idempotency_key", b"idempotency_key", "operation", b"operation", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "idempotency_key", b"idempotency_key", "lookup_only", b"lookup_only", "operation", b"operation", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

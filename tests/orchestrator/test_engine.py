@@ -348,11 +348,15 @@ async def test_an_optional_step_failing_skips_its_dependents_only(flow: Flow) ->
 
 
 async def test_cancel_stops_running_steps_and_compensates_completed_ones(flow: Flow) -> None:
+    """charge and notify are running when the cancel comes: both instances finish their
+    work anyway (their caller went away), so charge, which declares a refund, is asked
+    what became of it, turns out to have succeeded, and is refunded; notify declares
+    no compensation and stays CANCELLED with its outcome unknown."""
     await flow.serve("inventory", "reserve", "release")
     await flow.serve("payment", "charge", "refund")
     await flow.serve("notification", "notify")
     await flow.serve("shipping", "ship")
-    behaviour = {"charge": {"sleep": 5}, "notify": {"sleep": 5}}
+    behaviour = {"charge": {"sleep": 1.5}, "notify": {"sleep": 1.5}}
     execution = await flow.start(SAGA, {"key": "cancel-1", "behaviour": behaviour})
 
     async def charging() -> bool:
@@ -369,13 +373,36 @@ async def test_cancel_stops_running_steps_and_compensates_completed_ones(flow: F
     assert state(done) == "CANCELLED"
     assert states(done) == {
         "reserve": "COMPENSATED",
-        "charge": "CANCELLED",
+        "charge": "COMPENSATED",
         "notify": "CANCELLED",
         "ship": "SKIPPED",
     }
+    steps = {s.step_name: s for s in done.steps}
+    assert not steps["charge"].outcome_unknown
+    assert steps["notify"].outcome_unknown
     assert done.error.code_name == "CANCELLED"
     assert "customer changed their mind" in done.error.message
-    assert [e["operation"] for e in flow.ledger.of("cancel-1")] == ["reserve", "release"]
+    assert not done.failed_step
+    # charge finished after the cancel; it is undone first (it completed last). notify
+    # finished too: it has nothing to undo it with.
+    done_work = [e["operation"] for e in flow.ledger.of("cancel-1")]
+    assert done_work.count("notify") == 1
+    assert [op for op in done_work if op != "notify"] == [
+        "reserve",
+        "charge",
+        "refund",
+        "release",
+    ]
+    events = (await flow.get(execution.execution_id, events=True)).events
+    resolved = [
+        e for e in events if e.type == orchestrator_pb2.EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED
+    ]
+    assert [(e.step_name, e.step_state) for e in resolved] == [
+        ("charge", orchestrator_pb2.STEP_STATE_SUCCEEDED)
+    ]
+    ended = events[-1]
+    assert ended.type == orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_ENDED
+    assert ended.step_name == ""
 
     again = await rpc_error(
         flow.stub.CancelExecution(
