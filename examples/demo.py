@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from flext_mesh.orchestrator.definition import load_workflow_file, workflow_from_dict
+from flext_mesh.orchestrator.formats import load_workflow_file, workflow_from_dict
 from flext_mesh.rpc.payloads import dict_to_struct
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
 from sidecar.client import MeshClient

@@ -1,7 +1,7 @@
 """Human durations in files and flags: ``"250ms"``, ``"1.5s"``, ``"2m"``, ``"1m30s"``, ``"1h"``.
 
 One parser for every place users write durations (workflow files, policy files), so
-they accept the same spellings everywhere.
+they accept the same spellings everywhere, and the formatter that writes them back.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["MAX_DURATION_NANOS", "parse_duration"]
+__all__ = ["MAX_DURATION_NANOS", "format_duration", "parse_duration"]
 
 #: The largest google.protobuf.Duration, in nanoseconds.
 MAX_DURATION_NANOS = 315_576_000_000 * 10**9
@@ -50,3 +50,27 @@ def parse_duration(text: str, *, bare_seconds: bool = False) -> int | None:
         total += Decimal(match.group(1)) * _UNIT_NANOS[match.group(2)]
         pos = match.end()
     return sign * round(total) if pos else None
+
+
+def format_duration(nanos: int) -> str:
+    """Nanoseconds as a file would write them: ``500ms``, ``2s``, ``1.5s``, ``1m30s``, ``1h``.
+
+    :func:`parse_duration` reads the text back to the same value.
+    """
+    if nanos == 0:
+        return "0s"
+    sign = "-" if nanos < 0 else ""
+    nanos = abs(nanos)
+    if nanos < 10**9:
+        return sign + _trim(Decimal(nanos) / 10**6) + "ms"
+    hours, rest = divmod(nanos, 3600 * 10**9)
+    minutes, rest = divmod(rest, 60 * 10**9)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    if rest:
+        text += _trim(Decimal(rest) / 10**9) + "s"
+    return sign + text
+
+
+def _trim(number: Decimal) -> str:
+    text = f"{number:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

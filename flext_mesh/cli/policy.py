@@ -13,14 +13,9 @@ plane refuses are reported with every field problem, one per line, and exit 1.
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
-import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from decimal import Decimal
-from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -43,8 +38,22 @@ from flext_mesh.cli.output import (
     render_json,
     render_messages,
 )
-from flext_mesh.durations import MAX_DURATION_NANOS
-from flext_mesh.durations import parse_duration as _parse
+from flext_mesh.documents import (
+    FileProblem,
+    as_bool,
+    as_duration_nanos,
+    as_list,
+    as_number,
+    as_string,
+    as_whole_number,
+    closest,
+    given_keys,
+    join,
+    kind,
+    parse_documents,
+    read_text,
+)
+from flext_mesh.durations import format_duration
 from flext_mesh.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
@@ -52,10 +61,8 @@ __all__ = [
     "add_commands",
     "delete",
     "describe_policy",
-    "format_duration",
     "format_split",
     "load_policy_file",
-    "parse_duration",
     "parse_split",
     "policy_from_data",
     "set_policy",
@@ -66,8 +73,6 @@ __all__ = [
 # Fields of ServicePolicy that the control plane sets: accepted in a file (so that the
 # output of `policy show -o json` can be set again) and dropped.
 _OUTPUT_ONLY = frozenset({"version", "update_time", "revision"})
-_MAX_DURATION_NANOS = MAX_DURATION_NANOS
-_DURATION_HINT = "e.g. '500ms', '2s', '1m', '1m30s', or a number of seconds"
 _INT_RANGES = {
     FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
@@ -298,29 +303,12 @@ def load_policy_file(path: str, service: str) -> registry_pb2.ServicePolicy:
     of). InvalidArgument when the file cannot be read or parsed, or (see
     :func:`policy_from_data`) converted.
     """
+    language = "JSON" if path.lower().endswith(".json") else "YAML"
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise _file_error(f"is not UTF-8 text: {exc.reason}") from exc
-    except OSError as exc:
-        raise _file_error(f"cannot be read: {exc.strerror or exc}") from exc
-    import yaml  # noqa: PLC0415 - only `policy set` needs it
-
-    try:
-        data = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise _file_error(f"is not JSON: {exc.msg} at line {exc.lineno}") from exc
-    except yaml.YAMLError as exc:
-        raise _file_error(f"is not YAML: {_yaml_problem(exc)}") from exc
+        [data] = parse_documents(read_text(sys.stdin if path == "-" else path), language)
+    except FileProblem as exc:
+        raise _file_error(str(exc)) from exc
     return policy_from_data(data, service)
-
-
-def _yaml_problem(exc: Exception) -> str:
-    problem = getattr(exc, "problem", None)
-    mark = getattr(exc, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return one_line(str(exc))
 
 
 def _file_error(description: str) -> InvalidArgument:
@@ -345,11 +333,7 @@ def policy_from_data(data: Any, service: str) -> registry_pb2.ServicePolicy:
         data = {}
     if not isinstance(data, Mapping):
         raise InvalidArgument.from_violations(
-            [
-                FieldViolation(
-                    "", f"the file must hold a mapping of policy fields, not {_kind(data)}"
-                )
-            ]
+            [FieldViolation("", f"the file must hold a mapping of policy fields, not {kind(data)}")]
         )
     normalized = _message(data, registry_pb2.ServicePolicy.DESCRIPTOR, "", out)
     named = normalized.get("service_name", service)
@@ -375,37 +359,23 @@ def _message(
     data: Mapping[Any, Any], descriptor: Descriptor, path: str, out: list[FieldViolation]
 ) -> dict[str, Any]:
     """``data`` as proto JSON for ``descriptor``, keyed by proto field names."""
-    fields: dict[str, FieldDescriptor] = {}
-    for field in descriptor.fields:
-        fields[field.name] = field
-        fields[field.json_name] = field
     top = descriptor is registry_pb2.ServicePolicy.DESCRIPTOR
+    known: dict[str, str] = {}
+    for field in descriptor.fields:
+        known[field.name] = field.name
+        known[field.json_name] = field.name
+    names = [f.name for f in descriptor.fields if not (top and f.name in _OUTPUT_ONLY)]
+
+    def unknown(key: str) -> str:
+        return f"is not a field of {descriptor.name}{_hint(key, names)}"
+
     result: dict[str, Any] = {}
-    keys_used: dict[str, str] = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            out.append(FieldViolation(path, f"has a key that is not a string: {key!r}"))
+    for name, given in given_keys(data, path, known, out, unknown=unknown):
+        if top and name in _OUTPUT_ONLY:
             continue
-        where = _join(path, key)
-        found = fields.get(key)
-        if found is None:
-            names = [f.name for f in descriptor.fields if not (top and f.name in _OUTPUT_ONLY)]
-            out.append(
-                FieldViolation(where, f"is not a field of {descriptor.name}{_hint(key, names)}")
-            )
-            continue
-        field = found
-        if field.name in keys_used:
-            out.append(
-                FieldViolation(where, f"repeats {keys_used[field.name]!r}; give only one of them")
-            )
-            continue
-        keys_used[field.name] = key
-        if value is None or (top and field.name in _OUTPUT_ONLY):
-            continue
-        converted = _field(field, value, where, out)
+        converted = _field(descriptor.fields_by_name[name], given.value, given.path, out)
         if converted is not None:
-            result[field.name] = converted
+            result[name] = converted
     return result
 
 
@@ -414,7 +384,7 @@ def _field(field: FieldDescriptor, value: Any, path: str, out: list[FieldViolati
     entry = field.message_type
     if entry is not None and entry.GetOptions().map_entry:
         if not isinstance(value, Mapping):
-            out.append(FieldViolation(path, f"must be a mapping, got {_kind(value)}"))
+            out.append(FieldViolation(path, f"must be a mapping, got {kind(value)}"))
             return None
         value_field = entry.fields_by_name["value"]
         result: dict[str, Any] = {}
@@ -422,7 +392,7 @@ def _field(field: FieldDescriptor, value: Any, path: str, out: list[FieldViolati
             if not isinstance(key, str):
                 out.append(FieldViolation(path, f"has a key that is not a string: {key!r}"))
                 continue
-            converted = _single(value_field, item, _join(path, key), out)
+            converted = _single(value_field, item, join(path, key), out)
             if converted is not None:
                 result[key] = converted
         return result
@@ -431,10 +401,10 @@ def _field(field: FieldDescriptor, value: Any, path: str, out: list[FieldViolati
             value, Mapping
         ):
             return _split_mapping(value, path, out)
-        if not isinstance(value, list):
-            out.append(FieldViolation(path, f"must be a list, got {_kind(value)}"))
+        listed = as_list(value, path, out)
+        if listed is None:
             return None
-        items = [_single(field, item, f"{path}[{i}]", out) for i, item in enumerate(value)]
+        items = [_single(field, item, f"{path}[{i}]", out) for i, item in enumerate(listed)]
         return [item for item in items if item is not None]
     return _single(field, value, path, out)
 
@@ -452,7 +422,7 @@ def _split_mapping(value: Mapping[Any, Any], path: str, out: list[FieldViolation
                 )
             )
             continue
-        converted = _single(weight_field, weight, _join(path, version), out)
+        converted = _single(weight_field, weight, join(path, version), out)
         if converted is not None:
             result.append({"version": version, "weight": converted})
     return result
@@ -465,54 +435,25 @@ def _single(field: FieldDescriptor, value: Any, path: str, out: list[FieldViolat
         if message_type is duration_pb2.Duration.DESCRIPTOR:
             return _duration_json(value, path, out)
         if not isinstance(value, Mapping):
-            out.append(FieldViolation(path, f"must be a mapping, got {_kind(value)}"))
+            out.append(FieldViolation(path, f"must be a mapping, got {kind(value)}"))
             return None
         return _message(value, message_type, path, out)
     if field.enum_type is not None:
         return _enum_name(field.enum_type, value, path, out)
-    kind = field.cpp_type
-    if kind == FieldDescriptor.CPPTYPE_STRING:
-        if not isinstance(value, str):
-            out.append(FieldViolation(path, f"must be a string, got {_kind(value)}"))
-            return None
-        if field.full_name == "flext_mesh.v1.RetryPolicy.retryable_codes":
-            return value.strip().upper()  # status code names, e.g. UNAVAILABLE
-        return value
-    if kind == FieldDescriptor.CPPTYPE_BOOL:
-        if not isinstance(value, bool):
-            out.append(FieldViolation(path, f"must be true or false, got {_kind(value)}"))
-            return None
-        return value
-    if kind in _INT_RANGES:
-        return _integer(value, _INT_RANGES[kind], path, out)
-    if kind in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            out.append(FieldViolation(path, f"must be a number, got {_kind(value)}"))
-            return None
-        if not math.isfinite(value):
-            out.append(FieldViolation(path, f"must be a finite number, got {value}"))
-            return None
-        return value
+    cpp_type = field.cpp_type
+    if cpp_type == FieldDescriptor.CPPTYPE_STRING:
+        text = as_string(value, path, out)
+        if text is not None and field.full_name == "flext_mesh.v1.RetryPolicy.retryable_codes":
+            return text.strip().upper()  # status code names, e.g. UNAVAILABLE
+        return text
+    if cpp_type == FieldDescriptor.CPPTYPE_BOOL:
+        return as_bool(value, path, out)
+    if cpp_type in _INT_RANGES:
+        low, high = _INT_RANGES[cpp_type]
+        return as_whole_number(value, path, out, low=low, high=high)
+    if cpp_type in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
+        return as_number(value, path, out)
     return value  # bytes: none in ServicePolicy; ParseDict judges
-
-
-def _integer(
-    value: Any, bounds: tuple[int, int], path: str, out: list[FieldViolation]
-) -> int | None:
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):  # proto-JSON int64
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        out.append(FieldViolation(path, f"must be a whole number, got {_kind(value)}"))
-        return None
-    low, high = bounds
-    if not low <= value <= high:
-        out.append(
-            FieldViolation(path, f"must be a whole number from {low} to {high}, got {value}")
-        )
-        return None
-    return value
 
 
 def _enum_name(
@@ -540,39 +481,15 @@ def _enum_name(
 
 def _duration_json(value: Any, path: str, out: list[FieldViolation]) -> str | None:
     """A duration as its proto-JSON string (``"0.500s"``); None with a violation."""
-    nanos: int | None
-    if isinstance(value, str):
-        nanos = parse_duration(value)
-        if nanos is None:
-            out.append(FieldViolation(path, f"{value!r} is not a duration ({_DURATION_HINT})"))
-            return None
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            out.append(FieldViolation(path, f"{value} is not a duration ({_DURATION_HINT})"))
-            return None
-        nanos = value * 10**9 if isinstance(value, int) else round(value * 1e9)
-    else:
-        out.append(
-            FieldViolation(path, f"must be a duration ({_DURATION_HINT}), got {_kind(value)}")
-        )
+    nanos = as_duration_nanos(value, path, out)
+    if nanos is None:
         return None
     if nanos < 0:
         out.append(FieldViolation(path, "must not be negative"))
         return None
-    if nanos > _MAX_DURATION_NANOS:
-        out.append(FieldViolation(path, "is too long for a duration"))
-        return None
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(nanos)
     return duration.ToJsonString()
-
-
-def parse_duration(text: str) -> int | None:
-    """Nanoseconds of ``"500ms"``, ``"2s"``, ``"1.5s"``, ``"1m"``, ``"1m30s"``, ``"1h"``.
-
-    A bare number is seconds (``"2"``). None when ``text`` is none of these.
-    """
-    return _parse(text, bare_seconds=True)
 
 
 # -- the split argument --------------------------------------------------------------------
@@ -621,7 +538,7 @@ def describe_policy(policy: registry_pb2.ServicePolicy) -> str:
     else:
         zone_text = "off"
     timeouts = " ".join(
-        f"{operation}={format_duration(policy.operation_timeouts[operation])}"
+        f"{operation}={format_duration(policy.operation_timeouts[operation].ToNanoseconds())}"
         for operation in sorted(policy.operation_timeouts)
     )
     settings = [
@@ -629,7 +546,7 @@ def describe_policy(policy: registry_pb2.ServicePolicy) -> str:
         ("strategy", _enum_text(registry_pb2.LoadBalancingStrategy.DESCRIPTOR, policy.strategy)),
         (
             "default timeout",
-            format_duration(policy.default_timeout)
+            format_duration(policy.default_timeout.ToNanoseconds())
             if policy.HasField("default_timeout")
             else _NOT_SET,
         ),
@@ -667,28 +584,6 @@ def format_split(weights: Iterable[tuple[str, int]]) -> str:
     return " ".join(f"{version}={weight}" for version, weight in weights)
 
 
-def format_duration(duration: duration_pb2.Duration) -> str:
-    """A duration in the form policy files use: ``500ms``, ``2s``, ``1.5s``, ``1m30s``."""
-    nanos = duration.ToNanoseconds()
-    if nanos == 0:
-        return "0s"
-    sign = "-" if nanos < 0 else ""
-    nanos = abs(nanos)
-    if nanos < 10**9:
-        return sign + _trim(Decimal(nanos) / 10**6) + "ms"
-    hours, rest = divmod(nanos, 3600 * 10**9)
-    minutes, rest = divmod(rest, 60 * 10**9)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
-    if rest:
-        text += _trim(Decimal(rest) / 10**9) + "s"
-    return sign + text
-
-
-def _trim(number: Decimal) -> str:
-    text = f"{number:f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
 def _settings(message: Message | None) -> str:
     """The fields set in a sub-message, as ``key=value`` in field order; None: not set."""
     if message is None:
@@ -705,7 +600,7 @@ def _value_text(field: FieldDescriptor, value: Any) -> str:
 
 def _value_text_one(field: FieldDescriptor, value: Any) -> str:
     if isinstance(value, duration_pb2.Duration):
-        return format_duration(value)
+        return format_duration(value.ToNanoseconds())
     if field.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
         return _enum_text(field.enum_type, value)
     if isinstance(value, bool):
@@ -732,28 +627,8 @@ def _number(value: float) -> str:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 def _hint(key: str, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, names, n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
+    found = closest(key, names)
+    if found:
+        return f" (did you mean {found!r}?)"
     return f" (known fields: {', '.join(names)})"
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__

@@ -287,7 +287,7 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
     others are still applied, and the command exits 1.
     """
     # Imported here: the orchestrator package is heavy and only apply needs it.
-    from flext_mesh.orchestrator.definition import load_workflow_file  # noqa: PLC0415
+    from flext_mesh.orchestrator.formats import load_workflow_file  # noqa: PLC0415
 
     loaded: list[tuple[str, orchestrator_pb2.Workflow]] = []
     problems: list[str] = []
@@ -358,7 +358,7 @@ def show_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
 
 def describe_workflow(workflow: orchestrator_pb2.Workflow) -> str:
     """A workflow for people: a header, one table row per step, then the input templates."""
-    from flext_mesh.orchestrator.definition import validate_workflow  # noqa: PLC0415
+    from flext_mesh.orchestrator.spec import validate_workflow  # noqa: PLC0415
 
     lines = [f"workflow {workflow.name}, version {workflow.version}"]
     try:

@@ -71,7 +71,8 @@ from flext_mesh.hosting.host import HostError, HostSettings, ProcessorHost
 from flext_mesh.hosting.operations import Operation
 from flext_mesh.hosting.servicer import ProcessorServicer
 from flext_mesh.names import check_name, raise_if
-from flext_mesh.orchestrator.definition import validate_workflow, workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
+from flext_mesh.orchestrator.spec import validate_workflow
 from flext_mesh.processor import ServiceProcessor
 from flext_mesh.registry.validation import validate_instance
 from flext_mesh.result import STATUS_CODE_NAMES, FlextResult

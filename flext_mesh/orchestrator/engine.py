@@ -62,15 +62,6 @@ from flext_mesh.errors import (
     error_for_code,
 )
 from flext_mesh.names import check_id, check_length, check_name, elide, raise_if
-from flext_mesh.orchestrator.definition import (
-    CompensationSpec,
-    RetrySpec,
-    StepSpec,
-    UnresolvedReference,
-    WorkflowSpec,
-    resolve,
-    validate_workflow,
-)
 from flext_mesh.orchestrator.history import (
     ENDED_STATES,
     UNKNOWN_OUTCOME_CODES,
@@ -80,6 +71,14 @@ from flext_mesh.orchestrator.history import (
     StepState,
 )
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.orchestrator.spec import (
+    CompensationSpec,
+    RetrySpec,
+    StepSpec,
+    WorkflowSpec,
+    validate_workflow,
+)
+from flext_mesh.orchestrator.templates import UnresolvedReference, resolve
 from flext_mesh.paging import decode_page_token, encode_page_token
 from flext_mesh.retry import Backoff, retry_async
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.rpc.payloads import dict_to_struct
 from flext_mesh.v1 import (
     metrics_pb2,

@@ -25,18 +25,17 @@ from google.protobuf.duration_pb2 import Duration
 
 from flext_mesh.cli import main
 from flext_mesh.cli import policy as policy_cli
-from flext_mesh.cli.policy import (
-    format_duration,
-    load_policy_file,
-    parse_duration,
-    policy_from_data,
-)
+from flext_mesh.cli.policy import load_policy_file, policy_from_data
+from flext_mesh.durations import format_duration, parse_duration
 from flext_mesh.errors import InvalidArgument
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from tests.conftest import BIN, REPO, start_serve
 from tests.sidecar.test_sidecar_process import start_sidecar
 
 EXAMPLE = REPO / "examples" / "policies" / "payment.yaml"
+# What a refused duration is answered with, in policy and workflow files alike.
+HINT = "e.g. '500ms', '2s', '1m', '1m30s', or a number of seconds"
 LRT = registry_pb2.LOAD_BALANCING_STRATEGY_LEAST_RESPONSE_TIME
 RANDOM = registry_pb2.LOAD_BALANCING_STRATEGY_RANDOM
 # TTL-only services and the versions of their instances.
@@ -580,7 +579,54 @@ def test_a_file_must_hold_a_mapping(tmp_path: Path) -> None:
     broken.write_text('{"strategy": }')
     with pytest.raises(InvalidArgument) as caught:
         load_policy_file(str(broken), "payment")
-    assert caught.value.violations[0].description.startswith("the file is not JSON: ")
+    assert caught.value.violations[0].description == (
+        "the file is not JSON: line 1, column 14: Expecting value"
+    )
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("strategy: random\n---\nstrategy: random\n")
+    with pytest.raises(InvalidArgument) as caught:
+        load_policy_file(str(broken), "payment")
+    assert caught.value.violations[0].description == (
+        "the file is not YAML: line 2, column 1: expected a single document in the stream "
+        "but found another document"
+    )
+
+
+def test_a_null_field_is_absent_and_clashes_with_no_other_spelling() -> None:
+    policy = policy_from_data({"default_timeout": None, "defaultTimeout": "2s"}, "payment")
+    assert policy.default_timeout.ToNanoseconds() == 2_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("given", "description"),
+    [
+        ("soon", f"'soon' is not a duration ({HINT})"),
+        (True, f"must be a duration ({HINT}), got a boolean"),
+        (float("inf"), f"inf is not a duration ({HINT})"),
+        (10**12, "is too long for a duration"),
+    ],
+)
+def test_policy_and_workflow_files_refuse_a_duration_in_the_same_words(
+    given: object, description: str
+) -> None:
+    with pytest.raises(InvalidArgument) as policy:
+        policy_from_data({"retry": {"max_backoff": given}}, "payment")
+    with pytest.raises(InvalidArgument) as workflow:
+        workflow_from_dict({"name": "w", "steps": [{"name": "a", "retry": {"max_backoff": given}}]})
+    assert [v.description for v in policy.value.violations] == [description]
+    assert [v.description for v in workflow.value.violations] == [description]
+
+
+def test_policy_and_workflow_files_refuse_a_count_in_the_same_words() -> None:
+    with pytest.raises(InvalidArgument) as policy:
+        policy_from_data({"retry": {"max_attempts": "three"}}, "payment")
+    with pytest.raises(InvalidArgument) as workflow:
+        workflow_from_dict(
+            {"name": "w", "steps": [{"name": "a", "retry": {"max_attempts": "three"}}]}
+        )
+    policy_said = [v.description for v in policy.value.violations]
+    workflow_said = [v.description for v in workflow.value.violations]
+    assert policy_said == workflow_said == ["must be a whole number, got a string"]
 
 
 @pytest.mark.parametrize(
@@ -596,7 +642,5 @@ def test_a_file_must_hold_a_mapping(tmp_path: Path) -> None:
     ],
 )
 def test_durations_are_shown_as_a_file_would_write_them(nanos: int, text: str) -> None:
-    duration = Duration()
-    duration.FromNanoseconds(nanos)
-    assert format_duration(duration) == text
+    assert format_duration(nanos) == text
     assert parse_duration(text) == nanos

@@ -21,7 +21,7 @@ import pytest
 
 from flext_mesh.cli import main
 from flext_mesh.cli.workflows import EXECUTION_HEADERS, STEP_HEADERS, WORKFLOW_HEADERS
-from flext_mesh.orchestrator.definition import load_workflow_file
+from flext_mesh.orchestrator.formats import load_workflow_file
 from flext_mesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import BIN, REPO, ServeProcess, start_serve
 

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,

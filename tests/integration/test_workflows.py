@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.v1 import (
     orchestrator_pb2,

@@ -20,7 +20,7 @@ import pytest
 
 from flext_mesh.hosting import ProcessorServicer
 from flext_mesh.hosting.servicer import add_processor_servicer
-from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.rpc.payloads import dict_to_struct
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.v1 import (

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.rpc.payloads import struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.server import create_server

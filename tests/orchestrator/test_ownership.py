@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from flext_mesh.orchestrator.definition import workflow_from_dict
 from flext_mesh.orchestrator.engine import Orchestrator, OrchestratorSettings
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.orchestrator.invoker import MeshInvoker
 from flext_mesh.v1 import orchestrator_pb2
 from tests.orchestrator.conftest import Flow, kinds, state, states

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
-from flext_mesh.orchestrator.definition import workflow_from_dict
+from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.rpc.channels import ClientSecurity, open_channel
 from flext_mesh.security.auth import (
     METHOD_RULES,
