@@ -11,7 +11,7 @@ operation name of its service (compensations included). A mapping of operation n
 to ServiceProcessor is served as is (unknown names are NOT_FOUND).
 
 ``orchestrate_workflow(workflow)`` takes the guide's dicts as written (see
-``flext_mesh.orchestrator.definition.workflow_from_dict``), starts a durable execution
+``flext_mesh.orchestrator.formats.workflow_from_dict``), starts a durable execution
 with the definition inline, follows it to its end (bounded by ``timeout``) and returns:
 
 - ``ok(summary)``: ``workflow_id``, ``execution_id``, ``correlation_id``, ``status``
