@@ -107,6 +107,16 @@ class ServerConfig(BaseSettings):
         le=365 * 86_400.0,
         description="How long ended workflow executions and their events are kept, seconds.",
     )
+    step_resolve_timeout: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600.0,
+        description=(
+            "How long, seconds, a workflow waits for the instance that got a step attempt "
+            "whose answer was lost (cancelled, timed out) to say what became of it before "
+            "compensating; past it, a step with a compensation is compensated anyway."
+        ),
+    )
     node_name: str = Field(
         "",
         max_length=128,

@@ -150,6 +150,7 @@ class ControlPlane:
             MeshInvoker(self.registry, report=self._report_call, security=client_security(config)),
             OrchestratorSettings(
                 retention=config.execution_retention,
+                resolve_timeout=config.step_resolve_timeout,
                 owner=config.node_name or default_owner(),
                 exclusive_store=not shared_store,
             ),
