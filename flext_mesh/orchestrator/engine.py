@@ -1,15 +1,6 @@
 """The orchestrator domain: workflow definitions and durable executions.
 
-Store layout (every value a serialized message)::
-
-    /orchestrator/workflows/NAME                    latest Workflow
-    /orchestrator/workflow-versions/NAME/VERSION    every version ever stored
-    /orchestrator/executions/ID                     Execution (steps, no events)
-    /orchestrator/execution-definitions/ID          the Workflow the execution runs
-    /orchestrator/events/ID/INDEX                   ExecutionEvent, INDEX from 1
-    /orchestrator/active/ID                         present while it has not ended
-    /orchestrator/ended/END_MS/ID                   retention index of ended ones
-    /orchestrator/idempotency/SHA256(KEY)           execution id of a StartExecution key
+The store keyspace, keys and ids live in :mod:`.records`; the tunables in :mod:`.settings`.
 
 An execution is driven by one task (:class:`_Run`). Every transition is first *staged*
 (folded into the in-memory view), then *flushed*: the events and the rewritten
@@ -33,21 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
 import random
-import secrets
-import socket
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from flext_mesh.errors import (
     Cancelled,
@@ -59,7 +45,6 @@ from flext_mesh.errors import (
     MeshError,
     NotFound,
     Unavailable,
-    error_for_code,
 )
 from flext_mesh.names import check_id, check_length, check_name, elide, raise_if
 from flext_mesh.orchestrator.history import (
@@ -71,6 +56,27 @@ from flext_mesh.orchestrator.history import (
     StepState,
 )
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.orchestrator.records import (
+    ACTIVE,
+    CANCELS,
+    DEFINITIONS,
+    ENDED,
+    EVENTS,
+    EXECUTIONS,
+    OWNERS,
+    VERSIONS,
+    WORKFLOWS,
+    checked_page_size,
+    error_info,
+    event_key,
+    idempotency_key,
+    load_execution,
+    mesh_error,
+    new_execution_id,
+    read_events,
+    timestamp_now,
+)
+from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.spec import (
     CompensationSpec,
     RetrySpec,
@@ -96,13 +102,14 @@ from flext_mesh.store import (
     SubscriptionLagged,
     follow,
 )
-from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2, registry_pb2
+from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
 __all__ = [
     "MAX_INPUT_BYTES",
     "MAX_WORKFLOW_NAME",
     "Orchestrator",
     "OrchestratorSettings",
+    "default_owner",
 ]
 
 _log = logging.getLogger("flext_mesh.orchestrator")
@@ -117,96 +124,11 @@ MAX_WORKFLOW_NAME = 54
 #: Metrics service name prefix of workflow executions.
 METRICS_PREFIX = "workflow/"
 
-_WORKFLOWS = "/orchestrator/workflows/"
-_VERSIONS = "/orchestrator/workflow-versions/"
-_EXECUTIONS = "/orchestrator/executions/"
-_DEFINITIONS = "/orchestrator/execution-definitions/"
-_EVENTS = "/orchestrator/events/"
-_ACTIVE = "/orchestrator/active/"
-_ENDED = "/orchestrator/ended/"
-_IDEMPOTENCY = "/orchestrator/idempotency/"
-#: Who drives an active execution: the owner's name, under the owner's lease, so it
-#: goes when the owner dies; its mod revision fences the owner's writes.
-_OWNERS = "/orchestrator/owners/"
-#: CancelExecution received by a replica that does not drive the execution.
-_CANCELS = "/orchestrator/cancel-requests/"
-
-_COMPENSATION_DEFAULT_ATTEMPTS = 5
 #: The query of ListWorkflows' page tokens (it has no filter).
 _LIST_WORKFLOWS = ("ListWorkflows",)
 
 
-def default_owner() -> str:
-    """This replica's name in Execution.owner: host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class OrchestratorSettings:
-    """Tunables of the orchestrator (the server maps its flags onto these)."""
-
-    #: Name of this control-plane replica, recorded as the owner of what it drives.
-    owner: str = field(default_factory=default_owner)
-    #: Seconds an ended execution (record, events) is kept before it is deleted.
-    retention: float = 7 * 24 * 3600.0
-    #: Seconds between retention sweeps.
-    sweep_interval: float = 60.0
-    #: Seconds CancelExecution waits for running steps to stop before answering.
-    cancel_wait: float = 5.0
-    #: Seconds before a run that lost its store is resumed from the store.
-    resume_delay: float = 1.0
-    #: Seconds between flushes of execution and step durations to the metrics service.
-    metrics_flush_interval: float = 0.5
-    #: True when this replica is the only one on its store (SQLite): it drives every
-    #: active execution at start without waiting for a dead owner's lease to expire.
-    exclusive_store: bool = True
-    #: TTL of this replica's ownership lease, seconds: a dead replica's executions are
-    #: taken over at most this long (plus ``claim_interval``) after it died.
-    ownership_ttl: float = 8.0
-    #: Seconds between scans for active executions nobody owns.
-    claim_interval: float = 2.0
-    #: Seconds to wait for the instance that got a step attempt whose answer was lost
-    #: (cancelled in flight, timed out) to say what became of it, before compensating.
-    resolve_timeout: float = 30.0
-
-
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(time.time_ns())
-    return stamp
-
-
-def _error_info(error: MeshError) -> common_pb2.ErrorInfo:
-    code = error.code
-    return common_pb2.ErrorInfo(
-        code=code.value[0],
-        code_name=code.name,
-        message=error.message[:4096],
-        infrastructure=code
-        in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.INTERNAL,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.UNKNOWN,
-        ),
-    )
-
-
-def _event_key(execution_id: str, index: int) -> str:
-    return f"{_EVENTS}{execution_id}/{index:010d}"
-
-
-def _idempotency_key(key: str) -> str:
-    return _IDEMPOTENCY + hashlib.sha256(key.encode()).hexdigest()
-
-
-def _new_execution_id() -> str:
-    """Time-ordered (milliseconds, then random): key order is creation order."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(5)}"
 
 
 async def _committed(awaitable: Awaitable[_T]) -> _T:
@@ -227,12 +149,6 @@ async def _committed(awaitable: Awaitable[_T]) -> _T:
     if cancelled:
         raise asyncio.CancelledError
     return future.result()
-
-
-def _page_size(value: int) -> int:
-    if value > 1000:
-        raise InvalidArgument("", [FieldViolation("page_size", f"at most 1000, got {value}")])
-    return value or 100
 
 
 class _RunBroken(Exception):
@@ -295,8 +211,8 @@ class Orchestrator:
         """
         await self._load_workflows()
         self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
-        self._unlisten_owners = self.store.listen(_OWNERS, self._on_owner_events)
-        self._unlisten_cancels = self.store.listen(_CANCELS, self._on_cancel_requests)
+        self._unlisten_owners = self.store.listen(OWNERS, self._on_owner_events)
+        self._unlisten_cancels = self.store.listen(CANCELS, self._on_cancel_requests)
         resumed = await self._claim_orphans(force=self.settings.exclusive_store)
         if resumed:
             _log.info("resumed executions=%d", resumed)
@@ -375,18 +291,11 @@ class Orchestrator:
             return
         if execution_id not in self._claims and not await self._claim(execution_id):
             return  # another replica drives it
-        record = await self.store.get(_EXECUTIONS + execution_id)
-        definition = await self.store.get(_DEFINITIONS + execution_id)
-        if record is None or definition is None:
+        loaded = await load_execution(self.store, execution_id)
+        if loaded is None:
             await self._drop_active(execution_id)
             raise NotFound(f"execution {execution_id} has no record; dropped from active")
-        execution = orchestrator_pb2.Execution.FromString(record.value)
-        workflow = orchestrator_pb2.Workflow.FromString(definition.value)
-        events = [
-            orchestrator_pb2.ExecutionEvent.FromString(kv.value)
-            for kv in await self.store.range(f"{_EVENTS}{execution_id}/")
-        ]
-        view = ExecutionView.replay(execution, events)
+        workflow, view = loaded
         if view.ended:
             await self._drop_active(execution_id)
             return
@@ -395,7 +304,7 @@ class Orchestrator:
         spec = _validated(workflow, inline=not workflow.name)
         run = _Run(self, spec, view)
         run.owned = True
-        cancel = await self.store.get(_CANCELS + execution_id)
+        cancel = await self.store.get(CANCELS + execution_id)
         if cancel is not None and not view.cancel_requested:
             run.stage(
                 ExecutionEventType.CANCEL_REQUESTED,
@@ -410,9 +319,9 @@ class Orchestrator:
         await self.store.txn(
             (),
             [
-                Delete(_ACTIVE + execution_id),
-                Delete(_OWNERS + execution_id),
-                Delete(_CANCELS + execution_id),
+                Delete(ACTIVE + execution_id),
+                Delete(OWNERS + execution_id),
+                Delete(CANCELS + execution_id),
             ],
         )
         self._claims.pop(execution_id, None)
@@ -421,12 +330,12 @@ class Orchestrator:
 
     def owner_ops(self, execution_id: str) -> list[Put | Delete]:
         """Operations that make this replica the owner of a new execution."""
-        return [Put(_OWNERS + execution_id, self.settings.owner.encode(), lease=self._lease)]
+        return [Put(OWNERS + execution_id, self.settings.owner.encode(), lease=self._lease)]
 
     def fence(self, execution_id: str) -> Compare | None:
         """The guard of a run's write: its owner key is still the one this replica wrote."""
         revision = self._claims.get(execution_id)
-        return None if revision is None else Compare(_OWNERS + execution_id, revision)
+        return None if revision is None else Compare(OWNERS + execution_id, revision)
 
     def claimed(self, execution_id: str, revision: int) -> None:
         """Record that the owner key of ``execution_id`` was written at ``revision``."""
@@ -436,7 +345,7 @@ class Orchestrator:
         """Write the owner key (only if absent, unless ``force``); True when this won."""
         if self._lease is None:
             return False
-        key = _OWNERS + execution_id
+        key = OWNERS + execution_id
         result = await self.store.txn(
             () if force else (Compare(key, 0),),
             [Put(key, self.settings.owner.encode(), lease=self._lease)],
@@ -447,10 +356,10 @@ class Orchestrator:
 
     async def _claim_orphans(self, *, force: bool = False) -> int:
         """Take over and resume active executions without a live owner; how many."""
-        owned = {kv.key.removeprefix(_OWNERS) for kv in await self.store.range(_OWNERS)}
+        owned = {kv.key.removeprefix(OWNERS) for kv in await self.store.range(OWNERS)}
         resumed = 0
-        for kv in await self.store.range(_ACTIVE):
-            execution_id = kv.key.removeprefix(_ACTIVE)
+        for kv in await self.store.range(ACTIVE):
+            execution_id = kv.key.removeprefix(ACTIVE)
             if execution_id in self._runs or self._stopping:
                 continue
             if not force and execution_id in owned:
@@ -510,15 +419,15 @@ class Orchestrator:
     ) -> tuple[orchestrator_pb2.Workflow, bool]:
         """Store a definition; returns it as stored and whether it changed."""
         _validated(workflow)
-        key = _WORKFLOWS + workflow.name
+        key = WORKFLOWS + workflow.name
         while True:
             current = await self.store.get(key)
             stored = orchestrator_pb2.Workflow.FromString(current.value) if current else None
             if stored is not None and _same_definition(stored, workflow):
                 return stored, False
-            last = await self.store.range(f"{_VERSIONS}{workflow.name}/", reverse=True, limit=1)
+            last = await self.store.range(f"{VERSIONS}{workflow.name}/", reverse=True, limit=1)
             version = int(last[0].key.rsplit("/", 1)[1]) + 1 if last else 1
-            now = _now()
+            now = timestamp_now()
             fresh = orchestrator_pb2.Workflow()
             fresh.CopyFrom(workflow)
             fresh.version = version
@@ -527,7 +436,7 @@ class Orchestrator:
             value = fresh.SerializeToString()
             result = await self.store.txn(
                 [Compare(key, current.mod_revision if current else 0)],
-                [Put(key, value), Put(f"{_VERSIONS}{workflow.name}/{version:012d}", value)],
+                [Put(key, value), Put(f"{VERSIONS}{workflow.name}/{version:012d}", value)],
             )
             if result.succeeded:
                 _log.info("workflow stored name=%s version=%d", workflow.name, version)
@@ -536,15 +445,15 @@ class Orchestrator:
     async def _load_workflows(self) -> None:
         def load(kvs: list[KeyValue]) -> None:
             for kv in kvs:
-                name = kv.key.removeprefix(_WORKFLOWS)
+                name = kv.key.removeprefix(WORKFLOWS)
                 self._latest[name] = orchestrator_pb2.Workflow.FromString(kv.value)
 
-        _, self._unlisten = await follow(self.store, _WORKFLOWS, load, self._on_workflows)
+        _, self._unlisten = await follow(self.store, WORKFLOWS, load, self._on_workflows)
 
     def _on_workflows(self, events: list[Event]) -> None:
         """Store listener: keep the latest definitions (on the loop, before acks)."""
         for event in events:
-            name = event.key.removeprefix(_WORKFLOWS)
+            name = event.key.removeprefix(WORKFLOWS)
             if event.type == EventType.DELETE:
                 self._latest.pop(name, None)
             else:
@@ -567,7 +476,7 @@ class Orchestrator:
             raise NotFound(f"workflow {elide(name)!r} does not exist")
         if version <= 0 or version == latest.version:
             return latest
-        kv = await self.store.get(f"{_VERSIONS}{name}/{version:012d}")
+        kv = await self.store.get(f"{VERSIONS}{name}/{version:012d}")
         if kv is None:
             raise NotFound(f"workflow {elide(name)!r} has no version {version}")
         return orchestrator_pb2.Workflow.FromString(kv.value)
@@ -576,10 +485,10 @@ class Orchestrator:
         self, page_size: int, page_token: str
     ) -> tuple[list[orchestrator_pb2.Workflow], str]:
         """Definitions sorted by name, and the next page's token."""
-        size = _page_size(page_size)
+        size = checked_page_size(page_size)
         after = decode_page_token(page_token, _LIST_WORKFLOWS)
         kvs = await self.store.range(
-            _WORKFLOWS, start_after=_WORKFLOWS + after if after else "", limit=size + 1
+            WORKFLOWS, start_after=WORKFLOWS + after if after else "", limit=size + 1
         )
         more = len(kvs) > size
         workflows = [orchestrator_pb2.Workflow.FromString(kv.value) for kv in kvs[:size]]
@@ -589,7 +498,7 @@ class Orchestrator:
     async def delete_workflow(self, name: str) -> None:
         """Delete a definition; executions already started finish on their copy."""
         _require_name("name", name)
-        if await self.store.delete(_WORKFLOWS + name) is None:
+        if await self.store.delete(WORKFLOWS + name) is None:
             raise NotFound(f"workflow {name!r} does not exist")
         _log.info("workflow deleted name=%s", name)
 
@@ -605,7 +514,7 @@ class Orchestrator:
             existing = await self._by_idempotency_key(request.idempotency_key)
             if existing is not None:
                 return existing, True
-        execution_id = _new_execution_id()
+        execution_id = new_execution_id()
         execution = orchestrator_pb2.Execution(
             execution_id=execution_id,
             workflow_name=workflow.name,
@@ -627,13 +536,13 @@ class Orchestrator:
         run.stage(ExecutionEventType.EXECUTION_STARTED, state=ExecutionState.RUNNING)
         first = await run.begin(run.schedule())
         extra: list[Put | Delete] = [
-            Put(_DEFINITIONS + execution_id, workflow.SerializeToString()),
-            Put(_ACTIVE + execution_id, b""),
+            Put(DEFINITIONS + execution_id, workflow.SerializeToString()),
+            Put(ACTIVE + execution_id, b""),
             *self.owner_ops(execution_id),
         ]
         compares: list[Compare] = []
         if request.idempotency_key:
-            idem = _idempotency_key(request.idempotency_key)
+            idem = idempotency_key(request.idempotency_key)
             extra.append(Put(idem, execution_id.encode()))
             compares.append(Compare(idem, 0))
         try:
@@ -684,10 +593,10 @@ class Orchestrator:
         return workflow, self._spec_of(workflow)
 
     async def _by_idempotency_key(self, key: str) -> orchestrator_pb2.Execution | None:
-        kv = await self.store.get(_idempotency_key(key))
+        kv = await self.store.get(idempotency_key(key))
         if kv is None:
             return None
-        record = await self.store.get(_EXECUTIONS + kv.value.decode())
+        record = await self.store.get(EXECUTIONS + kv.value.decode())
         return orchestrator_pb2.Execution.FromString(record.value) if record else None
 
     async def get_execution(
@@ -695,22 +604,19 @@ class Orchestrator:
     ) -> tuple[orchestrator_pb2.Execution, list[orchestrator_pb2.ExecutionEvent]]:
         """The execution as last committed, and its history when asked."""
         raise_if(check_id("execution_id", execution_id))
-        record = await self.store.get(_EXECUTIONS + execution_id)
+        record = await self.store.get(EXECUTIONS + execution_id)
         if record is None:
             raise NotFound(f"execution {elide(execution_id)!r} does not exist")
         events: list[orchestrator_pb2.ExecutionEvent] = []
         if include_events:
-            events = [
-                orchestrator_pb2.ExecutionEvent.FromString(kv.value)
-                for kv in await self.store.range(f"{_EVENTS}{execution_id}/")
-            ]
+            events = await read_events(self.store, execution_id)
         return orchestrator_pb2.Execution.FromString(record.value), events
 
     async def list_executions(
         self, workflow_name: str, state: int, page_size: int, page_token: str
     ) -> tuple[list[orchestrator_pb2.Execution], str]:
         """Executions newest first, filtered, and the next page's token."""
-        size = _page_size(page_size)
+        size = checked_page_size(page_size)
         violations = _workflow_name("workflow_name", workflow_name, required=False)
         if state and state not in orchestrator_pb2.ExecutionState.values():
             violations.append(FieldViolation("state", f"unknown state {state}"))
@@ -718,10 +624,10 @@ class Orchestrator:
         query = ("ListExecutions", workflow_name, state)
         after = decode_page_token(page_token, query)
         found: list[orchestrator_pb2.Execution] = []
-        cursor = _EXECUTIONS + after if after else ""
+        cursor = EXECUTIONS + after if after else ""
         chunk = max(size * 2, 64)
         while len(found) <= size:
-            kvs = await self.store.range(_EXECUTIONS, start_after=cursor, limit=chunk, reverse=True)
+            kvs = await self.store.range(EXECUTIONS, start_after=cursor, limit=chunk, reverse=True)
             for kv in kvs:
                 execution = orchestrator_pb2.Execution.FromString(kv.value)
                 if workflow_name and execution.workflow_name != workflow_name:
@@ -767,13 +673,13 @@ class Orchestrator:
         The request is stored where the owner listens (and where whoever resumes the
         execution looks); then this waits for the owner to commit that it stopped.
         """
-        subscription = self.store.subscribe(_EXECUTIONS + execution_id)
+        subscription = self.store.subscribe(EXECUTIONS + execution_id)
         try:
             execution, _ = await self.get_execution(execution_id)
             state = ExecutionState(execution.state)
             if state in ENDED_STATES:
                 raise FailedPrecondition(f"execution {execution_id} already ended ({state.name})")
-            await self.store.put(_CANCELS + execution_id, reason.encode())
+            await self.store.put(CANCELS + execution_id, reason.encode())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.cancel_wait):
                     async for batch in subscription:
@@ -791,7 +697,7 @@ class Orchestrator:
         for event in events:
             if event.type == EventType.DELETE:
                 continue
-            run = self._runs.get(event.key.removeprefix(_CANCELS))
+            run = self._runs.get(event.key.removeprefix(CANCELS))
             if run is not None and not run.view.ended:
                 task = asyncio.create_task(run.request_cancel(event.value.decode()))
                 self._tasks.add(task)
@@ -804,13 +710,13 @@ class Orchestrator:
         raise_if(check_id("execution_id", execution_id))
         if after_index < 0:
             raise InvalidArgument("", [FieldViolation("after_index", "must be >= 0")])
-        prefix = f"{_EVENTS}{execution_id}/"
+        prefix = f"{EVENTS}{execution_id}/"
         subscription = self.store.subscribe(prefix)
         self._watchers.add(subscription)
         try:
             last = after_index
             kvs = await self.store.range(
-                prefix, start_after=_event_key(execution_id, last) if last else ""
+                prefix, start_after=event_key(execution_id, last) if last else ""
             )
             if not kvs:
                 # Nothing after the asked index: unknown, still running, or ended.
@@ -906,21 +812,21 @@ class Orchestrator:
         )
         removed = 0
         while True:
-            kvs = await self.store.range(_ENDED, limit=200)
+            kvs = await self.store.range(ENDED, limit=200)
             expired = [kv for kv in kvs if int(kv.key.split("/")[3]) <= cutoff_ms]
             for kv in expired:
                 execution_id = kv.key.rsplit("/", 1)[1]
                 ops: list[Put | Delete] = [
                     Delete(kv.key),
-                    Delete(_EXECUTIONS + execution_id),
-                    Delete(_DEFINITIONS + execution_id),
-                    Delete(f"{_EVENTS}{execution_id}/", prefix=True),
+                    Delete(EXECUTIONS + execution_id),
+                    Delete(DEFINITIONS + execution_id),
+                    Delete(f"{EVENTS}{execution_id}/", prefix=True),
                 ]
-                record = await self.store.get(_EXECUTIONS + execution_id)
+                record = await self.store.get(EXECUTIONS + execution_id)
                 if record is not None:
                     key = orchestrator_pb2.Execution.FromString(record.value).idempotency_key
                     if key:
-                        ops.append(Delete(_idempotency_key(key)))
+                        ops.append(Delete(idempotency_key(key)))
                 await self.store.txn((), ops)
                 removed += 1
             if len(expired) < len(kvs) or len(kvs) < 200:
@@ -1004,9 +910,9 @@ class _Run:
             failed_step=failed_step,
             at_least_once=at_least_once,
         )
-        event.time.CopyFrom(_now())
+        event.time.CopyFrom(timestamp_now())
         if error is not None:
-            event.error.CopyFrom(_error_info(error))
+            event.error.CopyFrom(error_info(error))
         if output is not None:
             event.output.CopyFrom(dict_to_struct(output))
         if backoff is not None:
@@ -1026,19 +932,19 @@ class _Run:
             execution = self.view.execution
             state = self.view.state
             ops: list[Put | Delete] = [
-                Put(_event_key(self.execution_id, e.index), e.SerializeToString()) for e in events
+                Put(event_key(self.execution_id, e.index), e.SerializeToString()) for e in events
             ]
             record = execution.SerializeToString()
-            ops.append(Put(_EXECUTIONS + self.execution_id, record))
+            ops.append(Put(EXECUTIONS + self.execution_id, record))
             ops.extend(extra)
             if self.view.ended:
                 # Before the commit: a watcher sees ENDED only once it is committed.
                 self.orchestrator.remember_ended(self.execution_id, record)
                 end_ms = execution.end_time.ToNanoseconds() // 1_000_000
-                ops.append(Delete(_ACTIVE + self.execution_id))
-                ops.append(Delete(_OWNERS + self.execution_id))
-                ops.append(Delete(_CANCELS + self.execution_id))
-                ops.append(Put(f"{_ENDED}{end_ms:013d}/{self.execution_id}", b""))
+                ops.append(Delete(ACTIVE + self.execution_id))
+                ops.append(Delete(OWNERS + self.execution_id))
+                ops.append(Delete(CANCELS + self.execution_id))
+                ops.append(Put(f"{ENDED}{end_ms:013d}/{self.execution_id}", b""))
             fence = self.orchestrator.fence(self.execution_id)
             if fence is None and self.owned:  # the lease lapsed: another may drive it now
                 raise _OwnershipLost(self.execution_id)
@@ -1156,11 +1062,11 @@ class _Run:
         if not failed:
             return None
         first = min(failed, key=lambda s: s.end_time.ToNanoseconds())
-        return first.step_name, _mesh_error(first.error)
+        return first.step_name, mesh_error(first.error)
 
     def _stop_reason(self) -> tuple[str, MeshError] | None:
         if self.view.cancel_requested:
-            return "", _mesh_error(self.view.cancel_error)
+            return "", mesh_error(self.view.cancel_error)
         failure = self._required_failure()
         if failure is not None:
             return failure
@@ -1904,8 +1810,3 @@ def _as_payload(template: Any, context: dict[str, Any], where: str) -> dict[str,
             [FieldViolation(where, "must resolve to an object")],
         )
     return value
-
-
-def _mesh_error(info: common_pb2.ErrorInfo) -> MeshError:
-    """The error an ErrorInfo recorded (its class from the code name)."""
-    return error_for_code(info.code_name or "UNKNOWN")(info.message)
