@@ -46,7 +46,13 @@ from flext_mesh.errors import (
     NotFound,
     Unavailable,
 )
-from flext_mesh.names import check_id, check_length, check_name, elide, raise_if
+from flext_mesh.names import check_id, elide, raise_if
+from flext_mesh.orchestrator.catalog import (
+    MAX_WORKFLOW_NAME,
+    Catalog,
+    check_workflow_name,
+    validated,
+)
 from flext_mesh.orchestrator.history import (
     ENDED_STATES,
     UNKNOWN_OUTCOME_CODES,
@@ -64,8 +70,6 @@ from flext_mesh.orchestrator.records import (
     EVENTS,
     EXECUTIONS,
     OWNERS,
-    VERSIONS,
-    WORKFLOWS,
     checked_page_size,
     error_info,
     event_key,
@@ -82,7 +86,6 @@ from flext_mesh.orchestrator.spec import (
     RetrySpec,
     StepSpec,
     WorkflowSpec,
-    validate_workflow,
 )
 from flext_mesh.orchestrator.templates import UnresolvedReference, resolve
 from flext_mesh.paging import decode_page_token, encode_page_token
@@ -94,13 +97,11 @@ from flext_mesh.store import (
     Delete,
     Event,
     EventType,
-    KeyValue,
     LeaseNotFound,
     Put,
     Store,
     Subscription,
     SubscriptionLagged,
-    follow,
 )
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
@@ -119,14 +120,8 @@ _T = TypeVar("_T")
 MAX_INPUT_BYTES = 1024 * 1024
 #: Longest cancellation reason, bytes.
 MAX_REASON_BYTES = 1024
-#: Longest workflow name: its metrics series is ``workflow/NAME`` and must fit 63.
-MAX_WORKFLOW_NAME = 54
 #: Metrics service name prefix of workflow executions.
 METRICS_PREFIX = "workflow/"
-
-#: The query of ListWorkflows' page tokens (it has no filter).
-_LIST_WORKFLOWS = ("ListWorkflows",)
-
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -185,11 +180,11 @@ class Orchestrator:
         self._stopping = False
         self._random = random.Random()
         self._watchers: set[Subscription] = set()
-        # Latest definitions, kept fresh by a store listener (every replica sees every
-        # PutWorkflow); validated specs per (name, version), which never change.
-        self._latest: dict[str, orchestrator_pb2.Workflow] = {}
-        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
-        self._unlisten: Callable[[], None] | None = None
+        self.catalog = Catalog(store)
+        self.put_workflow = self.catalog.put_workflow
+        self.get_workflow = self.catalog.get_workflow
+        self.list_workflows = self.catalog.list_workflows
+        self.delete_workflow = self.catalog.delete_workflow
         # Records of executions that just ended, for the last WatchExecution message.
         self._ended: OrderedDict[str, bytes] = OrderedDict()
         # Ownership: this replica's lease, and the mod revision of each owner key it
@@ -209,7 +204,7 @@ class Orchestrator:
         shared one (etcd) it takes those whose owner's lease is gone, now and whenever
         an owner key disappears.
         """
-        await self._load_workflows()
+        await self.catalog.start()
         self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
         self._unlisten_owners = self.store.listen(OWNERS, self._on_owner_events)
         self._unlisten_cancels = self.store.listen(CANCELS, self._on_cancel_requests)
@@ -226,10 +221,11 @@ class Orchestrator:
     async def stop(self) -> None:
         """Stop driving executions (they resume at the next start) and close connections."""
         self._stopping = True
-        for unlisten in (self._unlisten, self._unlisten_owners, self._unlisten_cancels):
+        self.catalog.stop()
+        for unlisten in (self._unlisten_owners, self._unlisten_cancels):
             if unlisten is not None:
                 unlisten()
-        self._unlisten = self._unlisten_owners = self._unlisten_cancels = None
+        self._unlisten_owners = self._unlisten_cancels = None
         for task in [*self._background, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
@@ -301,7 +297,7 @@ class Orchestrator:
             return
         view.execution.owner = self.settings.owner
         # An inline definition is stored without a name; it was valid when it started.
-        spec = _validated(workflow, inline=not workflow.name)
+        spec = validated(workflow, inline=not workflow.name)
         run = _Run(self, spec, view)
         run.owned = True
         cancel = await self.store.get(CANCELS + execution_id)
@@ -412,103 +408,13 @@ class Orchestrator:
             except Exception as exc:
                 _log.warning("renewing the ownership lease failed: %s", exc)
 
-    # -- workflows -------------------------------------------------------------------
-
-    async def put_workflow(
-        self, workflow: orchestrator_pb2.Workflow
-    ) -> tuple[orchestrator_pb2.Workflow, bool]:
-        """Store a definition; returns it as stored and whether it changed."""
-        _validated(workflow)
-        key = WORKFLOWS + workflow.name
-        while True:
-            current = await self.store.get(key)
-            stored = orchestrator_pb2.Workflow.FromString(current.value) if current else None
-            if stored is not None and _same_definition(stored, workflow):
-                return stored, False
-            last = await self.store.range(f"{VERSIONS}{workflow.name}/", reverse=True, limit=1)
-            version = int(last[0].key.rsplit("/", 1)[1]) + 1 if last else 1
-            now = timestamp_now()
-            fresh = orchestrator_pb2.Workflow()
-            fresh.CopyFrom(workflow)
-            fresh.version = version
-            fresh.create_time.CopyFrom(stored.create_time if stored else now)
-            fresh.update_time.CopyFrom(now)
-            value = fresh.SerializeToString()
-            result = await self.store.txn(
-                [Compare(key, current.mod_revision if current else 0)],
-                [Put(key, value), Put(f"{VERSIONS}{workflow.name}/{version:012d}", value)],
-            )
-            if result.succeeded:
-                _log.info("workflow stored name=%s version=%d", workflow.name, version)
-                return fresh, True
-
-    async def _load_workflows(self) -> None:
-        def load(kvs: list[KeyValue]) -> None:
-            for kv in kvs:
-                name = kv.key.removeprefix(WORKFLOWS)
-                self._latest[name] = orchestrator_pb2.Workflow.FromString(kv.value)
-
-        _, self._unlisten = await follow(self.store, WORKFLOWS, load, self._on_workflows)
-
-    def _on_workflows(self, events: list[Event]) -> None:
-        """Store listener: keep the latest definitions (on the loop, before acks)."""
-        for event in events:
-            name = event.key.removeprefix(WORKFLOWS)
-            if event.type == EventType.DELETE:
-                self._latest.pop(name, None)
-            else:
-                self._latest[name] = orchestrator_pb2.Workflow.FromString(event.value)
-
-    def _spec_of(self, workflow: orchestrator_pb2.Workflow) -> WorkflowSpec:
-        key = (workflow.name, workflow.version)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = _validated(workflow)
-            if len(self._specs) > 1024:
-                self._specs.popitem(last=False)
-        return spec
-
-    async def get_workflow(self, name: str, version: int = 0) -> orchestrator_pb2.Workflow:
-        """The latest (or a given) version; NOT_FOUND when unknown or deleted."""
-        _require_name("name", name)
-        latest = self._latest.get(name)
-        if latest is None:
-            raise NotFound(f"workflow {elide(name)!r} does not exist")
-        if version <= 0 or version == latest.version:
-            return latest
-        kv = await self.store.get(f"{VERSIONS}{name}/{version:012d}")
-        if kv is None:
-            raise NotFound(f"workflow {elide(name)!r} has no version {version}")
-        return orchestrator_pb2.Workflow.FromString(kv.value)
-
-    async def list_workflows(
-        self, page_size: int, page_token: str
-    ) -> tuple[list[orchestrator_pb2.Workflow], str]:
-        """Definitions sorted by name, and the next page's token."""
-        size = checked_page_size(page_size)
-        after = decode_page_token(page_token, _LIST_WORKFLOWS)
-        kvs = await self.store.range(
-            WORKFLOWS, start_after=WORKFLOWS + after if after else "", limit=size + 1
-        )
-        more = len(kvs) > size
-        workflows = [orchestrator_pb2.Workflow.FromString(kv.value) for kv in kvs[:size]]
-        last = workflows[-1].name if more else ""
-        return workflows, encode_page_token(last, _LIST_WORKFLOWS)
-
-    async def delete_workflow(self, name: str) -> None:
-        """Delete a definition; executions already started finish on their copy."""
-        _require_name("name", name)
-        if await self.store.delete(WORKFLOWS + name) is None:
-            raise NotFound(f"workflow {name!r} does not exist")
-        _log.info("workflow deleted name=%s", name)
-
     # -- executions ------------------------------------------------------------------
 
     async def start_execution(
         self, request: orchestrator_pb2.StartExecutionRequest
     ) -> tuple[orchestrator_pb2.Execution, bool]:
         """Persist a new execution and start driving it; (execution, existing)."""
-        workflow, spec = await self._definition_of(request)
+        workflow, spec = await self.catalog.definition_of(request)
         _check_start(request)
         if request.idempotency_key:
             existing = await self._by_idempotency_key(request.idempotency_key)
@@ -570,28 +476,6 @@ class Orchestrator:
         )
         return snapshot, False
 
-    async def _definition_of(
-        self, request: orchestrator_pb2.StartExecutionRequest
-    ) -> tuple[orchestrator_pb2.Workflow, WorkflowSpec]:
-        which = request.WhichOneof("definition")
-        if which == "inline_workflow":
-            workflow = orchestrator_pb2.Workflow()
-            workflow.CopyFrom(request.inline_workflow)
-            workflow.ClearField("version")
-            return workflow, _validated(workflow, field="inline_workflow", inline=True)
-        if which is None or not request.workflow_name:
-            raise InvalidArgument(
-                "",
-                [FieldViolation("workflow_name", "give a workflow name or an inline_workflow")],
-            )
-        if request.workflow_version < 0:
-            raise InvalidArgument(
-                "", [FieldViolation("workflow_version", "must be >= 0 (0 = latest)")]
-            )
-        raise_if(_workflow_name("workflow_name", request.workflow_name))
-        workflow = await self.get_workflow(request.workflow_name, request.workflow_version)
-        return workflow, self._spec_of(workflow)
-
     async def _by_idempotency_key(self, key: str) -> orchestrator_pb2.Execution | None:
         kv = await self.store.get(idempotency_key(key))
         if kv is None:
@@ -617,7 +501,7 @@ class Orchestrator:
     ) -> tuple[list[orchestrator_pb2.Execution], str]:
         """Executions newest first, filtered, and the next page's token."""
         size = checked_page_size(page_size)
-        violations = _workflow_name("workflow_name", workflow_name, required=False)
+        violations = check_workflow_name("workflow_name", workflow_name, required=False)
         if state and state not in orchestrator_pb2.ExecutionState.values():
             violations.append(FieldViolation("state", f"unknown state {state}"))
         raise_if(violations)
@@ -1726,58 +1610,6 @@ async def _with_retries(
 
 
 # -- validation ------------------------------------------------------------------------------
-
-
-def _validated(
-    workflow: orchestrator_pb2.Workflow, *, field: str = "workflow", inline: bool = False
-) -> WorkflowSpec:
-    """The workflow's spec; INVALID_ARGUMENT listing every violation."""
-    checked = workflow
-    if inline and not workflow.name:
-        checked = orchestrator_pb2.Workflow()
-        checked.CopyFrom(workflow)
-        checked.name = "inline"
-    extra: list[FieldViolation] = []
-    if len(checked.name) > MAX_WORKFLOW_NAME:
-        extra.append(
-            FieldViolation(
-                f"{field}.name",
-                f"is {len(checked.name)} characters long; at most {MAX_WORKFLOW_NAME}",
-            )
-        )
-    try:
-        spec = validate_workflow(checked, field=field)
-    except InvalidArgument as exc:
-        if extra:
-            raise InvalidArgument(exc.message, [*exc.violations, *extra]) from None
-        raise
-    if extra:
-        raise InvalidArgument("the workflow is not valid", extra)
-    return spec
-
-
-def _same_definition(a: orchestrator_pb2.Workflow, b: orchestrator_pb2.Workflow) -> bool:
-    def bare(w: orchestrator_pb2.Workflow) -> bytes:
-        copy = orchestrator_pb2.Workflow()
-        copy.CopyFrom(w)
-        copy.ClearField("version")
-        copy.ClearField("create_time")
-        copy.ClearField("update_time")
-        return copy.SerializeToString(deterministic=True)
-
-    return bare(a) == bare(b)
-
-
-def _workflow_name(field: str, value: str, *, required: bool = True) -> list[FieldViolation]:
-    """Violations of a workflow name in a request that looks one up (a longer one or
-    one of other characters cannot have been stored)."""
-    return check_length(field, value, MAX_WORKFLOW_NAME) or check_name(
-        field, value, required=required
-    )
-
-
-def _require_name(name: str, value: str) -> None:
-    raise_if(_workflow_name(name, value))
 
 
 def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:
