@@ -62,6 +62,7 @@ from flext_mesh.orchestrator.history import (
     StepState,
 )
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
+from flext_mesh.orchestrator.ownership import Ownership
 from flext_mesh.orchestrator.records import (
     ACTIVE,
     CANCELS,
@@ -97,7 +98,6 @@ from flext_mesh.store import (
     Delete,
     Event,
     EventType,
-    LeaseNotFound,
     Put,
     Store,
     Subscription,
@@ -187,12 +187,17 @@ class Orchestrator:
         self.delete_workflow = self.catalog.delete_workflow
         # Records of executions that just ended, for the last WatchExecution message.
         self._ended: OrderedDict[str, bytes] = OrderedDict()
-        # Ownership: this replica's lease, and the mod revision of each owner key it
-        # wrote (a write by a run is committed only while its owner key is unchanged).
-        self._lease: str | None = None
-        self._claims: dict[str, int] = {}
-        self._claim_wakeup = asyncio.Event()
-        self._unlisten_owners: Callable[[], None] | None = None
+        self.ownership = Ownership(
+            store,
+            self.settings,
+            resume=self._resume,
+            skip=lambda execution_id: execution_id in self._runs or self._stopping,
+            abandon=self._abandon,
+        )
+        self.owner_ops = self.ownership.owner_ops
+        self.fence = self.ownership.fence
+        self.claimed = self.ownership.claimed
+        self._claim = self.ownership.claim  # (the fencing tests claim directly)
         self._unlisten_cancels: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -205,27 +210,26 @@ class Orchestrator:
         an owner key disappears.
         """
         await self.catalog.start()
-        self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
-        self._unlisten_owners = self.store.listen(OWNERS, self._on_owner_events)
+        await self.ownership.start()
         self._unlisten_cancels = self.store.listen(CANCELS, self._on_cancel_requests)
-        resumed = await self._claim_orphans(force=self.settings.exclusive_store)
+        resumed = await self.ownership.claim_orphans(force=self.settings.exclusive_store)
         if resumed:
             _log.info("resumed executions=%d", resumed)
         self._background = [
             asyncio.create_task(self._sweep_forever(), name="orchestrator-retention"),
             asyncio.create_task(self._flush_metrics_forever(), name="orchestrator-metrics"),
-            asyncio.create_task(self._keep_lease_forever(), name="orchestrator-lease"),
-            asyncio.create_task(self._claim_forever(), name="orchestrator-claims"),
+            asyncio.create_task(self.ownership.keep_lease_forever(), name="orchestrator-lease"),
+            asyncio.create_task(self.ownership.claim_forever(), name="orchestrator-claims"),
         ]
 
     async def stop(self) -> None:
         """Stop driving executions (they resume at the next start) and close connections."""
         self._stopping = True
         self.catalog.stop()
-        for unlisten in (self._unlisten_owners, self._unlisten_cancels):
-            if unlisten is not None:
-                unlisten()
-        self._unlisten_owners = self._unlisten_cancels = None
+        self.ownership.stop_listening()
+        if self._unlisten_cancels is not None:
+            self._unlisten_cancels()
+        self._unlisten_cancels = None
         for task in [*self._background, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
@@ -234,12 +238,18 @@ class Orchestrator:
         self._runs.clear()
         self._flush_metrics()
         await self.invoker.aclose()
-        # A clean stop hands the executions over at once rather than at lease expiry.
-        lease, self._lease = self._lease, None
-        self._claims.clear()
-        if lease is not None:
-            with contextlib.suppress(Exception):
-                await self.store.revoke_lease(lease)
+        await self.ownership.release()
+
+    @property
+    def _lease(self) -> str | None:
+        """This replica's ownership lease (the fencing tests revoke it)."""
+        return self.ownership.lease
+
+    def _abandon(self) -> None:
+        """Cancel every run: the ownership lease lapsed, their claims are gone."""
+        for run in list(self._runs.values()):
+            if run.task is not None:
+                run.task.cancel()
 
     def _spawn(self, run: _Run, resumed: bool) -> None:
         self._runs[run.execution_id] = run
@@ -258,7 +268,7 @@ class Orchestrator:
         if error is None:
             return
         if isinstance(error, _OwnershipLost):
-            self._claims.pop(run.execution_id, None)
+            self.ownership.claims.pop(run.execution_id, None)
             _log.warning("execution=%s was taken over by another replica", run.execution_id)
             return
         if not isinstance(error, _RunBroken):
@@ -285,15 +295,16 @@ class Orchestrator:
     async def _resume(self, execution_id: str) -> None:
         if execution_id in self._runs:
             return
-        if execution_id not in self._claims and not await self._claim(execution_id):
+        claims = self.ownership.claims
+        if execution_id not in claims and not await self.ownership.claim(execution_id):
             return  # another replica drives it
         loaded = await load_execution(self.store, execution_id)
         if loaded is None:
-            await self._drop_active(execution_id)
+            await self.ownership.drop_active(execution_id)
             raise NotFound(f"execution {execution_id} has no record; dropped from active")
         workflow, view = loaded
         if view.ended:
-            await self._drop_active(execution_id)
+            await self.ownership.drop_active(execution_id)
             return
         view.execution.owner = self.settings.owner
         # An inline definition is stored without a name; it was valid when it started.
@@ -310,103 +321,6 @@ class Orchestrator:
                 message=cancel.value.decode(),
             )
         self._spawn(run, resumed=True)
-
-    async def _drop_active(self, execution_id: str) -> None:
-        await self.store.txn(
-            (),
-            [
-                Delete(ACTIVE + execution_id),
-                Delete(OWNERS + execution_id),
-                Delete(CANCELS + execution_id),
-            ],
-        )
-        self._claims.pop(execution_id, None)
-
-    # -- ownership ---------------------------------------------------------------------
-
-    def owner_ops(self, execution_id: str) -> list[Put | Delete]:
-        """Operations that make this replica the owner of a new execution."""
-        return [Put(OWNERS + execution_id, self.settings.owner.encode(), lease=self._lease)]
-
-    def fence(self, execution_id: str) -> Compare | None:
-        """The guard of a run's write: its owner key is still the one this replica wrote."""
-        revision = self._claims.get(execution_id)
-        return None if revision is None else Compare(OWNERS + execution_id, revision)
-
-    def claimed(self, execution_id: str, revision: int) -> None:
-        """Record that the owner key of ``execution_id`` was written at ``revision``."""
-        self._claims[execution_id] = revision
-
-    async def _claim(self, execution_id: str, *, force: bool = False) -> bool:
-        """Write the owner key (only if absent, unless ``force``); True when this won."""
-        if self._lease is None:
-            return False
-        key = OWNERS + execution_id
-        result = await self.store.txn(
-            () if force else (Compare(key, 0),),
-            [Put(key, self.settings.owner.encode(), lease=self._lease)],
-        )
-        if result.succeeded:
-            self._claims[execution_id] = result.revision
-        return result.succeeded
-
-    async def _claim_orphans(self, *, force: bool = False) -> int:
-        """Take over and resume active executions without a live owner; how many."""
-        owned = {kv.key.removeprefix(OWNERS) for kv in await self.store.range(OWNERS)}
-        resumed = 0
-        for kv in await self.store.range(ACTIVE):
-            execution_id = kv.key.removeprefix(ACTIVE)
-            if execution_id in self._runs or self._stopping:
-                continue
-            if not force and execution_id in owned:
-                continue
-            if not await self._claim(execution_id, force=force):
-                continue
-            try:
-                await self._resume(execution_id)
-                resumed += 1
-            except MeshError as exc:  # a damaged execution must not stop the plane
-                _log.error("cannot resume execution=%s: %s", execution_id, exc.message)
-        return resumed
-
-    def _on_owner_events(self, events: list[Event]) -> None:
-        """Store listener: an owner key went (its replica died or ended it): look now."""
-        if any(event.type == EventType.DELETE for event in events):
-            self._claim_wakeup.set()
-
-    async def _claim_forever(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.claim_interval):
-                    await self._claim_wakeup.wait()
-            self._claim_wakeup.clear()
-            try:
-                taken = await self._claim_orphans()
-            except Exception as exc:
-                _log.warning("looking for executions to take over failed: %s", exc)
-                continue
-            if taken:
-                _log.info("took over executions=%d", taken)
-
-    async def _keep_lease_forever(self) -> None:
-        """Renew the ownership lease; if it lapsed, every run here has lost its claim."""
-        while True:
-            await asyncio.sleep(self.settings.ownership_ttl / 4)
-            lease = self._lease
-            if lease is None:
-                continue
-            try:
-                await self.store.keep_alive(lease)
-            except LeaseNotFound:
-                _log.error("ownership lease lapsed; executions here stop and are taken over again")
-                self._claims.clear()  # the runs' next writes fail: they stop
-                for run in list(self._runs.values()):
-                    if run.task is not None:
-                        run.task.cancel()
-                self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
-                self._claim_wakeup.set()
-            except Exception as exc:
-                _log.warning("renewing the ownership lease failed: %s", exc)
 
     # -- executions ------------------------------------------------------------------
 
