@@ -28,8 +28,7 @@ import logging
 import random
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,13 +45,13 @@ from flext_mesh.errors import (
     NotFound,
     Unavailable,
 )
-from flext_mesh.names import check_id, elide, raise_if
+from flext_mesh.names import check_id, raise_if
 from flext_mesh.orchestrator.catalog import (
     MAX_WORKFLOW_NAME,
     Catalog,
-    check_workflow_name,
     validated,
 )
+from flext_mesh.orchestrator.executions import Executions
 from flext_mesh.orchestrator.history import (
     ENDED_STATES,
     UNKNOWN_OUTCOME_CODES,
@@ -68,19 +67,18 @@ from flext_mesh.orchestrator.records import (
     CANCELS,
     DEFINITIONS,
     ENDED,
-    EVENTS,
     EXECUTIONS,
     OWNERS,
-    checked_page_size,
     error_info,
     event_key,
     idempotency_key,
     load_execution,
     mesh_error,
     new_execution_id,
-    read_events,
     timestamp_now,
 )
+from flext_mesh.orchestrator.reporting import Reporter, end_record, step_record
+from flext_mesh.orchestrator.retention import Retention
 from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.spec import (
     CompensationSpec,
@@ -89,7 +87,6 @@ from flext_mesh.orchestrator.spec import (
     WorkflowSpec,
 )
 from flext_mesh.orchestrator.templates import UnresolvedReference, resolve
-from flext_mesh.paging import decode_page_token, encode_page_token
 from flext_mesh.retry import Backoff, retry_async
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
@@ -100,8 +97,6 @@ from flext_mesh.store import (
     EventType,
     Put,
     Store,
-    Subscription,
-    SubscriptionLagged,
 )
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
@@ -120,8 +115,6 @@ _T = TypeVar("_T")
 MAX_INPUT_BYTES = 1024 * 1024
 #: Longest cancellation reason, bytes.
 MAX_REASON_BYTES = 1024
-#: Metrics service name prefix of workflow executions.
-METRICS_PREFIX = "workflow/"
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -172,21 +165,26 @@ class Orchestrator:
         self.store = store
         self.invoker = invoker
         self.settings = settings or OrchestratorSettings()
-        self._report = report
-        self._records: list[metrics_pb2.CallRecord] = []
         self._runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._random = random.Random()
-        self._watchers: set[Subscription] = set()
         self.catalog = Catalog(store)
         self.put_workflow = self.catalog.put_workflow
         self.get_workflow = self.catalog.get_workflow
         self.list_workflows = self.catalog.list_workflows
         self.delete_workflow = self.catalog.delete_workflow
-        # Records of executions that just ended, for the last WatchExecution message.
-        self._ended: OrderedDict[str, bytes] = OrderedDict()
+        self.executions = Executions(store)
+        self.get_execution = self.executions.get_execution
+        self.list_executions = self.executions.list_executions
+        self.watch_execution = self.executions.watch_execution
+        self.close_watches = self.executions.close_watches
+        self.remember_ended = self.executions.remember_ended
+        self.reporter = Reporter(report, self.settings.metrics_flush_interval)
+        self.record = self.reporter.record
+        self.retention = Retention(store, self.settings)
+        self.sweep = self.retention.sweep
         self.ownership = Ownership(
             store,
             self.settings,
@@ -216,8 +214,8 @@ class Orchestrator:
         if resumed:
             _log.info("resumed executions=%d", resumed)
         self._background = [
-            asyncio.create_task(self._sweep_forever(), name="orchestrator-retention"),
-            asyncio.create_task(self._flush_metrics_forever(), name="orchestrator-metrics"),
+            asyncio.create_task(self.retention.sweep_forever(), name="orchestrator-retention"),
+            asyncio.create_task(self.reporter.flush_forever(), name="orchestrator-metrics"),
             asyncio.create_task(self.ownership.keep_lease_forever(), name="orchestrator-lease"),
             asyncio.create_task(self.ownership.claim_forever(), name="orchestrator-claims"),
         ]
@@ -236,7 +234,7 @@ class Orchestrator:
         self._background.clear()
         self._tasks.clear()
         self._runs.clear()
-        self._flush_metrics()
+        self.reporter.flush()
         await self.invoker.aclose()
         await self.ownership.release()
 
@@ -331,7 +329,7 @@ class Orchestrator:
         workflow, spec = await self.catalog.definition_of(request)
         _check_start(request)
         if request.idempotency_key:
-            existing = await self._by_idempotency_key(request.idempotency_key)
+            existing = await self.executions.by_idempotency_key(request.idempotency_key)
             if existing is not None:
                 return existing, True
         execution_id = new_execution_id()
@@ -371,7 +369,7 @@ class Orchestrator:
             cause = broken.__cause__
             raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
         if not committed:  # the same key won a race meanwhile
-            existing = await self._by_idempotency_key(request.idempotency_key)
+            existing = await self.executions.by_idempotency_key(request.idempotency_key)
             if existing is None:  # pragma: no cover - the winner's write is visible
                 raise Unavailable("concurrent StartExecution with this key; retry")
             return existing, True
@@ -389,58 +387,6 @@ class Orchestrator:
             execution.correlation_id,
         )
         return snapshot, False
-
-    async def _by_idempotency_key(self, key: str) -> orchestrator_pb2.Execution | None:
-        kv = await self.store.get(idempotency_key(key))
-        if kv is None:
-            return None
-        record = await self.store.get(EXECUTIONS + kv.value.decode())
-        return orchestrator_pb2.Execution.FromString(record.value) if record else None
-
-    async def get_execution(
-        self, execution_id: str, *, include_events: bool = False
-    ) -> tuple[orchestrator_pb2.Execution, list[orchestrator_pb2.ExecutionEvent]]:
-        """The execution as last committed, and its history when asked."""
-        raise_if(check_id("execution_id", execution_id))
-        record = await self.store.get(EXECUTIONS + execution_id)
-        if record is None:
-            raise NotFound(f"execution {elide(execution_id)!r} does not exist")
-        events: list[orchestrator_pb2.ExecutionEvent] = []
-        if include_events:
-            events = await read_events(self.store, execution_id)
-        return orchestrator_pb2.Execution.FromString(record.value), events
-
-    async def list_executions(
-        self, workflow_name: str, state: int, page_size: int, page_token: str
-    ) -> tuple[list[orchestrator_pb2.Execution], str]:
-        """Executions newest first, filtered, and the next page's token."""
-        size = checked_page_size(page_size)
-        violations = check_workflow_name("workflow_name", workflow_name, required=False)
-        if state and state not in orchestrator_pb2.ExecutionState.values():
-            violations.append(FieldViolation("state", f"unknown state {state}"))
-        raise_if(violations)
-        query = ("ListExecutions", workflow_name, state)
-        after = decode_page_token(page_token, query)
-        found: list[orchestrator_pb2.Execution] = []
-        cursor = EXECUTIONS + after if after else ""
-        chunk = max(size * 2, 64)
-        while len(found) <= size:
-            kvs = await self.store.range(EXECUTIONS, start_after=cursor, limit=chunk, reverse=True)
-            for kv in kvs:
-                execution = orchestrator_pb2.Execution.FromString(kv.value)
-                if workflow_name and execution.workflow_name != workflow_name:
-                    continue
-                if state and execution.state != state:
-                    continue
-                found.append(execution)
-                if len(found) > size:
-                    break
-            if len(kvs) < chunk:
-                break
-            cursor = kvs[-1].key
-        more = len(found) > size
-        page = found[:size]
-        return page, encode_page_token(page[-1].execution_id if more else "", query)
 
     async def cancel_execution(self, execution_id: str, reason: str) -> orchestrator_pb2.Execution:
         """Record a cancellation and wait (briefly) until running steps stopped."""
@@ -500,135 +446,6 @@ class Orchestrator:
                 task = asyncio.create_task(run.request_cancel(event.value.decode()))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-    async def watch_execution(
-        self, execution_id: str, after_index: int
-    ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
-        """Events after ``after_index``, live, until the execution ends."""
-        raise_if(check_id("execution_id", execution_id))
-        if after_index < 0:
-            raise InvalidArgument("", [FieldViolation("after_index", "must be >= 0")])
-        prefix = f"{EVENTS}{execution_id}/"
-        subscription = self.store.subscribe(prefix)
-        self._watchers.add(subscription)
-        try:
-            last = after_index
-            kvs = await self.store.range(
-                prefix, start_after=event_key(execution_id, last) if last else ""
-            )
-            if not kvs:
-                # Nothing after the asked index: unknown, still running, or ended.
-                execution, _ = await self.get_execution(execution_id)
-                if ExecutionState(execution.state) in ENDED_STATES:
-                    yield orchestrator_pb2.WatchExecutionResponse(execution=execution)
-                    return
-            for kv in kvs:
-                event = orchestrator_pb2.ExecutionEvent.FromString(kv.value)
-                last = event.index
-                message = await self._watch_message(execution_id, event)
-                yield message
-                if message.HasField("execution"):
-                    return
-            async for batch in subscription:
-                for store_event in batch:
-                    event = orchestrator_pb2.ExecutionEvent.FromString(store_event.value)
-                    if event.index <= last:
-                        continue
-                    last = event.index
-                    message = await self._watch_message(execution_id, event)
-                    yield message
-                    if message.HasField("execution"):
-                        return
-            raise Unavailable(
-                f"the control plane is shutting down; watch again with after_index={last}"
-            )
-        except SubscriptionLagged:
-            raise Unavailable(f"watcher fell behind; watch again with after_index={last}") from None
-        finally:
-            subscription.close()
-            self._watchers.discard(subscription)
-
-    def close_watches(self) -> None:
-        """End every WatchExecution stream (on shutdown, so the drain is not held up)."""
-        for subscription in list(self._watchers):
-            subscription.close()
-
-    async def _watch_message(
-        self, execution_id: str, event: orchestrator_pb2.ExecutionEvent
-    ) -> orchestrator_pb2.WatchExecutionResponse:
-        message = orchestrator_pb2.WatchExecutionResponse(event=event)
-        if ExecutionEventType(event.type) == ExecutionEventType.EXECUTION_ENDED:
-            record = self._ended.get(execution_id)
-            if record is not None:
-                message.execution.ParseFromString(record)
-            else:
-                ended, _ = await self.get_execution(execution_id)
-                message.execution.CopyFrom(ended)
-        return message
-
-    def remember_ended(self, execution_id: str, record: bytes) -> None:
-        """Keep a just-ended execution's record for the watchers' last message."""
-        self._ended[execution_id] = record
-        while len(self._ended) > 256:
-            self._ended.popitem(last=False)
-
-    # -- metrics and retention ---------------------------------------------------------
-
-    def record(self, record: metrics_pb2.CallRecord) -> None:
-        """Queue a duration record for the metrics service."""
-        if self._report is not None:
-            self._records.append(record)
-
-    def _flush_metrics(self) -> None:
-        if self._records and self._report is not None:
-            records, self._records = self._records, []
-            try:
-                self._report(records)
-            except Exception:
-                _log.exception("reporting workflow durations failed")
-
-    async def _flush_metrics_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.metrics_flush_interval)
-            self._flush_metrics()
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval)
-            try:
-                removed = await self.sweep()
-            except Exception as exc:
-                _log.warning("execution retention sweep failed: %s", exc)
-                continue
-            if removed:
-                _log.info("retention removed executions=%d", removed)
-
-    async def sweep(self, now: float | None = None) -> int:
-        """Delete ended executions older than the retention; returns how many."""
-        cutoff_ms = int(
-            ((now if now is not None else time.time()) - self.settings.retention) * 1000
-        )
-        removed = 0
-        while True:
-            kvs = await self.store.range(ENDED, limit=200)
-            expired = [kv for kv in kvs if int(kv.key.split("/")[3]) <= cutoff_ms]
-            for kv in expired:
-                execution_id = kv.key.rsplit("/", 1)[1]
-                ops: list[Put | Delete] = [
-                    Delete(kv.key),
-                    Delete(EXECUTIONS + execution_id),
-                    Delete(DEFINITIONS + execution_id),
-                    Delete(f"{EVENTS}{execution_id}/", prefix=True),
-                ]
-                record = await self.store.get(EXECUTIONS + execution_id)
-                if record is not None:
-                    key = orchestrator_pb2.Execution.FromString(record.value).idempotency_key
-                    if key:
-                        ops.append(Delete(idempotency_key(key)))
-                await self.store.txn((), ops)
-                removed += 1
-            if len(expired) < len(kvs) or len(kvs) < 200:
-                return removed
 
 
 # -- one execution -----------------------------------------------------------------------
@@ -1430,44 +1247,16 @@ class _Run:
 
     # -- metrics -------------------------------------------------------------------------
 
-    def _series(self) -> str:
-        return METRICS_PREFIX + (self.view.execution.workflow_name or "inline")
-
     def _record_step(self, step: StepSpec, success: bool, code: grpc.StatusCode) -> None:
-        record = self.view.step(step.name)
-        self.orchestrator.record(
-            metrics_pb2.CallRecord(
-                service_name=self._series(),
-                operation=step.name,
-                duration_ms=record.duration.ToNanoseconds() / 1e6,
-                success=success,
-                status_code=code.value[0],
-                correlation_id=self.view.execution.correlation_id,
-                time_unix_nano=record.start_time.ToNanoseconds(),
-                side=metrics_pb2.CALL_SIDE_SERVER,
-            )
-        )
+        self.orchestrator.record(step_record(self.view, step.name, success, code))
 
     def _record_end(self) -> None:
         execution = self.view.execution
-        state = self.view.state
-        success = state == ExecutionState.SUCCEEDED
-        self.orchestrator.record(
-            metrics_pb2.CallRecord(
-                service_name=self._series(),
-                operation="execution",
-                duration_ms=execution.duration.ToNanoseconds() / 1e6,
-                success=success,
-                status_code=0 if success else (execution.error.code or 2),
-                correlation_id=execution.correlation_id,
-                time_unix_nano=execution.start_time.ToNanoseconds(),
-                side=metrics_pb2.CALL_SIDE_SERVER,
-            )
-        )
+        self.orchestrator.record(end_record(self.view))
         _log.info(
             "execution ended id=%s state=%s duration_ms=%.1f",
             self.execution_id,
-            state.name,
+            self.view.state.name,
             execution.duration.ToNanoseconds() / 1e6,
         )
 
