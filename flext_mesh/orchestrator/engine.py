@@ -1,249 +1,88 @@
 """The orchestrator domain: workflow definitions and durable executions.
 
-Store layout (every value a serialized message)::
+:class:`Orchestrator` is what the servicer, the dashboard and the server use. It owns the
+lifecycle (start and stop, spawning runs, resuming them after a store failure or a
+takeover), starts executions and cancels them (on whichever replica drives them), and
+hands the rest to its parts:
 
-    /orchestrator/workflows/NAME                    latest Workflow
-    /orchestrator/workflow-versions/NAME/VERSION    every version ever stored
-    /orchestrator/executions/ID                     Execution (steps, no events)
-    /orchestrator/execution-definitions/ID          the Workflow the execution runs
-    /orchestrator/events/ID/INDEX                   ExecutionEvent, INDEX from 1
-    /orchestrator/active/ID                         present while it has not ended
-    /orchestrator/ended/END_MS/ID                   retention index of ended ones
-    /orchestrator/idempotency/SHA256(KEY)           execution id of a StartExecution key
+- :mod:`.catalog`: workflow definitions, their versions and validated specs;
+- :mod:`.executions`: GetExecution, ListExecutions, WatchExecution;
+- :mod:`.ownership`: which replica drives which execution, the fence on its writes;
+- :mod:`.run`: one execution driven to its end, with :mod:`.journal` (transitions
+  staged, then flushed in one transaction), :mod:`.steps` (inputs, attempts, retries)
+  and :mod:`.compensation` (lost outcomes settled, completed steps undone);
+- :mod:`.retention`: ended executions deleted; :mod:`.reporting`: duration records;
+- :mod:`.records`: the store keyspace, keys and ids, an execution read back;
+  :mod:`.settings`: the tunables.
 
-An execution is driven by one task (:class:`_Run`). Every transition is first *staged*
-(folded into the in-memory view), then *flushed*: the events and the rewritten
-execution record go to the store in one transaction, and only after it committed does
-the run act (send a call, sleep a backoff, compensate). Transitions decided together
-(a step succeeded, its dependents start) share one transaction, so a 3-step linear
-workflow costs 4 commits. After a restart every active execution is replayed from its
-events and resumed; a step that was in flight is sent again with the same idempotency
-key, which a sidecar answers from its cache instead of running it twice.
-
-Step failures: infrastructure faults (the retry policy's codes) are retried with
-backoff (``flext_mesh.retry``); business rejections fail the step at once. A failed optional
-step skips its dependents; a failed required step (or a cancellation, or the
-execution's timeout) stops scheduling, cancels running steps, and compensates the
-completed steps in reverse order of completion, each compensation retried per its
-policy. Compensations that still fail leave COMPENSATION_FAILED for an operator; the
-remaining compensations run anyway, so as much as possible is undone.
+Beside them: :mod:`.spec` (a definition validated), :mod:`.history` (the view events
+fold into), :mod:`.invoker` (one step attempt), :mod:`.templates` (references in
+inputs) and :mod:`.formats` (workflow files).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
 import random
-import secrets
-import socket
-import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import grpc
-from google.protobuf import timestamp_pb2
+from collections.abc import Callable, Sequence
 
 from flext_mesh.errors import (
     Cancelled,
-    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
-    InternalError,
     InvalidArgument,
     MeshError,
     NotFound,
     Unavailable,
-    error_for_code,
 )
-from flext_mesh.names import check_id, check_length, check_name, elide, raise_if
+from flext_mesh.names import check_id, raise_if
+from flext_mesh.orchestrator.catalog import MAX_WORKFLOW_NAME, Catalog, validated
+from flext_mesh.orchestrator.executions import Executions
 from flext_mesh.orchestrator.history import (
     ENDED_STATES,
-    UNKNOWN_OUTCOME_CODES,
     ExecutionEventType,
     ExecutionState,
     ExecutionView,
-    StepState,
 )
-from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
-from flext_mesh.orchestrator.spec import (
-    CompensationSpec,
-    RetrySpec,
-    StepSpec,
-    WorkflowSpec,
-    validate_workflow,
+from flext_mesh.orchestrator.invoker import StepInvoker
+from flext_mesh.orchestrator.journal import OwnershipLost, RunBroken
+from flext_mesh.orchestrator.ownership import Ownership
+from flext_mesh.orchestrator.records import (
+    ACTIVE,
+    CANCELS,
+    DEFINITIONS,
+    EXECUTIONS,
+    idempotency_key,
+    load_execution,
+    new_execution_id,
 )
-from flext_mesh.orchestrator.templates import UnresolvedReference, resolve
-from flext_mesh.paging import decode_page_token, encode_page_token
-from flext_mesh.retry import Backoff, retry_async
+from flext_mesh.orchestrator.reporting import Reporter
+from flext_mesh.orchestrator.retention import Retention
+from flext_mesh.orchestrator.run import Run, RunContext
+from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
+from flext_mesh.orchestrator.spec import RetrySpec
+from flext_mesh.retry import Backoff
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
-from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
-from flext_mesh.store import (
-    Compare,
-    Delete,
-    Event,
-    EventType,
-    KeyValue,
-    LeaseNotFound,
-    Put,
-    Store,
-    Subscription,
-    SubscriptionLagged,
-    follow,
-)
-from flext_mesh.v1 import common_pb2, metrics_pb2, orchestrator_pb2, registry_pb2
+from flext_mesh.store import Compare, Delete, Event, EventType, Put, Store
+from flext_mesh.v1 import metrics_pb2, orchestrator_pb2
 
 __all__ = [
     "MAX_INPUT_BYTES",
     "MAX_WORKFLOW_NAME",
     "Orchestrator",
     "OrchestratorSettings",
+    "default_owner",
 ]
 
 _log = logging.getLogger("flext_mesh.orchestrator")
-_T = TypeVar("_T")
 
 #: Largest execution input accepted, serialized.
 MAX_INPUT_BYTES = 1024 * 1024
 #: Longest cancellation reason, bytes.
 MAX_REASON_BYTES = 1024
-#: Longest workflow name: its metrics series is ``workflow/NAME`` and must fit 63.
-MAX_WORKFLOW_NAME = 54
-#: Metrics service name prefix of workflow executions.
-METRICS_PREFIX = "workflow/"
-
-_WORKFLOWS = "/orchestrator/workflows/"
-_VERSIONS = "/orchestrator/workflow-versions/"
-_EXECUTIONS = "/orchestrator/executions/"
-_DEFINITIONS = "/orchestrator/execution-definitions/"
-_EVENTS = "/orchestrator/events/"
-_ACTIVE = "/orchestrator/active/"
-_ENDED = "/orchestrator/ended/"
-_IDEMPOTENCY = "/orchestrator/idempotency/"
-#: Who drives an active execution: the owner's name, under the owner's lease, so it
-#: goes when the owner dies; its mod revision fences the owner's writes.
-_OWNERS = "/orchestrator/owners/"
-#: CancelExecution received by a replica that does not drive the execution.
-_CANCELS = "/orchestrator/cancel-requests/"
-
-_COMPENSATION_DEFAULT_ATTEMPTS = 5
-#: The query of ListWorkflows' page tokens (it has no filter).
-_LIST_WORKFLOWS = ("ListWorkflows",)
-
-
-def default_owner() -> str:
-    """This replica's name in Execution.owner: host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class OrchestratorSettings:
-    """Tunables of the orchestrator (the server maps its flags onto these)."""
-
-    #: Name of this control-plane replica, recorded as the owner of what it drives.
-    owner: str = field(default_factory=default_owner)
-    #: Seconds an ended execution (record, events) is kept before it is deleted.
-    retention: float = 7 * 24 * 3600.0
-    #: Seconds between retention sweeps.
-    sweep_interval: float = 60.0
-    #: Seconds CancelExecution waits for running steps to stop before answering.
-    cancel_wait: float = 5.0
-    #: Seconds before a run that lost its store is resumed from the store.
-    resume_delay: float = 1.0
-    #: Seconds between flushes of execution and step durations to the metrics service.
-    metrics_flush_interval: float = 0.5
-    #: True when this replica is the only one on its store (SQLite): it drives every
-    #: active execution at start without waiting for a dead owner's lease to expire.
-    exclusive_store: bool = True
-    #: TTL of this replica's ownership lease, seconds: a dead replica's executions are
-    #: taken over at most this long (plus ``claim_interval``) after it died.
-    ownership_ttl: float = 8.0
-    #: Seconds between scans for active executions nobody owns.
-    claim_interval: float = 2.0
-    #: Seconds to wait for the instance that got a step attempt whose answer was lost
-    #: (cancelled in flight, timed out) to say what became of it, before compensating.
-    resolve_timeout: float = 30.0
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(time.time_ns())
-    return stamp
-
-
-def _error_info(error: MeshError) -> common_pb2.ErrorInfo:
-    code = error.code
-    return common_pb2.ErrorInfo(
-        code=code.value[0],
-        code_name=code.name,
-        message=error.message[:4096],
-        infrastructure=code
-        in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.INTERNAL,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.UNKNOWN,
-        ),
-    )
-
-
-def _event_key(execution_id: str, index: int) -> str:
-    return f"{_EVENTS}{execution_id}/{index:010d}"
-
-
-def _idempotency_key(key: str) -> str:
-    return _IDEMPOTENCY + hashlib.sha256(key.encode()).hexdigest()
-
-
-def _new_execution_id() -> str:
-    """Time-ordered (milliseconds, then random): key order is creation order."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(5)}"
-
-
-async def _committed(awaitable: Awaitable[_T]) -> _T:
-    """Await a store write to its end even if the caller is cancelled meanwhile.
-
-    A transition handed to the store either commits or fails; a cancellation (shutdown,
-    a cancelled step) must not leave the run unsure which, so it is delivered after.
-    """
-    future = asyncio.ensure_future(awaitable)
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if future.cancelled():  # the write itself was cancelled (store closing)
-                raise
-            cancelled = True  # the caller was: finish the write, then tell it
-    if cancelled:
-        raise asyncio.CancelledError
-    return future.result()
-
-
-def _page_size(value: int) -> int:
-    if value > 1000:
-        raise InvalidArgument("", [FieldViolation("page_size", f"at most 1000, got {value}")])
-    return value or 100
-
-
-class _RunBroken(Exception):
-    """The store failed under a run: it stops and is resumed from the store later."""
-
-
-class _OwnershipLost(Exception):
-    """Another replica took the execution over (this one's lease lapsed): stop quietly."""
-
-
-# -- the engine ------------------------------------------------------------------------------
 
 
 class Orchestrator:
@@ -261,27 +100,47 @@ class Orchestrator:
         self.store = store
         self.invoker = invoker
         self.settings = settings or OrchestratorSettings()
-        self._report = report
-        self._records: list[metrics_pb2.CallRecord] = []
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._random = random.Random()
-        self._watchers: set[Subscription] = set()
-        # Latest definitions, kept fresh by a store listener (every replica sees every
-        # PutWorkflow); validated specs per (name, version), which never change.
-        self._latest: dict[str, orchestrator_pb2.Workflow] = {}
-        self._specs: OrderedDict[tuple[str, int], WorkflowSpec] = OrderedDict()
-        self._unlisten: Callable[[], None] | None = None
-        # Records of executions that just ended, for the last WatchExecution message.
-        self._ended: OrderedDict[str, bytes] = OrderedDict()
-        # Ownership: this replica's lease, and the mod revision of each owner key it
-        # wrote (a write by a run is committed only while its owner key is unchanged).
-        self._lease: str | None = None
-        self._claims: dict[str, int] = {}
-        self._claim_wakeup = asyncio.Event()
-        self._unlisten_owners: Callable[[], None] | None = None
+        self.catalog = Catalog(store)
+        self.executions = Executions(store)
+        self.reporter = Reporter(report, self.settings.metrics_flush_interval)
+        self.retention = Retention(store, self.settings)
+        self.ownership = Ownership(
+            store,
+            self.settings,
+            resume=self._resume,
+            skip=lambda execution_id: execution_id in self._runs or self._stopping,
+            abandon=self._abandon,
+        )
+        self._run_context = RunContext(
+            store=store,
+            invoker=invoker,
+            settings=self.settings,
+            fence=self.ownership.fence,
+            record=self.reporter.record,
+            remember_ended=self.executions.remember_ended,
+            rng=random.Random(),
+        )
+        # The API the servicer, the dashboard and the server use; each part documents
+        # its calls.
+        self.put_workflow = self.catalog.put_workflow
+        self.get_workflow = self.catalog.get_workflow
+        self.list_workflows = self.catalog.list_workflows
+        self.delete_workflow = self.catalog.delete_workflow
+        self.get_execution = self.executions.get_execution
+        self.list_executions = self.executions.list_executions
+        self.watch_execution = self.executions.watch_execution
+        self.close_watches = self.executions.close_watches
+        self.remember_ended = self.executions.remember_ended
+        self.record = self.reporter.record
+        self.sweep = self.retention.sweep
+        self.owner_ops = self.ownership.owner_ops
+        self.fence = self.ownership.fence
+        self.claimed = self.ownership.claimed
+        self._claim = self.ownership.claim  # (the fencing tests claim directly)
         self._unlisten_cancels: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
@@ -293,50 +152,56 @@ class Orchestrator:
         shared one (etcd) it takes those whose owner's lease is gone, now and whenever
         an owner key disappears.
         """
-        await self._load_workflows()
-        self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
-        self._unlisten_owners = self.store.listen(_OWNERS, self._on_owner_events)
-        self._unlisten_cancels = self.store.listen(_CANCELS, self._on_cancel_requests)
-        resumed = await self._claim_orphans(force=self.settings.exclusive_store)
+        await self.catalog.start()
+        await self.ownership.start()
+        self._unlisten_cancels = self.store.listen(CANCELS, self._on_cancel_requests)
+        resumed = await self.ownership.claim_orphans(force=self.settings.exclusive_store)
         if resumed:
             _log.info("resumed executions=%d", resumed)
         self._background = [
-            asyncio.create_task(self._sweep_forever(), name="orchestrator-retention"),
-            asyncio.create_task(self._flush_metrics_forever(), name="orchestrator-metrics"),
-            asyncio.create_task(self._keep_lease_forever(), name="orchestrator-lease"),
-            asyncio.create_task(self._claim_forever(), name="orchestrator-claims"),
+            asyncio.create_task(self.retention.sweep_forever(), name="orchestrator-retention"),
+            asyncio.create_task(self.reporter.flush_forever(), name="orchestrator-metrics"),
+            asyncio.create_task(self.ownership.keep_lease_forever(), name="orchestrator-lease"),
+            asyncio.create_task(self.ownership.claim_forever(), name="orchestrator-claims"),
         ]
 
     async def stop(self) -> None:
         """Stop driving executions (they resume at the next start) and close connections."""
         self._stopping = True
-        for unlisten in (self._unlisten, self._unlisten_owners, self._unlisten_cancels):
-            if unlisten is not None:
-                unlisten()
-        self._unlisten = self._unlisten_owners = self._unlisten_cancels = None
+        self.catalog.stop()
+        self.ownership.stop_listening()
+        if self._unlisten_cancels is not None:
+            self._unlisten_cancels()
+        self._unlisten_cancels = None
         for task in [*self._background, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
         self._background.clear()
         self._tasks.clear()
         self._runs.clear()
-        self._flush_metrics()
+        self.reporter.flush()
         await self.invoker.aclose()
-        # A clean stop hands the executions over at once rather than at lease expiry.
-        lease, self._lease = self._lease, None
-        self._claims.clear()
-        if lease is not None:
-            with contextlib.suppress(Exception):
-                await self.store.revoke_lease(lease)
+        await self.ownership.release()
 
-    def _spawn(self, run: _Run, resumed: bool) -> None:
+    @property
+    def _lease(self) -> str | None:
+        """This replica's ownership lease (the fencing tests revoke it)."""
+        return self.ownership.lease
+
+    def _abandon(self) -> None:
+        """Cancel every run: the ownership lease lapsed, their claims are gone."""
+        for run in list(self._runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+
+    def _spawn(self, run: Run, resumed: bool) -> None:
         self._runs[run.execution_id] = run
         task = asyncio.create_task(run.drive(resumed), name=f"execution-{run.execution_id}")
         run.task = task
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._finished(run, t))
 
-    def _finished(self, run: _Run, task: asyncio.Task[None]) -> None:
+    def _finished(self, run: Run, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if self._runs.get(run.execution_id) is run:
             del self._runs[run.execution_id]
@@ -345,11 +210,11 @@ class Orchestrator:
         error = task.exception()
         if error is None:
             return
-        if isinstance(error, _OwnershipLost):
-            self._claims.pop(run.execution_id, None)
+        if isinstance(error, OwnershipLost):
+            self.ownership.claims.pop(run.execution_id, None)
             _log.warning("execution=%s was taken over by another replica", run.execution_id)
             return
-        if not isinstance(error, _RunBroken):
+        if not isinstance(error, RunBroken):
             _log.error(
                 "execution=%s stopped on an unexpected error; resuming it",
                 run.execution_id,
@@ -373,29 +238,23 @@ class Orchestrator:
     async def _resume(self, execution_id: str) -> None:
         if execution_id in self._runs:
             return
-        if execution_id not in self._claims and not await self._claim(execution_id):
+        claims = self.ownership.claims
+        if execution_id not in claims and not await self.ownership.claim(execution_id):
             return  # another replica drives it
-        record = await self.store.get(_EXECUTIONS + execution_id)
-        definition = await self.store.get(_DEFINITIONS + execution_id)
-        if record is None or definition is None:
-            await self._drop_active(execution_id)
+        loaded = await load_execution(self.store, execution_id)
+        if loaded is None:
+            await self.ownership.drop_active(execution_id)
             raise NotFound(f"execution {execution_id} has no record; dropped from active")
-        execution = orchestrator_pb2.Execution.FromString(record.value)
-        workflow = orchestrator_pb2.Workflow.FromString(definition.value)
-        events = [
-            orchestrator_pb2.ExecutionEvent.FromString(kv.value)
-            for kv in await self.store.range(f"{_EVENTS}{execution_id}/")
-        ]
-        view = ExecutionView.replay(execution, events)
+        workflow, view = loaded
         if view.ended:
-            await self._drop_active(execution_id)
+            await self.ownership.drop_active(execution_id)
             return
         view.execution.owner = self.settings.owner
         # An inline definition is stored without a name; it was valid when it started.
-        spec = _validated(workflow, inline=not workflow.name)
-        run = _Run(self, spec, view)
-        run.owned = True
-        cancel = await self.store.get(_CANCELS + execution_id)
+        spec = validated(workflow, inline=not workflow.name)
+        run = Run(self._run_context, spec, view)
+        run.journal.owned = True
+        cancel = await self.store.get(CANCELS + execution_id)
         if cancel is not None and not view.cancel_requested:
             run.stage(
                 ExecutionEventType.CANCEL_REQUESTED,
@@ -406,206 +265,19 @@ class Orchestrator:
             )
         self._spawn(run, resumed=True)
 
-    async def _drop_active(self, execution_id: str) -> None:
-        await self.store.txn(
-            (),
-            [
-                Delete(_ACTIVE + execution_id),
-                Delete(_OWNERS + execution_id),
-                Delete(_CANCELS + execution_id),
-            ],
-        )
-        self._claims.pop(execution_id, None)
-
-    # -- ownership ---------------------------------------------------------------------
-
-    def owner_ops(self, execution_id: str) -> list[Put | Delete]:
-        """Operations that make this replica the owner of a new execution."""
-        return [Put(_OWNERS + execution_id, self.settings.owner.encode(), lease=self._lease)]
-
-    def fence(self, execution_id: str) -> Compare | None:
-        """The guard of a run's write: its owner key is still the one this replica wrote."""
-        revision = self._claims.get(execution_id)
-        return None if revision is None else Compare(_OWNERS + execution_id, revision)
-
-    def claimed(self, execution_id: str, revision: int) -> None:
-        """Record that the owner key of ``execution_id`` was written at ``revision``."""
-        self._claims[execution_id] = revision
-
-    async def _claim(self, execution_id: str, *, force: bool = False) -> bool:
-        """Write the owner key (only if absent, unless ``force``); True when this won."""
-        if self._lease is None:
-            return False
-        key = _OWNERS + execution_id
-        result = await self.store.txn(
-            () if force else (Compare(key, 0),),
-            [Put(key, self.settings.owner.encode(), lease=self._lease)],
-        )
-        if result.succeeded:
-            self._claims[execution_id] = result.revision
-        return result.succeeded
-
-    async def _claim_orphans(self, *, force: bool = False) -> int:
-        """Take over and resume active executions without a live owner; how many."""
-        owned = {kv.key.removeprefix(_OWNERS) for kv in await self.store.range(_OWNERS)}
-        resumed = 0
-        for kv in await self.store.range(_ACTIVE):
-            execution_id = kv.key.removeprefix(_ACTIVE)
-            if execution_id in self._runs or self._stopping:
-                continue
-            if not force and execution_id in owned:
-                continue
-            if not await self._claim(execution_id, force=force):
-                continue
-            try:
-                await self._resume(execution_id)
-                resumed += 1
-            except MeshError as exc:  # a damaged execution must not stop the plane
-                _log.error("cannot resume execution=%s: %s", execution_id, exc.message)
-        return resumed
-
-    def _on_owner_events(self, events: list[Event]) -> None:
-        """Store listener: an owner key went (its replica died or ended it): look now."""
-        if any(event.type == EventType.DELETE for event in events):
-            self._claim_wakeup.set()
-
-    async def _claim_forever(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.claim_interval):
-                    await self._claim_wakeup.wait()
-            self._claim_wakeup.clear()
-            try:
-                taken = await self._claim_orphans()
-            except Exception as exc:
-                _log.warning("looking for executions to take over failed: %s", exc)
-                continue
-            if taken:
-                _log.info("took over executions=%d", taken)
-
-    async def _keep_lease_forever(self) -> None:
-        """Renew the ownership lease; if it lapsed, every run here has lost its claim."""
-        while True:
-            await asyncio.sleep(self.settings.ownership_ttl / 4)
-            lease = self._lease
-            if lease is None:
-                continue
-            try:
-                await self.store.keep_alive(lease)
-            except LeaseNotFound:
-                _log.error("ownership lease lapsed; executions here stop and are taken over again")
-                self._claims.clear()  # the runs' next writes fail: they stop
-                for run in list(self._runs.values()):
-                    if run.task is not None:
-                        run.task.cancel()
-                self._lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
-                self._claim_wakeup.set()
-            except Exception as exc:
-                _log.warning("renewing the ownership lease failed: %s", exc)
-
-    # -- workflows -------------------------------------------------------------------
-
-    async def put_workflow(
-        self, workflow: orchestrator_pb2.Workflow
-    ) -> tuple[orchestrator_pb2.Workflow, bool]:
-        """Store a definition; returns it as stored and whether it changed."""
-        _validated(workflow)
-        key = _WORKFLOWS + workflow.name
-        while True:
-            current = await self.store.get(key)
-            stored = orchestrator_pb2.Workflow.FromString(current.value) if current else None
-            if stored is not None and _same_definition(stored, workflow):
-                return stored, False
-            last = await self.store.range(f"{_VERSIONS}{workflow.name}/", reverse=True, limit=1)
-            version = int(last[0].key.rsplit("/", 1)[1]) + 1 if last else 1
-            now = _now()
-            fresh = orchestrator_pb2.Workflow()
-            fresh.CopyFrom(workflow)
-            fresh.version = version
-            fresh.create_time.CopyFrom(stored.create_time if stored else now)
-            fresh.update_time.CopyFrom(now)
-            value = fresh.SerializeToString()
-            result = await self.store.txn(
-                [Compare(key, current.mod_revision if current else 0)],
-                [Put(key, value), Put(f"{_VERSIONS}{workflow.name}/{version:012d}", value)],
-            )
-            if result.succeeded:
-                _log.info("workflow stored name=%s version=%d", workflow.name, version)
-                return fresh, True
-
-    async def _load_workflows(self) -> None:
-        def load(kvs: list[KeyValue]) -> None:
-            for kv in kvs:
-                name = kv.key.removeprefix(_WORKFLOWS)
-                self._latest[name] = orchestrator_pb2.Workflow.FromString(kv.value)
-
-        _, self._unlisten = await follow(self.store, _WORKFLOWS, load, self._on_workflows)
-
-    def _on_workflows(self, events: list[Event]) -> None:
-        """Store listener: keep the latest definitions (on the loop, before acks)."""
-        for event in events:
-            name = event.key.removeprefix(_WORKFLOWS)
-            if event.type == EventType.DELETE:
-                self._latest.pop(name, None)
-            else:
-                self._latest[name] = orchestrator_pb2.Workflow.FromString(event.value)
-
-    def _spec_of(self, workflow: orchestrator_pb2.Workflow) -> WorkflowSpec:
-        key = (workflow.name, workflow.version)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = _validated(workflow)
-            if len(self._specs) > 1024:
-                self._specs.popitem(last=False)
-        return spec
-
-    async def get_workflow(self, name: str, version: int = 0) -> orchestrator_pb2.Workflow:
-        """The latest (or a given) version; NOT_FOUND when unknown or deleted."""
-        _require_name("name", name)
-        latest = self._latest.get(name)
-        if latest is None:
-            raise NotFound(f"workflow {elide(name)!r} does not exist")
-        if version <= 0 or version == latest.version:
-            return latest
-        kv = await self.store.get(f"{_VERSIONS}{name}/{version:012d}")
-        if kv is None:
-            raise NotFound(f"workflow {elide(name)!r} has no version {version}")
-        return orchestrator_pb2.Workflow.FromString(kv.value)
-
-    async def list_workflows(
-        self, page_size: int, page_token: str
-    ) -> tuple[list[orchestrator_pb2.Workflow], str]:
-        """Definitions sorted by name, and the next page's token."""
-        size = _page_size(page_size)
-        after = decode_page_token(page_token, _LIST_WORKFLOWS)
-        kvs = await self.store.range(
-            _WORKFLOWS, start_after=_WORKFLOWS + after if after else "", limit=size + 1
-        )
-        more = len(kvs) > size
-        workflows = [orchestrator_pb2.Workflow.FromString(kv.value) for kv in kvs[:size]]
-        last = workflows[-1].name if more else ""
-        return workflows, encode_page_token(last, _LIST_WORKFLOWS)
-
-    async def delete_workflow(self, name: str) -> None:
-        """Delete a definition; executions already started finish on their copy."""
-        _require_name("name", name)
-        if await self.store.delete(_WORKFLOWS + name) is None:
-            raise NotFound(f"workflow {name!r} does not exist")
-        _log.info("workflow deleted name=%s", name)
-
     # -- executions ------------------------------------------------------------------
 
     async def start_execution(
         self, request: orchestrator_pb2.StartExecutionRequest
     ) -> tuple[orchestrator_pb2.Execution, bool]:
         """Persist a new execution and start driving it; (execution, existing)."""
-        workflow, spec = await self._definition_of(request)
+        workflow, spec = await self.catalog.definition_of(request)
         _check_start(request)
         if request.idempotency_key:
-            existing = await self._by_idempotency_key(request.idempotency_key)
+            existing = await self.executions.by_idempotency_key(request.idempotency_key)
             if existing is not None:
                 return existing, True
-        execution_id = _new_execution_id()
+        execution_id = new_execution_id()
         execution = orchestrator_pb2.Execution(
             execution_id=execution_id,
             workflow_name=workflow.name,
@@ -622,32 +294,32 @@ class Orchestrator:
                 state=orchestrator_pb2.STEP_STATE_PENDING,
                 idempotency_key=f"{execution_id}/{step.name}",
             )
-        run = _Run(self, spec, ExecutionView(execution))
+        run = Run(self._run_context, spec, ExecutionView(execution))
         run.stage(ExecutionEventType.EXECUTION_CREATED, state=ExecutionState.PENDING)
         run.stage(ExecutionEventType.EXECUTION_STARTED, state=ExecutionState.RUNNING)
         first = await run.begin(run.schedule())
         extra: list[Put | Delete] = [
-            Put(_DEFINITIONS + execution_id, workflow.SerializeToString()),
-            Put(_ACTIVE + execution_id, b""),
+            Put(DEFINITIONS + execution_id, workflow.SerializeToString()),
+            Put(ACTIVE + execution_id, b""),
             *self.owner_ops(execution_id),
         ]
         compares: list[Compare] = []
         if request.idempotency_key:
-            idem = _idempotency_key(request.idempotency_key)
+            idem = idempotency_key(request.idempotency_key)
             extra.append(Put(idem, execution_id.encode()))
             compares.append(Compare(idem, 0))
         try:
             committed = await run.flush(compares=compares, extra=extra)
-        except _RunBroken as broken:  # nothing started: the caller gets the store's error
+        except RunBroken as broken:  # nothing started: the caller gets the store's error
             cause = broken.__cause__
             raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
         if not committed:  # the same key won a race meanwhile
-            existing = await self._by_idempotency_key(request.idempotency_key)
+            existing = await self.executions.by_idempotency_key(request.idempotency_key)
             if existing is None:  # pragma: no cover - the winner's write is visible
                 raise Unavailable("concurrent StartExecution with this key; retry")
             return existing, True
-        self.claimed(execution_id, run.revision)
-        run.owned = True
+        self.claimed(execution_id, run.journal.revision)
+        run.journal.owned = True
         snapshot = orchestrator_pb2.Execution()
         snapshot.CopyFrom(run.view.execution)
         run.first = first
@@ -661,83 +333,6 @@ class Orchestrator:
         )
         return snapshot, False
 
-    async def _definition_of(
-        self, request: orchestrator_pb2.StartExecutionRequest
-    ) -> tuple[orchestrator_pb2.Workflow, WorkflowSpec]:
-        which = request.WhichOneof("definition")
-        if which == "inline_workflow":
-            workflow = orchestrator_pb2.Workflow()
-            workflow.CopyFrom(request.inline_workflow)
-            workflow.ClearField("version")
-            return workflow, _validated(workflow, field="inline_workflow", inline=True)
-        if which is None or not request.workflow_name:
-            raise InvalidArgument(
-                "",
-                [FieldViolation("workflow_name", "give a workflow name or an inline_workflow")],
-            )
-        if request.workflow_version < 0:
-            raise InvalidArgument(
-                "", [FieldViolation("workflow_version", "must be >= 0 (0 = latest)")]
-            )
-        raise_if(_workflow_name("workflow_name", request.workflow_name))
-        workflow = await self.get_workflow(request.workflow_name, request.workflow_version)
-        return workflow, self._spec_of(workflow)
-
-    async def _by_idempotency_key(self, key: str) -> orchestrator_pb2.Execution | None:
-        kv = await self.store.get(_idempotency_key(key))
-        if kv is None:
-            return None
-        record = await self.store.get(_EXECUTIONS + kv.value.decode())
-        return orchestrator_pb2.Execution.FromString(record.value) if record else None
-
-    async def get_execution(
-        self, execution_id: str, *, include_events: bool = False
-    ) -> tuple[orchestrator_pb2.Execution, list[orchestrator_pb2.ExecutionEvent]]:
-        """The execution as last committed, and its history when asked."""
-        raise_if(check_id("execution_id", execution_id))
-        record = await self.store.get(_EXECUTIONS + execution_id)
-        if record is None:
-            raise NotFound(f"execution {elide(execution_id)!r} does not exist")
-        events: list[orchestrator_pb2.ExecutionEvent] = []
-        if include_events:
-            events = [
-                orchestrator_pb2.ExecutionEvent.FromString(kv.value)
-                for kv in await self.store.range(f"{_EVENTS}{execution_id}/")
-            ]
-        return orchestrator_pb2.Execution.FromString(record.value), events
-
-    async def list_executions(
-        self, workflow_name: str, state: int, page_size: int, page_token: str
-    ) -> tuple[list[orchestrator_pb2.Execution], str]:
-        """Executions newest first, filtered, and the next page's token."""
-        size = _page_size(page_size)
-        violations = _workflow_name("workflow_name", workflow_name, required=False)
-        if state and state not in orchestrator_pb2.ExecutionState.values():
-            violations.append(FieldViolation("state", f"unknown state {state}"))
-        raise_if(violations)
-        query = ("ListExecutions", workflow_name, state)
-        after = decode_page_token(page_token, query)
-        found: list[orchestrator_pb2.Execution] = []
-        cursor = _EXECUTIONS + after if after else ""
-        chunk = max(size * 2, 64)
-        while len(found) <= size:
-            kvs = await self.store.range(_EXECUTIONS, start_after=cursor, limit=chunk, reverse=True)
-            for kv in kvs:
-                execution = orchestrator_pb2.Execution.FromString(kv.value)
-                if workflow_name and execution.workflow_name != workflow_name:
-                    continue
-                if state and execution.state != state:
-                    continue
-                found.append(execution)
-                if len(found) > size:
-                    break
-            if len(kvs) < chunk:
-                break
-            cursor = kvs[-1].key
-        more = len(found) > size
-        page = found[:size]
-        return page, encode_page_token(page[-1].execution_id if more else "", query)
-
     async def cancel_execution(self, execution_id: str, reason: str) -> orchestrator_pb2.Execution:
         """Record a cancellation and wait (briefly) until running steps stopped."""
         raise_if(check_id("execution_id", execution_id))
@@ -750,12 +345,12 @@ class Orchestrator:
             return await self._cancel_elsewhere(execution_id, reason)
         try:
             await run.request_cancel(reason)
-        except _OwnershipLost:  # taken over meanwhile: ask the new owner
+        except OwnershipLost:  # taken over meanwhile: ask the new owner
             return await self._cancel_elsewhere(execution_id, reason)
         with_deadline = asyncio.timeout(self.settings.cancel_wait)
         try:
             async with with_deadline:
-                await run.settled()
+                await run.journal.settled()
         except TimeoutError:
             pass
         execution, _ = await self.get_execution(execution_id)
@@ -767,13 +362,13 @@ class Orchestrator:
         The request is stored where the owner listens (and where whoever resumes the
         execution looks); then this waits for the owner to commit that it stopped.
         """
-        subscription = self.store.subscribe(_EXECUTIONS + execution_id)
+        subscription = self.store.subscribe(EXECUTIONS + execution_id)
         try:
             execution, _ = await self.get_execution(execution_id)
             state = ExecutionState(execution.state)
             if state in ENDED_STATES:
                 raise FailedPrecondition(f"execution {execution_id} already ended ({state.name})")
-            await self.store.put(_CANCELS + execution_id, reason.encode())
+            await self.store.put(CANCELS + execution_id, reason.encode())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.cancel_wait):
                     async for batch in subscription:
@@ -791,1087 +386,11 @@ class Orchestrator:
         for event in events:
             if event.type == EventType.DELETE:
                 continue
-            run = self._runs.get(event.key.removeprefix(_CANCELS))
+            run = self._runs.get(event.key.removeprefix(CANCELS))
             if run is not None and not run.view.ended:
                 task = asyncio.create_task(run.request_cancel(event.value.decode()))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-    async def watch_execution(
-        self, execution_id: str, after_index: int
-    ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
-        """Events after ``after_index``, live, until the execution ends."""
-        raise_if(check_id("execution_id", execution_id))
-        if after_index < 0:
-            raise InvalidArgument("", [FieldViolation("after_index", "must be >= 0")])
-        prefix = f"{_EVENTS}{execution_id}/"
-        subscription = self.store.subscribe(prefix)
-        self._watchers.add(subscription)
-        try:
-            last = after_index
-            kvs = await self.store.range(
-                prefix, start_after=_event_key(execution_id, last) if last else ""
-            )
-            if not kvs:
-                # Nothing after the asked index: unknown, still running, or ended.
-                execution, _ = await self.get_execution(execution_id)
-                if ExecutionState(execution.state) in ENDED_STATES:
-                    yield orchestrator_pb2.WatchExecutionResponse(execution=execution)
-                    return
-            for kv in kvs:
-                event = orchestrator_pb2.ExecutionEvent.FromString(kv.value)
-                last = event.index
-                message = await self._watch_message(execution_id, event)
-                yield message
-                if message.HasField("execution"):
-                    return
-            async for batch in subscription:
-                for store_event in batch:
-                    event = orchestrator_pb2.ExecutionEvent.FromString(store_event.value)
-                    if event.index <= last:
-                        continue
-                    last = event.index
-                    message = await self._watch_message(execution_id, event)
-                    yield message
-                    if message.HasField("execution"):
-                        return
-            raise Unavailable(
-                f"the control plane is shutting down; watch again with after_index={last}"
-            )
-        except SubscriptionLagged:
-            raise Unavailable(f"watcher fell behind; watch again with after_index={last}") from None
-        finally:
-            subscription.close()
-            self._watchers.discard(subscription)
-
-    def close_watches(self) -> None:
-        """End every WatchExecution stream (on shutdown, so the drain is not held up)."""
-        for subscription in list(self._watchers):
-            subscription.close()
-
-    async def _watch_message(
-        self, execution_id: str, event: orchestrator_pb2.ExecutionEvent
-    ) -> orchestrator_pb2.WatchExecutionResponse:
-        message = orchestrator_pb2.WatchExecutionResponse(event=event)
-        if ExecutionEventType(event.type) == ExecutionEventType.EXECUTION_ENDED:
-            record = self._ended.get(execution_id)
-            if record is not None:
-                message.execution.ParseFromString(record)
-            else:
-                ended, _ = await self.get_execution(execution_id)
-                message.execution.CopyFrom(ended)
-        return message
-
-    def remember_ended(self, execution_id: str, record: bytes) -> None:
-        """Keep a just-ended execution's record for the watchers' last message."""
-        self._ended[execution_id] = record
-        while len(self._ended) > 256:
-            self._ended.popitem(last=False)
-
-    # -- metrics and retention ---------------------------------------------------------
-
-    def record(self, record: metrics_pb2.CallRecord) -> None:
-        """Queue a duration record for the metrics service."""
-        if self._report is not None:
-            self._records.append(record)
-
-    def _flush_metrics(self) -> None:
-        if self._records and self._report is not None:
-            records, self._records = self._records, []
-            try:
-                self._report(records)
-            except Exception:
-                _log.exception("reporting workflow durations failed")
-
-    async def _flush_metrics_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.metrics_flush_interval)
-            self._flush_metrics()
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval)
-            try:
-                removed = await self.sweep()
-            except Exception as exc:
-                _log.warning("execution retention sweep failed: %s", exc)
-                continue
-            if removed:
-                _log.info("retention removed executions=%d", removed)
-
-    async def sweep(self, now: float | None = None) -> int:
-        """Delete ended executions older than the retention; returns how many."""
-        cutoff_ms = int(
-            ((now if now is not None else time.time()) - self.settings.retention) * 1000
-        )
-        removed = 0
-        while True:
-            kvs = await self.store.range(_ENDED, limit=200)
-            expired = [kv for kv in kvs if int(kv.key.split("/")[3]) <= cutoff_ms]
-            for kv in expired:
-                execution_id = kv.key.rsplit("/", 1)[1]
-                ops: list[Put | Delete] = [
-                    Delete(kv.key),
-                    Delete(_EXECUTIONS + execution_id),
-                    Delete(_DEFINITIONS + execution_id),
-                    Delete(f"{_EVENTS}{execution_id}/", prefix=True),
-                ]
-                record = await self.store.get(_EXECUTIONS + execution_id)
-                if record is not None:
-                    key = orchestrator_pb2.Execution.FromString(record.value).idempotency_key
-                    if key:
-                        ops.append(Delete(_idempotency_key(key)))
-                await self.store.txn((), ops)
-                removed += 1
-            if len(expired) < len(kvs) or len(kvs) < 200:
-                return removed
-
-
-# -- one execution -----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Outcome:
-    step: str
-    reply: StepReply | None = None
-    failure: AttemptFailed | None = None
-    attempts: int = 0
-
-
-class _Run:
-    """Drives one execution (see the module docstring)."""
-
-    def __init__(self, orchestrator: Orchestrator, spec: WorkflowSpec, view: ExecutionView) -> None:
-        self.orchestrator = orchestrator
-        self.store = orchestrator.store
-        self.spec = spec
-        self.view = view
-        self.execution_id = view.execution.execution_id
-        self.task: asyncio.Task[None] | None = None
-        self.first: list[str] = []
-        self._staged: list[orchestrator_pb2.ExecutionEvent] = []
-        self._lock = asyncio.Lock()
-        self._cancel = asyncio.Event()
-        self._progress = asyncio.Event()
-        #: The execution state as last committed (the view may be ahead of it).
-        self.committed_state = view.state
-        self._input: dict[str, Any] | None = None
-        self._outputs: dict[str, dict[str, Any]] = {}
-        self._payloads: dict[str, dict[str, Any]] = {}
-        self._ctx: dict[str, Any] | None = None
-        self._ctx_steps = -1
-        #: Store revision of the last committed flush.
-        self.revision = 0
-        #: True once this replica holds the execution's owner key: from then on every
-        #: write must be fenced by it, and a run whose claim is gone writes nothing.
-        self.owned = False
-        #: Instance chosen for each step's next attempt (persisted with STEP_STARTED).
-        #: (Or why none could be picked: the attempt fails with it, unsent.)
-        self._targets: dict[str, registry_pb2.ServiceInstance | AttemptFailed] = {}
-        #: Per step, the instance of the last attempt whose outcome is unknown (sent
-        #: and not answered yet, or timed out): a cancel leaves it to be resolved.
-        self._unanswered: dict[str, str] = {}
-
-    # -- persistence ----------------------------------------------------------------
-
-    def stage(
-        self,
-        kind: ExecutionEventType,
-        *,
-        state: ExecutionState = ExecutionState.UNSPECIFIED,
-        step: str = "",
-        step_state: StepState = StepState.UNSPECIFIED,
-        attempt: int = 0,
-        error: MeshError | None = None,
-        output: dict[str, Any] | None = None,
-        instance_id: str = "",
-        message: str = "",
-        backoff: float | None = None,
-        failed_step: str = "",
-        at_least_once: bool = False,
-    ) -> orchestrator_pb2.ExecutionEvent:
-        """Fold an event into the view now; it is persisted by the next flush."""
-        # Into the message as protobuf numbers (each ValueType is int at run time).
-        event = orchestrator_pb2.ExecutionEvent(
-            index=self.view.execution.event_count + 1,
-            type=orchestrator_pb2.ExecutionEventType.ValueType(kind),
-            step_name=step,
-            attempt=attempt,
-            execution_state=orchestrator_pb2.ExecutionState.ValueType(state or self.view.state),
-            step_state=orchestrator_pb2.StepState.ValueType(step_state),
-            instance_id=instance_id,
-            message=message,
-            failed_step=failed_step,
-            at_least_once=at_least_once,
-        )
-        event.time.CopyFrom(_now())
-        if error is not None:
-            event.error.CopyFrom(_error_info(error))
-        if output is not None:
-            event.output.CopyFrom(dict_to_struct(output))
-        if backoff is not None:
-            event.backoff.FromNanoseconds(int(backoff * 1e9))
-        self.view.apply(event)
-        self._staged.append(event)
-        return event
-
-    async def flush(
-        self, *, compares: Sequence[Compare] = (), extra: Sequence[Put | Delete] = ()
-    ) -> bool:
-        """Persist the staged events with the execution record, in one transaction."""
-        async with self._lock:
-            if not self._staged and not extra:
-                return True
-            events, self._staged = self._staged, []
-            execution = self.view.execution
-            state = self.view.state
-            ops: list[Put | Delete] = [
-                Put(_event_key(self.execution_id, e.index), e.SerializeToString()) for e in events
-            ]
-            record = execution.SerializeToString()
-            ops.append(Put(_EXECUTIONS + self.execution_id, record))
-            ops.extend(extra)
-            if self.view.ended:
-                # Before the commit: a watcher sees ENDED only once it is committed.
-                self.orchestrator.remember_ended(self.execution_id, record)
-                end_ms = execution.end_time.ToNanoseconds() // 1_000_000
-                ops.append(Delete(_ACTIVE + self.execution_id))
-                ops.append(Delete(_OWNERS + self.execution_id))
-                ops.append(Delete(_CANCELS + self.execution_id))
-                ops.append(Put(f"{_ENDED}{end_ms:013d}/{self.execution_id}", b""))
-            fence = self.orchestrator.fence(self.execution_id)
-            if fence is None and self.owned:  # the lease lapsed: another may drive it now
-                raise _OwnershipLost(self.execution_id)
-            guards = [*compares, fence] if fence is not None else compares
-            try:
-                result = await _committed(self.store.txn(guards, ops))
-            except MeshError as exc:
-                raise _RunBroken(exc.message) from exc
-            if not result.succeeded and fence is not None:
-                raise _OwnershipLost(self.execution_id)
-            self.revision = result.revision
-            self.committed_state = state
-            self._progress.set()
-            self._progress = asyncio.Event()
-            return result.succeeded
-
-    async def settled(self) -> None:
-        """Wait until running steps stopped after a cancellation (compensating or ended)."""
-        while self.committed_state not in (
-            *ENDED_STATES,
-            ExecutionState.COMPENSATING,
-        ):
-            await self._progress.wait()
-
-    async def request_cancel(self, reason: str) -> None:
-        """Record CANCEL_REQUESTED (once) and stop scheduling."""
-        if self.view.ended:
-            raise FailedPrecondition(f"execution {self.execution_id} already ended")
-        if not self.view.cancel_requested:
-            self.stage(
-                ExecutionEventType.CANCEL_REQUESTED,
-                error=Cancelled(f"cancelled: {reason}" if reason else "cancelled"),
-                message=reason,
-            )
-            await self.flush()
-        self._cancel.set()
-
-    # -- the drive --------------------------------------------------------------------
-
-    async def drive(self, resumed: bool) -> None:
-        """Run the execution to its end (or until this task is cancelled at shutdown)."""
-        view = self.view
-        inflight: list[str] = []
-        if resumed:
-            self.stage(
-                ExecutionEventType.EXECUTION_RESUMED,
-                message=f"resumed by {self.orchestrator.settings.owner}",
-            )
-            stopping = (
-                view.cancel_requested
-                or view.state == ExecutionState.COMPENSATING
-                or self._required_failure() is not None
-            )
-            for step in view.execution.steps:
-                if StepState(step.state) != StepState.RUNNING:
-                    continue
-                if stopping:
-                    # Its answer is lost: settled before compensating (maybe applied).
-                    self.stage(
-                        ExecutionEventType.STEP_CANCELLED,
-                        state=self._settling(step.step_name, step.instance_id),
-                        step=step.step_name,
-                        step_state=StepState.CANCELLED,
-                        instance_id=step.instance_id,
-                        message="in flight when the control plane stopped; not resent",
-                    )
-                else:
-                    await self._resend(step)
-                    inflight.append(step.step_name)
-            if view.cancel_requested:
-                self._cancel.set()
-        else:
-            inflight = list(self.first)
-        stop_error = await self._forward(inflight)
-        unsettled = [
-            s.step_name
-            for s in view.execution.steps
-            if StepState(s.state) not in (StepState.SUCCEEDED, StepState.FAILED, StepState.SKIPPED)
-        ]
-        if stop_error is None and unsettled:  # a bug, but never a false SUCCEEDED
-            _log.error("execution=%s ended with unsettled steps %s", self.execution_id, unsettled)
-            stop_error = ("", InternalError(f"steps {', '.join(unsettled)} never settled"))
-        if stop_error is None:
-            self.stage(ExecutionEventType.EXECUTION_ENDED, state=ExecutionState.SUCCEEDED)
-            await self.flush()
-            self._record_end()
-            return
-        failed_step, error = stop_error
-        outcome = await self._compensate()
-        cancelled = self.view.cancel_requested
-        if outcome == "failed":
-            final = ExecutionState.COMPENSATION_FAILED
-        elif cancelled:
-            final = ExecutionState.CANCELLED
-        elif outcome == "compensated":
-            final = ExecutionState.COMPENSATED
-        else:
-            final = ExecutionState.FAILED
-        self.stage(
-            ExecutionEventType.EXECUTION_ENDED,
-            state=final,
-            failed_step=failed_step,
-            error=error,
-        )
-        await self.flush()
-        self._record_end()
-
-    def _required_failure(self) -> tuple[str, MeshError] | None:
-        """The first required step that failed, from the view (for resumes)."""
-        failed = [
-            s
-            for s in self.view.execution.steps
-            if StepState(s.state) == StepState.FAILED and self.spec.step(s.step_name).required
-        ]
-        if not failed:
-            return None
-        first = min(failed, key=lambda s: s.end_time.ToNanoseconds())
-        return first.step_name, _mesh_error(first.error)
-
-    def _stop_reason(self) -> tuple[str, MeshError] | None:
-        if self.view.cancel_requested:
-            return "", _mesh_error(self.view.cancel_error)
-        failure = self._required_failure()
-        if failure is not None:
-            return failure
-        if self._timed_out():
-            return "", DeadlineExceeded(
-                f"execution exceeded its timeout of {self.spec.timeout:g} s"
-            )
-        return None
-
-    def _deadline(self) -> float | None:
-        if not self.spec.timeout:
-            return None
-        started = self.view.execution.start_time.ToNanoseconds() / 1e9
-        return started + self.spec.timeout
-
-    def _timed_out(self) -> bool:
-        deadline = self._deadline()
-        return deadline is not None and time.time() >= deadline
-
-    def schedule(self) -> list[str]:
-        """Stage skips of steps that cannot run; returns the steps ready to start."""
-        view = self.view
-        ready: list[str] = []
-        for step in self.spec.steps:
-            if view.state_of(step.name) != StepState.PENDING:
-                continue
-            states = [view.state_of(d) for d in step.depends_on]
-            blocked = [
-                d
-                for d, s in zip(step.depends_on, states, strict=True)
-                if s in (StepState.FAILED, StepState.SKIPPED, StepState.CANCELLED)
-            ]
-            if blocked:
-                self.stage(
-                    ExecutionEventType.STEP_SKIPPED,
-                    step=step.name,
-                    step_state=StepState.SKIPPED,
-                    message=f"dependency {blocked[0]} did not succeed",
-                )
-                continue
-            if all(s == StepState.SUCCEEDED for s in states):
-                try:
-                    self._payload(step)
-                except MeshError as err:
-                    self.stage(
-                        ExecutionEventType.STEP_FAILED,
-                        step=step.name,
-                        step_state=StepState.FAILED,
-                        error=err,
-                        message="input could not be built",
-                    )
-                    self._record_step(step, False, err.code)
-                    continue
-                ready.append(step.name)
-        return ready
-
-    async def begin(self, names: list[str]) -> list[str]:
-        """Pick an instance for each ready step and stage its STEP_STARTED with it (so
-        the instance is persisted before the call is sent); returns ``names``."""
-        for name in names:
-            instance = await self._pick(self.spec.step(name).service)
-            self._targets[name] = instance
-            self.stage(
-                ExecutionEventType.STEP_STARTED,
-                step=name,
-                step_state=StepState.RUNNING,
-                attempt=1,
-                instance_id=_instance_id(instance),
-            )
-        return names
-
-    async def _pick(self, service: str) -> registry_pb2.ServiceInstance | AttemptFailed:
-        """The next instance of ``service``, or why there is none (the attempt then
-        fails with it without being sent, and is retried per the policy)."""
-        try:
-            return await self.orchestrator.invoker.pick(service)
-        except AttemptFailed as failure:
-            return failure
-
-    async def _resend(self, step: orchestrator_pb2.StepExecution) -> None:
-        """Stage the STEP_STARTED of a step in flight when the last owner stopped: to the
-        instance that got it while it is there, else elsewhere (at-least-once)."""
-        service = self.spec.step(step.step_name).service
-        invoker = self.orchestrator.invoker
-        before = step.instance_id
-        there = invoker.still_there(service, before)
-        moved = there is None and bool(before)
-        instance = there if there is not None else await self._pick(service)
-        if not moved:
-            message = "sent again after a restart, same idempotency key, same instance"
-        else:
-            message = (
-                f"sent again after a restart, same idempotency key: instance {before} is "
-                "gone, so the step may run twice (at-least-once)"
-            )
-        self._targets[step.step_name] = instance
-        self.stage(
-            ExecutionEventType.STEP_STARTED,
-            step=step.step_name,
-            step_state=StepState.RUNNING,
-            attempt=step.attempts + 1,
-            instance_id=_instance_id(instance),
-            message=message,
-            at_least_once=moved,
-        )
-
-    def _context(self) -> dict[str, Any]:
-        """What references see: the input, completed steps' outputs, the execution."""
-        if self._ctx is None or self._ctx_steps != len(self.view.completed):
-            execution = self.view.execution
-            if self._input is None:
-                self._input = struct_to_dict(execution.input)
-            steps = {}
-            for name in self.view.completed:
-                output = self._outputs.get(name)
-                if output is None:
-                    output = self._outputs[name] = struct_to_dict(self.view.step(name).output)
-                steps[name] = {"output": output}
-            self._ctx = {
-                "input": self._input,
-                "steps": steps,
-                "execution": {
-                    "id": execution.execution_id,
-                    "correlation_id": execution.correlation_id,
-                },
-            }
-            self._ctx_steps = len(self.view.completed)
-        return self._ctx
-
-    def _payload(self, step: StepSpec) -> dict[str, Any]:
-        """The step's input; built once (its references only reach finished steps)."""
-        payload = self._payloads.get(step.name)
-        if payload is None:
-            if step.input is None:
-                payload = struct_to_dict(self.view.execution.input)
-            else:
-                payload = _as_payload(step.input, self._context(), f"steps.{step.name}.input")
-            self._payloads[step.name] = payload
-        return payload
-
-    async def _forward(self, inflight: list[str]) -> tuple[str, MeshError] | None:
-        """Schedule and run steps until all settled or the execution must stop."""
-        running: dict[asyncio.Task[_Outcome], str] = {}
-        try:
-            for name in inflight:
-                running[self._launch(name)] = name
-            while True:
-                stop = self._stop_reason()
-                if stop is None:
-                    ready = self.schedule()
-                    stop = self._stop_reason()  # a required step's input failed
-                    started = await self.begin(ready) if stop is None else []
-                else:
-                    started = []
-                if stop is None and not started and not running:
-                    return None  # the last outcomes are committed with EXECUTION_ENDED
-                await self.flush()
-                if stop is not None:
-                    break
-                for name in started:
-                    running[self._launch(name)] = name
-                waiter = asyncio.ensure_future(self._cancel.wait())
-                deadline = self._deadline()
-                try:
-                    done, _ = await asyncio.wait(
-                        [*running, waiter],
-                        timeout=None if deadline is None else max(0.0, deadline - time.time()),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    waiter.cancel()
-                for task in [t for t in running if t in done]:
-                    del running[task]
-                    self._settle(task.result())
-            # Stopping: cancel what runs, skip what waits, all recorded together.
-            for task in running:
-                task.cancel()
-            outcomes = await asyncio.gather(*running, return_exceptions=True)
-            for (task, name), outcome in zip(list(running.items()), outcomes, strict=True):
-                del task
-                if isinstance(outcome, _Outcome):
-                    self._settle(outcome)  # it finished as we cancelled it
-                else:
-                    # An attempt on its way had its answer cut off: the instance may
-                    # do the work anyway; settled before compensating.
-                    unanswered = self._unanswered.pop(name, "")
-                    self.stage(
-                        ExecutionEventType.STEP_CANCELLED,
-                        state=self._settling(name, unanswered),
-                        step=name,
-                        step_state=StepState.CANCELLED,
-                        error=stop[1],
-                        instance_id=unanswered,
-                        message="stopped in flight: the execution is stopping"
-                        if unanswered
-                        else "stopped: the execution is stopping",
-                    )
-            running.clear()
-            for step in self.spec.steps:
-                if self.view.state_of(step.name) == StepState.PENDING:
-                    self.stage(
-                        ExecutionEventType.STEP_SKIPPED,
-                        step=step.name,
-                        step_state=StepState.SKIPPED,
-                        message="not run: the execution is stopping",
-                    )
-            await self.flush()
-            return stop
-        finally:
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-
-    def _launch(self, name: str) -> asyncio.Task[_Outcome]:
-        step = self.spec.step(name)
-        return asyncio.create_task(self._run_step(step), name=f"{self.execution_id}/{name}")
-
-    def _settle(self, outcome: _Outcome) -> None:
-        step = self.spec.step(outcome.step)
-        self._payloads.pop(step.name, None)
-        if outcome.reply is not None:
-            self._outputs[step.name] = outcome.reply.output
-            self.stage(
-                ExecutionEventType.STEP_SUCCEEDED,
-                step=step.name,
-                step_state=StepState.SUCCEEDED,
-                attempt=outcome.attempts,
-                output=outcome.reply.output,
-                instance_id=outcome.reply.instance_id,
-                message="replayed by the callee" if outcome.reply.replayed else "",
-            )
-            self._record_step(step, True, grpc.StatusCode.OK)
-            return
-        assert outcome.failure is not None
-        error = outcome.failure.error
-        self.stage(
-            ExecutionEventType.STEP_FAILED,
-            step=step.name,
-            step_state=StepState.FAILED,
-            attempt=outcome.attempts,
-            error=error,
-            instance_id=outcome.failure.instance_id,
-            message="" if step.required else "optional step: dependents are skipped",
-        )
-        self._record_step(step, False, error.code)
-
-    async def _run_step(self, step: StepSpec) -> _Outcome:
-        record = self.view.step(step.name)
-        first_attempt = record.attempts or 1
-        idempotency_key = record.idempotency_key
-        invoker = self.orchestrator.invoker
-        last: list[AttemptFailed] = []
-
-        async def call() -> StepReply:
-            payload = self._payload(step)
-            target = self._targets.get(step.name)
-            if target is None:  # pragma: no cover - every attempt is staged with one
-                target = await self._pick(step.service)
-            if isinstance(target, AttemptFailed):
-                raise target
-            timeout = step.timeout
-            deadline = self._deadline()
-            if deadline is not None:
-                timeout = max(0.001, min(timeout, deadline - time.time()))
-            self._unanswered[step.name] = target.instance_id
-            try:
-                reply = await invoker.invoke(
-                    step.service,
-                    step.operation,
-                    payload,
-                    timeout=timeout,
-                    correlation_id=self.view.execution.correlation_id,
-                    idempotency_key=idempotency_key,
-                    instance=target,
-                )
-            except AttemptFailed as failure:
-                if not _unknown_outcome(failure):
-                    self._unanswered.pop(step.name, None)  # it answered: not done
-                raise
-            self._unanswered.pop(step.name, None)
-            return reply
-
-        attempts = [first_attempt]
-
-        async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
-            last[:] = [failure]
-            self.stage(
-                ExecutionEventType.STEP_RETRYING,
-                step=step.name,
-                step_state=StepState.RUNNING,
-                attempt=number,
-                error=failure.error,
-                instance_id=failure.instance_id,
-                backoff=backoff,
-            )
-            await self.flush()
-
-        async def before_attempt(number: int) -> None:
-            attempts[0] = number
-            if number <= first_attempt:
-                return
-            # A resend whose previous answer was lost goes back to the same instance
-            # (its idempotency cache joins or replays it); after an answer, any instance.
-            failure = last[0] if last else None
-            there: registry_pb2.ServiceInstance | None = None
-            pinned = failure is not None and _unknown_outcome(failure)
-            if failure is not None and pinned:
-                there = invoker.still_there(step.service, failure.instance_id)
-            moved = pinned and there is None
-            target = there if there is not None else await self._pick(step.service)
-            self._targets[step.name] = target
-            self.stage(
-                ExecutionEventType.STEP_STARTED,
-                step=step.name,
-                step_state=StepState.RUNNING,
-                attempt=number,
-                instance_id=_instance_id(target),
-                at_least_once=moved,
-                message=(
-                    "the instance that got the previous attempt is gone: the step may "
-                    "run twice (at-least-once)"
-                    if moved
-                    else ""
-                ),
-            )
-            await self.flush()
-
-        try:
-            reply = await _with_retries(
-                call,
-                step.retry,
-                first_attempt,
-                self.orchestrator._random,
-                on_retry=on_retry,
-                before_attempt=before_attempt,
-            )
-        except AttemptFailed as failure:
-            return _Outcome(step.name, failure=failure, attempts=attempts[0])
-        except MeshError as error:  # the input could not be built
-            return _Outcome(step.name, failure=AttemptFailed(error), attempts=attempts[0])
-        finally:
-            self._targets.pop(step.name, None)
-        return _Outcome(step.name, reply=reply, attempts=attempts[0])
-
-    # -- compensation ---------------------------------------------------------------------
-
-    async def _compensate(self) -> str:
-        """Settle unknown outcomes, then compensate completed steps newest first (and
-        those whose outcome cannot be known): "none", "compensated" or "failed"."""
-        anyway = await self._resolve_unknown()
-        todo = [
-            *anyway,
-            *(
-                name
-                for name in reversed(self.view.completed)
-                if self.spec.step(name).compensation is not None
-                and self.view.state_of(name) in (StepState.SUCCEEDED, StepState.COMPENSATING)
-            ),
-        ]
-        already = [
-            s.step_name
-            for s in self.view.execution.steps
-            if StepState(s.state) in (StepState.COMPENSATED, StepState.COMPENSATION_FAILED)
-        ]
-        if not todo and not already:
-            return "none"
-        for name in todo:
-            await self._compensate_step(self.spec.step(name), anyway=name in anyway)
-        failed = any(
-            StepState(s.state) == StepState.COMPENSATION_FAILED for s in self.view.execution.steps
-        )
-        return "failed" if failed else "compensated"
-
-    def _settling(self, name: str, instance_id: str) -> ExecutionState:
-        """COMPENSATING when a step cut off in flight on ``instance_id`` declares a
-        compensation (its outcome is settled, then maybe undone), else no change."""
-        if instance_id and self.spec.step(name).compensation is not None:
-            return ExecutionState.COMPENSATING
-        return ExecutionState.UNSPECIFIED
-
-    def _unknown_outcomes(self) -> list[orchestrator_pb2.StepExecution]:
-        """Steps with a compensation whose last attempt may have been applied unseen."""
-        return [
-            s
-            for s in self.view.execution.steps
-            if s.outcome_unknown
-            and self.spec.step(s.step_name).compensation is not None
-            and StepState(s.state)
-            in (StepState.CANCELLED, StepState.FAILED, StepState.COMPENSATING)
-        ]
-
-    async def _resolve_unknown(self) -> list[str]:
-        """Ask the instance that got each unknown attempt what became of it (same key,
-        ``lookup_only``, at most ``resolve_timeout`` s, all at once): one that succeeded
-        becomes SUCCEEDED (then compensated like any), one with no record was not
-        applied. Returns the steps whose outcome cannot be known: compensated anyway."""
-        steps = self._unknown_outcomes()
-        if not steps:
-            return []
-        answers = await asyncio.gather(*(self._ask(s) for s in steps))
-        anyway: list[str] = []
-        for step, (reply, reason, applied) in zip(steps, answers, strict=True):
-            name = step.step_name
-            if StepState(step.state) == StepState.COMPENSATING:
-                anyway.append(name)  # resumed mid-compensation: it was decided already
-                continue
-            if reply is not None:
-                self.stage(
-                    ExecutionEventType.STEP_OUTCOME_RESOLVED,
-                    state=ExecutionState.COMPENSATING,
-                    step=name,
-                    step_state=StepState.SUCCEEDED,
-                    output=reply.output,
-                    instance_id=reply.instance_id,
-                    message=f"instance {reply.instance_id} answered that it succeeded: "
-                    "it is compensated",
-                )
-                self._outputs[name] = reply.output
-                continue
-            # Not applied: the step keeps its state. Cannot be known: COMPENSATING, and
-            # its compensation runs anyway (compensations tolerate nothing to undo).
-            self.stage(
-                ExecutionEventType.STEP_OUTCOME_RESOLVED,
-                state=ExecutionState.COMPENSATING,
-                step=name,
-                step_state=StepState(step.state) if applied is False else StepState.COMPENSATING,
-                instance_id=step.instance_id,
-                message=reason,
-            )
-            if applied is None:
-                anyway.append(name)
-        await self.flush()
-        return anyway
-
-    async def _ask(
-        self, step: orchestrator_pb2.StepExecution
-    ) -> tuple[StepReply | None, str, bool | None]:
-        """(reply, why, applied) of a step's unknown attempt: applied is True with the
-        reply, False when the instance has no record of it, None when unknowable."""
-        spec = self.spec.step(step.step_name)
-        invoker = self.orchestrator.invoker
-        timeout = self.orchestrator.settings.resolve_timeout
-        instance = invoker.still_there(spec.service, step.instance_id)
-        if instance is None:
-            return (
-                None,
-                f"instance {step.instance_id} is gone: whether the step was applied cannot "
-                "be known; its compensation runs anyway",
-                None,
-            )
-        try:
-            reply = await invoker.invoke(
-                spec.service,
-                spec.operation,
-                {},
-                timeout=timeout,
-                correlation_id=self.view.execution.correlation_id,
-                idempotency_key=step.idempotency_key,
-                instance=instance,
-                lookup_only=True,
-            )
-        except AttemptFailed as failure:
-            if failure.error.code == grpc.StatusCode.NOT_FOUND:
-                return (
-                    None,
-                    f"instance {step.instance_id} has no record of it: not applied, "
-                    "nothing to compensate",
-                    False,
-                )
-            return (
-                None,
-                f"instance {step.instance_id} did not say within {timeout:g} s "
-                f"({failure.error.message}): whether the step was applied cannot be known; "
-                "its compensation runs anyway",
-                None,
-            )
-        return reply, "", True
-
-    async def _compensate_step(self, step: StepSpec, *, anyway: bool = False) -> None:
-        compensation = step.compensation
-        assert compensation is not None
-        record = self.view.step(step.name)
-        first_attempt = record.compensation_attempts + 1
-        idempotency_key = f"{record.idempotency_key}/compensation"
-        errors: list[AttemptFailed] = []
-
-        async def before_attempt(number: int) -> None:
-            self.stage(
-                ExecutionEventType.COMPENSATION_STARTED,
-                state=ExecutionState.COMPENSATING,
-                step=step.name,
-                step_state=StepState.COMPENSATING,
-                attempt=number,
-                error=errors[-1].error if errors else None,
-                message=f"{compensation.service}.{compensation.operation}"
-                + (" (the step's outcome is unknown: compensating anyway)" if anyway else ""),
-            )
-            await self.flush()
-
-        async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
-            errors.append(failure)
-
-        async def call() -> StepReply:
-            payload = self._compensation_payload(step, compensation, anyway=anyway)
-            return await self.orchestrator.invoker.invoke(
-                compensation.service,
-                compensation.operation,
-                payload,
-                timeout=compensation.timeout,
-                correlation_id=self.view.execution.correlation_id,
-                idempotency_key=idempotency_key,
-            )
-
-        try:
-            reply = await _with_retries(
-                call,
-                compensation.retry,
-                first_attempt,
-                self.orchestrator._random,
-                on_retry=on_retry,
-                before_attempt=before_attempt,
-            )
-        except (AttemptFailed, MeshError) as exc:
-            failure = exc if isinstance(exc, AttemptFailed) else AttemptFailed(exc)
-            self.stage(
-                ExecutionEventType.COMPENSATION_FAILED,
-                state=ExecutionState.COMPENSATING,
-                step=step.name,
-                step_state=StepState.COMPENSATION_FAILED,
-                attempt=self.view.step(step.name).compensation_attempts,
-                error=failure.error,
-                instance_id=failure.instance_id,
-                message="compensation failed after its retries: an operator must act",
-            )
-            await self.flush()
-            _log.error(
-                "compensation failed execution=%s step=%s: %s",
-                self.execution_id,
-                step.name,
-                failure.error.message,
-            )
-            return
-        self.stage(
-            ExecutionEventType.COMPENSATION_SUCCEEDED,
-            state=ExecutionState.COMPENSATING,
-            step=step.name,
-            step_state=StepState.COMPENSATED,
-            attempt=self.view.step(step.name).compensation_attempts,
-            output=reply.output,
-            instance_id=reply.instance_id,
-        )
-        await self.flush()
-
-    def _compensation_payload(
-        self, step: StepSpec, compensation: CompensationSpec, *, anyway: bool = False
-    ) -> dict[str, Any]:
-        if compensation.input is None:
-            if anyway:  # no output to give: what the step was asked to do
-                return self._payload(step)
-            return struct_to_dict(self.view.step(step.name).output)
-        return _as_payload(compensation.input, self._context(), f"steps.{step.name}.compensation")
-
-    # -- metrics -------------------------------------------------------------------------
-
-    def _series(self) -> str:
-        return METRICS_PREFIX + (self.view.execution.workflow_name or "inline")
-
-    def _record_step(self, step: StepSpec, success: bool, code: grpc.StatusCode) -> None:
-        record = self.view.step(step.name)
-        self.orchestrator.record(
-            metrics_pb2.CallRecord(
-                service_name=self._series(),
-                operation=step.name,
-                duration_ms=record.duration.ToNanoseconds() / 1e6,
-                success=success,
-                status_code=code.value[0],
-                correlation_id=self.view.execution.correlation_id,
-                time_unix_nano=record.start_time.ToNanoseconds(),
-                side=metrics_pb2.CALL_SIDE_SERVER,
-            )
-        )
-
-    def _record_end(self) -> None:
-        execution = self.view.execution
-        state = self.view.state
-        success = state == ExecutionState.SUCCEEDED
-        self.orchestrator.record(
-            metrics_pb2.CallRecord(
-                service_name=self._series(),
-                operation="execution",
-                duration_ms=execution.duration.ToNanoseconds() / 1e6,
-                success=success,
-                status_code=0 if success else (execution.error.code or 2),
-                correlation_id=execution.correlation_id,
-                time_unix_nano=execution.start_time.ToNanoseconds(),
-                side=metrics_pb2.CALL_SIDE_SERVER,
-            )
-        )
-        _log.info(
-            "execution ended id=%s state=%s duration_ms=%.1f",
-            self.execution_id,
-            state.name,
-            execution.duration.ToNanoseconds() / 1e6,
-        )
-
-
-# -- retries ---------------------------------------------------------------------------------
-
-
-def _instance_id(target: registry_pb2.ServiceInstance | AttemptFailed) -> str:
-    return "" if isinstance(target, AttemptFailed) else target.instance_id
-
-
-def _unknown_outcome(failure: AttemptFailed) -> bool:
-    """True when the attempt reached an instance and its answer was lost (it may have
-    been applied there)."""
-    return bool(failure.instance_id) and failure.error.code.value[0] in UNKNOWN_OUTCOME_CODES
-
-
-async def _with_retries(
-    call: Callable[[], Awaitable[StepReply]],
-    policy: RetrySpec,
-    first_attempt: int,
-    rng: random.Random,
-    *,
-    on_retry: Callable[[int, AttemptFailed, float], Awaitable[None]],
-    before_attempt: Callable[[int], Awaitable[None]],
-) -> StepReply:
-    """Call with the policy's retries, numbering attempts from ``first_attempt``.
-
-    Only the policy's codes are retried (infrastructure faults by default); a business
-    rejection raises at once. An attempt resumed after a restart counts: the attempts
-    left are ``max_attempts - (first_attempt - 1)``, at least one. The first attempt is
-    a plain ``await`` (see ``flext_mesh.retry.retry_async``).
-    """
-    number = first_attempt
-
-    async def attempt() -> StepReply:
-        await before_attempt(number)
-        return await call()
-
-    async def retrying(failed: int, failure: Exception, backoff: float) -> None:
-        nonlocal number
-        assert isinstance(failure, AttemptFailed)
-        await on_retry(failed, failure, backoff)
-        number = failed + 1
-
-    return await retry_async(
-        attempt,
-        policy,
-        on_attempt=retrying,
-        status=lambda e: e.error.code if isinstance(e, AttemptFailed) else None,
-        first_attempt=first_attempt,
-        rand=rng.random,
-    )
-
-
-# -- validation ------------------------------------------------------------------------------
-
-
-def _validated(
-    workflow: orchestrator_pb2.Workflow, *, field: str = "workflow", inline: bool = False
-) -> WorkflowSpec:
-    """The workflow's spec; INVALID_ARGUMENT listing every violation."""
-    checked = workflow
-    if inline and not workflow.name:
-        checked = orchestrator_pb2.Workflow()
-        checked.CopyFrom(workflow)
-        checked.name = "inline"
-    extra: list[FieldViolation] = []
-    if len(checked.name) > MAX_WORKFLOW_NAME:
-        extra.append(
-            FieldViolation(
-                f"{field}.name",
-                f"is {len(checked.name)} characters long; at most {MAX_WORKFLOW_NAME}",
-            )
-        )
-    try:
-        spec = validate_workflow(checked, field=field)
-    except InvalidArgument as exc:
-        if extra:
-            raise InvalidArgument(exc.message, [*exc.violations, *extra]) from None
-        raise
-    if extra:
-        raise InvalidArgument("the workflow is not valid", extra)
-    return spec
-
-
-def _same_definition(a: orchestrator_pb2.Workflow, b: orchestrator_pb2.Workflow) -> bool:
-    def bare(w: orchestrator_pb2.Workflow) -> bytes:
-        copy = orchestrator_pb2.Workflow()
-        copy.CopyFrom(w)
-        copy.ClearField("version")
-        copy.ClearField("create_time")
-        copy.ClearField("update_time")
-        return copy.SerializeToString(deterministic=True)
-
-    return bare(a) == bare(b)
-
-
-def _workflow_name(field: str, value: str, *, required: bool = True) -> list[FieldViolation]:
-    """Violations of a workflow name in a request that looks one up (a longer one or
-    one of other characters cannot have been stored)."""
-    return check_length(field, value, MAX_WORKFLOW_NAME) or check_name(
-        field, value, required=required
-    )
-
-
-def _require_name(name: str, value: str) -> None:
-    raise_if(_workflow_name(name, value))
 
 
 def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:
@@ -1891,21 +410,3 @@ def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:
         violations.append(FieldViolation("correlation_id", problem))
     if violations:
         raise InvalidArgument("", violations)
-
-
-def _as_payload(template: Any, context: dict[str, Any], where: str) -> dict[str, Any]:
-    try:
-        value = resolve(template, context)
-    except UnresolvedReference as exc:
-        raise InvalidArgument(f"{where}: {exc}", [FieldViolation(where, str(exc))]) from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(
-            f"{where} resolved to {type(value).__name__}; a step's input must be an object",
-            [FieldViolation(where, "must resolve to an object")],
-        )
-    return value
-
-
-def _mesh_error(info: common_pb2.ErrorInfo) -> MeshError:
-    """The error an ErrorInfo recorded (its class from the code name)."""
-    return error_for_code(info.code_name or "UNKNOWN")(info.message)
