@@ -92,6 +92,14 @@ class SidecarConfig(BaseSettings):
     insecure: bool = Field(
         False, description="Allow serving plaintext on a non-loopback --listen address."
     )
+    shared_idempotency: bool = Field(
+        False,
+        description=(
+            "Send the result of a workflow step whose caller went away to the control "
+            "plane, so a resend after this instance is gone is settled from it instead of "
+            "running again elsewhere."
+        ),
+    )
 
     @field_validator("listen")
     @classmethod

@@ -32,6 +32,7 @@ from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.host import HostSettings, ProcessorHost
 from flext_mesh.hosting.membership import Membership, describe_refusal
 from flext_mesh.hosting.reporter import CallReporter
+from flext_mesh.hosting.results import LostResults
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer
 from flext_mesh.logs import setup_logging
 from flext_mesh.process import signal_received
@@ -87,6 +88,8 @@ class Sidecar:
         self._channel: grpc.aio.Channel | None = None
         self.reporter: CallReporter | None = None
         self.client: MeshClient | None = None
+        #: Results of step calls whose caller went away (--shared-idempotency).
+        self.lost_results: LostResults | None = None
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -136,6 +139,8 @@ class Sidecar:
                 side=metrics_pb2.CALL_SIDE_SERVER,
             )
 
+        if config.shared_idempotency:
+            self.lost_results = LostResults(self.channel, config.service)
         await self.host.serve(
             ProcessorServicer(
                 self.operations,
@@ -143,6 +148,7 @@ class Sidecar:
                 instance_id=instance_id,
                 version=config.version,
                 on_call=report,
+                on_lost_answer=self.lost_results.record if self.lost_results else None,
             )
         )
         self.host.register(
@@ -185,6 +191,9 @@ class Sidecar:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, deregister, let in-flight calls finish."""
         await self.host.stop(self.config.grace_period if grace is None else grace)
+        if self.lost_results is not None:  # hand over what the drain finished
+            await self.lost_results.flush(2.0)
+            await self.lost_results.aclose()
         if self.client is not None:
             set_current(None)
             await self.client.aclose()

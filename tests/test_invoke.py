@@ -495,6 +495,73 @@ async def test_failures_are_not_cached(served: Served) -> None:
     assert struct_to_dict(third.result) == {"value": 2}
 
 
+async def test_lookup_only_reports_a_key_without_ever_running_the_operation(
+    served: Served,
+) -> None:
+    """How the orchestrator settles an attempt whose answer it lost: no record ->
+    NOT_FOUND (nothing ran); a call still running -> its result once it ends; a call
+    done -> its result replayed."""
+    missing = await served.failure("slow", {"seconds": 0.1}, idempotency_key="q", lookup_only=True)
+    assert missing.code is grpc.StatusCode.NOT_FOUND
+    assert "no call of 'slow' with idempotency key 'q'" in missing.message
+    assert served.slow.runs.value == 0
+
+    first = asyncio.create_task(
+        served.invoke("slow", {"seconds": 0.3}, idempotency_key="q", correlation_id="one")
+    )
+    await _until(lambda: served.servicer.in_flight == 1)
+    first.cancel()  # its caller went away; the work goes on
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    joined = await served.invoke("slow", {}, idempotency_key="q", lookup_only=True)
+    again = await served.invoke("slow", {}, idempotency_key="q", lookup_only=True)
+    assert served.slow.runs.value == 1
+    assert (joined.replayed, again.replayed) == (True, True)
+    assert struct_to_dict(joined.result) == {"runs": 1}
+    assert joined.correlation_id == "one"
+
+    keyless = await served.failure("slow", {}, lookup_only=True)
+    assert keyless.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "idempotency_key" in keyless.message
+
+
+async def test_a_draining_instance_still_answers_the_keys_it_holds(served: Served) -> None:
+    running = asyncio.create_task(served.invoke("slow", {"seconds": 0.3}, idempotency_key="d"))
+    await _until(lambda: served.servicer.in_flight == 1)
+    served.servicer.drain()
+    resend = await served.invoke("slow", {"seconds": 0.3}, idempotency_key="d")
+    assert resend.replayed
+    assert served.slow.runs.value == 1
+    other = await served.failure("slow", {"seconds": 0.3}, idempotency_key="e")
+    assert isinstance(other, Unavailable)
+    await running
+
+
+async def test_on_lost_answer_gets_the_result_of_a_call_whose_caller_went_away() -> None:
+    lost: list[tuple[str, str, dict[str, Any]]] = []
+    slow = SlowService()
+    servicer = ProcessorServicer(
+        {"slow": slow},
+        service_name="shop",
+        instance_id="shop-1",
+        on_lost_answer=lambda op, key, response: lost.append(
+            (op, key, struct_to_dict(response.result))
+        ),
+    )
+    async with _serve(servicer) as stub:
+        answered = processor_pb2.InvokeRequest(operation="slow", idempotency_key="kept")
+        await stub.Invoke(answered)
+        assert lost == []  # the caller got it: nothing to hand over
+
+        request = processor_pb2.InvokeRequest(operation="slow", idempotency_key="gone")
+        request.payload.update({"seconds": 0.3})
+        with pytest.raises(grpc.aio.AioRpcError) as timed_out:
+            await stub.Invoke(request, timeout=0.1)
+        assert timed_out.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await _until(lambda: bool(lost))
+        assert lost == [("slow", "gone", {"runs": 2})]
+
+
 # -- draining --------------------------------------------------------------------------------
 
 

@@ -340,6 +340,20 @@ class IdempotencyCache(Generic[T]):
             flight.outcome = (value,)
         flight.done.set()
 
+    def when_done(self, key: Hashable, callback: Callable[[T], None]) -> bool:
+        """Call ``callback(value)`` when `key`'s running first call succeeds; False (and
+        no call) when none runs."""
+        flight = self._running.get(key)
+        if flight is None:
+            return False
+
+        def done(task: asyncio.Task[T]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                callback(task.result())
+
+        flight.task.add_done_callback(done)
+        return True
+
     def knows(self, key: Hashable) -> bool:
         """True when `key` has a remembered outcome or its first call is running."""
         return key in self._running or self._lookup(key) is not None

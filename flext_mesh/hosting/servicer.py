@@ -163,6 +163,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         instance_id: str = "",
         version: str = "",
         on_call: Callable[[CallOutcome], None] | None = None,
+        on_lost_answer: Callable[[str, str, processor_pb2.InvokeResponse], None] | None = None,
         idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
         idempotency_max_keys: int = DEFAULT_IDEMPOTENCY_MAX_KEYS,
         max_workers: int | None = None,
@@ -170,7 +171,11 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         """Serve `operations` under `service_name`.
 
         `on_call` runs on the event loop after every Invoke (keep it cheap; its
-        exceptions are logged, once). `idempotency_window` is in seconds and
+        exceptions are logged, once). `on_lost_answer(operation, key, response)` runs
+        when a call with an idempotency key succeeds after its caller went away (its
+        answer never reached anyone): the hook of shared idempotency, which keeps the
+        result where a resend to another instance finds it. `idempotency_window` is in
+        seconds and
         `idempotency_max_keys` bounds the keys remembered. `max_workers` bounds the
         threads running sync processors (default: ThreadPoolExecutor's, cpu count + 4,
         at most 32); the pool starts with the first sync call.
@@ -181,6 +186,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self._version = version
         self._on_call = on_call
         self._on_call_failed = False
+        self._on_lost_answer = on_lost_answer
         self._cache: IdempotencyCache[processor_pb2.InvokeResponse] = IdempotencyCache(
             window=idempotency_window, max_keys=idempotency_max_keys
         )
@@ -368,9 +374,13 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             except TimeoutError:
                 if not timeout.expired():
                     raise
+                self._answer_lost(operation.name, key, request.lookup_only)
                 raise DeadlineExceeded(
                     f"operation {operation.name!r} did not finish before the deadline"
                 ) from None
+            except asyncio.CancelledError:
+                self._answer_lost(operation.name, key, request.lookup_only)
+                raise
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -381,6 +391,14 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         replay.CopyFrom(stored)
         replay.replayed = True
         return replay, True
+
+    def _answer_lost(self, operation: str, key: str, lookup_only: bool) -> None:
+        """The caller left while a keyed call runs on: hand its result, when it comes,
+        to `on_lost_answer`."""
+        hook = self._on_lost_answer
+        if hook is None or not key or lookup_only:
+            return
+        self._cache.when_done((operation, key), functools.partial(hook, operation, key))
 
     async def _run(
         self, operation: Operation, payload: struct_pb2.Struct, cid: str

@@ -22,7 +22,7 @@ from flext_mesh.orchestrator.history import ExecutionEventType, ExecutionState, 
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
 from flext_mesh.orchestrator.journal import Journal
 from flext_mesh.orchestrator.spec import StepSpec, WorkflowSpec
-from flext_mesh.orchestrator.steps import StepInputs, with_retries
+from flext_mesh.orchestrator.steps import Recorded, StepInputs, with_retries
 from flext_mesh.v1 import orchestrator_pb2
 
 __all__ = ["Compensation"]
@@ -42,9 +42,11 @@ class Compensation:
         *,
         resolve_timeout: float,
         rng: random.Random,
+        recorded: Recorded | None = None,
     ) -> None:
         """``resolve_timeout``: seconds an instance has to say what became of an attempt
-        whose answer was lost; ``rng`` jitters retry backoffs."""
+        whose answer was lost; ``rng`` jitters retry backoffs; ``recorded`` reads a step
+        result kept for shared idempotency (asked when the instance is gone)."""
         self.spec = spec
         self.view = journal.view
         self.execution_id = journal.execution_id
@@ -54,6 +56,7 @@ class Compensation:
         self.invoker = invoker
         self.resolve_timeout = resolve_timeout
         self.rng = rng
+        self.recorded = recorded
 
     async def compensate(self) -> str:
         """Settle unknown outcomes, then compensate completed steps newest first (and
@@ -123,7 +126,8 @@ class Compensation:
                     step_state=StepState.SUCCEEDED,
                     output=reply.output,
                     instance_id=reply.instance_id,
-                    message=f"instance {reply.instance_id} answered that it succeeded: "
+                    message=reason
+                    or f"instance {reply.instance_id} answered that it succeeded: "
                     "it is compensated",
                 )
                 self.inputs.outputs[name] = reply.output
@@ -135,7 +139,7 @@ class Compensation:
                 state=ExecutionState.COMPENSATING,
                 step=name,
                 step_state=StepState(step.state) if applied is False else StepState.COMPENSATING,
-                instance_id=step.instance_id,
+                instance_id=self.view.unresolved_on(name) or step.instance_id,
                 message=reason,
             )
             if applied is None:
@@ -151,11 +155,21 @@ class Compensation:
         spec = self.spec.step(step.step_name)
         invoker = self.invoker
         timeout = self.resolve_timeout
-        instance = invoker.still_there(spec.service, step.instance_id)
+        holder = self.view.unresolved_on(step.step_name) or step.instance_id
+        instance = invoker.still_there(spec.service, holder)
+        if instance is None and self.recorded is not None:
+            kept = await self.recorded(self.execution_id, step.step_name)
+            if kept is not None:  # the instance sent it before it went (shared idempotency)
+                return (
+                    kept,
+                    f"instance {kept.instance_id} kept its result with the control plane "
+                    "before it went (shared idempotency): it succeeded; it is compensated",
+                    True,
+                )
         if instance is None:
             return (
                 None,
-                f"instance {step.instance_id} is gone: whether the step was applied cannot "
+                f"instance {holder} is gone: whether the step was applied cannot "
                 "be known; its compensation runs anyway",
                 None,
             )
@@ -174,15 +188,16 @@ class Compensation:
             if failure.error.code == grpc.StatusCode.NOT_FOUND:
                 return (
                     None,
-                    f"instance {step.instance_id} has no record of it: not applied, "
-                    "nothing to compensate",
+                    f"instance {holder} has no record of it: not applied, nothing to compensate",
                     False,
                 )
+            said = f"{failure.error.code.name}: {failure.error.message}"
+            if failure.error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                said = f"still running after {timeout:g} s"
             return (
                 None,
-                f"instance {step.instance_id} did not say within {timeout:g} s "
-                f"({failure.error.message}): whether the step was applied cannot be known; "
-                "its compensation runs anyway",
+                f"instance {holder} gave no answer ({said}): whether the step was applied "
+                "cannot be known; its compensation runs anyway",
                 None,
             )
         return reply, "", True

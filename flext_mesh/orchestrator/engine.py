@@ -64,6 +64,7 @@ from flext_mesh.orchestrator.retention import Retention
 from flext_mesh.orchestrator.run import Run, RunContext
 from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.spec import RetrySpec
+from flext_mesh.orchestrator.step_results import StepResults
 from flext_mesh.retry import Backoff
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
 from flext_mesh.store import Compare, Delete, Event, EventType, Put, Store
@@ -108,6 +109,7 @@ class Orchestrator:
         self.executions = Executions(store)
         self.reporter = Reporter(report, self.settings.metrics_flush_interval)
         self.retention = Retention(store, self.settings)
+        self.step_results = StepResults(store, self.catalog.spec_of)
         self.ownership = Ownership(
             store,
             self.settings,
@@ -123,6 +125,7 @@ class Orchestrator:
             record=self.reporter.record,
             remember_ended=self.executions.remember_ended,
             rng=random.Random(),
+            recorded=self.step_results.recorded,
         )
         # The API the servicer, the dashboard and the server use; each part documents
         # its calls.
@@ -137,6 +140,7 @@ class Orchestrator:
         self.remember_ended = self.executions.remember_ended
         self.record = self.reporter.record
         self.sweep = self.retention.sweep
+        self.record_step_result = self.step_results.record
         self.owner_ops = self.ownership.owner_ops
         self.fence = self.ownership.fence
         self.claimed = self.ownership.claimed

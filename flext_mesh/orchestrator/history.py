@@ -19,6 +19,7 @@ from flext_mesh.v1 import common_pb2, orchestrator_pb2
 
 __all__ = [
     "ENDED_STATES",
+    "NOT_AN_ANSWER_CODES",
     "UNKNOWN_OUTCOME_CODES",
     "ExecutionEventType",
     "ExecutionState",
@@ -97,12 +98,23 @@ ENDED_STATES: frozenset[ExecutionState] = frozenset(
 
 
 #: Status codes (numbers) of an attempt whose answer was lost rather than given: the
-#: instance may have done the work (a callee that answers any other code did not, or
-#: failed). A step that ends on one of these has ``outcome_unknown`` set.
+#: instance may have done the work.
 UNKNOWN_OUTCOME_CODES: frozenset[int] = frozenset(
     {
         1,  # CANCELLED: the caller cut it off (CancelExecution, a stopping execution)
         4,  # DEADLINE_EXCEEDED: the step's timeout passed first
+    }
+)
+#: Status codes that say nothing of what an instance did with a key: it could not be
+#: reached, or something before the operation refused the call. Any other answer from
+#: an instance (success, a rejection, a failure of the operation) tells what became of
+#: the key there: its callee holds a key's call until it ends, and answers a resend of
+#: a key it holds from it.
+NOT_AN_ANSWER_CODES: frozenset[int] = frozenset(
+    {
+        2,  # UNKNOWN: transport trouble of any kind
+        8,  # RESOURCE_EXHAUSTED: a rate limit or a full queue before the operation
+        14,  # UNAVAILABLE: not reachable, connection broken, draining
     }
 )
 
@@ -126,7 +138,15 @@ class ExecutionView:
     ``cancel_error`` saying why.
     """
 
-    __slots__ = ("_steps", "cancel_error", "cancel_requested", "completed", "execution")
+    __slots__ = (
+        "_in_flight",
+        "_steps",
+        "_unresolved",
+        "cancel_error",
+        "cancel_requested",
+        "completed",
+        "execution",
+    )
 
     def __init__(self, execution: orchestrator_pb2.Execution) -> None:
         """Start from a fresh execution (id, workflow, input, steps PENDING, no events)."""
@@ -136,6 +156,11 @@ class ExecutionView:
         self.cancel_requested = False
         #: The error CancelExecution recorded (CANCELLED with the reason).
         self.cancel_error = common_pb2.ErrorInfo()
+        #: Per step, the instance of the attempt on its way (STEP_STARTED, no answer yet).
+        self._in_flight: dict[str, str] = {}
+        #: Per step, the instance that got an attempt whose answer was lost and that has
+        #: not answered for the key since: it may have done the work.
+        self._unresolved: dict[str, str] = {}
 
     @classmethod
     def replay(
@@ -182,6 +207,17 @@ class ExecutionView:
         """The step's state."""
         return StepState(self._steps[name].state)
 
+    def in_flight_on(self, name: str) -> str:
+        """The instance the step's current attempt went to, until it answers ("")."""
+        return self._in_flight.get(name, "")
+
+    def unresolved_on(self, name: str) -> str:
+        """The instance that may have done the step unseen ("" when none): it got an
+        attempt whose answer was lost (timed out, cut off, in flight when the last owner
+        stopped) and has not answered for the key since. A resend goes back to it while
+        it is there; before compensating, it is asked what became of the step."""
+        return self._unresolved.get(name, "")
+
     def apply(self, event: orchestrator_pb2.ExecutionEvent) -> None:
         """Fold one event in; events must come in index order, without gaps."""
         execution = self.execution
@@ -201,6 +237,10 @@ class ExecutionView:
         elif kind == ExecutionEventType.CANCEL_REQUESTED:
             self.cancel_requested = True
             self.cancel_error.CopyFrom(event.error)
+        elif kind == ExecutionEventType.EXECUTION_RESUMED:
+            # Attempts on their way when the last owner stopped: their answers are lost.
+            self._unresolved.update(self._in_flight)
+            self._in_flight.clear()
         elif kind == ExecutionEventType.EXECUTION_ENDED:
             execution.end_time.CopyFrom(event.time)
             execution.duration.CopyFrom(duration_between(execution.start_time, event.time))
@@ -222,13 +262,17 @@ class ExecutionView:
                 step.start_time.CopyFrom(event.time)
             if event.instance_id:
                 step.instance_id = event.instance_id
+                self._in_flight[step.step_name] = event.instance_id
             if event.at_least_once:
                 step.at_least_once = True
         elif kind == ExecutionEventType.STEP_RETRYING:
             step.attempts = event.attempt
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
+            self._answered(step.step_name, event.error.code, event.instance_id)
         elif kind == ExecutionEventType.STEP_SUCCEEDED:
+            self._in_flight.pop(step.step_name, None)
+            self._unresolved.pop(step.step_name, None)
             step.ClearField("error")
             step.output.CopyFrom(event.output)
             step.instance_id = event.instance_id
@@ -238,9 +282,8 @@ class ExecutionView:
         elif kind == ExecutionEventType.STEP_FAILED:
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
-            step.outcome_unknown = (
-                bool(event.instance_id) and event.error.code in UNKNOWN_OUTCOME_CODES
-            )
+            self._answered(step.step_name, event.error.code, event.instance_id)
+            step.outcome_unknown = step.step_name in self._unresolved
             self._end_step(step, event)
         elif kind in (
             ExecutionEventType.STEP_SKIPPED,
@@ -248,10 +291,11 @@ class ExecutionView:
         ):
             if event.HasField("error"):
                 step.error.CopyFrom(event.error)
-            if kind == ExecutionEventType.STEP_CANCELLED and event.instance_id:
-                # Cut off in flight: the instance named may have done the work.
-                step.instance_id = event.instance_id
-                step.outcome_unknown = True
+            cut_off = self._in_flight.pop(step.step_name, "")
+            if kind == ExecutionEventType.STEP_CANCELLED:
+                if cut_off:  # its answer will never come: it may have done the work
+                    self._unresolved[step.step_name] = cut_off
+                step.outcome_unknown = step.step_name in self._unresolved
             self._end_step(step, event)
         elif kind == ExecutionEventType.STEP_OUTCOME_RESOLVED:
             if StepState(event.step_state) == StepState.SUCCEEDED:
@@ -263,6 +307,8 @@ class ExecutionView:
             # COMPENSATING: it cannot be known (its compensation runs anyway); any
             # other state: it was not applied.
             step.outcome_unknown = StepState(event.step_state) == StepState.COMPENSATING
+            if not step.outcome_unknown:
+                self._unresolved.pop(step.step_name, None)
         elif kind == ExecutionEventType.COMPENSATION_STARTED:
             step.compensation_attempts = event.attempt
             if event.HasField("error"):
@@ -271,6 +317,18 @@ class ExecutionView:
             step.ClearField("compensation_error")
         elif kind == ExecutionEventType.COMPENSATION_FAILED:
             step.compensation_error.CopyFrom(event.error)
+
+    def _answered(self, name: str, code: int, instance_id: str) -> None:
+        """An attempt on ``instance_id`` ended with ``code``: lost (the instance may have
+        done it), an answer about the key (that instance did not, or did and failed), or
+        no answer at all (nothing learnt)."""
+        self._in_flight.pop(name, None)
+        if not instance_id:
+            return  # never sent: no instance was picked
+        if code in UNKNOWN_OUTCOME_CODES:
+            self._unresolved[name] = instance_id
+        elif code not in NOT_AN_ANSWER_CODES and self._unresolved.get(name) == instance_id:
+            del self._unresolved[name]
 
     @staticmethod
     def _end_step(

@@ -12,6 +12,7 @@ Store layout (every value a serialized message)::
     /orchestrator/idempotency/SHA256(KEY)           execution id of a StartExecution key
     /orchestrator/owners/ID                         owning replica, under its lease
     /orchestrator/cancel-requests/ID                a cancel another replica received
+    /orchestrator/step-results/ID/STEP              a step result whose answer was lost
 
 Also here: execution ids, timestamps, and the conversions between a ``MeshError`` and
 the ``ErrorInfo`` an event records.
@@ -40,6 +41,7 @@ __all__ = [
     "EXECUTIONS",
     "IDEMPOTENCY",
     "OWNERS",
+    "STEP_RESULTS",
     "VERSIONS",
     "WORKFLOWS",
     "checked_page_size",
@@ -66,6 +68,8 @@ IDEMPOTENCY = "/orchestrator/idempotency/"
 OWNERS = "/orchestrator/owners/"
 #: CancelExecution received by a replica that does not drive the execution.
 CANCELS = "/orchestrator/cancel-requests/"
+#: Step results kept for shared idempotency (see :mod:`.step_results`).
+STEP_RESULTS = "/orchestrator/step-results/"
 
 
 def timestamp_now() -> timestamp_pb2.Timestamp:

@@ -16,6 +16,7 @@ from flext_mesh.orchestrator.records import (
     ENDED,
     EVENTS,
     EXECUTIONS,
+    STEP_RESULTS,
     idempotency_key,
 )
 from flext_mesh.orchestrator.settings import OrchestratorSettings
@@ -62,6 +63,7 @@ class Retention:
                     Delete(EXECUTIONS + execution_id),
                     Delete(DEFINITIONS + execution_id),
                     Delete(f"{EVENTS}{execution_id}/", prefix=True),
+                    Delete(f"{STEP_RESULTS}{execution_id}/", prefix=True),
                 ]
                 record = await self.store.get(EXECUTIONS + execution_id)
                 if record is not None:

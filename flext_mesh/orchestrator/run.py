@@ -47,9 +47,10 @@ from flext_mesh.orchestrator.settings import OrchestratorSettings
 from flext_mesh.orchestrator.spec import StepSpec, WorkflowSpec
 from flext_mesh.orchestrator.steps import (
     Outcome,
+    Recorded,
     StepInputs,
+    Target,
     instance_id_of,
-    unknown_outcome,
     with_retries,
 )
 from flext_mesh.store import Compare, Store
@@ -76,6 +77,8 @@ class RunContext:
     remember_ended: Callable[[str, bytes], None]
     #: Jitters retry backoffs.
     rng: random.Random
+    #: Reads a step result kept for shared idempotency (when an instance is gone).
+    recorded: Recorded | None = None
 
 
 class Run:
@@ -102,14 +105,12 @@ class Run:
             context.invoker,
             resolve_timeout=context.settings.resolve_timeout,
             rng=context.rng,
+            recorded=context.recorded,
         )
         self._cancel = asyncio.Event()
         #: Instance chosen for each step's next attempt (persisted with STEP_STARTED).
         #: (Or why none could be picked: the attempt fails with it, unsent.)
-        self._targets: dict[str, registry_pb2.ServiceInstance | AttemptFailed] = {}
-        #: Per step, the instance of the last attempt whose outcome is unknown (sent
-        #: and not answered yet, or timed out): a cancel leaves it to be resolved.
-        self._unanswered: dict[str, str] = {}
+        self._targets: dict[str, Target] = {}
 
     async def request_cancel(self, reason: str) -> None:
         """Record CANCEL_REQUESTED (once) and stop scheduling."""
@@ -145,12 +146,13 @@ class Run:
                     continue
                 if stopping:
                     # Its answer is lost: settled before compensating (maybe applied).
+                    unresolved = view.unresolved_on(step.step_name)
                     self.stage(
                         ExecutionEventType.STEP_CANCELLED,
-                        state=self.compensation.settling(step.step_name, step.instance_id),
+                        state=self.compensation.settling(step.step_name, unresolved),
                         step=step.step_name,
                         step_state=StepState.CANCELLED,
-                        instance_id=step.instance_id,
+                        instance_id=unresolved,
                         message="in flight when the control plane stopped; not resent",
                     )
                 else:
@@ -288,30 +290,53 @@ class Run:
         except AttemptFailed as failure:
             return failure
 
+    async def _place(self, name: str) -> tuple[Target, bool, str]:
+        """Where the step's next attempt goes, whether it is then at-least-once, and why.
+
+        While an instance may hold a lost attempt (``ExecutionView.unresolved_on``), the
+        resend goes back to it: its idempotency cache joins or replays the first call.
+        If it is gone, the result it kept with the control plane settles the step
+        (shared idempotency); failing that, the next instance gets it, at-least-once.
+        Otherwise the next instance in rotation.
+        """
+        service = self.spec.step(name).service
+        holder = self.view.unresolved_on(name)
+        if not holder:
+            return await self._pick(service), False, ""
+        there = self.invoker.still_there(service, holder)
+        if there is not None:
+            return there, False, "same instance"
+        if self.context.recorded is not None:
+            kept = await self.context.recorded(self.execution_id, name)
+            if kept is not None:
+                return (
+                    kept,
+                    False,
+                    (
+                        f"instance {holder} is gone; it kept its result with the control plane "
+                        "(shared idempotency): settled from it, not sent again"
+                    ),
+                )
+        return (
+            await self._pick(service),
+            True,
+            (
+                f"instance {holder}, which may hold a lost attempt, is gone: the step may run "
+                "twice (at-least-once)"
+            ),
+        )
+
     async def _resend(self, step: orchestrator_pb2.StepExecution) -> None:
-        """Stage the STEP_STARTED of a step in flight when the last owner stopped: to the
-        instance that got it while it is there, else elsewhere (at-least-once)."""
-        service = self.spec.step(step.step_name).service
-        invoker = self.invoker
-        before = step.instance_id
-        there = invoker.still_there(service, before)
-        moved = there is None and bool(before)
-        instance = there if there is not None else await self._pick(service)
-        if not moved:
-            message = "sent again after a restart, same idempotency key, same instance"
-        else:
-            message = (
-                f"sent again after a restart, same idempotency key: instance {before} is "
-                "gone, so the step may run twice (at-least-once)"
-            )
-        self._targets[step.step_name] = instance
+        """Stage the STEP_STARTED of a step in flight when the last owner stopped."""
+        target, moved, why = await self._place(step.step_name)
+        self._targets[step.step_name] = target
         self.stage(
             ExecutionEventType.STEP_STARTED,
             step=step.step_name,
             step_state=StepState.RUNNING,
             attempt=step.attempts + 1,
-            instance_id=instance_id_of(instance),
-            message=message,
+            instance_id=instance_id_of(target),
+            message=f"sent again after a restart, same idempotency key{': ' if why else ''}{why}",
             at_least_once=moved,
         )
 
@@ -360,7 +385,7 @@ class Run:
                 else:
                     # An attempt on its way had its answer cut off: the instance may
                     # do the work anyway; settled before compensating.
-                    unanswered = self._unanswered.pop(name, "")
+                    unanswered = self.view.in_flight_on(name)
                     self.stage(
                         ExecutionEventType.STEP_CANCELLED,
                         state=self.compensation.settling(name, unanswered),
@@ -427,7 +452,6 @@ class Run:
         first_attempt = record.attempts or 1
         idempotency_key = record.idempotency_key
         invoker = self.invoker
-        last: list[AttemptFailed] = []
 
         async def call() -> StepReply:
             payload = self.inputs.payload(step)
@@ -436,32 +460,25 @@ class Run:
                 target = await self._pick(step.service)
             if isinstance(target, AttemptFailed):
                 raise target
+            if isinstance(target, StepReply):
+                return target  # the result kept for shared idempotency
             timeout = step.timeout
             deadline = self._deadline()
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.time()))
-            self._unanswered[step.name] = target.instance_id
-            try:
-                reply = await invoker.invoke(
-                    step.service,
-                    step.operation,
-                    payload,
-                    timeout=timeout,
-                    correlation_id=self.view.execution.correlation_id,
-                    idempotency_key=idempotency_key,
-                    instance=target,
-                )
-            except AttemptFailed as failure:
-                if not unknown_outcome(failure):
-                    self._unanswered.pop(step.name, None)  # it answered: not done
-                raise
-            self._unanswered.pop(step.name, None)
-            return reply
+            return await invoker.invoke(
+                step.service,
+                step.operation,
+                payload,
+                timeout=timeout,
+                correlation_id=self.view.execution.correlation_id,
+                idempotency_key=idempotency_key,
+                instance=target,
+            )
 
         attempts = [first_attempt]
 
         async def on_retry(number: int, failure: AttemptFailed, backoff: float) -> None:
-            last[:] = [failure]
             self.stage(
                 ExecutionEventType.STEP_RETRYING,
                 step=step.name,
@@ -477,15 +494,7 @@ class Run:
             attempts[0] = number
             if number <= first_attempt:
                 return
-            # A resend whose previous answer was lost goes back to the same instance
-            # (its idempotency cache joins or replays it); after an answer, any instance.
-            failure = last[0] if last else None
-            there: registry_pb2.ServiceInstance | None = None
-            pinned = failure is not None and unknown_outcome(failure)
-            if failure is not None and pinned:
-                there = invoker.still_there(step.service, failure.instance_id)
-            moved = pinned and there is None
-            target = there if there is not None else await self._pick(step.service)
+            target, moved, why = await self._place(step.name)
             self._targets[step.name] = target
             self.stage(
                 ExecutionEventType.STEP_STARTED,
@@ -494,12 +503,7 @@ class Run:
                 attempt=number,
                 instance_id=instance_id_of(target),
                 at_least_once=moved,
-                message=(
-                    "the instance that got the previous attempt is gone: the step may "
-                    "run twice (at-least-once)"
-                    if moved
-                    else ""
-                ),
+                message="" if why == "same instance" else why,
             )
             await self.flush()
 

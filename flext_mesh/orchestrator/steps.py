@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flext_mesh.errors import FieldViolation, InvalidArgument
-from flext_mesh.orchestrator.history import UNKNOWN_OUTCOME_CODES, ExecutionView
+from flext_mesh.orchestrator.history import ExecutionView
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepReply
 from flext_mesh.orchestrator.spec import CompensationSpec, RetrySpec, StepSpec
 from flext_mesh.orchestrator.templates import UnresolvedReference, resolve
@@ -25,12 +25,18 @@ from flext_mesh.v1 import registry_pb2
 
 __all__ = [
     "Outcome",
+    "Recorded",
     "StepInputs",
+    "Target",
     "as_payload",
     "instance_id_of",
-    "unknown_outcome",
     "with_retries",
 ]
+
+
+#: Reads the result an instance kept with the control plane for (execution id, step)
+#: before it went (shared idempotency; :mod:`.step_results`); None when there is none.
+Recorded = Callable[[str, str], Awaitable[StepReply | None]]
 
 
 @dataclass(slots=True)
@@ -116,15 +122,15 @@ def as_payload(template: Any, context: dict[str, Any], where: str) -> dict[str, 
     return value
 
 
-def instance_id_of(target: registry_pb2.ServiceInstance | AttemptFailed) -> str:
-    """The id of the instance picked for an attempt ("" when none could be)."""
+#: Where an attempt goes: an instance, why none could be picked (the attempt fails with
+#: it, unsent), or the result kept for shared idempotency (the attempt is not sent).
+Target = registry_pb2.ServiceInstance | AttemptFailed | StepReply
+
+
+def instance_id_of(target: Target) -> str:
+    """The id of the instance an attempt goes to (or whose kept result settles it); ""
+    when none could be picked."""
     return "" if isinstance(target, AttemptFailed) else target.instance_id
-
-
-def unknown_outcome(failure: AttemptFailed) -> bool:
-    """True when the attempt reached an instance and its answer was lost (it may have
-    been applied there)."""
-    return bool(failure.instance_id) and failure.error.code.value[0] in UNKNOWN_OUTCOME_CODES
 
 
 async def with_retries(

@@ -162,6 +162,9 @@ METHOD_RULES: dict[str, MethodRule] = {
     "/flext_mesh.v1.OrchestratorService/ListExecutions": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/CancelExecution": MethodRule(_WORKFLOW, "writes"),
     "/flext_mesh.v1.OrchestratorService/WatchExecution": MethodRule(_WORKFLOW_READ),
+    "/flext_mesh.v1.OrchestratorService/RecordStepResult": MethodRule(
+        _SERVICE, "writes", "service_name"
+    ),
     # ProcessorService (the control plane's own, without processors)
     "/flext_mesh.v1.ProcessorService/Invoke": MethodRule(_ADMIN),
     "/flext_mesh.v1.ProcessorService/ListOperations": MethodRule(_READ),

@@ -112,6 +112,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         finally:
             release()
 
+    @rpc_errors
+    async def RecordStepResult(
+        self, request: orchestrator_pb2.RecordStepResultRequest, context: _Context
+    ) -> orchestrator_pb2.RecordStepResultResponse:
+        """Keep the result of a step call whose answer was lost (shared idempotency)."""
+        await self.orchestrator.record_step_result(
+            request.service_name, request.operation, request.idempotency_key, request.result
+        )
+        return orchestrator_pb2.RecordStepResultResponse()
+
 
 def add_orchestrator_servicer(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
     """Serve the orchestrator."""

@@ -23,72 +23,77 @@ _sym_db = _symbol_database.Default()
 
 
 from flext_mesh.v1 import common_pb2 as flext__mesh_dot_v1_dot_common__pb2
+from flext_mesh.v1 import processor_pb2 as flext__mesh_dot_v1_dot_processor__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flext_mesh/v1/orchestrator.proto\x12\rflext_mesh.v1\x1a\x1a\x66lext_mesh/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12*\n\x05steps\x18\x04 \x03(\x0b\x32\x1b.flext_mesh.v1.WorkflowStep\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x02\n\x0cWorkflowStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12\x15\n\x08required\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x05retry\x18\x08 \x01(\x0b\x32\x1a.flext_mesh.v1.RetryPolicy\x12\x31\n\x0c\x63ompensation\x18\t \x01(\x0b\x32\x1b.flext_mesh.v1.CompensationB\x0b\n\t_required\"\xb1\x01\n\x0c\x43ompensation\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x05retry\x18\x05 \x01(\x0b\x32\x1a.flext_mesh.v1.RetryPolicy\"?\n\x12PutWorkflowRequest\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.flext_mesh.v1.Workflow\"Q\n\x13PutWorkflowResponse\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.flext_mesh.v1.Workflow\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"3\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"@\n\x13GetWorkflowResponse\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.flext_mesh.v1.Workflow\"=\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x15ListWorkflowsResponse\x12*\n\tworkflows\x18\x01 \x03(\x0b\x32\x17.flext_mesh.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteWorkflowResponse\"\xed\x03\n\rStepExecution\x12\x11\n\tstep_name\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.flext_mesh.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x1d\n\x15\x63ompensation_attempts\x18\x0b \x01(\r\x12\x34\n\x12\x63ompensation_error\x18\x0c \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x17\n\x0foutcome_unknown\x18\r \x01(\x08\x12\x15\n\rat_least_once\x18\x0e \x01(\x08\"\xcd\x04\n\tExecution\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x15\n\rworkflow_name\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\x03\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.flext_mesh.v1.ExecutionState\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x05steps\x18\x07 \x03(\x0b\x32\x1c.flext_mesh.v1.StepExecution\x12\x16\n\x0e\x63orrelation_id\x18\x08 \x01(\t\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x13\n\x0b\x66\x61iled_step\x18\x0f \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x10 \x01(\x03\x12\r\n\x05owner\x18\x11 \x01(\t\"\xd4\x03\n\x0e\x45xecutionEvent\x12\r\n\x05index\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.flext_mesh.v1.ExecutionEventType\x12\x11\n\tstep_name\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x36\n\x0f\x65xecution_state\x18\x06 \x01(\x0e\x32\x1d.flext_mesh.v1.ExecutionState\x12,\n\nstep_state\x18\x07 \x01(\x0e\x32\x18.flext_mesh.v1.StepState\x12\'\n\x06output\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x0f\n\x07message\x18\n \x01(\t\x12*\n\x07\x62\x61\x63koff\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0binstance_id\x18\x0c \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\r \x01(\t\x12\x15\n\rat_least_once\x18\x0e \x01(\x08\"\xe5\x01\n\x15StartExecutionRequest\x12\x17\n\rworkflow_name\x18\x01 \x01(\tH\x00\x12\x32\n\x0finline_workflow\x18\x02 \x01(\x0b\x32\x17.flext_mesh.v1.WorkflowH\x00\x12\x18\n\x10workflow_version\x18\x03 \x01(\x03\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\tB\x0c\n\ndefinition\"W\n\x16StartExecutionResponse\x12+\n\texecution\x18\x01 \x01(\x0b\x32\x18.flext_mesh.v1.Execution\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"C\n\x13GetExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_events\x18\x02 \x01(\x08\"r\n\x14GetExecutionResponse\x12+\n\texecution\x18\x01 \x01(\x0b\x32\x18.flext_mesh.v1.Execution\x12-\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1d.flext_mesh.v1.ExecutionEvent\"\x83\x01\n\x15ListExecutionsRequest\x12\x15\n\rworkflow_name\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.flext_mesh.v1.ExecutionState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"_\n\x16ListExecutionsResponse\x12,\n\nexecutions\x18\x01 \x03(\x0b\x32\x18.flext_mesh.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x17\x43\x61ncelExecutionResponse\x12+\n\texecution\x18\x01 \x01(\x0b\x32\x18.flext_mesh.v1.Execution\"B\n\x15WatchExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_index\x18\x02 \x01(\x03\"s\n\x16WatchExecutionResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.flext_mesh.v1.ExecutionEvent\x12+\n\texecution\x18\x02 \x01(\x0b\x32\x18.flext_mesh.v1.Execution*\xb1\x02\n\x0e\x45xecutionState\x12\x1f\n\x1b\x45XECUTION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XECUTION_STATE_PENDING\x10\x01\x12\x1b\n\x17\x45XECUTION_STATE_RUNNING\x10\x02\x12\x1d\n\x19\x45XECUTION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16\x45XECUTION_STATE_FAILED\x10\x04\x12 \n\x1c\x45XECUTION_STATE_COMPENSATING\x10\x05\x12\x1f\n\x1b\x45XECUTION_STATE_COMPENSATED\x10\x06\x12\'\n#EXECUTION_STATE_COMPENSATION_FAILED\x10\x07\x12\x1d\n\x19\x45XECUTION_STATE_CANCELLED\x10\x08*\x97\x02\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x16\n\x12STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11STEP_STATE_FAILED\x10\x04\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x05\x12\x18\n\x14STEP_STATE_CANCELLED\x10\x06\x12\x1b\n\x17STEP_STATE_COMPENSATING\x10\x07\x12\x1a\n\x16STEP_STATE_COMPENSATED\x10\x08\x12\"\n\x1eSTEP_STATE_COMPENSATION_FAILED\x10\t*\xbf\x05\n\x12\x45xecutionEventType\x12$\n EXECUTION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12*\n&EXECUTION_EVENT_TYPE_EXECUTION_CREATED\x10\x01\x12*\n&EXECUTION_EVENT_TYPE_EXECUTION_STARTED\x10\x02\x12%\n!EXECUTION_EVENT_TYPE_STEP_STARTED\x10\x03\x12&\n\"EXECUTION_EVENT_TYPE_STEP_RETRYING\x10\x04\x12\'\n#EXECUTION_EVENT_TYPE_STEP_SUCCEEDED\x10\x05\x12$\n EXECUTION_EVENT_TYPE_STEP_FAILED\x10\x06\x12%\n!EXECUTION_EVENT_TYPE_STEP_SKIPPED\x10\x07\x12\'\n#EXECUTION_EVENT_TYPE_STEP_CANCELLED\x10\x08\x12-\n)EXECUTION_EVENT_TYPE_COMPENSATION_STARTED\x10\t\x12/\n+EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED\x10\n\x12,\n(EXECUTION_EVENT_TYPE_COMPENSATION_FAILED\x10\x0b\x12)\n%EXECUTION_EVENT_TYPE_CANCEL_REQUESTED\x10\x0c\x12*\n&EXECUTION_EVENT_TYPE_EXECUTION_RESUMED\x10\r\x12(\n$EXECUTION_EVENT_TYPE_EXECUTION_ENDED\x10\x0e\x12.\n*EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED\x10\x0f\x32\xd6\x06\n\x13OrchestratorService\x12T\n\x0bPutWorkflow\x12!.flext_mesh.v1.PutWorkflowRequest\x1a\".flext_mesh.v1.PutWorkflowResponse\x12T\n\x0bGetWorkflow\x12!.flext_mesh.v1.GetWorkflowRequest\x1a\".flext_mesh.v1.GetWorkflowResponse\x12Z\n\rListWorkflows\x12#.flext_mesh.v1.ListWorkflowsRequest\x1a$.flext_mesh.v1.ListWorkflowsResponse\x12]\n\x0e\x44\x65leteWorkflow\x12$.flext_mesh.v1.DeleteWorkflowRequest\x1a%.flext_mesh.v1.DeleteWorkflowResponse\x12]\n\x0eStartExecution\x12$.flext_mesh.v1.StartExecutionRequest\x1a%.flext_mesh.v1.StartExecutionResponse\x12W\n\x0cGetExecution\x12\".flext_mesh.v1.GetExecutionRequest\x1a#.flext_mesh.v1.GetExecutionResponse\x12]\n\x0eListExecutions\x12$.flext_mesh.v1.ListExecutionsRequest\x1a%.flext_mesh.v1.ListExecutionsResponse\x12`\n\x0f\x43\x61ncelExecution\x12%.flext_mesh.v1.CancelExecutionRequest\x1a&.flext_mesh.v1.CancelExecutionResponse\x12_\n\x0eWatchExecution\x12$.flext_mesh.v1.WatchExecutionRequest\x1a%.flext_mesh.v1.WatchExecutionResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n flext_mesh/v1/orchestrator.proto\x12\rflext_mesh.v1\x1a\x1a\x66lext_mesh/v1/common.proto\x1a\x1d\x66lext_mesh/v1/processor.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12*\n\x05steps\x18\x04 \x03(\x0b\x32\x1b.flext_mesh.v1.WorkflowStep\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x02\n\x0cWorkflowStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12\x15\n\x08required\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x05retry\x18\x08 \x01(\x0b\x32\x1a.flext_mesh.v1.RetryPolicy\x12\x31\n\x0c\x63ompensation\x18\t \x01(\x0b\x32\x1b.flext_mesh.v1.CompensationB\x0b\n\t_required\"\xb1\x01\n\x0c\x43ompensation\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x05retry\x18\x05 \x01(\x0b\x32\x1a.flext_mesh.v1.RetryPolicy\"?\n\x12PutWorkflowRequest\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.flext_mesh.v1.Workflow\"Q\n\x13PutWorkflowResponse\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.flext_mesh.v1.Workflow\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"3\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"@\n\x13GetWorkflowResponse\x12)\n\x08workflow\x18\x01 \x01(\x0b\x32\x17.flext_mesh.v1.Workflow\"=\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x15ListWorkflowsResponse\x12*\n\tworkflows\x18\x01 \x03(\x0b\x32\x17.flext_mesh.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x15\x44\x65leteWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteWorkflowResponse\"\xed\x03\n\rStepExecution\x12\x11\n\tstep_name\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.flext_mesh.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06output\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x1d\n\x15\x63ompensation_attempts\x18\x0b \x01(\r\x12\x34\n\x12\x63ompensation_error\x18\x0c \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x17\n\x0foutcome_unknown\x18\r \x01(\x08\x12\x15\n\rat_least_once\x18\x0e \x01(\x08\"\xcd\x04\n\tExecution\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x15\n\rworkflow_name\x18\x02 \x01(\t\x12\x18\n\x10workflow_version\x18\x03 \x01(\x03\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.flext_mesh.v1.ExecutionState\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x05steps\x18\x07 \x03(\x0b\x32\x1c.flext_mesh.v1.StepExecution\x12\x16\n\x0e\x63orrelation_id\x18\x08 \x01(\t\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x13\n\x0b\x66\x61iled_step\x18\x0f \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x10 \x01(\x03\x12\r\n\x05owner\x18\x11 \x01(\t\"\xd4\x03\n\x0e\x45xecutionEvent\x12\r\n\x05index\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.flext_mesh.v1.ExecutionEventType\x12\x11\n\tstep_name\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x36\n\x0f\x65xecution_state\x18\x06 \x01(\x0e\x32\x1d.flext_mesh.v1.ExecutionState\x12,\n\nstep_state\x18\x07 \x01(\x0e\x32\x18.flext_mesh.v1.StepState\x12\'\n\x06output\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x05\x65rror\x18\t \x01(\x0b\x32\x18.flext_mesh.v1.ErrorInfo\x12\x0f\n\x07message\x18\n \x01(\t\x12*\n\x07\x62\x61\x63koff\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0binstance_id\x18\x0c \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\r \x01(\t\x12\x15\n\rat_least_once\x18\x0e \x01(\x08\"\x8a\x01\n\x17RecordStepResultRequest\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.flext_mesh.v1.InvokeResponse\"\x1a\n\x18RecordStepResultResponse\"\xe5\x01\n\x15StartExecutionRequest\x12\x17\n\rworkflow_name\x18\x01 \x01(\tH\x00\x12\x32\n\x0finline_workflow\x18\x02 \x01(\x0b\x32\x17.flext_mesh.v1.WorkflowH\x00\x12\x18\n\x10workflow_version\x18\x03 \x01(\x03\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\tB\x0c\n\ndefinition\"W\n\x16StartExecutionResponse\x12+\n\texecution\x18\x01 \x01(\x0b\x32\x18.flext_mesh.v1.Execution\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"C\n\x13GetExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_events\x18\x02 \x01(\x08\"r\n\x14GetExecutionResponse\x12+\n\texecution\x18\x01 \x01(\x0b\x32\x18.flext_mesh.v1.Execution\x12-\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1d.flext_mesh.v1.ExecutionEvent\"\x83\x01\n\x15ListExecutionsRequest\x12\x15\n\rworkflow_name\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.flext_mesh.v1.ExecutionState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"_\n\x16ListExecutionsResponse\x12,\n\nexecutions\x18\x01 \x03(\x0b\x32\x18.flext_mesh.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x17\x43\x61ncelExecutionResponse\x12+\n\texecution\x18\x01 \x01(\x0b\x32\x18.flext_mesh.v1.Execution\"B\n\x15WatchExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x66ter_index\x18\x02 \x01(\x03\"s\n\x16WatchExecutionResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.flext_mesh.v1.ExecutionEvent\x12+\n\texecution\x18\x02 \x01(\x0b\x32\x18.flext_mesh.v1.Execution*\xb1\x02\n\x0e\x45xecutionState\x12\x1f\n\x1b\x45XECUTION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XECUTION_STATE_PENDING\x10\x01\x12\x1b\n\x17\x45XECUTION_STATE_RUNNING\x10\x02\x12\x1d\n\x19\x45XECUTION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16\x45XECUTION_STATE_FAILED\x10\x04\x12 \n\x1c\x45XECUTION_STATE_COMPENSATING\x10\x05\x12\x1f\n\x1b\x45XECUTION_STATE_COMPENSATED\x10\x06\x12\'\n#EXECUTION_STATE_COMPENSATION_FAILED\x10\x07\x12\x1d\n\x19\x45XECUTION_STATE_CANCELLED\x10\x08*\x97\x02\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x16\n\x12STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11STEP_STATE_FAILED\x10\x04\x12\x16\n\x12STEP_STATE_SKIPPED\x10\x05\x12\x18\n\x14STEP_STATE_CANCELLED\x10\x06\x12\x1b\n\x17STEP_STATE_COMPENSATING\x10\x07\x12\x1a\n\x16STEP_STATE_COMPENSATED\x10\x08\x12\"\n\x1eSTEP_STATE_COMPENSATION_FAILED\x10\t*\xbf\x05\n\x12\x45xecutionEventType\x12$\n EXECUTION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12*\n&EXECUTION_EVENT_TYPE_EXECUTION_CREATED\x10\x01\x12*\n&EXECUTION_EVENT_TYPE_EXECUTION_STARTED\x10\x02\x12%\n!EXECUTION_EVENT_TYPE_STEP_STARTED\x10\x03\x12&\n\"EXECUTION_EVENT_TYPE_STEP_RETRYING\x10\x04\x12\'\n#EXECUTION_EVENT_TYPE_STEP_SUCCEEDED\x10\x05\x12$\n EXECUTION_EVENT_TYPE_STEP_FAILED\x10\x06\x12%\n!EXECUTION_EVENT_TYPE_STEP_SKIPPED\x10\x07\x12\'\n#EXECUTION_EVENT_TYPE_STEP_CANCELLED\x10\x08\x12-\n)EXECUTION_EVENT_TYPE_COMPENSATION_STARTED\x10\t\x12/\n+EXECUTION_EVENT_TYPE_COMPENSATION_SUCCEEDED\x10\n\x12,\n(EXECUTION_EVENT_TYPE_COMPENSATION_FAILED\x10\x0b\x12)\n%EXECUTION_EVENT_TYPE_CANCEL_REQUESTED\x10\x0c\x12*\n&EXECUTION_EVENT_TYPE_EXECUTION_RESUMED\x10\r\x12(\n$EXECUTION_EVENT_TYPE_EXECUTION_ENDED\x10\x0e\x12.\n*EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED\x10\x0f\x32\xbb\x07\n\x13OrchestratorService\x12T\n\x0bPutWorkflow\x12!.flext_mesh.v1.PutWorkflowRequest\x1a\".flext_mesh.v1.PutWorkflowResponse\x12T\n\x0bGetWorkflow\x12!.flext_mesh.v1.GetWorkflowRequest\x1a\".flext_mesh.v1.GetWorkflowResponse\x12Z\n\rListWorkflows\x12#.flext_mesh.v1.ListWorkflowsRequest\x1a$.flext_mesh.v1.ListWorkflowsResponse\x12]\n\x0e\x44\x65leteWorkflow\x12$.flext_mesh.v1.DeleteWorkflowRequest\x1a%.flext_mesh.v1.DeleteWorkflowResponse\x12]\n\x0eStartExecution\x12$.flext_mesh.v1.StartExecutionRequest\x1a%.flext_mesh.v1.StartExecutionResponse\x12W\n\x0cGetExecution\x12\".flext_mesh.v1.GetExecutionRequest\x1a#.flext_mesh.v1.GetExecutionResponse\x12]\n\x0eListExecutions\x12$.flext_mesh.v1.ListExecutionsRequest\x1a%.flext_mesh.v1.ListExecutionsResponse\x12`\n\x0f\x43\x61ncelExecution\x12%.flext_mesh.v1.CancelExecutionRequest\x1a&.flext_mesh.v1.CancelExecutionResponse\x12_\n\x0eWatchExecution\x12$.flext_mesh.v1.WatchExecutionRequest\x1a%.flext_mesh.v1.WatchExecutionResponse0\x01\x12\x63\n\x10RecordStepResult\x12&.flext_mesh.v1.RecordStepResultRequest\x1a\'.flext_mesh.v1.RecordStepResultResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flext_mesh.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTIONSTATE']._serialized_start=4013
-  _globals['_EXECUTIONSTATE']._serialized_end=4318
-  _globals['_STEPSTATE']._serialized_start=4321
-  _globals['_STEPSTATE']._serialized_end=4600
-  _globals['_EXECUTIONEVENTTYPE']._serialized_start=4603
-  _globals['_EXECUTIONEVENTTYPE']._serialized_end=5306
-  _globals['_WORKFLOW']._serialized_start=175
-  _globals['_WORKFLOW']._serialized_end=423
-  _globals['_WORKFLOWSTEP']._serialized_start=426
-  _globals['_WORKFLOWSTEP']._serialized_end=724
-  _globals['_COMPENSATION']._serialized_start=727
-  _globals['_COMPENSATION']._serialized_end=904
-  _globals['_PUTWORKFLOWREQUEST']._serialized_start=906
-  _globals['_PUTWORKFLOWREQUEST']._serialized_end=969
-  _globals['_PUTWORKFLOWRESPONSE']._serialized_start=971
-  _globals['_PUTWORKFLOWRESPONSE']._serialized_end=1052
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1054
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1105
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=1107
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=1171
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1173
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1234
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1236
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1328
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=1330
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=1367
-  _globals['_DELETEWORKFLOWRESPONSE']._serialized_start=1369
-  _globals['_DELETEWORKFLOWRESPONSE']._serialized_end=1393
-  _globals['_STEPEXECUTION']._serialized_start=1396
-  _globals['_STEPEXECUTION']._serialized_end=1889
-  _globals['_EXECUTION']._serialized_start=1892
-  _globals['_EXECUTION']._serialized_end=2481
-  _globals['_EXECUTIONEVENT']._serialized_start=2484
-  _globals['_EXECUTIONEVENT']._serialized_end=2952
-  _globals['_STARTEXECUTIONREQUEST']._serialized_start=2955
-  _globals['_STARTEXECUTIONREQUEST']._serialized_end=3184
-  _globals['_STARTEXECUTIONRESPONSE']._serialized_start=3186
-  _globals['_STARTEXECUTIONRESPONSE']._serialized_end=3273
-  _globals['_GETEXECUTIONREQUEST']._serialized_start=3275
-  _globals['_GETEXECUTIONREQUEST']._serialized_end=3342
-  _globals['_GETEXECUTIONRESPONSE']._serialized_start=3344
-  _globals['_GETEXECUTIONRESPONSE']._serialized_end=3458
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=3461
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=3592
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=3594
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=3689
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=3691
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=3753
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=3755
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=3825
-  _globals['_WATCHEXECUTIONREQUEST']._serialized_start=3827
-  _globals['_WATCHEXECUTIONREQUEST']._serialized_end=3893
-  _globals['_WATCHEXECUTIONRESPONSE']._serialized_start=3895
-  _globals['_WATCHEXECUTIONRESPONSE']._serialized_end=4010
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=5309
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=6163
+  _globals['_EXECUTIONSTATE']._serialized_start=4213
+  _globals['_EXECUTIONSTATE']._serialized_end=4518
+  _globals['_STEPSTATE']._serialized_start=4521
+  _globals['_STEPSTATE']._serialized_end=4800
+  _globals['_EXECUTIONEVENTTYPE']._serialized_start=4803
+  _globals['_EXECUTIONEVENTTYPE']._serialized_end=5506
+  _globals['_WORKFLOW']._serialized_start=206
+  _globals['_WORKFLOW']._serialized_end=454
+  _globals['_WORKFLOWSTEP']._serialized_start=457
+  _globals['_WORKFLOWSTEP']._serialized_end=755
+  _globals['_COMPENSATION']._serialized_start=758
+  _globals['_COMPENSATION']._serialized_end=935
+  _globals['_PUTWORKFLOWREQUEST']._serialized_start=937
+  _globals['_PUTWORKFLOWREQUEST']._serialized_end=1000
+  _globals['_PUTWORKFLOWRESPONSE']._serialized_start=1002
+  _globals['_PUTWORKFLOWRESPONSE']._serialized_end=1083
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1085
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1136
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=1138
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=1202
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1204
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1265
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1267
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1359
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=1361
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=1398
+  _globals['_DELETEWORKFLOWRESPONSE']._serialized_start=1400
+  _globals['_DELETEWORKFLOWRESPONSE']._serialized_end=1424
+  _globals['_STEPEXECUTION']._serialized_start=1427
+  _globals['_STEPEXECUTION']._serialized_end=1920
+  _globals['_EXECUTION']._serialized_start=1923
+  _globals['_EXECUTION']._serialized_end=2512
+  _globals['_EXECUTIONEVENT']._serialized_start=2515
+  _globals['_EXECUTIONEVENT']._serialized_end=2983
+  _globals['_RECORDSTEPRESULTREQUEST']._serialized_start=2986
+  _globals['_RECORDSTEPRESULTREQUEST']._serialized_end=3124
+  _globals['_RECORDSTEPRESULTRESPONSE']._serialized_start=3126
+  _globals['_RECORDSTEPRESULTRESPONSE']._serialized_end=3152
+  _globals['_STARTEXECUTIONREQUEST']._serialized_start=3155
+  _globals['_STARTEXECUTIONREQUEST']._serialized_end=3384
+  _globals['_STARTEXECUTIONRESPONSE']._serialized_start=3386
+  _globals['_STARTEXECUTIONRESPONSE']._serialized_end=3473
+  _globals['_GETEXECUTIONREQUEST']._serialized_start=3475
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=3542
+  _globals['_GETEXECUTIONRESPONSE']._serialized_start=3544
+  _globals['_GETEXECUTIONRESPONSE']._serialized_end=3658
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=3661
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=3792
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=3794
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=3889
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=3891
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=3953
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=3955
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=4025
+  _globals['_WATCHEXECUTIONREQUEST']._serialized_start=4027
+  _globals['_WATCHEXECUTIONREQUEST']._serialized_end=4093
+  _globals['_WATCHEXECUTIONRESPONSE']._serialized_start=4095
+  _globals['_WATCHEXECUTIONRESPONSE']._serialized_end=4210
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=5509
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=6464
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ execution survives a control-plane restart and resumes where it stood.
 
 from collections import abc as _abc
 from flext_mesh.v1 import common_pb2 as _common_pb2
+from flext_mesh.v1 import processor_pb2 as _processor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -880,6 +881,59 @@ class ExecutionEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecutionEvent: _TypeAlias = ExecutionEvent  # noqa: Y015
+
+@_typing.final
+class RecordStepResultRequest(_message.Message):
+    """Request of OrchestratorService.RecordStepResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    service_name: _builtins.str
+    """Service of the instance that ran the call. Required; must be the step's."""
+    operation: _builtins.str
+    """Operation called. Required; must be the step's."""
+    idempotency_key: _builtins.str
+    """Idempotency key of the call: EXECUTION_ID/STEP. Required."""
+    @_builtins.property
+    def result(self) -> _processor_pb2.InvokeResponse:
+        """The answer the instance could not deliver (instance_id says whose)."""
+
+    def __init__(
+        self,
+        *,
+        service_name: _builtins.str = ...,
+        operation: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        result: _processor_pb2.InvokeResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "operation", b"operation", "result", b"result", "service_name", b"service_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordStepResultRequest: _TypeAlias = RecordStepResultRequest  # noqa: Y015
+
+@_typing.final
+class RecordStepResultResponse(_message.Message):
+    """Response of OrchestratorService.RecordStepResult."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordStepResultResponse: _TypeAlias = RecordStepResultResponse  # noqa: Y015
 
 @_typing.final
 class StartExecutionRequest(_message.Message):

@@ -80,6 +80,11 @@ class OrchestratorServiceStub:
                 request_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.WatchExecutionRequest.SerializeToString,
                 response_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.WatchExecutionResponse.FromString,
                 _registered_method=True)
+        self.RecordStepResult = channel.unary_unary(
+                '/flext_mesh.v1.OrchestratorService/RecordStepResult',
+                request_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultRequest.SerializeToString,
+                response_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -155,6 +160,20 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordStepResult(self, request, context):
+        """Records the result of a step call whose answer never reached the
+        orchestrator (its caller went away before the instance finished), sent by
+        a sidecar that opted into shared idempotency (`flext-sidecar
+        --shared-idempotency`). When the instance that got an attempt is gone, the
+        orchestrator settles the step from this record instead of running it again
+        elsewhere. Kept with the execution. NOT_FOUND when the key is not a step of
+        a known execution; PERMISSION_DENIED when the step belongs to another
+        service than the caller's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +221,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.WatchExecution,
                     request_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.WatchExecutionRequest.FromString,
                     response_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.WatchExecutionResponse.SerializeToString,
+            ),
+            'RecordStepResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordStepResult,
+                    request_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultRequest.FromString,
+                    response_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +472,33 @@ class OrchestratorService:
             '/flext_mesh.v1.OrchestratorService/WatchExecution',
             flext__mesh_dot_v1_dot_orchestrator__pb2.WatchExecutionRequest.SerializeToString,
             flext__mesh_dot_v1_dot_orchestrator__pb2.WatchExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordStepResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flext_mesh.v1.OrchestratorService/RecordStepResult',
+            flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultRequest.SerializeToString,
+            flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

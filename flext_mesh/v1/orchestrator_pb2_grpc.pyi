@@ -65,6 +65,16 @@ class OrchestratorServiceStub:
     """Streams an execution's events, from the start or an event index, until
     the execution ends.
     """
+    RecordStepResult: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RecordStepResultRequest, _orchestrator_pb2.RecordStepResultResponse]
+    """Records the result of a step call whose answer never reached the
+    orchestrator (its caller went away before the instance finished), sent by
+    a sidecar that opted into shared idempotency (`flext-sidecar
+    --shared-idempotency`). When the instance that got an attempt is gone, the
+    orchestrator settles the step from this record instead of running it again
+    elsewhere. Kept with the execution. NOT_FOUND when the key is not a step of
+    a known execution; PERMISSION_DENIED when the step belongs to another
+    service than the caller's.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -99,6 +109,16 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     WatchExecution: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchExecutionRequest, _orchestrator_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Streams an execution's events, from the start or an event index, until
     the execution ends.
+    """
+    RecordStepResult: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RecordStepResultRequest, _orchestrator_pb2.RecordStepResultResponse]  # type: ignore[assignment]
+    """Records the result of a step call whose answer never reached the
+    orchestrator (its caller went away before the instance finished), sent by
+    a sidecar that opted into shared idempotency (`flext-sidecar
+    --shared-idempotency`). When the instance that got an attempt is gone, the
+    orchestrator settles the step from this record instead of running it again
+    elsewhere. Kept with the execution. NOT_FOUND when the key is not a step of
+    a known execution; PERMISSION_DENIED when the step belongs to another
+    service than the caller's.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +205,22 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchExecutionResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchExecutionResponse]]:
         """Streams an execution's events, from the start or an event index, until
         the execution ends.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordStepResult(
+        self,
+        request: _orchestrator_pb2.RecordStepResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RecordStepResultResponse, _abc.Awaitable[_orchestrator_pb2.RecordStepResultResponse]]:
+        """Records the result of a step call whose answer never reached the
+        orchestrator (its caller went away before the instance finished), sent by
+        a sidecar that opted into shared idempotency (`flext-sidecar
+        --shared-idempotency`). When the instance that got an attempt is gone, the
+        orchestrator settles the step from this record instead of running it again
+        elsewhere. Kept with the execution. NOT_FOUND when the key is not a step of
+        a known execution; PERMISSION_DENIED when the step belongs to another
+        service than the caller's.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

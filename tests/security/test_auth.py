@@ -611,7 +611,7 @@ def test_every_rpc_of_the_contracts_has_a_rule() -> None:
     writes = {
         "Register", "Heartbeat", "KeepAlive", "Deregister", "PutServicePolicy",
         "DeleteServicePolicy", "PutWorkflow", "DeleteWorkflow", "StartExecution",
-        "CancelExecution",
+        "CancelExecution", "RecordStepResult",
     }  # fmt: skip
     limited = {name.rsplit("/", 1)[1]: rule.limit for name, rule in METHOD_RULES.items()}
     assert {name for name, limit in limited.items() if limit == "writes"} == writes
