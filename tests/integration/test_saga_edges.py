@@ -16,6 +16,10 @@ the work done.
   and runs once.
 - That instance died too and its registration lapsed: the resend goes to the other
   instance and the history says the step may have run twice (at_least_once).
+- That instance died and is still registered (a restarted SQLite store gives every
+  lease one more TTL): the resend to it is refused, and what became of the first
+  attempt is still unknown, so a later attempt elsewhere is at-least-once and a step
+  that fails is settled (and compensated anyway) like any lost answer.
 """
 
 from __future__ import annotations
@@ -125,6 +129,40 @@ LAPSING = (
     SidecarSpec("inventory", "inventory-2", ttl=3),
     SidecarSpec("shipping", "shipping-1", ttl=30),
 )
+
+#: a -> slow -> c, the slow step patient enough to outlast a dead instance's
+#: health checks (6 attempts over about 7 s).
+A_SLOW_C_PATIENT = {
+    "name": "edge_a_slow_c_patient",
+    "steps": [
+        {"name": "a", "service": "payment", "operation": "charge"},
+        {
+            "name": "slow",
+            "service": "inventory",
+            "operation": "reserve",
+            "depends_on": ["a"],
+            "retry": {"max_attempts": 6, "initial_backoff": "0.5s", "jitter": 0},
+        },
+        {"name": "c", "service": "shipping", "operation": "ship", "depends_on": ["slow"]},
+    ],
+}
+
+#: a -> slow -> c, a and slow undone by refund and release, slow resent only once.
+A_SLOW_C_UNDONE = {
+    "name": "edge_a_slow_c_undone",
+    "steps": [
+        {"name": "a", "service": "payment", "operation": "charge", "compensation": "refund"},
+        {
+            "name": "slow",
+            "service": "inventory",
+            "operation": "reserve",
+            "depends_on": ["a"],
+            "retry": {"max_attempts": 2, "initial_backoff": "50ms", "jitter": 0},
+            "compensation": "release",
+        },
+        {"name": "c", "service": "shipping", "operation": "ship", "depends_on": ["slow"]},
+    ],
+}
 
 
 def _put(address: str, *workflows: dict[str, Any]) -> None:
@@ -454,3 +492,72 @@ def test_a_resend_goes_elsewhere_at_least_once_when_its_instance_is_gone(
             assert fleet.operations("shipping", key) == ["ship"]
     finally:
         etcd.stop()
+
+
+@LOST_INSTANCE
+@pytest.mark.timeout(120)
+def test_a_resend_refused_by_its_dead_instance_then_sent_elsewhere_is_at_least_once(
+    tmp_path: Path,
+) -> None:
+    # On SQLite a restarted plane gives the dead instance's lease one more TTL: the
+    # resend goes to it (it is still registered), is refused (UNAVAILABLE: nobody
+    # listens), and a later attempt goes to the other instance once health checks
+    # took the dead one out. The first attempt's outcome was never learnt, so that
+    # attempt may run the step a second time: it is at-least-once.
+    with _plane(tmp_path, SQLITE, LAPSING, A_SLOW_C_PATIENT) as plane:
+        mesh, fleet = plane.mesh, plane.fleet
+        key = "dead-but-registered"
+        execution_id = mesh.start(
+            "edge_a_slow_c_patient", {"key": key, "behaviour": {"reserve": {"sleep": 2.0}}}
+        )
+        first, other = plane.lose_the_slow_step(execution_id)
+
+        done = mesh.wait(execution_id, within=40)
+        events = mesh.get(execution_id).events
+        assert state_name(done) == "SUCCEEDED", _history(events)
+        started = events_of(events, STARTED, "slow")
+        assert (started[0].instance_id, started[1].instance_id) == (first, first)
+        elsewhere = [e for e in started if e.instance_id != first]
+        assert [e.instance_id for e in elsewhere] == [other], _history(events)
+        assert fleet.operations("inventory", key) == ["reserve"]
+        slow = step(done, "slow")
+        assert slow.instance_id == other
+        assert elsewhere[0].at_least_once, (
+            "the attempt sent to another instance than the one whose answer was lost "
+            "is not marked at_least_once:\n" + _history(events)
+        )
+        assert slow.at_least_once, _history(events)
+
+
+@LOST_INSTANCE
+@pytest.mark.timeout(120)
+def test_a_step_whose_lost_attempt_cannot_be_resent_is_settled_and_compensated(
+    tmp_path: Path,
+) -> None:
+    # The same dead-but-registered instance; the resend (the last attempt) is refused
+    # and the step fails. Its first attempt was in flight when the plane died: the
+    # instance may have applied it, so the step is settled like any lost answer
+    # before compensating (the instance cannot say: its release runs anyway).
+    with _plane(tmp_path, SQLITE, LAPSING, A_SLOW_C_UNDONE) as plane:
+        mesh, fleet = plane.mesh, plane.fleet
+        key = "lost-then-refused"
+        execution_id = mesh.start(
+            "edge_a_slow_c_undone", {"key": key, "behaviour": {"reserve": {"sleep": 2.0}}}
+        )
+        first, _ = plane.lose_the_slow_step(execution_id)
+
+        done = mesh.wait(execution_id, within=60)
+        events = mesh.get(execution_id).events
+        started = events_of(events, STARTED, "slow")
+        assert [(e.attempt, e.instance_id) for e in started] == [(1, first), (2, first)]
+        assert state_name(done) == "COMPENSATED", _history(events)
+        assert done.failed_step == "slow"
+        assert step_states(done) == {
+            "a": "COMPENSATED",
+            "slow": "COMPENSATED",
+            "c": "SKIPPED",
+        }, _history(events)
+        resolved = events_of(events, RESOLVED, "slow")
+        assert [e.step_state for e in resolved] == [_E.STEP_STATE_COMPENSATING], _history(events)
+        assert fleet.operations("payment", key) == ["charge", "refund"]
+        assert fleet.operations("inventory", key) == ["release"]  # reserve died with it
