@@ -7,6 +7,7 @@ execution input steers what an operation does, per operation name::
     {"key": "order-7",
      "behaviour": {"reserve_inventory": {"sleep": 0.3},          # seconds, async
                    "charge": {"fail": "FAILED_PRECONDITION"},    # business failure
+                   "refund": {"sleep_first": 2},                 # only the first call
                    "ship": {"unavailable_first": 2}}}            # infra faults first
 
 The ``ledger`` operation returns the entries of a key, so a test can count side
@@ -69,6 +70,8 @@ class Step(ServiceProcessor[dict[str, Any], dict[str, Any], dict[str, Any]]):
         if call <= int(behaviour.get("unavailable_first", 0)):
             return FlextResult.fail(f"{self.operation} is overloaded", code="UNAVAILABLE")
         await asyncio.sleep(float(behaviour.get("sleep", 0)))
+        if call == 1:
+            await asyncio.sleep(float(behaviour.get("sleep_first", 0)))
         if behaviour.get("fail"):
             return FlextResult.fail(
                 behaviour.get("message", f"{self.operation} refused"), code=behaviour["fail"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
+    processor_pb2,
     registry_pb2,
     registry_pb2_grpc,
 )
@@ -54,12 +55,18 @@ class Flow:
     servers: list[grpc.aio.Server] = field(default_factory=list)
     servicers: list[ProcessorServicer] = field(default_factory=list)
 
-    async def serve(self, service: str, *operations: str) -> str:
+    async def serve(
+        self,
+        service: str,
+        *operations: str,
+        on_lost_answer: Callable[[str, str, processor_pb2.InvokeResponse], None] | None = None,
+    ) -> str:
         """Serve ``operations`` of ``service`` on a new instance; returns its instance id."""
         servicer = ProcessorServicer(
             processors(service, *operations, ledger=self.ledger),
             service_name=service,
             instance_id=f"{service}-{next(_ids)}",
+            on_lost_answer=on_lost_answer,
         )
         server = grpc.aio.server()
         add_processor_servicer(servicer, server)
