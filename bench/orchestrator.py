@@ -13,10 +13,10 @@ The workflow is ``a -> b -> c`` (``b`` gets ``${steps.a.output.id}``, ``c`` gets
 ``${steps.b.output.id}``), each step a trivial async processor. Loads, interleaved run by
 run so that a slow spell hits both sides:
 
-- **orchestrated**: ``StartExecution``, then ``WatchExecution`` from the index the start
-  answered, read until the message carrying ``execution`` (it ended); anything but
+- **orchestrated**: ``StartExecution`` with ``wait`` (answered once the execution ended;
+  before that field existed, a ``WatchExecution`` followed the start); anything but
   SUCCEEDED counts as an error. The latency is the client's, from sending the start to
-  that message; the execution's own ``duration`` (server side, start to end) is kept too.
+  its answer; the execution's own ``duration`` (server side, start to end) is kept too.
 - **direct**: the baseline, a script doing what the workflow does with the generated
   ``ProcessorService`` stub against the same sidecar: ``a``, then ``b`` with ``a``'s id,
   then ``c`` with ``b``'s, each call with the correlation id, idempotency key and deadline
@@ -250,7 +250,7 @@ class PerChain:
     sidecar_cpu_us: float
     """CPU of the sidecar serving a, b and c."""
     control_plane_cpu_us: float
-    """CPU of the control plane (orchestrator, store, watch; call records ingested)."""
+    """CPU of the control plane (orchestrator, store; call records ingested)."""
     commits: float
     """SQLite COMMITs (group commits: each one fsync with synchronous=FULL)."""
     writes: float
@@ -360,34 +360,12 @@ class Chains:
             processor_pb2_grpc.ProcessorServiceStub(sidecar)
         )
         self._start = orchestrator_pb2.StartExecutionRequest(
-            workflow_name=WORKFLOW, input=dict_to_struct(INPUT)
+            workflow_name=WORKFLOW, input=dict_to_struct(INPUT), wait=True
         )
 
     async def orchestrated(self) -> orchestrator_pb2.Execution:
-        """Start an execution and follow it until it ended; raise unless it SUCCEEDED."""
-        started = await self.orchestrator.StartExecution(self._start)
-        execution = started.execution
-        watch: Any = self.orchestrator.WatchExecution(
-            orchestrator_pb2.WatchExecutionRequest(
-                execution_id=execution.execution_id, after_index=execution.event_count
-            )
-        )
-        try:
-            while True:
-                message = await watch.read()
-                if message is grpc.aio.EOF:
-                    raise RuntimeError(f"watch of {execution.execution_id} ended before it did")
-                if message.HasField("execution"):
-                    ended: orchestrator_pb2.Execution = message.execution
-                    break
-            # The server ends the stream right after that message: take its status rather
-            # than cancel, which races the server's status and makes it log an error.
-            code = await watch.code()
-            if code is not grpc.StatusCode.OK:
-                raise RuntimeError(f"watch of {execution.execution_id} ended {code.name}")
-        finally:
-            if not watch.done():
-                watch.cancel()
+        """Start an execution and wait for its end; raise unless it SUCCEEDED."""
+        ended = (await self.orchestrator.StartExecution(self._start)).execution
         if ended.state != orchestrator_pb2.EXECUTION_STATE_SUCCEEDED:
             raise RuntimeError(
                 f"execution {ended.execution_id} ended "
@@ -669,7 +647,7 @@ async def main_async(settings: BenchSettings, concurrency: Sequence[int]) -> dic
         print(
             f"where @1 goes: client {p50_ms:.2f} ms = server duration {c1.server_duration_ms:.2f}"
             f" ms (of which steps {c1.steps_ms:.2f} ms, direct chain p50 "
-            f"{d1.p50_us / 1000:.2f} ms) + start, final commit and watch "
+            f"{d1.p50_us / 1000:.2f} ms) + start, final commit and answer "
             f"{p50_ms - c1.server_duration_ms:.2f} ms; {c1.commits:.2f} commits per execution, "
             f"store-dir fsync p50 {fsync:.0f} µs each",
             file=out,

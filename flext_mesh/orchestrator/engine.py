@@ -136,6 +136,7 @@ class Orchestrator:
         self.get_execution = self.executions.get_execution
         self.list_executions = self.executions.list_executions
         self.watch_execution = self.executions.watch_execution
+        self.wait_ended = self.executions.wait_ended
         self.close_watches = self.executions.close_watches
         self.remember_ended = self.executions.remember_ended
         self.record = self.reporter.record

@@ -139,6 +139,14 @@ class Executions:
             subscription.close()
             self._watchers.discard(subscription)
 
+    async def wait_ended(self, execution_id: str, after_index: int) -> orchestrator_pb2.Execution:
+        """The execution once it ended (StartExecution with ``wait``): the watch's last
+        message, without streaming the events before it."""
+        async for message in self.watch_execution(execution_id, after_index):
+            if message.HasField("execution"):
+                return message.execution
+        raise Unavailable(f"the watch of execution {execution_id} ended before it did")
+
     def close_watches(self) -> None:
         """End every WatchExecution stream (on shutdown, so the drain is not held up)."""
         for subscription in list(self._watchers):

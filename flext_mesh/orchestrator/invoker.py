@@ -115,6 +115,8 @@ class MeshInvoker:
         self._report = report
         self._security = security or ClientSecurity()
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        # The Invoke method of each open channel (a stub builds one per method: not per call).
+        self._invokes: dict[str, Any] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def still_there(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
@@ -145,8 +147,10 @@ class MeshInvoker:
         channel = self._channels.get(endpoint)
         if channel is None:
             channel = self._channels[endpoint] = open_channel(endpoint, self._security)
+            self._invokes[endpoint] = processor_pb2_grpc.ProcessorServiceStub(channel).Invoke
             while len(self._channels) > MAX_CHANNELS:
-                _, oldest = self._channels.popitem(last=False)
+                gone, oldest = self._channels.popitem(last=False)
+                self._invokes.pop(gone, None)
                 task = asyncio.create_task(oldest.close(grace=5.0))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
@@ -179,15 +183,15 @@ class MeshInvoker:
         )
         request.payload.CopyFrom(dict_to_struct(dict(payload)))
         try:
-            channel = self._channel(instance.endpoint)
+            self._channel(instance.endpoint)
         except TransportError as exc:  # a TLS file gone or broken since start-up
             raise AttemptFailed(Unavailable(str(exc)), instance.instance_id) from exc
-        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+        call = self._invokes[instance.endpoint]
         started = time.perf_counter()
         started_ns = time.time_ns()
         code = 0
         try:
-            reply = await stub.Invoke(
+            reply = await call(
                 request, timeout=timeout, metadata=((CORRELATION_ID_HEADER, correlation_id),)
             )
         except grpc.aio.AioRpcError as exc:
@@ -245,4 +249,5 @@ class MeshInvoker:
         """Close every channel."""
         channels = list(self._channels.values())
         self._channels.clear()
+        self._invokes.clear()
         await asyncio.gather(*(c.close() for c in channels), *self._closing)

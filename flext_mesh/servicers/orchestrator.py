@@ -65,8 +65,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def StartExecution(
         self, request: orchestrator_pb2.StartExecutionRequest, context: _Context
     ) -> orchestrator_pb2.StartExecutionResponse:
-        """Persist and start an execution."""
+        """Persist and start an execution; with ``wait``, answer once it ended."""
         execution, existing = await self.orchestrator.start_execution(request)
+        if request.wait:
+            release = self.watchers.acquire(context)
+            try:
+                execution = await self.orchestrator.wait_ended(
+                    execution.execution_id, execution.event_count
+                )
+            finally:
+                release()
         return orchestrator_pb2.StartExecutionResponse(execution=execution, existing=existing)
 
     @rpc_errors

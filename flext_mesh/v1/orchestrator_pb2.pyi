@@ -947,6 +947,7 @@ class StartExecutionRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     workflow_name: _builtins.str
     """Name of a stored workflow."""
     workflow_version: _builtins.int
@@ -957,6 +958,13 @@ class StartExecutionRequest(_message.Message):
     """
     correlation_id: _builtins.str
     """Correlation id for every step call; generated when empty."""
+    wait: _builtins.bool
+    """When true, answer once the execution ended: the response's execution is the
+    ended one (also when the idempotency key found an existing execution). Spares
+    a WatchExecution to a caller that wants the outcome. Bounded by the call's
+    deadline: past it DEADLINE_EXCEEDED, and the execution goes on. Counts as an
+    open watch stream of the caller while it waits.
+    """
     @_builtins.property
     def inline_workflow(self) -> Global___Workflow:
         """A definition given inline (validated like PutWorkflow; not stored as a
@@ -976,10 +984,11 @@ class StartExecutionRequest(_message.Message):
         input: _struct_pb2.Struct | None = ...,
         idempotency_key: _builtins.str = ...,
         correlation_id: _builtins.str = ...,
+        wait: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "inline_workflow", b"inline_workflow", "input", b"input", "workflow_name", b"workflow_name"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "definition", b"definition", "idempotency_key", b"idempotency_key", "inline_workflow", b"inline_workflow", "input", b"input", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "definition", b"definition", "idempotency_key", b"idempotency_key", "inline_workflow", b"inline_workflow", "input", b"input", "wait", b"wait", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_definition: _TypeAlias = _typing.Literal["workflow_name", "inline_workflow"]  # noqa: Y015
     _WhichOneofArgType_definition: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015

@@ -124,7 +124,7 @@ class OrchestratorServiceServicer:
 
     def StartExecution(self, request, context):
         """Starts an execution, persisted before anything runs. The same idempotency
-        key returns the existing execution.
+        key returns the existing execution. With wait, answers when it ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

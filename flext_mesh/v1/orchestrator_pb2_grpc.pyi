@@ -51,7 +51,7 @@ class OrchestratorServiceStub:
     """
     StartExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.StartExecutionRequest, _orchestrator_pb2.StartExecutionResponse]
     """Starts an execution, persisted before anything runs. The same idempotency
-    key returns the existing execution.
+    key returns the existing execution. With wait, answers when it ended.
     """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetExecutionRequest, _orchestrator_pb2.GetExecutionResponse]
     """Returns an execution with its steps and, on request, its event history."""
@@ -96,7 +96,7 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     StartExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.StartExecutionRequest, _orchestrator_pb2.StartExecutionResponse]  # type: ignore[assignment]
     """Starts an execution, persisted before anything runs. The same idempotency
-    key returns the existing execution.
+    key returns the existing execution. With wait, answers when it ended.
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetExecutionRequest, _orchestrator_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """Returns an execution with its steps and, on request, its event history."""
@@ -168,7 +168,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.StartExecutionResponse, _abc.Awaitable[_orchestrator_pb2.StartExecutionResponse]]:
         """Starts an execution, persisted before anything runs. The same idempotency
-        key returns the existing execution.
+        key returns the existing execution. With wait, answers when it ended.
         """
 
     @_abc_1.abstractmethod

@@ -90,6 +90,35 @@ async def test_guide_order_fulfillment_runs_steps_in_order_with_references(flow:
     assert history.execution.event_count == 7
 
 
+async def test_start_execution_with_wait_answers_the_ended_execution(flow: Flow) -> None:
+    await flow.serve("payment", "validate_payment")
+    await flow.serve("inventory", "reserve_inventory", "release_inventory")
+    await flow.put(ORDER_FULFILLMENT)
+    request = orchestrator_pb2.StartExecutionRequest(
+        workflow_name="order_fulfillment", idempotency_key="wait-1", wait=True
+    )
+    request.input.update({"key": "w-1", "behaviour": {}})
+    reply = await flow.stub.StartExecution(request)
+    assert (state(reply.execution), reply.existing) == ("SUCCEEDED", False)
+    assert struct_to_dict(reply.execution.output)["reserve_inventory"]["reserve_inventory_id"] == (
+        "reserve_inventory-w-1"
+    )
+    again = await flow.stub.StartExecution(request)  # the same key: the ended one
+    assert (again.execution.execution_id, again.existing) == (reply.execution.execution_id, True)
+    assert state(again.execution) == "SUCCEEDED"
+
+    # Past the call's deadline: DEADLINE_EXCEEDED, and the execution goes on to its end.
+    slow = orchestrator_pb2.StartExecutionRequest(
+        workflow_name="order_fulfillment", idempotency_key="wait-2", wait=True
+    )
+    slow.input.update({"key": "w-2", "behaviour": {"reserve_inventory": {"sleep": 0.6}}})
+    cut = await rpc_error(flow.stub.StartExecution(slow, timeout=0.3))
+    assert cut.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    slow.wait = False
+    started = (await flow.stub.StartExecution(slow)).execution
+    assert state(await flow.wait(started.execution_id)) == "SUCCEEDED"
+
+
 async def test_independent_branches_run_at_the_same_time(flow: Flow) -> None:
     await flow.serve("inventory", "reserve", "release")
     await flow.serve("payment", "charge", "refund")
