@@ -8,7 +8,9 @@ the service is discovered right after each registration (so no cached answer is
 valid), while another process calls Health/Check every 20 ms.
 
 Asserted: no lease expired and the service still has every instance; Health/Check
-p99 < 50 ms; Discover-after-change time grows at most 1.5x faster than the instances
+p99 < 100 ms (the defect this guards against stalled the loop for seconds; the suite's
+other worker on the same two cores puts 40-60 ms of noise into a 50 ms bound);
+Discover-after-change time grows at most 1.5x faster than the instances
 (10x per step), with a floor under the smaller size's time so that noise at 100
 instances cannot fail it. The figures are printed (``-s`` shows them).
 """
@@ -42,7 +44,7 @@ KEEPALIVE_BLOCK = 1_000
 LOOP_SECONDS = 3.0
 CHANGE_EVERY = 0.1
 PROBE_EVERY = 0.02
-PROBE_P99_MS = 50.0
+PROBE_P99_MS = 100.0
 #: Discover-after-change time may grow this much faster than the instances.
 GROWTH_SLACK = 1.5
 #: The smaller size's time counts as at least this much (ms), so noise cannot fail it.

@@ -224,5 +224,10 @@ def test_the_last_policy_applies_while_the_control_plane_is_down(mesh: Mesh) -> 
     time.sleep(0.5)
     for _ in range(3):
         cut = buy(shop, "slow", seconds=0.4)
-        assert cut.get("error") == DeadlineExceeded.grpc_status_code.name, cut
+        # Cut by the policy's 150 ms, never the 0.4 s the operation takes; once those
+        # deadline expiries opened the breakers of 'slow' (slower runs of this test make
+        # more of them), refused at once, which the same policy caused.
+        refused = "open circuit breaker for 'slow'" in str(cut.get("message", ""))
+        assert cut.get("error") == DeadlineExceeded.grpc_status_code.name or refused, cut
+        assert cut["seconds"] < 0.4, cut
     assert buy(shop, "charge").get("version") in {"v1", "v2"}
