@@ -93,9 +93,10 @@ class Executions:
         return page, encode_page_token(page[-1].execution_id if more else "", query)
 
     async def watch_execution(
-        self, execution_id: str, after_index: int
+        self, execution_id: str, after_index: int, *, running: bool = False
     ) -> AsyncIterator[orchestrator_pb2.WatchExecutionResponse]:
-        """Events after ``after_index``, live, until the execution ends."""
+        """Events after ``after_index``, live, until the execution ends. ``running``:
+        the caller knows it had not ended at ``after_index`` (spares a read)."""
         raise_if(check_id("execution_id", execution_id))
         if after_index < 0:
             raise InvalidArgument("", [FieldViolation("after_index", "must be >= 0")])
@@ -107,7 +108,7 @@ class Executions:
             kvs = await self.store.range(
                 prefix, start_after=event_key(execution_id, last) if last else ""
             )
-            if not kvs:
+            if not kvs and not running:
                 # Nothing after the asked index: unknown, still running, or ended.
                 execution, _ = await self.get_execution(execution_id)
                 if ExecutionState(execution.state) in ENDED_STATES:
@@ -139,10 +140,15 @@ class Executions:
             subscription.close()
             self._watchers.discard(subscription)
 
-    async def wait_ended(self, execution_id: str, after_index: int) -> orchestrator_pb2.Execution:
-        """The execution once it ended (StartExecution with ``wait``): the watch's last
-        message, without streaming the events before it."""
-        async for message in self.watch_execution(execution_id, after_index):
+    async def wait_ended(self, execution: orchestrator_pb2.Execution) -> orchestrator_pb2.Execution:
+        """``execution`` once it ended (StartExecution with ``wait``; given as the start
+        answered it): the watch's last message, without streaming the events before it."""
+        if ExecutionState(execution.state) in ENDED_STATES:
+            return execution
+        execution_id = execution.execution_id
+        async for message in self.watch_execution(
+            execution_id, execution.event_count, running=True
+        ):
             if message.HasField("execution"):
                 return message.execution
         raise Unavailable(f"the watch of execution {execution_id} ended before it did")

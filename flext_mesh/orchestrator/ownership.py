@@ -131,9 +131,17 @@ class Ownership:
         return resumed
 
     def _on_owner_events(self, events: list[Event]) -> None:
-        """Store listener: an owner key went (its replica died or ended it): look now."""
-        if any(event.type == EventType.DELETE for event in events):
-            self._wakeup.set()
+        """Store listener: an owner key another replica held went (it died, or ended
+        the execution): look now. The keys of executions this replica drives go when it
+        ends them, which is no news; an exclusive store has no other replica (the
+        periodic look and a lapsed lease cover it). Every execution's end used to start
+        two scans of every active execution here: O(active) work per end."""
+        if self.settings.exclusive_store:
+            return
+        for event in events:
+            if event.type == EventType.DELETE and not self._skip(event.key.removeprefix(OWNERS)):
+                self._wakeup.set()
+                return
 
     async def claim_forever(self) -> None:
         """Look for executions to take over: when an owner key goes, and periodically."""

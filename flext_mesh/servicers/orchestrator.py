@@ -70,9 +70,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.wait:
             release = self.watchers.acquire(context)
             try:
-                execution = await self.orchestrator.wait_ended(
-                    execution.execution_id, execution.event_count
-                )
+                execution = await self.orchestrator.wait_ended(execution)
             finally:
                 release()
         return orchestrator_pb2.StartExecutionResponse(execution=execution, existing=existing)
