@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -107,10 +108,16 @@ class Run:
             rng=context.rng,
             recorded=context.recorded,
         )
-        self._cancel = asyncio.Event()
+        #: Done once a cancellation was asked (a future, not an Event: the drive waits
+        #: on it beside its running steps without a task per scheduling round).
+        self._cancel: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Instance chosen for each step's next attempt (persisted with STEP_STARTED).
         #: (Or why none could be picked: the attempt fails with it, unsent.)
         self._targets: dict[str, Target] = {}
+
+    def _cancel_now(self) -> None:
+        if not self._cancel.done():
+            self._cancel.set_result(None)
 
     async def request_cancel(self, reason: str) -> None:
         """Record CANCEL_REQUESTED (once) and stop scheduling."""
@@ -123,7 +130,7 @@ class Run:
                 message=reason,
             )
             await self.flush()
-        self._cancel.set()
+        self._cancel_now()
 
     # -- the drive --------------------------------------------------------------------
 
@@ -159,7 +166,7 @@ class Run:
                     await self._resend(step)
                     inflight.append(step.step_name)
             if view.cancel_requested:
-                self._cancel.set()
+                self._cancel_now()
         else:
             inflight = list(self.first)
         stop_error = await self._forward(inflight)
@@ -361,16 +368,13 @@ class Run:
                     break
                 for name in started:
                     running[self._launch(name)] = name
-                waiter = asyncio.ensure_future(self._cancel.wait())
                 deadline = self._deadline()
-                try:
-                    done, _ = await asyncio.wait(
-                        [*running, waiter],
-                        timeout=None if deadline is None else max(0.0, deadline - time.time()),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    waiter.cancel()
+                waited: list[asyncio.Future[Any]] = [*running, self._cancel]
+                done, _ = await asyncio.wait(
+                    waited,
+                    timeout=None if deadline is None else max(0.0, deadline - time.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 for task in [t for t in running if t in done]:
                     del running[task]
                     self._settle(task.result())
