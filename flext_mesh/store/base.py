@@ -40,6 +40,7 @@ __all__ = [
     "StoreOpenError",
     "Subscription",
     "SubscriptionLagged",
+    "Subscriptions",
     "TxnResult",
     "follow",
 ]
@@ -139,6 +140,76 @@ class Delete:
     prefix: bool = False
 
 
+class Subscriptions:
+    """The live subscriptions of a store, found per event by prefix.
+
+    A subscription whose prefix ends with ``/`` (every one the control plane opens: an
+    execution's events, a registry keyspace) is found through its prefix among the
+    ancestors of each event's key: O(depth of the key) per event, however many
+    subscriptions there are. Others (``""``, a partial name) are checked one by one.
+    Handing every event to every subscription made each commit cost as much as there
+    were watchers: with one watcher per running execution, O(n^2) in the executions.
+    """
+
+    __slots__ = ("_by_prefix", "_others")
+
+    def __init__(self) -> None:
+        self._by_prefix: dict[str, set[Subscription]] = {}
+        self._others: set[Subscription] = set()
+
+    def add(self, sub: Subscription) -> None:
+        """Start delivering to ``sub`` (until it closes)."""
+        sub.on_close = self.discard
+        if sub.prefix.endswith("/"):
+            self._by_prefix.setdefault(sub.prefix, set()).add(sub)
+        else:
+            self._others.add(sub)
+
+    def discard(self, sub: Subscription) -> None:
+        """Stop delivering to ``sub``."""
+        subs = self._by_prefix.get(sub.prefix)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_prefix[sub.prefix]
+        self._others.discard(sub)
+
+    def __len__(self) -> int:
+        return len(self._others) + sum(len(s) for s in self._by_prefix.values())
+
+    def all(self) -> list[Subscription]:
+        """Every subscription (to close them)."""
+        return [*self._others, *(s for subs in self._by_prefix.values() for s in subs)]
+
+    def clear(self) -> None:
+        """Forget every subscription."""
+        self._by_prefix.clear()
+        self._others.clear()
+
+    def deliver(self, events: list[Event]) -> None:
+        """Hand ``events`` (one transaction's) to the subscriptions they concern, in one
+        batch each; drop the subscriptions that closed."""
+        if self._by_prefix:
+            matched: dict[str, list[Event]] = {}
+            for event in events:
+                key = event.key
+                end = key.rfind("/")
+                while end >= 0:
+                    prefix = key[: end + 1]
+                    if prefix in self._by_prefix:
+                        matched.setdefault(prefix, []).append(event)
+                    end = key.rfind("/", 0, end)
+            for prefix, mine in matched.items():
+                for sub in list(self._by_prefix.get(prefix, ())):
+                    sub.deliver(mine)
+                    if sub.closed:
+                        self.discard(sub)
+        for sub in list(self._others):
+            sub.deliver(events)
+            if sub.closed:
+                self._others.discard(sub)
+
+
 @dataclass(frozen=True, slots=True)
 class TxnResult:
     """Outcome of a transaction: which branch ran, and the store revision after it."""
@@ -162,6 +233,8 @@ class Subscription:
     _queue: asyncio.Queue[list[Event] | None] = field(default_factory=asyncio.Queue)
     lagged: bool = False
     closed: bool = False
+    #: Called once when it closes (the store's registry forgets it then).
+    on_close: Callable[[Subscription], None] | None = field(default=None, repr=False)
 
     def deliver(self, events: list[Event]) -> None:
         """Queue the events under this prefix (called on the event loop)."""
@@ -182,6 +255,8 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._queue.put_nowait(None)
+            if self.on_close is not None:
+                self.on_close(self)
 
     def __aiter__(self) -> AsyncIterator[list[Event]]:
         return self._iterate()

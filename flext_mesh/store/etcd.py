@@ -73,6 +73,7 @@ from flext_mesh.store.base import (
     Put,
     StoreOpenError,
     Subscription,
+    Subscriptions,
     TxnResult,
 )
 
@@ -193,7 +194,7 @@ class EtcdStore:
         self._dispatched = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = itertools.count()
-        self._subs: set[Subscription] = set()
+        self._subs = Subscriptions()
         self._listeners: dict[int, tuple[str, Listener]] = {}
         self._next_listener = 0
         # One lease keep-alive stream, answers matched to callers per lease id in order.
@@ -256,7 +257,7 @@ class EtcdStore:
         self._watch_task = self._ka_reader = None
         self._fail_keepalives(StoreUnavailable("store is closed"))
         self._release_waiters(everyone=True)
-        for sub in list(self._subs):
+        for sub in self._subs.all():
             sub.close()
         self._subs.clear()
         await self._close_channels()
@@ -871,7 +872,7 @@ class EtcdStore:
             self._dispatched + 1,
             compact_revision - 1,
         )
-        for sub in list(self._subs):
+        for sub in self._subs.all():
             sub.lagged = True
             sub.close()
         self._subs.clear()
@@ -908,10 +909,7 @@ class EtcdStore:
                     callback(mine)
                 except Exception:
                     _log.exception("store listener failed prefix=%s", prefix)
-        for sub in list(self._subs):
-            sub.deliver(events)
-            if sub.closed:
-                self._subs.discard(sub)
+        self._subs.deliver(events)
 
     # -- waiting for the watch -----------------------------------------------------
 

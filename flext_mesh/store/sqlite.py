@@ -71,6 +71,7 @@ from flext_mesh.store.base import (
     Put,
     StoreOpenError,
     Subscription,
+    Subscriptions,
     TxnResult,
 )
 
@@ -171,7 +172,7 @@ class SqliteStore:
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._subs: set[Subscription] = set()
+        self._subs = Subscriptions()
         self._listeners: dict[int, tuple[str, Listener]] = {}
         self._next_listener = 0
         self._deadlines: dict[str, tuple[float, float]] = {}  # lease -> (ttl s, lease time)
@@ -241,7 +242,7 @@ class SqliteStore:
         self._queue.put(None)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.join)
-        for sub in list(self._subs):
+        for sub in self._subs.all():
             sub.close()
         self._subs.clear()
         self._release_lock()
@@ -441,10 +442,7 @@ class SqliteStore:
                         callback(mine)
                     except Exception:
                         _log.exception("store listener failed prefix=%s", prefix)
-            for sub in list(self._subs):
-                sub.deliver(events)
-                if sub.closed:
-                    self._subs.discard(sub)
+            self._subs.deliver(events)
         for fut, ok, value in outcomes:
             if fut.done():  # its caller was cancelled; the write happened all the same
                 continue
