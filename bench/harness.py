@@ -646,6 +646,8 @@ UNARY_METHOD = f"/{ECHO_SERVICE}/Unary"
 """Unary echo: responds with the request bytes."""
 STREAM_METHOD = f"/{ECHO_SERVICE}/Stream"
 """Server stream: request is :func:`encode_stream_request`; sends ``count`` messages."""
+CHAT_METHOD = f"/{ECHO_SERVICE}/Chat"
+"""Bidirectional stream: answers each request message with its bytes (read, write)."""
 STREAM_FOREVER = 0
 """``count`` meaning: stream until the client cancels."""
 ECHO_SERVER_FACTORY = "bench.harness:start_echo_server"
@@ -681,6 +683,17 @@ async def _echo_stream(
         yield payload
 
 
+async def _echo_chat(
+    request_iterator: Any, context: grpc.aio.ServicerContext[bytes, bytes]
+) -> None:
+    # context.read / context.write, as the control plane's KeepAlive does.
+    while True:
+        request: Any = await context.read()
+        if request is grpc.aio.EOF:
+            return
+        await context.write(request)
+
+
 def _echo_handler() -> grpc.GenericRpcHandler:
     # request_deserializer / response_serializer left None: handlers see raw bytes.
     return grpc.method_handlers_generic_handler(
@@ -688,6 +701,7 @@ def _echo_handler() -> grpc.GenericRpcHandler:
         {
             "Unary": grpc.unary_unary_rpc_method_handler(_echo_unary),
             "Stream": grpc.unary_stream_rpc_method_handler(_echo_stream),
+            "Chat": grpc.stream_stream_rpc_method_handler(_echo_chat),
         },
     )
 
@@ -739,6 +753,39 @@ class EchoClient:
         self._stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             STREAM_METHOD
         )
+
+        self._chat: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            CHAT_METHOD
+        )
+
+    async def chat_for(self, seconds: float, *, size: int = 40, window: int = 32) -> int:
+        """Request/response messages on one bidirectional stream in ``seconds``, up to
+        ``window`` requests in flight (how a KeepAlive client pipelines renewals)."""
+        call = self._chat()
+        request = b"x" * size
+        slots = asyncio.Semaphore(window)
+        deadline = time.perf_counter() + seconds
+
+        async def writer() -> None:
+            while time.perf_counter() < deadline:
+                await slots.acquire()
+                await call.write(request)
+            await call.done_writing()
+
+        answered = 0
+        task = asyncio.create_task(writer())
+        try:
+            while time.perf_counter() < deadline:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    break
+                answered += 1
+                slots.release()
+        finally:
+            call.cancel()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return answered
 
     def stream(self, count: int, size: int) -> grpc.aio.UnaryStreamCall[bytes, bytes]:
         """Open a server stream of ``count`` messages of ``size`` bytes (0: until cancel)."""
