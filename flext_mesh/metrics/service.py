@@ -363,10 +363,17 @@ class Metrics:
 
     # -- feedback to the registry ---------------------------------------------------------
 
-    async def _feed_outcomes(self, service: str, instance: str, ok: list[bool]) -> None:
+    async def _feed_outcomes(self, outcomes: list[tuple[str, str, list[bool]]]) -> None:
+        """Hand one batch's outcomes to outlier ejection, per instance in order."""
         assert self.registry is not None
-        for flag in ok:
-            await self.registry.record_call(service, instance, infrastructure_failure=not flag)
+        for service, instance, ok in outcomes:
+            try:
+                for flag in ok:
+                    await self.registry.record_call(
+                        service, instance, infrastructure_failure=not flag
+                    )
+            except Exception as exc:  # one instance's failure stops only its own outcomes
+                _log.error("outcome feedback failed: %s", exc)
 
     async def _feedback_forever(self) -> None:
         while True:
