@@ -74,9 +74,11 @@ from flext_mesh.metrics.dedup import (
 )
 from flext_mesh.metrics.records import (
     INFRASTRUCTURE_CODES,
+    CallBatch,
     Columns,
     group_records,
     outcome_runs,
+    records_of,
     refusals,
 )
 from flext_mesh.metrics.sketch import LatencySketch, grouped
@@ -405,7 +407,7 @@ class Aggregator:
 
     async def ingest(
         self,
-        records: Sequence[metrics_pb2.CallRecord],
+        records: Sequence[metrics_pb2.CallRecord] | CallBatch,
         *,
         reporter_id: str = "",
         sequence: int = 0,
@@ -421,7 +423,7 @@ class Aggregator:
 
     def submit(
         self,
-        records: Sequence[metrics_pb2.CallRecord],
+        records: Sequence[metrics_pb2.CallRecord] | CallBatch,
         *,
         reporter_id: str = "",
         sequence: int = 0,
@@ -430,19 +432,23 @@ class Aggregator:
         mixed batch are kept. The future is done once the batch is durably counted, or
         fails with the error of the write that failed (send it again).
 
+        ``records``: the records, or the request that holds them (read faster, from
+        its encoding: :mod:`flext_mesh.metrics.records`).
+
         A batch with a ``sequence`` (> 0) that its reporter already had counted, here
         or on another replica, is validated again but not counted
         (``Ingested.duplicate``). Sequence 0 is never deduplicated. Raises
         InvalidArgument when no record is good, ResourceExhausted when none fits the
         series limit.
         """
-        if not records:
+        size = len(records_of(records))
+        if not size:
             raise InvalidArgument.from_violations(
                 [FieldViolation("records", "must hold 1 to 10000 records")]
             )
-        if len(records) > _MAX_BATCH:
+        if size > _MAX_BATCH:
             raise InvalidArgument.from_violations(
-                [FieldViolation("records", f"{len(records)} records; at most {_MAX_BATCH}")]
+                [FieldViolation("records", f"{size} records; at most {_MAX_BATCH}")]
             )
         if sequence and not (0 < len(reporter_id) <= MAX_REPORTER_ID and reporter_id.isprintable()):
             raise InvalidArgument.from_violations(
@@ -501,7 +507,7 @@ class Aggregator:
             metrics_pb2.RejectedRecord(index=index, field=field, reason=reason)
             for index, (field, reason) in sorted(refused.items())
         ]
-        accepted = len(records) - len(rejected)
+        accepted = size - len(rejected)
         if accepted == 0 and capped:
             # Not noted as counted: a later retry may fit once series expire.
             raise ResourceExhausted(rejected[0].reason)

@@ -3,7 +3,19 @@ records grouped by series.
 
 Ingest reads each field of a batch's records into one list (a column), then checks
 and groups whole columns: a rule costs a set lookup per distinct name or one numpy
-comparison per batch, not Python work per record. The rules live here and only here
+comparison per batch, not Python work per record.
+
+Reading a field of a protobuf record from Python costs about as much as parsing the
+whole record did, so a batch that comes as a request is read a second way: its
+encoding is parsed again as :data:`_COLUMNS`, a message whose ``records`` field (number
+1, like the requests') is a *single* message holding every field of ``CallRecord`` as a
+*repeated* field. Protobuf merges the occurrences of a singular message field, and a
+repeated field collects the values of every occurrence: one parse in C yields each
+field's values over the whole batch. A field left at its default is not on the wire,
+so a column comes out whole only when every record sets that field (or none does);
+the other columns are read record by record.
+
+The rules live here and only here
 (:func:`refusals`); a record that breaks several is refused for the first of them,
 in this order:
 
@@ -20,11 +32,16 @@ in this order:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any, Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from flext_mesh import errors
 from flext_mesh.v1 import metrics_pb2
@@ -34,10 +51,12 @@ __all__ = [
     "MAX_CORRELATION_ID",
     "MAX_DURATION_MS",
     "MAX_NAME",
+    "CallBatch",
     "Columns",
     "Groups",
     "group_records",
     "outcome_runs",
+    "records_of",
     "refusals",
     "valid_name",
 ]
@@ -71,6 +90,52 @@ _KNOWN_NAMES: Final = 100_000
 _Floats = npt.NDArray[np.float64]
 _Ints = npt.NDArray[np.int64]
 
+#: A request holding call records as its field 1 (``records``).
+CallBatch: TypeAlias = (
+    metrics_pb2.ReportCallsRequest
+    | metrics_pb2.StreamCallsRequest
+    | metrics_pb2.DeliverCallsRequest
+)
+
+
+def _columns_message() -> type[Message]:
+    """The message that reads a batch column-wise (see the module docstring), made
+    from ``CallRecord``'s own descriptor so that the two never disagree. Message
+    fields (``metadata``) are left out: they are skipped as unknown."""
+    package = "flext_mesh.metrics.columns"
+    file = descriptor_pb2.FileDescriptorProto(
+        name="flext_mesh/metrics/columns.proto", package=package, syntax="proto3"
+    )
+    columns = file.message_type.add(name="CallRecordColumns")
+    for source in metrics_pb2.CallRecord.DESCRIPTOR.fields:
+        if source.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+            continue
+        columns.field.add(
+            name=source.name,
+            number=source.number,
+            label=FieldDescriptor.LABEL_REPEATED,
+            # An enum is a varint on the wire; as int32 an unknown value stays a number.
+            type=(
+                FieldDescriptor.TYPE_INT32
+                if source.type == FieldDescriptor.TYPE_ENUM
+                else source.type
+            ),
+        )
+    batch = file.message_type.add(name="CallBatchColumns")
+    batch.field.add(
+        name="records",
+        number=metrics_pb2.StreamCallsRequest.RECORDS_FIELD_NUMBER,
+        label=FieldDescriptor.LABEL_OPTIONAL,
+        type=FieldDescriptor.TYPE_MESSAGE,
+        type_name=f".{package}.CallRecordColumns",
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return GetMessageClass(pool.FindMessageTypeByName(f"{package}.CallBatchColumns"))
+
+
+_COLUMNS: Final = _columns_message()
+
 
 def valid_name(name: str, known: set[str]) -> bool:
     """Whether ``name`` is a good service or operation name (remembered in ``known``)."""
@@ -99,28 +164,90 @@ class Columns:
     stamps: _Ints
 
     @classmethod
-    def read(cls, records: Sequence[metrics_pb2.CallRecord], now_ns: int) -> Columns:
-        """Read every field a rule or a report needs, one field at a time."""
-        rows = list(records)
-        stamps = np.array([r.time_unix_nano for r in rows], dtype=np.int64)
+    def read(cls, source: Sequence[metrics_pb2.CallRecord] | CallBatch, now_ns: int) -> Columns:
+        """Read every field a rule or a report needs, one field at a time: from the
+        encoding of a request (see the module docstring), or record by record."""
+        reader = _Reader(source)
+        stamps = np.array(reader.numbers("time_unix_nano"), dtype=np.int64)
         if not stamps.all():
             stamps[stamps == 0] = now_ns
         return cls(
-            services=[r.service_name for r in rows],
-            operations=[r.operation for r in rows],
-            instances=[r.instance_id for r in rows],
-            versions=[r.version for r in rows],
-            callers=[r.caller_service for r in rows],
-            correlations=[r.correlation_id for r in rows],
-            durations=np.array([r.duration_ms for r in rows], dtype=np.float64),
-            codes=np.array([r.status_code for r in rows], dtype=np.int64),
-            sides=np.array([r.side for r in rows], dtype=np.int64),
-            successes=np.array([r.success for r in rows], dtype=bool),
+            services=reader.strings("service_name"),
+            operations=reader.strings("operation"),
+            instances=reader.strings("instance_id"),
+            versions=reader.strings("version"),
+            callers=reader.strings("caller_service"),
+            correlations=reader.strings("correlation_id"),
+            durations=np.array(reader.numbers("duration_ms"), dtype=np.float64),
+            codes=np.array(reader.numbers("status_code"), dtype=np.int64),
+            sides=np.array(reader.numbers("side"), dtype=np.int64),
+            successes=np.array(reader.numbers("success"), dtype=bool),
             stamps=stamps,
         )
 
+    #: Distinct values of the string columns, by name, once asked for.
+    seen: dict[str, set[str]] = field(default_factory=dict)
+
     def __len__(self) -> int:
         return len(self.services)
+
+    def distinct(self, name: str) -> set[str]:
+        """The distinct values of the string column ``name`` ("services"...)."""
+        found = self.seen.get(name)
+        if found is None:
+            found = self.seen[name] = set(getattr(self, name))
+        return found
+
+
+def records_of(
+    source: Sequence[metrics_pb2.CallRecord] | CallBatch,
+) -> Sequence[metrics_pb2.CallRecord]:
+    """The records themselves, of a request or a sequence of records."""
+    if isinstance(source, Sequence):
+        return source
+    return source.records
+
+
+class _Reader:
+    """The columns of one batch: whole from its encoding where every record (or none)
+    sets the field, else record by record."""
+
+    __slots__ = ("_columns", "_records", "_rows", "size")
+
+    def __init__(self, source: Sequence[metrics_pb2.CallRecord] | CallBatch) -> None:
+        self._columns: Any = None
+        self._records = records_of(source)
+        if not isinstance(source, Sequence):
+            columns: Any = _COLUMNS.FromString(source.SerializeToString())
+            self._columns = columns.records
+        self._rows: list[metrics_pb2.CallRecord] | None = None
+        self.size = len(self._records)
+
+    def strings(self, name: str) -> list[str]:
+        """The values of a string field, in record order."""
+        if self._columns is not None:
+            whole = getattr(self._columns, name)
+            if len(whole) == self.size:
+                return list(whole)
+            if not whole:
+                return [""] * self.size
+        return list(map(attrgetter(name), self._each()))
+
+    def numbers(self, name: str) -> Any:
+        """The values of a numeric or boolean field, in record order (a sequence
+        ``numpy.array`` takes)."""
+        if self._columns is not None:
+            whole = getattr(self._columns, name)
+            if len(whole) == self.size:
+                return whole
+            if not whole:
+                return np.zeros(self.size, dtype=np.int64)
+        return list(map(attrgetter(name), self._each()))
+
+    def _each(self) -> list[metrics_pb2.CallRecord]:
+        if self._rows is None:
+            self._rows = list(self._records)
+        return self._rows
 
 
 def refusals(
@@ -130,16 +257,21 @@ def refusals(
     breaks (see the module docstring). ``cutoff_ns``: the oldest start kept."""
     refused: dict[int, tuple[str, str]] = {}
 
-    def refuse(field: str, indexes: Iterator[int] | _Ints, reason: Callable[[int], str]) -> None:
+    def refuse(path: str, indexes: Iterator[int] | _Ints, reason: Callable[[int], str]) -> None:
         for index in map(int, indexes):
             if index not in refused:
-                refused[index] = (field, reason(index))
+                refused[index] = (path, reason(index))
 
-    for field, names in (("service_name", columns.services), ("operation", columns.operations)):
-        bad = {name for name in set(names) if name not in known and not valid_name(name, known)}
+    for path, column in (("service_name", "services"), ("operation", "operations")):
+        names: list[str] = getattr(columns, column)
+        bad = {
+            name
+            for name in columns.distinct(column)
+            if name not in known and not valid_name(name, known)
+        }
         if bad:
             refuse(
-                field,
+                path,
                 (i for i, name in enumerate(names) if name in bad),
                 lambda _: "must be 1-63 printable characters",
             )
@@ -167,15 +299,18 @@ def refusals(
             np.flatnonzero(~np.isin(sides, _SIDES)),
             lambda i: f"{int(sides[i])} is not a CallSide",
         )
-    for field, values, limit in (
-        ("instance_id", columns.instances, MAX_NAME),
-        ("version", columns.versions, MAX_NAME),
-        ("caller_service", columns.callers, MAX_NAME),
-        ("correlation_id", columns.correlations, MAX_CORRELATION_ID),
+    for path, column, limit in (
+        ("instance_id", "instances", MAX_NAME),
+        ("version", "versions", MAX_NAME),
+        ("caller_service", "callers", MAX_NAME),
+        ("correlation_id", "correlations", MAX_CORRELATION_ID),
     ):
-        if max(map(len, values)) > limit:
+        values: list[str] = getattr(columns, column)
+        # Names repeat (their distinct values are few); correlation ids do not.
+        few = column != "correlations"
+        if any(values) and max(map(len, columns.distinct(column) if few else values)) > limit:
             refuse(
-                field,
+                path,
                 (i for i, value in enumerate(values) if len(value) > limit),
                 lambda i, values=values, limit=limit: (  # type: ignore[misc]
                     f"is {len(values[i])} characters long; at most {limit}"
@@ -235,39 +370,50 @@ def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
         operations = [v for v, k in zip(operations, picked, strict=True) if k]
         instances = [v for v, k in zip(instances, picked, strict=True) if k]
         versions = [v for v, k in zip(versions, picked, strict=True) if k]
-    kinds = np.where(successes, 0, _FAILURE_KIND[np.clip(codes, 0, _MAX_STATUS_CODE)]).astype(
-        np.int8
-    )
+    if successes.all():
+        kinds = np.zeros(index.size, dtype=np.int8)
+    else:
+        kinds = _FAILURE_KIND[np.clip(codes, 0, _MAX_STATUS_CODE)]
+        kinds[successes] = 0
     if not index.size:
         return Groups([], np.zeros(0, np.int64), index, durations, kinds)
+    # The key holds only what varies: in the usual batch, one service and version,
+    # server side only, one 10 s bucket.
     client = sides == _CLIENT
-    same_time = bool(tens.min() == tens.max())
-    same_side = not client.any()
-    # The usual batch: one 10 s bucket, server side only; key on the names alone.
-    names: Iterator[tuple[Any, ...]]
-    if same_time and same_side:
-        names = zip(services, operations, instances, versions, strict=True)
-    elif same_side:
-        names = zip(services, operations, instances, versions, tens.tolist(), strict=True)
-    else:
-        names = zip(
-            services, operations, instances, versions, tens.tolist(), client.tolist(), strict=True
+    parts: list[list[Any]] = [
+        values
+        for values, column in zip(
+            (services, operations, instances, versions),
+            ("services", "operations", "instances", "versions"),
+            strict=True,
         )
-    rows = list(names)
-    distinct = dict.fromkeys(rows)
-    number = {key: i for i, key in enumerate(distinct)}
-    key_of = np.fromiter(map(number.__getitem__, rows), dtype=np.int64, count=len(rows))
-    first_ten = int(tens[0])
+        if len(columns.distinct(column)) > 1
+    ]
+    if tens.min() != tens.max():
+        parts.append(tens.tolist())
+    if client.any():
+        parts.append(client.tolist())
+    rows: list[Any] = parts[0] if len(parts) == 1 else list(zip(*parts, strict=True))
+    if not parts:
+        rows, distinct = [None], {None: None}
+        key_of = np.zeros(index.size, dtype=np.int64)
+    else:
+        distinct = dict.fromkeys(rows)
+        number = {key: i for i, key in enumerate(distinct)}
+        key_of = np.fromiter(map(number.__getitem__, rows), dtype=np.int64, count=len(rows))
+    # Each distinct key's full values: those of its first record.
+    firsts = np.zeros(len(distinct), dtype=np.int64)
+    firsts[key_of[::-1]] = np.arange(key_of.size - 1, -1, -1)
     keys = [
         (
-            key[0],
-            key[1],
-            key[2],
-            key[3],
-            (int(key[4]) if len(key) > 4 else first_ten) * 10,
-            bool(key[5]) if len(key) > 5 else False,
+            services[i],
+            operations[i],
+            instances[i],
+            versions[i],
+            int(tens[i]) * 10,
+            bool(client[i]),
         )
-        for key in distinct
+        for i in firsts.tolist()
     ]
     return Groups(keys, key_of, index, durations, kinds)
 

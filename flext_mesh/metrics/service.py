@@ -37,6 +37,7 @@ from flext_mesh.metrics.aggregator import (
     Ingested,
     SeriesKey,
 )
+from flext_mesh.metrics.records import CallBatch
 from flext_mesh.metrics.report import alert_message, build_report, evaluate_alerts
 from flext_mesh.names import MAX_NAME, check_length, raise_if
 from flext_mesh.paging import decode_page_token, encode_page_token
@@ -125,7 +126,7 @@ class Metrics:
 
     async def report_calls(
         self,
-        records: Sequence[metrics_pb2.CallRecord],
+        records: Sequence[metrics_pb2.CallRecord] | CallBatch,
         *,
         reporter_id: str = "",
         sequence: int = 0,
@@ -146,7 +147,7 @@ class Metrics:
             try:
                 outcomes.append(
                     self.aggregator.submit(
-                        batch.records, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
+                        batch, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
                     )
                 )
             except InvalidArgument as exc:
@@ -210,7 +211,7 @@ class Metrics:
                 unanswered += 1
                 try:
                     future = self.aggregator.submit(
-                        batch.records, reporter_id=batch.reporter_id, sequence=sequence
+                        batch, reporter_id=batch.reporter_id, sequence=sequence
                     )
                 except (InvalidArgument, ResourceExhausted) as exc:
                     room.release()

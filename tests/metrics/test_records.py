@@ -261,3 +261,32 @@ def _runs(ok: list[bool]) -> list[bool]:
     if all(ok):
         return [True]
     return [flag for i, flag in enumerate(ok) if not flag or i == 0 or not ok[i - 1]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_request_read_from_its_encoding_gives_the_columns_read_record_by_record(
+    seed: int,
+) -> None:
+    """Whole columns (every record sets the field), empty ones (none does) and mixed
+    ones, unknown enum values, non-ASCII names and metadata the reader skips."""
+    rng = random.Random(seed)
+    request = metrics_pb2.StreamCallsRequest(reporter_id="r", batch_sequence=3)
+    for _ in range(rng.choice([1, 2, 50, 500])):
+        record = random_record(rng, rng.choice([0.0, 0.05]))
+        if rng.random() < 0.1:
+            record.metadata.update({"cache_hit": False})
+        request.records.append(record)
+    if seed % 3 == 0:  # every record sets every field
+        for record in request.records:
+            record.version = record.version or "v2"
+            record.instance_id = record.instance_id or "i9"
+            record.side = record.side or metrics_pb2.CALL_SIDE_SERVER
+    from_encoding = Columns.read(request, NOW_NS)
+    one_by_one_read = Columns.read(list(request.records), NOW_NS)
+    for name in Columns.__slots__:
+        mine, theirs = getattr(from_encoding, name), getattr(one_by_one_read, name)
+        if isinstance(mine, np.ndarray):
+            assert mine.dtype == theirs.dtype, name
+            np.testing.assert_array_equal(mine, theirs, err_msg=name)
+        else:
+            assert mine == theirs, name
