@@ -11,9 +11,10 @@ error). Memory is bounded by series x buckets, never by the number of calls:
   record that would open one more is rejected with a reason, never stored silently.
 
 Durability: a batch is validated when it arrives and *staged*; every
-``checkpoint_interval`` (0.5 s) the staged batches are folded into the buckets they
-touch and those buckets are written to the store in one transaction, and only then are
-the batches acknowledged and counted in reports. A crash (even ``kill -9``) loses no
+``checkpoint_interval`` (0.5 s), or as soon as ``checkpoint_records`` (50,000) records
+are staged, the staged batches are folded into the buckets they touch and those buckets
+are written to the store in one transaction, and only then are the batches
+acknowledged and counted in reports. A crash (even ``kill -9``) loses no
 acknowledged record, and nothing that was not written is ever shown.
 
 Exactly once, across replicas: a batch that carries its reporter's id and sequence
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -170,6 +172,10 @@ class AggregatorSettings:
     max_series_per_service: int = 1_000
     #: Seconds between durable checkpoints (acknowledgements wait for the next one).
     checkpoint_interval: float = 0.5
+    #: Records staged that start a checkpoint before the interval is up: under load,
+    #: acknowledgements come sooner (a reporter holding as many unacknowledged is not
+    #: kept waiting) and what is staged stays bounded.
+    checkpoint_records: int = 50_000
     #: This replica's name when several share the store (etcd); "" when it is alone.
     replica: str = ""
     #: Seconds after which a reporter that sent nothing is forgotten by the
@@ -291,6 +297,9 @@ class Aggregator:
         self._series: dict[str, dict[SeriesKey, float]] = defaultdict(dict)  # -> last seen
         # Batches waiting for a checkpoint, in arrival order, and by (reporter, sequence).
         self._staged: list[_Batch] = []
+        self._staged_records = 0
+        # Set when enough is staged to checkpoint before the interval is up.
+        self._hurry = asyncio.Event()
         self._staged_by_key: dict[tuple[str, int], _Batch] = {}
         self._pending_acks: list[asyncio.Future[None]] = []
         # Held for a whole checkpoint or roll-up: one writer of this replica's keys.
@@ -500,9 +509,15 @@ class Aggregator:
             series[series_key] = now
             target_of[number] = len(targets)
             targets.append(((service, 10, start), series_key))
-        for number, reason in capped:
-            for index in found.index[found.key_of == number].tolist():
-                refused[index] = ("operation", reason)
+        if capped:
+            reasons = dict(capped)
+            is_capped = np.zeros(len(found.keys), dtype=bool)
+            is_capped[list(reasons)] = True
+            over = is_capped[found.key_of]
+            for index, number in zip(
+                found.index[over].tolist(), found.key_of[over].tolist(), strict=True
+            ):
+                refused[index] = ("operation", reasons[number])
         rejected = [
             metrics_pb2.RejectedRecord(index=index, field=field, reason=reason)
             for index, (field, reason) in sorted(refused.items())
@@ -559,6 +574,9 @@ class Aggregator:
             self._staged.append(batch)
             if sequence:
                 self._staged_by_key[(reporter_id, sequence)] = batch
+            self._staged_records += batch_group.size
+            if self._staged_records >= self.settings.checkpoint_records:
+                self._hurry.set()
         return future
 
     def _series_key(self, operation: str, instance: str, version: str) -> SeriesKey:
@@ -589,13 +607,23 @@ class Aggregator:
         named = pair >= 0
         calls = np.bincount(pair[named], minlength=len(pairs)).tolist()
         faults = np.bincount(pair[named & infrastructure], minlength=len(pairs)).tolist()
+        if any(faults):
+            # Each instance's outcomes in batch order: the records sorted by instance
+            # (stably), then one slice per instance.
+            order = np.argsort(pair, kind="stable")
+            in_order = infrastructure[order]
+            ends = np.cumsum(calls).tolist()
+            first = int(np.count_nonzero(~named))  # the unnamed sort first (-1)
         outcomes: list[tuple[str, str, list[bool]]] = []
         for (service, instance), number in pairs.items():
             window = self.instance_window[(service, instance)]
             window[0] += calls[number]
             window[1] += faults[number]
             # Without a fault, one success says it all (it resets the faults in a row).
-            flags = outcome_runs(infrastructure[pair == number]) if faults[number] else [True]
+            flags = [True]
+            if faults[number]:
+                end = first + ends[number]
+                flags = outcome_runs(in_order[end - calls[number] : end])
             outcomes.append((service, instance, flags))
         if self._on_outcomes is not None:
             task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
@@ -741,6 +769,7 @@ class Aggregator:
 
     async def _write_staged(self) -> None:
         batches, self._staged = self._staged, []
+        self._staged_records = 0
         if not batches:
             return
         try:
@@ -751,6 +780,7 @@ class Aggregator:
             # Written again next time; who waits is told now (and may send it again).
             left = [b for b in batches if not b.finished]
             self._staged[:0] = left
+            self._staged_records += sum(b.group.size for b in left)
             if isinstance(exc, Exception):
                 for batch in left:
                     batch.fail(exc)
@@ -969,6 +999,7 @@ class Aggregator:
         if marker is not None and marker.value == attempt.marker:
             self._apply(attempt, marker.mod_revision)
             self._staged = [b for b in self._staged if not b.finished]
+            self._staged_records = sum(b.group.size for b in self._staged)
             _log.info("metrics checkpoint of unknown outcome was written")
             return
         await self._reload(set())  # someone else's marker: take its revision
@@ -984,12 +1015,18 @@ class Aggregator:
         return self._lease
 
     async def _checkpoint_forever(self) -> None:
+        interval = self.settings.checkpoint_interval
         while True:
-            await asyncio.sleep(self.settings.checkpoint_interval)
+            # A checkpoint every interval, sooner when enough is staged (and at once
+            # again when that much came in during the last one: group commit).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), interval)
+            self._hurry.clear()
             try:
                 await self.checkpoint()
             except Exception:
                 _log.exception("metrics checkpoint failed; retrying")
+                await asyncio.sleep(interval)  # not again at once, however much is staged
 
     # -- roll-up and retention ---------------------------------------------------------
 
