@@ -495,7 +495,7 @@ class Aggregator:
                 continue
             series_key = self._series_key(operation, instance, version)
             series = self._series[service] if service in self._series or not duplicate else {}
-            if series_key not in series and len(series) >= self.settings.max_series_per_service:
+            if len(series) >= self.settings.max_series_per_service and series_key not in series:
                 capped.append(
                     (
                         number,

@@ -351,7 +351,8 @@ class Groups:
 
 
 def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
-    """The records of ``columns`` not in ``refused``, grouped (see :class:`Groups`)."""
+    """The records of ``columns`` not in ``refused`` (the :func:`refusals` of these
+    columns), grouped (see :class:`Groups`)."""
     n = len(columns)
     durations, codes = columns.durations, columns.codes
     successes, sides = columns.successes, columns.sides
@@ -373,7 +374,7 @@ def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
     if successes.all():
         kinds = np.zeros(index.size, dtype=np.int8)
     else:
-        kinds = _FAILURE_KIND[np.clip(codes, 0, _MAX_STATUS_CODE)]
+        kinds = _FAILURE_KIND[codes]  # 0-16: a record with another code was refused
         kinds[successes] = 0
     if not index.size:
         return Groups([], np.zeros(0, np.int64), index, durations, kinds)
@@ -404,16 +405,11 @@ def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
     # Each distinct key's full values: those of its first record.
     firsts = np.zeros(len(distinct), dtype=np.int64)
     firsts[key_of[::-1]] = np.arange(key_of.size - 1, -1, -1)
+    starts = (tens[firsts] * 10).tolist()
+    sides_of = client[firsts].tolist()
     keys = [
-        (
-            services[i],
-            operations[i],
-            instances[i],
-            versions[i],
-            int(tens[i]) * 10,
-            bool(client[i]),
-        )
-        for i in firsts.tolist()
+        (services[i], operations[i], instances[i], versions[i], start, side)
+        for i, start, side in zip(firsts.tolist(), starts, sides_of, strict=True)
     ]
     return Groups(keys, key_of, index, durations, kinds)
 
@@ -421,11 +417,14 @@ def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
 def outcome_runs(infrastructure: npt.NDArray[np.bool_]) -> list[bool]:
     """The outcomes of one instance, in order (True: not an infrastructure fault), with
     each run of successes told once: outlier ejection counts consecutive faults, and a
-    success only resets that count."""
-    if not infrastructure.any():
-        return [True]
-    ok = ~infrastructure
-    keep = np.ones(ok.size, dtype=bool)
-    keep[1:] = ~(ok[1:] & ok[:-1])
-    flags: list[bool] = ok[keep].tolist()
+    success only resets that count. Work in the number of faults."""
+    flags: list[bool] = []
+    previous = -1
+    for fault in np.flatnonzero(infrastructure).tolist():
+        if fault > previous + 1:
+            flags.append(True)  # the successes since the previous fault
+        flags.append(False)
+        previous = fault
+    if previous < infrastructure.size - 1:
+        flags.append(True)
     return flags
