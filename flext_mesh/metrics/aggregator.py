@@ -260,6 +260,8 @@ class _Part:
     notes_sequence: bool
 
 
+# Each series of a bucket with its stats and its encoding as written.
+_Rows = dict[SeriesKey, tuple[BucketStats, str]]
 # Prometheus histograms a transaction adds: (service, operation) -> per outcome kind,
 # bucket counts and the sum of durations (ms).
 _PrometheusDelta = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
@@ -274,6 +276,8 @@ class _Attempt:
     buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]]
     ledgers: dict[str, ReporterLedger]
     prometheus: _PrometheusDelta
+    #: The encoded series of each bucket written (see ``Aggregator._rows``).
+    rows: dict[_BucketKey, _Rows] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -294,6 +298,10 @@ class Aggregator:
         self._clock = clock
         #: Durable buckets (what the store holds of this replica, or is writing).
         self._buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
+        # The encoded series of the buckets the last checkpoint wrote: the next one
+        # encodes again only the series whose stats changed (stats are replaced, never
+        # changed, once durable).
+        self._rows: dict[_BucketKey, _Rows] = {}
         self._series: dict[str, dict[SeriesKey, float]] = defaultdict(dict)  # -> last seen
         # Batches waiting for a checkpoint, in arrival order, and by (reporter, sequence).
         self._staged: list[_Batch] = []
@@ -885,10 +893,10 @@ class Aggregator:
             lease = await self._ledger_lease()
             attempt = self._attempt(parts)
             compares = [Compare(self._marker_key, self._marker_revision)]
-            ops: list[Put | Delete] = [
-                Put(self._key(*key), _encode_bucket(series))
-                for key, series in sorted(attempt.buckets.items())
-            ]
+            ops: list[Put | Delete] = []
+            for key, series in sorted(attempt.buckets.items()):
+                value, attempt.rows[key] = self._encoded(key, series)
+                ops.append(Put(self._key(*key), value))
             seen = self._clock()
             for rid, ledger in attempt.ledgers.items():
                 cached = self.ledgers.get(rid)
@@ -930,9 +938,24 @@ class Aggregator:
         buckets, prometheus = self._folded(parts)
         return _Attempt(marker, parts, buckets, ledgers, prometheus)
 
+    def _encoded(
+        self, key: _BucketKey, series: dict[SeriesKey, BucketStats]
+    ) -> tuple[bytes, _Rows]:
+        """A bucket's stored value, reusing the encoding of each series whose stats are
+        those it last wrote, and every series' encoding."""
+        known = self._rows.get(key, {})
+        rows: _Rows = {}
+        for series_key, stats in series.items():
+            row = known.get(series_key)
+            if row is None or row[0] is not stats:
+                row = (stats, _encode_row(series_key, stats))
+            rows[series_key] = row
+        return _join_rows([text for _, text in rows.values()]), rows
+
     def _apply(self, attempt: _Attempt, revision: int) -> None:
         """A transaction was written (at ``revision``): what it wrote is durable."""
         self._buckets.update(attempt.buckets)
+        self._rows = attempt.rows  # the buckets written last (the next checkpoint's too)
         now = self._clock()
         for rid, ledger in attempt.ledgers.items():
             ledger.revision = revision
@@ -1274,18 +1297,27 @@ def _merge_series(
 
 
 def _encode_bucket(series: dict[SeriesKey, BucketStats]) -> bytes:
-    rows = [
+    return _join_rows([_encode_row(k, s) for k, s in series.items()])
+
+
+def _encode_row(key: SeriesKey, stats: BucketStats) -> str:
+    """One series of a stored bucket (JSON)."""
+    return json.dumps(
         [
-            k.operation,
-            k.instance_id,
-            k.version,
-            s.failures,
-            s.infrastructure_failures,
-            base64.b64encode(s.sketch.to_bytes()).decode(),
-        ]
-        for k, s in series.items()
-    ]
-    return json.dumps({"v": 1, "series": rows}, separators=(",", ":")).encode()
+            key.operation,
+            key.instance_id,
+            key.version,
+            stats.failures,
+            stats.infrastructure_failures,
+            base64.b64encode(stats.sketch.to_bytes()).decode(),
+        ],
+        separators=(",", ":"),
+    )
+
+
+def _join_rows(rows: list[str]) -> bytes:
+    """A stored bucket: ``{"v":1,"series":[row,...]}``, as ``json.dumps`` writes it."""
+    return f'{{"v":1,"series":[{",".join(rows)}]}}'.encode()
 
 
 def _decode_bucket(data: bytes) -> dict[SeriesKey, BucketStats]:
