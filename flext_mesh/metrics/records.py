@@ -15,9 +15,8 @@ field's values over the whole batch. A field left at its default is not on the w
 so a column comes out whole only when every record sets that field (or none does);
 the other columns are read record by record.
 
-The rules live here and only here
-(:func:`refusals`); a record that breaks several is refused for the first of them,
-in this order:
+The rules live here and only here (:func:`refusals`); a record that breaks several is
+refused for the first of them, in this order:
 
 1. ``service_name``, then ``operation``: 1-63 printable characters, not all spaces;
 2. ``duration_ms``: finite, at least 0, at most one day;
@@ -162,6 +161,8 @@ class Columns:
     successes: npt.NDArray[np.bool_]
     #: Start times, ns; a record without one gets the time the batch came.
     stamps: _Ints
+    #: Distinct values of the string columns, by name, once asked for.
+    seen: dict[str, set[str]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, source: Sequence[metrics_pb2.CallRecord] | CallBatch, now_ns: int) -> Columns:
@@ -184,9 +185,6 @@ class Columns:
             successes=np.array(reader.numbers("success"), dtype=bool),
             stamps=stamps,
         )
-
-    #: Distinct values of the string columns, by name, once asked for.
-    seen: dict[str, set[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.services)

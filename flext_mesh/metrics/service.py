@@ -1,9 +1,10 @@
 """The metrics service: ingest, reports, alerts, and feedback to the registry.
 
-Feedback: every call outcome that names an instance goes to the registry's outlier
-ejection in order (infrastructure faults count; business rejections count as
-successes), and every 5 s each instance's infrastructure error rate over that period
-feeds the registry's performance multiplier.
+Feedback: the call outcomes that name an instance go to the registry's outlier
+ejection in order, one task per batch (infrastructure faults count; business
+rejections count as successes; a run of successes is told once, since a success only
+resets the count of faults in a row), and every 5 s each instance's infrastructure
+error rate over that period feeds the registry's performance multiplier.
 
 Alerts are evaluated every 10 s over the last 5 minutes; an alert keeps the time it
 first fired for as long as it keeps firing (one episode).
