@@ -2,7 +2,9 @@
 
 Prints add_many throughput at a few batch sizes beside a baseline measured in the same
 run (the bare mapping and fold, ``bincount(ceil(log(v) / log(gamma)) - lo)``, with none
-of the validation, min/max/total and bin bookkeeping of add_many), the
+of the validation, min/max/total and bin bookkeeping of add_many), the throughput of
+``grouped`` (values of many series folded at once, as a checkpoint folds its staged
+records) beside ``add_many`` once per series on the same values, the
 cost of add/quantile/to_bytes/from_bytes/merge, the size of a sketch of 100k lognormal
 samples, and the worst relative error per distribution. Run
 ``python -m bench.sketch_micro``; it takes a few seconds.
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flext_mesh.metrics.sketch import LatencySketch
+from flext_mesh.metrics.sketch import LatencySketch, grouped
 
 RUNS = 5
 
@@ -64,6 +66,31 @@ def main() -> None:
         rate, floor = best_rate(fold, total), best_rate(baseline, total)
         print(
             f"  batch {batch:>6}: {rate:>14,.0f}  (bare log+bincount: {floor:,.0f}; "
+            f"ratio {rate / floor:.2f})"
+        )
+
+    print("grouped throughput (values/s, best of 5; 250,000 values, as one checkpoint):")
+    for groups in (20, 1_000):
+        values = rng.lognormal(math.log(20), 0.7, 250_000)
+        numbers = rng.integers(0, groups, values.size)
+
+        def at_once(
+            values: np.ndarray = values, numbers: np.ndarray = numbers, count: int = groups
+        ) -> None:
+            grouped(values, numbers, count)
+
+        def one_by_one(
+            values: np.ndarray = values, numbers: np.ndarray = numbers, count: int = groups
+        ) -> None:
+            order = np.argsort(numbers, kind="stable")
+            bounds = np.searchsorted(numbers[order], np.arange(count + 1))
+            ordered = values[order]
+            for g in range(count):
+                LatencySketch().add_many(ordered[bounds[g] : bounds[g + 1]])
+
+        rate, floor = best_rate(at_once, values.size), best_rate(one_by_one, values.size)
+        print(
+            f"  {groups:>5} series: {rate:>14,.0f}  (add_many per series: {floor:,.0f}; "
             f"ratio {rate / floor:.2f})"
         )
 

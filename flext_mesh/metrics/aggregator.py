@@ -11,9 +11,10 @@ error). Memory is bounded by series x buckets, never by the number of calls:
   record that would open one more is rejected with a reason, never stored silently.
 
 Durability: a batch is validated when it arrives and *staged*; every
-``checkpoint_interval`` (0.5 s) the staged batches are folded into the buckets they
-touch and those buckets are written to the store in one transaction, and only then are
-the batches acknowledged and counted in reports. A crash (even ``kill -9``) loses no
+``checkpoint_interval`` (0.5 s), or as soon as ``checkpoint_records`` (50,000) records
+are staged, the staged batches are folded into the buckets they touch and those buckets
+are written to the store in one transaction, and only then are the batches
+acknowledged and counted in reports. A crash (even ``kill -9``) loses no
 acknowledged record, and nothing that was not written is ever shown.
 
 Exactly once, across replicas: a batch that carries its reporter's id and sequence
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -56,7 +58,6 @@ from typing import Any
 
 import numpy as np
 
-from flext_mesh import errors
 from flext_mesh.errors import (
     FieldViolation,
     InvalidArgument,
@@ -73,7 +74,16 @@ from flext_mesh.metrics.dedup import (
     read_legacy,
     reporter_key,
 )
-from flext_mesh.metrics.sketch import LatencySketch
+from flext_mesh.metrics.records import (
+    INFRASTRUCTURE_CODES,
+    CallBatch,
+    Columns,
+    group_records,
+    outcome_runs,
+    records_of,
+    refusals,
+)
+from flext_mesh.metrics.sketch import LatencySketch, grouped
 from flext_mesh.store import (
     Compare,
     Delete,
@@ -106,18 +116,8 @@ BUCKETS = "/metrics/buckets/"
 REPLICA_BUCKETS = "/metrics/replicas/"
 #: Per-replica checkpoint markers: /metrics/checkpoints/<replica, "-" when alone>.
 CHECKPOINTS = "/metrics/checkpoints/"
-#: Numbers of the gRPC codes that are infrastructure faults (``errors.INFRASTRUCTURE_CODES``),
-#: as call records carry them.
-INFRASTRUCTURE_CODES = frozenset(code.value[0] for code in errors.INFRASTRUCTURE_CODES)
-_MAX_DURATION_MS = 86_400_000.0
-_FUTURE_SLACK_NS = 300 * 1_000_000_000
-_MAX_NAME = 63
 _OUTCOMES = ("success", "business_error", "infrastructure_error")
 _MAX_BATCH = 10_000
-# CallSide numbers of metrics.proto (UNSPECIFIED, SERVER, CLIENT).
-_SIDES = frozenset(metrics_pb2.CallSide.values())
-# Longest correlation id a record may carry (as on the wire: rpc.metadata).
-_MAX_CORRELATION_ID = 128
 # Writes of one checkpoint transaction tried again after a guard failed (another
 # replica counted some of its reporters' batches meanwhile) before giving up until
 # the next checkpoint.
@@ -172,6 +172,10 @@ class AggregatorSettings:
     max_series_per_service: int = 1_000
     #: Seconds between durable checkpoints (acknowledgements wait for the next one).
     checkpoint_interval: float = 0.5
+    #: Records staged that start a checkpoint before the interval is up: under load,
+    #: acknowledgements come sooner (a reporter holding as many unacknowledged is not
+    #: kept waiting) and what is staged stays bounded.
+    checkpoint_records: int = 50_000
     #: This replica's name when several share the store (etcd); "" when it is alone.
     replica: str = ""
     #: Seconds after which a reporter that sent nothing is forgotten by the
@@ -199,9 +203,11 @@ class Ingested:
 
 # (service, bucket width, bucket start) -> series -> stats
 _BucketKey = tuple[str, int, int]
-# One series' records of a batch in one 10 s bucket: durations (ms) and outcome kinds
-# (0 success, 1 business error, 2 infrastructure fault).
-_Group = tuple[_BucketKey, SeriesKey, np.ndarray, np.ndarray]
+# Where a group of records goes: one series in one 10 s bucket.
+_Target = tuple[_BucketKey, SeriesKey]
+_NO_RECORDS = np.zeros(0, dtype=np.int64)
+_NO_DURATIONS = np.zeros(0, dtype=np.float64)
+_NO_KINDS = np.zeros(0, dtype=np.int8)
 
 
 @dataclass(eq=False, slots=True)
@@ -211,10 +217,18 @@ class _Batch:
     reporter_id: str
     #: 0: not deduplicated.
     sequence: int
-    #: Its records by bucket and series; those already written are removed (a batch
-    #: too big for one transaction is written in several).
-    groups: list[_Group]
+    #: Where each of its groups of records goes (a group: one series in one bucket).
+    targets: list[_Target]
+    #: Its records to count, column-wise: the number of each one's group, its
+    #: duration (ms) and outcome kind (0 success, 1 business error, 2 infrastructure
+    #: fault).
+    group: np.ndarray
+    durations: np.ndarray
+    kinds: np.ndarray
     result: Ingested
+    #: The groups not written yet (a batch too big for one transaction is written in
+    #: several).
+    unwritten: list[int] = field(default_factory=list)
     #: Who waits for the acknowledgement, and whether each sent a copy.
     waiters: list[tuple[asyncio.Future[Ingested], bool]] = field(default_factory=list)
     #: Durably counted (here, or by another replica before).
@@ -238,12 +252,19 @@ class _Batch:
 
 @dataclass(slots=True)
 class _Part:
-    """What one transaction writes of a batch: some of its groups, and maybe its
-    sequence (with its last groups)."""
+    """What one transaction writes of a batch: some of its groups (by number), and
+    maybe its sequence (with its last groups)."""
 
     batch: _Batch
-    groups: list[_Group]
+    groups: list[int]
     notes_sequence: bool
+
+
+# Each series of a bucket with its stats and its encoding as written.
+_Rows = dict[SeriesKey, tuple[BucketStats, str]]
+# Prometheus histograms a transaction adds: (service, operation) -> per outcome kind,
+# bucket counts and the sum of durations (ms).
+_PrometheusDelta = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(slots=True)
@@ -254,6 +275,9 @@ class _Attempt:
     parts: list[_Part]
     buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]]
     ledgers: dict[str, ReporterLedger]
+    prometheus: _PrometheusDelta
+    #: The encoded series of each bucket written (see ``Aggregator._rows``).
+    rows: dict[_BucketKey, _Rows] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -264,7 +288,8 @@ class Aggregator:
         store: Store,
         settings: AggregatorSettings | None = None,
         *,
-        on_outcomes: Callable[[str, str, list[bool]], Coroutine[Any, Any, None]] | None = None,
+        on_outcomes: Callable[[list[tuple[str, str, list[bool]]]], Coroutine[Any, Any, None]]
+        | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -273,9 +298,16 @@ class Aggregator:
         self._clock = clock
         #: Durable buckets (what the store holds of this replica, or is writing).
         self._buckets: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
+        # The encoded series of the buckets the last checkpoint wrote: the next one
+        # encodes again only the series whose stats changed (stats are replaced, never
+        # changed, once durable).
+        self._rows: dict[_BucketKey, _Rows] = {}
         self._series: dict[str, dict[SeriesKey, float]] = defaultdict(dict)  # -> last seen
         # Batches waiting for a checkpoint, in arrival order, and by (reporter, sequence).
         self._staged: list[_Batch] = []
+        self._staged_records = 0
+        # Set when enough is staged to checkpoint before the interval is up.
+        self._hurry = asyncio.Event()
         self._staged_by_key: dict[tuple[str, int], _Batch] = {}
         self._pending_acks: list[asyncio.Future[None]] = []
         # Held for a whole checkpoint or roll-up: one writer of this replica's keys.
@@ -392,7 +424,7 @@ class Aggregator:
 
     async def ingest(
         self,
-        records: Sequence[metrics_pb2.CallRecord],
+        records: Sequence[metrics_pb2.CallRecord] | CallBatch,
         *,
         reporter_id: str = "",
         sequence: int = 0,
@@ -408,7 +440,7 @@ class Aggregator:
 
     def submit(
         self,
-        records: Sequence[metrics_pb2.CallRecord],
+        records: Sequence[metrics_pb2.CallRecord] | CallBatch,
         *,
         reporter_id: str = "",
         sequence: int = 0,
@@ -417,19 +449,23 @@ class Aggregator:
         mixed batch are kept. The future is done once the batch is durably counted, or
         fails with the error of the write that failed (send it again).
 
+        ``records``: the records, or the request that holds them (read faster, from
+        its encoding: :mod:`flext_mesh.metrics.records`).
+
         A batch with a ``sequence`` (> 0) that its reporter already had counted, here
         or on another replica, is validated again but not counted
         (``Ingested.duplicate``). Sequence 0 is never deduplicated. Raises
         InvalidArgument when no record is good, ResourceExhausted when none fits the
         series limit.
         """
-        if not records:
+        size = len(records_of(records))
+        if not size:
             raise InvalidArgument.from_violations(
                 [FieldViolation("records", "must hold 1 to 10000 records")]
             )
-        if len(records) > _MAX_BATCH:
+        if size > _MAX_BATCH:
             raise InvalidArgument.from_violations(
-                [FieldViolation("records", f"{len(records)} records; at most {_MAX_BATCH}")]
+                [FieldViolation("records", f"{size} records; at most {_MAX_BATCH}")]
             )
         if sequence and not (0 < len(reporter_id) <= MAX_REPORTER_ID and reporter_id.isprintable()):
             raise InvalidArgument.from_violations(
@@ -447,109 +483,67 @@ class Aggregator:
             sequence > 0 and self.ledgers.counted(reporter_id, sequence)
         )
         now_ns = int(now * 1e9)
-        cutoff_ns = int((now - self.settings.retention) * 1e9)
-        future_ns = now_ns + _FUTURE_SLACK_NS
-        rejected: list[metrics_pb2.RejectedRecord] = []
-        # (service, operation, instance, version, 10 s bucket) -> (indexes, durations, outcomes)
-        groups: dict[tuple[str, str, str, str, int], tuple[list[int], list[float], list[int]]]
-        groups = {}
-        outcomes: dict[tuple[str, str], list[bool]] = {}
-        known = self._known_names
-        infra_codes = INFRASTRUCTURE_CODES
-        for index, record in enumerate(records):
-            service = record.service_name
-            operation = record.operation
-            duration = record.duration_ms
-            code = record.status_code
-            stamp = record.time_unix_nano or now_ns
-            problem = None
-            if service not in known and not _valid_name(service, known):
-                problem = ("service_name", "must be 1-63 printable characters")
-            elif operation not in known and not _valid_name(operation, known):
-                problem = ("operation", "must be 1-63 printable characters")
-            elif not (0.0 <= duration <= _MAX_DURATION_MS):  # also NaN
-                problem = (
-                    "duration_ms",
-                    f"must be finite, at least 0 and at most 1 day, got {duration}",
-                )
-            elif not 0 <= code <= 16:
-                problem = ("status_code", f"{code} is not a gRPC status code")
-            elif record.side not in _SIDES:
-                problem = ("side", f"{record.side} is not a CallSide")
-            elif (
-                len(record.instance_id) > _MAX_NAME
-                or len(record.version) > _MAX_NAME
-                or len(record.caller_service) > _MAX_NAME
-                or len(record.correlation_id) > _MAX_CORRELATION_ID
-            ):
-                problem = _too_long(record)
-            elif stamp > future_ns:
-                problem = ("time_unix_nano", "is more than 5 minutes in the future")
-            elif stamp < cutoff_ns:
-                problem = ("time_unix_nano", "is older than the retention")
-            if problem is not None:
-                rejected.append(
-                    metrics_pb2.RejectedRecord(index=index, field=problem[0], reason=problem[1])
-                )
+        columns = Columns.read(records, now_ns)
+        refused = refusals(
+            columns,
+            known=self._known_names,
+            now_ns=now_ns,
+            cutoff_ns=int((now - self.settings.retention) * 1e9),
+        )
+        found = group_records(columns, refused)
+        if not duplicate:
+            self._note_outcomes(found.keys, found.key_of, found.kinds)
+        # Each group of good server-side records goes to its series (unless the
+        # series is one too many); a duplicate batch is checked, not counted.
+        targets: list[_Target] = []
+        target_of = np.full(len(found.keys), -1, dtype=np.int64)
+        capped: list[tuple[int, str]] = []
+        for number, (service, operation, instance, version, start, client) in enumerate(found.keys):
+            if client:  # CALL_SIDE_CLIENT: feeds outlier ejection only
                 continue
-            failed = not record.success
-            kind = (2 if code in infra_codes else 1) if failed else 0
-            instance = record.instance_id
-            if instance and not duplicate:
-                flags = outcomes.get((service, instance))
-                if flags is None:
-                    flags = outcomes[(service, instance)] = []
-                flags.append(kind != 2)
-            if record.side > 1:  # CALL_SIDE_CLIENT: feeds outlier ejection only
-                continue
-            key = (service, operation, instance, record.version, stamp // 10_000_000_000)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = ([], [], [])
-            group[0].append(index)
-            group[1].append(duration)
-            group[2].append(kind)
-        capped: set[int] = set()
-        folds: list[_Group] = []
-        for (service, operation, instance, version, tens), (indexes, values, kinds) in list(
-            groups.items()
-        ):
             series_key = self._series_key(operation, instance, version)
             series = self._series[service] if service in self._series or not duplicate else {}
-            if series_key not in series and len(series) >= self.settings.max_series_per_service:
-                reason = (
-                    f"service {service!r} has {len(series)} series, the most allowed; "
-                    "this record would open another"
+            if len(series) >= self.settings.max_series_per_service and series_key not in series:
+                capped.append(
+                    (
+                        number,
+                        f"service {service!r} has {len(series)} series, the most allowed; "
+                        "this record would open another",
+                    )
                 )
-                rejected.extend(
-                    metrics_pb2.RejectedRecord(index=i, field="operation", reason=reason)
-                    for i in indexes
-                )
-                capped.update(indexes)
                 continue
             if duplicate:
                 continue  # counted when it first came
             series[series_key] = now
-            if instance:
-                window = self.instance_window[(service, instance)]
-                window[2] += sum(values)
-                window[3] += len(values)
-            folds.append(
-                (
-                    (service, 10, tens * 10),
-                    series_key,
-                    np.array(values, dtype=np.float64),
-                    np.array(kinds, dtype=np.int8),
-                )
-            )
+            target_of[number] = len(targets)
+            targets.append(((service, 10, start), series_key))
         if capped:
-            rejected.sort(key=lambda r: r.index)
-        for (service, instance), flags in outcomes.items():
-            self._note_instance(service, instance, flags)
-        accepted = len(records) - len(rejected)
-        if accepted == 0 and any(r.field == "operation" and "series" in r.reason for r in rejected):
+            reasons = dict(capped)
+            is_capped = np.zeros(len(found.keys), dtype=bool)
+            is_capped[list(reasons)] = True
+            over = is_capped[found.key_of]
+            for index, number in zip(
+                found.index[over].tolist(), found.key_of[over].tolist(), strict=True
+            ):
+                refused[index] = ("operation", reasons[number])
+        rejected = [
+            metrics_pb2.RejectedRecord(index=index, field=field, reason=reason)
+            for index, (field, reason) in sorted(refused.items())
+        ]
+        accepted = size - len(rejected)
+        if accepted == 0 and capped:
             # Not noted as counted: a later retry may fit once series expire.
             raise ResourceExhausted(rejected[0].reason)
+        if targets:
+            batch_group = target_of[found.key_of]
+            durations, kinds = found.durations, found.kinds
+            if len(targets) < len(found.keys):
+                counted = batch_group >= 0
+                batch_group = batch_group[counted]
+                durations, kinds = durations[counted], kinds[counted]
+            self._note_latency(targets, batch_group, durations)
+        else:
+            batch_group, durations, kinds = _NO_RECORDS, _NO_DURATIONS, _NO_KINDS
         if sequence:
             self.ledgers.touch(reporter_id, now)
         result = Ingested(accepted, tuple(rejected))
@@ -557,7 +551,9 @@ class Aggregator:
             if sequence and not duplicate:
                 # Noted all the same (its copies are as bad), so that the reporter's
                 # high-water mark moves past it.
-                batch = _Batch(reporter_id, sequence, [], result)
+                batch = _Batch(
+                    reporter_id, sequence, [], _NO_RECORDS, _NO_DURATIONS, _NO_KINDS, result
+                )
                 self._staged.append(batch)
                 self._staged_by_key[(reporter_id, sequence)] = batch
             raise InvalidArgument.from_violations(
@@ -572,10 +568,23 @@ class Aggregator:
             # Noted as counted with its records, in the same transaction: a retry of
             # this batch after a failed write is known as a copy, here and on every
             # replica.
-            batch = _Batch(reporter_id, sequence, folds, result, [(future, False)])
+            batch = _Batch(
+                reporter_id,
+                sequence,
+                targets,
+                batch_group,
+                durations,
+                kinds,
+                result,
+                list(range(len(targets))),
+                [(future, False)],
+            )
             self._staged.append(batch)
             if sequence:
                 self._staged_by_key[(reporter_id, sequence)] = batch
+            self._staged_records += batch_group.size
+            if self._staged_records >= self.settings.checkpoint_records:
+                self._hurry.set()
         return future
 
     def _series_key(self, operation: str, instance: str, version: str) -> SeriesKey:
@@ -586,73 +595,155 @@ class Aggregator:
                 self._series_keys[(operation, instance, version)] = key
         return key
 
-    def _folded(self, parts: Iterable[_Part]) -> dict[_BucketKey, dict[SeriesKey, BucketStats]]:
-        """The buckets ``parts`` touch, as they will be with their records: new objects,
-        the durable ones left as they are until the write succeeds."""
-        arrays: dict[tuple[_BucketKey, SeriesKey], tuple[list[np.ndarray], list[np.ndarray]]]
-        arrays = {}
-        for part in parts:
-            for bucket_key, series_key, durations, kinds in part.groups:
-                found = arrays.get((bucket_key, series_key))
-                if found is None:
-                    found = arrays[(bucket_key, series_key)] = ([], [])
-                found[0].append(durations)
-                found[1].append(kinds)
-        out: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
-        for (bucket_key, series_key), (all_durations, all_kinds) in arrays.items():
-            bucket = out.get(bucket_key)
-            if bucket is None:
-                bucket = out[bucket_key] = dict(self._buckets.get(bucket_key, {}))
-            old = bucket.get(series_key)
-            stats = (
-                BucketStats(old.sketch.copy(), old.failures, old.infrastructure_failures)
-                if old is not None
-                else BucketStats()
-            )
-            values = all_durations[0] if len(all_durations) == 1 else np.concatenate(all_durations)
-            outcome = all_kinds[0] if len(all_kinds) == 1 else np.concatenate(all_kinds)
-            stats.sketch.add_many(values)
-            counts = np.bincount(outcome, minlength=3)
-            stats.failures += int(counts[1] + counts[2])
-            stats.infrastructure_failures += int(counts[2])
-            bucket[series_key] = stats
-        return out
-
-    def _prometheus_fold(
-        self, service: str, operation: str, durations: np.ndarray, outcome: np.ndarray
+    def _note_outcomes(
+        self,
+        keys: list[tuple[str, str, str, str, int, bool]],
+        key_of: np.ndarray,
+        kinds: np.ndarray,
     ) -> None:
-        # One searchsorted and two bincounts for all three outcomes of the group.
-        width = len(self.prometheus_bounds_ms) + 1
-        slots = outcome.astype(np.int64) * width + np.searchsorted(
-            self.prometheus_bounds_ms, durations
-        )
-        counts = np.bincount(slots, minlength=3 * width).reshape(3, width)
-        sums = np.bincount(outcome, weights=durations, minlength=3)
-        for code in np.flatnonzero(counts.sum(axis=1)):
-            name = _OUTCOMES[code]
-            state = self.prometheus.get((service, operation, name))
-            if state is None:
-                state = [np.zeros(width, dtype=np.int64), 0.0]
-                self.prometheus[(service, operation, name)] = state
-            cumulative = state[0]
-            assert isinstance(cumulative, np.ndarray)
-            cumulative += counts[code]
-            state[1] = float(state[1]) + float(sums[code])
-
-    def _note_instance(self, service: str, instance: str, flags: list[bool]) -> None:
-        window = self.instance_window[(service, instance)]
-        window[0] += len(flags)
-        window[1] += flags.count(False)
+        """Count the calls and faults of each named instance (for the registry's
+        performance multiplier) and hand their outcomes, in order, to outlier ejection."""
+        pairs: dict[tuple[str, str], int] = {}
+        pair_of_key = [
+            pairs.setdefault((service, instance), len(pairs)) if instance else -1
+            for service, _, instance, _, _, _ in keys
+        ]
+        if not pairs:
+            return
+        pair = np.array(pair_of_key, dtype=np.int64)[key_of]
+        infrastructure = kinds == 2
+        named = pair >= 0
+        calls = np.bincount(pair[named], minlength=len(pairs)).tolist()
+        faults = np.bincount(pair[named & infrastructure], minlength=len(pairs)).tolist()
+        if any(faults):
+            # Each instance's outcomes in batch order: the records sorted by instance
+            # (stably), then one slice per instance.
+            order = np.argsort(pair, kind="stable")
+            in_order = infrastructure[order]
+            ends = np.cumsum(calls).tolist()
+            first = int(np.count_nonzero(~named))  # the unnamed sort first (-1)
+        outcomes: list[tuple[str, str, list[bool]]] = []
+        for (service, instance), number in pairs.items():
+            window = self.instance_window[(service, instance)]
+            window[0] += calls[number]
+            window[1] += faults[number]
+            # Without a fault, one success says it all (it resets the faults in a row).
+            flags = [True]
+            if faults[number]:
+                end = first + ends[number]
+                flags = outcome_runs(in_order[end - calls[number] : end])
+            outcomes.append((service, instance, flags))
         if self._on_outcomes is not None:
-            # Outlier detection only needs the order of outcomes; all-success batches
-            # collapse to one success (a success resets the consecutive count anyway).
             task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
-                self._on_outcomes(service, instance, flags if False in flags else [True])
+                self._on_outcomes(outcomes)
             )
             task.add_done_callback(_log_failure)
             # The loop keeps only weak references to tasks: hold one until it is done.
             self._feedback.add(task)
             task.add_done_callback(self._feedback.discard)
+
+    def _note_latency(
+        self, targets: list[_Target], group_of: np.ndarray, durations: np.ndarray
+    ) -> None:
+        """Add the server-side durations of each named instance to its latency window."""
+        named = [number for number, (_, key) in enumerate(targets) if key.instance_id]
+        if not named:
+            return
+        sums = np.bincount(group_of, weights=durations, minlength=len(targets)).tolist()
+        counts = np.bincount(group_of, minlength=len(targets)).tolist()
+        for number in named:
+            (service, _, _), key = targets[number]
+            window = self.instance_window[(service, key.instance_id)]
+            window[2] += sums[number]
+            window[3] += counts[number]
+
+    def _folded(
+        self, parts: Iterable[_Part]
+    ) -> tuple[dict[_BucketKey, dict[SeriesKey, BucketStats]], _PrometheusDelta]:
+        """The buckets ``parts`` touch, as they will be with their records (new objects,
+        the durable ones left as they are until the write succeeds), and what their
+        records add to the Prometheus histograms: one vectorised fold of all of them."""
+        number: dict[_Target, int] = {}
+        picked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for part in parts:
+            batch = part.batch
+            if not part.groups:
+                continue
+            to_number = np.full(len(batch.targets), -1, dtype=np.int64)
+            for local in part.groups:
+                to_number[local] = number.setdefault(batch.targets[local], len(number))
+            numbers = to_number[batch.group]
+            if len(part.groups) == len(batch.targets):
+                picked.append((numbers, batch.durations, batch.kinds))
+            else:
+                chosen = numbers >= 0
+                picked.append((numbers[chosen], batch.durations[chosen], batch.kinds[chosen]))
+        if not number:
+            return {}, {}
+        if len(picked) == 1:
+            numbers, durations, kinds = picked[0]
+        else:
+            numbers = np.concatenate([p[0] for p in picked])
+            durations = np.concatenate([p[1] for p in picked])
+            kinds = np.concatenate([p[2] for p in picked])
+        count = len(number)
+        sketches = grouped(durations, numbers, count)
+        outcomes = np.bincount(numbers * 3 + kinds, minlength=3 * count).reshape(count, 3)
+        failures = (outcomes[:, 1] + outcomes[:, 2]).tolist()
+        infrastructure = outcomes[:, 2].tolist()
+        out: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
+        for (bucket_key, series_key), n in number.items():
+            bucket = out.get(bucket_key)
+            if bucket is None:
+                bucket = out[bucket_key] = dict(self._buckets.get(bucket_key, {}))
+            old = bucket.get(series_key)
+            if old is None:
+                bucket[series_key] = BucketStats(sketches[n], failures[n], infrastructure[n])
+                continue
+            sketch = old.sketch.copy()
+            sketch.merge(sketches[n])
+            bucket[series_key] = BucketStats(
+                sketch,
+                old.failures + failures[n],
+                old.infrastructure_failures + infrastructure[n],
+            )
+        return out, self._prometheus_delta(list(number), numbers, durations, kinds)
+
+    def _prometheus_delta(
+        self, targets: list[_Target], numbers: np.ndarray, durations: np.ndarray, kinds: np.ndarray
+    ) -> _PrometheusDelta:
+        """Per (service, operation): bucket counts and duration sums by outcome kind."""
+        names: dict[tuple[str, str], int] = {}
+        name_of = np.array(
+            [
+                names.setdefault((service, key.operation), len(names))
+                for (service, _, _), key in targets
+            ],
+            dtype=np.int64,
+        )
+        width = len(self.prometheus_bounds_ms) + 1
+        row = name_of[numbers] * 3 + kinds
+        counts = np.bincount(
+            row * width + np.searchsorted(self.prometheus_bounds_ms, durations),
+            minlength=3 * width * len(names),
+        ).reshape(len(names), 3, width)
+        sums = np.bincount(row, weights=durations, minlength=3 * len(names)).reshape(len(names), 3)
+        return {name: (counts[n], sums[n]) for name, n in names.items()}
+
+    def _prometheus_add(self, delta: _PrometheusDelta) -> None:
+        """Add durably counted calls to the cumulative Prometheus histograms."""
+        width = len(self.prometheus_bounds_ms) + 1
+        for (service, operation), (counts, sums) in delta.items():
+            for kind in np.flatnonzero(counts.any(axis=1)).tolist():
+                name = _OUTCOMES[kind]
+                state = self.prometheus.get((service, operation, name))
+                if state is None:
+                    state = [np.zeros(width, dtype=np.int64), 0.0]
+                    self.prometheus[(service, operation, name)] = state
+                cumulative = state[0]
+                assert isinstance(cumulative, np.ndarray)
+                cumulative += counts[kind]
+                state[1] = float(state[1]) + float(sums[kind])
 
     # -- durability ------------------------------------------------------------------
 
@@ -686,6 +777,7 @@ class Aggregator:
 
     async def _write_staged(self) -> None:
         batches, self._staged = self._staged, []
+        self._staged_records = 0
         if not batches:
             return
         try:
@@ -696,6 +788,7 @@ class Aggregator:
             # Written again next time; who waits is told now (and may send it again).
             left = [b for b in batches if not b.finished]
             self._staged[:0] = left
+            self._staged_records += sum(b.group.size for b in left)
             if isinstance(exc, Exception):
                 for batch in left:
                     batch.fail(exc)
@@ -754,14 +847,14 @@ class Aggregator:
             units.setdefault(batch.reporter_id if batch.sequence else index, []).append(batch)
         limit = self.store.max_txn_ops
         if not limit:
-            return [[_Part(b, list(b.groups), True) for b in batches]]
+            return [[_Part(b, list(b.unwritten), True) for b in batches]]
         room = max(1, limit - 2)  # the marker, and the reporter's ledger key
         plans: list[list[_Part]] = []
         current: list[_Part] = []
         current_keys: set[_BucketKey] = set()
         current_ops = 1  # the marker
         for unit in units.values():
-            keys = {group[0] for batch in unit for group in batch.groups}
+            keys = {batch.targets[g][0] for batch in unit for g in batch.unwritten}
             ledger = 1 if unit[0].sequence else 0
             need = len(keys - current_keys) + ledger
             if current and current_ops + need > limit:
@@ -769,7 +862,7 @@ class Aggregator:
                 current, current_keys, current_ops = [], set(), 1
                 need = len(keys) + ledger
             if 1 + need <= limit:
-                current.extend(_Part(b, list(b.groups), True) for b in unit)
+                current.extend(_Part(b, list(b.unwritten), True) for b in unit)
                 current_keys |= keys
                 current_ops += need
                 continue
@@ -777,7 +870,10 @@ class Aggregator:
             chunks = [set(ordered[i : i + room]) for i in range(0, len(ordered), room)]
             for number, chunk in enumerate(chunks):
                 last = number == len(chunks) - 1
-                parts = [_Part(b, [g for g in b.groups if g[0] in chunk], last) for b in unit]
+                parts = [
+                    _Part(b, [g for g in b.unwritten if b.targets[g][0] in chunk], last)
+                    for b in unit
+                ]
                 if last:
                     current, current_keys = parts, set(chunk)
                     current_ops = 1 + len(chunk) + ledger
@@ -797,10 +893,10 @@ class Aggregator:
             lease = await self._ledger_lease()
             attempt = self._attempt(parts)
             compares = [Compare(self._marker_key, self._marker_revision)]
-            ops: list[Put | Delete] = [
-                Put(self._key(*key), _encode_bucket(series))
-                for key, series in sorted(attempt.buckets.items())
-            ]
+            ops: list[Put | Delete] = []
+            for key, series in sorted(attempt.buckets.items()):
+                value, attempt.rows[key] = self._encoded(key, series)
+                ops.append(Put(self._key(*key), value))
             seen = self._clock()
             for rid, ledger in attempt.ledgers.items():
                 cached = self.ledgers.get(rid)
@@ -839,23 +935,37 @@ class Aggregator:
             cached = self.ledgers.get(rid)
             ledgers[rid] = (cached or ReporterLedger()).noting(seqs)
         marker = f"{self._marker_tag}:{next(self._attempts)}".encode()
-        return _Attempt(marker, parts, self._folded(parts), ledgers)
+        buckets, prometheus = self._folded(parts)
+        return _Attempt(marker, parts, buckets, ledgers, prometheus)
+
+    def _encoded(
+        self, key: _BucketKey, series: dict[SeriesKey, BucketStats]
+    ) -> tuple[bytes, _Rows]:
+        """A bucket's stored value, reusing the encoding of each series whose stats are
+        those it last wrote, and every series' encoding."""
+        known = self._rows.get(key, {})
+        rows: _Rows = {}
+        for series_key, stats in series.items():
+            row = known.get(series_key)
+            if row is None or row[0] is not stats:
+                row = (stats, _encode_row(series_key, stats))
+            rows[series_key] = row
+        return _join_rows([text for _, text in rows.values()]), rows
 
     def _apply(self, attempt: _Attempt, revision: int) -> None:
         """A transaction was written (at ``revision``): what it wrote is durable."""
         self._buckets.update(attempt.buckets)
+        self._rows = attempt.rows  # the buckets written last (the next checkpoint's too)
         now = self._clock()
         for rid, ledger in attempt.ledgers.items():
             ledger.revision = revision
             self.ledgers.put(rid, ledger, now)
         self._marker_revision = revision
+        self._prometheus_add(attempt.prometheus)
         for part in attempt.parts:
             batch = part.batch
-            for group in part.groups:
-                (service, _, _), series_key, durations, kinds = group
-                self._prometheus_fold(service, series_key.operation, durations, kinds)
-            written = {id(group) for group in part.groups}
-            batch.groups = [g for g in batch.groups if id(g) not in written]
+            written = set(part.groups)
+            batch.unwritten = [g for g in batch.unwritten if g not in written]
             if part.notes_sequence:
                 if batch.sequence:
                     self._staged_by_key.pop((batch.reporter_id, batch.sequence), None)
@@ -912,6 +1022,7 @@ class Aggregator:
         if marker is not None and marker.value == attempt.marker:
             self._apply(attempt, marker.mod_revision)
             self._staged = [b for b in self._staged if not b.finished]
+            self._staged_records = sum(b.group.size for b in self._staged)
             _log.info("metrics checkpoint of unknown outcome was written")
             return
         await self._reload(set())  # someone else's marker: take its revision
@@ -927,12 +1038,18 @@ class Aggregator:
         return self._lease
 
     async def _checkpoint_forever(self) -> None:
+        interval = self.settings.checkpoint_interval
         while True:
-            await asyncio.sleep(self.settings.checkpoint_interval)
+            # A checkpoint every interval, sooner when enough is staged (and at once
+            # again when that much came in during the last one: group commit).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), interval)
+            self._hurry.clear()
             try:
                 await self.checkpoint()
             except Exception:
                 _log.exception("metrics checkpoint failed; retrying")
+                await asyncio.sleep(interval)  # not again at once, however much is staged
 
     # -- roll-up and retention ---------------------------------------------------------
 
@@ -989,7 +1106,7 @@ class Aggregator:
         self.ledgers.expire(now)  # memory only: the keys expire with their leases
         # A coarse bucket is written with the deletes of the fine buckets merged into it,
         # in one transaction, so that the store never holds both (or neither).
-        grouped: dict[_BucketKey, list[Put | Delete]] = {
+        rewritten: dict[_BucketKey, list[Put | Delete]] = {
             key: [Put(self._key(*key), _encode_bucket(self._buckets[key]))]
             for key in sorted(targets)
             if key in self._buckets
@@ -997,11 +1114,11 @@ class Aggregator:
         alone: list[list[Put | Delete]] = []
         for stored in deletes:
             into = self._rollup_target(stored)
-            if into is not None and into in grouped:
-                grouped[into].append(Delete(stored))
+            if into is not None and into in rewritten:
+                rewritten[into].append(Delete(stored))
             else:
                 alone.append([Delete(stored)])
-        groups = [*grouped.values(), *alone]
+        groups = [*rewritten.values(), *alone]
         if groups:
             try:
                 for ops in self._transactions(groups):
@@ -1152,14 +1269,6 @@ class Aggregator:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _valid_name(name: str, known: set[str]) -> bool:
-    if 0 < len(name) <= _MAX_NAME and name.isprintable() and not name.isspace():
-        if len(known) < 100_000:
-            known.add(name)
-        return True
-    return False
-
-
 def _consume(future: asyncio.Future[Ingested]) -> None:
     """Retrieve the outcome nobody waits for (the batch stays staged on failure)."""
     if not future.cancelled():
@@ -1188,18 +1297,27 @@ def _merge_series(
 
 
 def _encode_bucket(series: dict[SeriesKey, BucketStats]) -> bytes:
-    rows = [
+    return _join_rows([_encode_row(k, s) for k, s in series.items()])
+
+
+def _encode_row(key: SeriesKey, stats: BucketStats) -> str:
+    """One series of a stored bucket (JSON)."""
+    return json.dumps(
         [
-            k.operation,
-            k.instance_id,
-            k.version,
-            s.failures,
-            s.infrastructure_failures,
-            base64.b64encode(s.sketch.to_bytes()).decode(),
-        ]
-        for k, s in series.items()
-    ]
-    return json.dumps({"v": 1, "series": rows}, separators=(",", ":")).encode()
+            key.operation,
+            key.instance_id,
+            key.version,
+            stats.failures,
+            stats.infrastructure_failures,
+            base64.b64encode(stats.sketch.to_bytes()).decode(),
+        ],
+        separators=(",", ":"),
+    )
+
+
+def _join_rows(rows: list[str]) -> bytes:
+    """A stored bucket: ``{"v":1,"series":[row,...]}``, as ``json.dumps`` writes it."""
+    return f'{{"v":1,"series":[{",".join(rows)}]}}'.encode()
 
 
 def _decode_bucket(data: bytes) -> dict[SeriesKey, BucketStats]:
@@ -1220,17 +1338,3 @@ def merge_stats(stats: Iterable[BucketStats]) -> BucketStats:
         total.failures += item.failures
         total.infrastructure_failures += item.infrastructure_failures
     return total
-
-
-def _too_long(record: metrics_pb2.CallRecord) -> tuple[str, str]:
-    """The first over-long identifying field of a record, and how long it is."""
-    for name, limit in (
-        ("instance_id", _MAX_NAME),
-        ("version", _MAX_NAME),
-        ("caller_service", _MAX_NAME),
-        ("correlation_id", _MAX_CORRELATION_ID),
-    ):
-        value: str = getattr(record, name)
-        if len(value) > limit:
-            return (name, f"is {len(value)} characters long; at most {limit}")
-    return ("record", "a field is too long")

@@ -1,9 +1,10 @@
 """The metrics service: ingest, reports, alerts, and feedback to the registry.
 
-Feedback: every call outcome that names an instance goes to the registry's outlier
-ejection in order (infrastructure faults count; business rejections count as
-successes), and every 5 s each instance's infrastructure error rate over that period
-feeds the registry's performance multiplier.
+Feedback: the call outcomes that name an instance go to the registry's outlier
+ejection in order, one task per batch (infrastructure faults count; business
+rejections count as successes; a run of successes is told once, since a success only
+resets the count of faults in a row), and every 5 s each instance's infrastructure
+error rate over that period feeds the registry's performance multiplier.
 
 Alerts are evaluated every 10 s over the last 5 minutes; an alert keeps the time it
 first fired for as long as it keeps firing (one episode).
@@ -37,6 +38,7 @@ from flext_mesh.metrics.aggregator import (
     Ingested,
     SeriesKey,
 )
+from flext_mesh.metrics.records import CallBatch
 from flext_mesh.metrics.report import alert_message, build_report, evaluate_alerts
 from flext_mesh.names import MAX_NAME, check_length, raise_if
 from flext_mesh.paging import decode_page_token, encode_page_token
@@ -125,7 +127,7 @@ class Metrics:
 
     async def report_calls(
         self,
-        records: Sequence[metrics_pb2.CallRecord],
+        records: Sequence[metrics_pb2.CallRecord] | CallBatch,
         *,
         reporter_id: str = "",
         sequence: int = 0,
@@ -146,7 +148,7 @@ class Metrics:
             try:
                 outcomes.append(
                     self.aggregator.submit(
-                        batch.records, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
+                        batch, reporter_id=batch.reporter_id, sequence=batch.batch_sequence
                     )
                 )
             except InvalidArgument as exc:
@@ -210,7 +212,7 @@ class Metrics:
                 unanswered += 1
                 try:
                     future = self.aggregator.submit(
-                        batch.records, reporter_id=batch.reporter_id, sequence=sequence
+                        batch, reporter_id=batch.reporter_id, sequence=sequence
                     )
                 except (InvalidArgument, ResourceExhausted) as exc:
                     room.release()
@@ -363,10 +365,17 @@ class Metrics:
 
     # -- feedback to the registry ---------------------------------------------------------
 
-    async def _feed_outcomes(self, service: str, instance: str, ok: list[bool]) -> None:
+    async def _feed_outcomes(self, outcomes: list[tuple[str, str, list[bool]]]) -> None:
+        """Hand one batch's outcomes to outlier ejection, per instance in order."""
         assert self.registry is not None
-        for flag in ok:
-            await self.registry.record_call(service, instance, infrastructure_failure=not flag)
+        for service, instance, ok in outcomes:
+            try:
+                for flag in ok:
+                    await self.registry.record_call(
+                        service, instance, infrastructure_failure=not flag
+                    )
+            except Exception as exc:  # one instance's failure stops only its own outcomes
+                _log.error("outcome feedback failed: %s", exc)
 
     async def _feedback_forever(self) -> None:
         while True:

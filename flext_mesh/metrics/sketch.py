@@ -10,7 +10,8 @@ rank is ``floor(q * (count - 1))`` (0-based, ascending), the convention of
 
 Values ``<= ZERO_THRESHOLD`` (1e-6 ms, i.e. 1 ns, and exactly 0) are counted in a zero
 bucket that reports 0. Ingest is vectorised: `LatencySketch.add_many` maps a whole batch
-with numpy and folds it with one ``np.bincount``.
+with numpy and folds it with one ``np.bincount``, and `grouped` does the same for values
+of many series at once (one log and one ``np.bincount`` over all of them).
 
 Storage is compact and bounded: the bins cover only the indices between the lowest and
 highest seen (at most ``ceil(log(1e8 / 1e-6) / log(gamma)) + 1`` = 1,613 bins for values
@@ -31,7 +32,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DEFAULT_RELATIVE_ACCURACY", "ZERO_THRESHOLD", "LatencySketch", "merged"]
+__all__ = ["DEFAULT_RELATIVE_ACCURACY", "ZERO_THRESHOLD", "LatencySketch", "grouped", "merged"]
 
 DEFAULT_RELATIVE_ACCURACY: Final = 0.01
 """Relative accuracy of a sketch unless told otherwise (1%)."""
@@ -50,6 +51,9 @@ _ZLIB_FLAG: Final = 0x80  # flags bit 7: counts are zlib-compressed
 _WIDTHS: Final = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
 
 _Bins = npt.NDArray[np.unsignedinteger[Any]]
+# Cells of the dense (group x bucket) count matrix `grouped` may use (32 MB of int64);
+# beyond it, it sorts the (group, bucket) pairs instead.
+_DENSE_CELLS: Final = 1 << 22
 
 
 class _LogMapping:
@@ -437,3 +441,88 @@ def merged(sketches: Iterable[LatencySketch]) -> LatencySketch:
     for part in parts:
         result.merge(part)
     return result
+
+
+def grouped(
+    values: npt.ArrayLike,
+    groups: npt.ArrayLike,
+    count: int,
+    relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+) -> list[LatencySketch]:
+    """``count`` new sketches, the ``g``-th holding the values whose group is ``g``.
+
+    The same sketches as ``add_many`` on each group's values (bins exactly; `total` up
+    to the last bits), from one log and one ``np.bincount`` over all the values: the
+    cost per value does not depend on how many groups there are. ``groups`` holds one
+    number in ``[0, count)`` per value; ValueError otherwise, or when a value is NaN,
+    infinite or negative.
+    """
+    batch = np.asarray(values, dtype=np.float64).ravel()
+    group = np.asarray(groups, dtype=np.int64).ravel()
+    if batch.size != group.size:
+        raise ValueError(f"{batch.size} values but {group.size} group numbers")
+    sketches = [LatencySketch(relative_accuracy) for _ in range(count)]
+    if not batch.size:
+        return sketches
+    if not (group.min() >= 0 and group.max() < count):
+        raise ValueError(f"group numbers must be in [0, {count})")
+    if not (batch.min() >= 0.0 and batch.max() < math.inf):  # NaN fails both comparisons
+        raise ValueError("latencies must be finite and >= 0; batch rejected")
+    mapping = sketches[0]._mapping
+    counts = np.bincount(group, minlength=count)
+    totals = np.bincount(group, weights=batch, minlength=count)
+    lows = np.full(count, math.inf)
+    np.minimum.at(lows, group, batch)
+    highs = np.full(count, -math.inf)
+    np.maximum.at(highs, group, batch)
+    positive = batch > ZERO_THRESHOLD
+    binned_group = group[positive]
+    indices = mapping.indices(batch[positive])
+    binned = np.bincount(binned_group, minlength=count)
+    rows = _group_rows(binned_group, indices, count) if indices.size else {}
+    for number, sketch in enumerate(sketches):
+        n = int(counts[number])
+        if not n:
+            continue
+        row = rows.get(number)
+        if row is not None:
+            offset, bins = row
+            sketch._bins = bins.astype(np.uint32 if n <= _U32_MAX else np.uint64)
+            sketch._offset = offset
+        sketch._count = n
+        sketch._zero = n - int(binned[number])
+        sketch._total = float(totals[number])
+        sketch._min = float(lows[number])
+        sketch._max = float(highs[number])
+    return sketches
+
+
+def _group_rows(
+    group: npt.NDArray[np.int64], indices: npt.NDArray[np.int64], count: int
+) -> dict[int, tuple[int, npt.NDArray[np.int64]]]:
+    """Per group with values: (lowest bucket index, counts from it to its highest)."""
+    lo = int(indices.min())
+    span = int(indices.max()) - lo + 1
+    cells = group * span + (indices - lo)
+    rows: dict[int, tuple[int, npt.NDArray[np.int64]]] = {}
+    if count * span <= _DENSE_CELLS:
+        matrix = np.bincount(cells, minlength=count * span).reshape(count, span)
+        for number in np.flatnonzero(matrix.any(axis=1)).tolist():
+            line = matrix[number]
+            used = np.flatnonzero(line)
+            first, last = int(used[0]), int(used[-1])
+            rows[number] = (lo + first, line[first : last + 1])
+        return rows
+    # Many groups and a wide range: only the cells that occur, sorted by group then bucket.
+    occupied, tally = np.unique(cells, return_counts=True)
+    owners = occupied // span
+    places = occupied % span
+    bounds = np.flatnonzero(np.diff(owners)) + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), occupied.size]
+    for start, end in zip(starts, ends, strict=True):
+        first, last = int(places[start]), int(places[end - 1])
+        line = np.zeros(last - first + 1, dtype=np.int64)
+        line[places[start:end] - first] = tally[start:end]
+        rows[int(owners[start])] = (lo + first, line)
+    return rows

@@ -33,7 +33,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     ) -> metrics_pb2.ReportCallsResponse:
         """Ingest one batch (acknowledged once durable; counted once per sequence)."""
         result = await self.metrics.report_calls(
-            request.records, reporter_id=request.reporter_id, sequence=request.batch_sequence
+            request, reporter_id=request.reporter_id, sequence=request.batch_sequence
         )
         return metrics_pb2.ReportCallsResponse(
             accepted=result.accepted, rejected=result.rejected, duplicate=result.duplicate
