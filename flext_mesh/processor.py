@@ -273,6 +273,15 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
     metrics_sink: MetricsSink = default_recorder
     """Primary sink of this processor's run records (`default_recorder` by default)."""
 
+    run_on_loop: bool | None = None
+    """Where a host runs a sync `process`: None (the default) lets the host decide; the
+    sidecar measures, and runs on its event loop an operation whose runs are quick and
+    never wait, sparing two thread hand-overs per call
+    (`flext_mesh.hosting.operations.SyncPlacement`). False: always in the host's thread
+    pool; set it when `process` may wait (for I/O, a lock, an event loop) even if it
+    seldom does. True: always on the event loop (it must be quick and never wait).
+    Ignored for an async `process`, which always runs on the loop."""
+
     # Copy-on-write so the hot path reads it without a lock; a class default so that
     # subclasses whose __init__ forgets super().__init__() still work.
     _extra_sinks: tuple[MetricsSink, ...] = ()
