@@ -28,9 +28,9 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import os
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -78,7 +78,11 @@ _run_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar
 
 def new_correlation_id() -> str:
     """A fresh correlation id (32 hex characters of a random UUID)."""
-    return uuid.uuid4().hex
+    # uuid.uuid4().hex, without the UUID object: a third of the cost, on every call.
+    data = bytearray(os.urandom(16))
+    data[6] = (data[6] & 0x0F) | 0x40  # version 4
+    data[8] = (data[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return data.hex()
 
 
 # -- run records and sinks -------------------------------------------------------------

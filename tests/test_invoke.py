@@ -675,8 +675,14 @@ LOOP_THREAD = threading.current_thread().name  # pytest-asyncio runs the loop he
 
 
 async def _threads_of(
-    stub: processor_pb2_grpc.ProcessorServiceStub, operation: str, calls: int, **payload: Any
+    stub: processor_pb2_grpc.ProcessorServiceStub,
+    operation: str,
+    calls: int,
+    *,
+    until_loop: bool = False,
+    **payload: Any,
 ) -> list[str]:
+    """The threads `calls` calls ran on (fewer: until one ran on the loop)."""
     threads = []
     for i in range(calls):
         reply = await stub.Invoke(
@@ -687,7 +693,14 @@ async def _threads_of(
         result = struct_to_dict(reply.result)
         assert result["cid"] == f"c{i}"  # the call's own id, wherever it ran
         threads.append(result["thread"])
+        if until_loop and threads[-1] == LOOP_THREAD:
+            break
     return threads
+
+
+# A busy machine preempts some runs (not counted) and slows some past QUICK_RUN (the
+# count starts again): moving may take more than QUICK_RUNS_TO_MOVE calls.
+ENOUGH_TO_MOVE = 20 * QUICK_RUNS_TO_MOVE
 
 
 async def test_a_quick_sync_processor_moves_to_the_event_loop() -> None:
@@ -697,11 +710,10 @@ async def test_a_quick_sync_processor_moves_to_the_event_loop() -> None:
         quick_sync_on_loop=True,
     )
     async with _serve(servicer) as stub:
-        threads = await _threads_of(stub, "where", QUICK_RUNS_TO_MOVE + 40)
-    assert threads[0].startswith("flext-processor")
-    assert threads[-1] == LOOP_THREAD
-    # Preempted runs are not counted, so a busy machine may take a few more.
-    assert threads.index(LOOP_THREAD) >= QUICK_RUNS_TO_MOVE
+        threads = await _threads_of(stub, "where", ENOUGH_TO_MOVE, until_loop=True)
+        assert threads[-1] == LOOP_THREAD
+        assert await _threads_of(stub, "where", 3) == [LOOP_THREAD] * 3
+    assert all(t.startswith("flext-processor") for t in threads[:QUICK_RUNS_TO_MOVE])
 
 
 async def test_sync_processors_stay_in_the_pool_unless_the_host_allows_the_loop() -> None:
@@ -758,7 +770,7 @@ async def test_a_run_that_blocks_on_the_loop_sends_its_operation_back_to_the_poo
         on_call=outcomes.append,
     )
     async with _serve(servicer) as stub:
-        threads = await _threads_of(stub, "where", QUICK_RUNS_TO_MOVE + 40)
+        threads = await _threads_of(stub, "where", ENOUGH_TO_MOVE, until_loop=True)
         assert threads[-1] == LOOP_THREAD
         slow = processor_pb2.InvokeRequest(
             operation="where", payload=_struct({"seconds": 0.3}), correlation_id="late"

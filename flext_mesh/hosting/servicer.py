@@ -85,7 +85,7 @@ from flext_mesh.rpc.metadata import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     correlation_id_problem,
 )
-from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.payloads import dict_to_struct, fill_struct, struct_to_dict
 from flext_mesh.rpc.status import abort, rpc_errors
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
@@ -184,7 +184,7 @@ def _response(
     if result.is_failure:
         return result
     response = processor_pb2.InvokeResponse(correlation_id=correlation_id, instance_id=instance_id)
-    response.result.update(result.value)
+    fill_struct(response.result, result.value)
     return response
 
 

@@ -205,16 +205,22 @@ async def test_a_quick_sync_processor_moves_to_the_loop_unless_sync_in_pool(
     try:
         await client.start()
         await _registered(client, 2)
-        for i in range(2 * (QUICK_RUNS_TO_MOVE + 20)):  # balanced over the two
-            result = await client.call("payment", "charge", {"customer_id": "c", "amount": i + 1})
-            assert result["charged"] == i + 1
-        places = {}
+        placements = {}
         for sidecar in (moving, pooled):
             assert sidecar.processor is not None
-            placement = sidecar.processor._operations["charge"].placement
-            assert placement is not None
-            places[sidecar.config.instance_id] = placement.on_loop
-        assert places == {"a": True, "b": False}
+            placements[sidecar.config.instance_id] = sidecar.processor._operations[
+                "charge"
+            ].placement
+        # Balanced over the two; a busy machine may need more than 32 runs in a row.
+        for i in range(40 * QUICK_RUNS_TO_MOVE):
+            result = await client.call("payment", "charge", {"customer_id": "c", "amount": i + 1})
+            assert result["charged"] == i + 1
+            if i > 2 * QUICK_RUNS_TO_MOVE and placements["a"].on_loop:  # type: ignore[union-attr]
+                break
+        assert {name: p.on_loop for name, p in placements.items() if p} == {
+            "a": True,
+            "b": False,
+        }
     finally:
         await client.aclose()
         await moving.stop(0.5)
