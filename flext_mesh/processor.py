@@ -280,7 +280,7 @@ class ServiceProcessor(ABC, Generic[TRequest, TDomain, TResult]):
     run_on_loop: bool | None = None
     """Where a host runs a sync `process`: None (the default) lets the host decide; the
     sidecar measures, and runs on its event loop an operation whose runs are quick and
-    never wait, sparing two thread hand-overs per call
+    do not wait, sparing two thread hand-overs per call
     (`flext_mesh.hosting.operations.SyncPlacement`). False: always in the host's thread
     pool; set it when `process` may wait (for I/O, a lock, an event loop) even if it
     seldom does. True: always on the event loop (it must be quick and never wait).

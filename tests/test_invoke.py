@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from flext_mesh.errors import (
 from flext_mesh.hosting.operations import (
     QUICK_RUN,
     QUICK_RUNS_TO_MOVE,
+    QUICK_WAIT,
     SLOW_ON_LOOP,
     IdempotencyCache,
     Operation,
@@ -793,41 +795,61 @@ async def test_a_run_that_blocks_on_the_loop_sends_its_operation_back_to_the_poo
 
 def test_sync_placement_counts_quick_runs_in_a_row() -> None:
     placement = SyncPlacement()
-    quick = QUICK_RUN / 2
+    quick = (QUICK_RUN / 2, 0.0)
     for _ in range(QUICK_RUNS_TO_MOVE - 1):
-        assert placement.pool_run(quick, False, False) is False
-    placement.pool_run(quick, True, False)  # blocked: start again
-    placement.pool_run(QUICK_RUN * 2, False, False)  # too long: start again
+        assert placement.pool_run(quick) is False
+    placement.pool_run((QUICK_RUN * 2, 0.0))  # too much CPU: start again
     for _ in range(QUICK_RUNS_TO_MOVE - 1):
-        placement.pool_run(quick, False, False)
-    placement.pool_run(QUICK_RUN * 2, False, True)  # preempted: says nothing
+        placement.pool_run(quick)
+    placement.pool_run((QUICK_RUN / 2, 0.005))  # waited 5 ms: start again
+    for _ in range(QUICK_RUNS_TO_MOVE - 1):
+        placement.pool_run(quick)
+    placement.pool_run((QUICK_RUN / 2, QUICK_WAIT * 2))  # a short wait says nothing
+    placement.pool_run(None)  # nor does a run a garbage collection interrupted
     assert placement.on_loop is False
-    assert placement.pool_run(quick, False, False) is True
+    assert placement.pool_run(quick) is True
     assert placement.on_loop is True
-    assert placement.loop_run(SLOW_ON_LOOP * 4, False, True) is False  # preempted
-    assert placement.loop_run(quick, False, False) is False
-    assert placement.loop_run(quick, True, False) is True  # blocked on the loop
+
+    long_wait = (QUICK_RUN / 2, SLOW_ON_LOOP * 2)
+    assert placement.loop_run(long_wait) is False  # once: maybe the system's doing
+    assert placement.loop_run(quick) is False
+    assert placement.loop_run(long_wait) is False
+    assert placement.loop_run(long_wait) is True  # twice in a row: it waits
     assert (placement.on_loop, placement.moved_back) == (False, 1)
     assert placement.runs_to_move == 2 * QUICK_RUNS_TO_MOVE
+    for _ in range(2 * QUICK_RUNS_TO_MOVE):
+        placement.pool_run(quick)
+    assert placement.on_loop is True
+    assert placement.loop_run((SLOW_ON_LOOP * 2, 0.0)) is True  # too much CPU at once
+    assert placement.runs_to_move == 4 * QUICK_RUNS_TO_MOVE
+    for _ in range(4 * QUICK_RUNS_TO_MOVE):
+        placement.pool_run(quick)
+    assert placement.loop_run((QUICK_RUN / 2, 0.05)) is True  # a 50 ms stall at once
+
     pinned = SyncPlacement(fixed=False)
     for _ in range(QUICK_RUNS_TO_MOVE * 2):
-        pinned.pool_run(quick, False, False)
+        pinned.pool_run(quick)
     assert pinned.on_loop is False
 
 
-def test_run_clock_tells_a_blocked_run_from_a_busy_one() -> None:
+def test_run_clock_tells_waiting_from_working() -> None:
     clock = RunClock()
     time.sleep(0.002)
-    took, blocked, _ = clock.stop()
-    assert took >= 0.002
-    assert blocked is True
+    usage = clock.stop()
+    assert usage is not None
+    cpu, waited = usage
+    assert waited >= 0.0015
+    assert cpu < 0.001
     busy = RunClock()
-    end = time.perf_counter() + 0.0005
+    end = time.perf_counter() + 0.002
     while time.perf_counter() < end:
         pass
-    took, blocked, _ = busy.stop()
-    assert took >= 0.0005
-    assert blocked is False
+    usage = busy.stop()
+    assert usage is not None
+    assert usage[0] + usage[1] >= 0.002
+    interrupted = RunClock()
+    gc.collect()
+    assert interrupted.stop() is None
 
 
 # -- flext_mesh.hosting.operations, without a server -----------------------------------------

@@ -24,7 +24,6 @@ import gc
 import inspect
 import logging
 import re
-import resource
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -42,6 +41,7 @@ __all__ = [
     "DEFAULT_IDEMPOTENCY_WINDOW",
     "QUICK_RUN",
     "QUICK_RUNS_TO_MOVE",
+    "QUICK_WAIT",
     "SLOW_ON_LOOP",
     "IdempotencyCache",
     "Operation",
@@ -153,18 +153,22 @@ def request_model_of(
 # -- where a sync operation runs -------------------------------------------------------------
 
 QUICK_RUN = 250e-6
-"""Longest run of a sync `process` (seconds) that counts as quick: about what a thread
-holds the GIL before it is asked to hand it over, so running it on the event loop holds
-the loop no longer than running it in a thread would."""
+"""Most CPU seconds a run of a sync `process` may take to count as quick: about what a
+thread holds the GIL before it is asked to hand it over, so running it on the event loop
+holds the loop no longer than running it in a thread would."""
+QUICK_WAIT = 20e-6
+"""Most seconds a run may spend off the CPU to count as quick: a run that waits for
+anything (I/O, a lock, another thread, the event loop) waits longer than this."""
 QUICK_RUNS_TO_MOVE = 32
 """Quick runs in a row, in the thread pool, before an operation moves to the event loop."""
 SLOW_ON_LOOP = 2 * QUICK_RUN
-"""A run on the event loop longer than this (seconds), or one that blocks, sends its
-operation back to the thread pool, to come back only after twice as many quick runs in
-a row as before (at most 4096)."""
+"""A run on the event loop that takes more CPU seconds than this, or two in a row that
+spend that long off the CPU (one, past 20 ms), send the operation back to the thread
+pool, to come back only after twice as many quick runs in a row as before (at most
+4096)."""
+_LONG_WAIT = 1e-3  # a run in the pool this long off the CPU waited for something
+_STALL = 20e-3  # off the CPU this long, a run waited: no preemption lasts so long
 _MAX_QUICK_RUNS_TO_MOVE = 4096
-_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux
-_BLOCKED_FOR = 20e-6  # where threads' context switches are not counted: idle this long
 # Garbage collections started so far (counted once a RunClock is used): a run that a
 # collection interrupted took longer than its own work.
 _collections = 0
@@ -177,44 +181,32 @@ def _count_collection(phase: str, info: dict[str, int]) -> None:
 
 
 class RunClock:
-    """Measures one run on the calling thread: how long it took, whether it blocked, and
-    whether it was preempted.
+    """Measures one run on the calling thread: its CPU time and its time off the CPU.
 
-    A run blocked when its thread gave the CPU up of its own accord (a voluntary context
-    switch): it waited for I/O, a lock, another thread or the GIL. A run preempted by the
-    system (an involuntary switch) or interrupted by a garbage collection took longer
-    than its own work, so its length says nothing. Without per-thread switch counts
-    (outside Linux), a run that spent more than 20 µs off the CPU counts as blocked.
+    Off the CPU, a run waited: for I/O, a lock, another thread, or the GIL (another
+    Python thread's turn), or the system preempted it; the figures cannot tell which,
+    so a short wait says little, and only a long or repeated one counts against the
+    run. A run that a garbage collection interrupted says nothing at all.
     """
 
-    __slots__ = ("_collections", "_cpu", "_preempted", "_started", "_switches")
+    __slots__ = ("_collections", "_cpu", "_started")
 
     def __init__(self) -> None:
         """Start measuring now."""
         if _count_collection not in gc.callbacks:
             gc.callbacks.append(_count_collection)
         self._collections = _collections
-        if _RUSAGE_THREAD is None:
-            self._cpu = time.thread_time()
-            self._switches = self._preempted = 0
-        else:
-            usage = resource.getrusage(_RUSAGE_THREAD)
-            self._switches, self._preempted = usage.ru_nvcsw, usage.ru_nivcsw
+        self._cpu = time.thread_time()
         self._started = time.perf_counter()
 
-    def stop(self) -> tuple[float, bool, bool]:
-        """Seconds since the start, whether the run blocked, and whether it was
-        preempted or interrupted by a garbage collection."""
+    def stop(self) -> tuple[float, float] | None:
+        """CPU seconds and seconds off the CPU since the start; None when a garbage
+        collection ran meanwhile."""
         took = time.perf_counter() - self._started
-        collected = _collections != self._collections
-        if _RUSAGE_THREAD is None:
-            return took, took - (time.thread_time() - self._cpu) > _BLOCKED_FOR, collected
-        usage = resource.getrusage(_RUSAGE_THREAD)
-        return (
-            took,
-            usage.ru_nvcsw > self._switches,
-            collected or usage.ru_nivcsw > self._preempted,
-        )
+        cpu = time.thread_time() - self._cpu
+        if _collections != self._collections:
+            return None
+        return cpu, max(0.0, took - cpu)
 
 
 class SyncPlacement:
@@ -223,15 +215,18 @@ class SyncPlacement:
     A sync `process` is served in the host's thread pool, which costs two thread
     hand-overs per call (about as much as a small processor's whole run). A host that
     allows it (the sidecar does) runs an operation on the event loop instead once it has
-    measured `QUICK_RUNS_TO_MOVE` quick runs in a row in the pool: each at most
-    `QUICK_RUN` long and never blocked (`RunClock`), so an operation that waits for I/O,
-    a lock or another thread on every run never moves (a preempted run is not counted).
-    On the loop each run is measured too, and one that blocks or takes longer than
-    `SLOW_ON_LOOP` sends the operation back to the pool. A processor's `run_on_loop`
-    (True or False) fixes the place instead. Single event loop: not thread-safe.
+    measured `QUICK_RUNS_TO_MOVE` quick runs in a row in the pool (`RunClock`): each at
+    most `QUICK_RUN` of CPU and `QUICK_WAIT` off the CPU. A run that takes more CPU, or
+    waits over a millisecond, starts the count again; one that waits less says nothing
+    (the GIL or the system may have held it up), so an operation that waits for I/O, a
+    lock or another thread on every run never moves. On the loop each run is measured
+    too: one that takes more than `SLOW_ON_LOOP` of CPU or spends over 20 ms off the CPU,
+    or two in a row that spend `SLOW_ON_LOOP` off it, send the operation back to the
+    pool. A processor's `run_on_loop` (True or False) fixes the place instead. Single
+    event loop: not thread-safe.
     """
 
-    __slots__ = ("_needed", "_streak", "fixed", "moved_back", "on_loop")
+    __slots__ = ("_needed", "_streak", "_waited", "fixed", "moved_back", "on_loop")
 
     def __init__(self, *, fixed: bool | None = None) -> None:
         """`fixed`: the processor's `run_on_loop` (None: measured)."""
@@ -243,6 +238,7 @@ class SyncPlacement:
         """Times a run on the loop was too slow and the operation went back to the pool."""
         self._streak = 0
         self._needed = QUICK_RUNS_TO_MOVE
+        self._waited = False  # the last run on the loop spent SLOW_ON_LOOP off the CPU
 
     @property
     def runs_to_move(self) -> int:
@@ -250,18 +246,22 @@ class SyncPlacement:
         grows each time it has to go back)."""
         return self._needed
 
-    def pool_run(self, seconds: float, blocked: bool, preempted: bool) -> bool:
-        """Count a run made in the pool (`RunClock.stop()`'s figures); True when that
-        moves the operation to the loop."""
-        if blocked or (seconds > QUICK_RUN and not preempted):
+    def pool_run(self, usage: tuple[float, float] | None) -> bool:
+        """Count a run made in the pool (`RunClock.stop()`); True when that moves the
+        operation to the loop."""
+        if usage is None:
+            return False
+        cpu, waited = usage
+        if cpu > QUICK_RUN or waited > _LONG_WAIT:
             self._streak = 0
             return False
-        if preempted or self.fixed is not None or self.on_loop:
+        if waited > QUICK_WAIT or self.fixed is not None or self.on_loop:
             return False
         self._streak += 1
         if self._streak < self._needed:
             return False
         self._streak = 0
+        self._waited = False
         self.on_loop = True
         return True
 
@@ -270,10 +270,15 @@ class SyncPlacement:
         does not count as quick."""
         self._streak = 0
 
-    def loop_run(self, seconds: float, blocked: bool, preempted: bool) -> bool:
-        """Count a run made on the loop (`RunClock.stop()`'s figures); True when it was
-        too slow for the loop and the operation goes back to the pool."""
-        if self.fixed is not None or not (blocked or (seconds > SLOW_ON_LOOP and not preempted)):
+    def loop_run(self, usage: tuple[float, float] | None) -> bool:
+        """Count a run made on the loop (`RunClock.stop()`); True when it was too slow
+        for the loop and the operation goes back to the pool."""
+        if usage is None or self.fixed is not None:
+            return False
+        cpu, waited = usage
+        waited_long = waited > SLOW_ON_LOOP
+        if cpu <= SLOW_ON_LOOP and waited <= _STALL and not (waited_long and self._waited):
+            self._waited = waited_long
             return False
         self.on_loop = False
         self.moved_back += 1

@@ -19,7 +19,7 @@ One Invoke:
    with `google.rpc.BadRequest` field violations) and the processor runs: an async
    `process` on the loop, a sync one in this servicer's bounded thread pool, or, with
    `quick_sync_on_loop` (the sidecar's default), on the loop once its runs are measured
-   quick and never blocking (`flext_mesh.hosting.operations.SyncPlacement`): that
+   quick and never waiting (`flext_mesh.hosting.operations.SyncPlacement`): that
    spares two thread hand-overs per call, about what a small processor's whole run
    costs. A call with an idempotency key always runs a sync processor in the pool.
 4. The gRPC deadline bounds the run: past it the call answers DEADLINE_EXCEEDED. A sync
@@ -194,7 +194,7 @@ def _run_in_pool(
     correlation_id: str,
     instance_id: str,
     measure: bool,
-) -> tuple[processor_pb2.InvokeResponse | FlextResult[Any], tuple[float, bool, bool] | None]:
+) -> tuple[processor_pb2.InvokeResponse | FlextResult[Any], tuple[float, float] | None]:
     """The whole sync path, run in a pool thread: Struct in, response (or failure) out,
     with how the run went (`RunClock.stop()`) when `measure`d."""
     clock = RunClock() if measure else None
@@ -531,10 +531,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         except asyncio.CancelledError:
             placement.pool_run_lost()  # cut at its deadline, or its caller left
             raise
-        if usage is not None and placement.pool_run(*usage):
+        if measure and placement.pool_run(usage):
             _log.info(
                 "operation %s runs on the event loop from now on: %d runs in a row were "
-                "quick and never waited",
+                "quick and did not wait",
                 operation.name,
                 placement.runs_to_move,
             )
@@ -561,13 +561,16 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             operation.run, struct_to_dict(payload), correlation_id=cid
         )
         answer = _response(result, cid, self._instance_id)
-        took, blocked, preempted = clock.stop()
-        if placement.loop_run(took, blocked, preempted):
+        usage = clock.stop()
+        if placement.loop_run(usage):
+            cpu, waited = usage or (0.0, 0.0)
             _log.info(
-                "operation %s goes back to the thread pool: a run on the event loop %s "
-                "(back to the loop after %d quick runs in a row)",
+                "operation %s goes back to the thread pool: a run on the event loop took "
+                "%.2f ms of CPU and waited %.2f ms (back to the loop after %d quick runs "
+                "in a row)",
                 operation.name,
-                "blocked" if blocked else f"took {took * 1000:.2f} ms",
+                cpu * 1000,
+                waited * 1000,
                 placement.runs_to_move,
             )
         return answer
