@@ -24,6 +24,7 @@ import gc
 import inspect
 import logging
 import re
+import resource
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -157,18 +158,19 @@ QUICK_RUN = 250e-6
 thread holds the GIL before it is asked to hand it over, so running it on the event loop
 holds the loop no longer than running it in a thread would."""
 QUICK_WAIT = 20e-6
-"""Most seconds a run may spend off the CPU to count as quick: a run that waits for
-anything (I/O, a lock, another thread, the event loop) waits longer than this."""
+"""Most seconds a run may spend waiting (off the CPU, not preempted) to count as quick:
+a run that waits for anything (I/O, a lock, another thread, the event loop) waits
+longer than this."""
 QUICK_RUNS_TO_MOVE = 32
 """Quick runs in a row, in the thread pool, before an operation moves to the event loop."""
 SLOW_ON_LOOP = 2 * QUICK_RUN
-"""A run on the event loop that takes more CPU seconds than this, or two in a row that
-spend that long off the CPU (one, past 20 ms), send the operation back to the thread
-pool, to come back only after twice as many quick runs in a row as before (at most
-4096)."""
-_LONG_WAIT = 1e-3  # a run in the pool this long off the CPU waited for something
-_STALL = 20e-3  # off the CPU this long, a run waited: no preemption lasts so long
-_MAX_QUICK_RUNS_TO_MOVE = 4096
+"""A run on the event loop that takes more CPU seconds than this or waits over 20 ms,
+or two in a row that wait longer than this, send the operation back to the thread pool,
+to come back only after twice as many quick runs in a row as before (at most 256)."""
+_LONG_WAIT = 1e-3  # a run in the pool that waited this long waited for something
+_STALL = 20e-3  # a run on the loop that waited this long stalled it, whatever for
+_MAX_QUICK_RUNS_TO_MOVE = 256
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
 # Garbage collections started so far (counted once a RunClock is used): a run that a
 # collection interrupted took longer than its own work.
 _collections = 0
@@ -180,33 +182,42 @@ def _count_collection(phase: str, info: dict[str, int]) -> None:
         _collections += 1
 
 
-class RunClock:
-    """Measures one run on the calling thread: its CPU time and its time off the CPU.
+def _preemptions() -> int:
+    """Involuntary context switches of this thread so far (0 where not counted)."""
+    if _RUSAGE_THREAD is None:
+        return 0
+    return resource.getrusage(_RUSAGE_THREAD).ru_nivcsw
 
-    Off the CPU, a run waited: for I/O, a lock, another thread, or the GIL (another
-    Python thread's turn), or the system preempted it; the figures cannot tell which,
-    so a short wait says little, and only a long or repeated one counts against the
-    run. A run that a garbage collection interrupted says nothing at all.
+
+class RunClock:
+    """Measures one run on the calling thread: its CPU time, how long it spent off the
+    CPU, and whether the system preempted it.
+
+    Off the CPU, a run waited (for I/O, a lock, another thread, or the GIL: another
+    Python thread's turn, usually short) or was preempted (an involuntary context
+    switch: the machine's doing, not the run's, and then its time off the CPU says
+    little). A run a garbage collection interrupted says nothing and is not measured.
     """
 
-    __slots__ = ("_collections", "_cpu", "_started")
+    __slots__ = ("_collections", "_cpu", "_preempted", "_started")
 
     def __init__(self) -> None:
         """Start measuring now."""
         if _count_collection not in gc.callbacks:
             gc.callbacks.append(_count_collection)
         self._collections = _collections
+        self._preempted = _preemptions()
         self._cpu = time.thread_time()
         self._started = time.perf_counter()
 
-    def stop(self) -> tuple[float, float] | None:
-        """CPU seconds and seconds off the CPU since the start; None when a garbage
-        collection ran meanwhile."""
+    def stop(self) -> tuple[float, float, bool] | None:
+        """CPU seconds and seconds off the CPU since the start, and whether the run was
+        preempted; None when a garbage collection ran meanwhile."""
         took = time.perf_counter() - self._started
         cpu = time.thread_time() - self._cpu
         if _collections != self._collections:
             return None
-        return cpu, max(0.0, took - cpu)
+        return cpu, max(0.0, took - cpu), _preemptions() != self._preempted
 
 
 class SyncPlacement:
@@ -217,13 +228,14 @@ class SyncPlacement:
     allows it (the sidecar does) runs an operation on the event loop instead once it has
     measured `QUICK_RUNS_TO_MOVE` quick runs in a row in the pool (`RunClock`): each at
     most `QUICK_RUN` of CPU and `QUICK_WAIT` off the CPU. A run that takes more CPU, or
-    waits over a millisecond, starts the count again; one that waits less says nothing
-    (the GIL or the system may have held it up), so an operation that waits for I/O, a
-    lock or another thread on every run never moves. On the loop each run is measured
-    too: one that takes more than `SLOW_ON_LOOP` of CPU or spends over 20 ms off the CPU,
-    or two in a row that spend `SLOW_ON_LOOP` off it, send the operation back to the
-    pool. A processor's `run_on_loop` (True or False) fixes the place instead. Single
-    event loop: not thread-safe.
+    waits over a millisecond, starts the count again; one that waits less, or was
+    preempted, is not counted (the GIL or the system may have held it up), so an
+    operation that waits for I/O, a lock or another thread on every run never moves. On
+    the loop each run is measured too: one that takes more than `SLOW_ON_LOOP` of CPU or
+    is off the CPU over 20 ms, or two in a row that wait longer than `SLOW_ON_LOOP`
+    without being preempted, send the operation back to the pool. A processor's
+    `run_on_loop` (True or False) fixes the place instead. Single event loop: not
+    thread-safe.
     """
 
     __slots__ = ("_needed", "_streak", "_waited", "fixed", "moved_back", "on_loop")
@@ -238,7 +250,7 @@ class SyncPlacement:
         """Times a run on the loop was too slow and the operation went back to the pool."""
         self._streak = 0
         self._needed = QUICK_RUNS_TO_MOVE
-        self._waited = False  # the last run on the loop spent SLOW_ON_LOOP off the CPU
+        self._waited = False  # the last run on the loop waited longer than SLOW_ON_LOOP
 
     @property
     def runs_to_move(self) -> int:
@@ -246,16 +258,16 @@ class SyncPlacement:
         grows each time it has to go back)."""
         return self._needed
 
-    def pool_run(self, usage: tuple[float, float] | None) -> bool:
+    def pool_run(self, usage: tuple[float, float, bool] | None) -> bool:
         """Count a run made in the pool (`RunClock.stop()`); True when that moves the
         operation to the loop."""
         if usage is None:
             return False
-        cpu, waited = usage
-        if cpu > QUICK_RUN or waited > _LONG_WAIT:
+        cpu, waited, preempted = usage
+        if cpu > QUICK_RUN or waited > (_STALL if preempted else _LONG_WAIT):
             self._streak = 0
             return False
-        if waited > QUICK_WAIT or self.fixed is not None or self.on_loop:
+        if preempted or waited > QUICK_WAIT or self.fixed is not None or self.on_loop:
             return False
         self._streak += 1
         if self._streak < self._needed:
@@ -270,13 +282,13 @@ class SyncPlacement:
         does not count as quick."""
         self._streak = 0
 
-    def loop_run(self, usage: tuple[float, float] | None) -> bool:
+    def loop_run(self, usage: tuple[float, float, bool] | None) -> bool:
         """Count a run made on the loop (`RunClock.stop()`); True when it was too slow
         for the loop and the operation goes back to the pool."""
         if usage is None or self.fixed is not None:
             return False
-        cpu, waited = usage
-        waited_long = waited > SLOW_ON_LOOP
+        cpu, waited, preempted = usage
+        waited_long = waited > SLOW_ON_LOOP and not preempted
         if cpu <= SLOW_ON_LOOP and waited <= _STALL and not (waited_long and self._waited):
             self._waited = waited_long
             return False

@@ -194,7 +194,7 @@ def _run_in_pool(
     correlation_id: str,
     instance_id: str,
     measure: bool,
-) -> tuple[processor_pb2.InvokeResponse | FlextResult[Any], tuple[float, float] | None]:
+) -> tuple[processor_pb2.InvokeResponse | FlextResult[Any], tuple[float, float, bool] | None]:
     """The whole sync path, run in a pool thread: Struct in, response (or failure) out,
     with how the run went (`RunClock.stop()`) when `measure`d."""
     clock = RunClock() if measure else None
@@ -563,7 +563,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         answer = _response(result, cid, self._instance_id)
         usage = clock.stop()
         if placement.loop_run(usage):
-            cpu, waited = usage or (0.0, 0.0)
+            cpu, waited, _ = usage or (0.0, 0.0, False)
             _log.info(
                 "operation %s goes back to the thread pool: a run on the event loop took "
                 "%.2f ms of CPU and waited %.2f ms (back to the loop after %d quick runs "
