@@ -16,7 +16,7 @@ reading as "if it succeeded" is exactly the bug this type exists to prevent. Tes
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Generic, NoReturn, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, cast
 
 __all__ = [
     "DEFAULT_FAILURE_CODE",
@@ -163,7 +163,7 @@ class FlextResult(Generic[T_co]):
     @classmethod
     def ok(cls, value: T_co) -> FlextResult[T_co]:  # type: ignore[misc]  # a constructor
         """A success holding `value` (which may be None)."""
-        return cls(_success=True, _value=value, _error=None, _code=None, _field_violations=())
+        return _make(cls, True, value, None, None, (), None)
 
     @classmethod
     def fail(
@@ -194,13 +194,14 @@ class FlextResult(Generic[T_co]):
             name = VALIDATION_FAILURE_CODE
         else:
             name = DEFAULT_FAILURE_CODE
-        return cls(
-            _success=False,
-            _value=None,
-            _error=str(error) if error else _UNKNOWN_ERROR,
-            _code=name,
-            _field_violations=violations,
-            _retry_after=None if retry_after is None else float(retry_after),
+        return _make(
+            cls,
+            False,
+            None,
+            str(error) if error else _UNKNOWN_ERROR,
+            name,
+            violations,
+            None if retry_after is None else float(retry_after),
         )
 
     # -- state ---------------------------------------------------------------------
@@ -318,6 +319,40 @@ class FlextResult(Generic[T_co]):
         if self._retry_after is not None:
             extra += f", retry_after={self._retry_after!r}"
         return f"FlextResult.fail({self._error!r}, code={self._code!r}{extra})"
+
+
+# The slots' own setters: a result is built on every processor run (several times per
+# served call), and going through the immutable __setattr__ by name costs three times as
+# much.
+_SETTERS = tuple(
+    cast("Any", FlextResult.__dict__[name]).__set__
+    for name in ("_success", "_value", "_error", "_code", "_field_violations", "_retry_after")
+)
+_NEW = object.__new__
+
+
+_R = TypeVar("_R", bound="FlextResult[Any]")
+
+
+def _make(  # noqa: PLR0917 - the six slots, positionally, on a hot path
+    cls: type[_R],
+    success: bool,
+    value: object,
+    error: str | None,
+    code: str | None,
+    field_violations: tuple[FieldViolationPair, ...],
+    retry_after: float | None,
+) -> _R:
+    """A FlextResult (or subclass) instance with its slots set, without `__init__`."""
+    set_success, set_value, set_error, set_code, set_violations, set_retry = _SETTERS
+    result = _NEW(cls)
+    set_success(result, success)
+    set_value(result, value)
+    set_error(result, error)
+    set_code(result, code)
+    set_violations(result, field_violations)
+    set_retry(result, retry_after)
+    return result
 
 
 def _rebuild(  # noqa: PLR0917 - pickle hands the state over positionally

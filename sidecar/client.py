@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -50,12 +49,13 @@ import grpc
 
 from flext_mesh.errors import DeadlineExceeded, NotFound, Unavailable, is_infrastructure
 from flext_mesh.hosting.reporter import CallReporter
+from flext_mesh.processor import new_correlation_id
 from flext_mesh.retry import RetrySpec, retry_async, status_of
 from flext_mesh.routing.balancer import Strategy
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.rpc.context import current as current_call
 from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
-from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.payloads import fill_struct, struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
 from sidecar.breaker import (
@@ -269,6 +269,12 @@ class MeshClient:
             grace=self.settings.last_known_grace,
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._invokers: dict[
+            str,
+            grpc.aio.UnaryUnaryMultiCallable[
+                processor_pb2.InvokeRequest, processor_pb2.InvokeResponse
+            ],
+        ] = {}
         self._budget = RetryBudget(self.settings.retry_budget_ratio)
         self._control: grpc.aio.Channel | None = None
 
@@ -286,6 +292,7 @@ class MeshClient:
         for channel in [*self._channels.values(), *([self._control] if self._control else [])]:
             await channel.close()
         self._channels.clear()
+        self._invokers.clear()
         self._control = None
 
     async def __aenter__(self) -> MeshClient:
@@ -381,13 +388,14 @@ class MeshClient:
             if left is not None and left < limit:
                 limit, scoped = left, True
             metadata = inbound.metadata()
-        correlation_id = correlation_id or uuid.uuid4().hex
+        correlation_id = correlation_id or new_correlation_id()
         request = processor_pb2.InvokeRequest(
             operation=operation,
             correlation_id=correlation_id,
             idempotency_key=idempotency_key,
         )
-        request.payload.CopyFrom(dict_to_struct(dict(payload or {})))
+        if payload:
+            fill_struct(request.payload, payload)
         retry = plan.retry
         per_try = plan.per_try_timeout or limit / retry.max_attempts
         call = _Call(
@@ -434,15 +442,14 @@ class MeshClient:
             and (call.explicit_per_try or call.size > len(call.tried))
         )
         try:
-            channel = self._channel(instance.endpoint)
+            invoke = self._invoker(instance.endpoint)
         except TransportError as exc:  # a TLS file gone or half-written since start
             permit.ignore()
             raise Unavailable(str(exc)) from exc
-        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
         started = time.perf_counter()
         code = 0
         try:
-            reply = await stub.Invoke(
+            reply = await invoke(
                 request,
                 timeout=call.per_try if cut else remaining,
                 metadata=call.metadata,
@@ -512,6 +519,21 @@ class MeshClient:
         if channel is None:
             channel = self._channels[endpoint] = open_channel(endpoint, self._peer_security)
         return channel
+
+    def _invoker(
+        self, endpoint: str
+    ) -> grpc.aio.UnaryUnaryMultiCallable[
+        processor_pb2.InvokeRequest, processor_pb2.InvokeResponse
+    ]:
+        """``ProcessorService.Invoke`` on the instance at ``endpoint`` (made once per
+        channel: a stub per call costs as much as building the request)."""
+        invoke = self._invokers.get(endpoint)
+        if invoke is None:
+            stub: processor_pb2_grpc.ProcessorServiceAsyncStub = (
+                processor_pb2_grpc.ProcessorServiceStub(self._channel(endpoint))
+            )
+            invoke = self._invokers[endpoint] = stub.Invoke
+        return invoke
 
     def _report(
         self,

@@ -92,6 +92,16 @@ class SidecarConfig(BaseSettings):
     insecure: bool = Field(
         False, description="Allow serving plaintext on a non-loopback --listen address."
     )
+    sync_in_pool: bool = Field(
+        False,
+        description=(
+            "Run every sync processor in the thread pool. By default one whose runs are "
+            "measured quick (32 in a row under 0.25 ms of CPU, none waiting) runs on the "
+            "event loop instead, sparing two thread hand-overs per call, and goes back to "
+            "the pool after a run there that takes over 0.5 ms of CPU or stalls; a "
+            "processor's run_on_loop attribute overrides both."
+        ),
+    )
     shared_idempotency: bool = Field(
         False,
         description=(

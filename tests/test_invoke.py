@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -33,8 +34,14 @@ from flext_mesh.errors import (
     Unavailable,
 )
 from flext_mesh.hosting.operations import (
+    QUICK_RUN,
+    QUICK_RUNS_TO_MOVE,
+    QUICK_WAIT,
+    SLOW_ON_LOOP,
     IdempotencyCache,
     Operation,
+    RunClock,
+    SyncPlacement,
     request_model_of,
     result_to_json,
 )
@@ -635,6 +642,227 @@ async def test_control_plane_servicer_lists_nothing_and_answers_not_found() -> N
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND
         assert "'x'" in (caught.value.details() or "")
         assert "known: none" in (caught.value.details() or "")
+
+
+# -- where sync processors run ---------------------------------------------------------------
+
+
+class WhereService(ServiceProcessor[dict[str, Any], dict[str, Any], dict[str, Any]]):
+    """Answer the thread it ran on; sleep for payload `seconds` first."""
+
+    def process(self, request: dict[str, Any]) -> FlextResult[dict[str, Any]]:
+        if request.get("seconds"):
+            time.sleep(request["seconds"])
+        return FlextResult.ok(
+            {"thread": threading.current_thread().name, "cid": self.correlation_id}
+        )
+
+    def build(self, domain: dict[str, Any], *, correlation_id: str) -> dict[str, Any]:
+        return domain
+
+
+class PinnedToPool(WhereService):
+    """Quick, but told to stay in the pool."""
+
+    run_on_loop = False
+
+
+class PinnedToLoop(WhereService):
+    """Runs on the loop from its first call."""
+
+    run_on_loop = True
+
+
+LOOP_THREAD = threading.current_thread().name  # pytest-asyncio runs the loop here
+
+
+async def _threads_of(
+    stub: processor_pb2_grpc.ProcessorServiceStub,
+    operation: str,
+    calls: int,
+    *,
+    until_loop: bool = False,
+    **payload: Any,
+) -> list[str]:
+    """The threads `calls` calls ran on (fewer: until one ran on the loop)."""
+    threads = []
+    for i in range(calls):
+        reply = await stub.Invoke(
+            processor_pb2.InvokeRequest(
+                operation=operation, payload=_struct(payload), correlation_id=f"c{i}"
+            )
+        )
+        result = struct_to_dict(reply.result)
+        assert result["cid"] == f"c{i}"  # the call's own id, wherever it ran
+        threads.append(result["thread"])
+        if until_loop and threads[-1] == LOOP_THREAD:
+            break
+    return threads
+
+
+# A busy machine preempts some runs (not counted) and slows some past QUICK_RUN (the
+# count starts again): moving may take more than QUICK_RUNS_TO_MOVE calls.
+ENOUGH_TO_MOVE = 20 * QUICK_RUNS_TO_MOVE
+
+
+async def test_a_quick_sync_processor_moves_to_the_event_loop() -> None:
+    servicer = ProcessorServicer(
+        {"where": WhereService(metrics_sink=RunRecorder())},
+        service_name="s",
+        quick_sync_on_loop=True,
+    )
+    async with _serve(servicer) as stub:
+        threads = await _threads_of(stub, "where", ENOUGH_TO_MOVE, until_loop=True)
+        assert threads[-1] == LOOP_THREAD
+        assert await _threads_of(stub, "where", 3) == [LOOP_THREAD] * 3
+    assert all(t.startswith("flext-processor") for t in threads[:QUICK_RUNS_TO_MOVE])
+
+
+async def test_sync_processors_stay_in_the_pool_unless_the_host_allows_the_loop() -> None:
+    servicer = ProcessorServicer(
+        {"where": WhereService(metrics_sink=RunRecorder())}, service_name="s"
+    )
+    async with _serve(servicer) as stub:
+        threads = await _threads_of(stub, "where", QUICK_RUNS_TO_MOVE + 8)
+    assert all(t.startswith("flext-processor") for t in threads)
+
+
+async def test_a_processor_that_waits_on_every_run_never_moves_to_the_loop() -> None:
+    servicer = ProcessorServicer(
+        {"where": WhereService(metrics_sink=RunRecorder())},
+        service_name="s",
+        quick_sync_on_loop=True,
+    )
+    async with _serve(servicer) as stub:
+        threads = await _threads_of(stub, "where", QUICK_RUNS_TO_MOVE + 8, seconds=0.0001)
+    assert all(t.startswith("flext-processor") for t in threads)
+
+
+async def test_run_on_loop_fixes_where_a_sync_processor_runs() -> None:
+    servicer = ProcessorServicer(
+        {
+            "pool": PinnedToPool(metrics_sink=RunRecorder()),
+            "loop": PinnedToLoop(metrics_sink=RunRecorder()),
+        },
+        service_name="s",
+        quick_sync_on_loop=True,
+    )
+    async with _serve(servicer) as stub:
+        pooled = await _threads_of(stub, "pool", QUICK_RUNS_TO_MOVE + 8)
+        looped = await _threads_of(stub, "loop", 3)
+    assert all(t.startswith("flext-processor") for t in pooled)
+    assert looped == [LOOP_THREAD] * 3
+
+    class Bad(WhereService):
+        run_on_loop = "yes"
+
+    with pytest.raises(TypeError, match="run_on_loop"):
+        Operation.of("bad", Bad())
+
+
+async def test_a_run_that_blocks_on_the_loop_sends_its_operation_back_to_the_pool() -> None:
+    """Once on the loop, a run cannot be cut at its deadline: it is answered
+    DEADLINE_EXCEEDED when it ends, and the next slow run is in the pool again, where
+    the deadline cuts it on time."""
+    outcomes: list[CallOutcome] = []
+    servicer = ProcessorServicer(
+        {"where": WhereService(metrics_sink=RunRecorder())},
+        service_name="s",
+        quick_sync_on_loop=True,
+        on_call=outcomes.append,
+    )
+    async with _serve(servicer) as stub:
+        threads = await _threads_of(stub, "where", ENOUGH_TO_MOVE, until_loop=True)
+        assert threads[-1] == LOOP_THREAD
+        slow = processor_pb2.InvokeRequest(
+            operation="where", payload=_struct({"seconds": 0.3}), correlation_id="late"
+        )
+        for cut_on_time in (False, True):
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Invoke(slow, timeout=0.1)
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            await _until(lambda: servicer.in_flight == 0)
+            took = time.monotonic() - started
+            assert took < 0.25 if cut_on_time else took >= 0.3
+        placement = servicer._operations["where"].placement
+        assert placement is not None
+        assert (placement.on_loop, placement.moved_back) == (False, 1)
+        assert placement.runs_to_move == 2 * QUICK_RUNS_TO_MOVE
+    late = [o for o in outcomes if o.correlation_id == "late"]
+    assert [o.code for o in late] == [DEADLINE_EXCEEDED, DEADLINE_EXCEEDED]
+
+
+def test_sync_placement_counts_quick_runs_in_a_row() -> None:
+    placement = SyncPlacement()
+    quick = (QUICK_RUN / 2, 0.0, False)
+    for _ in range(QUICK_RUNS_TO_MOVE - 1):
+        assert placement.pool_run(quick) is False
+    placement.pool_run((QUICK_RUN * 2, 0.0, True))  # too much CPU: start again
+    for _ in range(QUICK_RUNS_TO_MOVE - 1):
+        placement.pool_run(quick)
+    placement.pool_run((QUICK_RUN / 2, 0.005, False))  # waited 5 ms: start again
+    for _ in range(QUICK_RUNS_TO_MOVE - 1):
+        placement.pool_run(quick)
+    placement.pool_run((QUICK_RUN / 2, QUICK_WAIT * 2, False))  # a short wait says nothing
+    placement.pool_run((QUICK_RUN / 2, 0.005, True))  # nor a preempted run
+    placement.pool_run(None)  # nor one a garbage collection interrupted
+    assert placement.on_loop is False
+    assert placement.pool_run(quick) is True
+    assert placement.on_loop is True
+
+    long_wait = (QUICK_RUN / 2, SLOW_ON_LOOP * 2, False)
+    preempted = (QUICK_RUN / 2, SLOW_ON_LOOP * 2, True)
+    assert placement.loop_run(long_wait) is False  # once: maybe the GIL's doing
+    assert placement.loop_run(quick) is False
+    assert placement.loop_run(long_wait) is False
+    assert placement.loop_run(preempted) is False  # the system's doing
+    assert placement.loop_run(long_wait) is False
+    assert placement.loop_run(long_wait) is True  # twice in a row: it waits
+    assert (placement.on_loop, placement.moved_back) == (False, 1)
+    assert placement.runs_to_move == 2 * QUICK_RUNS_TO_MOVE
+    for _ in range(2 * QUICK_RUNS_TO_MOVE):
+        placement.pool_run(quick)
+    assert placement.on_loop is True
+    assert placement.loop_run((SLOW_ON_LOOP * 2, 0.0, True)) is True  # too much CPU
+    assert placement.runs_to_move == 4 * QUICK_RUNS_TO_MOVE
+    for _ in range(4 * QUICK_RUNS_TO_MOVE):
+        placement.pool_run(quick)
+    assert placement.loop_run((QUICK_RUN / 2, 0.05, True)) is True  # a 50 ms stall
+
+    pinned = SyncPlacement(fixed=False)
+    for _ in range(QUICK_RUNS_TO_MOVE * 2):
+        pinned.pool_run(quick)
+    assert pinned.on_loop is False
+
+
+def _measured(run: Any) -> tuple[float, float]:
+    """RunClock's figures for `run()`, tried again while the system preempts it."""
+    for _ in range(50):
+        clock = RunClock()
+        run()
+        usage = clock.stop()
+        if usage is not None and not usage[2]:
+            return usage[0], usage[1]
+    raise AssertionError("every run was preempted")
+
+
+def test_run_clock_tells_waiting_from_working() -> None:
+    cpu, waited = _measured(lambda: time.sleep(0.002))
+    assert waited >= 0.0015
+    assert cpu < 0.001
+
+    def spin() -> None:
+        end = time.perf_counter() + 0.0003
+        while time.perf_counter() < end:
+            pass
+
+    cpu, waited = _measured(spin)
+    assert cpu >= 0.0002
+    assert waited < 0.0001
+    interrupted = RunClock()
+    gc.collect()
+    assert interrupted.stop() is None
 
 
 # -- flext_mesh.hosting.operations, without a server -----------------------------------------

@@ -6,6 +6,8 @@ Plain Python (protobuf's Struct for payloads, no gRPC): the servicer in
 - `Operation` binds a name to a processor, finds its request model (`request_model_of`),
   validates dict payloads through the processor's `process_dict` and runs it
   (`run_with_metrics` in a worker thread, or `arun_with_metrics` on the loop).
+- `SyncPlacement` decides, from how its runs went (`RunClock`), whether a sync
+  operation runs in the thread pool or on the event loop.
 - Payloads: :mod:`flext_mesh.rpc.payloads` (Struct <-> dict).
 - Results: `result_to_json` (the rule is in its docstring).
 - `IdempotencyCache`: replays the first successful outcome of a key; concurrent
@@ -18,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import inspect
 import logging
 import re
+import resource
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -36,8 +40,14 @@ from flext_mesh.result import FlextResult
 __all__ = [
     "DEFAULT_IDEMPOTENCY_MAX_KEYS",
     "DEFAULT_IDEMPOTENCY_WINDOW",
+    "QUICK_RUN",
+    "QUICK_RUNS_TO_MOVE",
+    "QUICK_WAIT",
+    "SLOW_ON_LOOP",
     "IdempotencyCache",
     "Operation",
+    "RunClock",
+    "SyncPlacement",
     "request_model_of",
     "result_to_json",
 ]
@@ -53,6 +63,7 @@ DEFAULT_IDEMPOTENCY_MAX_KEYS = 10_000
 """Most idempotency keys remembered; the least recently used is forgotten first."""
 
 _INTERNAL = "INTERNAL"
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 # -- payloads and results ----------------------------------------------------------------
@@ -72,6 +83,10 @@ def result_to_json(value: object) -> dict[str, Any]:
     2**53 lose precision: send those as strings. Raises
     `pydantic_core.PydanticSerializationError` for values that have no JSON form.
     """
+    if type(value) is dict and all(
+        type(key) is str and type(item) in _JSON_SCALARS for key, item in value.items()
+    ):
+        return dict(value)  # already what to_jsonable_python would make of it, and common
     if isinstance(value, pydantic.BaseModel):
         dumped: object = value.model_dump(mode="json")
     elif (dataclasses.is_dataclass(value) and not isinstance(value, type)) or isinstance(
@@ -136,6 +151,153 @@ def request_model_of(
     return None
 
 
+# -- where a sync operation runs -------------------------------------------------------------
+
+QUICK_RUN = 250e-6
+"""Most CPU seconds a run of a sync `process` may take to count as quick: about what a
+thread holds the GIL before it is asked to hand it over, so running it on the event loop
+holds the loop no longer than running it in a thread would."""
+QUICK_WAIT = 20e-6
+"""Most seconds a run may spend waiting (off the CPU, not preempted) to count as quick:
+a run that waits for anything (I/O, a lock, another thread, the event loop) waits
+longer than this."""
+QUICK_RUNS_TO_MOVE = 32
+"""Quick runs in a row, in the thread pool, before an operation moves to the event loop."""
+SLOW_ON_LOOP = 2 * QUICK_RUN
+"""A run on the event loop that takes more CPU seconds than this or waits over 20 ms,
+or two in a row that wait longer than this, send the operation back to the thread pool,
+to come back only after twice as many quick runs in a row as before (at most 256)."""
+_LONG_WAIT = 1e-3  # a run in the pool that waited this long waited for something
+_STALL = 20e-3  # a run on the loop that waited this long stalled it, whatever for
+_MAX_QUICK_RUNS_TO_MOVE = 256
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
+# Garbage collections started so far (counted once a RunClock is used): a run that a
+# collection interrupted took longer than its own work.
+_collections = 0
+
+
+def _count_collection(phase: str, info: dict[str, int]) -> None:
+    global _collections  # noqa: PLW0603 - one count per process, read by every RunClock
+    if phase == "start":
+        _collections += 1
+
+
+def _preemptions() -> int:
+    """Involuntary context switches of this thread so far (0 where not counted)."""
+    if _RUSAGE_THREAD is None:
+        return 0
+    return resource.getrusage(_RUSAGE_THREAD).ru_nivcsw
+
+
+class RunClock:
+    """Measures one run on the calling thread: its CPU time, how long it spent off the
+    CPU, and whether the system preempted it.
+
+    Off the CPU, a run waited (for I/O, a lock, another thread, or the GIL: another
+    Python thread's turn, usually short) or was preempted (an involuntary context
+    switch: the machine's doing, not the run's, and then its time off the CPU says
+    little). A run a garbage collection interrupted says nothing and is not measured.
+    """
+
+    __slots__ = ("_collections", "_cpu", "_preempted", "_started")
+
+    def __init__(self) -> None:
+        """Start measuring now."""
+        if _count_collection not in gc.callbacks:
+            gc.callbacks.append(_count_collection)
+        self._collections = _collections
+        self._preempted = _preemptions()
+        self._cpu = time.thread_time()
+        self._started = time.perf_counter()
+
+    def stop(self) -> tuple[float, float, bool] | None:
+        """CPU seconds and seconds off the CPU since the start, and whether the run was
+        preempted; None when a garbage collection ran meanwhile."""
+        took = time.perf_counter() - self._started
+        cpu = time.thread_time() - self._cpu
+        if _collections != self._collections:
+            return None
+        return cpu, max(0.0, took - cpu), _preemptions() != self._preempted
+
+
+class SyncPlacement:
+    """Where the runs of one sync operation go: the host's thread pool, or the event loop.
+
+    A sync `process` is served in the host's thread pool, which costs two thread
+    hand-overs per call (about as much as a small processor's whole run). A host that
+    allows it (the sidecar does) runs an operation on the event loop instead once it has
+    measured `QUICK_RUNS_TO_MOVE` quick runs in a row in the pool (`RunClock`): each at
+    most `QUICK_RUN` of CPU and `QUICK_WAIT` off the CPU. A run that takes more CPU, or
+    waits over a millisecond, starts the count again; one that waits less, or was
+    preempted, is not counted (the GIL or the system may have held it up), so an
+    operation that waits for I/O, a lock or another thread on every run never moves. On
+    the loop each run is measured too: one that takes more than `SLOW_ON_LOOP` of CPU or
+    is off the CPU over 20 ms, or two in a row that wait longer than `SLOW_ON_LOOP`
+    without being preempted, send the operation back to the pool. A processor's
+    `run_on_loop` (True or False) fixes the place instead. Single event loop: not
+    thread-safe.
+    """
+
+    __slots__ = ("_needed", "_streak", "_waited", "fixed", "moved_back", "on_loop")
+
+    def __init__(self, *, fixed: bool | None = None) -> None:
+        """`fixed`: the processor's `run_on_loop` (None: measured)."""
+        self.fixed = fixed
+        """True or False when the processor fixed the place; None when it is measured."""
+        self.on_loop = fixed is True
+        """Whether the next run goes to the event loop."""
+        self.moved_back = 0
+        """Times a run on the loop was too slow and the operation went back to the pool."""
+        self._streak = 0
+        self._needed = QUICK_RUNS_TO_MOVE
+        self._waited = False  # the last run on the loop waited longer than SLOW_ON_LOOP
+
+    @property
+    def runs_to_move(self) -> int:
+        """Quick runs in a row in the pool that move the operation to the loop (this
+        grows each time it has to go back)."""
+        return self._needed
+
+    def pool_run(self, usage: tuple[float, float, bool] | None) -> bool:
+        """Count a run made in the pool (`RunClock.stop()`); True when that moves the
+        operation to the loop."""
+        if usage is None:
+            return False
+        cpu, waited, preempted = usage
+        if cpu > QUICK_RUN or waited > (_STALL if preempted else _LONG_WAIT):
+            self._streak = 0
+            return False
+        if preempted or waited > QUICK_WAIT or self.fixed is not None or self.on_loop:
+            return False
+        self._streak += 1
+        if self._streak < self._needed:
+            return False
+        self._streak = 0
+        self._waited = False
+        self.on_loop = True
+        return True
+
+    def pool_run_lost(self) -> None:
+        """A run in the pool whose caller left before it ended (its deadline, say): it
+        does not count as quick."""
+        self._streak = 0
+
+    def loop_run(self, usage: tuple[float, float, bool] | None) -> bool:
+        """Count a run made on the loop (`RunClock.stop()`); True when it was too slow
+        for the loop and the operation goes back to the pool."""
+        if usage is None or self.fixed is not None:
+            return False
+        cpu, waited, preempted = usage
+        waited_long = waited > SLOW_ON_LOOP and not preempted
+        if cpu <= SLOW_ON_LOOP and waited <= _STALL and not (waited_long and self._waited):
+            self._waited = waited_long
+            return False
+        self.on_loop = False
+        self.moved_back += 1
+        self._needed = min(self._needed * 2, _MAX_QUICK_RUNS_TO_MOVE)
+        return True
+
+
 # -- operations --------------------------------------------------------------------------
 
 
@@ -160,14 +322,24 @@ class Operation:
     """One-line description (the processor's `describe()`)."""
     request_schema: dict[str, Any] = field(default_factory=dict)
     """JSON Schema of the request model; empty without a model (or if it has none)."""
+    placement: SyncPlacement | None = None
+    """Where a sync `process` runs (the loop or the thread pool); None for an async one."""
     _internal_pattern: re.Pattern[str] = field(
         default=re.compile(r"(?!)"), repr=False, compare=False
     )
 
     @classmethod
     def of(cls, name: str, processor: ServiceProcessor[Any, Any, Any]) -> Operation:
-        """Describe `processor` as operation `name` (raises TypeError for a bad model)."""
+        """Describe `processor` as operation `name` (raises TypeError for a bad model or
+        a `run_on_loop` that is neither None nor a bool)."""
         model = request_model_of(processor)
+        on_loop = getattr(processor, "run_on_loop", None)
+        if on_loop is not None and not isinstance(on_loop, bool):
+            raise TypeError(
+                f"{type(processor).__name__}.run_on_loop must be True, False or None, "
+                f"got {on_loop!r}"
+            )
+        is_async = inspect.iscoroutinefunction(processor.process)
         schema: dict[str, Any] = {}
         if model is not None:
             try:
@@ -178,9 +350,10 @@ class Operation:
             name=name,
             processor=processor,
             request_model=model,
-            is_async=inspect.iscoroutinefunction(processor.process),
+            is_async=is_async,
             description=processor.describe(),
             request_schema=schema,
+            placement=None if is_async else SyncPlacement(fixed=on_loop),
             _internal_pattern=_exception_failure(type(processor).__name__),
         )
 

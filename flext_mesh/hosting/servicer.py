@@ -16,11 +16,17 @@ One Invoke:
    and in the pool thread of a sync processor: the mesh calls it makes carry it on.
    The processor reads the id as `self.correlation_id`.
 3. The payload is validated against the operation's request model (INVALID_ARGUMENT
-   with `google.rpc.BadRequest` field violations) and the processor runs: a sync
-   `process` in this servicer's bounded thread pool, an async one on the loop.
+   with `google.rpc.BadRequest` field violations) and the processor runs: an async
+   `process` on the loop, a sync one in this servicer's bounded thread pool, or, with
+   `quick_sync_on_loop` (the sidecar's default), on the loop once its runs are measured
+   quick and never waiting (`flext_mesh.hosting.operations.SyncPlacement`): that
+   spares two thread hand-overs per call, about what a small processor's whole run
+   costs. A call with an idempotency key always runs a sync processor in the pool.
 4. The gRPC deadline bounds the run: past it the call answers DEADLINE_EXCEEDED. A sync
    processor cannot be stopped inside its thread; it runs to its end and its result
-   is discarded (it holds a pool thread until then).
+   is discarded (it holds a pool thread until then). A run on the loop cannot be cut
+   at all: one that outlives its deadline is answered DEADLINE_EXCEEDED when it ends,
+   and, being too slow for the loop, sends its operation back to the pool.
 5. A `FlextResult` failure answers the status of its code with its message and
    details (field violations, retry delay); so does a `MeshError` raised in the
    processor, a nested mesh call's included (a rejection three hops away reaches the
@@ -46,7 +52,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import struct_pb2
@@ -67,6 +73,8 @@ from flext_mesh.hosting.operations import (
     DEFAULT_IDEMPOTENCY_WINDOW,
     IdempotencyCache,
     Operation,
+    RunClock,
+    SyncPlacement,
 )
 from flext_mesh.processor import ServiceProcessor, new_correlation_id
 from flext_mesh.result import FlextResult
@@ -77,7 +85,7 @@ from flext_mesh.rpc.metadata import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     correlation_id_problem,
 )
-from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
+from flext_mesh.rpc.payloads import dict_to_struct, fill_struct, struct_to_dict
 from flext_mesh.rpc.status import abort, rpc_errors
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc
 
@@ -140,12 +148,98 @@ def _deadline_passed(context: _Context) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _run_blocking(
-    operation: Operation, payload: struct_pb2.Struct, correlation_id: str
-) -> FlextResult[struct_pb2.Struct]:
-    """The whole sync path, run in a pool thread: Struct in, Struct out."""
+# CallOutcome's slot setters: an outcome is made for every call (see _outcome).
+_OUTCOME_SETTERS = tuple(
+    cast("Any", CallOutcome.__dict__[name]).__set__
+    for name in ("operation", "duration_ms", "success", "code", "correlation_id", "replayed")
+)
+_NEW = object.__new__
+
+
+def _outcome(  # noqa: PLR0917 - CallOutcome's fields, in order, on a hot path
+    operation: str,
+    duration_ms: float,
+    success: bool,
+    code: int,
+    correlation_id: str,
+    replayed: bool,
+) -> CallOutcome:
+    """A CallOutcome, its fields set through their slots (half the cost of its frozen
+    `__init__`)."""
+    outcome = _NEW(CallOutcome)
+    set_operation, set_duration, set_success, set_code, set_cid, set_replayed = _OUTCOME_SETTERS
+    set_operation(outcome, operation)
+    set_duration(outcome, duration_ms)
+    set_success(outcome, success)
+    set_code(outcome, code)
+    set_cid(outcome, correlation_id)
+    set_replayed(outcome, replayed)
+    return outcome
+
+
+def _response(
+    result: FlextResult[Any], correlation_id: str, instance_id: str
+) -> processor_pb2.InvokeResponse | FlextResult[Any]:
+    """The response holding a successful result's JSON object; a failure as it is."""
+    if result.is_failure:
+        return result
+    response = processor_pb2.InvokeResponse(correlation_id=correlation_id, instance_id=instance_id)
+    fill_struct(response.result, result.value)
+    return response
+
+
+def _run_in_pool(
+    operation: Operation,
+    payload: struct_pb2.Struct,
+    correlation_id: str,
+    instance_id: str,
+    measure: bool,
+) -> tuple[processor_pb2.InvokeResponse | FlextResult[Any], tuple[float, float, bool] | None]:
+    """The whole sync path, run in a pool thread: Struct in, response (or failure) out,
+    with how the run went (`RunClock.stop()`) when `measure`d."""
+    clock = RunClock() if measure else None
     result = operation.run(struct_to_dict(payload), correlation_id=correlation_id)
-    return result.map(dict_to_struct)
+    answer = _response(result, correlation_id, instance_id)
+    return answer, None if clock is None else clock.stop()
+
+
+class _Deadline:
+    """`asyncio.timeout` for the one await of an Invoke, at a third of its cost: the
+    task is cancelled when the call's deadline passes, and that cancellation leaves the
+    block as TimeoutError (a cancellation from elsewhere stays one)."""
+
+    __slots__ = ("_cancelling", "_handle", "_seconds", "_task", "expired")
+
+    def __init__(self, seconds: float | None) -> None:
+        self._seconds = seconds
+        self._handle: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        self.expired = False
+
+    def __enter__(self) -> _Deadline:
+        if self._seconds is not None:
+            task = asyncio.current_task()
+            assert task is not None  # servicer methods run in tasks
+            self._task = task
+            self._cancelling = task.cancelling()
+            self._handle = task.get_loop().call_later(max(0.0, self._seconds), self._expire)
+        return self
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._handle = None
+        self._task.cancel()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if (
+            self.expired
+            and self._task.uncancel() <= self._cancelling
+            and exc_type is asyncio.CancelledError
+        ):
+            raise TimeoutError
 
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
@@ -167,6 +261,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW,
         idempotency_max_keys: int = DEFAULT_IDEMPOTENCY_MAX_KEYS,
         max_workers: int | None = None,
+        quick_sync_on_loop: bool = False,
     ) -> None:
         """Serve `operations` under `service_name`.
 
@@ -178,7 +273,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         seconds and
         `idempotency_max_keys` bounds the keys remembered. `max_workers` bounds the
         threads running sync processors (default: ThreadPoolExecutor's, cpu count + 4,
-        at most 32); the pool starts with the first sync call.
+        at most 32); the pool starts with the first sync call. `quick_sync_on_loop`: run
+        a sync processor on the event loop once its runs are measured quick (see
+        `flext_mesh.hosting.operations.SyncPlacement`; a processor's own `run_on_loop`
+        applies either way).
         """
         self._operations = {name: Operation.of(name, proc) for name, proc in operations.items()}
         self._service_name = service_name
@@ -191,6 +289,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             window=idempotency_window, max_keys=idempotency_max_keys
         )
         self._max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self._quick_sync_on_loop = quick_sync_on_loop
         self._executor: ThreadPoolExecutor | None = None
         self._draining = False
         self._in_flight = 0
@@ -267,16 +366,17 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         def report(code: grpc.StatusCode) -> None:
             # Reported before the answer leaves, so a caller that saw the answer
             # can count on the hook having run.
-            self._report(
-                CallOutcome(
-                    operation=request.operation,
-                    duration_ms=(time.perf_counter_ns() - started) / 1e6,
-                    success=code is _OK,
-                    code=code.value[0],
-                    correlation_id=cid,
-                    replayed=replayed,
+            if self._on_call is not None:
+                self._report(
+                    _outcome(
+                        request.operation,
+                        (time.perf_counter_ns() - started) / 1e6,
+                        code is _OK,
+                        code.value[0],
+                        cid,
+                        replayed,
+                    )
                 )
-            )
 
         try:
             if problem:
@@ -322,8 +422,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         self, request: processor_pb2.InvokeRequest, context: _Context, cid: str
     ) -> tuple[processor_pb2.InvokeResponse, bool]:
         key = request.idempotency_key
-        has_key = bool(key) and self._cache.knows((request.operation, key))
-        if self._draining and not has_key:
+        if self._draining and not (key and self._cache.knows((request.operation, key))):
             # A resend of a call this instance has (or runs) is answered from it: the
             # work is done here once, whatever the drain.
             raise Unavailable(
@@ -352,13 +451,24 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
             raise InvalidArgument(
                 "", [FieldViolation("idempotency_key", "required with lookup_only")]
             )
-        run = functools.partial(self._run, operation, request.payload, cid)
         self._in_flight += 1
         self._idle.clear()
         try:
-            timeout = asyncio.timeout(context.time_remaining())
+            placement = operation.placement
+            if not key and placement is not None and placement.on_loop:
+                # Nothing is awaited, so nothing can be cut at the deadline: a run that
+                # outlives it is answered as the pool's would be, once it is over.
+                started = time.perf_counter_ns()
+                response = self._answer(
+                    self._run_on_loop(operation, placement, request.payload, cid), started
+                )
+                if _deadline_passed(context):
+                    raise self._deadline_exceeded(operation)
+                return response, False
+            run = functools.partial(self._run, operation, request.payload, cid)
+            deadline = _Deadline(context.time_remaining())
             try:
-                async with timeout:
+                with deadline:
                     if request.lookup_only:
                         found = await self._cache.outcome((operation.name, key))
                         if found is None:
@@ -372,12 +482,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                     else:
                         stored, replayed = await self._cache.run((operation.name, key), run)
             except TimeoutError:
-                if not timeout.expired():
+                if not deadline.expired:
                     raise
                 self._answer_lost(operation.name, key, request.lookup_only)
-                raise DeadlineExceeded(
-                    f"operation {operation.name!r} did not finish before the deadline"
-                ) from None
+                raise self._deadline_exceeded(operation) from None
             except asyncio.CancelledError:
                 self._answer_lost(operation.name, key, request.lookup_only)
                 raise
@@ -392,6 +500,10 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         replay.replayed = True
         return replay, True
 
+    @staticmethod
+    def _deadline_exceeded(operation: Operation) -> DeadlineExceeded:
+        return DeadlineExceeded(f"operation {operation.name!r} did not finish before the deadline")
+
     def _answer_lost(self, operation: str, key: str, lookup_only: bool) -> None:
         """The caller left while a keyed call runs on: hand its result, when it comes,
         to `on_lost_answer`."""
@@ -403,22 +515,65 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     async def _run(
         self, operation: Operation, payload: struct_pb2.Struct, cid: str
     ) -> processor_pb2.InvokeResponse:
+        """Run an async operation here, a sync one in the pool (a keyed call's too: its
+        first run is a task of the idempotency cache, which its deadline must be able to
+        leave while the run goes on)."""
         started = time.perf_counter_ns()
-        if operation.is_async:
-            result = (await operation.arun(struct_to_dict(payload), correlation_id=cid)).map(
-                dict_to_struct
+        placement = operation.placement
+        if placement is None:
+            result = await operation.arun(struct_to_dict(payload), correlation_id=cid)
+            return self._answer(_response(result, cid, self._instance_id), started)
+        measure = self._quick_sync_on_loop and placement.fixed is None
+        try:
+            answer, usage = await self._in_thread(
+                _run_in_pool, operation, payload, cid, self._instance_id, measure
             )
-        else:
-            result = await self._in_thread(_run_blocking, operation, payload, cid)
-        duration_ms = (time.perf_counter_ns() - started) / 1e6
-        if result.is_failure:
-            raise from_result(result)
-        return processor_pb2.InvokeResponse(
-            result=result.value,
-            correlation_id=cid,
-            duration_ms=duration_ms,
-            instance_id=self._instance_id,
+        except asyncio.CancelledError:
+            placement.pool_run_lost()  # cut at its deadline, or its caller left
+            raise
+        if measure and placement.pool_run(usage):
+            _log.info(
+                "operation %s runs on the event loop from now on: %d runs in a row were "
+                "quick and did not wait",
+                operation.name,
+                placement.runs_to_move,
+            )
+        return self._answer(answer, started)
+
+    def _answer(
+        self, answer: processor_pb2.InvokeResponse | FlextResult[Any], started: int
+    ) -> processor_pb2.InvokeResponse:
+        """The response of a run started at `started` (perf_counter_ns); a failure raised
+        as its MeshError."""
+        if isinstance(answer, FlextResult):
+            raise from_result(answer)
+        answer.duration_ms = (time.perf_counter_ns() - started) / 1e6
+        return answer
+
+    def _run_on_loop(
+        self, operation: Operation, placement: SyncPlacement, payload: struct_pb2.Struct, cid: str
+    ) -> processor_pb2.InvokeResponse | FlextResult[Any]:
+        """A sync operation run right here, on the event loop, in a copy of this task's
+        context (as a pool thread would run it); a run too slow for the loop sends the
+        operation back to the pool."""
+        clock = RunClock()
+        result = contextvars.copy_context().run(
+            operation.run, struct_to_dict(payload), correlation_id=cid
         )
+        answer = _response(result, cid, self._instance_id)
+        usage = clock.stop()
+        if placement.loop_run(usage):
+            cpu, waited, _ = usage or (0.0, 0.0, False)
+            _log.info(
+                "operation %s goes back to the thread pool: a run on the event loop took "
+                "%.2f ms of CPU and waited %.2f ms (back to the loop after %d quick runs "
+                "in a row)",
+                operation.name,
+                cpu * 1000,
+                waited * 1000,
+                placement.runs_to_move,
+            )
+        return answer
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run `fn(*args)` in the pool with this task's context (the correlation id and

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flext_mesh.errors import InfrastructureError, InvalidArgument, NotFound
+from flext_mesh.hosting.operations import QUICK_RUNS_TO_MOVE
 from flext_mesh.server import ControlPlane, create_server
 from sidecar.client import BreakersOpen, MeshClient, SyncMeshClient
 from sidecar.config import SidecarConfig
@@ -30,7 +31,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
         await control.stop(0.2)
 
 
-async def _sidecar(plane: ControlPlane, name: str) -> Sidecar:
+async def _sidecar(plane: ControlPlane, name: str, **settings: object) -> Sidecar:
     sidecar = Sidecar(
         SidecarConfig(
             service="payment",
@@ -38,6 +39,7 @@ async def _sidecar(plane: ControlPlane, name: str) -> Sidecar:
             control_plane=f"127.0.0.1:{plane.port}",
             instance_id=name,
             ttl=2.0,
+            **settings,  # type: ignore[arg-type]
         )
     )
     await sidecar.start()
@@ -192,3 +194,34 @@ async def test_open_breakers_fail_fast_without_retrying(plane: ControlPlane) -> 
     finally:
         await client.aclose()
         await sidecar.stop(0)
+
+
+async def test_a_quick_sync_processor_moves_to_the_loop_unless_sync_in_pool(
+    plane: ControlPlane,
+) -> None:
+    moving = await _sidecar(plane, "a")
+    pooled = await _sidecar(plane, "b", sync_in_pool=True)
+    client = MeshClient(f"127.0.0.1:{plane.port}", caller_service="shop")
+    try:
+        await client.start()
+        await _registered(client, 2)
+        placements = {}
+        for sidecar in (moving, pooled):
+            assert sidecar.processor is not None
+            placements[sidecar.config.instance_id] = sidecar.processor._operations[
+                "charge"
+            ].placement
+        # Balanced over the two; a busy machine may need more than 32 runs in a row.
+        for i in range(40 * QUICK_RUNS_TO_MOVE):
+            result = await client.call("payment", "charge", {"customer_id": "c", "amount": i + 1})
+            assert result["charged"] == i + 1
+            if i > 2 * QUICK_RUNS_TO_MOVE and placements["a"].on_loop:  # type: ignore[union-attr]
+                break
+        assert {name: p.on_loop for name, p in placements.items() if p} == {
+            "a": True,
+            "b": False,
+        }
+    finally:
+        await client.aclose()
+        await moving.stop(0.5)
+        await pooled.stop(0.5)
