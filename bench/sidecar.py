@@ -145,6 +145,8 @@ async def sidecar_factory(control_plane: str) -> tuple[grpc.aio.Server, int]:
             listen="127.0.0.1:0",
             instance_id="bench-sidecar",
             log_level="WARNING",
+            # Quick sync processors on the loop (--quick-sync-on-loop; off by default).
+            quick_sync_on_loop=True,
         )
     )
     port = await sidecar.start()

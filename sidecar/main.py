@@ -150,7 +150,7 @@ class Sidecar:
                 version=config.version,
                 on_call=report,
                 on_lost_answer=self.lost_results.record if self.lost_results else None,
-                quick_sync_on_loop=not config.sync_in_pool,
+                quick_sync_on_loop=config.quick_sync_on_loop,
             )
         )
         self.host.register(

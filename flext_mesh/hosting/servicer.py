@@ -18,8 +18,8 @@ One Invoke:
 3. The payload is validated against the operation's request model (INVALID_ARGUMENT
    with `google.rpc.BadRequest` field violations) and the processor runs: an async
    `process` on the loop, a sync one in this servicer's bounded thread pool, or, with
-   `quick_sync_on_loop` (the sidecar's default), on the loop once its runs are measured
-   quick and never waiting (`flext_mesh.hosting.operations.SyncPlacement`): that
+   `quick_sync_on_loop` (`flext-sidecar --quick-sync-on-loop`), on the loop once its
+   runs are measured quick and never waiting (`flext_mesh.hosting.operations.SyncPlacement`): that
    spares two thread hand-overs per call, about what a small processor's whole run
    costs. A call with an idempotency key always runs a sync processor in the pool.
 4. The gRPC deadline bounds the run: past it the call answers DEADLINE_EXCEEDED. A sync

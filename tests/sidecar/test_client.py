@@ -196,11 +196,11 @@ async def test_open_breakers_fail_fast_without_retrying(plane: ControlPlane) -> 
         await sidecar.stop(0)
 
 
-async def test_a_quick_sync_processor_moves_to_the_loop_unless_sync_in_pool(
+async def test_a_quick_sync_processor_moves_to_the_loop_only_when_allowed(
     plane: ControlPlane,
 ) -> None:
-    moving = await _sidecar(plane, "a")
-    pooled = await _sidecar(plane, "b", sync_in_pool=True)
+    moving = await _sidecar(plane, "a", quick_sync_on_loop=True)
+    pooled = await _sidecar(plane, "b")
     client = MeshClient(f"127.0.0.1:{plane.port}", caller_service="shop")
     try:
         await client.start()
