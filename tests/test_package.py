@@ -68,6 +68,12 @@ def test_the_sidecar_client_loads_no_store_registry_or_etcd_client() -> None:
     assert sorted(m for m in loaded if m.startswith(heavy)) == []
 
 
+def test_a_plaintext_sidecar_loads_no_certificate_library() -> None:
+    # cryptography is about 12 MB of RSS; only a sidecar given TLS files needs it.
+    loaded = _modules_loaded_by("import sidecar.main")
+    assert sorted(m for m in loaded if m.startswith("cryptography")) == []
+
+
 def test_the_library_loads_without_the_control_plane() -> None:
     # Service code imports FlextResult and ServiceProcessor: no servicers, no store.
     loaded = _modules_loaded_by("import flext_mesh")

@@ -39,15 +39,15 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
 from flext_mesh.addresses import AddressError, first_name, grpc_target
 from flext_mesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "ClientSecurity",
@@ -142,6 +142,8 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _certificates(pem: bytes, path: str, what: str) -> list[x509.Certificate]:
+    from cryptography import x509  # noqa: PLC0415 - only with TLS: ~12 MB of RSS otherwise
+
     try:
         certificates = x509.load_pem_x509_certificates(pem)
     except ValueError:
@@ -159,6 +161,9 @@ def _checked_pair(cert_stamp: _FileStamp, key_stamp: _FileStamp, flag: str) -> t
     cert_pem = _read_stamped(cert_stamp, f"{flag}-cert")
     key_pem = _read_stamped(key_stamp, f"{flag}-key")
     leaf = _certificates(cert_pem, cert_path, f"{flag}-cert")[0]
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415 - as above
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
