@@ -38,8 +38,10 @@ import multiprocessing
 import os
 import platform
 import signal
+import socket
 import statistics
 import struct
+import subprocess
 import sys
 import time
 import traceback
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Generic, TextIO, TypeVar
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -72,6 +75,7 @@ __all__ = [
     "UNARY_METHOD",
     "UNLIMITED",
     "BenchSettings",
+    "CommandProcess",
     "Comparison",
     "EchoClient",
     "LoadResult",
@@ -86,6 +90,7 @@ __all__ = [
     "encode_stream_request",
     "format_number",
     "format_table",
+    "free_port",
     "load_factory",
     "load_result_from_samples",
     "machine_facts",
@@ -95,6 +100,7 @@ __all__ = [
     "print_header",
     "repeat",
     "repeat_interleaved",
+    "start_command_process",
     "start_echo_server",
     "start_server_process",
     "to_jsonable",
@@ -880,6 +886,82 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self.stop)
+
+
+class CommandProcess:
+    """Handle on a real command (``flext-sidecar ...``) serving gRPC on ``port``.
+
+    What a user runs, measured as they would run it: its memory and CPU are its own,
+    not those of a benchmark module imported into a child. Stopped with SIGTERM (the
+    command's own graceful shutdown), then killed if it lingers.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
+        """Wrap a started ``process`` and the port it serves on (127.0.0.1)."""
+        self.process = process
+        self.port = port
+
+    @property
+    def pid(self) -> int | None:
+        """The command's process id."""
+        return self.process.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then kill."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5.0)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for a command's ``--listen``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_command_process(
+    argv: Sequence[str],
+    port: int,
+    *,
+    cwd: str | None = None,
+    startup_timeout: float = 30.0,
+) -> CommandProcess:
+    """Run ``argv`` (which serves gRPC on 127.0.0.1:``port``) until it is SERVING.
+
+    Readiness is the standard ``grpc.health.v1.Health/Check`` (overall status) answering
+    SERVING; blocks, so call it through ``asyncio.to_thread`` from async code. Raises
+    ``RuntimeError`` if it exits or is not ready in time.
+    """
+    # Its log lines (warnings and worse, on stderr) stay in the benchmark's output.
+    process = subprocess.Popen(list(argv), cwd=cwd, stdout=subprocess.DEVNULL)
+    handle = CommandProcess(process, port)
+    request = health_pb2.HealthCheckRequest()
+    deadline = time.monotonic() + startup_timeout
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{argv[0]} exited with {process.returncode}")
+                with contextlib.suppress(grpc.RpcError):
+                    if check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} was not SERVING within {startup_timeout} s")
+                time.sleep(0.1)
+    except BaseException:
+        handle.stop(timeout=2.0)
+        raise
+    return handle
 
 
 def start_server_process(
