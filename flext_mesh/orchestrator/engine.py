@@ -136,7 +136,6 @@ class Orchestrator:
         self.get_execution = self.executions.get_execution
         self.list_executions = self.executions.list_executions
         self.watch_execution = self.executions.watch_execution
-        self.wait_ended = self.executions.wait_ended
         self.close_watches = self.executions.close_watches
         self.remember_ended = self.executions.remember_ended
         self.record = self.reporter.record
@@ -207,6 +206,8 @@ class Orchestrator:
         task.add_done_callback(lambda t: self._finished(run, t))
 
     def _finished(self, run: Run, task: asyncio.Task[None]) -> None:
+        if not run.journal.ended.done():  # its waiters follow the store instead
+            run.journal.ended.set_result(None)
         self._tasks.discard(task)
         if self._runs.get(run.execution_id) is run:
             del self._runs[run.execution_id]
@@ -337,6 +338,21 @@ class Orchestrator:
             execution.correlation_id,
         )
         return snapshot, False
+
+    async def wait_ended(self, execution: orchestrator_pb2.Execution) -> orchestrator_pb2.Execution:
+        """``execution`` once it ended (StartExecution with ``wait``).
+
+        Driven here: the record its run committed last, handed over in memory. Else (or
+        if the run stopped without ending it: taken over, store broken, shutdown): the
+        store's events, like a WatchExecution.
+        """
+        run = self._runs.get(execution.execution_id)
+        if run is not None:
+            # Shielded: a caller that goes away must not cancel what other waiters share.
+            record = await asyncio.shield(run.journal.ended)
+            if record is not None:
+                return orchestrator_pb2.Execution.FromString(record)
+        return await self.executions.wait_ended(execution)
 
     async def cancel_execution(self, execution_id: str, reason: str) -> orchestrator_pb2.Execution:
         """Record a cancellation and wait (briefly) until running steps stopped."""

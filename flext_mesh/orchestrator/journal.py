@@ -91,6 +91,9 @@ class Journal:
         self._staged: list[orchestrator_pb2.ExecutionEvent] = []
         self._lock = asyncio.Lock()
         self._progress = asyncio.Event()
+        #: The committed record once this run ended the execution; None if the run
+        #: stopped without ending it here (taken over, store broken, shutdown).
+        self.ended: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         #: The execution state as last committed (the view may be ahead of it).
         self.committed_state = view.state
         #: Store revision of the last committed flush.
@@ -176,6 +179,8 @@ class Journal:
                 raise OwnershipLost(self.execution_id)
             self.revision = result.revision
             self.committed_state = state
+            if self.view.ended and result.succeeded and not self.ended.done():
+                self.ended.set_result(record)
             self._progress.set()
             self._progress = asyncio.Event()
             return result.succeeded

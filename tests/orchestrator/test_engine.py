@@ -119,6 +119,51 @@ async def test_start_execution_with_wait_answers_the_ended_execution(flow: Flow)
     assert state(await flow.wait(started.execution_id)) == "SUCCEEDED"
 
 
+async def test_waiters_of_one_execution_do_not_cut_each_other(flow: Flow) -> None:
+    # Two StartExecution(wait) of one key while it runs: the first gives up at its
+    # deadline, the second still gets the ended execution.
+    await flow.serve("payment", "validate_payment")
+    await flow.serve("inventory", "reserve_inventory", "release_inventory")
+    await flow.put(ORDER_FULFILLMENT)
+    request = orchestrator_pb2.StartExecutionRequest(
+        workflow_name="order_fulfillment", idempotency_key="wait-3", wait=True
+    )
+    request.input.update({"key": "w-3", "behaviour": {"reserve_inventory": {"sleep": 0.6}}})
+    patient = asyncio.ensure_future(flow.stub.StartExecution(request))
+    cut = await rpc_error(flow.stub.StartExecution(request, timeout=0.2))
+    assert cut.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    reply = await patient
+    assert state(reply.execution) == "SUCCEEDED"
+    assert reply.execution.end_time.seconds > 0
+
+
+async def test_wait_answers_a_failed_execution_after_its_compensation(flow: Flow) -> None:
+    await flow.serve("payment", "validate_payment")
+    await flow.serve("inventory", "reserve_inventory", "release_inventory")
+    workflow = {
+        **ORDER_FULFILLMENT,
+        "workflow_id": "fails_last",
+        "steps": [
+            *ORDER_FULFILLMENT["steps"],
+            {
+                "step": "ship",
+                "service": "shipping",
+                "required": True,
+                "depends_on": ["reserve_inventory"],
+                "input": {"key": "${input.key}", "behaviour": "${input.behaviour}"},
+            },
+        ],
+    }
+    await flow.serve("shipping", "ship")
+    await flow.put(workflow)
+    request = orchestrator_pb2.StartExecutionRequest(workflow_name="fails_last", wait=True)
+    request.input.update({"key": "w-4", "behaviour": {"ship": {"fail": "FAILED_PRECONDITION"}}})
+    reply = await flow.stub.StartExecution(request)
+    assert state(reply.execution) == "COMPENSATED"  # failed, its done steps undone
+    assert states(reply.execution)["reserve_inventory"] == "COMPENSATED"
+    assert reply.execution.failed_step == "ship"
+
+
 async def test_independent_branches_run_at_the_same_time(flow: Flow) -> None:
     await flow.serve("inventory", "reserve", "release")
     await flow.serve("payment", "charge", "refund")
