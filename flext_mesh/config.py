@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flext_mesh.addresses import DEFAULT_LISTEN, parse_host_port
+from flext_mesh.logs import LogFormat
 
 __all__ = ["ServerConfig"]
 
@@ -38,6 +39,9 @@ class ServerConfig(BaseSettings):
         ),
     )
     log_level: LogLevel = Field("INFO", description="Lowest level of log lines printed.")
+    log_format: LogFormat = Field(
+        "text", description="text (one line per event) or json (one object per line)."
+    )
     grace_period: float = Field(
         10.0, ge=0.0, le=600.0, description="Seconds in-flight RPCs get to finish on SIGTERM."
     )

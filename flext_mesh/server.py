@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
@@ -46,6 +46,7 @@ from flext_mesh.rpc.channels import (
     server_credentials,
 )
 from flext_mesh.rpc.handlers import LongStreams
+from flext_mesh.rpc.health import HEALTH_SERVICE, HealthServicer
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.security.auth import SecurityConfigError, build_security, check_auth_required
 from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
@@ -156,7 +157,7 @@ class ControlPlane:
             ),
             report=self.metrics.aggregator.record,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -199,7 +200,7 @@ class ControlPlane:
         add_processor_servicer(ProcessorServicer({}, service_name="flext-mesh"), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
         )
 
     async def start(self) -> int:

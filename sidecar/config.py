@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flext_mesh.addresses import DEFAULT_LISTEN, parse_host_port, split_addresses
+from flext_mesh.logs import LogFormat
 from flext_mesh.names import MAX_WEIGHT
 
 __all__ = ["SidecarConfig"]
@@ -55,6 +56,9 @@ class SidecarConfig(BaseSettings):
         10.0, ge=0.0, le=600.0, description="Seconds in-flight calls get to finish on SIGTERM."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: LogFormat = Field(
+        "text", description="text (one line per event) or json (one object per line)."
+    )
     switch_interval_ms: float = Field(
         0.25,
         ge=0.05,

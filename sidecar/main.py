@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for err in exc.errors()
         )
         _fail(f"bad configuration: {problems}", 2)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(run(config))
     except (AppError, RegistrationRefused) as exc:

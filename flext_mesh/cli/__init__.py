@@ -85,6 +85,7 @@ _METAVARS = {
     "http_listen": "HOST:PORT",
     "store": "URL",
     "log_level": "LEVEL",
+    "log_format": "FORMAT",
     "tls_cert": "FILE",
     "tls_key": "FILE",
     "tls_ca": "FILE",
@@ -258,7 +259,7 @@ def _serve(args: argparse.Namespace) -> None:
     from flext_mesh.store import StoreOpenError  # noqa: PLC0415
 
     config = _server_config(args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
     except (ServeError, StoreOpenError) as exc:

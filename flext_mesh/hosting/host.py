@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from flext_mesh.addresses import parse_host_port
@@ -29,6 +29,7 @@ from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.process import bind_problem
 from flext_mesh.rpc.channels import ClientSecurity, check_listen, server_credentials
+from flext_mesh.rpc.health import HEALTH_SERVICE, HealthServicer
 from flext_mesh.v1 import processor_pb2, registry_pb2
 
 __all__ = ["HostError", "HostSettings", "ProcessorHost"]
@@ -73,7 +74,7 @@ class ProcessorHost:
     ) -> None:
         self.servicer: ProcessorServicer | None = None
         self.settings = settings
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         # SO_REUSEPORT off: a second process on the same port must fail, not share it.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = 0
@@ -108,7 +109,7 @@ class ProcessorHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.reflection:
             reflection.enable_server_reflection(
-                (_PROCESSOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+                (_PROCESSOR_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
             )
         try:
             await self.server.start()

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from flext_mesh.errors import InvalidArgument, MeshError
+from flext_mesh.logs import log_failure
 from flext_mesh.retry import UNLIMITED_ATTEMPTS, Backoff, RetrySpec, retry_async, status_of
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
@@ -159,9 +160,9 @@ class Membership:
                 await self._refused(refused.error)
                 await asyncio.sleep(next(self._refused_backoff))
                 continue
-            except Exception:
+            except Exception as exc:
                 # Membership must outlive any surprise: log it and start over.
-                _log.exception("membership loop failed; registering again")
+                log_failure(_log, "membership loop failed; registering again", exc)
                 self.registered.clear()
                 await asyncio.sleep(min(self.ttl / 3, 1.0))
                 continue
@@ -169,8 +170,8 @@ class Membership:
             await self._accepted()
             try:
                 await self._keep_alive()  # returns when the lease is lost
-            except Exception:
-                _log.exception("membership loop failed; registering again")
+            except Exception as exc:
+                log_failure(_log, "membership loop failed; registering again", exc)
                 await asyncio.sleep(min(self.ttl / 3, 1.0))
             self.registered.clear()
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from flext_mesh.logs import log_failure
 from flext_mesh.orchestrator.history import ExecutionState, ExecutionView
 from flext_mesh.v1 import metrics_pb2
 
@@ -49,8 +50,8 @@ class Reporter:
             records, self._records = self._records, []
             try:
                 self._report(records)
-            except Exception:
-                _log.exception("reporting workflow durations failed")
+            except Exception as exc:
+                log_failure(_log, "reporting workflow durations failed", exc)
 
     async def flush_forever(self) -> None:
         """Flush every ``flush_interval`` seconds."""

@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flext_mesh.errors import NotFound
+from flext_mesh.errors import MeshError, NotFound
+from flext_mesh.logs import log_failure
 from flext_mesh.registry.cache import InstanceCache, InstanceChange, instance_key, split_key
 from flext_mesh.registry.health import HealthChecker, HealthTransition
 from flext_mesh.registry.outlier import OutlierDetector
@@ -241,8 +242,8 @@ class Weights:
             await asyncio.sleep(self.settings.refresh_interval)
             try:
                 await self.refresh()
-            except Exception:
-                _log.exception("registry refresh failed")
+            except Exception as exc:
+                log_failure(_log, "registry refresh failed", exc, expected=(MeshError,))
 
     def _expire(self) -> None:
         """Forget call statistics of instances that got no call for the expiration."""

@@ -29,6 +29,7 @@ from flext_mesh.errors import (
     StatusError,
     error_for_code,
 )
+from flext_mesh.logs import log_failure
 
 __all__ = [
     "MAX_STATUS_MESSAGE_BYTES",
@@ -192,8 +193,8 @@ def rpc_errors(method: _Handler) -> _Handler:
                 await abort(context, err)
             except grpc.aio.AbortError:
                 raise
-            except Exception:
-                _log.exception("unexpected error in %s", name)
+            except Exception as exc:
+                log_failure(_log, f"unexpected error in {name}", exc)
                 await abort(context, InternalError(f"internal error in {name}"))
 
         return stream_wrapper  # type: ignore[return-value]
@@ -206,8 +207,8 @@ def rpc_errors(method: _Handler) -> _Handler:
             await abort(context, err)
         except grpc.aio.AbortError:
             raise
-        except Exception:
-            _log.exception("unexpected error in %s", name)
+        except Exception as exc:
+            log_failure(_log, f"unexpected error in {name}", exc)
             await abort(context, InternalError(f"internal error in {name}"))
 
     return unary_wrapper  # type: ignore[return-value]

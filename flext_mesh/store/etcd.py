@@ -59,6 +59,7 @@ import grpc
 from aetcd import rpc  # type: ignore[import-untyped]
 
 from flext_mesh.errors import StoreUnavailable
+from flext_mesh.logs import log_failure
 from flext_mesh.retry import Backoff, RetrySpec
 from flext_mesh.store.base import (
     Compacted,
@@ -907,8 +908,8 @@ class EtcdStore:
             if mine:
                 try:
                     callback(mine)
-                except Exception:
-                    _log.exception("store listener failed prefix=%s", prefix)
+                except Exception as exc:
+                    log_failure(_log, f"store listener failed prefix={prefix}", exc)
         self._subs.deliver(events)
 
     # -- waiting for the watch -----------------------------------------------------

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from flext_mesh.errors import StoreUnavailable
+from flext_mesh.logs import log_failure
 from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.store.base import (
     Compacted,
@@ -440,8 +441,8 @@ class SqliteStore:
                 if mine:
                     try:
                         callback(mine)
-                    except Exception:
-                        _log.exception("store listener failed prefix=%s", prefix)
+                    except Exception as exc:
+                        log_failure(_log, f"store listener failed prefix={prefix}", exc)
             self._subs.deliver(events)
         for fut, ok, value in outcomes:
             if fut.done():  # its caller was cancelled; the write happened all the same
