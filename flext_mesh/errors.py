@@ -156,14 +156,25 @@ class InvalidArgument(MeshError):
     def __init__(self, message: str, violations: Iterable[FieldViolation] = ()) -> None:
         self.violations: tuple[FieldViolation, ...] = tuple(violations)
         if self.violations and message == "":
-            message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+            message = _listed(self.violations)
         super().__init__(message)
 
     @classmethod
     def from_violations(cls, violations: Sequence[FieldViolation]) -> InvalidArgument:
-        """Build the error whose message lists every violation."""
-        text = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        return cls(f"invalid request: {text}", violations)
+        """Build the error whose message lists the violations (the first ones of many)."""
+        return cls(f"invalid request: {_listed(violations)}", violations)
+
+
+#: Violations a message spells out; the status keeps all (cut to fit when sent).
+_MESSAGE_VIOLATIONS = 20
+
+
+def _listed(violations: Sequence[FieldViolation]) -> str:
+    """``field: description; ...`` of the first violations, and how many more there are:
+    a request with thousands of bad fields must not cost a message of all of them."""
+    text = "; ".join(f"{v.field}: {v.description}" for v in violations[:_MESSAGE_VIOLATIONS])
+    more = len(violations) - _MESSAGE_VIOLATIONS
+    return f"{text}; and {more} more" if more > 0 else text
 
 
 class NotFound(MeshError):

@@ -154,3 +154,11 @@ def test_a_failed_result_becomes_the_error_of_its_code() -> None:
     )
     assert isinstance(invalid, InvalidArgument)
     assert invalid.violations == (FieldViolation("email", "missing @"),)
+
+
+def test_a_message_of_many_violations_names_the_first_and_counts_the_rest() -> None:
+    violations = [FieldViolation(f"records[{i}].service_name", "is required") for i in range(5000)]
+    error = InvalidArgument.from_violations(violations)
+    assert error.message.startswith("invalid request: records[0].service_name: is required; ")
+    assert error.message.endswith("records[19].service_name: is required; and 4980 more")
+    assert len(error.violations) == 5000  # the status keeps them (cut to fit when sent)

@@ -19,7 +19,12 @@ from flext_mesh.registry.cache import POLICIES, InstanceCache
 from flext_mesh.registry.discovery import is_healthy
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
-from flext_mesh.routing.policy import known_versions, validate_policy
+from flext_mesh.routing.policy import (
+    MAX_OPERATION_TIMEOUTS,
+    MAX_SPLITS,
+    known_versions,
+    validate_policy,
+)
 from flext_mesh.store.base import Compare, Put
 from flext_mesh.v1 import registry_pb2
 
@@ -71,12 +76,17 @@ class Policies:
     ) -> registry_pb2.ServicePolicy:
         """Validate and store a policy (version + 1); the previous one stays on error."""
         violations = validate_policy(policy)
+        if (
+            len(policy.splits) > MAX_SPLITS
+            or len(policy.operation_timeouts) > MAX_OPERATION_TIMEOUTS
+        ):
+            raise_if(violations)  # not worth checking against the registry entry by entry
         name = policy.service_name
         instances = list(self._cache.instances(name).values())
         versions = known_versions(instances)
+        have = _some(sorted(versions))
         for i, split in enumerate(policy.splits):
             if split.version and split.version not in versions:
-                have = ", ".join(sorted(versions)) or "none"
                 violations.append(
                     FieldViolation(
                         f"policy.splits[{i}].version",
@@ -199,3 +209,12 @@ class Policies:
             )
         self._settings[service] = (outlier, checks)
         return outlier, checks
+
+
+def _some(names: list[str], most: int = 10) -> str:
+    """The first ``most`` names, and how many more: a message stays short however many
+    versions a service has."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:most])
+    return f"{shown} and {len(names) - most} more" if len(names) > most else shown

@@ -43,6 +43,8 @@ from flext_mesh.v1 import common_pb2, registry_pb2
 
 __all__ = [
     "DEFAULT_ZONE_MIN_HEALTHY_PERCENT",
+    "MAX_OPERATION_TIMEOUTS",
+    "MAX_SPLITS",
     "Selection",
     "SplitPicker",
     "apply_zone",
@@ -80,11 +82,38 @@ def _duration(
     return value
 
 
+#: Most version splits a policy may hold (a version per release in flight is a handful).
+MAX_SPLITS = 100
+#: Most per-operation timeouts a policy may hold.
+MAX_OPERATION_TIMEOUTS = 1000
+
+
 def validate_policy(
     policy: registry_pb2.ServicePolicy, *, field: str = "policy"
 ) -> list[FieldViolation]:
-    """Violations of the policy's own fields (ranges, sums, names); empty when fine."""
+    """Violations of the policy's own fields (ranges, sums, names); empty when fine.
+
+    A list over its bound (:data:`MAX_SPLITS`, :data:`MAX_OPERATION_TIMEOUTS`) is one
+    violation, and its entries are not looked at: the cost stays bounded by the limits.
+    """
     out: list[FieldViolation] = list(check_name(f"{field}.service_name", policy.service_name))
+    oversized = []
+    if len(policy.splits) > MAX_SPLITS:
+        oversized.append(
+            FieldViolation(
+                f"{field}.splits", f"at most {MAX_SPLITS} splits, got {len(policy.splits)}"
+            )
+        )
+    if len(policy.operation_timeouts) > MAX_OPERATION_TIMEOUTS:
+        oversized.append(
+            FieldViolation(
+                f"{field}.operation_timeouts",
+                f"at most {MAX_OPERATION_TIMEOUTS} operations, "
+                f"got {len(policy.operation_timeouts)}",
+            )
+        )
+    if oversized:
+        return out + oversized
     if policy.strategy and policy.strategy not in registry_pb2.LoadBalancingStrategy.values():
         out.append(FieldViolation(f"{field}.strategy", f"{policy.strategy} is not a strategy"))
     _duration(out, f"{field}.default_timeout", policy, "default_timeout", low=0.001, high=3600)
