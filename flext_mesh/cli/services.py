@@ -189,8 +189,25 @@ def discover(channel: grpc.Channel, args: argparse.Namespace) -> str:
     notes = list(response.notes)
     if response.panic_mode and not any("panic" in note for note in notes):
         notes.insert(0, "panic mode: too few healthy instances, so all of them are returned")
-    header = "".join(f"note: {note}\n" for note in notes)
+    header = discover_summary(response) + "".join(f"note: {note}\n" for note in notes)
     return header + render_table(INSTANCE_HEADERS, (instance_row(i) for i in response.instances))
+
+
+def discover_summary(response: registry_pb2.DiscoverResponse) -> str:
+    """One line of how the answer was made: strategy, revision, the version a split
+    chose (and whether it fell back), zone spill-over and panic mode."""
+    parts = [
+        f"strategy: {enum_text(registry_pb2.LoadBalancingStrategy.DESCRIPTOR, response.strategy)}",
+        f"revision: {response.revision}",
+    ]
+    if response.selected_version:
+        fallback = " (no healthy instance of it: fell back)" if response.split_fallback else ""
+        parts.append(f"selected version: {response.selected_version}{fallback}")
+    if response.zone_spillover:
+        parts.append("zone spill-over: yes")
+    if response.panic_mode:
+        parts.append("panic mode: yes")
+    return "   ".join(parts) + "\n"
 
 
 def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:

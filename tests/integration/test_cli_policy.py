@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -270,6 +271,9 @@ def test_split_changes_only_the_split_and_bumps_the_version(address: str, tmp_pa
 
     shifted = ok(address, "policy", "split", "orders", "v1=90", "v2=10")
     assert shifted == "orders: policy version 3, split v1=90 v2=10\n"
+    # Discover says which version the split chose for its answer.
+    summary = ok(address, "services", "discover", "orders").splitlines()[0]
+    assert re.search(r"selected version: v[12]\b", summary), summary
     after = stored(address, "orders")
     assert after["splits"] == [{"version": "v1", "weight": 90}, {"version": "v2", "weight": 10}]
     assert after["version"] == "3"

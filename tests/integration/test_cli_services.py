@@ -60,8 +60,13 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def table(stdout: str) -> list[list[str]]:
-    """The rows of a printed table (header first), split on the column gaps."""
-    return [re.split(r"\s{2,}", line) for line in stdout.splitlines() if line]
+    """The rows of a printed table (header first), split on the column gaps; the lines
+    ``services discover`` prints above its table are left out."""
+    return [
+        re.split(r"\s{2,}", line)
+        for line in stdout.splitlines()
+        if line and not line.startswith(("strategy: ", "note: "))
+    ]
 
 
 def rows_by_first_cell(stdout: str) -> dict[str, list[str]]:
@@ -261,7 +266,9 @@ def test_discover_label_selector_filters(address: str) -> None:
 def test_discover_notes_panic_mode_above_the_table(address: str) -> None:
     run = cli("services", "discover", "ledger", "--control-plane", address)
     assert run.returncode == 0, run.stderr
-    first, header, *rows = run.stdout.splitlines()
+    summary, first, header, *rows = run.stdout.splitlines()
+    assert summary.split("   ")[0] == "strategy: WEIGHTED_ROUND_ROBIN"  # the default
+    assert summary.endswith("panic mode: yes")
     assert first.startswith("note: panic mode: 1 of 3 instances healthy")
     assert header.split() == list(INSTANCE_HEADERS)
     assert len(rows) == 3
