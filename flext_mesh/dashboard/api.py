@@ -301,9 +301,11 @@ class Dashboard:
         operation = request.query.get("operation", "")
         window = self._window(request, self.settings.series_window)
         retention = self.metrics.aggregator.settings.retention
-        violations = check_name("name", name)
-        if operation:
-            violations += check_name("operation", operation)
+        # As the report's: metrics names (a workflow's is ``workflow/NAME``), not
+        # registry names.
+        violations = check_length("name", name, MAX_NAME) + check_length(
+            "operation", operation, MAX_NAME
+        )
         if not _MIN_WINDOW <= window <= retention:
             violations.append(
                 FieldViolation(

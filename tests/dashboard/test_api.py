@@ -175,6 +175,18 @@ async def test_workflows_and_executions_are_the_grpc_documents(sidecar_like: Flo
     _, without = await get_json(f"{base(flow)}/api/v1/executions/{started.execution_id}")
     assert without["events"] == []
 
+    # The workflow's own metrics, under its metrics name workflow/order.
+    url = f"{base(flow)}/api/v1/services/workflow%2Forder"
+    deadline = time.monotonic() + 15
+    while (await get_json(f"{url}/report?window=1h"))[0] != 200:
+        assert time.monotonic() < deadline, "the workflow's durations never reached metrics"
+        await asyncio.sleep(0.2)
+    _, report = await get_json(f"{url}/report?window=1h")
+    assert report["report"]["service_name"] == "workflow/order"
+    status, series = await get_json(f"{url}/series?window=300")
+    assert status == 200, series
+    assert series["service_name"] == "workflow/order"
+
 
 async def test_report_and_series_show_the_reported_calls(flow: Flow) -> None:
     await report_calls(flow)
