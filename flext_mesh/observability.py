@@ -22,9 +22,9 @@ import inspect
 import logging
 import platform
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import grpc
 from aiohttp import web
@@ -56,11 +56,14 @@ __all__ = [
     "CallOutcome",
     "CallSeries",
     "LoopLagCollector",
+    "MeshState",
+    "MeshStateCollector",
     "Observability",
     "RpcMetricsInterceptor",
 ]
 
 _log = logging.getLogger("flext_mesh.observability")
+_T = TypeVar("_T")
 
 #: Upper bounds (seconds, ascending, +Inf implied) of the mesh call latency histogram;
 #: the metrics service folds durations into them with ``numpy.searchsorted``.
@@ -325,24 +328,7 @@ class CallMetricsCollector(Collector):
         return self._families(self._snapshot())
 
     def _snapshot(self) -> list[CallSeries]:
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running() or _runs_on(loop):
-            return list(self._source())
-        future: concurrent.futures.Future[list[CallSeries]] = concurrent.futures.Future()
-
-        def run() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(list(self._source()))
-                except Exception as exc:
-                    future.set_exception(exc)
-
-        loop.call_soon_threadsafe(run)
-        try:
-            return future.result(self._timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
+        return _on_loop(self._loop, lambda: list(self._source()), self._timeout)
 
     def _families(self, series: Iterable[CallSeries]) -> list[Metric]:
         durations = HistogramMetricFamily(
@@ -383,6 +369,28 @@ class CallMetricsCollector(Collector):
             if len(self._le_cache) < 64:
                 self._le_cache[key] = les
         return les
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop | None, read: Callable[[], _T], timeout: float) -> _T:
+    """``read()`` on ``loop``'s thread (between two of its callbacks, so never in the
+    middle of an update), waited for up to ``timeout`` s from a scrape's thread."""
+    if loop is None or loop.is_closed() or not loop.is_running() or _runs_on(loop):
+        return read()
+    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(read())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+        raise
 
 
 def _runs_on(loop: asyncio.AbstractEventLoop) -> bool:
@@ -439,6 +447,92 @@ class LoopLagCollector(Collector):
         return [lag, lag_max]
 
 
+# -- what the control plane holds -------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshState:
+    """What this control plane holds right now, read at scrape time."""
+
+    #: Registered instances by (service, version, zone, health).
+    instances: Mapping[tuple[str, str, str, str], int]
+    #: Instances ejected by outlier detection, by service.
+    ejected: Mapping[str, int]
+    #: Leases that hold at least one instance.
+    leases: int
+    #: Open registry Watch streams on this replica.
+    watchers: int
+    #: Executions this replica drives, by (workflow, state).
+    executions: Mapping[tuple[str, str], int]
+
+
+class MeshStateCollector(Collector):
+    """Gauges of the registry and the orchestrator, read at scrape time from ``source``
+    on ``loop`` (see :class:`CallMetricsCollector`): ``flext_mesh_instances`` (service,
+    version, zone, health), ``flext_mesh_instances_ejected`` (service),
+    ``flext_mesh_leases``, ``flext_mesh_registry_watchers`` and
+    ``flext_mesh_executions`` (workflow, state; the executions this replica drives, so
+    a sum over replicas counts each once).
+
+    Cardinality: one series per service x version x zone x health seen, per service, and
+    per workflow x state (at most the active states); no instance id or lease id.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], MeshState],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        """Collect from ``source``; ``timeout``: seconds to wait for the loop to run it."""
+        self._source = source
+        self._loop = loop
+        self._timeout = timeout
+
+    def describe(self) -> Iterable[Metric]:
+        """The metric names (so the registry rejects duplicates without calling source)."""
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        """The gauges of the source's current state."""
+        return self._families(_on_loop(self._loop, self._source, self._timeout))
+
+    @staticmethod
+    def _families(state: MeshState | None) -> list[Metric]:
+        instances = GaugeMetricFamily(
+            "flext_mesh_instances",
+            "Registered instances, by service, version, zone and health.",
+            labels=("service", "version", "zone", "health"),
+        )
+        ejected = GaugeMetricFamily(
+            "flext_mesh_instances_ejected",
+            "Instances ejected by outlier detection, by service.",
+            labels=("service",),
+        )
+        leases = GaugeMetricFamily(
+            "flext_mesh_leases", "Leases that hold at least one registered instance."
+        )
+        watchers = GaugeMetricFamily(
+            "flext_mesh_registry_watchers", "Open registry Watch streams on this replica."
+        )
+        executions = GaugeMetricFamily(
+            "flext_mesh_executions",
+            "Workflow executions this replica drives, by workflow and state.",
+            labels=("workflow", "state"),
+        )
+        if state is not None:
+            for instance_labels, count in sorted(state.instances.items()):
+                instances.add_metric(instance_labels, count)
+            for service, count in sorted(state.ejected.items()):
+                ejected.add_metric((service,), count)
+            leases.add_metric((), state.leases)
+            watchers.add_metric((), state.watchers)
+            for execution_labels, count in sorted(state.executions.items()):
+                executions.add_metric(execution_labels, count)
+        return [instances, ejected, leases, watchers, executions]
+
+
 # -- the bundle -------------------------------------------------------------------------
 
 
@@ -466,6 +560,7 @@ class Observability:
             GCCollector(registry=self.registry)  # python_gc_* (CPython)
         self._calls: CallMetricsCollector | None = None
         self._loop_lag: LoopLagCollector | None = None
+        self._state: MeshStateCollector | None = None
 
     def set_call_source(self, source: Callable[[], Iterable[CallSeries]] | None) -> None:
         """Expose the mesh call metrics from ``source`` (None removes them). Call it on
@@ -481,6 +576,21 @@ class Observability:
                 loop = None
             self._calls = CallMetricsCollector(source, loop=loop)
             self.registry.register(self._calls)
+
+    def set_state_source(self, source: Callable[[], MeshState] | None) -> None:
+        """Expose the registry's and orchestrator's gauges from ``source`` (None removes
+        them). Call it on the event loop that owns that state."""
+        if self._state is not None:
+            self.registry.unregister(self._state)
+            self._state = None
+        if source is not None:
+            loop: asyncio.AbstractEventLoop | None
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            self._state = MeshStateCollector(source, loop=loop)
+            self.registry.register(self._state)
 
     def set_loop_monitor(self, monitor: LoopLagMonitor | None) -> None:
         """Expose the event loop lag measured by ``monitor`` (None removes it)."""

@@ -31,7 +31,7 @@ from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_service
 from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.metrics.aggregator import AggregatorSettings
 from flext_mesh.metrics.service import Metrics
-from flext_mesh.observability import CallSeries, Observability
+from flext_mesh.observability import CallSeries, MeshState, Observability
 from flext_mesh.orchestrator.engine import Orchestrator, OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.invoker import MeshInvoker
 from flext_mesh.process import bind_problem, signal_received
@@ -232,6 +232,7 @@ class ControlPlane:
                 raise ServeError(bind_problem(host, port)) from exc
             await self.server.start()
             self.observability.set_call_source(self._call_series)
+            self.observability.set_state_source(self._state)
             try:
                 self.http_port = await self.http.start()
             except OSError as exc:
@@ -296,6 +297,17 @@ class ControlPlane:
         at a time costs about 100 µs on the event loop.
         """
         self.orchestrator.record(record)
+
+    def _state(self) -> MeshState:
+        """The registry's and the orchestrator's counts, for Prometheus gauges."""
+        census = self.registry.census()
+        return MeshState(
+            instances=census.instances,
+            ejected=census.ejected,
+            leases=census.leases,
+            watchers=census.watchers,
+            executions=self.orchestrator.driven(),
+        )
 
     def _call_series(self) -> Iterable[CallSeries]:
         """The metrics service's cumulative call histograms, for Prometheus."""

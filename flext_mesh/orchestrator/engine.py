@@ -339,6 +339,15 @@ class Orchestrator:
         )
         return snapshot, False
 
+    def driven(self) -> dict[tuple[str, str], int]:
+        """Executions this replica drives now, by (workflow, state without its prefix);
+        an inline definition counts as workflow ``(inline)``."""
+        counts: dict[tuple[str, str], int] = {}
+        for run in self._runs.values():
+            key = (run.view.execution.workflow_name or "(inline)", run.view.state.name)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     async def wait_ended(self, execution: orchestrator_pb2.Execution) -> orchestrator_pb2.Execution:
         """``execution`` once it ended (StartExecution with ``wait``).
 

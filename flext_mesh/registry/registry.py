@@ -17,6 +17,7 @@ and so one revision and one watch event.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ __all__ = [
     "INSTANCES",
     "POLICIES",
     "REGISTRY",
+    "Census",
     "Discovered",
     "OperationLister",
     "Registry",
@@ -54,6 +56,20 @@ __all__ = [
 
 _log = logging.getLogger("flext_mesh.registry")
 _HS = registry_pb2.HealthStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class Census:
+    """What the registry holds, counted (see :meth:`Registry.census`)."""
+
+    #: Instances by (service, version, zone, health without its enum prefix).
+    instances: dict[tuple[str, str, str, str], int]
+    #: Ejected instances by service.
+    ejected: dict[str, int]
+    #: Distinct leases holding an instance.
+    leases: int
+    #: Open Watch streams.
+    watchers: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +239,27 @@ class Registry:
     def get(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
         """The cached instance, or None."""
         return self.cache.get(service, instance_id)
+
+    def census(self) -> Census:
+        """Counts of what the registry holds (for gauges; O(instances), on the loop)."""
+        instances: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        ejected: collections.Counter[str] = collections.Counter()
+        leases: set[str] = set()
+        health_name = _HS.Name
+        for service, by_id in self.cache.services.items():
+            for instance in by_id.values():
+                health = health_name(instance.health).removeprefix("HEALTH_STATUS_")
+                instances[service, instance.version, instance.zone, health] += 1
+                if instance.ejected:
+                    ejected[service] += 1
+                if instance.lease_id:
+                    leases.add(instance.lease_id)
+        return Census(
+            instances=dict(instances),
+            ejected=dict(ejected),
+            leases=len(leases),
+            watchers=len(self.hub),
+        )
 
     @property
     def revision(self) -> int:

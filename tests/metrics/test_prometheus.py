@@ -26,7 +26,15 @@ from flext_mesh.observability import (
     Observability,
 )
 from flext_mesh.server import create_server
-from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
+from flext_mesh.v1 import (
+    metrics_pb2,
+    metrics_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    processor_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 from tests.registry.conftest import fast_config
 
 
@@ -372,3 +380,102 @@ async def test_interceptor_counts_rpcs_by_code_and_times_unary(
         == 7
     )
     assert not [s for s in seconds if s.labels.get("grpc_method") == "List"]  # streams untimed
+
+
+async def test_scrape_shows_instances_leases_watchers_and_running_executions(
+    tmp_path: Path,
+) -> None:
+    plane, port = await create_server(fast_config(tmp_path))
+    step_server = grpc.aio.server()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            registry = registry_pb2_grpc.RegistryServiceStub(channel)
+            for instance_id, version, zone in (
+                ("pay-1", "v1", "eu-1a"),
+                ("pay-2", "v1", "eu-1a"),
+                ("pay-3", "v2", "eu-1b"),
+            ):
+                request = registry_pb2.RegisterRequest(
+                    instance=registry_pb2.ServiceInstance(
+                        service_name="payment",
+                        instance_id=instance_id,
+                        endpoint="127.0.0.1:9",
+                        version=version,
+                        zone=zone,
+                        health_check_mode=registry_pb2.HEALTH_CHECK_MODE_TTL_ONLY,
+                    )
+                )
+                request.ttl.FromSeconds(60)
+                await registry.Register(request)
+            watch = registry.Watch(registry_pb2.WatchRequest(service_names=["payment"]))
+            await watch.read()  # the snapshot: the stream is open
+
+            # A workflow whose only step hangs: one execution RUNNING on this replica.
+            hang = asyncio.Event()
+            port_of_steps = await _hanging_step_server(step_server, hang)
+            await _register_step_service(registry, port_of_steps)
+            orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            await orchestrator.PutWorkflow(
+                orchestrator_pb2.PutWorkflowRequest(
+                    workflow=orchestrator_pb2.Workflow(
+                        name="slow",
+                        steps=[orchestrator_pb2.WorkflowStep(name="wait", service="hangs")],
+                    )
+                )
+            )
+            await orchestrator.StartExecution(
+                orchestrator_pb2.StartExecutionRequest(workflow_name="slow")
+            )
+            await asyncio.sleep(0.3)
+            families = await asyncio.to_thread(_scrape, plane.http_port)
+            watch.cancel()
+            hang.set()
+    finally:
+        await step_server.stop(0)
+        await plane.stop(0.2)
+
+    instances = {
+        (s[1]["service"], s[1]["version"], s[1]["zone"], s[1]["health"]): s[2]
+        for s in families["flext_mesh_instances"]
+    }
+    assert instances[("payment", "v1", "eu-1a", "SERVING")] == 2.0
+    assert instances[("payment", "v2", "eu-1b", "SERVING")] == 1.0
+    assert families["flext_mesh_leases"][0][2] == 4.0  # three payment instances, one step
+    assert families["flext_mesh_registry_watchers"][0][2] >= 1.0
+    executions = {
+        (s[1]["workflow"], s[1]["state"]): s[2] for s in families["flext_mesh_executions"]
+    }
+    assert executions == {("slow", "RUNNING"): 1.0}
+    assert "flext_mesh_instances_ejected" in families
+
+
+async def _hanging_step_server(server: grpc.aio.Server, hang: asyncio.Event) -> int:
+    """A ProcessorService whose every Invoke waits for ``hang``."""
+
+    async def invoke(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await hang.wait()
+        return processor_pb2.InvokeResponse(success=True).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "flext_mesh.v1.ProcessorService",
+        {"Invoke": grpc.unary_unary_rpc_method_handler(invoke)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return port
+
+
+async def _register_step_service(
+    registry: registry_pb2_grpc.RegistryServiceStub, port: int
+) -> None:
+    request = registry_pb2.RegisterRequest(
+        instance=registry_pb2.ServiceInstance(
+            service_name="hangs",
+            instance_id="hangs-1",
+            endpoint=f"127.0.0.1:{port}",
+            health_check_mode=registry_pb2.HEALTH_CHECK_MODE_TTL_ONLY,
+        )
+    )
+    request.ttl.FromSeconds(60)
+    await registry.Register(request)
