@@ -464,15 +464,18 @@ class MeshState:
     watchers: int
     #: Executions this replica drives, by (workflow, state).
     executions: Mapping[tuple[str, str], int]
+    #: The store's commit times: bucket bounds (seconds), cumulative counts with the
+    #: +Inf count last, and their sum in seconds.
+    commits: tuple[Sequence[float], Sequence[int], float] | None = None
 
 
 class MeshStateCollector(Collector):
     """Gauges of the registry and the orchestrator, read at scrape time from ``source``
     on ``loop`` (see :class:`CallMetricsCollector`): ``flext_mesh_instances`` (service,
     version, zone, health), ``flext_mesh_instances_ejected`` (service),
-    ``flext_mesh_leases``, ``flext_mesh_registry_watchers`` and
+    ``flext_mesh_leases``, ``flext_mesh_registry_watchers``,
     ``flext_mesh_executions`` (workflow, state; the executions this replica drives, so
-    a sum over replicas counts each once).
+    a sum over replicas counts each once) and ``flext_mesh_store_commit_seconds``.
 
     Cardinality: one series per service x version x zone x health seen, per service, and
     per workflow x state (at most the active states); no instance id or lease id.
@@ -521,6 +524,11 @@ class MeshStateCollector(Collector):
             "Workflow executions this replica drives, by workflow and state.",
             labels=("workflow", "state"),
         )
+        commits = HistogramMetricFamily(
+            "flext_mesh_store_commit_seconds",
+            "Time of the store's durable writes (SQLite: a group commit with its fsync; "
+            "etcd: a write's round trip).",
+        )
         if state is not None:
             for instance_labels, count in sorted(state.instances.items()):
                 instances.add_metric(instance_labels, count)
@@ -530,7 +538,13 @@ class MeshStateCollector(Collector):
             watchers.add_metric((), state.watchers)
             for execution_labels, count in sorted(state.executions.items()):
                 executions.add_metric(execution_labels, count)
-        return [instances, ejected, leases, watchers, executions]
+            if state.commits is not None:
+                bounds, cumulative, total = state.commits
+                les = [*(_format_le(bound) for bound in bounds), "+Inf"]
+                commits.add_metric(
+                    (), [(le, float(n)) for le, n in zip(les, cumulative, strict=True)], total
+                )
+        return [instances, ejected, leases, watchers, executions, commits]
 
 
 # -- the bundle -------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.servicers.watchers import WatchLimit
-from flext_mesh.store import Store, open_store
+from flext_mesh.store import COMMIT_BUCKETS_SECONDS, Store, open_store
 from flext_mesh.v1 import (
     metrics_pb2,
     orchestrator_pb2,
@@ -307,6 +307,7 @@ class ControlPlane:
             leases=census.leases,
             watchers=census.watchers,
             executions=self.orchestrator.driven(),
+            commits=(COMMIT_BUCKETS_SECONDS, *self.store.commit_times.cumulative()),
         )
 
     def _call_series(self) -> Iterable[CallSeries]:

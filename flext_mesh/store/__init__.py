@@ -7,6 +7,8 @@ URL names them, so importing the interface loads neither SQLite nor etcd's clien
 from __future__ import annotations
 
 from flext_mesh.store.base import (
+    COMMIT_BUCKETS_SECONDS,
+    CommitTimes,
     Compacted,
     Compare,
     Delete,
@@ -26,6 +28,8 @@ from flext_mesh.store.base import (
 )
 
 __all__ = [
+    "COMMIT_BUCKETS_SECONDS",
+    "CommitTimes",
     "Compacted",
     "Compare",
     "Delete",

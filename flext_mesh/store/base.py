@@ -18,7 +18,9 @@ Nothing here knows about gRPC. Acknowledged writes are durable when the call ret
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
+import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +28,8 @@ from typing import Protocol
 from flext_mesh.errors import ConfigError, NotFound
 
 __all__ = [
+    "COMMIT_BUCKETS_SECONDS",
+    "CommitTimes",
     "Compacted",
     "Compare",
     "Delete",
@@ -271,6 +275,45 @@ class Subscription:
             yield batch
 
 
+#: Upper bounds (seconds) of :class:`CommitTimes`' buckets; +Inf implied.
+COMMIT_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+
+class CommitTimes:
+    """How long a store's durable writes took: a fixed-bucket histogram.
+
+    Written by the one thread or task that commits, read at scrape time; a read taken
+    between two updates of one observation may be one count apart, never torn apart.
+    """
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(COMMIT_BUCKETS_SECONDS) + 1)
+        self.total_seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one commit of ``seconds``."""
+        self.counts[bisect.bisect_left(COMMIT_BUCKETS_SECONDS, seconds)] += 1
+        self.total_seconds += seconds
+
+    def cumulative(self) -> tuple[list[int], float]:
+        """Counts at or below each bound then the +Inf count, and the sum of seconds."""
+        return list(itertools.accumulate(list(self.counts))), self.total_seconds
+
+
 class Store(Protocol):
     """Durable, revisioned key-value state with leases and an event history."""
 
@@ -278,6 +321,8 @@ class Store(Protocol):
     #: Most operations one transaction may hold (None: no limit); callers with more
     #: split them (etcd's ``--max-txn-ops``).
     max_txn_ops: int | None
+    #: How long its commits take (SQLite: a group commit; etcd: a write round trip).
+    commit_times: CommitTimes
 
     async def open(self) -> None:
         """Open (creating and migrating as needed); raises StoreOpenError."""

@@ -62,6 +62,7 @@ from flext_mesh.errors import StoreUnavailable
 from flext_mesh.logs import log_failure
 from flext_mesh.retry import Backoff, RetrySpec
 from flext_mesh.store.base import (
+    CommitTimes,
     Compacted,
     Compare,
     Delete,
@@ -81,6 +82,8 @@ from flext_mesh.store.base import (
 __all__ = ["SYNC_KEY", "EtcdStore", "format_lease", "parse_endpoints", "parse_lease"]
 
 _log = logging.getLogger("flext_mesh.store.etcd")
+#: KV methods that write (timed into ``commit_times``).
+_WRITES = frozenset({"Put", "DeleteRange", "Txn"})
 
 #: Reserved Store key: written with every delete and as a barrier (module docstring).
 SYNC_KEY = "/.store/sync"
@@ -178,6 +181,7 @@ class EtcdStore:
             raise StoreOpenError("the etcd store needs at least one host:port endpoint")
         self.endpoints = [(host, int(port)) for host, port in endpoints]
         self.url = "etcd://" + ",".join(f"{host}:{port}" for host, port in self.endpoints)
+        self.commit_times = CommitTimes()
         self._root = prefix.rstrip("/")
         self._ns = (self._root + "/").encode()
         self._ns_end = _prefix_end(self._ns)
@@ -321,7 +325,12 @@ class EtcdStore:
         ) from last
 
     async def _kv(self, method: str, request: Any, *, retry: bool) -> Any:
-        return await self._call(0, method, request, retry=retry)
+        if method not in _WRITES:
+            return await self._call(0, method, request, retry=retry)
+        started = time.perf_counter()
+        reply = await self._call(0, method, request, retry=retry)
+        self.commit_times.observe(time.perf_counter() - started)
+        return reply
 
     async def _lease(self, method: str, request: Any, *, retry: bool) -> Any:
         return await self._call(1, method, request, retry=retry)

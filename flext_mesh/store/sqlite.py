@@ -60,6 +60,7 @@ from flext_mesh.errors import StoreUnavailable
 from flext_mesh.logs import log_failure
 from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.store.base import (
+    CommitTimes,
     Compacted,
     Compare,
     Delete,
@@ -161,6 +162,7 @@ class SqliteStore:
         self._lease_time = -math.inf  # the latest lease time handed out (it never falls)
         self.url = f"sqlite:///{self.path}"
         self._synchronous = synchronous
+        self.commit_times = CommitTimes()
         self._history = history_revisions
         self._sweep_interval = sweep_interval
         self._read_threads = read_threads
@@ -343,7 +345,9 @@ class SqliteStore:
                         stop = True
                         break
                     batch.append(more)
+                started = time.perf_counter()
                 self._commit_batch(conn, batch)
+                self.commit_times.observe(time.perf_counter() - started)
                 if stop:
                     return
         finally:

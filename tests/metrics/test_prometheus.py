@@ -447,6 +447,11 @@ async def test_scrape_shows_instances_leases_watchers_and_running_executions(
     }
     assert executions == {("slow", "RUNNING"): 1.0}
     assert "flext_mesh_instances_ejected" in families
+    commits = {(s[0], s[1].get("le")): s[2] for s in families["flext_mesh_store_commit_seconds"]}
+    count = commits[("flext_mesh_store_commit_seconds_count", None)]
+    assert count >= 5  # four registrations and the execution's start, at least
+    assert commits[("flext_mesh_store_commit_seconds_bucket", "+Inf")] == count
+    assert commits[("flext_mesh_store_commit_seconds_sum", None)] > 0
 
 
 async def _hanging_step_server(server: grpc.aio.Server, hang: asyncio.Event) -> int:
