@@ -38,6 +38,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -52,6 +53,7 @@ from flext_mesh.version import __version__
 __all__ = [
     "CALL_BUCKETS_SECONDS",
     "RPC_BUCKETS_SECONDS",
+    "WORKFLOW_BUCKETS_SECONDS",
     "CallMetricsCollector",
     "CallOutcome",
     "CallSeries",
@@ -60,9 +62,14 @@ __all__ = [
     "MeshStateCollector",
     "Observability",
     "RpcMetricsInterceptor",
+    "WorkflowDurations",
 ]
 
 _log = logging.getLogger("flext_mesh.observability")
+
+# No ``*_created`` series: a series per counter and histogram that dashboards do not use
+# and that doubles what Prometheus stores.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 _T = TypeVar("_T")
 
 #: Upper bounds (seconds, ascending, +Inf implied) of the mesh call latency histogram;
@@ -547,6 +554,62 @@ class MeshStateCollector(Collector):
         return [instances, ejected, leases, watchers, executions, commits]
 
 
+# -- workflows --------------------------------------------------------------------------
+
+#: Upper bounds (seconds) of the workflow and step duration histograms.
+WORKFLOW_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    1800.0,
+)
+
+
+class WorkflowDurations:
+    """Workflow and step durations as Prometheus histograms under their own names:
+    ``flext_mesh_workflow_duration_seconds{workflow,state}`` and
+    ``flext_mesh_step_duration_seconds{workflow,step,code}`` (the step's last gRPC
+    status). Observed by the orchestrator as each settles (see
+    :class:`flext_mesh.orchestrator.reporting.Durations`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Register both histograms in ``registry``."""
+        self._executions = Histogram(
+            "flext_mesh_workflow_duration_seconds",
+            "Duration of ended workflow executions, start to end, by final state.",
+            ("workflow", "state"),
+            buckets=WORKFLOW_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self._steps = Histogram(
+            "flext_mesh_step_duration_seconds",
+            "Duration of settled workflow steps, attempts and backoffs included, by the "
+            "gRPC status of the last attempt.",
+            ("workflow", "step", "code"),
+            buckets=WORKFLOW_BUCKETS_SECONDS,
+            registry=registry,
+        )
+
+    def step(self, workflow: str, step: str, code: str, seconds: float) -> None:
+        """A step settled."""
+        self._steps.labels(workflow, step, code).observe(seconds)
+
+    def execution(self, workflow: str, state: str, seconds: float) -> None:
+        """An execution ended."""
+        self._executions.labels(workflow, state).observe(seconds)
+
+
 # -- the bundle -------------------------------------------------------------------------
 
 
@@ -575,6 +638,7 @@ class Observability:
         self._calls: CallMetricsCollector | None = None
         self._loop_lag: LoopLagCollector | None = None
         self._state: MeshStateCollector | None = None
+        self.workflows = WorkflowDurations(self.registry)
 
     def set_call_source(self, source: Callable[[], Iterable[CallSeries]] | None) -> None:
         """Expose the mesh call metrics from ``source`` (None removes them). Call it on

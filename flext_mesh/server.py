@@ -156,6 +156,7 @@ class ControlPlane:
                 exclusive_store=not shared_store,
             ),
             report=self.metrics.aggregator.record,
+            durations=self.observability.workflows,
         )
         self.health = HealthServicer()
         options: list[tuple[str, Any]] = [

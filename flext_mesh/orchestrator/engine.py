@@ -59,7 +59,7 @@ from flext_mesh.orchestrator.records import (
     load_execution,
     new_execution_id,
 )
-from flext_mesh.orchestrator.reporting import Reporter
+from flext_mesh.orchestrator.reporting import Durations, Reporter
 from flext_mesh.orchestrator.retention import Retention
 from flext_mesh.orchestrator.run import Run, RunContext
 from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
@@ -96,8 +96,10 @@ class Orchestrator:
         settings: OrchestratorSettings | None = None,
         *,
         report: Callable[[Sequence[metrics_pb2.CallRecord]], object] | None = None,
+        durations: Durations | None = None,
     ) -> None:
-        """``report`` receives batches of execution and step duration records."""
+        """``report`` receives batches of execution and step duration records;
+        ``durations`` also observes each as it happens."""
         self.store = store
         self.invoker = invoker
         self.settings = settings or OrchestratorSettings()
@@ -126,6 +128,7 @@ class Orchestrator:
             remember_ended=self.executions.remember_ended,
             rng=random.Random(),
             recorded=self.step_results.recorded,
+            durations=durations,
         )
         # The API the servicer, the dashboard and the server use; each part documents
         # its calls.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import grpc
 
@@ -18,12 +19,23 @@ from flext_mesh.logs import log_failure
 from flext_mesh.orchestrator.history import ExecutionState, ExecutionView
 from flext_mesh.v1 import metrics_pb2
 
-__all__ = ["METRICS_PREFIX", "Reporter", "end_record", "step_record"]
+__all__ = ["METRICS_PREFIX", "Durations", "Reporter", "end_record", "step_record"]
 
 _log = logging.getLogger("flext_mesh.orchestrator")
 
 #: Metrics service name prefix of workflow executions.
 METRICS_PREFIX = "workflow/"
+
+
+class Durations(Protocol):
+    """Where settled steps and ended executions are also observed as they happen
+    (Prometheus histograms under their own names), beside the metrics service."""
+
+    def step(self, workflow: str, step: str, code: str, seconds: float) -> None:
+        """A step settled with gRPC status ``code`` (``OK``) after ``seconds``."""
+
+    def execution(self, workflow: str, state: str, seconds: float) -> None:
+        """An execution ended in ``state`` (``SUCCEEDED``) after ``seconds``."""
 
 
 class Reporter:

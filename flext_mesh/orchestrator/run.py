@@ -43,7 +43,7 @@ from flext_mesh.orchestrator.history import (
 from flext_mesh.orchestrator.invoker import AttemptFailed, StepInvoker, StepReply
 from flext_mesh.orchestrator.journal import Journal
 from flext_mesh.orchestrator.records import mesh_error
-from flext_mesh.orchestrator.reporting import end_record, step_record
+from flext_mesh.orchestrator.reporting import Durations, end_record, step_record
 from flext_mesh.orchestrator.settings import OrchestratorSettings
 from flext_mesh.orchestrator.spec import StepSpec, WorkflowSpec
 from flext_mesh.orchestrator.steps import (
@@ -80,6 +80,8 @@ class RunContext:
     rng: random.Random
     #: Reads a step result kept for shared idempotency (when an instance is gone).
     recorded: Recorded | None = None
+    #: Also observes step and execution durations as they happen (Prometheus).
+    durations: Durations | None = None
 
 
 class Run:
@@ -114,6 +116,10 @@ class Run:
         #: Instance chosen for each step's next attempt (persisted with STEP_STARTED).
         #: (Or why none could be picked: the attempt fails with it, unsent.)
         self._targets: dict[str, Target] = {}
+
+    @property
+    def _workflow(self) -> str:
+        return self.view.execution.workflow_name or "(inline)"
 
     def _cancel_now(self) -> None:
         if not self._cancel.done():
@@ -531,11 +537,21 @@ class Run:
     # -- metrics -------------------------------------------------------------------------
 
     def _record_step(self, step: StepSpec, success: bool, code: grpc.StatusCode) -> None:
-        self.context.record(step_record(self.view, step.name, success, code))
+        record = step_record(self.view, step.name, success, code)
+        self.context.record(record)
+        if self.context.durations is not None:
+            self.context.durations.step(
+                self._workflow, step.name, code.name, record.duration_ms / 1000
+            )
 
     def _record_end(self) -> None:
         execution = self.view.execution
-        self.context.record(end_record(self.view))
+        record = end_record(self.view)
+        self.context.record(record)
+        if self.context.durations is not None:
+            self.context.durations.execution(
+                self._workflow, self.view.state.name, record.duration_ms / 1000
+            )
         _log.info(
             "execution ended id=%s state=%s duration_ms=%.1f",
             self.execution_id,

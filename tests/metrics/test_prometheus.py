@@ -447,6 +447,7 @@ async def test_scrape_shows_instances_leases_watchers_and_running_executions(
     }
     assert executions == {("slow", "RUNNING"): 1.0}
     assert "flext_mesh_instances_ejected" in families
+    assert not any(name.endswith("_created") for name in families)
     commits = {(s[0], s[1].get("le")): s[2] for s in families["flext_mesh_store_commit_seconds"]}
     count = commits[("flext_mesh_store_commit_seconds_count", None)]
     assert count >= 5  # four registrations and the execution's start, at least
@@ -459,7 +460,7 @@ async def _hanging_step_server(server: grpc.aio.Server, hang: asyncio.Event) -> 
 
     async def invoke(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await hang.wait()
-        return processor_pb2.InvokeResponse(success=True).SerializeToString()
+        return processor_pb2.InvokeResponse().SerializeToString()
 
     handler = grpc.method_handlers_generic_handler(
         "flext_mesh.v1.ProcessorService",
@@ -484,3 +485,47 @@ async def _register_step_service(
     )
     request.ttl.FromSeconds(60)
     await registry.Register(request)
+
+
+async def test_workflow_and_step_durations_have_their_own_histograms(tmp_path: Path) -> None:
+    plane, port = await create_server(fast_config(tmp_path))
+    step_server = grpc.aio.server()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            registry = registry_pb2_grpc.RegistryServiceStub(channel)
+            release = asyncio.Event()
+            release.set()  # every call answers at once
+            await _register_step_service(registry, await _hanging_step_server(step_server, release))
+            orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            steps = [
+                orchestrator_pb2.WorkflowStep(name="a", service="hangs"),
+                orchestrator_pb2.WorkflowStep(name="b", service="hangs", depends_on=["a"]),
+            ]
+            await orchestrator.PutWorkflow(
+                orchestrator_pb2.PutWorkflowRequest(
+                    workflow=orchestrator_pb2.Workflow(name="pair", steps=steps)
+                )
+            )
+            for _ in range(3):
+                done = await orchestrator.StartExecution(
+                    orchestrator_pb2.StartExecutionRequest(workflow_name="pair", wait=True)
+                )
+                assert done.execution.state == orchestrator_pb2.EXECUTION_STATE_SUCCEEDED
+            families = await asyncio.to_thread(_scrape, plane.http_port)
+    finally:
+        await step_server.stop(0)
+        await plane.stop(0.2)
+
+    def counts(family: str) -> dict[tuple[str, ...], float]:
+        return {
+            tuple(v for k, v in sorted(s[1].items())): s[2]
+            for s in families[family]
+            if s[0].endswith("_count")
+        }
+
+    assert counts("flext_mesh_workflow_duration_seconds") == {("SUCCEEDED", "pair"): 3.0}
+    assert counts("flext_mesh_step_duration_seconds") == {
+        ("OK", "a", "pair"): 3.0,
+        ("OK", "b", "pair"): 3.0,
+    }
+    assert not any(name.endswith("_created") for name in families)
