@@ -46,6 +46,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from flext_mesh.buckets import CALL_BUCKETS_SECONDS
 from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.rpc.handlers import WrappingInterceptor
 from flext_mesh.version import __version__
@@ -72,24 +73,6 @@ _log = logging.getLogger("flext_mesh.observability")
 disable_created_metrics()  # type: ignore[no-untyped-call]
 _T = TypeVar("_T")
 
-#: Upper bounds (seconds, ascending, +Inf implied) of the mesh call latency histogram;
-#: the metrics service folds durations into them with ``numpy.searchsorted``.
-CALL_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 #: Upper bounds (seconds) of the control plane's own unary RPC latency histogram.
 RPC_BUCKETS_SECONDS: tuple[float, ...] = CALL_BUCKETS_SECONDS
 

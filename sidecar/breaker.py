@@ -541,6 +541,14 @@ class BreakerBoard:
             if name == service:
                 breakers.reconfigure(settings)
 
+    def census(self) -> dict[tuple[str, str], int]:
+        """Instance breakers by (service, state name): what is open right now."""
+        counts: dict[tuple[str, str], int] = {}
+        for (service, _), breakers in self._instances.items():
+            key = (service, breakers.instance.state.name)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def state(self, service: str, instance_id: str, operation: str = "") -> BreakerState:
         """The state of an instance's breaker, or of one operation's there (CLOSED
         when that operation never had one)."""

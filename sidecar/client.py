@@ -41,7 +41,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -277,6 +277,9 @@ class MeshClient:
         ] = {}
         self._budget = RetryBudget(self.settings.retry_budget_ratio)
         self._control: grpc.aio.Channel | None = None
+        #: Observes every attempt: (service, operation, gRPC code number, seconds,
+        #: whether it is a retry). The sidecar's ``/metrics`` sets it; None costs nothing.
+        self.observe_attempt: Callable[[str, str, int, float, bool], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -483,7 +486,7 @@ class MeshClient:
             permit.success()
             return struct_to_dict(reply.result)
         finally:
-            self._report(service, instance, request, started, code)
+            self._report(service, instance, request, started, code, retry=call.started_attempts > 1)
 
     def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, CallPermit, bool]:
         """An instance, its breakers' permit, and whether it is only last-known."""
@@ -508,6 +511,10 @@ class MeshClient:
         call.size = routes.size
         instance, permit = self._router.pick(routes, call, call.operation)
         return instance, permit, True
+
+    def breakers(self) -> dict[tuple[str, str], int]:
+        """Instance breakers by (service, CLOSED / OPEN / HALF_OPEN)."""
+        return self._breakers.census()
 
     def breaker_state(self, service: str, instance_id: str, operation: str = "") -> str:
         """CLOSED, OPEN or HALF_OPEN: the breaker of one instance, or of one operation on
@@ -542,13 +549,18 @@ class MeshClient:
         request: processor_pb2.InvokeRequest,
         started: float,
         code: int,
+        *,
+        retry: bool,
     ) -> None:
+        elapsed = time.perf_counter() - started
+        if self.observe_attempt is not None:
+            self.observe_attempt(service, request.operation, code, elapsed, retry)
         if self.reporter is None:
             return
         self.reporter.record_call(
             service,
             request.operation,
-            (time.perf_counter() - started) * 1000,
+            elapsed * 1000,
             code == 0,
             code,
             instance_id=instance.instance_id,

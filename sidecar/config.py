@@ -59,6 +59,12 @@ class SidecarConfig(BaseSettings):
     log_format: LogFormat = Field(
         "text", description="text (one line per event) or json (one object per line)."
     )
+    metrics_listen: str = Field(
+        "",
+        description=(
+            "HOST:PORT serving the sidecar's own Prometheus /metrics (plaintext HTTP); unset: none."
+        ),
+    )
     switch_interval_ms: float = Field(
         0.25,
         ge=0.05,

@@ -22,7 +22,7 @@ import logging
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from pydantic import ValidationError
@@ -36,12 +36,15 @@ from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.hosting.results import LostResults
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer
 from flext_mesh.logs import setup_logging
-from flext_mesh.process import signal_received
+from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.rpc.channels import ClientSecurity, open_channel
 from flext_mesh.v1 import metrics_pb2, registry_pb2
 from sidecar.app import AppError, load_app
 from sidecar.client import MeshClient, set_current
 from sidecar.config import SidecarConfig
+
+if TYPE_CHECKING:
+    from sidecar.metrics import SidecarMetrics
 
 __all__ = ["Sidecar", "freeze_start_up", "main"]
 
@@ -91,6 +94,8 @@ class Sidecar:
         self.client: MeshClient | None = None
         #: Results of step calls whose caller went away (--shared-idempotency).
         self.lost_results: LostResults | None = None
+        #: The sidecar's own /metrics (--metrics-listen).
+        self.metrics: SidecarMetrics | None = None
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -179,6 +184,22 @@ class Sidecar:
         )
         await self.client.start(wait=0)
         set_current(self.client)
+        if config.metrics_listen:
+            # Imported only when asked for: prometheus_client and aiohttp cost RSS.
+            from sidecar.metrics import SidecarMetrics  # noqa: PLC0415
+
+            self.metrics = SidecarMetrics(self.client, self.reporter)
+            try:
+                port = await self.metrics.start(config.metrics_listen)
+            except OSError as exc:
+                await self.stop(grace=0)  # deregistered, not left to expire
+                host_, port_ = parse_host_port(config.metrics_listen)
+                raise SidecarError(
+                    f"--metrics-listen {config.metrics_listen}: {bind_problem(host_, port_)}"
+                ) from exc
+            _log.info(
+                "metrics served http=%s:%d/metrics", parse_host_port(config.metrics_listen)[0], port
+            )
         _log.info(
             "serving service=%s instance=%s listen=%s:%d advertise=%s operations=%s",
             config.service,
@@ -196,6 +217,8 @@ class Sidecar:
         if self.lost_results is not None:  # hand over what the drain finished
             await self.lost_results.flush(2.0)
             await self.lost_results.aclose()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.client is not None:
             set_current(None)
             await self.client.aclose()
