@@ -542,11 +542,13 @@ class BreakerBoard:
                 breakers.reconfigure(settings)
 
     def census(self) -> dict[tuple[str, str], int]:
-        """Instance breakers by (service, state name): what is open right now."""
+        """Instance breakers by (service, state name), every state of a service listed
+        (0 when none is in it): what is open right now."""
         counts: dict[tuple[str, str], int] = {}
         for (service, _), breakers in self._instances.items():
-            key = (service, breakers.instance.state.name)
-            counts[key] = counts.get(key, 0) + 1
+            for state in BreakerState:
+                counts.setdefault((service, state.name), 0)
+            counts[service, breakers.instance.state.name] += 1
         return counts
 
     def state(self, service: str, instance_id: str, operation: str = "") -> BreakerState:

@@ -64,7 +64,7 @@ class Census:
 
     #: Instances by (service, version, zone, health without its enum prefix).
     instances: dict[tuple[str, str, str, str], int]
-    #: Ejected instances by service.
+    #: Ejected instances by service (0 for a service with none).
     ejected: dict[str, int]
     #: Distinct leases holding an instance.
     leases: int
@@ -247,6 +247,7 @@ class Registry:
         leases: set[str] = set()
         health_name = _HS.Name
         for service, by_id in self.cache.services.items():
+            ejected[service] += 0  # a series at 0, so "none ejected" is data too
             for instance in by_id.values():
                 health = health_name(instance.health).removeprefix("HEALTH_STATUS_")
                 instances[service, instance.version, instance.zone, health] += 1

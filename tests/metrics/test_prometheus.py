@@ -446,7 +446,8 @@ async def test_scrape_shows_instances_leases_watchers_and_running_executions(
         (s[1]["workflow"], s[1]["state"]): s[2] for s in families["flext_mesh_executions"]
     }
     assert executions == {("slow", "RUNNING"): 1.0}
-    assert "flext_mesh_instances_ejected" in families
+    ejected = {s[1]["service"]: s[2] for s in families["flext_mesh_instances_ejected"]}
+    assert ejected == {"payment": 0.0, "hangs": 0.0}
     assert not any(name.endswith("_created") for name in families)
     commits = {(s[0], s[1].get("le")): s[2] for s in families["flext_mesh_store_commit_seconds"]}
     count = commits[("flext_mesh_store_commit_seconds_count", None)]

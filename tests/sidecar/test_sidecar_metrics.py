@@ -70,7 +70,11 @@ def test_a_sidecar_exposes_its_client_calls_breakers_and_reporting(
     breakers = {
         (s[1]["service"], s[1]["state"]): s[2] for s in families["flext_mesh_client_breakers"]
     }
-    assert breakers == {("payment", "CLOSED"): 1.0}
+    assert breakers == {
+        ("payment", "CLOSED"): 1.0,
+        ("payment", "OPEN"): 0.0,
+        ("payment", "HALF_OPEN"): 0.0,
+    }
     records = {s[1]["outcome"]: s[2] for s in families["flext_mesh_reporter_records"]}
     assert set(records) == {"sent", "dropped", "rejected"}
     assert records["dropped"] == 0.0
