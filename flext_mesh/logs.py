@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "LogFormat",
     "correlation_id",
     "log_failure",
+    "set_trace_id_source",
     "setup_logging",
 ]
 
@@ -56,10 +58,30 @@ _GRPC_UNEXPECTED = re.compile(
 )
 
 
+class _TraceIds:
+    """Where log records get the current trace id (set while tracing is on)."""
+
+    source: Callable[[], str] | None = None
+
+
+_trace_ids = _TraceIds()
+
+
+def set_trace_id_source(source: Callable[[], str] | None) -> None:
+    """Have every log record carry ``trace_id=source()`` when it is not empty (tracing
+    sets it while on; None stops it)."""
+    _trace_ids.source = source
+
+
 class _CorrelationFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "cid"):
             record.cid = correlation_id.get()
+        source = _trace_ids.source
+        if source is not None and not hasattr(record, "trace_id"):
+            trace_id = source()
+            if trace_id:
+                record.trace_id = trace_id
         return True
 
 
@@ -121,6 +143,9 @@ class _TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
         line = super().formatMessage(record)
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            line += f" trace_id={trace_id}"
         repeated = getattr(record, "repeated", 0)
         if repeated:
             line += f" repeated={repeated}"

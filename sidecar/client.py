@@ -52,6 +52,7 @@ from flext_mesh.hosting.reporter import CallReporter
 from flext_mesh.processor import new_correlation_id
 from flext_mesh.retry import RetrySpec, retry_async, status_of
 from flext_mesh.routing.balancer import Strategy
+from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.rpc.context import current as current_call
 from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
@@ -449,13 +450,30 @@ class MeshClient:
         except TransportError as exc:  # a TLS file gone or half-written since start
             permit.ignore()
             raise Unavailable(str(exc)) from exc
+        metadata = call.metadata
+        span = (
+            tracing.client_span(
+                {
+                    "server.address": instance.endpoint,
+                    "flext_mesh.service": service,
+                    "flext_mesh.operation": request.operation,
+                    "flext_mesh.instance_id": instance.instance_id,
+                    "flext_mesh.correlation_id": request.correlation_id,
+                    "flext_mesh.attempt": call.started_attempts,
+                }
+            )
+            if tracing.enabled()
+            else None
+        )
+        if span is not None:  # this attempt's span, not the inbound one, is the parent
+            metadata = (call.metadata[0], *tracing.inject(span))  # [0]: correlation id
         started = time.perf_counter()
         code = 0
         try:
             reply = await invoke(
                 request,
                 timeout=call.per_try if cut else remaining,
-                metadata=call.metadata,
+                metadata=metadata,
             )
         except grpc.aio.AioRpcError as exc:
             status = exc.code()
@@ -486,6 +504,8 @@ class MeshClient:
             permit.success()
             return struct_to_dict(reply.result)
         finally:
+            if span is not None:
+                tracing.end_span(span, code)
             self._report(service, instance, request, started, code, retry=call.started_attempts > 1)
 
     def _pick(self, call: _Call) -> tuple[registry_pb2.ServiceInstance, CallPermit, bool]:

@@ -37,6 +37,7 @@ from flext_mesh.hosting.results import LostResults
 from flext_mesh.hosting.servicer import CallOutcome, ProcessorServicer
 from flext_mesh.logs import setup_logging
 from flext_mesh.process import bind_problem, signal_received
+from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import ClientSecurity, open_channel
 from flext_mesh.v1 import metrics_pb2, registry_pb2
 from sidecar.app import AppError, load_app
@@ -248,6 +249,18 @@ async def run(config: SidecarConfig) -> None:
     Raises :class:`RegistrationRefused` (after stopping) when the control plane's first
     answer to the registration is a refusal.
     """
+    try:
+        traced = tracing.configure(config.service)  # as the OTEL_* variables say
+    except ValueError as exc:
+        raise SidecarError(str(exc)) from None
+    try:
+        await _run(config)
+    finally:
+        if traced is not None:
+            await asyncio.to_thread(traced.shutdown)  # exports what is buffered
+
+
+async def _run(config: SidecarConfig) -> None:
     stop = signal_received()
     sidecar = Sidecar(config)
     await sidecar.start()

@@ -78,6 +78,7 @@ from flext_mesh.hosting.operations import (
 )
 from flext_mesh.processor import ServiceProcessor, new_correlation_id
 from flext_mesh.result import FlextResult
+from flext_mesh.rpc import tracing
 from flext_mesh.rpc.context import TRACEPARENT_HEADER, TRACESTATE_HEADER, CallContext, serving
 from flext_mesh.rpc.handlers import add_servicer
 from flext_mesh.rpc.metadata import (
@@ -362,8 +363,26 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
         context.set_trailing_metadata(((CORRELATION_ID_HEADER, cid),))
         token = logs.correlation_id.set(cid)
         replayed = False
+        traced = (
+            tracing.server_span(
+                request.operation,
+                traceparent,
+                tracestate,
+                {
+                    "flext_mesh.service": self._service_name,
+                    "flext_mesh.instance_id": self._instance_id,
+                    "flext_mesh.correlation_id": cid,
+                },
+            )
+            if tracing.enabled()
+            else None
+        )
 
         def report(code: grpc.StatusCode) -> None:
+            nonlocal traced
+            if traced is not None:
+                tracing.end_span(traced[0], code.value[0], code.name, token=traced[1])
+                traced = None
             # Reported before the answer leaves, so a caller that saw the answer
             # can count on the hook having run.
             if self._on_call is not None:
@@ -407,6 +426,8 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                 trailing_metadata=((CORRELATION_ID_HEADER, cid),),
             )
         finally:
+            if traced is not None:  # left by a path that reported nothing
+                tracing.end_span(traced[0], grpc.StatusCode.UNKNOWN.value[0], token=traced[1])
             logs.correlation_id.reset(token)
 
     @rpc_errors

@@ -124,3 +124,19 @@ def test_log_failure_tells_an_expected_fault_from_a_bug(
 
 class StoreFull(Exception):
     """A fault this test expects."""
+
+
+def test_lines_carry_the_trace_id_while_tracing_is_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    setup_logging("INFO")
+    log = logging.getLogger("flext_mesh.test")
+    logs.set_trace_id_source(lambda: "4bf92f3577b34da6a3ce929d0e0e4736")
+    try:
+        log.info("inside a span")
+    finally:
+        logs.set_trace_id_source(None)
+    log.info("tracing off")
+    inside, outside = _lines(capsys.readouterr().err)
+    assert inside.endswith("cid=- trace_id=4bf92f3577b34da6a3ce929d0e0e4736")
+    assert outside.endswith("cid=-")

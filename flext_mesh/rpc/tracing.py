@@ -1,0 +1,213 @@
+"""Distributed tracing with OpenTelemetry, off unless the standard ``OTEL_*`` variables
+turn it on.
+
+On: ``OTEL_TRACES_EXPORTER=otlp`` (or ``console``), or an OTLP endpoint
+(``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) with no
+exporter named; ``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` keep it off.
+The exporter reads its own variables (endpoint, headers, ``OTEL_EXPORTER_OTLP_INSECURE``,
+timeouts), the batch processor its ``OTEL_BSP_*``, the sampler ``OTEL_TRACES_SAMPLER``;
+``OTEL_SERVICE_NAME`` overrides the service name a process reports under.
+
+What is traced (the RPC semantic conventions): a ``SERVER`` span for every Invoke a
+sidecar serves, child of the caller's W3C ``traceparent``, current while the processor
+runs; a ``CLIENT`` span for every attempt of a mesh call, child of whatever span is
+current (the served call's, or the app's own), whose context travels as the call's
+``traceparent``. Log lines written meanwhile carry its ``trace_id``. Off, none of this
+runs: the trace headers received pass through unchanged, as they always did.
+
+The SDK and the exporter are imported only when tracing is on (they cost RSS).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from flext_mesh.logs import set_trace_id_source
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+__all__ = [
+    "PROCESSOR_INVOKE",
+    "Tracing",
+    "client_span",
+    "configure",
+    "current_trace_id",
+    "enabled",
+    "end_span",
+    "inject",
+    "server_span",
+]
+
+_log = logging.getLogger("flext_mesh.tracing")
+
+#: The span name of a ProcessorService Invoke, client or server side (``$service/$method``).
+PROCESSOR_INVOKE = "flext_mesh.v1.ProcessorService/Invoke"
+_RPC_SERVICE = "flext_mesh.v1.ProcessorService"
+
+_propagator = TraceContextTextMapPropagator()
+
+
+class _Active:
+    """The process's tracer while tracing is on (one per process, like the provider)."""
+
+    tracer: trace.Tracer | None = None
+
+
+_active = _Active()
+
+
+class Tracing:
+    """The process's tracer provider while tracing is on; :meth:`shutdown` flushes it."""
+
+    def __init__(self, provider: TracerProvider, exporter: str) -> None:
+        self.provider = provider
+        self.exporter = exporter
+
+    def shutdown(self) -> None:
+        """Export what is still buffered and stop (blocking: at most a few seconds)."""
+        _active.tracer = None
+        set_trace_id_source(None)
+        self.provider.shutdown()
+
+
+def _exporter_name(env: Mapping[str, str]) -> str:
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "none"
+    named = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if named:
+        return named.split(",")[0].strip()
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    return "otlp" if endpoint else "none"
+
+
+def configure(service_name: str, env: Mapping[str, str] | None = None) -> Tracing | None:
+    """Turn tracing on as the ``OTEL_*`` variables say; None when they leave it off.
+
+    ``service_name`` is the resource's ``service.name`` unless ``OTEL_SERVICE_NAME``
+    says otherwise. Call it once per process, before serving.
+    """
+    env = os.environ if env is None else env
+    exporter_name = _exporter_name(env)
+    if exporter_name == "none":
+        return None
+    if exporter_name not in ("otlp", "console"):
+        raise ValueError(
+            f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported: use otlp, console or none"
+        )
+    # Imported only now: the SDK and the exporter cost several MB of RSS.
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import (  # noqa: PLC0415
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
+    name = env.get("OTEL_SERVICE_NAME") or service_name
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    exporter: SpanExporter
+    if exporter_name == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # the app's own spans join the same traces
+    _active.tracer = provider.get_tracer("flext_mesh")
+    set_trace_id_source(current_trace_id)
+    _log.info("tracing on exporter=%s service_name=%s", exporter_name, name)
+    return Tracing(provider, exporter_name)
+
+
+def enabled() -> bool:
+    """Whether spans are made (cheap: call it before building anything for a span)."""
+    return _active.tracer is not None
+
+
+def server_span(
+    operation: str, traceparent: str, tracestate: str, attributes: Mapping[str, Any]
+) -> tuple[trace.Span, object] | None:
+    """Start the SERVER span of a served Invoke and make it current; None when off.
+
+    Its parent is the caller's ``traceparent`` (a new trace without one). End it with
+    :func:`end_span`, in the same task.
+    """
+    tracer = _active.tracer
+    if tracer is None:
+        return None
+    carrier = {"traceparent": traceparent, "tracestate": tracestate} if traceparent else {}
+    parent = _propagator.extract(carrier)
+    span = tracer.start_span(
+        PROCESSOR_INVOKE,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={
+            "rpc.system": "grpc",
+            "rpc.service": _RPC_SERVICE,
+            "rpc.method": "Invoke",
+            "flext_mesh.operation": operation,
+            **attributes,
+        },
+    )
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    return span, token
+
+
+def client_span(attributes: Mapping[str, Any]) -> trace.Span | None:
+    """Start the CLIENT span of one mesh call attempt, child of the current span; None
+    when off. Send :func:`inject` of it with the call, end it with :func:`end_span`."""
+    tracer = _active.tracer
+    if tracer is None:
+        return None
+    return tracer.start_span(
+        PROCESSOR_INVOKE,
+        kind=SpanKind.CLIENT,
+        attributes={
+            "rpc.system": "grpc",
+            "rpc.service": _RPC_SERVICE,
+            "rpc.method": "Invoke",
+            **attributes,
+        },
+    )
+
+
+def inject(span: trace.Span) -> tuple[tuple[str, str], ...]:
+    """The ``traceparent`` (and ``tracestate``) headers that make ``span`` the parent."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return tuple(carrier.items())
+
+
+def end_span(
+    span: trace.Span, code: int, message: str = "", *, token: object | None = None
+) -> None:
+    """End ``span`` with the call's gRPC status number (an error unless 0); detach the
+    context a :func:`server_span` attached."""
+    span.set_attribute("rpc.grpc.status_code", code)
+    if code:
+        span.set_status(Status(StatusCode.ERROR, message or None))
+    span.end()
+    if token is not None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def current_trace_id() -> str:
+    """The current span's trace id as 32 hex digits; "" when off or outside a span."""
+    if _active.tracer is None:
+        return ""
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
