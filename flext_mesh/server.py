@@ -8,6 +8,7 @@ period and exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import logging
@@ -38,6 +39,7 @@ from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
 from flext_mesh.registry.registry import Registry, RegistrySettings
+from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
@@ -338,6 +340,18 @@ async def create_server(
 
 async def serve(config: ServerConfig) -> None:
     """Run ``flext-mesh serve`` until SIGTERM/SIGINT, then drain and return."""
+    try:
+        traced = tracing.configure("flext-mesh")  # as the OTEL_* variables say
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        await _serve(config)
+    finally:
+        if traced is not None:
+            await asyncio.to_thread(traced.shutdown)  # exports what is buffered
+
+
+async def _serve(config: ServerConfig) -> None:
     stop = signal_received()
     plane, port = await create_server(config)
     # What start-up made (modules, the loaded registry) lives as long as the process:

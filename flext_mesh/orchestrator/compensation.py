@@ -183,6 +183,8 @@ class Compensation:
                 idempotency_key=step.idempotency_key,
                 instance=instance,
                 lookup_only=True,
+                traceparent=self.view.execution.traceparent,
+                span=f"lookup {step.step_name}",
             )
         except AttemptFailed as failure:
             if failure.error.code == grpc.StatusCode.NOT_FOUND:
@@ -235,6 +237,8 @@ class Compensation:
                 timeout=compensation.timeout,
                 correlation_id=self.view.execution.correlation_id,
                 idempotency_key=idempotency_key,
+                traceparent=self.view.execution.traceparent,
+                span=f"compensate {step.name}",
             )
 
         try:

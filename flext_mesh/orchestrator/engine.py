@@ -66,6 +66,7 @@ from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.spec import RetrySpec
 from flext_mesh.orchestrator.step_results import StepResults
 from flext_mesh.retry import Backoff
+from flext_mesh.rpc import tracing
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
 from flext_mesh.store import Compare, Delete, Event, EventType, Put, Store
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2
@@ -277,9 +278,10 @@ class Orchestrator:
     # -- executions ------------------------------------------------------------------
 
     async def start_execution(
-        self, request: orchestrator_pb2.StartExecutionRequest
+        self, request: orchestrator_pb2.StartExecutionRequest, *, caller_traceparent: str = ""
     ) -> tuple[orchestrator_pb2.Execution, bool]:
-        """Persist a new execution and start driving it; (execution, existing)."""
+        """Persist a new execution and start driving it; (execution, existing). While
+        tracing is on, its span joins the trace of ``caller_traceparent`` (if any)."""
         workflow, spec = await self.catalog.definition_of(request)
         _check_start(request)
         if request.idempotency_key:
@@ -297,6 +299,9 @@ class Orchestrator:
             owner=self.settings.owner,
         )
         execution.input.CopyFrom(request.input)
+        traced = tracing.new_execution_trace(caller_traceparent)
+        if traced is not None:
+            execution.traceparent, execution.trace_parent_span_id = traced
         for step in spec.steps:
             execution.steps.add(
                 step_name=step.name,

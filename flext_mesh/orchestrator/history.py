@@ -176,6 +176,8 @@ class ExecutionView:
             correlation_id=execution.correlation_id,
             idempotency_key=execution.idempotency_key,
             owner=execution.owner,
+            traceparent=execution.traceparent,
+            trace_parent_span_id=execution.trace_parent_span_id,
         )
         fresh.input.CopyFrom(execution.input)
         for step in execution.steps:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable
+from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
@@ -75,6 +76,8 @@ class StepInvoker(Protocol):
         idempotency_key: str,
         instance: registry_pb2.ServiceInstance | None = None,
         lookup_only: bool = False,
+        traceparent: str = "",
+        span: str = "",
     ) -> StepReply:
         """Call once (on ``instance``, else the next one picked); raise AttemptFailed."""
 
@@ -169,10 +172,14 @@ class MeshInvoker:
         idempotency_key: str,
         instance: registry_pb2.ServiceInstance | None = None,
         lookup_only: bool = False,
+        traceparent: str = "",
+        span: str = "",
     ) -> StepReply:
         """One attempt on ``instance`` (else the next instance of ``service``);
         AttemptFailed on any failure. ``lookup_only`` asks what became of an earlier
-        attempt with the key (NOT_FOUND: no record) and never runs the operation."""
+        attempt with the key (NOT_FOUND: no record) and never runs the operation.
+        ``span``: the name of this attempt's span, a child of the execution's
+        ``traceparent`` (while tracing is on); its context travels with the call."""
         if instance is None:
             instance = await self.pick(service)
         request = processor_pb2.InvokeRequest(
@@ -187,13 +194,33 @@ class MeshInvoker:
         except TransportError as exc:  # a TLS file gone or broken since start-up
             raise AttemptFailed(Unavailable(str(exc)), instance.instance_id) from exc
         call = self._invokes[instance.endpoint]
+        metadata: tuple[tuple[str, str], ...] = ((CORRELATION_ID_HEADER, correlation_id),)
+        traced = (
+            tracing.child_span(
+                traceparent,
+                span or f"{service}.{operation}",
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": "flext_mesh.v1.ProcessorService",
+                    "rpc.method": "Invoke",
+                    "server.address": instance.endpoint,
+                    "flext_mesh.service": service,
+                    "flext_mesh.operation": operation,
+                    "flext_mesh.instance_id": instance.instance_id,
+                    "flext_mesh.correlation_id": correlation_id,
+                    "flext_mesh.idempotency_key": idempotency_key,
+                },
+            )
+            if traceparent and tracing.enabled()
+            else None
+        )
+        if traced is not None:
+            metadata = (*metadata, *tracing.inject(traced))
         started = time.perf_counter()
         started_ns = time.time_ns()
         code = 0
         try:
-            reply = await call(
-                request, timeout=timeout, metadata=((CORRELATION_ID_HEADER, correlation_id),)
-            )
+            reply = await call(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().value[0]
             error = from_rpc_error(exc)
@@ -206,6 +233,8 @@ class MeshInvoker:
             code = grpc.StatusCode.CANCELLED.value[0]
             raise
         finally:
+            if traced is not None:
+                tracing.end_span(traced, code)
             if not lookup_only:  # a question about a call, not a call
                 self._record(
                     instance=instance,

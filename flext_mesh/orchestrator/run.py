@@ -54,6 +54,7 @@ from flext_mesh.orchestrator.steps import (
     instance_id_of,
     with_retries,
 )
+from flext_mesh.rpc import tracing
 from flext_mesh.store import Compare, Store
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
@@ -484,6 +485,8 @@ class Run:
                 correlation_id=self.view.execution.correlation_id,
                 idempotency_key=idempotency_key,
                 instance=target,
+                traceparent=self.view.execution.traceparent,
+                span=f"step {step.name}",
             )
 
         attempts = [first_attempt]
@@ -548,6 +551,23 @@ class Run:
         execution = self.view.execution
         record = end_record(self.view)
         self.context.record(record)
+        if execution.traceparent:
+            tracing.execution_span(
+                execution.traceparent,
+                execution.trace_parent_span_id,
+                f"workflow {self._workflow}",
+                start_ns=execution.start_time.ToNanoseconds(),
+                end_ns=execution.end_time.ToNanoseconds(),
+                attributes={
+                    "flext_mesh.workflow": self._workflow,
+                    "flext_mesh.execution_id": self.execution_id,
+                    "flext_mesh.state": self.view.state.name,
+                    "flext_mesh.correlation_id": execution.correlation_id,
+                },
+                error=execution.error.message
+                if self.view.state != ExecutionState.SUCCEEDED
+                else "",
+            )
         if self.context.durations is not None:
             self.context.durations.execution(
                 self._workflow, self.view.state.name, record.duration_ms / 1000

@@ -20,8 +20,10 @@ The SDK and the exporter are imported only when tracing is on (they cost RSS).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +40,15 @@ if TYPE_CHECKING:
 __all__ = [
     "PROCESSOR_INVOKE",
     "Tracing",
+    "child_span",
     "client_span",
     "configure",
     "current_trace_id",
     "enabled",
     "end_span",
+    "execution_span",
     "inject",
+    "new_execution_trace",
     "server_span",
 ]
 
@@ -113,9 +118,23 @@ def configure(service_name: str, env: Mapping[str, str] | None = None) -> Tracin
         ConsoleSpanExporter,
         SpanExporter,
     )
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator  # noqa: PLC0415
+
+    class ChosenIds(RandomIdGenerator):
+        """Random ids, but the ones :func:`execution_span` chose ahead of time."""
+
+        def generate_span_id(self) -> int:
+            chosen = _chosen.get()
+            return chosen[1] if chosen is not None else super().generate_span_id()
+
+        def generate_trace_id(self) -> int:
+            chosen = _chosen.get()
+            return chosen[0] if chosen is not None else super().generate_trace_id()
 
     name = env.get("OTEL_SERVICE_NAME") or service_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": name}), id_generator=ChosenIds()
+    )
     exporter: SpanExporter
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()
@@ -203,6 +222,96 @@ def end_span(
     span.end()
     if token is not None:
         otel_context.detach(token)  # type: ignore[arg-type]
+
+
+# -- workflows --------------------------------------------------------------------------
+#
+# An execution may outlive the process that started it (restarts, takeover by another
+# replica), so its span cannot stay open in memory. Its context is chosen when it
+# starts and stored with the execution (``Execution.traceparent``); every step attempt
+# and compensation is a span made as a child of that stored context, by whichever
+# replica runs it; and the execution span itself is emitted when the execution ends,
+# with its stored ids and its recorded start and end times.
+
+#: (trace id, span id) the next span must take (see ``ChosenIds`` in :func:`configure`).
+_chosen: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "flext_mesh_chosen_span_ids", default=None
+)
+
+
+def new_execution_trace(caller_traceparent: str) -> tuple[str, str] | None:
+    """(traceparent of a new execution's span, the span id of its parent or "") to
+    store with the execution; None when tracing is off. The execution joins the
+    caller's trace when it sent a ``traceparent``."""
+    if _active.tracer is None:
+        return None
+    parent = trace.get_current_span(
+        _propagator.extract({"traceparent": caller_traceparent} if caller_traceparent else {})
+    ).get_span_context()
+    trace_id = parent.trace_id if parent.is_valid else random.getrandbits(128) or 1
+    span_id = random.getrandbits(64) or 1
+    parent_span = format(parent.span_id, "016x") if parent.is_valid else ""
+    return f"00-{trace_id:032x}-{span_id:016x}-01", parent_span
+
+
+def child_span(
+    traceparent: str, name: str, attributes: Mapping[str, Any], *, kind: SpanKind = SpanKind.CLIENT
+) -> trace.Span | None:
+    """A span that is a child of a stored ``traceparent`` (a step attempt of an
+    execution); None when off or without one. End it with :func:`end_span`."""
+    tracer = _active.tracer
+    if tracer is None or not traceparent:
+        return None
+    parent = _propagator.extract({"traceparent": traceparent})
+    return tracer.start_span(name, context=parent, kind=kind, attributes=dict(attributes))
+
+
+def execution_span(
+    traceparent: str,
+    parent_span_id: str,
+    name: str,
+    *,
+    start_ns: int,
+    end_ns: int,
+    attributes: Mapping[str, Any],
+    error: str = "",
+) -> None:
+    """Emit the span of an ended execution with the ids stored at its start (see
+    :func:`new_execution_trace`), its start and end times; nothing when off."""
+    tracer = _active.tracer
+    if tracer is None or not traceparent:
+        return
+    parts = traceparent.split("-")
+    if len(parts) != 4:
+        return
+    try:
+        ids = (int(parts[1], 16), int(parts[2], 16))
+        parent_id = int(parent_span_id, 16) if parent_span_id else 0
+    except ValueError:
+        return
+    parent = otel_context.Context()
+    if parent_id:
+        parent = trace.set_span_in_context(
+            trace.NonRecordingSpan(
+                trace.SpanContext(
+                    ids[0], parent_id, is_remote=True, trace_flags=trace.TraceFlags(1)
+                )
+            )
+        )
+    chosen = _chosen.set(ids)
+    try:
+        span = tracer.start_span(
+            name,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes=dict(attributes),
+            start_time=start_ns,
+        )
+    finally:
+        _chosen.reset(chosen)
+    if error:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end(end_time=end_ns)
 
 
 def current_trace_id() -> str:

@@ -8,6 +8,8 @@ from typing import Any
 import grpc
 
 from flext_mesh.orchestrator.engine import Orchestrator
+from flext_mesh.rpc import tracing
+from flext_mesh.rpc.context import TRACEPARENT_HEADER
 from flext_mesh.rpc.handlers import add_servicer
 from flext_mesh.rpc.status import rpc_errors
 from flext_mesh.servicers.watchers import WatchLimit
@@ -66,7 +68,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.StartExecutionRequest, context: _Context
     ) -> orchestrator_pb2.StartExecutionResponse:
         """Persist and start an execution; with ``wait``, answer once it ended."""
-        execution, existing = await self.orchestrator.start_execution(request)
+        caller = ""
+        if tracing.enabled():
+            caller = next(
+                (str(v) for k, v in context.invocation_metadata() or () if k == TRACEPARENT_HEADER),
+                "",
+            )
+        execution, existing = await self.orchestrator.start_execution(
+            request, caller_traceparent=caller
+        )
         if request.wait:
             release = self.watchers.acquire(context)
             try:

@@ -711,6 +711,8 @@ class Execution(_message.Message):
     FAILED_STEP_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Execution id."""
     workflow_name: _builtins.str
@@ -729,6 +731,15 @@ class Execution(_message.Message):
     """Events recorded so far."""
     owner: _builtins.str
     """Control-plane replica that drives it."""
+    traceparent: _builtins.str
+    """W3C traceparent of the execution's span when tracing was on at its start: the
+    spans of its step attempts and compensations are its children, on any replica
+    and after restarts. Empty otherwise.
+    """
+    trace_parent_span_id: _builtins.str
+    """Span id (16 hex digits) of the execution span's parent: the span of the
+    StartExecution caller, empty when it sent no traceparent.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """Input given to StartExecution."""
@@ -781,10 +792,12 @@ class Execution(_message.Message):
         failed_step: _builtins.str = ...,
         event_count: _builtins.int = ...,
         owner: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
+        trace_parent_span_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "input", b"input", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "event_count", b"event_count", "execution_id", b"execution_id", "failed_step", b"failed_step", "idempotency_key", b"idempotency_key", "input", b"input", "output", b"output", "owner", b"owner", "start_time", b"start_time", "state", b"state", "steps", b"steps", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "event_count", b"event_count", "execution_id", b"execution_id", "failed_step", b"failed_step", "idempotency_key", b"idempotency_key", "input", b"input", "output", b"output", "owner", b"owner", "start_time", b"start_time", "state", b"state", "steps", b"steps", "trace_parent_span_id", b"trace_parent_span_id", "traceparent", b"traceparent", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,21 +11,17 @@ each named for the RPC and carrying its service.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import start_serve
+from tests.otlp_receiver import Receiver, running_receiver
 from tests.sidecar.test_sidecar_process import start_sidecar
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -36,73 +32,10 @@ FAILING = f"00-{FAILING_ID}-{CALLER_SPAN}-01"
 HOPS = ("a", "b", "c")
 
 
-@dataclass
-class Span:
-    service: str
-    name: str
-    kind: int
-    trace_id: str
-    span_id: str
-    parent: str
-    attributes: dict[str, Any]
-    status: int
-
-
-@dataclass
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver keeping every span it is sent."""
-
-    spans: list[Span] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        for resource_spans in request.resource_spans:
-            service = next(
-                (
-                    a.value.string_value
-                    for a in resource_spans.resource.attributes
-                    if a.key == "service.name"
-                ),
-                "",
-            )
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    with self.lock:
-                        self.spans.append(
-                            Span(
-                                service=service,
-                                name=span.name,
-                                kind=span.kind,
-                                trace_id=span.trace_id.hex(),
-                                span_id=span.span_id.hex(),
-                                parent=span.parent_span_id.hex(),
-                                attributes={
-                                    a.key: a.value.string_value or a.value.int_value
-                                    for a in span.attributes
-                                },
-                                status=span.status.code,
-                            )
-                        )
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def of_trace(self, trace_id: str) -> list[Span]:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[tuple[Receiver, int]]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    found = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(found, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield found, port
-    finally:
-        server.stop(0)
+    with running_receiver() as running:
+        yield running
 
 
 def _instances(address: str, service: str) -> list[registry_pb2.ServiceInstance]:
