@@ -289,7 +289,7 @@ class _Reader:
             columns: Any = _COLUMNS.FromString(self._encoding)
             self._columns = columns.records
         self._rows: list[metrics_pb2.CallRecord] | None = None
-        # The batch encoded as _PRESENCE and the record of each byte (False: unusable).
+        # The batch encoded as _PRESENCE and where each record starts (False: unusable).
         self._present: tuple[npt.NDArray[np.uint8], _Ints] | Literal[False] | None = None
         self.size = len(self._records)
 
@@ -324,8 +324,9 @@ class _Reader:
             self._present = _presence(self._encoding, self.size)
         if self._present is False:
             return None
-        blob, record_of = self._present
-        setting = record_of[blob == tag]  # the records that set the field, in order
+        blob, starts = self._present
+        # The records that set the field, in order.
+        setting = np.searchsorted(starts, np.flatnonzero(blob == tag), side="right") - 1
         out = np.zeros(self.size, dtype=np.int64)
         if tag == _SUCCESS_TAG:
             out[setting] = 1  # a bool set is true
@@ -344,15 +345,15 @@ class _Reader:
 
 
 def _presence(encoding: bytes, size: int) -> tuple[npt.NDArray[np.uint8], _Ints] | Literal[False]:
-    """A batch's encoding read as :data:`_PRESENCE` and encoded again, and the record
-    of each of its bytes; False when that does not find ``size`` records."""
+    """A batch's encoding read as :data:`_PRESENCE` and encoded again, and where in it
+    each record starts; False when that does not find ``size`` records."""
     message: Any = _PRESENCE.FromString(encoding)
     message.DiscardUnknownFields()
     blob = np.frombuffer(message.SerializeToString(), dtype=np.uint8)
-    record_of = np.cumsum(blob == _RECORD_TAG) - 1
-    if not size or record_of.size == 0 or int(record_of[-1]) + 1 != size:
-        return False  # pragma: no cover - every record is on the wire, tag first
-    return blob, record_of
+    starts = np.flatnonzero(blob == _RECORD_TAG)
+    if starts.size != size:  # pragma: no cover - every record is on the wire, tag first
+        return False
+    return blob, starts
 
 
 def refusals(
