@@ -109,10 +109,17 @@ def test_a_name_once_known_good_stays_good_and_bad_names_are_not_remembered() ->
     assert known == {"pay", "op"}
 
 
+@pytest.mark.parametrize("one_bucket", [False, True])
 @pytest.mark.parametrize("seed", range(10))
-def test_groups_hold_each_good_record_once_under_its_series_bucket_and_side(seed: int) -> None:
+def test_groups_hold_each_good_record_once_under_its_series_bucket_and_side(
+    seed: int, one_bucket: bool
+) -> None:
+    """Over many 10 s buckets (many possible keys), and within one (few)."""
     rng = random.Random(seed)
     records = [random_record(rng, 0.05) for _ in range(300)]
+    if one_bucket:
+        for record in records:
+            record.ClearField("time_unix_nano")
     columns = Columns.read(records, NOW_NS)
     refused = refusals(columns, known=set(), now_ns=NOW_NS, cutoff_ns=NOW_NS - RETENTION_NS)
     found = group_records(columns, refused)
