@@ -527,7 +527,7 @@ def _first_seen(key: _Ints, space: int) -> tuple[_Ints, _Ints]:
     size = key.size
     if space <= 4 * size + 1024:  # few possible keys: no sort of the records
         first_of = np.full(space, size, dtype=np.int64)
-        first_of[key[::-1]] = np.arange(size - 1, -1, -1)  # the last write wins
+        np.minimum.at(first_of, key, np.arange(size))
         present = np.flatnonzero(first_of < size)
         seen = present[np.argsort(first_of[present])]
         number = np.empty(space, dtype=np.int64)
