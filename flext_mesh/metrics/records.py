@@ -12,8 +12,18 @@ encoding is parsed again as :data:`_COLUMNS`, a message whose ``records`` field 
 *repeated* field. Protobuf merges the occurrences of a singular message field, and a
 repeated field collects the values of every occurrence: one parse in C yields each
 field's values over the whole batch. A field left at its default is not on the wire,
-so a column comes out whole only when every record sets that field (or none does);
-the other columns are read record by record.
+so a column comes out whole only when every record sets that field (or none does).
+
+A column that is neither (``success`` and ``status_code`` when some calls failed) has
+its values, but not whose they are. For the fields that are varints on the wire, a
+third parse tells which records set them: :data:`_PRESENCE` reads each record as a
+message of those fields alone, typed ``bool``, and drops every other field; encoded
+again, each record is then ``0x0a <length> (<tag> 0x01)*``, where the byte 0x0a can
+only start a record and a tag only mark its field as set, so numpy finds every
+record's fields at once. The column's non-zero values, in record order, belong to the
+records that set the field (when a record repeats a field and the counts disagree,
+the column is read record by record). Other partial columns are read record by
+record.
 
 The rules live here and only here (:func:`refusals`); a record that breaks several is
 refused for the first of them, in this order:
@@ -33,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -85,6 +95,9 @@ _FAILURE_KIND: Final = np.array(
 )
 #: Known-good names remembered, at most (they skip the check next time).
 _KNOWN_NAMES: Final = 100_000
+# Largest number of possible keys a batch's grouping combines parts into before it
+# numbers the keys it has anew (int64 arithmetic).
+_MAX_KEY: Final = 2**40
 
 _Floats = npt.NDArray[np.float64]
 _Ints = npt.NDArray[np.int64]
@@ -134,6 +147,60 @@ def _columns_message() -> type[Message]:
 
 
 _COLUMNS: Final = _columns_message()
+#: Wire types of the fields :data:`_PRESENCE` reads (varints).
+_VARINT_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_BOOL,
+        FieldDescriptor.TYPE_ENUM,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+    }
+)
+_RECORD_TAG: Final = 0x0A  # field 1, length-delimited
+
+
+def _presence_message() -> tuple[type[Message], dict[str, int]]:
+    """The message that tells which records set their varint fields (see the module
+    docstring), and the one-byte tag of each such field, by name."""
+    package = "flext_mesh.metrics.presence"
+    file = descriptor_pb2.FileDescriptorProto(
+        name="flext_mesh/metrics/presence.proto", package=package, syntax="proto3"
+    )
+    row = file.message_type.add(name="CallRecordPresence")
+    tags: dict[str, int] = {}
+    for source in metrics_pb2.CallRecord.DESCRIPTOR.fields:
+        # A record encodes as 0x0a, its length (2 bytes a field set, 8 at most), then
+        # a tag and 0x01 per field set: with tags of one byte, multiples of 8 above 8,
+        # none of these bytes can be taken for another.
+        if source.type not in _VARINT_TYPES or not 2 <= source.number <= 15 or len(tags) == 4:
+            continue
+        row.field.add(
+            name=source.name,
+            number=source.number,
+            label=FieldDescriptor.LABEL_OPTIONAL,
+            type=FieldDescriptor.TYPE_BOOL,
+        )
+        tags[source.name] = source.number << 3  # wire type 0
+    batch = file.message_type.add(name="CallBatchPresence")
+    batch.field.add(
+        name="records",
+        number=metrics_pb2.StreamCallsRequest.RECORDS_FIELD_NUMBER,
+        label=FieldDescriptor.LABEL_REPEATED,
+        type=FieldDescriptor.TYPE_MESSAGE,
+        type_name=f".{package}.CallRecordPresence",
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    message = GetMessageClass(pool.FindMessageTypeByName(f"{package}.CallBatchPresence"))
+    return message, tags
+
+
+_PRESENCE, _PRESENCE_TAGS = _presence_message()
+_SUCCESS_TAG: Final = _PRESENCE_TAGS["success"]
 
 
 def valid_name(name: str, known: set[str]) -> bool:
@@ -208,17 +275,22 @@ def records_of(
 
 class _Reader:
     """The columns of one batch: whole from its encoding where every record (or none)
-    sets the field, else record by record."""
+    sets the field, or where :data:`_PRESENCE` tells whose its values are; else record
+    by record."""
 
-    __slots__ = ("_columns", "_records", "_rows", "size")
+    __slots__ = ("_columns", "_encoding", "_present", "_records", "_rows", "size")
 
     def __init__(self, source: Sequence[metrics_pb2.CallRecord] | CallBatch) -> None:
         self._columns: Any = None
+        self._encoding = b""
         self._records = records_of(source)
         if not isinstance(source, Sequence):
-            columns: Any = _COLUMNS.FromString(source.SerializeToString())
+            self._encoding = source.SerializeToString()
+            columns: Any = _COLUMNS.FromString(self._encoding)
             self._columns = columns.records
         self._rows: list[metrics_pb2.CallRecord] | None = None
+        # The batch encoded as _PRESENCE and where each record starts (False: unusable).
+        self._present: tuple[npt.NDArray[np.uint8], _Ints] | Literal[False] | None = None
         self.size = len(self._records)
 
     def strings(self, name: str) -> list[str]:
@@ -240,12 +312,48 @@ class _Reader:
                 return whole
             if not whole:
                 return np.zeros(self.size, dtype=np.int64)
+            tag = _PRESENCE_TAGS.get(name)
+            if tag is not None and (found := self._spread(tag, whole)) is not None:
+                return found
         return list(map(attrgetter(name), self._each()))
+
+    def _spread(self, tag: int, whole: Any) -> _Ints | None:
+        """The values of a partial varint column put in their records (the others 0),
+        or None when they cannot be told apart."""
+        if self._present is None:
+            self._present = _presence(self._encoding, self.size)
+        if self._present is False:
+            return None
+        blob, starts = self._present
+        # The records that set the field, in order.
+        setting = np.searchsorted(starts, np.flatnonzero(blob == tag), side="right") - 1
+        out = np.zeros(self.size, dtype=np.int64)
+        if tag == _SUCCESS_TAG:
+            out[setting] = 1  # a bool set is true
+            return out
+        values = np.array(whole, dtype=np.int64)
+        values = values[values != 0]  # (a 0 on the wire is no value)
+        if values.size != setting.size:
+            return None  # a record that sets the field more than once
+        out[setting] = values
+        return out
 
     def _each(self) -> list[metrics_pb2.CallRecord]:
         if self._rows is None:
             self._rows = list(self._records)
         return self._rows
+
+
+def _presence(encoding: bytes, size: int) -> tuple[npt.NDArray[np.uint8], _Ints] | Literal[False]:
+    """A batch's encoding read as :data:`_PRESENCE` and encoded again, and where in it
+    each record starts; False when that does not find ``size`` records."""
+    message: Any = _PRESENCE.FromString(encoding)
+    message.DiscardUnknownFields()
+    blob = np.frombuffer(message.SerializeToString(), dtype=np.uint8)
+    starts = np.flatnonzero(blob == _RECORD_TAG)
+    if starts.size != size:  # pragma: no cover - every record is on the wire, tag first
+        return False
+    return blob, starts
 
 
 def refusals(
@@ -356,19 +464,21 @@ def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
     successes, sides = columns.successes, columns.sides
     tens = columns.stamps // TEN_SECONDS_NS
     index = np.arange(n, dtype=np.int64)
-    services, operations = columns.services, columns.operations
-    instances, versions = columns.instances, columns.versions
+    # The key holds only what varies: in the usual batch, one service and version,
+    # server side only, one 10 s bucket. Each part is a number per record (a name's
+    # number among the column's distinct names), and the key their combination.
+    parts: list[tuple[_Ints, int]] = []
+    for column in ("services", "operations", "instances", "versions"):
+        distinct = columns.distinct(column)
+        if len(distinct) > 1:
+            parts.append((_numbers(getattr(columns, column), distinct), len(distinct)))
     if refused:
         keep = np.ones(n, dtype=bool)
         keep[list(refused)] = False
         index = index[keep]
         durations, codes, successes = durations[keep], codes[keep], successes[keep]
         sides, tens = sides[keep], tens[keep]
-        picked = keep.tolist()
-        services = [v for v, k in zip(services, picked, strict=True) if k]
-        operations = [v for v, k in zip(operations, picked, strict=True) if k]
-        instances = [v for v, k in zip(instances, picked, strict=True) if k]
-        versions = [v for v, k in zip(versions, picked, strict=True) if k]
+        parts = [(numbers[keep], radix) for numbers, radix in parts]
     if successes.all():
         kinds = np.zeros(index.size, dtype=np.int8)
     else:
@@ -376,40 +486,64 @@ def group_records(columns: Columns, refused: dict[int, Any]) -> Groups:
         kinds[successes] = 0
     if not index.size:
         return Groups([], np.zeros(0, np.int64), index, durations, kinds)
-    # The key holds only what varies: in the usual batch, one service and version,
-    # server side only, one 10 s bucket.
     client = sides == _CLIENT
-    parts: list[list[Any]] = [
-        values
-        for values, column in zip(
-            (services, operations, instances, versions),
-            ("services", "operations", "instances", "versions"),
-            strict=True,
-        )
-        if len(columns.distinct(column)) > 1
-    ]
     if tens.min() != tens.max():
-        parts.append(tens.tolist())
+        low, span = tens.min(), int(tens.max() - tens.min()) + 1
+        if span <= 4 * tens.size:
+            parts.append((tens - low, span))
+        else:
+            distinct_tens, numbers = np.unique(tens, return_inverse=True)
+            parts.append((numbers.astype(np.int64), distinct_tens.size))
     if client.any():
-        parts.append(client.tolist())
-    rows: list[Any] = parts[0] if len(parts) == 1 else list(zip(*parts, strict=True))
+        parts.append((client.astype(np.int64), 2))
     if not parts:
-        rows, distinct = [None], {None: None}
         key_of = np.zeros(index.size, dtype=np.int64)
+        firsts = np.zeros(1, dtype=np.int64)
     else:
-        distinct = dict.fromkeys(rows)
-        number = {key: i for i, key in enumerate(distinct)}
-        key_of = np.fromiter(map(number.__getitem__, rows), dtype=np.int64, count=len(rows))
+        key, space = parts[0]
+        for numbers, radix in parts[1:]:
+            if space * radix > _MAX_KEY:
+                distinct_keys, key = np.unique(key, return_inverse=True)
+                space = distinct_keys.size
+            key, space = key * radix + numbers, space * radix
+        key_of, firsts = _first_seen(key, space)
     # Each distinct key's full values: those of its first record.
-    firsts = np.zeros(len(distinct), dtype=np.int64)
-    firsts[key_of[::-1]] = np.arange(key_of.size - 1, -1, -1)
+    at = index[firsts]
     starts = (tens[firsts] * 10).tolist()
     sides_of = client[firsts].tolist()
+    services, operations = columns.services, columns.operations
+    instances, versions = columns.instances, columns.versions
     keys = [
         (services[i], operations[i], instances[i], versions[i], start, side)
-        for i, start, side in zip(firsts.tolist(), starts, sides_of, strict=True)
+        for i, start, side in zip(at.tolist(), starts, sides_of, strict=True)
     ]
     return Groups(keys, key_of, index, durations, kinds)
+
+
+def _first_seen(key: _Ints, space: int) -> tuple[_Ints, _Ints]:
+    """The distinct values of ``key`` (each in ``[0, space)``) numbered in order of
+    their first appearance: per value of ``key`` its number, and per number where it
+    first appears."""
+    size = key.size
+    if space <= 4 * size + 1024:  # few possible keys: no sort of the records
+        first_of = np.full(space, size, dtype=np.int64)
+        np.minimum.at(first_of, key, np.arange(size))
+        present = np.flatnonzero(first_of < size)
+        seen = present[np.argsort(first_of[present])]
+        number = np.empty(space, dtype=np.int64)
+        number[seen] = np.arange(seen.size)
+        return number[key], first_of[seen]
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[inverse.ravel()], first[order]
+
+
+def _numbers(values: list[str], distinct: set[str]) -> _Ints:
+    """Per value, its number among ``distinct`` (which holds every value)."""
+    number = {value: i for i, value in enumerate(distinct)}
+    return np.fromiter(map(number.__getitem__, values), dtype=np.int64, count=len(values))
 
 
 def outcome_runs(infrastructure: npt.NDArray[np.bool_]) -> list[bool]:

@@ -109,10 +109,17 @@ def test_a_name_once_known_good_stays_good_and_bad_names_are_not_remembered() ->
     assert known == {"pay", "op"}
 
 
+@pytest.mark.parametrize("one_bucket", [False, True])
 @pytest.mark.parametrize("seed", range(10))
-def test_groups_hold_each_good_record_once_under_its_series_bucket_and_side(seed: int) -> None:
+def test_groups_hold_each_good_record_once_under_its_series_bucket_and_side(
+    seed: int, one_bucket: bool
+) -> None:
+    """Over many 10 s buckets (many possible keys), and within one (few)."""
     rng = random.Random(seed)
     records = [random_record(rng, 0.05) for _ in range(300)]
+    if one_bucket:
+        for record in records:
+            record.ClearField("time_unix_nano")
     columns = Columns.read(records, NOW_NS)
     refused = refusals(columns, known=set(), now_ns=NOW_NS, cutoff_ns=NOW_NS - RETENTION_NS)
     found = group_records(columns, refused)
@@ -290,3 +297,57 @@ def test_a_request_read_from_its_encoding_gives_the_columns_read_record_by_recor
             np.testing.assert_array_equal(mine, theirs, err_msg=name)
         else:
             assert mine == theirs, name
+
+
+def _same_columns(one: Columns, other: Columns) -> None:
+    for name in ("services", "operations", "instances", "versions", "callers", "correlations"):
+        assert getattr(one, name) == getattr(other, name), name
+    for name in ("durations", "codes", "sides", "successes", "stamps"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(other, name), err_msg=name)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_request_is_read_as_its_records_are_one_at_a_time(seed: int) -> None:
+    """Read from its encoding, with columns that only some records set (failures with
+    their codes, client sides, start times), a batch has the values of its records."""
+    rng = random.Random(seed)
+    records = [random_record(rng, rng.choice([0.0, 0.05])) for _ in range(rng.choice([1, 9, 500]))]
+    request = metrics_pb2.StreamCallsRequest(records=records, reporter_id="r", batch_sequence=3)
+    _same_columns(Columns.read(request, NOW_NS), Columns.read(records, NOW_NS))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"\x30\x0e",  # status_code 14 again: the last one counts
+        b"\x30\x00",  # status_code 0 written out: no code
+        b"\x28\x00",  # success false written out
+        b"\x28\x01\x28\x00",  # success twice, false last
+        b"\x30\x80\x80\x80\x80\x10",  # a varint beyond int32: its low 32 bits (0)
+        b"\x30\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # status_code -1
+        b"\x50\x02\x50\x00",  # side twice
+        b"\x40\x01",  # time_unix_nano 1 (refused later, read all the same)
+    ],
+)
+def test_a_request_whose_records_repeat_or_spell_out_fields_is_read_as_they_are(
+    extra: bytes,
+) -> None:
+    """Encodings no protobuf library writes, but any may read: a field given twice in a
+    record (the last counts), a default written out."""
+    records = [
+        metrics_pb2.CallRecord(
+            service_name="pay",
+            operation="op",
+            duration_ms=1.0 + i,
+            success=i % 3 != 0,
+            status_code=0 if i % 3 else 14,
+            side=metrics_pb2.CALL_SIDE_CLIENT if i % 4 == 0 else metrics_pb2.CALL_SIDE_SERVER,
+        )
+        for i in range(12)
+    ]
+    encoded = []
+    for i, record in enumerate(records):
+        body = record.SerializeToString() + (extra if i % 5 == 1 else b"")
+        encoded.append(b"\x0a" + bytes([len(body)]) + body)
+    request = metrics_pb2.StreamCallsRequest.FromString(b"".join(encoded))
+    _same_columns(Columns.read(request, NOW_NS), Columns.read(list(request.records), NOW_NS))
