@@ -61,9 +61,11 @@ import numpy as np
 from flext_mesh.errors import (
     FieldViolation,
     InvalidArgument,
+    MeshError,
     ResourceExhausted,
     StoreUnavailable,
 )
+from flext_mesh.logs import log_failure
 from flext_mesh.metrics.dedup import (
     MAX_REPORTER_ID,
     REPORTERS,
@@ -381,8 +383,13 @@ class Aggregator:
         if self._legacy:
             try:
                 await self.sweep_ledgers()
-            except Exception:  # housekeeping: the roll-up tries again
-                _log.exception("sweeping idle reporter ledgers of the old layout failed")
+            except Exception as exc:  # housekeeping: the roll-up tries again
+                log_failure(
+                    _log,
+                    "sweeping idle reporter ledgers of the old layout failed",
+                    exc,
+                    expected=(MeshError,),
+                )
         if self.settings.replica:
 
             def load(kvs: list[KeyValue]) -> None:
@@ -1047,8 +1054,8 @@ class Aggregator:
             self._hurry.clear()
             try:
                 await self.checkpoint()
-            except Exception:
-                _log.exception("metrics checkpoint failed; retrying")
+            except Exception as exc:  # a full or unreachable store: one line per minute
+                log_failure(_log, "metrics checkpoint failed; retrying", exc, expected=(MeshError,))
                 await asyncio.sleep(interval)  # not again at once, however much is staged
 
     # -- roll-up and retention ---------------------------------------------------------
@@ -1058,8 +1065,8 @@ class Aggregator:
             await asyncio.sleep(30)
             try:
                 await self.rollup()
-            except Exception:
-                _log.exception("metrics roll-up failed; retrying")
+            except Exception as exc:
+                log_failure(_log, "metrics roll-up failed; retrying", exc, expected=(MeshError,))
 
     async def rollup(self) -> int:
         """Merge old fine buckets into coarser ones, drop expired ones; returns changes.

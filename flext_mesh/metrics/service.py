@@ -29,7 +29,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from flext_mesh.errors import FieldViolation, InvalidArgument, NotFound, ResourceExhausted
+from flext_mesh.errors import (
+    FieldViolation,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    ResourceExhausted,
+)
+from flext_mesh.logs import log_failure
 from flext_mesh.metrics import analysis
 from flext_mesh.metrics.aggregator import (
     Aggregator,
@@ -360,8 +367,8 @@ class Metrics:
             await asyncio.sleep(10)
             try:
                 await self.evaluate_alerts()
-            except Exception:
-                _log.exception("alert evaluation failed")
+            except Exception as exc:
+                log_failure(_log, "alert evaluation failed", exc, expected=(MeshError,))
 
     # -- feedback to the registry ---------------------------------------------------------
 

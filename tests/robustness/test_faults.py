@@ -23,6 +23,7 @@ from flext_mesh.config import ServerConfig
 from flext_mesh.errors import StoreUnavailable
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.reporter import CallReporter, ReporterSettings
+from flext_mesh.logs import setup_logging
 from flext_mesh.server import ControlPlane, create_server
 from flext_mesh.store.sqlite import SqliteStore
 from flext_mesh.v1 import (
@@ -178,6 +179,40 @@ async def test_a_full_disk_fails_writes_cleanly_and_the_control_plane_recovers(
 def expected_from(snapshot: registry_pb2.WatchResponse) -> list[str]:
     """Instance ids of a Watch snapshot."""
     return [i.instance_id for i in snapshot.snapshot.instances]
+
+
+async def test_a_full_disk_is_one_log_line_not_a_traceback_twice_a_second(
+    tmp_path: Path, channels: Channels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Metrics checkpoints retry every second while the disk is full: each failure was
+    # a traceback. Now the first is one WARNING with its reason, the rest are counted.
+    setup_logging("INFO")
+    plane, port = await create_server(fast_config(tmp_path))
+    try:
+        store = _sqlite(plane)
+        stub = metrics_pb2_grpc.MetricsServiceStub(channels(_address(port)))
+        await store.limit_size(1)
+        for size in (3000, 300, 30):  # fill what room is left, to the last page
+            for i in range(200):
+                with contextlib.suppress(StoreUnavailable):
+                    await store.put(f"/fill/{size}/{i}", os.urandom(size))
+        capsys.readouterr()
+        record = metrics_pb2.CallRecord(service_name="pay", operation="charge", duration_ms=3)
+        report = asyncio.ensure_future(
+            stub.ReportCalls(metrics_pb2.ReportCallsRequest(records=[record] * 50))
+        )
+        await asyncio.sleep(3.5)  # several checkpoints fail meanwhile
+        err = capsys.readouterr().err
+        await store.limit_size(None)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # UNAVAILABLE: sent again later
+            await asyncio.wait_for(report, 10)
+    finally:
+        await plane.stop(0.2)
+    failed = [line for line in err.splitlines() if "metrics checkpoint failed" in line]
+    assert len(failed) == 1, err
+    assert " WARNING " in failed[0]
+    assert "disk is full" in failed[0]
+    assert "Traceback" not in err
 
 
 async def test_a_failed_write_changes_nothing_in_the_store(tmp_path: Path) -> None:
