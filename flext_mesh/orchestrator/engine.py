@@ -243,7 +243,12 @@ class Orchestrator:
                 await self._resume(execution_id)
                 return
             except Exception as exc:
-                _log.warning("resuming execution=%s failed (%s); retrying", execution_id, exc)
+                _log.warning(
+                    "resuming execution=%s failed (%s); retrying",
+                    execution_id,
+                    exc,
+                    extra={"cause": f"resume {execution_id} failed"},
+                )
 
     async def _resume(self, execution_id: str) -> None:
         if execution_id in self._runs:

@@ -153,7 +153,11 @@ class Ownership:
             try:
                 taken = await self.claim_orphans()
             except Exception as exc:
-                _log.warning("looking for executions to take over failed: %s", exc)
+                _log.warning(
+                    "looking for executions to take over failed: %s",
+                    exc,
+                    extra={"cause": "takeover scan failed"},
+                )
                 continue
             if taken:
                 _log.info("took over executions=%d", taken)
@@ -174,4 +178,8 @@ class Ownership:
                 self.lease = (await self.store.grant_lease(self.settings.ownership_ttl)).lease_id
                 self._wakeup.set()
             except Exception as exc:
-                _log.warning("renewing the ownership lease failed: %s", exc)
+                _log.warning(
+                    "renewing the ownership lease failed: %s",
+                    exc,
+                    extra={"cause": "ownership renewal failed"},
+                )

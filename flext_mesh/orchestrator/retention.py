@@ -42,7 +42,11 @@ class Retention:
             try:
                 removed = await self.sweep()
             except Exception as exc:
-                _log.warning("execution retention sweep failed: %s", exc)
+                _log.warning(
+                    "execution retention sweep failed: %s",
+                    exc,
+                    extra={"cause": "retention sweep failed"},
+                )
                 continue
             if removed:
                 _log.info("retention removed executions=%d", removed)

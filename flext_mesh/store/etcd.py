@@ -293,7 +293,13 @@ class EtcdStore:
         if len(self.endpoints) > 1 and self._active == index:
             self._active = (index + 1) % len(self.endpoints)
             host, port = self.endpoints[self._active]
-            _log.warning("etcd endpoint failed, using %s:%d next: %s", host, port, exc)
+            _log.warning(
+                "etcd endpoint failed, using %s:%d next: %s",
+                host,
+                port,
+                exc,
+                extra={"cause": f"etcd endpoint {index} failed"},
+            )
 
     async def _call(self, service: int, method: str, request: Any, *, retry: bool) -> Any:
         """One unary etcd call; UNAVAILABLE moves on to the next endpoint.
@@ -833,7 +839,12 @@ class EtcdStore:
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 ):
                     self._failed_over(index, exc)
-                _log.warning("etcd watch failed, resuming from %d: %s", self._dispatched + 1, exc)
+                _log.warning(
+                    "etcd watch failed, resuming from %d: %s",
+                    self._dispatched + 1,
+                    exc,
+                    extra={"cause": "etcd watch failed"},
+                )
             finally:
                 if self._watch_up:  # it was up: a failure from now on is a first one
                     backoff.reset()
