@@ -929,6 +929,7 @@ def start_command_process(
     port: int,
     *,
     cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
     startup_timeout: float = 30.0,
 ) -> CommandProcess:
     """Run ``argv`` (which serves gRPC on 127.0.0.1:``port``) until it is SERVING.
@@ -938,7 +939,12 @@ def start_command_process(
     ``RuntimeError`` if it exits or is not ready in time.
     """
     # Its log lines (warnings and worse, on stderr) stay in the benchmark's output.
-    process = subprocess.Popen(list(argv), cwd=cwd, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
+    )
     handle = CommandProcess(process, port)
     request = health_pb2.HealthCheckRequest()
     deadline = time.monotonic() + startup_timeout

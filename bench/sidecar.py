@@ -44,6 +44,7 @@ beside what Istio 1.20 publishes for two Envoy sidecars (+0.228 ms p90, +0.298 m
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import os
@@ -51,7 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,6 +60,7 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 import pydantic
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench.apps import PAYLOAD, PROCESSORS, ChargeRequest
 from bench.harness import (
@@ -117,6 +119,7 @@ FRONT_FACTORY = "bench.sidecar:front_factory"
 """Factory of the mesh nested case's first hop (a sidecar), for ``start_server_process``."""
 SERVICE = "bench"
 LOOP_SERVICE = "bench-loop"
+TRACED_SERVICE = "bench-traced"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRONT_SERVICE = "bench-front"
 RELAY_OPERATION = "relay"
@@ -145,16 +148,18 @@ _RUNNING: list[Sidecar] = []
 # --------------------------------------------------------------------------- servers
 
 
-def sidecar_command(control_plane: str, port: int, *, on_loop: bool = False) -> list[str]:
+def sidecar_command(control_plane: str, port: int, *, service: str = "") -> list[str]:
     """The ``flext-sidecar`` command line of a sidecar under test, as a user types it.
 
-    ``on_loop`` adds ``--quick-sync-on-loop`` and registers as ``bench-loop`` (so the
-    client's calls to ``bench`` reach only the sidecar with the default placement).
+    ``service`` :data:`LOOP_SERVICE` adds ``--quick-sync-on-loop``; each variant
+    registers under its own name, so the client's calls to ``bench`` reach only the
+    sidecar with the defaults.
     """
+    service = service or SERVICE
     argv = [
         os.path.join(os.path.dirname(sys.executable), "flext-sidecar"),
         "--service",
-        LOOP_SERVICE if on_loop else SERVICE,
+        service,
         "--app",
         APP,
         "--control-plane",
@@ -162,19 +167,43 @@ def sidecar_command(control_plane: str, port: int, *, on_loop: bool = False) -> 
         "--listen",
         f"127.0.0.1:{port}",
         "--instance-id",
-        "bench-loop" if on_loop else "bench-sidecar",
+        f"{service}-sidecar",
         "--log-level",
         "WARNING",
     ]
-    return [*argv, "--quick-sync-on-loop"] if on_loop else argv
+    return [*argv, "--quick-sync-on-loop"] if service == LOOP_SERVICE else argv
 
 
-def start_sidecar(control_plane: str, *, on_loop: bool = False) -> CommandProcess:
+def start_sidecar(
+    control_plane: str, *, service: str = "", env: Mapping[str, str] | None = None
+) -> CommandProcess:
     """A real ``flext-sidecar`` process serving ``bench.apps:PROCESSORS``, SERVING."""
     port = free_port()
     return start_command_process(
-        sidecar_command(control_plane, port, on_loop=on_loop), port, cwd=_REPO_ROOT
+        sidecar_command(control_plane, port, service=service), port, cwd=_REPO_ROOT, env=env
     )
+
+
+class _Sink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver that accepts every export and keeps nothing."""
+
+    def Export(  # noqa: N802 - the RPC's name
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[int]:
+    """A real OTLP/gRPC endpoint in this process (its own threads); yields its port."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Sink(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
 
 
 class DirectServicer(processor_pb2_grpc.ProcessorServiceServicer):
@@ -470,6 +499,7 @@ async def run_loads(
     direct: ServerProcess,
     sidecar: CommandProcess,
     loop_sidecar: CommandProcess,
+    traced_sidecar: CommandProcess,
     plane: ServerProcess,
     direct_relay: ServerProcess,
     front: ServerProcess,
@@ -481,6 +511,7 @@ async def run_loads(
     assert direct.pid is not None
     assert sidecar.pid is not None
     assert loop_sidecar.pid is not None
+    assert traced_sidecar.pid is not None
     assert plane.pid is not None
     assert direct_relay.pid is not None
     assert front.pid is not None
@@ -489,6 +520,7 @@ async def run_loads(
             "direct": direct.pid,
             "sidecar": sidecar.pid,
             "sidecar (on loop)": loop_sidecar.pid,
+            "sidecar (traced)": traced_sidecar.pid,
             "direct nested": direct_relay.pid,
             "mesh nested": front.pid,
         },
@@ -512,6 +544,7 @@ async def run_loads(
         try:
             await _wait_discovered(client, SERVICE)
             await _wait_discovered(client, LOOP_SERVICE)
+            await _wait_discovered(client, TRACED_SERVICE)
             await _wait_discovered(client, FRONT_SERVICE)
 
             async def direct_nested_call() -> object:
@@ -542,6 +575,7 @@ async def run_loads(
                 mesh_call(operation),
                 mesh_call(alternate),
                 mesh_call(operation, LOOP_SERVICE),
+                mesh_call(operation, TRACED_SERVICE),
                 direct_nested_call,
                 mesh_nested_call,
             ):
@@ -564,6 +598,10 @@ async def run_loads(
                     load(mesh_call(operation), 1, report=False),
                 ),
                 f"mesh {alternate} @1": ("sidecar", load(mesh_call(alternate), 1)),
+                "mesh @1 traced": (
+                    "sidecar (traced)",
+                    load(mesh_call(operation, TRACED_SERVICE), 1),
+                ),
                 "mesh @1 on loop": (
                     "sidecar (on loop)",
                     load(mesh_call(operation, LOOP_SERVICE), 1),
@@ -637,33 +675,39 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
             direct = await asyncio.to_thread(start_server_process, DIRECT_FACTORY)
             try:
                 control_plane = f"127.0.0.1:{plane.port}"
-                sidecar = await asyncio.to_thread(start_sidecar, control_plane)
-                try:
-                    loop_sidecar = await asyncio.to_thread(
-                        start_sidecar, control_plane, on_loop=True
+                with contextlib.ExitStack() as stack, otlp_sink() as sink_port:
+
+                    def started(service: str = "", **env: str) -> CommandProcess:
+                        process = start_sidecar(control_plane, service=service, env=env or None)
+                        stack.callback(process.stop)
+                        return process
+
+                    sidecar = await asyncio.to_thread(started)
+                    loop_sidecar = await asyncio.to_thread(started, LOOP_SERVICE)
+                    traced_sidecar = await asyncio.to_thread(
+                        started,
+                        TRACED_SERVICE,
+                        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink_port}",
+                        OTEL_EXPORTER_OTLP_INSECURE="true",
                     )
-                    try:
-                        assert sidecar.pid is not None
-                        await asyncio.sleep(1.0)  # registered, first health check done
-                        idle_rss = _proc_status_mb(sidecar.pid, "VmRSS")
-                        async with _nested_servers(plane, direct) as (direct_relay, front):
-                            figures, meter = await run_loads(
-                                settings,
-                                operation=operation,
-                                direct=direct,
-                                sidecar=sidecar,
-                                loop_sidecar=loop_sidecar,
-                                plane=plane,
-                                direct_relay=direct_relay,
-                                front=front,
-                            )
-                        await asyncio.sleep(1.0)
-                        loaded_rss = _proc_status_mb(sidecar.pid, "VmRSS")
-                        peak_rss = _proc_status_mb(sidecar.pid, "VmHWM")
-                    finally:
-                        await asyncio.to_thread(loop_sidecar.stop)
-                finally:
-                    await asyncio.to_thread(sidecar.stop)
+                    assert sidecar.pid is not None
+                    await asyncio.sleep(1.0)  # registered, first health check done
+                    idle_rss = _proc_status_mb(sidecar.pid, "VmRSS")
+                    async with _nested_servers(plane, direct) as (direct_relay, front):
+                        figures, meter = await run_loads(
+                            settings,
+                            operation=operation,
+                            direct=direct,
+                            sidecar=sidecar,
+                            loop_sidecar=loop_sidecar,
+                            traced_sidecar=traced_sidecar,
+                            plane=plane,
+                            direct_relay=direct_relay,
+                            front=front,
+                        )
+                    await asyncio.sleep(1.0)
+                    loaded_rss = _proc_status_mb(sidecar.pid, "VmRSS")
+                    peak_rss = _proc_status_mb(sidecar.pid, "VmHWM")
             finally:
                 await asyncio.to_thread(direct.stop)
         finally:
@@ -736,6 +780,14 @@ async def main_async(settings: BenchSettings, operation: str) -> dict[str, Any]:
             candidate=mn64.qps,
             baseline=dn64.qps,
             baseline_label="direct nested",
+        ),
+        Comparison(
+            label=f"mesh p50 @1 ({operation}), tracing on (OTLP export) vs off",
+            candidate=m("mesh @1 traced").p50_us,
+            baseline=m1.p50_us,
+            baseline_label="off",
+            higher_is_better=False,
+            unit="µs",
         ),
         Comparison(
             label="mesh p50 @1, client reporter on vs off",
