@@ -37,26 +37,14 @@ from dataclasses import dataclass
 
 __all__ = ["LAG_BUCKETS_SECONDS", "LagSnapshot", "LoopLagMonitor"]
 
+from flext_mesh.buckets import CALL_BUCKETS_SECONDS
+
 _log = logging.getLogger("flext_mesh.loop")
 
 #: Upper bounds (seconds, ascending, +Inf implied) of the lag histogram: a healthy loop
-#: lands in the first buckets (the timer's own resolution is about 1 ms).
-LAG_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+#: lands in the first buckets (the timer's own resolution is about 1 ms). The call
+#: histograms' bounds, so lag and call latency read on one scale.
+LAG_BUCKETS_SECONDS: tuple[float, ...] = CALL_BUCKETS_SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,7 +8,6 @@ period and exits 0.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import itertools
 import logging
@@ -340,15 +339,11 @@ async def create_server(
 
 async def serve(config: ServerConfig) -> None:
     """Run ``flext-mesh serve`` until SIGTERM/SIGINT, then drain and return."""
-    try:
-        traced = tracing.configure("flext-mesh")  # as the OTEL_* variables say
-    except ValueError as exc:
-        raise ServeError(str(exc)) from None
-    try:
+    problem = tracing.settings_problem()
+    if problem:
+        raise ServeError(problem)
+    async with tracing.traced_process("flext-mesh"):
         await _serve(config)
-    finally:
-        if traced is not None:
-            await asyncio.to_thread(traced.shutdown)  # exports what is buffered
 
 
 async def _serve(config: ServerConfig) -> None:

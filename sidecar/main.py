@@ -249,15 +249,11 @@ async def run(config: SidecarConfig) -> None:
     Raises :class:`RegistrationRefused` (after stopping) when the control plane's first
     answer to the registration is a refusal.
     """
-    try:
-        traced = tracing.configure(config.service)  # as the OTEL_* variables say
-    except ValueError as exc:
-        raise SidecarError(str(exc)) from None
-    try:
+    problem = tracing.settings_problem()
+    if problem:
+        raise SidecarError(problem)
+    async with tracing.traced_process(config.service):
         await _run(config)
-    finally:
-        if traced is not None:
-            await asyncio.to_thread(traced.shutdown)  # exports what is buffered
 
 
 async def _run(config: SidecarConfig) -> None:

@@ -20,11 +20,13 @@ The SDK and the exporter are imported only when tracing is on (they cost RSS).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -50,6 +52,8 @@ __all__ = [
     "inject",
     "new_execution_trace",
     "server_span",
+    "settings_problem",
+    "traced_process",
 ]
 
 _log = logging.getLogger("flext_mesh.tracing")
@@ -96,6 +100,15 @@ def _exporter_name(env: Mapping[str, str]) -> str:
     return "otlp" if endpoint else "none"
 
 
+def settings_problem(env: Mapping[str, str] | None = None) -> str:
+    """Why the ``OTEL_*`` variables cannot be followed ("" when they can): checked before
+    a process starts, so a typo is one line at start, not a surprise later."""
+    exporter_name = _exporter_name(os.environ if env is None else env)
+    if exporter_name in ("none", "otlp", "console"):
+        return ""
+    return f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported: use otlp, console or none"
+
+
 def configure(service_name: str, env: Mapping[str, str] | None = None) -> Tracing | None:
     """Turn tracing on as the ``OTEL_*`` variables say; None when they leave it off.
 
@@ -103,13 +116,12 @@ def configure(service_name: str, env: Mapping[str, str] | None = None) -> Tracin
     says otherwise. Call it once per process, before serving.
     """
     env = os.environ if env is None else env
+    problem = settings_problem(env)
+    if problem:
+        raise ValueError(problem)
     exporter_name = _exporter_name(env)
     if exporter_name == "none":
         return None
-    if exporter_name not in ("otlp", "console"):
-        raise ValueError(
-            f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported: use otlp, console or none"
-        )
     # Imported only now: the SDK and the exporter cost several MB of RSS.
     from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
@@ -150,6 +162,18 @@ def configure(service_name: str, env: Mapping[str, str] | None = None) -> Tracin
     set_trace_id_source(current_trace_id)
     _log.info("tracing on exporter=%s service_name=%s", exporter_name, name)
     return Tracing(provider, exporter_name)
+
+
+@contextlib.asynccontextmanager
+async def traced_process(service_name: str) -> AsyncIterator[Tracing | None]:
+    """Tracing on for the block as the ``OTEL_*`` variables say, flushed at its end
+    (in a thread: the exporter blocks). Check :func:`settings_problem` first."""
+    tracing = configure(service_name)
+    try:
+        yield tracing
+    finally:
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # exports what is buffered
 
 
 def enabled() -> bool:

@@ -140,3 +140,29 @@ def test_a_sidecar_reads_its_log_format_from_the_environment(
         proc.wait(15)
     entries = [json.loads(line) for line in sidecar_log.read_text().splitlines() if line]
     assert any("registered" in e["message"] for e in entries)
+
+
+def test_an_unsupported_trace_exporter_is_one_line_at_start(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            str(BIN / "flext-mesh"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--store",
+            f"sqlite:///{tmp_path / 'mesh.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "zipkin"},
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "flext-mesh: error: OTEL_TRACES_EXPORTER='zipkin' is not supported: "
+        "use otlp, console or none"
+    )
+    assert "Traceback" not in proc.stderr
