@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 
-from flext_mesh.cli.common import add_noun, every_page, non_negative_int
+from flext_mesh.cli.common import add_noun, every_page, fail, non_negative_int
 from flext_mesh.cli.output import (
+    EMPTY,
     enum_text,
     format_labels,
     format_number,
@@ -25,6 +26,7 @@ from flext_mesh.cli.output import (
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = [
+    "EXPLAIN_HEADERS",
     "INSTANCE_HEADERS",
     "SERVICE_HEADERS",
     "STRATEGIES",
@@ -125,6 +127,20 @@ def add_commands(
         help="at most N instances (default all)",
     )
 
+    explain_p = verbs.add(
+        "explain",
+        explain,
+        help="why each instance weighs what it does, and whether a client gets it",
+        description=(
+            "Every instance of a service with the factors of its effective weight: "
+            "base x health x latency x errors, outlier ejection and until when, the "
+            "traffic split's weight of its version, and whether Discover's answer "
+            "holds it now. With INSTANCE, that one instance, one factor per line."
+        ),
+    )
+    explain_p.add_argument("name", metavar="SERVICE", help="service name")
+    explain_p.add_argument("instance", metavar="INSTANCE", nargs="?", help="one instance id")
+
 
 def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``services list``: every page of ListServices, as a table or a JSON array."""
@@ -208,6 +224,93 @@ def discover_summary(response: registry_pb2.DiscoverResponse) -> str:
     if response.panic_mode:
         parts.append("panic mode: yes")
     return "   ".join(parts) + "\n"
+
+
+EXPLAIN_HEADERS = (
+    "INSTANCE",
+    "VERSION",
+    "ZONE",
+    "BASE",
+    "HEALTH",
+    "LATENCY",
+    "ERRORS",
+    "EFFECTIVE",
+    "SPLIT",
+    "IN ANSWER",
+)
+
+
+def explain(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``services explain``: Discover with ``explain``, as a table or one instance's
+    factors line by line."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    response = stub.Discover(
+        registry_pb2.DiscoverRequest(service_name=args.name, explain=True),
+        timeout=args.timeout,
+    )
+    explanations = list(response.explanations)
+    if args.instance:
+        explanations = [e for e in explanations if e.instance_id == args.instance]
+        if not explanations:
+            fail(f"service {args.name!r} has no instance {args.instance!r}")
+    if args.output == "json":
+        return render_messages(explanations)
+    header = discover_summary(response)
+    if args.instance:
+        return header + _factors(explanations[0])
+    rows = (
+        (
+            e.instance_id,
+            e.version or EMPTY,
+            e.zone or EMPTY,
+            str(e.base_weight),
+            _health_factor_text(e),
+            f"x{e.latency_factor:.2f}",
+            f"x{e.error_factor:.2f}",
+            format_number(e.effective_weight),
+            f"{e.split_weight}%" if e.split_weight else EMPTY,
+            "yes" if e.in_answer else "no",
+        )
+        for e in explanations
+    )
+    return header + render_table(EXPLAIN_HEADERS, rows)
+
+
+def _health_factor_text(e: registry_pb2.WeightExplanation) -> str:
+    health = enum_text(registry_pb2.HealthStatus.DESCRIPTOR, e.health)
+    if e.ejected:
+        return "EJECTED x0"
+    return f"{health} x{e.health_factor:g}"
+
+
+def _factors(e: registry_pb2.WeightExplanation) -> str:
+    """One instance's factors, one per line, in the order they multiply."""
+    health = enum_text(registry_pb2.HealthStatus.DESCRIPTOR, e.health)
+    lines = [
+        f"instance:       {e.instance_id} (version {e.version or EMPTY}, zone {e.zone or EMPTY})",
+        f"base weight:    {e.base_weight}",
+        f"health:         x{e.health_factor:g} ({health})",
+    ]
+    if e.ejected:
+        until = f" until {format_time(e.ejected_until)}" if e.HasField("ejected_until") else ""
+        lines.append(f"ejected:        x0 (outlier detection{until})")
+    if e.response_time_ms and e.service_median_ms:
+        latency = (
+            f"x{e.latency_factor:.2f} ({e.response_time_ms:.1f} ms vs the service's median "
+            f"{e.service_median_ms:.1f} ms)"
+        )
+    else:
+        latency = f"x{e.latency_factor:.2f} (no response time measured yet)"
+    lines += [
+        f"latency:        {latency}",
+        f"errors:         x{e.error_factor:.2f} ({e.infrastructure_error_rate:.1%} of recent "
+        "calls failed on infrastructure)",
+        f"effective:      {format_number(e.effective_weight)}",
+        "traffic split:  "
+        + (f"{e.split_weight}% to version {e.version}" if e.split_weight else "none"),
+        "in the answer:  " + ("yes" if e.in_answer else "no (filtered by health, split or zone)"),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flext_mesh.registry.cache import (
@@ -239,6 +239,22 @@ class Registry:
     def get(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
         """The cached instance, or None."""
         return self.cache.get(service, instance_id)
+
+    def explain(
+        self, service: str, in_answer: Iterable[str] = ()
+    ) -> list[registry_pb2.WeightExplanation]:
+        """Why each instance of ``service`` weighs what it does, sorted by instance id;
+        ``in_answer``: the instance ids a Discover answer holds."""
+        answered = set(in_answer)
+        policy = self.cache.policies.get(service)
+        splits = {s.version: s.weight for s in policy.splits} if policy is not None else {}
+        out = []
+        for instance_id, instance in sorted(self.cache.instances(service).items()):
+            explained = self.weights.explain(instance)
+            explained.split_weight = splits.get(instance.version, 0)
+            explained.in_answer = instance_id in answered
+            out.append(explained)
+        return out
 
     def census(self) -> Census:
         """Counts of what the registry holds (for gauges; O(instances), on the loop)."""

@@ -33,7 +33,12 @@ from flext_mesh.registry.cache import InstanceCache, InstanceChange, instance_ke
 from flext_mesh.registry.health import HealthChecker, HealthTransition
 from flext_mesh.registry.outlier import OutlierDetector
 from flext_mesh.registry.policies import Policies
-from flext_mesh.routing.balancer import effective_weight, performance_multiplier
+from flext_mesh.routing.balancer import (
+    effective_weight,
+    health_factor,
+    performance_factors,
+    performance_multiplier,
+)
 from flext_mesh.store.base import Compare, Put
 from flext_mesh.v1 import registry_pb2
 
@@ -109,6 +114,32 @@ class Weights:
         self._call_latency.pop(ident, None)
         self._last_call.pop(ident, None)
         self._stale_latency.discard(ident)
+
+    def explain(self, instance: registry_pb2.ServiceInstance) -> registry_pb2.WeightExplanation:
+        """The factors of ``instance``'s effective weight, from what is known now (the
+        same inputs and rules as :meth:`weight_of`)."""
+        median = self._medians.get(instance.service_name, 0.0)
+        error_rate = self._error_rates.get((instance.service_name, instance.instance_id), 0.0)
+        latency, errors = performance_factors(instance.response_time_ms, median, error_rate)
+        health = health_factor(instance.health, instance.ejected)
+        explained = registry_pb2.WeightExplanation(
+            instance_id=instance.instance_id,
+            version=instance.version,
+            zone=instance.zone,
+            base_weight=instance.weight,
+            health=instance.health,
+            health_factor=health,
+            ejected=instance.ejected,
+            response_time_ms=instance.response_time_ms,
+            service_median_ms=median,
+            latency_factor=latency,
+            infrastructure_error_rate=error_rate,
+            error_factor=errors,
+            effective_weight=self.weight_of(instance),
+        )
+        if instance.ejected and instance.HasField("ejected_until"):
+            explained.ejected_until.CopyFrom(instance.ejected_until)
+        return explained
 
     def weight_of(self, instance: registry_pb2.ServiceInstance) -> float:
         """The instance's effective weight from what is known now."""

@@ -34,7 +34,9 @@ __all__ = [
     "Picker",
     "Strategy",
     "effective_weight",
+    "health_factor",
     "in_panic",
+    "performance_factors",
     "performance_multiplier",
 ]
 
@@ -453,10 +455,15 @@ def effective_weight(
     return base_weight * _HEALTH_MULTIPLIER.get(health, 0.0) * performance_multiplier
 
 
-def performance_multiplier(
+def health_factor(health: int, ejected: bool) -> float:
+    """The health multiplier of :func:`effective_weight` (0 whenever ``ejected``)."""
+    return 0.0 if ejected else _HEALTH_MULTIPLIER.get(health, 0.0)
+
+
+def performance_factors(
     response_time_ms: float, service_median_ms: float, infrastructure_error_rate: float
-) -> float:
-    """Latency factor x error factor, in 0.05..1.5; 1 when nothing is known.
+) -> tuple[float, float]:
+    """(latency factor, error factor): their product is :func:`performance_multiplier`.
 
     Latency factor: ``clamp(sqrt(service_median_ms / response_time_ms), 0.5, 1.5)`` when
     both are known (finite and > 0), else 1: an instance 4x slower than the service median
@@ -477,6 +484,17 @@ def performance_multiplier(
     errors = 1.0
     if math.isfinite(infrastructure_error_rate):
         errors = min(max(1.0 - 2.0 * infrastructure_error_rate, _ERROR_FACTOR_MIN), 1.0)
+    return latency, errors
+
+
+def performance_multiplier(
+    response_time_ms: float, service_median_ms: float, infrastructure_error_rate: float
+) -> float:
+    """Latency factor x error factor (:func:`performance_factors`), in 0.05..1.5; 1 when
+    nothing is known."""
+    latency, errors = performance_factors(
+        response_time_ms, service_median_ms, infrastructure_error_rate
+    )
     return latency * errors
 
 

@@ -100,8 +100,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     @rpc_errors
     async def Discover(self, request: registry_pb2.DiscoverRequest, context: _Context) -> bytes:  # type: ignore[override]
-        """Instances ordered by strategy (pre-serialized DiscoverResponse)."""
-        return (await self.registry.discover(request)).payload()
+        """Instances ordered by strategy (pre-serialized DiscoverResponse); with
+        ``explain``, each instance's weight factors appended (a serialized message's
+        fields may follow one another: the client reads one DiscoverResponse)."""
+        discovered = await self.registry.discover(request)
+        payload = discovered.payload()
+        if not request.explain:
+            return payload
+        why = registry_pb2.DiscoverResponse(
+            explanations=self.registry.explain(
+                request.service_name, (i.instance_id for i in discovered.instances())
+            )
+        )
+        return payload + why.SerializeToString()
 
     @rpc_errors
     async def ListServices(

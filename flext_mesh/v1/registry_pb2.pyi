@@ -637,6 +637,7 @@ class DiscoverRequest(_message.Message):
     HEALTHY_ONLY_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     CALLER_ZONE_FIELD_NUMBER: _builtins.int
+    EXPLAIN_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Service to discover."""
     type: _builtins.str
@@ -651,6 +652,10 @@ class DiscoverRequest(_message.Message):
     """At most this many instances; 0 means all."""
     caller_zone: _builtins.str
     """The caller's zone, for the policy's zone preference."""
+    explain: _builtins.bool
+    """Also answer why each instance of the service weighs what it does
+    (DiscoverResponse.explanations): `flext-mesh services explain`.
+    """
     @_builtins.property
     def label_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Only instances whose labels contain all of these pairs."""
@@ -665,10 +670,11 @@ class DiscoverRequest(_message.Message):
         healthy_only: _builtins.bool | None = ...,
         limit: _builtins.int = ...,
         caller_zone: _builtins.str = ...,
+        explain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_healthy_only", b"_healthy_only", "healthy_only", b"healthy_only"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_healthy_only", b"_healthy_only", "caller_zone", b"caller_zone", "healthy_only", b"healthy_only", "label_selector", b"label_selector", "limit", b"limit", "service_name", b"service_name", "strategy", b"strategy", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_healthy_only", b"_healthy_only", "caller_zone", b"caller_zone", "explain", b"explain", "healthy_only", b"healthy_only", "label_selector", b"label_selector", "limit", b"limit", "service_name", b"service_name", "strategy", b"strategy", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__healthy_only: _TypeAlias = _typing.Literal["healthy_only"]  # noqa: Y015
     _WhichOneofArgType__healthy_only: _TypeAlias = _typing.Literal["_healthy_only", b"_healthy_only"]  # noqa: Y015
@@ -690,6 +696,7 @@ class DiscoverResponse(_message.Message):
     SPLIT_FALLBACK_FIELD_NUMBER: _builtins.int
     ZONE_SPILLOVER_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    EXPLANATIONS_FIELD_NUMBER: _builtins.int
     strategy: Global___LoadBalancingStrategy.ValueType
     """Strategy that was applied."""
     panic_mode: _builtins.bool
@@ -714,6 +721,12 @@ class DiscoverResponse(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Human-readable notes on panic mode and fallbacks."""
 
+    @_builtins.property
+    def explanations(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightExplanation]:
+        """With DiscoverRequest.explain: every instance of the service (healthy or not,
+        in the answer or not), with the factors of its effective weight.
+        """
+
     def __init__(
         self,
         *,
@@ -725,14 +738,101 @@ class DiscoverResponse(_message.Message):
         split_fallback: _builtins.bool = ...,
         zone_spillover: _builtins.bool = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        explanations: _abc.Iterable[Global___WeightExplanation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "notes", b"notes", "panic_mode", b"panic_mode", "revision", b"revision", "selected_version", b"selected_version", "split_fallback", b"split_fallback", "strategy", b"strategy", "zone_spillover", b"zone_spillover"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanations", b"explanations", "instances", b"instances", "notes", b"notes", "panic_mode", b"panic_mode", "revision", b"revision", "selected_version", b"selected_version", "split_fallback", b"split_fallback", "strategy", b"strategy", "zone_spillover", b"zone_spillover"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DiscoverResponse: _TypeAlias = DiscoverResponse  # noqa: Y015
+
+@_typing.final
+class WeightExplanation(_message.Message):
+    """Why an instance weighs what it does in Discover's answers: effective_weight =
+    base_weight x health_factor x latency_factor x error_factor.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    BASE_WEIGHT_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    HEALTH_FACTOR_FIELD_NUMBER: _builtins.int
+    EJECTED_FIELD_NUMBER: _builtins.int
+    EJECTED_UNTIL_FIELD_NUMBER: _builtins.int
+    RESPONSE_TIME_MS_FIELD_NUMBER: _builtins.int
+    SERVICE_MEDIAN_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_FACTOR_FIELD_NUMBER: _builtins.int
+    INFRASTRUCTURE_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    ERROR_FACTOR_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_WEIGHT_FIELD_NUMBER: _builtins.int
+    SPLIT_WEIGHT_FIELD_NUMBER: _builtins.int
+    IN_ANSWER_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance."""
+    version: _builtins.str
+    """Its version (a traffic split picks among versions first)."""
+    zone: _builtins.str
+    """Its zone."""
+    base_weight: _builtins.int
+    """Weight as registered."""
+    health: Global___HealthStatus.ValueType
+    """Its health."""
+    health_factor: _builtins.float
+    """1 for SERVING or UNKNOWN, 0 otherwise or while ejected."""
+    ejected: _builtins.bool
+    """Ejected by outlier detection."""
+    response_time_ms: _builtins.float
+    """Its smoothed response time, ms (0: not known yet)."""
+    service_median_ms: _builtins.float
+    """The median response time of the service's instances, ms."""
+    latency_factor: _builtins.float
+    """sqrt(median / response time) in 0.5..1.5; 1 within noise or when unknown."""
+    infrastructure_error_rate: _builtins.float
+    """Share of its recent calls that failed on infrastructure."""
+    error_factor: _builtins.float
+    """1 - 2 x that rate, in 0.1..1."""
+    effective_weight: _builtins.float
+    """The product of the four: what the balancing strategies use."""
+    split_weight: _builtins.int
+    """Weight (0..100) the service's traffic split gives its version; 0 without a split."""
+    in_answer: _builtins.bool
+    """Whether this Discover's answer holds it (health, split, zone and filters applied)."""
+    @_builtins.property
+    def ejected_until(self) -> _timestamp_pb2.Timestamp:
+        """Until when, while ejected."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        version: _builtins.str = ...,
+        zone: _builtins.str = ...,
+        base_weight: _builtins.int = ...,
+        health: Global___HealthStatus.ValueType = ...,
+        health_factor: _builtins.float = ...,
+        ejected: _builtins.bool = ...,
+        ejected_until: _timestamp_pb2.Timestamp | None = ...,
+        response_time_ms: _builtins.float = ...,
+        service_median_ms: _builtins.float = ...,
+        latency_factor: _builtins.float = ...,
+        infrastructure_error_rate: _builtins.float = ...,
+        error_factor: _builtins.float = ...,
+        effective_weight: _builtins.float = ...,
+        split_weight: _builtins.int = ...,
+        in_answer: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_weight", b"base_weight", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "error_factor", b"error_factor", "health", b"health", "health_factor", b"health_factor", "in_answer", b"in_answer", "infrastructure_error_rate", b"infrastructure_error_rate", "instance_id", b"instance_id", "latency_factor", b"latency_factor", "response_time_ms", b"response_time_ms", "service_median_ms", b"service_median_ms", "split_weight", b"split_weight", "version", b"version", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightExplanation: _TypeAlias = WeightExplanation  # noqa: Y015
 
 @_typing.final
 class ListServicesRequest(_message.Message):

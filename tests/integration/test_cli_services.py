@@ -284,6 +284,47 @@ def test_discover_json_has_instances_panic_mode_notes_and_revision(address: str)
     assert int(answer["revision"]) > 0
 
 
+# -- services explain ------------------------------------------------------------------
+
+
+def test_explain_shows_each_instance_factors_and_whether_it_is_picked(address: str) -> None:
+    run = cli("services", "explain", "payment", "--control-plane", address)
+    assert run.returncode == 0, run.stderr
+    summary, header, *rows = run.stdout.splitlines()
+    assert summary.startswith("strategy: WEIGHTED_ROUND_ROBIN")
+    assert header.split("   ")[0] == "INSTANCE"
+    cells = {row.split()[0]: row.split() for row in rows}
+    assert sorted(cells) == ["pay-a", "pay-b"]
+    # INSTANCE VERSION ZONE BASE HEALTH(2 words) LATENCY ERRORS EFFECTIVE SPLIT IN-ANSWER
+    assert cells["pay-a"][1:4] == ["1.0", "eu-1a", "1"]
+    assert cells["pay-b"][3] == "3"
+    assert cells["pay-b"][-1] == "yes"
+
+
+def test_explain_one_unhealthy_instance_factor_by_factor(address: str) -> None:
+    run = cli("services", "explain", "ledger", "led-2", "--control-plane", address)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(":", 1) for line in run.stdout.splitlines()[1:])
+    assert lines["health"].strip() == "x0 (NOT_SERVING)"
+    assert lines["effective"].strip() == "0.0"
+    assert lines["traffic split"].strip() == "none"
+    # Panic mode: too few healthy instances, so the answer holds all of them.
+    assert lines["in the answer"].strip() == "yes"
+    assert run.stdout.splitlines()[0].endswith("panic mode: yes")
+
+
+def test_explain_json_and_an_unknown_instance(address: str) -> None:
+    run = cli("services", "explain", "payment", "-o", "json", "--control-plane", address)
+    assert run.returncode == 0, run.stderr
+    explained = {e["instance_id"]: e for e in json.loads(run.stdout)}
+    assert explained["pay-b"]["base_weight"] == 3
+    assert explained["pay-b"]["latency_factor"] == 1.0
+    assert explained["pay-b"]["in_answer"] is True
+    missing = cli("services", "explain", "payment", "pay-z", "--control-plane", address)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "flext-mesh: error: service 'payment' has no instance 'pay-z'"
+
+
 # -- errors ----------------------------------------------------------------------------
 
 

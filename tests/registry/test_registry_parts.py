@@ -139,6 +139,30 @@ async def test_a_stale_call_latency_goes_back_to_unknown(store: SqliteStore) -> 
         assert slow.effective_weight == pytest.approx(100.0)
 
 
+async def test_explain_gives_the_factors_that_make_each_effective_weight(
+    store: SqliteStore,
+) -> None:
+    now = [0.0]
+    async with _registry(store, now) as registry:
+        for name in ("a", "b", "c"):
+            await registry.register(_instance(name))
+        for name, latency, errors in (("a", 10.0, 0.0), ("b", 10.0, 0.25), ("c", 160.0, 0.0)):
+            registry.set_call_stats("pay", name, error_rate=errors, latency_ms=latency)
+        await registry.refresh()
+        explained = {e.instance_id: e for e in registry.explain("pay", in_answer=["a", "b"])}
+    assert sorted(explained) == ["a", "b", "c"]
+    for e in explained.values():
+        product = e.base_weight * e.health_factor * e.latency_factor * e.error_factor
+        assert e.effective_weight == pytest.approx(product)
+        assert e.effective_weight == pytest.approx(
+            registry.get("pay", e.instance_id).effective_weight
+        )  # type: ignore[union-attr]
+    assert (explained["b"].error_factor, explained["b"].infrastructure_error_rate) == (0.5, 0.25)
+    assert explained["c"].latency_factor == pytest.approx(0.5)  # 16x slower than the median
+    assert explained["c"].service_median_ms == pytest.approx(10.0)
+    assert [e.in_answer for e in explained.values()] == [True, True, False]
+
+
 # -- fan-out -------------------------------------------------------------------------------
 
 
