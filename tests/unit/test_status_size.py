@@ -30,7 +30,8 @@ def test_ten_thousand_violations_are_cut_to_the_first_ones_and_a_count() -> None
     status = to_rpc_status(error)
     assert status.ByteSize() < MAX_STATUS_MESSAGE_BYTES + MAX_VIOLATION_BYTES + 1024
     assert len(status.message.encode()) <= MAX_STATUS_MESSAGE_BYTES
-    assert status.message.endswith("…")
+    # The message names the first 20 and counts the rest (built no bigger than that).
+    assert status.message.endswith("records[19].service_name: is required; and 9980 more")
     listed = _violations(error)
     assert listed[0] == ("records[0].service_name", "is required")
     field, description = listed[-1]
@@ -46,3 +47,12 @@ def test_a_huge_value_in_any_message_or_violation_is_cut() -> None:
     ((field, description),) = _violations(error)
     assert len(field.encode()) <= 200
     assert len(description.encode()) <= 400
+
+
+def test_a_long_message_is_cut_with_an_ellipsis() -> None:
+    error = InvalidArgument.from_violations(
+        [FieldViolation(f"records[{i}].service_name", "x" * 200) for i in range(20)]
+    )
+    status = to_rpc_status(error)
+    assert len(status.message.encode()) <= MAX_STATUS_MESSAGE_BYTES
+    assert status.message.endswith("…")
