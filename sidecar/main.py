@@ -174,6 +174,7 @@ class Sidecar:
             ),
             ttl=config.ttl,
             report_first_refusal=False,  # run() exits with it
+            applied_revision=lambda: self.client.revision if self.client is not None else 0,
         )
         self.reporter.start()
         self.client = MeshClient(

@@ -22,7 +22,7 @@ import grpc
 from pydantic import ValidationError
 
 from flext_mesh.addresses import DEFAULT_LISTEN, split_addresses
-from flext_mesh.cli import certs, metrics, policy, services, tokens, workflows
+from flext_mesh.cli import certs, metrics, policy, services, status, tokens, workflows
 from flext_mesh.cli.common import PROG, emit, fail
 from flext_mesh.cli.output import FORMATS, one_line
 from flext_mesh.config import ServerConfig
@@ -75,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     metrics.add_commands(nouns, parents=[client])
     workflows.add_commands(nouns, parents=[client])
     policy.add_commands(nouns, parents=[client])
+    status.add_command(nouns, parents=[client])
     certs.add_commands(nouns)
     tokens.add_commands(nouns)
     return parser

@@ -126,6 +126,7 @@ class ProcessorHost:
         *,
         ttl: float,
         report_first_refusal: bool = True,
+        applied_revision: Callable[[], int] | None = None,
     ) -> Membership:
         """Register ``instance`` under a lease and keep it registered (in the background).
 
@@ -140,6 +141,7 @@ class ProcessorHost:
             ttl=ttl,
             on_standing=self._standing,
             report_first_refusal=report_first_refusal,
+            applied_revision=applied_revision,
         )
         self.membership.start()
         return self.membership

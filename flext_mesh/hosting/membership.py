@@ -88,6 +88,7 @@ class Membership:
         max_refused_backoff: float = 30.0,
         on_standing: OnStanding | None = None,
         report_first_refusal: bool = True,
+        applied_revision: Callable[[], int] | None = None,
     ) -> None:
         self._channel = channel
         self.instance = instance
@@ -110,6 +111,9 @@ class Membership:
             )
         )
         self._on_standing = on_standing
+        #: The registry revision this process's mesh client has applied, said on each
+        #: KeepAlive (``flext-mesh status``).
+        self._applied_revision = applied_revision
         self._report_first_refusal = report_first_refusal
         self.lease_id = ""
         self.registered = asyncio.Event()
@@ -261,7 +265,14 @@ class Membership:
             call = stub.KeepAlive(_until_none(outbox))
             try:
                 while True:
-                    outbox.put_nowait(registry_pb2.KeepAliveRequest(lease_ids=[self.lease_id]))
+                    outbox.put_nowait(
+                        registry_pb2.KeepAliveRequest(
+                            lease_ids=[self.lease_id],
+                            applied_revision=(
+                                self._applied_revision() if self._applied_revision else 0
+                            ),
+                        )
+                    )
                     # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
                     # cancel that lands as the read completes, and stop() would wait
                     # for this loop for ever.

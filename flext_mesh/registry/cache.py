@@ -249,9 +249,12 @@ class InstanceCache:
             if services.get(name, {}).get(ident) is instance:
                 self._encodings[(name, ident)] = encoded
 
-    def renewed(self, lease_id: str, now: float | None = None) -> None:
+    def renewed(
+        self, lease_id: str, now: float | None = None, *, applied_revision: int = 0
+    ) -> None:
         """Note that ``lease_id`` was renewed: its instance's ``last_renew_time`` moves
-        (kept in memory; written to the store with the instance's next change)."""
+        (kept in memory; written to the store with the instance's next change), and its
+        ``applied_revision`` when the renewal says a newer one."""
         owner = self._leases.get(lease_id)
         if owner is None:
             return
@@ -259,6 +262,13 @@ class InstanceCache:
         if instance is None:
             return
         now = time.time() if now is None else now
+        if applied_revision > instance.applied_revision:
+            instance.applied_revision = applied_revision
+            instance.applied_time.seconds, instance.applied_time.nanos = divmod(
+                int(now * 1e9), 1_000_000_000
+            )
+            self._encodings.pop(owner, None)
+            self._renewals[owner[0]] = self._renewals.get(owner[0], 0) + 1
         if now - instance.last_renew_time.seconds < RENEW_RESOLUTION:
             return
         instance.last_renew_time.seconds, instance.last_renew_time.nanos = divmod(

@@ -83,6 +83,8 @@ class Leases:
             "last_renew_time",
             "lease_id",
             "revision",
+            "applied_revision",
+            "applied_time",
         ):
             new.ClearField(name)  # the control plane's fields
         if not new.instance_id:
@@ -166,8 +168,12 @@ class Leases:
         self._cache.renewed(lease_id)
         return _lease(info.lease_id, info.ttl, info.expires_at)
 
-    async def keep_alive(self, lease_ids: Sequence[str]) -> registry_pb2.KeepAliveResponse:
-        """Renew many leases; unknown or expired ones are listed, not fatal."""
+    async def keep_alive(
+        self, lease_ids: Sequence[str], *, applied_revision: int = 0
+    ) -> registry_pb2.KeepAliveResponse:
+        """Renew many leases; unknown or expired ones are listed, not fatal.
+        ``applied_revision``: what the sender's mesh client has applied (its instances
+        show it, see :meth:`InstanceCache.renewed`)."""
         if not 1 <= len(lease_ids) <= MAX_KEEP_ALIVE:
             raise InvalidArgument.from_violations(
                 [
@@ -187,7 +193,7 @@ class Leases:
             except NotFound:
                 response.expired_lease_ids.append(lease_id)
             else:
-                renewed(lease_id)
+                renewed(lease_id, applied_revision=applied_revision)
                 response.leases.append(_lease(info.lease_id, info.ttl, info.expires_at))
         return response
 

@@ -88,7 +88,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                         for i, lease_id in enumerate(lease_ids)
                         for v in check_id(f"lease_ids[{i}]", lease_id)
                     )
-                await context.write(await keep_alive(lease_ids))
+                await context.write(
+                    await keep_alive(lease_ids, applied_revision=request.applied_revision)
+                )
 
     @rpc_errors
     async def Deregister(

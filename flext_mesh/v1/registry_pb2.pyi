@@ -248,6 +248,8 @@ class ServiceInstance(_message.Message):
     LAST_RENEW_TIME_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    APPLIED_REVISION_FIELD_NUMBER: _builtins.int
+    APPLIED_TIME_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Service name. Required; 1 to 63 characters of [A-Za-z0-9._-], starting
     with a letter or digit.
@@ -295,6 +297,12 @@ class ServiceInstance(_message.Message):
     """Id of the lease that keeps it registered."""
     revision: _builtins.int
     """Registry revision of the last change to this instance."""
+    applied_revision: _builtins.int
+    """Set by the control plane: the registry revision this instance's sidecar says its
+    mesh client has applied (instances and policies), on its last KeepAlive; 0 when it
+    never said (a plain registration, an older sidecar). Kept in memory, like
+    last_renew_time.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels for selection: at most 32, keys 1 to 63 characters of
@@ -323,6 +331,10 @@ class ServiceInstance(_message.Message):
     def last_renew_time(self) -> _timestamp_pb2.Timestamp:
         """When its lease was last renewed."""
 
+    @_builtins.property
+    def applied_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by the control plane: when applied_revision last moved."""
+
     def __init__(
         self,
         *,
@@ -347,10 +359,12 @@ class ServiceInstance(_message.Message):
         last_renew_time: _timestamp_pb2.Timestamp | None = ...,
         lease_id: _builtins.str = ...,
         revision: _builtins.int = ...,
+        applied_revision: _builtins.int = ...,
+        applied_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until", "last_renew_time", b"last_renew_time", "metadata", b"metadata", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_time", b"applied_time", "ejected_until", b"ejected_until", "last_renew_time", b"last_renew_time", "metadata", b"metadata", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "endpoint", b"endpoint", "health", b"health", "health_check_mode", b"health_check_mode", "instance_id", b"instance_id", "labels", b"labels", "last_renew_time", b"last_renew_time", "lease_id", b"lease_id", "metadata", b"metadata", "register_time", b"register_time", "response_time_ms", b"response_time_ms", "revision", b"revision", "service_name", b"service_name", "type", b"type", "uptime_percentage", b"uptime_percentage", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "applied_time", b"applied_time", "capabilities", b"capabilities", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "endpoint", b"endpoint", "health", b"health", "health_check_mode", b"health_check_mode", "instance_id", b"instance_id", "labels", b"labels", "last_renew_time", b"last_renew_time", "lease_id", b"lease_id", "metadata", b"metadata", "register_time", b"register_time", "response_time_ms", b"response_time_ms", "revision", b"revision", "service_name", b"service_name", "type", b"type", "uptime_percentage", b"uptime_percentage", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,6 +523,11 @@ class KeepAliveRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_IDS_FIELD_NUMBER: _builtins.int
+    APPLIED_REVISION_FIELD_NUMBER: _builtins.int
+    applied_revision: _builtins.int
+    """The registry revision the sender's mesh client has applied (0: none, or not
+    said): `flext-mesh status` shows how far behind each sidecar is.
+    """
     @_builtins.property
     def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leases to renew, 1 to 1000."""
@@ -517,10 +536,11 @@ class KeepAliveRequest(_message.Message):
         self,
         *,
         lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+        applied_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ids", b"lease_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "lease_ids", b"lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
