@@ -274,6 +274,15 @@ def test_a_running_workflow_advances_on_screen(page: Page, mesh: Mesh) -> None:
     assert page.is_visible(".graph .node[data-step='capture'][data-state='SUCCEEDED']")
     bars = page.locator("[data-step='reserve'] .tl-bar.ok")
     assert bars.count() == 1
+    # Which instance each attempt went to, and what went in and came out.
+    instance = bars.first.get_attribute("data-instance")
+    assert instance
+    assert instance in (bars.first.get_attribute("title") or "")
+    assert instance in page.inner_text("#event-log")
+    assert "order-1" in page.inner_text("#execution-input")
+    page.wait_for_function(
+        "() => document.querySelector('#execution-output').textContent.includes('capture')"
+    )
     assert page.evaluate("window.notReloaded") is True
     page.screenshot(path=mesh.tmp / "execution-done.png", full_page=True)
 
@@ -356,6 +365,32 @@ def test_the_latency_and_error_plots_have_data(page: Page, mesh: Mesh) -> None:
     errors = page.inner_text("tr[data-operation='validate_payment'] td:nth-child(3)")
     assert float(errors.rstrip("%")) > 0
     page.screenshot(path=mesh.tmp / "metrics.png", full_page=True)
+
+
+def test_a_workflows_own_latency_is_plotted(page: Page, mesh: Mesh) -> None:
+    with grpc.insecure_channel(mesh.plane.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        stub.PutWorkflow(
+            orchestrator_pb2.PutWorkflowRequest(workflow=workflow_from_dict(CHECKOUT)), timeout=10
+        )
+        for i in range(3):
+            done = stub.StartExecution(
+                orchestrator_pb2.StartExecutionRequest(
+                    workflow_name="checkout",
+                    input=dict_to_struct({"key": f"plotted-{i}", "behaviour": {}}),
+                    wait=True,
+                ),
+                timeout=30,
+            ).execution
+            assert done.state == orchestrator_pb2.EXECUTION_STATE_SUCCEEDED
+    time.sleep(1.5)  # the orchestrator hands its durations to the metrics each second
+    navigate(page, "#/metrics/workflow%2Fcheckout")
+    page.wait_for_selector("#latency-chart canvas")
+    assert int(page.get_attribute("#latency-chart", "data-points") or 0) > 0
+    # The service picker offers the workflow's series beside the services.
+    options = page.eval_on_selector_all("#metrics-service option", "os => os.map(o => o.value)")
+    assert "workflow/checkout" in options
+    assert page.is_visible("tr[data-operation='execution']")
 
 
 def test_a_killed_instance_turns_unhealthy_on_screen_within_its_ttl(page: Page, mesh: Mesh) -> None:

@@ -357,7 +357,14 @@ const metricsState = { service: "", window: "15m", operation: "", charts: [], ti
 
 async function renderMetrics(service) {
   const view = document.getElementById("view-metrics");
-  const names = registry.services();
+  // Services, then each workflow's own series (workflow/NAME: its executions and steps).
+  let workflows = [];
+  try {
+    workflows = (await api("/workflows?page_size=1000")).workflows.map((w) => `workflow/${w.name}`);
+  } catch (error) {
+    workflows = []; // the services' metrics still show
+  }
+  const names = [...registry.services(), ...workflows];
   const chosen = service || metricsState.service || names[0] || "";
   if (chosen !== metricsState.service) metricsState.operation = ""; // another service's
   metricsState.service = chosen;
@@ -837,6 +844,9 @@ class ExecutionView {
       const step = x.steps.find((st) => st.step_name === event.step_name);
       if (step) step.state = event.step_state;
     }
+    if (event.step_name && event.output && short(event.type, "EXECUTION_EVENT_TYPE_") === "STEP_SUCCEEDED") {
+      x.output = { ...(x.output || {}), [event.step_name]: event.output }; // as it happens
+    }
   }
 
   stepStates() {
@@ -852,7 +862,7 @@ class ExecutionView {
       const t = parseTime(event.time);
       const type = short(event.type, "EXECUTION_EVENT_TYPE_");
       const open = span.attempts[span.attempts.length - 1];
-      if (type === "STEP_STARTED") span.attempts.push({ start: t, end: null, kind: "running", attempt: event.attempt });
+      if (type === "STEP_STARTED") span.attempts.push({ start: t, end: null, kind: "running", attempt: event.attempt, instance: event.instance_id || "" });
       else if (type === "STEP_RETRYING") {
         if (open && open.end === null) Object.assign(open, { end: t, kind: "retry" });
         span.marks.push({ t, text: `attempt ${event.attempt} failed: ${event.error?.message || event.message || ""}; retrying in ${fmtSpan(durationSeconds(event.backoff))}` });
@@ -903,6 +913,19 @@ class ExecutionView {
         ),
       ),
       h("div", { class: "card" }, h("header", {}, h("h3", {}, "Steps")), h("div", { class: "body", id: "execution-graph" }, stepGraph(workflow, this.stepStates()))),
+      h(
+        "div",
+        { class: "card" },
+        h("header", {}, h("h3", {}, "Input and output")),
+        h(
+          "div",
+          { class: "body io" },
+          h("h4", {}, "Input"),
+          h("pre", { class: "mono", id: "execution-input" }, JSON.stringify(x.input || {}, null, 2)),
+          h("h4", {}, "Output (each step's, so far)"),
+          h("pre", { class: "mono", id: "execution-output" }, JSON.stringify(x.output || {}, null, 2)),
+        ),
+      ),
       h("div", { class: "card" }, h("header", {}, h("h3", {}, "Timeline"), h("span", { class: "muted" }, "attempts, retries (orange), compensation (purple)")), h("div", { class: "body timeline", id: "timeline" })),
       h("div", { class: "card" }, h("header", {}, h("h3", {}, "Events")), h("div", { class: "body", id: "event-log" })),
     );
@@ -927,7 +950,8 @@ class ExecutionView {
       const bars = [];
       for (const a of info.attempts) {
         const end = a.end ?? (this.ended() ? t1 : now);
-        bars.push(h("div", { class: `tl-bar ${a.kind}`, style: `left:${pct(a.start)};width:${width(a.start, end)}`, title: `attempt ${a.attempt}: ${fmtSpan((end - a.start) / 1000)}` }));
+        const where = a.instance ? ` on ${a.instance}` : "";
+        bars.push(h("div", { class: `tl-bar ${a.kind}`, style: `left:${pct(a.start)};width:${width(a.start, end)}`, dataset: { instance: a.instance }, title: `attempt ${a.attempt}${where}: ${fmtSpan((end - a.start) / 1000)}` }));
       }
       for (const m of info.marks) bars.push(h("div", { class: "tl-mark", style: `left:${pct(m.t)}`, title: m.text }));
       if (info.comp) {
@@ -966,6 +990,7 @@ class ExecutionView {
         h("td", {}, short(e.type, "EXECUTION_EVENT_TYPE_").toLowerCase().replaceAll("_", " ")),
         h("td", {}, e.step_name || ""),
         h("td", { class: "num" }, e.attempt ? String(e.attempt) : ""),
+        h("td", { class: "mono instance" }, e.instance_id || ""),
         h("td", {}, e.error?.message || e.message || ""),
       ),
     );
