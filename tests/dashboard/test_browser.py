@@ -347,6 +347,8 @@ def test_the_latency_and_error_plots_have_data(page: Page, mesh: Mesh) -> None:
     points = int(page.get_attribute("#latency-chart", "data-points") or 0)
     assert points > 0
     assert int(page.get_attribute("#error-chart", "data-points") or 0) == points
+    assert int(page.get_attribute("#rate-chart", "data-points") or 0) == points
+    assert page.locator("#rate-chart canvas").count() >= 1
     # uPlot drew the p50/p95/p99 lines: the canvas holds more than its background.
     drawn = page.evaluate(
         """() => {

@@ -448,6 +448,7 @@ async function loadMetrics() {
     h("div", { class: "figure", ...extra }, h("div", { class: "label" }, label), h("div", { class: "value" }, value));
   const latencyChart = h("div", { class: "chart card", id: "latency-chart" });
   const errorChart = h("div", { class: "chart card", id: "error-chart" });
+  const rateChart = h("div", { class: "chart card", id: "rate-chart" });
   body.replaceChildren(
     h(
       "div",
@@ -462,11 +463,11 @@ async function loadMetrics() {
       figure("Throughput", `${Number(focus.throughput_per_second).toFixed(2)}/s`),
       figure("Trend", short(focus.trend, "TREND_").toLowerCase().replace("_", " "), { class: "figure small" }),
     ),
-    h("div", { class: "charts" }, latencyChart, errorChart),
+    h("div", { class: "charts" }, rateChart, latencyChart, errorChart),
     alertsCard(r),
     operationsCard(r),
   );
-  drawCharts(series, latencyChart, errorChart);
+  drawCharts(series, latencyChart, errorChart, rateChart);
 }
 
 function alertsCard(report) {
@@ -532,13 +533,14 @@ function destroyCharts() {
   metricsState.charts = [];
 }
 
-function drawCharts(series, latencyEl, errorEl) {
+function drawCharts(series, latencyEl, errorEl, rateEl) {
   destroyCharts();
   const which = series.operations.find((o) => o.operation === metricsState.operation) || series.operations[0];
   const times = series.time;
   const points = which.calls.filter((c) => c > 0).length;
   latencyEl.dataset.points = String(points);
   errorEl.dataset.points = String(points);
+  rateEl.dataset.points = String(points);
   const width = Math.max(360, latencyEl.clientWidth - 24);
   const label = metricsState.operation || "all operations";
   // The x axis spans the whole window asked for, whatever part of it has calls.
@@ -561,6 +563,21 @@ function drawCharts(series, latencyEl, errorEl) {
       },
       [times, which.p50_ms, which.p95_ms, which.p99_ms],
       latencyEl,
+    ),
+  );
+  // Calls per second of each bucket: its calls over its width (buckets widen with age).
+  const rate = which.calls.map((c, i) => (c > 0 ? c / Math.max(1, Number(series.width[i]) || 1) : null));
+  metricsState.charts.push(
+    new uPlot(
+      {
+        ...base,
+        title: `Requests per second, ${label}`,
+        scales: { x, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+        series: [{}, { label: "calls/s", stroke: "#0969da", fill: "rgba(9,105,218,.08)", width: 2, value: (u, v) => (v == null ? "–" : v.toFixed(2)) }],
+        axes: [{}, { size: 60 }],
+      },
+      [times, rate],
+      rateEl,
     ),
   );
   const pct = (values) => values.map((v) => (v == null ? null : v * 100));
