@@ -133,6 +133,13 @@ class SidecarConfig(BaseSettings):
         split_addresses(value)
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_address(cls, value: str) -> str:
+        if value:  # checked before anything starts: a typo is one line, not a traceback
+            parse_host_port(value)
+        return value
+
     @field_validator("advertise")
     @classmethod
     def _advertise(cls, value: str) -> str:

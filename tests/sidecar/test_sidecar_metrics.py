@@ -115,3 +115,27 @@ def test_a_metrics_port_in_use_exits_1_with_one_line(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"flext-sidecar: error: --metrics-listen 127.0.0.1:{port}:"), last
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_metrics_address_exits_2_with_one_line(serve_process: ServeProcess) -> None:
+    proc = subprocess.run(
+        [
+            str(BIN / "flext-sidecar"),
+            "--service",
+            "payment",
+            "--app",
+            "tests.sidecar.apps:PROCESSORS",
+            "--control-plane",
+            serve_process.address,
+            "--metrics-listen",
+            "nonsense",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("flext-sidecar: error: bad configuration: metrics-listen: ")
