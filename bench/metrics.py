@@ -80,7 +80,8 @@ class DeliverResult:
 
 
 def make_batches(count: int, seed: int = 1) -> list[bytes]:
-    """``count`` serialized StreamCallsRequests of 500 records over 20 operations."""
+    """``count`` serialized StreamCallsRequests of 500 records over 20 operations, 4
+    instances and 3 callers."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
@@ -92,6 +93,7 @@ def make_batches(count: int, seed: int = 1) -> list[bytes]:
                 service_name="bench",
                 operation=f"op{i % OPERATIONS:02d}",
                 instance_id=f"i{i % 4}",
+                caller_service=f"caller{i % 3}",
                 duration_ms=float(durations[i]),
                 success=not failed[i],
                 status_code=14 if failed[i] else 0,

@@ -58,6 +58,7 @@ __all__ = [
     "CallMetricsCollector",
     "CallOutcome",
     "CallSeries",
+    "CallerCalls",
     "LoopLagCollector",
     "MeshState",
     "MeshStateCollector",
@@ -80,6 +81,10 @@ RPC_BUCKETS_SECONDS: tuple[float, ...] = CALL_BUCKETS_SECONDS
 CallOutcome: TypeAlias = Literal["success", "business_error", "infrastructure_error"]
 
 _CALL_LABELS: Final = ("service", "operation", "outcome")
+#: The caller label of calls whose caller gave no name (grpcurl, a plain client).
+_NO_CALLER: Final = "(unknown)"
+#: gRPC status code names by number ("OK", "NOT_FOUND"...), the code label's values.
+_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
 _RPC_LABELS: Final = ("grpc_service", "grpc_method")
 _OK: Final = grpc.StatusCode.OK
 _Behavior: TypeAlias = Callable[..., Any]
@@ -266,6 +271,21 @@ def _counted(behavior: _Behavior, metrics: _MethodMetrics) -> _Behavior:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CallerCalls:
+    """Mesh calls one caller made to one service that ended with one gRPC status code,
+    cumulative since the control plane started: an edge of the service graph."""
+
+    #: The called service, e.g. ``payment``.
+    service: str
+    #: The calling service as its sidecar or client names itself (``caller_service``),
+    #: "" when it gave none, ``(other)`` past the callers counted per service.
+    caller: str
+    #: The gRPC status code, 0 (OK) to 16.
+    code: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallSeries:
     """Aggregated mesh calls of one (service, operation, outcome), as the metrics service
     holds them; cumulative since the control plane started (Prometheus counters)."""
@@ -289,7 +309,10 @@ class CallSeries:
 class CallMetricsCollector(Collector):
     """Exposes the metrics service's call aggregates at scrape time, without observing
     per call: ``flext_mesh_call_duration_seconds`` (histogram) and
-    ``flext_mesh_calls_total`` (counter), labelled service, operation, outcome.
+    ``flext_mesh_calls_total`` (counter), labelled service, operation, outcome; and
+    ``flext_mesh_calls_by_caller_total`` (counter) labelled service, caller, code, the
+    edges of a service graph (its labels are bounded: 17 codes, and the aggregator
+    counts at most 32 callers per service).
 
     ``source`` returns the current series. With ``loop`` given, a scrape from another
     thread (``/metrics`` renders in a worker thread) runs ``source`` on that loop's thread,
@@ -298,7 +321,7 @@ class CallMetricsCollector(Collector):
 
     def __init__(
         self,
-        source: Callable[[], Iterable[CallSeries]],
+        source: Callable[[], Iterable[CallSeries | CallerCalls]],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         timeout: float = 5.0,
@@ -314,13 +337,13 @@ class CallMetricsCollector(Collector):
         return self._families([])
 
     def collect(self) -> Iterable[Metric]:
-        """The two families built from the source's current series."""
+        """The families built from the source's current series."""
         return self._families(self._snapshot())
 
-    def _snapshot(self) -> list[CallSeries]:
+    def _snapshot(self) -> list[CallSeries | CallerCalls]:
         return _on_loop(self._loop, lambda: list(self._source()), self._timeout)
 
-    def _families(self, series: Iterable[CallSeries]) -> list[Metric]:
+    def _families(self, series: Iterable[CallSeries | CallerCalls]) -> list[Metric]:
         durations = HistogramMetricFamily(
             "flext_mesh_call_duration_seconds",
             "Duration of calls through the mesh, as reported by sidecars.",
@@ -331,7 +354,19 @@ class CallMetricsCollector(Collector):
             "Calls through the mesh, as reported by sidecars.",
             labels=_CALL_LABELS,
         )
+        edges = CounterMetricFamily(
+            "flext_mesh_calls_by_caller_total",
+            "Calls through the mesh by calling service and gRPC status code, as reported "
+            'by sidecars (at most 32 callers per service, then caller="(other)").',
+            labels=("service", "caller", "code"),
+        )
         for item in series:
+            if isinstance(item, CallerCalls):
+                edges.add_metric(
+                    (item.service, item.caller or _NO_CALLER, _CODE_NAMES[item.code]),
+                    float(item.count),
+                )
+                continue
             les = self._les(item.bucket_bounds_seconds)
             if len(item.cumulative_counts) != len(les):
                 _log.warning(
@@ -349,7 +384,7 @@ class CallMetricsCollector(Collector):
                 float(item.sum_seconds),
             )
             calls.add_metric(labels, float(item.count))
-        return [durations, calls]
+        return [durations, calls, edges]
 
     def _les(self, bounds: Sequence[float]) -> tuple[str, ...]:
         key = tuple(float(bound) for bound in bounds)
@@ -623,7 +658,9 @@ class Observability:
         self._state: MeshStateCollector | None = None
         self.workflows = WorkflowDurations(self.registry)
 
-    def set_call_source(self, source: Callable[[], Iterable[CallSeries]] | None) -> None:
+    def set_call_source(
+        self, source: Callable[[], Iterable[CallSeries | CallerCalls]] | None
+    ) -> None:
         """Expose the mesh call metrics from ``source`` (None removes them). Call it on
         the event loop that updates the aggregates: scrapes run ``source`` there."""
         if self._calls is not None:

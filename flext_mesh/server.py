@@ -31,7 +31,7 @@ from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_service
 from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.metrics.aggregator import AggregatorSettings
 from flext_mesh.metrics.service import Metrics
-from flext_mesh.observability import CallSeries, MeshState, Observability
+from flext_mesh.observability import CallerCalls, CallSeries, MeshState, Observability
 from flext_mesh.orchestrator.engine import Orchestrator, OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.invoker import MeshInvoker
 from flext_mesh.process import bind_problem, signal_received
@@ -312,8 +312,9 @@ class ControlPlane:
             commits=(COMMIT_BUCKETS_SECONDS, *self.store.commit_times.cumulative()),
         )
 
-    def _call_series(self) -> Iterable[CallSeries]:
-        """The metrics service's cumulative call histograms, for Prometheus."""
+    def _call_series(self) -> Iterable[CallSeries | CallerCalls]:
+        """The metrics service's cumulative call histograms and calls by caller and
+        status code, for Prometheus."""
         bounds = [float(b) / 1000 for b in self.metrics.aggregator.prometheus_bounds_ms]
         for service, operation, outcome, counts, total_ms in self.metrics.call_series():
             cumulative = list(itertools.accumulate(counts))
@@ -326,6 +327,8 @@ class ControlPlane:
                 sum_seconds=total_ms / 1000,
                 count=cumulative[-1],
             )
+        for service, caller, code, calls in self.metrics.caller_series():
+            yield CallerCalls(service=service, caller=caller, code=code, count=calls)
 
 
 async def create_server(

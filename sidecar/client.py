@@ -55,7 +55,7 @@ from flext_mesh.routing.balancer import Strategy
 from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
 from flext_mesh.rpc.context import current as current_call
-from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
+from flext_mesh.rpc.metadata import CALLER_HEADER, CORRELATION_ID_HEADER, caller_of
 from flext_mesh.rpc.payloads import fill_struct, struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
@@ -254,6 +254,10 @@ class MeshClient:
         # Instances are checked against their own endpoint's name, never the override.
         self._peer_security = replace(self.security, tls_server_name="")
         self.caller_service = caller_service
+        #: The headers every call carries before the correlation id's and trace's: the
+        #: caller's name, for the called service's metrics by caller.
+        named = caller_of(caller_service)
+        self._own_headers: tuple[tuple[str, str], ...] = ((CALLER_HEADER, named),) if named else ()
         self.settings = settings or ClientSettings()
         self.reporter = reporter
         if zone is None:
@@ -406,7 +410,7 @@ class MeshClient:
             service,
             request,
             deadline=time.monotonic() + limit,
-            metadata=((CORRELATION_ID_HEADER, correlation_id), *metadata),
+            metadata=((CORRELATION_ID_HEADER, correlation_id), *self._own_headers, *metadata),
             per_try=per_try,
             explicit_per_try=plan.per_try_timeout is not None,
             last_attempt=retry.max_attempts,
@@ -466,7 +470,9 @@ class MeshClient:
             else None
         )
         if span is not None:  # this attempt's span, not the inbound one, is the parent
-            metadata = (call.metadata[0], *tracing.inject(span))  # [0]: correlation id
+            # The correlation id and own headers, then this attempt's trace headers.
+            kept = 1 + len(self._own_headers)
+            metadata = (*call.metadata[:kept], *tracing.inject(span))
         started = time.perf_counter()
         code = 0
         try:

@@ -144,6 +144,7 @@ class Sidecar:
                 version=config.version,
                 correlation_id=outcome.correlation_id,
                 side=metrics_pb2.CALL_SIDE_SERVER,
+                caller_service=outcome.caller,
             )
 
         if config.shared_idempotency:

@@ -617,6 +617,20 @@ async def test_on_call_reports_every_outcome(served: Served) -> None:
     assert (unknown.operation, unknown.code) == ("nope", NOT_FOUND)
 
 
+async def test_on_call_names_the_caller_its_header_gives_and_ignores_a_bad_one(
+    served: Served,
+) -> None:
+    """The caller's name (x-flext-caller) reaches the outcome, for metrics by caller; a
+    name no metric label could carry is dropped, the call itself answered all the same."""
+    for cid, caller in (("c-shop", "checkout"), ("c-long", "x" * 64), ("c-none", None)):
+        request = processor_pb2.InvokeRequest(operation="greet", correlation_id=cid)
+        request.payload.update({"name": "x"})
+        metadata = (("x-flext-caller", caller),) if caller is not None else ()
+        await served.stub.Invoke(request, metadata=metadata)
+    by_cid = {o.correlation_id: o.caller for o in served.outcomes}
+    assert by_cid == {"c-shop": "checkout", "c-long": "", "c-none": ""}
+
+
 async def test_a_raising_on_call_hook_does_not_break_calls() -> None:
     def broken(outcome: CallOutcome) -> None:
         raise ValueError("hook bug")

@@ -82,8 +82,10 @@ from flext_mesh.rpc import tracing
 from flext_mesh.rpc.context import TRACEPARENT_HEADER, TRACESTATE_HEADER, CallContext, serving
 from flext_mesh.rpc.handlers import add_servicer
 from flext_mesh.rpc.metadata import (
+    CALLER_HEADER,
     CORRELATION_ID_HEADER,
     MAX_IDEMPOTENCY_KEY_LENGTH,
+    caller_of,
     correlation_id_problem,
 )
 from flext_mesh.rpc.payloads import dict_to_struct, fill_struct, struct_to_dict
@@ -116,21 +118,26 @@ class CallOutcome:
     """Correlation id of the call (the caller's or the generated one)."""
     replayed: bool = False
     """True when the answer came from the idempotency cache without running."""
+    caller: str = ""
+    """The calling service as its ``x-flext-caller`` header names it ("" if none)."""
 
 
-def _inbound_headers(context: _Context) -> tuple[str, str, str]:
-    """The correlation id, `traceparent` and `tracestate` headers of a call ("" if absent)."""
-    cid = traceparent = tracestate = ""
+def _inbound_headers(context: _Context) -> tuple[str, str, str, str]:
+    """The correlation id, `traceparent`, `tracestate` and caller headers of a call (""
+    if absent)."""
+    cid = traceparent = tracestate = caller = ""
     for key, value in context.invocation_metadata() or ():
         if not isinstance(value, str):
             continue
         if key == CORRELATION_ID_HEADER:
             cid = cid or value
+        elif key == CALLER_HEADER:
+            caller = caller or value
         elif key == TRACEPARENT_HEADER:
             traceparent = traceparent or value
         elif key == TRACESTATE_HEADER:
             tracestate = tracestate or value
-    return cid, traceparent, tracestate
+    return cid, traceparent, tracestate, caller
 
 
 def _call_context(context: _Context, cid: str, traceparent: str, tracestate: str) -> CallContext:
@@ -152,7 +159,15 @@ def _deadline_passed(context: _Context) -> bool:
 # CallOutcome's slot setters: an outcome is made for every call (see _outcome).
 _OUTCOME_SETTERS = tuple(
     cast("Any", CallOutcome.__dict__[name]).__set__
-    for name in ("operation", "duration_ms", "success", "code", "correlation_id", "replayed")
+    for name in (
+        "operation",
+        "duration_ms",
+        "success",
+        "code",
+        "correlation_id",
+        "replayed",
+        "caller",
+    )
 )
 _NEW = object.__new__
 
@@ -164,17 +179,21 @@ def _outcome(  # noqa: PLR0917 - CallOutcome's fields, in order, on a hot path
     code: int,
     correlation_id: str,
     replayed: bool,
+    caller: str,
 ) -> CallOutcome:
     """A CallOutcome, its fields set through their slots (half the cost of its frozen
     `__init__`)."""
     outcome = _NEW(CallOutcome)
-    set_operation, set_duration, set_success, set_code, set_cid, set_replayed = _OUTCOME_SETTERS
+    (set_operation, set_duration, set_success, set_code, set_cid, set_replayed, set_caller) = (
+        _OUTCOME_SETTERS
+    )
     set_operation(outcome, operation)
     set_duration(outcome, duration_ms)
     set_success(outcome, success)
     set_code(outcome, code)
     set_cid(outcome, correlation_id)
     set_replayed(outcome, replayed)
+    set_caller(outcome, caller_of(caller) if caller else "")
     return outcome
 
 
@@ -355,7 +374,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
     ) -> processor_pb2.InvokeResponse:
         """Run one operation (see processor.proto and this module's docstring)."""
         started = time.perf_counter_ns()
-        header_cid, traceparent, tracestate = _inbound_headers(context)
+        header_cid, traceparent, tracestate, caller = _inbound_headers(context)
         given = request.correlation_id or header_cid
         problem = correlation_id_problem(given)
         # A bad id is refused, but the answer still needs one it can carry as metadata.
@@ -394,6 +413,7 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServiceServicer):
                         code.value[0],
                         cid,
                         replayed,
+                        caller,
                     )
                 )
 

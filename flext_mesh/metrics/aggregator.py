@@ -54,7 +54,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -80,6 +80,7 @@ from flext_mesh.metrics.records import (
     INFRASTRUCTURE_CODES,
     CallBatch,
     Columns,
+    caller_numbers,
     group_records,
     outcome_runs,
     records_of,
@@ -210,6 +211,13 @@ _Target = tuple[_BucketKey, SeriesKey]
 _NO_RECORDS = np.zeros(0, dtype=np.int64)
 _NO_DURATIONS = np.zeros(0, dtype=np.float64)
 _NO_KINDS = np.zeros(0, dtype=np.int8)
+#: Most distinct callers of one service in ``flext_mesh_calls_by_caller_total``; the
+#: calls of any further caller are counted under :data:`OTHER_CALLERS`.
+MAX_CALLERS_PER_SERVICE: Final = 32
+#: The caller label of the calls over :data:`MAX_CALLERS_PER_SERVICE`.
+OTHER_CALLERS: Final = "(other)"
+#: gRPC status codes: 0 (OK) to 16.
+_CODES: Final = 17
 
 
 @dataclass(eq=False, slots=True)
@@ -228,6 +236,11 @@ class _Batch:
     durations: np.ndarray
     kinds: np.ndarray
     result: Ingested
+    #: Per record to count: its caller (a number in ``caller_names``) and its gRPC
+    #: status code (0 for a success).
+    callers: np.ndarray = field(default_factory=lambda: _NO_RECORDS)
+    caller_names: list[str] = field(default_factory=list)
+    codes: np.ndarray = field(default_factory=lambda: _NO_KINDS)
     #: The groups not written yet (a batch too big for one transaction is written in
     #: several).
     unwritten: list[int] = field(default_factory=list)
@@ -264,9 +277,17 @@ class _Part:
 
 # Each series of a bucket with its stats and its encoding as written.
 _Rows = dict[SeriesKey, tuple[BucketStats, str]]
-# Prometheus histograms a transaction adds: (service, operation) -> per outcome kind,
-# bucket counts and the sum of durations (ms).
-_PrometheusDelta = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(slots=True)
+class _PrometheusDelta:
+    """What a transaction adds to the Prometheus series."""
+
+    #: (service, operation) -> per outcome kind, bucket counts and the sum of
+    #: durations (ms).
+    histograms: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: (service, caller, status code) -> calls.
+    edges: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -351,6 +372,10 @@ class Aggregator:
         #: Cumulative Prometheus histogram state per (service, operation, outcome), of
         #: the calls this replica counted (durably).
         self.prometheus: dict[tuple[str, str, str], list[np.ndarray | float]] = {}
+        #: Calls this replica counted (durably) per (service, caller, status code);
+        #: at most MAX_CALLERS_PER_SERVICE callers of a service, then OTHER_CALLERS.
+        self.prometheus_edges: dict[tuple[str, str, int], int] = {}
+        self._callers_of: dict[str, set[str]] = {}
         self.prometheus_bounds_ms: np.ndarray = np.array(
             [0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], dtype=float
         )
@@ -543,14 +568,18 @@ class Aggregator:
             raise ResourceExhausted(rejected[0].reason)
         if targets:
             batch_group = target_of[found.key_of]
-            durations, kinds = found.durations, found.kinds
+            durations, kinds, at = found.durations, found.kinds, found.index
             if len(targets) < len(found.keys):
                 counted = batch_group >= 0
                 batch_group = batch_group[counted]
-                durations, kinds = durations[counted], kinds[counted]
+                durations, kinds, at = durations[counted], kinds[counted], at[counted]
             self._note_latency(targets, batch_group, durations)
+            caller_names, callers = caller_numbers(columns, at)
+            codes = columns.codes[at].astype(np.int8)
+            codes[kinds == 0] = 0  # a success is OK whatever code it carries
         else:
             batch_group, durations, kinds = _NO_RECORDS, _NO_DURATIONS, _NO_KINDS
+            caller_names, callers, codes = [], _NO_RECORDS, _NO_KINDS
         if sequence:
             self.ledgers.touch(reporter_id, now)
         result = Ingested(accepted, tuple(rejected))
@@ -583,6 +612,9 @@ class Aggregator:
                 durations,
                 kinds,
                 result,
+                callers,
+                caller_names,
+                codes,
                 list(range(len(targets))),
                 [(future, False)],
             )
@@ -671,7 +703,8 @@ class Aggregator:
         the durable ones left as they are until the write succeeds), and what their
         records add to the Prometheus histograms: one vectorised fold of all of them."""
         number: dict[_Target, int] = {}
-        picked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        caller_number: dict[str, int] = {}
+        picked: list[tuple[np.ndarray, ...]] = []
         for part in parts:
             batch = part.batch
             if not part.groups:
@@ -680,19 +713,23 @@ class Aggregator:
             for local in part.groups:
                 to_number[local] = number.setdefault(batch.targets[local], len(number))
             numbers = to_number[batch.group]
-            if len(part.groups) == len(batch.targets):
-                picked.append((numbers, batch.durations, batch.kinds))
-            else:
+            to_caller = np.array(
+                [caller_number.setdefault(name, len(caller_number)) for name in batch.caller_names],
+                dtype=np.int64,
+            )
+            columns = (numbers, batch.durations, batch.kinds, to_caller[batch.callers], batch.codes)
+            if len(part.groups) < len(batch.targets):
                 chosen = numbers >= 0
-                picked.append((numbers[chosen], batch.durations[chosen], batch.kinds[chosen]))
+                columns = tuple(column[chosen] for column in columns)
+            picked.append(columns)
         if not number:
-            return {}, {}
+            return {}, _PrometheusDelta()
         if len(picked) == 1:
-            numbers, durations, kinds = picked[0]
+            numbers, durations, kinds, callers, codes = picked[0]
         else:
-            numbers = np.concatenate([p[0] for p in picked])
-            durations = np.concatenate([p[1] for p in picked])
-            kinds = np.concatenate([p[2] for p in picked])
+            numbers, durations, kinds, callers, codes = (
+                np.concatenate(column) for column in zip(*picked, strict=True)
+            )
         count = len(number)
         sketches = grouped(durations, numbers, count)
         outcomes = np.bincount(numbers * 3 + kinds, minlength=3 * count).reshape(count, 3)
@@ -714,7 +751,9 @@ class Aggregator:
                 old.failures + failures[n],
                 old.infrastructure_failures + infrastructure[n],
             )
-        return out, self._prometheus_delta(list(number), numbers, durations, kinds)
+        delta = self._prometheus_delta(list(number), numbers, durations, kinds)
+        delta.edges = _edges(list(number), numbers, list(caller_number), callers, codes)
+        return out, delta
 
     def _prometheus_delta(
         self, targets: list[_Target], numbers: np.ndarray, durations: np.ndarray, kinds: np.ndarray
@@ -735,12 +774,22 @@ class Aggregator:
             minlength=3 * width * len(names),
         ).reshape(len(names), 3, width)
         sums = np.bincount(row, weights=durations, minlength=3 * len(names)).reshape(len(names), 3)
-        return {name: (counts[n], sums[n]) for name, n in names.items()}
+        return _PrometheusDelta({name: (counts[n], sums[n]) for name, n in names.items()})
 
     def _prometheus_add(self, delta: _PrometheusDelta) -> None:
-        """Add durably counted calls to the cumulative Prometheus histograms."""
+        """Add durably counted calls to the cumulative Prometheus series."""
+        for (service, named, code), calls in delta.edges.items():
+            known = self._callers_of.setdefault(service, set())
+            caller = named
+            if named not in known:
+                if len(known) >= MAX_CALLERS_PER_SERVICE:
+                    caller = OTHER_CALLERS
+                else:
+                    known.add(named)
+            edge = (service, caller, code)
+            self.prometheus_edges[edge] = self.prometheus_edges.get(edge, 0) + calls
         width = len(self.prometheus_bounds_ms) + 1
-        for (service, operation), (counts, sums) in delta.items():
+        for (service, operation), (counts, sums) in delta.histograms.items():
             for kind in np.flatnonzero(counts.any(axis=1)).tolist():
                 name = _OUTCOMES[kind]
                 state = self.prometheus.get((service, operation, name))
@@ -1274,6 +1323,36 @@ class Aggregator:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _edges(
+    targets: list[_Target],
+    numbers: np.ndarray,
+    caller_names: list[str],
+    callers: np.ndarray,
+    codes: np.ndarray,
+) -> dict[tuple[str, str, int], int]:
+    """Calls per (service, caller, status code): records by their target's number,
+    their caller's number in ``caller_names`` and their code."""
+    services: dict[str, int] = {}
+    service_of = np.array(
+        [services.setdefault(service, len(services)) for (service, _, _), _ in targets],
+        dtype=np.int64,
+    )
+    width = len(caller_names) * _CODES
+    key = service_of[numbers] * width + callers * _CODES + codes
+    space = len(services) * width
+    if space <= 4 * key.size + 1024:  # the usual: a few services, callers and codes
+        all_counts = np.bincount(key, minlength=space)
+        present = np.flatnonzero(all_counts)
+        counts = all_counts[present]
+    else:
+        present, counts = np.unique(key, return_counts=True)
+    names = list(services)
+    return {
+        (names[k // width], caller_names[k % width // _CODES], k % _CODES): n
+        for k, n in zip(present.tolist(), counts.tolist(), strict=True)
+    }
 
 
 def _consume(future: asyncio.Future[Ingested]) -> None:

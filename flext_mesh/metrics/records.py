@@ -540,6 +540,15 @@ def _first_seen(key: _Ints, space: int) -> tuple[_Ints, _Ints]:
     return rank[inverse.ravel()], first[order]
 
 
+def caller_numbers(columns: Columns, at: _Ints) -> tuple[list[str], _Ints]:
+    """The callers of the records at ``at``: the distinct callers of the batch, and per
+    record its caller's number among them."""
+    distinct = columns.distinct("callers")
+    if len(distinct) == 1:
+        return list(distinct), np.zeros(at.size, dtype=np.int64)
+    return list(distinct), _numbers(columns.callers, distinct)[at]
+
+
 def _numbers(values: list[str], distinct: set[str]) -> _Ints:
     """Per value, its number among ``distinct`` (which holds every value)."""
     number = {value: i for i, value in enumerate(distinct)}

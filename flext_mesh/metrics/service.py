@@ -402,6 +402,11 @@ class Metrics:
         for (service, operation, outcome), (counts, total) in self.aggregator.prometheus.items():
             yield service, operation, outcome, [int(c) for c in counts], float(total)  # type: ignore[union-attr]
 
+    def caller_series(self) -> Iterable[tuple[str, str, int, int]]:
+        """Cumulative (service, caller, status code, calls) for Prometheus."""
+        for (service, caller, code), calls in self.aggregator.prometheus_edges.items():
+            yield service, caller, code, calls
+
 
 def _refused(
     exc: InvalidArgument | ResourceExhausted, size: int

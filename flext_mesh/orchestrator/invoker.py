@@ -25,7 +25,7 @@ import grpc
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable
 from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel
-from flext_mesh.rpc.metadata import CORRELATION_ID_HEADER
+from flext_mesh.rpc.metadata import CALLER_HEADER, CORRELATION_ID_HEADER
 from flext_mesh.rpc.payloads import dict_to_struct, struct_to_dict
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.v1 import metrics_pb2, processor_pb2, processor_pb2_grpc, registry_pb2
@@ -194,7 +194,10 @@ class MeshInvoker:
         except TransportError as exc:  # a TLS file gone or broken since start-up
             raise AttemptFailed(Unavailable(str(exc)), instance.instance_id) from exc
         call = self._invokes[instance.endpoint]
-        metadata: tuple[tuple[str, str], ...] = ((CORRELATION_ID_HEADER, correlation_id),)
+        metadata: tuple[tuple[str, str], ...] = (
+            (CORRELATION_ID_HEADER, correlation_id),
+            (CALLER_HEADER, CALLER),
+        )
         traced = (
             tracing.child_span(
                 traceparent,

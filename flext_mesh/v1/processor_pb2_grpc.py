@@ -56,7 +56,10 @@ class ProcessorServiceServicer:
 
         The caller's deadline travels as the gRPC deadline; a processor that cannot
         finish in time answers DEADLINE_EXCEEDED. The correlation id is also sent
-        as metadata `x-correlation-id` and echoed in trailing metadata.
+        as metadata `x-correlation-id` and echoed in trailing metadata. A caller may
+        name its service in metadata `x-flext-caller` (at most 63 printable ASCII
+        characters, else ignored): the sidecar reports its calls by caller, for
+        flext_mesh_calls_by_caller_total. It is telemetry, never authorization.
 
         Errors: NOT_FOUND for an unknown operation (the message lists the known
         ones); INVALID_ARGUMENT with google.rpc.BadRequest field violations when the

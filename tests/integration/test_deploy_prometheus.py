@@ -222,6 +222,16 @@ def test_every_rule_and_dashboard_expression_answers_with_data(
         time.sleep(0.5)
     assert not pending, "\n".join(f"{n}: {e}\n  -> {why}" for (n, e), why in pending.items())
 
+    # The service graph's edges: checkout's sidecar calls payment (caller named by its
+    # sidecar), the orchestrator runs the workflow's steps on payment.
+    edges = _query(base, "sum by (caller, service, code) (flext_mesh_calls_by_caller_total)")
+    counted = {
+        (e["metric"]["caller"], e["metric"]["service"], e["metric"]["code"]): float(e["value"][1])
+        for e in edges["data"]["result"]
+    }
+    assert counted[("checkout", "payment", "OK")] >= 20, counted
+    assert counted[("flext-mesh-orchestrator", "payment", "OK")] >= 3, counted
+
     # The rules are loaded and evaluated by Prometheus itself, none in error, none firing.
     groups = _get(f"{base}/api/v1/rules")["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]

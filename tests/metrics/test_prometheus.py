@@ -94,6 +94,64 @@ async def test_scrape_shows_mesh_calls_and_the_control_planes_own_rpcs(tmp_path:
     assert "flext_mesh_build_info" in families
 
 
+async def test_calls_by_caller_and_code_count_each_call_once_and_cap_the_callers(
+    tmp_path: Path,
+) -> None:
+    """The service graph's edges: calls by caller and status code, a resent batch not
+    counted twice, a success told as OK, and a service's callers past 32 as one
+    "(other)" series, so a caller cannot grow the scrape without bound."""
+    plane, port = await create_server(fast_config(tmp_path))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = metrics_pb2_grpc.MetricsServiceStub(channel)
+
+            def record(caller: str, code: int, success: bool) -> metrics_pb2.CallRecord:
+                return metrics_pb2.CallRecord(
+                    service_name="payment",
+                    operation="charge",
+                    duration_ms=2.0,
+                    success=success,
+                    status_code=code,
+                    caller_service=caller,
+                )
+
+            batch = [
+                *(record("shop", 0, True) for _ in range(5)),
+                *(record("shop", 5, False) for _ in range(2)),  # NOT_FOUND: a refusal
+                record("cart", 14, False),  # UNAVAILABLE
+                record("cart", 2, True),  # a success whatever its code says
+                record("", 0, True),  # grpcurl or a client without a name
+            ]
+            request = metrics_pb2.ReportCallsRequest(
+                records=batch, reporter_id="sidecar-a", batch_sequence=1
+            )
+            await stub.ReportCalls(request)
+            await stub.ReportCalls(request)  # a resend after a lost answer
+            many = [record(f"caller-{i:02}", 0, True) for i in range(40)]
+            await stub.ReportCalls(metrics_pb2.ReportCallsRequest(records=many))
+        families = await asyncio.to_thread(_scrape, plane.http_port)
+    finally:
+        await plane.stop(0.2)
+
+    edges = {
+        (s[1]["service"], s[1]["caller"], s[1]["code"]): s[2]
+        for s in families["flext_mesh_calls_by_caller"]
+        if s[0].endswith("_total")
+    }
+    assert edges[("payment", "shop", "OK")] == 5.0
+    assert edges[("payment", "shop", "NOT_FOUND")] == 2.0
+    assert edges[("payment", "cart", "UNAVAILABLE")] == 1.0
+    assert edges[("payment", "cart", "OK")] == 1.0
+    assert edges[("payment", "(unknown)", "OK")] == 1.0
+    callers = {caller for _, caller, _ in edges}
+    # shop, cart and "" took 3 of the 32 places; 29 of the 40 callers got one each.
+    assert len(callers) == 33
+    named = sum(n for (_, caller, _), n in edges.items() if caller.startswith("caller-"))
+    assert named == 29.0
+    assert edges[("payment", "(other)", "OK")] == 11.0
+    assert sum(edges.values()) == 10 + 40
+
+
 def _stall_the_loop(seconds: float) -> None:
     """Hold the event loop, as a blocking call in a handler would: nothing else runs."""
     time.sleep(seconds)
@@ -278,7 +336,7 @@ def test_call_collector_skips_inconsistent_series_and_formats_default_buckets() 
         sum_seconds=0.0,
         count=1,
     )
-    hist, calls = CallMetricsCollector(lambda: [good, broken]).collect()
+    hist, calls, _ = CallMetricsCollector(lambda: [good, broken]).collect()
     les = [s.labels["le"] for s in hist.samples if s.name.endswith("_bucket")]
     assert les[:3] == ["0.0005", "0.001", "0.0025"]
     assert les[-1] == "+Inf"
