@@ -1,12 +1,5 @@
-"""``flext-mesh status``: what each sidecar has applied of the registry, and how late.
-
-Each sidecar says, on its KeepAlive stream, the registry revision its mesh client has
-applied (instances and traffic policies arrive on one Watch stream, so one revision
-covers both); the control plane keeps it on the instance (``applied_revision``,
-``applied_time``). The table compares it with the registry's revision now. A sidecar
-that keeps renewing but whose applied revision has not moved while the registry did is
-STALE: its client stopped following the registry.
-"""
+"""``flext-mesh status``: what each sidecar has applied of the registry, and how late
+(the rule: :mod:`flext_mesh.registry.applied`)."""
 
 from __future__ import annotations
 
@@ -18,12 +11,10 @@ import grpc
 
 from flext_mesh.cli.common import every_page
 from flext_mesh.cli.output import EMPTY, render_messages, render_table
+from flext_mesh.registry.applied import STALE_AFTER, applied
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = ["STALE_AFTER", "STATUS_HEADERS", "add_command", "status"]
-
-#: Seconds a sidecar may go without applying a newer revision before it is STALE.
-STALE_AFTER = 30.0
 
 STATUS_HEADERS = ("SERVICE", "INSTANCE", "APPLIED", "BEHIND", "SINCE", "STATE")
 
@@ -82,22 +73,14 @@ def status(channel: grpc.Channel, args: argparse.Namespace) -> str:
 def _row(
     instance: registry_pb2.ServiceInstance, revision: int, now: float, stale_after: float
 ) -> tuple[str, ...]:
-    applied = instance.applied_revision
-    if not applied:
+    where = applied(instance, revision, now, stale_after)
+    if where.state == "-":
         return (instance.service_name, instance.instance_id, EMPTY, EMPTY, EMPTY, EMPTY)
-    behind = max(0, revision - applied)
-    since = max(0.0, now - instance.applied_time.ToNanoseconds() / 1e9)
-    if not behind:
-        state = "OK"
-    elif since > stale_after:
-        state = "STALE"
-    else:
-        state = "BEHIND"
     return (
         instance.service_name,
         instance.instance_id,
-        str(applied),
-        str(behind),
-        f"{since:.0f}s ago",
-        state,
+        str(where.revision),
+        str(where.behind),
+        f"{where.since:.0f}s ago",
+        where.state,
     )

@@ -6,9 +6,12 @@ domain methods as the gRPC servicers, and its documents are the gRPC responses i
 proto3 JSON mapping with the proto field names (as ``flext-mesh ... -o json`` prints
 them): ``GET /api/v1/workflows/order`` answers what ``GetWorkflow`` answers. Only
 ``/series`` (plots) and ``/services/{name}`` (a service with its instances) are
-documents of their own. Errors are ``{"error": {"code", "status", "message",
-"field_violations"}}`` with the HTTP status of the gRPC code (400, 401, 403, 404, 429,
-503...); bad input is never a 500.
+documents of their own, and so are ``/services/{name}/explain`` (Discover's
+explanations), ``/status`` (what each sidecar applied, as ``flext-mesh status`` shows)
+and ``/removed`` (instances removed in the last minutes, for a page opened after).
+Errors are ``{"error": {"code", "status", "message", "field_violations"}}`` with the
+HTTP status of the gRPC code (400, 401, 403, 404, 429, 503...); bad input is never a
+500.
 
 Live data comes as server-sent events: the registry stream is fed by the registry's
 in-memory watch hub (one subscription per open page, no store reads), an execution's
@@ -29,6 +32,7 @@ import contextlib
 import datetime as dt
 import inspect
 import json
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
@@ -49,7 +53,8 @@ from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, NotFou
 from flext_mesh.metrics.service import Metrics
 from flext_mesh.names import MAX_NAME, check_length, check_name, raise_if
 from flext_mesh.orchestrator.engine import Orchestrator
-from flext_mesh.registry.registry import Registry
+from flext_mesh.registry.applied import STALE_AFTER, applied
+from flext_mesh.registry.registry import REMOVALS_KEPT_SECONDS, Registry
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
 __all__ = [
@@ -166,6 +171,9 @@ class Dashboard:
             "/services/{name}": self._get_service,
             "/services/{name}/report": self._get_report,
             "/services/{name}/series": self._get_series,
+            "/services/{name}/explain": self._explain,
+            "/status": self._status,
+            "/removed": self._removed,
             "/alerts": self._list_alerts,
             "/workflows": self._list_workflows,
             "/workflows/{name}": self._get_workflow,
@@ -263,6 +271,54 @@ class Dashboard:
             "revision": str(first.revision),
             "instances": list(found.instances),
             "policy": found.policies[0] if found.policies else None,
+        }
+
+    async def _explain(self, request: web.Request) -> _Result:
+        """Why each instance weighs what it does (``flext-mesh services explain``):
+        Discover's explanations, with the answer a default Discover gives."""
+        name = request.match_info["name"]
+        raise_if(check_name("name", name))
+        discovered = await self.registry.discover(registry_pb2.DiscoverRequest(service_name=name))
+        explanations = self.registry.explain(name, (i.instance_id for i in discovered.instances()))
+        if not explanations:
+            raise NotFound(f"service {name!r} has no registered instance")
+        return {"service_name": name, "explanations": explanations}
+
+    async def _status(self, request: web.Request) -> _Result:
+        """What each instance's sidecar applied of the registry (``flext-mesh
+        status``): the registry's revision, and per instance its applied revision, how
+        far behind, since when and its state."""
+        revision = self.registry.cache.revision
+        now = time.time()
+        rows = []
+        for service, instances in sorted(self.registry.cache.services.items()):
+            for instance_id, instance in sorted(instances.items()):
+                where = applied(instance, revision, now)
+                rows.append(
+                    {
+                        "service_name": service,
+                        "instance_id": instance_id,
+                        "applied_revision": str(where.revision),
+                        "behind": where.behind,
+                        "since_seconds": round(where.since, 3),
+                        "state": where.state,
+                    }
+                )
+        return {"revision": str(revision), "stale_after_seconds": STALE_AFTER, "instances": rows}
+
+    async def _removed(self, request: web.Request) -> _Result:
+        """Instances removed in the last ``kept_seconds`` and not registered again:
+        as they last were, why and when."""
+        return {
+            "kept_seconds": REMOVALS_KEPT_SECONDS,
+            "removed": [
+                {
+                    "instance": removal.instance,
+                    "removal_reason": registry_pb2.RemovalReason.Name(removal.reason),
+                    "removed_time": _rfc3339(removal.time),
+                }
+                for removal in self.registry.recently_removed()
+            ],
         }
 
     # -- metrics -----------------------------------------------------------------------
@@ -557,4 +613,9 @@ def _resume_point(request: web.Request, name: str) -> int:
 
 
 def _now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _rfc3339(time.time())
+
+
+def _rfc3339(epoch: float) -> str:
+    stamp = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -85,6 +85,8 @@ class InstanceChange:
     instance_id: str
     old: registry_pb2.ServiceInstance | None
     new: registry_pb2.ServiceInstance | None
+    #: A removal because its lease expired (else deregistered); False for a write.
+    expired: bool = False
 
 
 def stamp_now(stamp: timestamp_pb2.Timestamp) -> None:
@@ -353,7 +355,7 @@ class InstanceCache:
             self._services.pop(service_name, None)
             self._service_revision.pop(service_name, None)
             self._renewals.pop(service_name, None)
-        return InstanceChange(service_name, instance_id, gone, None)
+        return InstanceChange(service_name, instance_id, gone, None, event.expired)
 
     def _apply_policy(self, event: Event) -> registry_pb2.WatchEvent:
         out = translate_event(event)

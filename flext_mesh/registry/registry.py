@@ -47,15 +47,33 @@ __all__ = [
     "INSTANCES",
     "POLICIES",
     "REGISTRY",
+    "REMOVALS_KEPT",
+    "REMOVALS_KEPT_SECONDS",
     "Census",
     "Discovered",
     "OperationLister",
     "Registry",
     "RegistrySettings",
+    "Removal",
 ]
 
 _log = logging.getLogger("flext_mesh.registry")
 _HS = registry_pb2.HealthStatus
+
+#: How long a removed instance is remembered (for a page opened after it went).
+REMOVALS_KEPT_SECONDS = 300.0
+#: Most removals remembered (the oldest are forgotten first).
+REMOVALS_KEPT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """An instance that left the registry: as it last was, why, and when (epoch s)."""
+
+    instance: registry_pb2.ServiceInstance
+    #: REMOVAL_REASON_LEASE_EXPIRED or REMOVAL_REASON_DEREGISTERED.
+    reason: registry_pb2.RemovalReason.ValueType
+    time: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +170,7 @@ class Registry:
         )
         # True once the start-up snapshot is loaded (changes then re-track health checks).
         self._loaded = False
+        self._removals: collections.deque[Removal] = collections.deque(maxlen=REMOVALS_KEPT)
         self.cache.on_instance(self._on_instance)
         self.cache.on_policy(self._on_policy)
         # The API the servicer, the dashboard and the metrics service use; each part
@@ -201,6 +220,13 @@ class Registry:
     def _on_instance(self, change: InstanceChange) -> None:
         if change.new is None:
             self._health.untrack(instance_key(change.service, change.instance_id))
+            if change.old is not None:
+                reason = (
+                    registry_pb2.REMOVAL_REASON_LEASE_EXPIRED
+                    if change.expired
+                    else registry_pb2.REMOVAL_REASON_DEREGISTERED
+                )
+                self._removals.append(Removal(change.old, reason, time.time()))
             return
         old, new = change.old, change.new
         if self._loaded and (
@@ -255,6 +281,24 @@ class Registry:
             explained.in_answer = instance_id in answered
             out.append(explained)
         return out
+
+    def recently_removed(self, now: float | None = None) -> list[Removal]:
+        """Instances removed in the last REMOVALS_KEPT_SECONDS (at most REMOVALS_KEPT,
+        as this replica saw them go), the latest removal of each, oldest first; an
+        instance registered again since is left out."""
+        now = time.time() if now is None else now
+        since = now - REMOVALS_KEPT_SECONDS
+        removals = self._removals
+        while removals and removals[0].time < since:
+            removals.popleft()
+        latest: dict[tuple[str, str], Removal] = {}
+        for removal in removals:
+            instance = removal.instance
+            latest[(instance.service_name, instance.instance_id)] = removal
+        return sorted(
+            (r for key, r in latest.items() if self.cache.get(*key) is None),
+            key=lambda r: r.time,
+        )
 
     def census(self) -> Census:
         """Counts of what the registry holds (for gauges; O(instances), on the loop)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 
 from flext_mesh.dashboard import Dashboard, DashboardSettings, bearer_token
 from flext_mesh.dashboard.web import WebServer
@@ -243,6 +243,8 @@ BAD_REQUESTS = [
     ("/services/payment/series?window=1h&operation=nope", 404, "NOT_FOUND"),
     ("/services/nope/report?window=1h", 404, "NOT_FOUND"),
     ("/services/nope/series", 404, "NOT_FOUND"),
+    ("/services/nope/explain", 404, "NOT_FOUND"),
+    ("/services/no%20way/explain", 400, "INVALID_ARGUMENT"),
     ("/services/payment/report?by_version=maybe", 400, "INVALID_ARGUMENT"),
     ("/services?page_size=lots", 400, "INVALID_ARGUMENT"),
     ("/services?page_size=5000", 400, "INVALID_ARGUMENT"),
@@ -258,6 +260,55 @@ BAD_REQUESTS = [
     ("/nope", 404, "NOT_FOUND"),
     ("/services/payment/nope", 404, "NOT_FOUND"),
 ]
+
+
+async def test_explain_and_status_answer_what_the_cli_shows(flow: Flow) -> None:
+    """/services/NAME/explain is Discover's explanations; /status is `flext-mesh
+    status`'s table: a registration that never said what it applied is "-"."""
+    await register(flow, "payment", "pay-1", weight=50)
+    await register(flow, "payment", "pay-2")
+    status, explained = await get_json(f"{base(flow)}/api/v1/services/payment/explain")
+    assert status == 200
+    grpc_answer = await flow.registry.Discover(
+        registry_pb2.DiscoverRequest(service_name="payment", explain=True)
+    )
+    assert explained["explanations"] == [proto_json(e) for e in grpc_answer.explanations]
+    by_id = {e["instance_id"]: e for e in explained["explanations"]}
+    assert by_id["pay-1"]["base_weight"] == 50
+    assert by_id["pay-1"]["in_answer"] is True
+
+    status, table = await get_json(f"{base(flow)}/api/v1/status")
+    assert status == 200
+    assert int(table["revision"]) >= 2
+    assert table["stale_after_seconds"] == 30.0
+    assert [(r["instance_id"], r["state"]) for r in table["instances"]] == [
+        ("pay-1", "-"),
+        ("pay-2", "-"),
+    ]
+
+
+async def test_removed_instances_are_remembered_until_registered_again(flow: Flow) -> None:
+    """A page opened after an instance went still shows it, with why and when."""
+    await register(flow, "payment", "pay-1")
+    await register(flow, "payment", "pay-2")
+    before = time.time()
+    await flow.registry.Deregister(
+        registry_pb2.DeregisterRequest(service_name="payment", instance_id="pay-2")
+    )
+    status, document = await get_json(f"{base(flow)}/api/v1/removed")
+    assert status == 200
+    assert document["kept_seconds"] == 300.0
+    [gone] = document["removed"]
+    assert gone["instance"]["instance_id"] == "pay-2"
+    assert gone["removal_reason"] == "REMOVAL_REASON_DEREGISTERED"
+    removed_at = json_format.Parse(f'"{gone["removed_time"]}"', timestamp_pb2.Timestamp())
+    assert before - 1 <= removed_at.ToNanoseconds() / 1e9 <= time.time() + 1
+    # Forgotten after five minutes.
+    assert flow.plane.registry.recently_removed(now=time.time() + 301) == []
+
+    await register(flow, "payment", "pay-2")  # back: no longer shown as removed
+    status, document = await get_json(f"{base(flow)}/api/v1/removed")
+    assert document["removed"] == []
 
 
 async def test_bad_input_is_a_json_error_never_a_500(flow: Flow) -> None:

@@ -395,7 +395,45 @@ def test_a_workflows_own_latency_is_plotted(page: Page, mesh: Mesh) -> None:
     assert page.is_visible("tr[data-operation='execution']")
 
 
-def test_a_killed_instance_turns_unhealthy_on_screen_within_its_ttl(page: Page, mesh: Mesh) -> None:
+def test_why_an_instance_weighs_what_it_does_and_what_each_sidecar_applied(
+    page: Page, mesh: Mesh
+) -> None:
+    """The answers of `flext-mesh services explain` and `flext-mesh status`, on the page."""
+    navigate(page, "#/services")
+    page.wait_for_selector("tr[data-instance='pay-2'][data-health='healthy']")
+    page.click("[data-service='payment'] details.explain summary")
+    for instance in ("pay-1", "pay-2"):
+        row = page.wait_for_selector(
+            f"[data-service='payment'] .explain-table tr[data-instance='{instance}']"
+        )
+        assert row is not None
+        cells = [c.inner_text() for c in row.query_selector_all("td")]
+        # Instance, base, health x, latency x, errors x, ejected, split, effective, in answer.
+        assert cells[1] == "100", cells
+        assert cells[2] == "\N{MULTIPLICATION SIGN} 1.00", cells
+        assert cells[5] == "no", cells
+        assert float(cells[7]) > 0, cells
+        assert cells[8] == "yes", cells
+    headers = page.inner_text("[data-service='payment'] .explain-table thead")
+    assert "EFFECTIVE" in headers.upper()
+    assert "LATENCY" in headers.upper()
+    # The registry stream renders the cards again on every change: the table stays open.
+    assert page.is_visible("[data-service='payment'] .explain-table")
+
+    navigate(page, "#/status")
+    for instance in ("pay-1", "pay-2", "inv-1"):
+        # Each sidecar says what it applied on its next KeepAlive round.
+        page.wait_for_selector(f"#status-table tr[data-instance='{instance}'][data-state='OK']")
+    row = page.inner_text("#status-table tr[data-instance='inv-1']")
+    assert "inventory" in row
+    assert "OK" in row
+    assert "All up to date." in page.inner_text("#view-status")
+    page.screenshot(path=mesh.tmp / "status.png", full_page=True)
+
+
+def test_a_killed_instance_turns_unhealthy_on_screen_within_its_ttl(
+    page: Page, mesh: Mesh, browser: Browser
+) -> None:
     navigate(page, "#/services")
     for instance in ("pay-1", "pay-2", "inv-1"):
         page.wait_for_selector(f"tr[data-instance='{instance}'][data-health='healthy']")
@@ -414,3 +452,14 @@ def test_a_killed_instance_turns_unhealthy_on_screen_within_its_ttl(page: Page, 
     # When the lease runs out the row stays a while, greyed, saying why it went.
     page.wait_for_selector("tr[data-instance='pay-2'][data-health='removed']", timeout=10_000)
     assert page.inner_text("tr[data-instance='pay-2'] .health") == "removed (lease expired)"
+
+    # A page opened after it went shows it too: the control plane remembers removals.
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    try:
+        late = context.new_page()
+        late.goto(f"{mesh.http}/dashboard/#/services")
+        late.wait_for_selector("tr[data-instance='pay-2'][data-health='removed']", timeout=10_000)
+        assert late.inner_text("tr[data-instance='pay-2'] .health") == "removed (lease expired)"
+        assert late.is_visible("tr[data-instance='pay-1'][data-health='healthy']")
+    finally:
+        context.close()

@@ -182,6 +182,27 @@ class RegistryState {
     this.revision = Number(message.revision || 0);
     this.loaded = true;
     this.changed();
+    this.loadRemoved();
+  }
+
+  /** Instances removed before the page opened (or while it was disconnected): the
+   * control plane remembers them for a few minutes. */
+  async loadRemoved() {
+    let answer;
+    try {
+      answer = await api("/removed");
+    } catch {
+      return; // the page works without them
+    }
+    removedShownMs = Number(answer.kept_seconds || 60) * 1000;
+    for (const gone of answer.removed || []) {
+      const instance = gone.instance;
+      const key = `${instance.service_name}/${instance.instance_id}`;
+      if (this.instances.has(key) || this.removed.has(key)) continue;
+      const reason = removalReason(gone.removal_reason);
+      this.removed.set(key, { instance, reason, at: parseTime(gone.removed_time) || Date.now() });
+    }
+    this.changed();
   }
 
   onChange(message) {
@@ -199,8 +220,7 @@ class RegistryState {
       const key = `${instance.service_name}/${instance.instance_id}`;
       if (type === "REMOVED") {
         this.instances.delete(key);
-        const reason = short(event.removal_reason, "REMOVAL_REASON_").toLowerCase().replace("_", " ");
-        this.removed.set(key, { instance, reason, at: Date.now() });
+        this.removed.set(key, { instance, reason: removalReason(event.removal_reason), at: Date.now() });
       } else {
         this.instances.set(key, instance);
         this.removed.delete(key);
@@ -224,6 +244,9 @@ class RegistryState {
 
 const registry = new RegistryState();
 
+/** "REMOVAL_REASON_LEASE_EXPIRED" -> "lease expired". */
+const removalReason = (name) => short(name, "REMOVAL_REASON_").toLowerCase().replaceAll("_", " ");
+
 /** [css class suffix, text] of an instance's health; the text carries the meaning. */
 function health(instance, removed) {
   if (removed) return ["removed", `removed (${removed.reason})`];
@@ -245,14 +268,16 @@ function health(instance, removed) {
 
 // -- view: services ------------------------------------------------------------------------
 
-const REMOVED_SHOWN_MS = 60_000;
+/** How long a removed instance stays on the page: as long as the control plane
+ * remembers it (GET /removed says; 60 s until then). */
+let removedShownMs = 60_000;
 
 /** Every second: refresh the ages in place; drop removed rows shown long enough. */
 function tickServices() {
   const now = Date.now();
   let expired = false;
   for (const [key, gone] of registry.removed) {
-    if (now - gone.at > REMOVED_SHOWN_MS) {
+    if (now - gone.at > removedShownMs) {
       registry.removed.delete(key);
       expired = true;
     }
@@ -326,11 +351,185 @@ function renderServices() {
             ),
             h("tbody", {}, rows),
           ),
+          live.length ? explainDetails(name) : null,
         ),
       ),
     );
   }
   view.replaceChildren(...children);
+}
+
+// Why each instance weighs what it does (GET /services/NAME/explain), per open card.
+const explained = new Map(); // service -> {at, rows | error}
+
+function explainDetails(name) {
+  const details = h("details", { class: "explain", dataset: { explain: name } }, h("summary", {}, "Why these weights?"));
+  const body = h("div", { class: "explain-body" });
+  details.append(body);
+  const known = explained.get(name);
+  if (known) {
+    details.open = true;
+    body.replaceChildren(explainTable(known));
+    if (!known.loading && Date.now() - known.at > 5_000) loadExplain(name);
+  }
+  details.addEventListener("toggle", () => {
+    if (details.open && !explained.has(name)) loadExplain(name);
+    else if (!details.open) explained.delete(name);
+  });
+  return details;
+}
+
+/** Fetch a service's explanations, then show them wherever its card now is (the
+ * registry stream may have rendered the cards again meanwhile). */
+async function loadExplain(name) {
+  const before = explained.get(name);
+  explained.set(name, { ...(before || { at: 0 }), loading: true });
+  if (!before) paintExplain(name);
+  let known;
+  try {
+    const answer = await api(`/services/${encodeURIComponent(name)}/explain`);
+    known = { at: Date.now(), rows: answer.explanations || [] };
+  } catch (error) {
+    known = { at: Date.now(), error: error.message };
+  }
+  if (!explained.has(name)) return; // closed meanwhile
+  explained.set(name, known);
+  paintExplain(name);
+}
+
+function paintExplain(name) {
+  const known = explained.get(name);
+  for (const details of document.querySelectorAll("details[data-explain]")) {
+    if (details.dataset.explain === name) details.querySelector(".explain-body").replaceChildren(explainTable(known));
+  }
+}
+
+const factor = (value) => `× ${Number(value || 0).toFixed(2)}`;
+
+function explainTable(known) {
+  if (known.error) return h("div", { class: "empty" }, known.error);
+  if (!known.rows) return h("div", { class: "muted" }, "Loading…");
+  return h(
+    "table",
+    { class: "explain-table" },
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        h("th", {}, "Instance"),
+        h("th", { class: "num" }, "Base"),
+        h("th", { class: "num" }, "Health"),
+        h("th", { class: "num" }, "Latency"),
+        h("th", { class: "num" }, "Errors"),
+        h("th", {}, "Ejected"),
+        h("th", { class: "num" }, "Split"),
+        h("th", { class: "num" }, "Effective"),
+        h("th", {}, "In answer"),
+      ),
+    ),
+    h(
+      "tbody",
+      {},
+      known.rows.map((e) =>
+        h(
+          "tr",
+          { dataset: { instance: e.instance_id } },
+          h("td", { class: "mono" }, e.instance_id),
+          h("td", { class: "num" }, String(e.base_weight || 0)),
+          h("td", { class: "num", title: short(e.health, "HEALTH_STATUS_") }, factor(e.health_factor)),
+          h(
+            "td",
+            { class: "num", title: `${fmtMs(e.response_time_ms)} vs median ${fmtMs(e.service_median_ms)}` },
+            factor(e.latency_factor),
+          ),
+          h("td", { class: "num", title: `${fmtPct(e.infrastructure_error_rate)} infrastructure errors` }, factor(e.error_factor)),
+          h("td", {}, e.ejected ? `until ${fmtClock(parseTime(e.ejected_until))}` : "no"),
+          h("td", { class: "num" }, e.split_weight ? `${e.split_weight}%` : "–"),
+          h("td", { class: "num" }, Number(e.effective_weight || 0).toFixed(1)),
+          h("td", {}, e.in_answer ? "yes" : "no"),
+        ),
+      ),
+    ),
+  );
+}
+
+// -- view: sidecars (what each has applied of the registry) -------------------------------
+
+async function renderStatus() {
+  const view = document.getElementById("view-status");
+  let answer;
+  try {
+    answer = await api("/status");
+  } catch (error) {
+    view.replaceChildren(h("h2", {}, "Sidecars"), h("div", { class: "empty" }, error.message));
+    return;
+  }
+  const rows = answer.instances || [];
+  const late = rows.filter((r) => r.state === "STALE" || r.state === "BEHIND").length;
+  view.replaceChildren(
+    h("h2", {}, "Sidecars"),
+    h(
+      "p",
+      { class: "muted" },
+      `Registry revision ${answer.revision}. Each sidecar says on its KeepAlive stream which revision its mesh client has applied; `,
+      `behind and not moving for ${answer.stale_after_seconds} s is STALE. `,
+      late ? h("span", { class: "bad" }, `${late} not up to date.`) : "All up to date.",
+    ),
+    rows.length
+      ? h(
+          "div",
+          { class: "card" },
+          h(
+            "div",
+            { class: "body" },
+            h(
+              "table",
+              { id: "status-table" },
+              h(
+                "thead",
+                {},
+                h(
+                  "tr",
+                  {},
+                  h("th", {}, "Service"),
+                  h("th", {}, "Instance"),
+                  h("th", { class: "num" }, "Applied"),
+                  h("th", { class: "num" }, "Behind"),
+                  h("th", { class: "num" }, "Said"),
+                  h("th", {}, "State"),
+                ),
+              ),
+              h(
+                "tbody",
+                {},
+                rows.map((r) =>
+                  h(
+                    "tr",
+                    { dataset: { instance: r.instance_id, state: r.state } },
+                    h("td", {}, r.service_name),
+                    h("td", { class: "mono" }, r.instance_id),
+                    h("td", { class: "num" }, r.state === "-" ? "–" : r.applied_revision),
+                    h("td", { class: "num" }, r.state === "-" ? "–" : String(r.behind)),
+                    h("td", { class: "num" }, r.state === "-" ? "–" : `${Math.round(r.since_seconds)}s ago`),
+                    h(
+                      "td",
+                      {},
+                      h(
+                        "span",
+                        { class: `badge state-${r.state === "-" ? "none" : r.state.toLowerCase()}` },
+                        r.state === "-" ? "never said" : r.state,
+                      ),
+                    ),
+                  ),
+                ),
+              ),
+            ),
+          ),
+        )
+      : h("div", { class: "empty" }, "No instance is registered."),
+  );
 }
 
 function instanceRow(instance, removed = null) {
@@ -1024,7 +1223,7 @@ function show(view) {
   for (const a of document.querySelectorAll("[data-nav]")) a.classList.toggle("active", a.dataset.nav === view);
 }
 
-/** #/services, #/metrics[/service], #/workflows[/name], #/executions/id */
+/** #/services, #/metrics[/service], #/workflows[/name], #/executions/id, #/status */
 async function route() {
   const [, view = "services", arg = ""] = location.hash.split("/").map(decodeURIComponent);
   if (current.execution) current.execution.close();
@@ -1040,6 +1239,10 @@ async function route() {
     show("workflows");
     await renderWorkflows(arg);
     current.timer = setInterval(() => document.hidden || loadExecutions(), 5_000);
+  } else if (view === "status") {
+    show("status");
+    await renderStatus();
+    current.timer = setInterval(() => document.hidden || renderStatus(), 5_000);
   } else if (view === "executions" && arg) {
     show("workflows");
     const execution = new ExecutionView(arg);
