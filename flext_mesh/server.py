@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.config import ServerConfig
 from flext_mesh.dashboard import Dashboard
-from flext_mesh.dashboard.access import authorizer, http_ssl_context
+from flext_mesh.dashboard.access import authorizer, http_ssl_context, permitter
 from flext_mesh.dashboard.web import WebServer
 from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
@@ -181,7 +181,11 @@ class ControlPlane:
         self.port = 0
         host, port = parse_host_port(config.http_listen)
         self.dashboard = Dashboard(
-            self.registry, self.metrics, self.orchestrator, authorize=authorizer(self.security)
+            self.registry,
+            self.metrics,
+            self.orchestrator,
+            authorize=authorizer(self.security),
+            permit=permitter(self.security),
         )
         self.http = WebServer(
             host,

@@ -9,6 +9,10 @@ The dashboard follows the control plane's security settings:
 - authentication by client certificates only: browsers do not present them to this
   port, so the dashboard refuses every request and says to add a tokens file.
 
+Its actions (cancel, retry an execution) need the scope of their RPC, as
+``security.auth.METHOD_RULES`` says (``workflow`` or ``admin``); with authentication
+off, anyone who may read may act.
+
 With ``--tls-cert`` the HTTP port (dashboard and ``/metrics``) serves HTTPS with the
 same certificate.
 """
@@ -20,11 +24,11 @@ import ssl
 from aiohttp import web
 
 from flext_mesh.config import ServerConfig
-from flext_mesh.dashboard.api import Authorize, bearer_token
+from flext_mesh.dashboard.api import Authorize, Permit, bearer_token
 from flext_mesh.errors import Unauthenticated
-from flext_mesh.security.auth import SecurityInterceptor
+from flext_mesh.security.auth import METHOD_RULES, SecurityInterceptor
 
-__all__ = ["authorizer", "http_ssl_context"]
+__all__ = ["authorizer", "http_ssl_context", "permitter"]
 
 #: Scope kinds that may read the dashboard.
 _READERS = frozenset({"read", "service"})
@@ -53,6 +57,32 @@ def authorizer(security: SecurityInterceptor | None) -> Authorize | None:
         return f"{identity.describe()} may not read the dashboard: needs scope read or admin"
 
     return authorize
+
+
+def permitter(security: SecurityInterceptor | None) -> Permit | None:
+    """The dashboard's ``permit`` hook for these settings; None: open."""
+    if security is None or security.authenticator is None:
+        return None
+    tokens = security.authenticator.tokens
+
+    def permit(request: web.Request, method: str) -> bool | str:
+        if tokens is None:
+            return (
+                "the dashboard takes bearer tokens: start the control plane with --auth-tokens-file"
+            )
+        rule = METHOD_RULES[method]
+        token = bearer_token(request)
+        if token is None:
+            return f"send a token with scope {rule.needed()}"
+        identity = tokens.identify(token)
+        if identity is None:
+            raise Unauthenticated("invalid bearer token: unknown or revoked")
+        if identity.admin or not identity.kinds.isdisjoint(rule.scopes):
+            return True
+        name = method.rsplit("/", 1)[-1]
+        return f"{identity.describe()} may not call {name}: needs scope {rule.needed()}"
+
+    return permit
 
 
 def http_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:

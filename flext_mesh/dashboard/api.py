@@ -1,17 +1,21 @@
 """The dashboard: its page, the JSON API the page reads, and its live event streams.
 
 Everything is served by the control plane's HTTP server (the port of ``/metrics``), on
-the gRPC server's event loop, read-only (GET and HEAD). The JSON API calls the same
-domain methods as the gRPC servicers, and its documents are the gRPC responses in the
-proto3 JSON mapping with the proto field names (as ``flext-mesh ... -o json`` prints
-them): ``GET /api/v1/workflows/order`` answers what ``GetWorkflow`` answers. Only
-``/series`` (plots) and ``/services/{name}`` (a service with its instances) are
-documents of their own, and so are ``/services/{name}/explain`` (Discover's
-explanations), ``/status`` (what each sidecar applied, as ``flext-mesh status`` shows)
-and ``/removed`` (instances removed in the last minutes, for a page opened after).
-Errors are ``{"error": {"code", "status", "message", "field_violations"}}`` with the
-HTTP status of the gRPC code (400, 401, 403, 404, 429, 503...); bad input is never a
-500.
+the gRPC server's event loop: GET and HEAD, and two POST actions (cancel and retry an
+execution), each allowed by the same scope as its RPC (the ``permit`` hook) and only
+with a JSON body (``Content-Type: application/json``: a form on another site cannot
+send one without the browser asking this server first, which it never allows).
+
+The JSON API calls the same domain methods as the gRPC servicers, and its documents are
+the gRPC responses in the proto3 JSON mapping with the proto field names (as
+``flext-mesh ... -o json`` prints them): ``GET /api/v1/workflows/order`` answers what
+``GetWorkflow`` answers. Only ``/series`` (plots) and ``/services/{name}`` (a service
+with its instances) are documents of their own, and so are ``/services/{name}/explain``
+(Discover's explanations), ``/status`` (what each sidecar applied, as ``flext-mesh
+status`` shows) and ``/removed`` (instances removed in the last minutes, for a page
+opened after). Errors are ``{"error": {"code", "status", "message",
+"field_violations"}}`` with the HTTP status of the gRPC code (400, 401, 403, 404, 429,
+503...); bad input is never a 500.
 
 Live data comes as server-sent events: the registry stream is fed by the registry's
 in-memory watch hub (one subscription per open page, no store reads), an execution's
@@ -47,7 +51,13 @@ from google.protobuf.message import Message
 from flext_mesh.dashboard import events
 from flext_mesh.dashboard.assets import load_assets
 from flext_mesh.dashboard.series import build_series, snapshot
-from flext_mesh.dashboard.web import API_HEADERS, error_response, json_response, send_stream
+from flext_mesh.dashboard.web import (
+    API_HEADERS,
+    POST,
+    error_response,
+    json_response,
+    send_stream,
+)
 from flext_mesh.durations import parse_duration
 from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError, NotFound
 from flext_mesh.metrics.service import Metrics
@@ -58,12 +68,14 @@ from flext_mesh.registry.registry import REMOVALS_KEPT_SECONDS, Registry
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
 __all__ = [
+    "ACTIONS",
     "API_PREFIX",
     "PAGE_PATH",
     "TOKEN_COOKIE",
     "Authorize",
     "Dashboard",
     "DashboardSettings",
+    "Permit",
     "bearer_token",
     "http_status",
 ]
@@ -74,6 +86,16 @@ PAGE_PATH: Final = "/dashboard/"
 API_PREFIX: Final = "/api/v1"
 #: Cookie holding the bearer token of a browser (set by the page's token form).
 TOKEN_COOKIE: Final = "flext_mesh_token"
+
+#: The dashboard's actions: the name the page knows them by -> the RPC whose scope they
+#: need.
+ACTIONS: Final = {
+    "cancel_execution": "/flext_mesh.v1.OrchestratorService/CancelExecution",
+}
+
+#: Decides whether a request may do an action: ``(request, rpc method)``, answered as
+#: :data:`Authorize` is.
+Permit: TypeAlias = Callable[[web.Request, str], "bool | str | Awaitable[bool | str]"]
 
 #: Decides whether a request may read the API: ``True`` allows it; ``False`` or a
 #: reason (str) refuses it (401 when the request carried no token, else 403). May be a
@@ -134,6 +156,10 @@ def _allow_all(request: web.Request) -> bool:
     return True
 
 
+def _permit_all(request: web.Request, method: str) -> bool:
+    return True
+
+
 @dataclass(frozen=True, kw_only=True)
 class DashboardSettings:
     """How the dashboard streams."""
@@ -154,13 +180,16 @@ class Dashboard:
         orchestrator: Orchestrator,
         *,
         authorize: Authorize | None = None,
+        permit: Permit | None = None,
         settings: DashboardSettings | None = None,
     ) -> None:
-        """``authorize`` guards the API and streams (default: allow every request)."""
+        """``authorize`` guards the API and streams, ``permit`` the actions (default:
+        allow every request)."""
         self.registry = registry
         self.metrics = metrics
         self.orchestrator = orchestrator
         self.authorize: Authorize = authorize or _allow_all
+        self.permit: Permit = permit or _permit_all
         self.settings = settings or DashboardSettings()
 
     def routes(self) -> dict[str, Handler]:
@@ -179,6 +208,10 @@ class Dashboard:
             "/workflows/{name}": self._get_workflow,
             "/executions": self._list_executions,
             "/executions/{execution_id}": self._get_execution,
+            "/permissions": self._permissions,
+        }
+        actions = {
+            "/executions/{execution_id}/cancel": ("cancel_execution", self._cancel_execution),
         }
         streams = {
             "/events/registry": self._registry_events,
@@ -187,6 +220,12 @@ class Dashboard:
         routes: dict[str, Handler] = {"/": _to_page, **load_assets(PAGE_PATH)}
         routes.update({API_PREFIX + path: self._json(h) for path, h in api.items()})
         routes.update({API_PREFIX + path: self._guarded(h) for path, h in streams.items()})
+        routes.update(
+            {
+                POST + API_PREFIX + path: self._action(ACTIONS[name], handler)
+                for path, (name, handler) in actions.items()
+            }
+        )
         return routes
 
     # -- plumbing ----------------------------------------------------------------------
@@ -225,6 +264,53 @@ class Dashboard:
             body = await asyncio.to_thread(_encode, result)
             return web.Response(
                 body=body, headers={**API_HEADERS, "Content-Type": "application/json"}
+            )
+
+        return serve
+
+    async def _may(self, request: web.Request, method: str) -> bool | str:
+        """Whether ``permit`` lets the request call ``method`` (True, or why not)."""
+        verdict = self.permit(request, method)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return verdict
+
+    def _action(
+        self, method: str, handler: Callable[[web.Request, dict[str, Any]], Awaitable[_Result]]
+    ) -> Handler:
+        """A POST route: a JSON object body, the scope of ``method``, then the handler."""
+
+        async def serve(request: web.Request) -> web.StreamResponse:
+            if request.content_type != "application/json":
+                why = "send the body as JSON (Content-Type: application/json)"
+                return error_response(415, "INVALID_ARGUMENT", why)
+            try:
+                verdict = await self._may(request, method)
+            except MeshError as exc:
+                return _error_response(exc)
+            if verdict is not True:
+                reason = verdict if isinstance(verdict, str) and verdict else "not allowed"
+                if bearer_token(request) is None:
+                    return error_response(
+                        401,
+                        "UNAUTHENTICATED",
+                        f"a bearer token is required: {reason}",
+                        headers={"WWW-Authenticate": 'Bearer realm="flext-mesh"'},
+                    )
+                return error_response(403, "PERMISSION_DENIED", reason)
+            try:
+                body = json.loads(await request.read() or b"{}")
+            except ValueError:
+                return error_response(400, "INVALID_ARGUMENT", "the body is not JSON")
+            if not isinstance(body, dict):
+                return error_response(400, "INVALID_ARGUMENT", "the body must be a JSON object")
+            try:
+                result = await handler(request, body)
+            except MeshError as exc:
+                return _error_response(exc)
+            encoded = await asyncio.to_thread(_encode, result)
+            return web.Response(
+                body=encoded, headers={**API_HEADERS, "Content-Type": "application/json"}
             )
 
         return serve
@@ -431,6 +517,26 @@ class Dashboard:
             request.match_info["execution_id"], include_events=_bool(request, "include_events")
         )
         return orchestrator_pb2.GetExecutionResponse(execution=execution, events=history)
+
+    async def _permissions(self, request: web.Request) -> _Result:
+        """Which actions this request's token may do (the page shows only those)."""
+        allowed = {}
+        for name, method in ACTIONS.items():
+            try:
+                allowed[name] = await self._may(request, method) is True
+            except MeshError:
+                allowed[name] = False
+        return {"actions": allowed}
+
+    async def _cancel_execution(self, request: web.Request, body: dict[str, Any]) -> _Result:
+        """CancelExecution: ``{"reason": "..."}`` (optional)."""
+        reason = body.get("reason", "")
+        if not isinstance(reason, str):
+            raise InvalidArgument.from_violations([FieldViolation("reason", "must be a string")])
+        execution = await self.orchestrator.cancel_execution(
+            request.match_info["execution_id"], reason
+        )
+        return orchestrator_pb2.CancelExecutionResponse(execution=execution)
 
     # -- streams -----------------------------------------------------------------------
 

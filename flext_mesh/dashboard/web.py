@@ -1,12 +1,13 @@
 """The control plane's HTTP port (``/metrics``, the dashboard and its JSON API): aiohttp's
 server, run on the gRPC server's event loop.
 
-Routes are ``GET`` (and so ``HEAD``) handlers keyed by path; a path may hold ``{name}``
-parts, each matching one segment (``request.match_info["name"]``). What the server
-answers by itself is JSON in the dashboard's error document, like the API's own errors::
+Routes are ``GET`` (and so ``HEAD``) handlers keyed by path, or ``POST`` handlers keyed
+by ``"POST "`` and the path; a path may hold ``{name}`` parts, each matching one
+segment (``request.match_info["name"]``). What the server answers by itself is JSON in
+the dashboard's error document, like the API's own errors::
 
     404 NOT_FOUND          no route for the path
-    405 UNIMPLEMENTED      a method other than GET and HEAD (with ``Allow``)
+    405 UNIMPLEMENTED      a method the path does not answer (with ``Allow``)
     411 INVALID_ARGUMENT   a request body without Content-Length
     413 RESOURCE_EXHAUSTED a request body over ``max_body_bytes``
     500 INTERNAL           the handler raised (logged once; serving goes on)
@@ -32,12 +33,14 @@ from aiohttp.typedefs import Handler
 
 from flext_mesh.dashboard.assets import SECURITY_HEADERS
 
-__all__ = ["API_HEADERS", "WebServer", "error_response", "json_response", "send_stream"]
+__all__ = ["API_HEADERS", "POST", "WebServer", "error_response", "json_response", "send_stream"]
 
 _log = logging.getLogger("flext_mesh.http")
 
 #: Headers of every JSON answer: the security headers, and never cached.
 API_HEADERS: Final = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
+#: The prefix of a POST route's key (``"POST /api/v1/..."``).
+POST: Final = "POST "
 #: Set when the server starts stopping: open streams end then.
 _STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 #: The gRPC status name of each HTTP error the server answers by itself.
@@ -140,7 +143,8 @@ def _message(request: web.Request, exc: web.HTTPException) -> str:
     if isinstance(exc, web.HTTPNotFound):
         return f"nothing is served at {request.path}"
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        return f"method {request.method} is not allowed: everything here is GET"
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"method {request.method} is not allowed at {request.path}: it answers {allowed}"
     return exc.text or exc.reason
 
 
@@ -200,7 +204,10 @@ class WebServer:
             raise RuntimeError("WebServer.start() called twice")
         app = web.Application(client_max_size=self._max_body_bytes, middlewares=[_answer_errors])
         for path, handler in self._routes.items():
-            app.router.add_get(path, handler)
+            if path.startswith(POST):
+                app.router.add_post(path.removeprefix(POST), handler)
+            else:
+                app.router.add_get(path, handler)
         stopping = app[_STOPPING] = asyncio.Event()
 
         async def on_shutdown(app: web.Application) -> None:

@@ -323,6 +323,83 @@ def test_a_running_workflow_advances_on_screen(page: Page, mesh: Mesh) -> None:
     assert page.locator(".graph .node").count() == 3
 
 
+#: How many lines the text of an element takes on screen.
+LINES_OF_TEXT = """(el) => {
+  const range = document.createRange();
+  range.selectNodeContents(el);
+  return range.getClientRects().length;
+}"""
+#: The outermost elements that reach past the right edge of the window.
+SPILLING = """(width) => {
+  const right = (el) => el.getBoundingClientRect().right;
+  return [...document.querySelectorAll("body *")]
+    .filter((el) => right(el) > width + 1 && right(el.parentElement) <= width + 1)
+    .slice(0, 5)
+    .map((el) => `${el.tagName.toLowerCase()}.${el.className} ${Math.round(right(el))}px`);
+}"""
+
+
+def _fits(page: Page, width: int) -> None:
+    """Nothing spills sideways out of the page at this width (wide tables scroll inside
+    their card)."""
+    spilling = page.evaluate(SPILLING, width)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width, spilling
+
+
+def test_cancel_from_the_page_at_a_phones_width_and_a_wide_screen(page: Page, mesh: Mesh) -> None:
+    """A running execution has a Cancel button (authentication is off here: anyone who
+    reads may act); the page is usable at 420 px and at 1920 px."""
+    with grpc.insecure_channel(mesh.plane.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        stub.PutWorkflow(
+            orchestrator_pb2.PutWorkflowRequest(workflow=workflow_from_dict(CHECKOUT)), timeout=10
+        )
+        started = stub.StartExecution(
+            orchestrator_pb2.StartExecutionRequest(
+                workflow_name="checkout",
+                input=dict_to_struct(
+                    {"key": "order-cancel", "behaviour": {"reserve_inventory": {"sleep": 8}}}
+                ),
+            ),
+            timeout=10,
+        ).execution
+    page.set_viewport_size({"width": 420, "height": 860})
+    navigate(page, f"#/executions/{started.execution_id}")
+    page.wait_for_selector(".tl-row[data-step='reserve'][data-state='RUNNING']")
+    headers = [th.inner_text().upper() for th in page.query_selector_all("#event-log thead th")]
+    assert headers == ["TIME", "EVENT", "STEP", "ATTEMPT", "INSTANCE", "DETAIL"]
+    _fits(page, 420)
+    for cell in page.query_selector_all("#event-log td.when"):  # "+130 ms" on one line
+        assert cell.evaluate(LINES_OF_TEXT) == 1
+    page.screenshot(path=mesh.tmp / "execution-420.png", full_page=True)
+    assert page.locator("#retry-button").count() == 0  # only once it failed or was cancelled
+
+    page.click("#cancel-button")
+    page.fill("#cancel-reason", "customer called")
+    page.click("#cancel-confirm")
+    page.wait_for_selector("#execution-state:text-is('CANCELLED')", timeout=20_000)
+    assert page.locator("#cancel-button").count() == 0
+    assert "customer called" in page.inner_text("#event-log")
+
+    for view in ("#/services", "#/metrics/payment", "#/workflows/checkout", "#/status"):
+        navigate(page, view)
+        page.wait_for_selector("main .view:not([hidden]) h2")
+        page.wait_for_timeout(300)
+        _fits(page, 420)
+    navigate(page, "#/services")
+    page.wait_for_selector("tr[data-instance='pay-1']")
+    page.screenshot(path=mesh.tmp / "services-420.png", full_page=True)
+    top = page.locator("header.top").bounding_box()
+    assert top is not None
+    assert top["height"] < 110  # brand, status and token on one line, the views below
+
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    navigate(page, f"#/executions/{started.execution_id}")
+    page.wait_for_selector("#execution-state:text-is('CANCELLED')")
+    _fits(page, 1920)
+    page.screenshot(path=mesh.tmp / "execution-1920.png", full_page=True)
+
+
 def test_the_latency_and_error_plots_have_data(page: Page, mesh: Mesh) -> None:
     outcomes = []
     for i in range(30):

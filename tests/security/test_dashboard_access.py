@@ -54,3 +54,61 @@ async def test_the_dashboard_serves_https_and_asks_for_a_read_token(
         with pytest.raises(urllib.error.URLError) as refused:
             await asyncio.to_thread(_get, url, mesh.tokens["dashboard"], strangers)
         assert isinstance(refused.value.reason, ssl.SSLCertVerificationError)
+
+
+def _call(
+    url: str, token: str | None, *, body: bytes | None = None, kind: str = "application/json"
+) -> tuple[int, dict[str, object]]:
+    """A GET (no body) or a POST of ``body`` over plain HTTP."""
+    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    if body is not None:
+        request.add_header("Content-Type", kind)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def test_the_dashboards_actions_need_the_scope_of_their_rpc(tmp_path: Path) -> None:
+    """Cancel from the page is CancelExecution: scope workflow or admin; the page asks
+    /permissions to show only the buttons a token may use; a body that is not JSON (a
+    form another site could send) is refused before anything runs."""
+    async with secured_plane(tmp_path) as mesh:
+        base = f"http://127.0.0.1:{mesh.plane.http_port}/api/v1"
+        cancel = f"{base}/executions/no-such-execution/cancel"
+
+        def call(url: str, token: str | None, **kwargs: object) -> tuple[int, dict[str, object]]:
+            return _call(url, token, **kwargs)  # type: ignore[arg-type]
+
+        status, body = await asyncio.to_thread(
+            call, f"{base}/permissions", mesh.tokens["dashboard"]
+        )
+        assert (status, body) == (200, {"actions": {"cancel_execution": False}})
+        status, body = await asyncio.to_thread(call, f"{base}/permissions", mesh.tokens["operator"])
+        assert (status, body) == (200, {"actions": {"cancel_execution": True}})
+
+        status, body = await asyncio.to_thread(call, cancel, None, body=b"{}")
+        assert status == 401
+        status, body = await asyncio.to_thread(call, cancel, mesh.tokens["dashboard"], body=b"{}")
+        assert status == 403
+        assert "needs scope admin or workflow" in json.dumps(body)
+        status, body = await asyncio.to_thread(
+            call,
+            cancel,
+            mesh.tokens["ci"],
+            body=b"reason=x",
+            kind="application/x-www-form-urlencoded",
+        )
+        assert status == 415
+        status, body = await asyncio.to_thread(call, cancel, mesh.tokens["ci"], body=b"[1]")
+        assert status == 400
+        status, body = await asyncio.to_thread(
+            call, cancel, mesh.tokens["ci"], body=b'{"reason": 7}'
+        )
+        assert status == 400
+        assert body["error"]["field_violations"][0]["field"] == "reason"  # type: ignore[index]
+        status, body = await asyncio.to_thread(call, cancel, mesh.tokens["ci"], body=b"{}")
+        assert (status, body["error"]["status"]) == (404, "NOT_FOUND")  # type: ignore[index]

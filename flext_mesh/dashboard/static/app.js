@@ -91,6 +91,29 @@ async function api(path) {
   return body;
 }
 
+/** POST a JSON body to an action of the API; its JSON answer. */
+async function post(path, body) {
+  const response = await fetch(API + path, {
+    method: "POST",
+    headers: { Accept: "application/json", "Content-Type": "application/json" },
+    credentials: "same-origin",
+    body: JSON.stringify(body),
+  });
+  const answer = await response.json().catch(() => null);
+  if (!response.ok) {
+    if (response.status === 401) askToken();
+    throw new ApiError(response.status, answer?.error?.message || response.statusText);
+  }
+  return answer;
+}
+
+/** The actions this page's token may do ({cancel_execution: true, ...}), asked once. */
+let permissions = null;
+async function mayDo(action) {
+  if (!permissions) permissions = api("/permissions").then((p) => p.actions || {}).catch(() => ({}));
+  return Boolean((await permissions)[action]);
+}
+
 function banner(text) {
   const el = document.getElementById("banner");
   el.textContent = text || "";
@@ -119,6 +142,7 @@ function setupToken() {
       return;
     }
     input.value = "";
+    permissions = null; // another token, other rights
     registry.connect();
     route();
   });
@@ -331,7 +355,7 @@ function renderServices() {
           { class: "body" },
           h(
             "table",
-            {},
+            { class: "instances" },
             h(
               "thead",
               {},
@@ -740,11 +764,15 @@ function drawCharts(series, latencyEl, errorEl, rateEl) {
   latencyEl.dataset.points = String(points);
   errorEl.dataset.points = String(points);
   rateEl.dataset.points = String(points);
-  const width = Math.max(360, latencyEl.clientWidth - 24);
+  const width = Math.max(240, latencyEl.clientWidth - 24);
   const label = metricsState.operation || "all operations";
-  // The x axis spans the whole window asked for, whatever part of it has calls.
+  // The x axis spans the data: from the first bucket with calls (not the start of a
+  // 24 h window when the service is 7 minutes old) to now, at least a minute.
   const end = (parseTime(series.generate_time) || Date.now()) / 1000;
-  const x = { time: true, range: () => [end - durationSeconds(series.window), end] };
+  const first = which.calls.findIndex((c) => c > 0);
+  const windowStart = end - durationSeconds(series.window);
+  const start = first < 0 ? windowStart : Math.max(windowStart, Math.min(Number(times[first]), end - 60));
+  const x = { time: true, range: () => [start, end] };
   const base = { width, height: 220, scales: { x }, legend: { live: true } };
   const ms = (u, values) => values.map((v) => (v == null ? "" : fmtMs(v)));
   metricsState.charts.push(
@@ -995,6 +1023,9 @@ const STEP_END = {
 };
 
 /** The execution being shown, folded from its events as they arrive. */
+/** States an execution can be retried from (RetryExecution). */
+const RETRYABLE = new Set(["FAILED", "COMPENSATION_FAILED", "CANCELLED"]);
+
 class ExecutionView {
   constructor(id) {
     this.id = id;
@@ -1005,6 +1036,7 @@ class ExecutionView {
     this.source = null;
     this.tick = null;
     this.closed = false;
+    this.allowed = { cancel_execution: false, retry_execution: false };
   }
 
   async open() {
@@ -1014,6 +1046,8 @@ class ExecutionView {
     if (this.execution.workflow_name) {
       this.workflow = await workflowOf(this.execution.workflow_name, Number(this.execution.workflow_version)).catch(() => null);
     }
+    const [cancel, retry] = await Promise.all([mayDo("cancel_execution"), mayDo("retry_execution")]);
+    this.allowed = { cancel_execution: cancel, retry_execution: retry };
     this.render();
     if (!this.ended()) this.follow();
   }
@@ -1107,12 +1141,23 @@ class ExecutionView {
     const workflow = this.workflow || { name: x.workflow_name, steps: x.steps.map((st) => ({ name: st.step_name, service: "", operation: "" })) };
     const started = parseTime(x.start_time || x.create_time);
     const ended = parseTime(x.end_time);
+    // The buttons survive a render in the same state (a reason being typed stays).
+    const previous = document.getElementById("execution-actions");
+    const actions = previous && this.actionsFor === state ? previous : this.actions(state);
+    this.actionsFor = state;
     view.replaceChildren(
       h("h2", {}, h("a", { href: x.workflow_name ? `#/workflows/${encodeURIComponent(x.workflow_name)}` : "#/workflows" }, "Workflows"), " / ", h("span", { class: "mono" }, x.execution_id)),
       h(
         "div",
         { class: "card", id: "execution", dataset: { state } },
-        h("header", {}, h("h3", {}, x.workflow_name || "(inline workflow)"), h("span", { class: `state state-${state}`, id: "execution-state" }, state)),
+        h(
+          "header",
+          {},
+          h("h3", {}, x.workflow_name || "(inline workflow)"),
+          h("span", { class: `state state-${state}`, id: "execution-state" }, state),
+          h("span", { style: "flex:1" }),
+          actions,
+        ),
         h(
           "div",
           { class: "body" },
@@ -1148,6 +1193,50 @@ class ExecutionView {
     this.renderTimeline();
     this.renderLog();
     if (this.ended()) clearInterval(this.tick);
+  }
+
+  /** Cancel on a running execution, Retry on one that failed or was cancelled: each
+   * only when the token's scope allows its RPC. */
+  actions(state) {
+    const box = h("span", { class: "actions", id: "execution-actions" });
+    if (!this.ended() && this.allowed.cancel_execution) {
+      const reason = h("input", { type: "text", id: "cancel-reason", placeholder: "reason (optional)", maxlength: "1024" });
+      const confirm = h("button", { type: "button", id: "cancel-confirm", class: "danger" }, "Cancel execution");
+      const form = h("span", { class: "confirm", hidden: true }, reason, confirm);
+      const open = h("button", { type: "button", id: "cancel-button", class: "quiet" }, "Cancel…");
+      open.addEventListener("click", () => {
+        form.hidden = false;
+        open.hidden = true;
+        reason.focus();
+      });
+      confirm.addEventListener("click", async () => {
+        confirm.disabled = true;
+        try {
+          const answer = await post(`/executions/${encodeURIComponent(this.id)}/cancel`, { reason: reason.value.trim() });
+          if (answer?.execution) this.execution.state = answer.execution.state;
+          banner("");
+        } catch (error) {
+          banner(`cancel: ${error.message}`);
+        }
+        this.render();
+      });
+      box.append(open, form);
+    }
+    if (RETRYABLE.has(state) && this.allowed.retry_execution) {
+      const retry = h("button", { type: "button", id: "retry-button" }, "Retry");
+      retry.addEventListener("click", async () => {
+        retry.disabled = true;
+        try {
+          const answer = await post(`/executions/${encodeURIComponent(this.id)}/retry`, {});
+          location.hash = `#/executions/${encodeURIComponent(answer.execution.execution_id)}`;
+        } catch (error) {
+          banner(`retry: ${error.message}`);
+          retry.disabled = false;
+        }
+      });
+      box.append(retry);
+    }
+    return box;
   }
 
   renderTimeline() {
@@ -1202,7 +1291,7 @@ class ExecutionView {
       h(
         "tr",
         {},
-        h("td", { class: "num" }, `+${fmtSpan((parseTime(e.time) - t0) / 1000)}`),
+        h("td", { class: "num when" }, `+${fmtSpan((parseTime(e.time) - t0) / 1000)}`),
         h("td", {}, short(e.type, "EXECUTION_EVENT_TYPE_").toLowerCase().replaceAll("_", " ")),
         h("td", {}, e.step_name || ""),
         h("td", { class: "num" }, e.attempt ? String(e.attempt) : ""),
@@ -1210,7 +1299,21 @@ class ExecutionView {
         h("td", {}, e.error?.message || e.message || ""),
       ),
     );
-    box.replaceChildren(h("table", { class: "events" }, h("tbody", {}, rows)));
+    const head = h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        h("th", { class: "num" }, "Time"),
+        h("th", {}, "Event"),
+        h("th", {}, "Step"),
+        h("th", { class: "num" }, "Attempt"),
+        h("th", {}, "Instance"),
+        h("th", {}, "Detail"),
+      ),
+    );
+    box.replaceChildren(h("table", { class: "events" }, head, h("tbody", {}, rows)));
   }
 }
 
