@@ -115,18 +115,24 @@ fmt: install-dev  ## Format the code with ruff.
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# descriptors.binpb: the contracts with their comments (source info), which the
+# generated modules leave out; server reflection serves it so `grpcurl describe` shows
+# them. The well-known types it imports come from the protobuf runtime.
 protos: $(VENV)/.installed-dev  ## Regenerate flext_mesh/v1 from protos/.
-	rm -f $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi
+	rm -f $(GEN_DIR)/*_pb2*.py $(GEN_DIR)/*_pb2*.pyi $(GEN_DIR)/descriptors.binpb
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) $(PLUGINS) \
 		--python_out=. --grpc_python_out=. \
-		--mypy_out=. --mypy_grpc_out=. $(PROTOS)
+		--mypy_out=. --mypy_grpc_out=. \
+		--include_source_info --descriptor_set_out=$(GEN_DIR)/descriptors.binpb $(PROTOS)
 	@touch $(GEN_DIR)/__init__.py $(GEN_DIR)
 
 protos-check: $(VENV)/.installed-dev  ## Fail when flext_mesh/v1 is not what `make protos` would write.
 	@tmp=$$(mktemp -d) && \
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) $(PLUGINS) \
 		--python_out=$$tmp --grpc_python_out=$$tmp \
-		--mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >$$tmp.log 2>&1 || { cat $$tmp.log; exit 1; }; \
+		--mypy_out=$$tmp --mypy_grpc_out=$$tmp --include_source_info \
+		--descriptor_set_out=$$tmp/$(GEN_DIR)/descriptors.binpb $(PROTOS) >$$tmp.log 2>&1 \
+		|| { cat $$tmp.log; exit 1; }; \
 	touch $$tmp/$(GEN_DIR)/__init__.py && \
 	if diff -r -E $(GEN_VERSION_LINES) -x __pycache__ $$tmp/$(GEN_DIR) $(GEN_DIR) >/dev/null; then \
 		rm -rf $$tmp; echo "generated code is up to date"; \
