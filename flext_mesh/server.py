@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
 from flext_mesh.addresses import parse_host_port
@@ -38,7 +37,7 @@ from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.registry.health import HealthCheckSettings
 from flext_mesh.registry.outlier import OutlierSettings
 from flext_mesh.registry.registry import Registry, RegistrySettings
-from flext_mesh.rpc import tracing
+from flext_mesh.rpc import reflection, tracing
 from flext_mesh.rpc.channels import (
     ClientSecurity,
     TransportError,
@@ -205,7 +204,7 @@ class ControlPlane:
         )
         add_processor_servicer(ProcessorServicer({}, service_name="flext-mesh"), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
+        reflection.enable_reflection(
             (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
         )
 

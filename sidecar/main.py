@@ -40,6 +40,7 @@ from flext_mesh.process import bind_problem, signal_received
 from flext_mesh.rpc import tracing
 from flext_mesh.rpc.channels import ClientSecurity, open_channel
 from flext_mesh.v1 import metrics_pb2, registry_pb2
+from flext_mesh.version import __version__
 from sidecar.app import AppError, load_app
 from sidecar.client import MeshClient, set_current
 from sidecar.config import SidecarConfig
@@ -302,10 +303,23 @@ def _parser() -> argparse.ArgumentParser:
         }
         if name == "label":
             kwargs.update(action="append", metavar="KEY=VALUE")
+        elif name == "version":
+            # The instance's version takes a value; alone, --version prints the
+            # sidecar's own version, as every other command's --version does.
+            kwargs.update(
+                nargs="?",
+                const=_SHOW_VERSION,
+                metavar="VERSION",
+                help=f"{info.description} Without a value: print {PROG}'s own version "
+                f"and exit. (env FLEXT_MESH_{name.upper()})",
+            )
         elif info.annotation is bool:  # a switch: --insecure, not --insecure true
             kwargs.update(action="store_true", default=None)
         parser.add_argument(flag, **kwargs)
     return parser
+
+
+_SHOW_VERSION = object()
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -316,6 +330,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``flext-sidecar`` console script."""
     args = _parser().parse_args(argv)
+    if args.version is _SHOW_VERSION:
+        sys.stdout.write(f"{PROG} {__version__}\n")
+        raise SystemExit(0)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     try:
         config = SidecarConfig(**flags)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import subprocess
 import sys
 import tomllib
@@ -18,6 +19,7 @@ from flext_mesh.security.auth import SecurityConfigError
 from flext_mesh.security.tokens import TokensFileError
 from flext_mesh.server import ServeError
 from flext_mesh.store import StoreOpenError
+from flext_mesh.version import __version__
 from sidecar.app import AppError
 from sidecar.main import SidecarError
 
@@ -88,3 +90,34 @@ def test_every_startup_error_is_a_config_error() -> None:
     for cls in startup:
         assert issubclass(cls, ConfigError), cls
         assert not issubclass(cls, MeshError), cls
+
+
+def test_version_is_one_number_printed_by_both_commands() -> None:
+    # pyproject reads flext_mesh.version; the installed scripts print the same number.
+    installed = importlib.metadata.version("flext-mesh")
+    assert installed == __version__
+    bin_dir = Path(sys.executable).parent
+    for command in ("flext-mesh", "flext-sidecar"):
+        done = subprocess.run(
+            [str(bin_dir / command), "--version"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, f"{command} {installed}\n", "")
+
+
+def test_sidecar_version_with_a_value_is_still_the_instance_version() -> None:
+    # --version VALUE is what the instance registers for traffic splits, not a request to print.
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(
+        [str(bin_dir / "flext-sidecar"), "--version", "1.4.0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "app: Field required" in done.stderr
+    assert __version__ not in done.stdout

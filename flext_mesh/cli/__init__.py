@@ -29,6 +29,7 @@ from flext_mesh.config import ServerConfig
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel, tls_problem
 from flext_mesh.rpc.status import from_rpc_error
+from flext_mesh.version import __version__
 
 __all__ = ["main"]
 
@@ -42,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="flext-mesh: a gRPC service-mesh control plane.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     nouns = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     nouns.required = True
 

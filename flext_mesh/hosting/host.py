@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.errors import ConfigError, MeshError
 from flext_mesh.hosting.membership import Membership
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.process import bind_problem
+from flext_mesh.rpc import reflection
 from flext_mesh.rpc.channels import ClientSecurity, check_listen, server_credentials
 from flext_mesh.rpc.health import HEALTH_SERVICE, HealthServicer
 from flext_mesh.v1 import processor_pb2, registry_pb2
@@ -108,7 +108,7 @@ class ProcessorHost:
         add_processor_servicer(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.reflection:
-            reflection.enable_server_reflection(
+            reflection.enable_reflection(
                 (_PROCESSOR_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
             )
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ServeProcess, grpcurl_path, start_serve
+from tests.conftest import BIN, REPO, ServeProcess, grpcurl_path, start_serve
 from tests.sidecar.test_sidecar_process import start_sidecar
 
 SERVICES = (
@@ -51,11 +51,71 @@ def test_grpcurl_describes_each_service_from_reflection(
     assert "rpc " in out
 
 
+def _comment_above(proto: str, declaration: str, *, within: str = "") -> list[str]:
+    """The ``//`` comment lines right above ``declaration`` (the first after the line
+    starting with ``within``) in protos/flext_mesh/v1/."""
+    lines = (REPO / "protos" / "flext_mesh" / "v1" / proto).read_text().splitlines()
+    begin = next(i for i, line in enumerate(lines) if line.startswith(within))
+    at = next(i for i in range(begin, len(lines)) if lines[i].strip().startswith(declaration))
+    comment: list[str] = []
+    for line in reversed(lines[:at]):
+        if not line.strip().startswith("//"):
+            break
+        comment.insert(0, line.strip())
+    assert comment, f"no comment above {declaration!r} in {proto}"
+    return comment
+
+
 def test_describe_shows_message_fields_with_their_comments(serve_process: ServeProcess) -> None:
     code, out = grpcurl(serve_process.address, "describe", "flext_mesh.v1.RegisterRequest")
     assert code == 0, out
     assert ".flext_mesh.v1.ServiceInstance instance = 1;" in out
     assert ".google.protobuf.Duration ttl = 2;" in out
+    shown = [line.strip() for line in out.splitlines()]
+    for comment in (
+        _comment_above("registry.proto", "message RegisterRequest"),
+        _comment_above(
+            "registry.proto",
+            "google.protobuf.Duration ttl = 2;",
+            within="message RegisterRequest",
+        ),
+    ):
+        assert all(line in shown for line in comment), (comment, out)
+
+
+def test_describe_shows_an_rpc_and_a_field_with_their_comments(
+    serve_process: ServeProcess,
+) -> None:
+    code, out = grpcurl(serve_process.address, "describe", "flext_mesh.v1.RegistryService.Register")
+    assert code == 0, out
+    assert "flext_mesh.v1.RegistryService.Register is a method" in out
+    assert _comment_above("registry.proto", "rpc Register(")[0] in out
+    code, out = grpcurl(serve_process.address, "describe", "flext_mesh.v1.ServiceInstance.endpoint")
+    assert code == 0, out
+    assert _comment_above("registry.proto", "string endpoint = 3;")[0] in out
+    code, out = grpcurl(serve_process.address, "describe", "flext_mesh.v1.RegistryService.Nope")
+    assert code != 0
+    assert "Symbol not found" in out
+    # Files outside the contracts still resolve, from the running process.
+    code, out = grpcurl(serve_process.address, "describe", "grpc.health.v1.Health")
+    assert code == 0, out
+    assert "rpc Check ( .grpc.health.v1.HealthCheckRequest )" in out
+
+
+def test_a_sidecar_describes_invoke_with_its_comment(
+    tmp_path: Path, serve_process: ServeProcess
+) -> None:
+    sidecar = start_sidecar(tmp_path, serve_process.address)
+    try:
+        code, out = grpcurl(sidecar.address, "describe", "flext_mesh.v1.ProcessorService")
+        assert code == 0, out
+        assert _comment_above("processor.proto", "rpc Invoke(")[0] in out
+        code, out = grpcurl(sidecar.address, "flext_mesh.v1.ProcessorService/ListOperations")
+        assert code == 0, out
+        assert "charge" in out
+    finally:
+        sidecar.proc.send_signal(signal.SIGTERM)
+        sidecar.proc.wait(15)
 
 
 def test_health_check_answers_serving_overall_and_per_service(
