@@ -1,7 +1,7 @@
-"""Every ``flext-sidecar`` command of the README runs as printed, from the repository
-root, and the sidecar it starts registers and serves.
+"""Every ``flext-sidecar`` command of the documentation runs as printed, from the
+repository root, and the sidecar it starts registers and serves.
 
-The commands are read from README.md (code blocks, ``\\``-continued lines joined, and
+The commands are read from README.md and docs/*.md (code blocks, ``\\``-continued lines joined, and
 inline code in the prose); a command is one that names ``--app`` (``flext-sidecar
 --zone`` in a sentence names a flag). Each runs through ``bash -c`` in the repository
 root with no ``PYTHONPATH``, against a real control plane: the one the same code block
@@ -36,7 +36,10 @@ from tests.conftest import BIN, REPO, ServeProcess, start_serve
 
 pytestmark = pytest.mark.xdist_group("readme_commands")
 
-README = (REPO / "README.md").read_text()
+#: README.md and the pages of docs/, one after the other (each page's fences are balanced).
+README = "\n".join(
+    path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+)
 _SERVING = re.compile(r"serving service=\S+ instance=(?P<instance>\S+) listen=(?P<listen>\S+)")
 #: A payload each demo app's first operation accepts.
 CALLS = {
