@@ -3,9 +3,9 @@ and prints what the page says it prints.
 
 Each page runs in one bash session of its own (tests/docs/shell.py: the conventions a
 page follows, and the only things the harness changes: ports, mesh.example.com, the
-working directory, ``make run`` not reinstalling). A page of docs/ whose first command
-does not start a control plane gets one first, as its opening line says: ``make run``
-on its default ports (rewritten like every address). Long-running commands
+working directory, ``make run`` not reinstalling). A page of docs/ starts as its
+opening line says: ``source .venv/bin/activate``, then, unless its first command starts
+a control plane, ``make run`` on its default ports (rewritten like every address). Long-running commands
 (``make run``, ``flext-mesh serve``, ``flext-sidecar``, ``etcd``) are started in the
 background by the harness and stopped when the page ends. The README's tour runs alone,
 exactly its commands in order, and must end with a call counted by the control plane
@@ -78,8 +78,10 @@ def test_the_commands_of_a_page_run_as_printed(page: str, tmp_path: Path) -> Non
         text = text.replace(TOUR, "")
     commands = runnable(text)
     with PageShell(tmp_path) as shell:
-        if page != "README.md" and not re.match(r"(make run|flext-mesh serve)", commands[0].text):
-            run_all(shell, [Command("make run", [], 0)], page)
+        if page != "README.md":  # what the page's opening line says
+            run_all(shell, [Command("source .venv/bin/activate", [], 0)], page)
+            if not re.match(r"(make run|flext-mesh serve)", commands[0].text):
+                run_all(shell, [Command("make run", [], 0)], page)
         run_all(shell, commands, page)
 
 
