@@ -83,9 +83,12 @@ SHELL_BLOCKS, PROSE = _split(README)
 
 
 def _logical_lines(block: str) -> list[str]:
-    """The block's commands: continued lines joined, ``$ `` prompts dropped."""
+    """The block's commands: continued lines joined, ``$ `` prompts and a trailing ``&``
+    (run in the background) dropped."""
     lines = block.replace("\\\n", " ").splitlines()
-    return [line.strip().removeprefix("$ ") for line in lines if line.strip()]
+    return [
+        line.strip().removeprefix("$ ").removesuffix("&").strip() for line in lines if line.strip()
+    ]
 
 
 def readme_commands() -> list[Command]:
