@@ -6,10 +6,10 @@ page follows, and the only things the harness changes: ports, mesh.example.com, 
 working directory, ``make run`` not reinstalling). A page of docs/ starts as its
 opening line says: ``source .venv/bin/activate``, then, unless its first command starts
 a control plane, ``make run`` on its default ports (rewritten like every address).
-Long-running commands (``make run``, ``flext-mesh serve``, ``flext-sidecar``, ``etcd``) are started in the
-background by the harness and stopped when the page ends. The README's tour runs alone,
-exactly its commands in order, and must end with a call counted by the control plane
-and a workflow execution that SUCCEEDED.
+Long-running commands (``make run``, ``flext-mesh serve``, ``flext-sidecar``, ``etcd``)
+are started in the background by the harness and stopped when the page ends. The
+README's tour runs alone, exactly its commands in order, and must end with a call
+counted by the control plane and a workflow execution that SUCCEEDED.
 
 A block that cannot run here says so on the line before its fence, as an HTML comment
 ``<!-- not run: REASON -->`` (``make test`` would run this suite inside itself).
