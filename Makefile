@@ -40,8 +40,10 @@ install: $(VENV)/.installed  ## Create .venv and install flext-mesh.
 
 install-dev: $(VENV)/.installed-dev node_modules/.installed  ## Install with dev extras and npm tools.
 
-run: $(VENV)/.installed  ## Start the control plane on 127.0.0.1:50051 (SQLite under ./var/).
-	$(BIN)/flext-mesh serve
+# `make run LISTEN=127.0.0.1:50061 HTTP_LISTEN=127.0.0.1:9465` serves on other ports;
+# unset, `flext-mesh serve` takes FLEXT_MESH_LISTEN / FLEXT_MESH_HTTP_LISTEN or its defaults.
+run: $(VENV)/.installed  ## Start the control plane on 127.0.0.1:50051, HTTP 9464 (SQLite under ./var/).
+	$(BIN)/flext-mesh serve $(if $(LISTEN),--listen $(LISTEN)) $(if $(HTTP_LISTEN),--http-listen $(HTTP_LISTEN))
 
 test: install-dev protos-check lint breaking test-only  ## Lint, check generated code and contracts, run the whole suite.
 

@@ -97,7 +97,7 @@ def _positive(name: str, value: float | None, *, allow_zero: bool = False) -> No
 
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
-    """How the mesh client calls; defaults documented here and in the README. A
+    """How the mesh client calls; defaults documented here and in docs/sidecar.md. A
     service's pushed policy overrides them (see :mod:`sidecar.routes`). A bad value
     raises ``ValueError`` naming the field."""
 

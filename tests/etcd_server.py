@@ -134,7 +134,7 @@ class EtcdServer:
                     "--heartbeat-interval=10",
                     "--election-timeout=100",
                     # The metrics checkpoint writes every changed bucket in one
-                    # transaction; the README's set-up raises etcd's default of 128 too.
+                    # transaction; docs/operations.md's set-up raises etcd's default of 128 too.
                     f"--max-txn-ops={max_txn_ops}",
                     "--logger=zap",
                     "--log-level=warn",

@@ -376,14 +376,14 @@ def test_correlation_id_outside_a_run_is_a_clear_error() -> None:
 
 
 def test_the_readme_s_nested_call_example_rejects_as_it_says() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "library.md").read_text()
     (block,) = [
         block
         for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
         if "class Checkout(" in block
     ]
     namespace: dict[str, Any] = {"__name__": "readme"}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/library.md", "exec"), namespace)
     checkout = namespace["Checkout"](metrics_sink=RunRecorder())
     result = asyncio.run(checkout.arun_with_metrics("checkout", {"items": []}))
     assert (result.code, result.error) == ("INVALID_ARGUMENT", "items: at least one item")

@@ -1,7 +1,7 @@
-"""Every ``flext-sidecar`` command of the README runs as printed, from the repository
-root, and the sidecar it starts registers and serves.
+"""Every ``flext-sidecar`` command of the documentation runs as printed, from the
+repository root, and the sidecar it starts registers and serves.
 
-The commands are read from README.md (code blocks, ``\\``-continued lines joined, and
+The commands are read from README.md and docs/*.md (code blocks, ``\\``-continued lines joined, and
 inline code in the prose); a command is one that names ``--app`` (``flext-sidecar
 --zone`` in a sentence names a flag). Each runs through ``bash -c`` in the repository
 root with no ``PYTHONPATH``, against a real control plane: the one the same code block
@@ -36,7 +36,10 @@ from tests.conftest import BIN, REPO, ServeProcess, start_serve
 
 pytestmark = pytest.mark.xdist_group("readme_commands")
 
-README = (REPO / "README.md").read_text()
+#: README.md and the pages of docs/, one after the other (each page's fences are balanced).
+README = "\n".join(
+    path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+)
 _SERVING = re.compile(r"serving service=\S+ instance=(?P<instance>\S+) listen=(?P<listen>\S+)")
 #: A payload each demo app's first operation accepts.
 CALLS = {
@@ -80,9 +83,12 @@ SHELL_BLOCKS, PROSE = _split(README)
 
 
 def _logical_lines(block: str) -> list[str]:
-    """The block's commands: continued lines joined, ``$ `` prompts dropped."""
+    """The block's commands: continued lines joined, ``$ `` prompts and a trailing ``&``
+    (run in the background) dropped."""
     lines = block.replace("\\\n", " ").splitlines()
-    return [line.strip().removeprefix("$ ") for line in lines if line.strip()]
+    return [
+        line.strip().removeprefix("$ ").removesuffix("&").strip() for line in lines if line.strip()
+    ]
 
 
 def readme_commands() -> list[Command]:

@@ -985,7 +985,7 @@ def _translate(exc: grpc.aio.AioRpcError, method: str) -> Exception:
             return ValueError(
                 f"etcd refused {method}: {details}; start etcd with a higher --max-txn-ops "
                 "(default 128; the metrics checkpoint writes every changed bucket at once, "
-                "see the README's replica set-up)"
+                "see the replica set-up in docs/operations.md)"
             )
         return ValueError(f"etcd refused {method}: {details}")
     return StoreUnavailable(f"etcd {method} failed: {code.name} {details}")

@@ -30,9 +30,9 @@ from tests.conftest import REPO, ServeProcess, start_serve
 
 pytestmark = pytest.mark.xdist_group("facade_cleanup")
 
-README = (REPO / "README.md").read_text()
+LIBRARY = (REPO / "docs" / "library.md").read_text()
 
-#: A processor for the scripts below (the README's, shortened).
+#: A processor for the scripts below (docs/library.md's, shortened).
 PROCESSOR = """
 from pydantic import BaseModel
 
@@ -119,10 +119,10 @@ def assert_quiet(stderr: str) -> None:
 def readme_facade_example() -> str:
     blocks = [
         block
-        for block in re.findall(r"```python\n(.*?)```", README, flags=re.S)
+        for block in re.findall(r"```python\n(.*?)```", LIBRARY, flags=re.S)
         if "FlextServices." in block and "orchestrate_workflow" in block
     ]
-    assert len(blocks) == 1, "the README shows the FlextServices example once"
+    assert len(blocks) == 1, "docs/library.md shows the FlextServices example once"
     return blocks[0]
 
 

@@ -172,7 +172,7 @@ def test_a_policy_session_with_grpcurl(serve_process: ServeProcess) -> None:
 
 
 def test_a_workflow_session_with_grpcurl(serve_process: ServeProcess) -> None:
-    """The README's session: store, run and watch a workflow; a bad one is refused."""
+    """docs/grpcurl.md's session: store, run and watch a workflow; a bad one is refused."""
     address = serve_process.address
     workflow = {
         "name": "order_fulfillment",

@@ -35,7 +35,7 @@ from tests.sidecar.apps import PROCESSORS
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 _Context = grpc.aio.ServicerContext[Any, Any]
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "sidecar.md").read_text()
 
 
 @dataclass
@@ -224,10 +224,10 @@ async def test_the_sync_client_carries_the_context_of_the_thread_that_calls_it(
 
 async def test_the_readme_mesh_example_runs_in_a_sidecar(tmp_path: Path) -> None:
     (block,) = [
-        b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "class CheckoutService(" in b
+        b for b in re.findall(r"```python\n(.*?)```", DOC, re.S) if "class CheckoutService(" in b
     ]
     module = types.ModuleType("readme_shop")
-    exec(compile(block, "README.md", "exec"), module.__dict__)
+    exec(compile(block, "docs/sidecar.md", "exec"), module.__dict__)
     sys.modules["readme_shop"] = module
     plane, port = await create_server(fast_config(tmp_path))
     address = f"127.0.0.1:{port}"
