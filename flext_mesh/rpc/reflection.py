@@ -8,7 +8,10 @@ with the comments of that set added. Nothing else changes: the set's ``json_name
 fields are left out, so grpcurl still prints and reads JSON with the proto field
 names. Lookups go through a pool of their own, never the default pool the generated
 modules live in. Files outside the set (the well-known types, ``grpc.health.v1``,
-reflection itself) are served as the process holds them, without comments.
+reflection itself, ``google.rpc``'s error details that errors carry) are served as the
+process holds them, without comments; a name the pool lacks is looked up in the
+process's default pool before it is NOT_FOUND (grpcurl asks for the type of each error
+detail it prints: ``google.rpc.BadRequest``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from importlib import resources
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
@@ -70,8 +74,13 @@ class _Files:
         commented = {file.name: file for file in described}
         for name in commented:
             self._add(importlib.import_module(_module_of(name)).DESCRIPTOR, commented)
-        for module in (health_pb2, reflection_pb2):
+        for module in (health_pb2, reflection_pb2, status_pb2, error_details_pb2):
             self._add(module.DESCRIPTOR, commented)
+
+    def known(self, descriptor: FileDescriptor) -> FileDescriptor:
+        """``descriptor``'s file as this pool holds it (added with its imports first)."""
+        self._add(descriptor, {})
+        return self.pool.FindFileByName(descriptor.name)
 
     def _add(
         self,
@@ -162,7 +171,10 @@ class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mi
         try:
             file = self._files.pool.FindFileByName(filename)
         except KeyError:
-            return _not_found(request)
+            try:
+                file = self._files.known(descriptor_pool.Default().FindFileByName(filename))
+            except KeyError:
+                return _not_found(request)
         return self._answer(request, file)
 
     def _file_containing_symbol(
@@ -173,7 +185,13 @@ class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mi
             file = self._files.pool.FindFileContainingSymbol(symbol)
         except KeyError:
             file = self._files.file_of_method(symbol)
-        return _not_found(request) if file is None else self._answer(request, file)
+        if file is None:
+            try:
+                found = descriptor_pool.Default().FindFileContainingSymbol(symbol)
+            except KeyError:
+                return _not_found(request)
+            file = self._files.known(found)
+        return self._answer(request, file)
 
     def _file_containing_extension(
         self,
