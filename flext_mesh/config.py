@@ -95,6 +95,17 @@ class ServerConfig(BaseSettings):
         le=1_000_000,
         description="Series (operation x instance x version) a service may have at most.",
     )
+    business_error_alert_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of a service's calls (0 to 1) that may end in business rejections "
+            "(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) before they lower its "
+            "health score and raise the business_error_rate alert; 1 never. Infrastructure "
+            "faults always count."
+        ),
+    )
 
     switch_interval_ms: float = Field(
         0.25,

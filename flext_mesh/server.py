@@ -29,6 +29,7 @@ from flext_mesh.errors import ConfigError
 from flext_mesh.hosting.servicer import ProcessorServicer, add_processor_servicer
 from flext_mesh.loop import LoopLagMonitor
 from flext_mesh.metrics.aggregator import AggregatorSettings
+from flext_mesh.metrics.analysis import Thresholds
 from flext_mesh.metrics.service import Metrics
 from flext_mesh.observability import CallerCalls, CallSeries, MeshState, Observability
 from flext_mesh.orchestrator.engine import Orchestrator, OrchestratorSettings, default_owner
@@ -145,6 +146,7 @@ class ControlPlane:
                 # Replicas sharing etcd keep their buckets apart and merge on read.
                 replica=(config.node_name or default_owner()) if shared_store else "",
             ),
+            Thresholds(business_error_alert_rate=config.business_error_alert_rate),
         )
         self.orchestrator = Orchestrator(
             store,

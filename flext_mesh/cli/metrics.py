@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.common import add_noun, every_page
 from flext_mesh.cli.output import (
@@ -19,7 +20,7 @@ from flext_mesh.cli.output import (
 )
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
-__all__ = ["REPORT_HEADERS", "add_commands", "alerts", "parse_window", "report"]
+__all__ = ["REPORT_HEADERS", "add_commands", "alerts", "human_span", "parse_window", "report"]
 
 #: Columns of ``metrics report``.
 REPORT_HEADERS = (
@@ -115,12 +116,13 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
     rows = [_row(op, op.operation) for op in rep.operations]
     rows += [_row(v, f"{v.operation}@{v.version or '-'}") for v in rep.versions]
     rows.append(_row(rep.summary, "(all)"))
+    summary = rep.summary
     lines = [
-        f"{rep.service_name}: health {format_number(rep.summary.health_score)} "
-        f"grade {rep.summary.grade}, {rep.summary.total_calls} calls since "
-        f"{format_time(rep.window_start)}",
+        f"{rep.service_name}: health {format_number(summary.health_score)} "
+        f"grade {summary.grade}, {_calls(summary.total_calls)} {_span_text(rep)}",
         render_table(REPORT_HEADERS, rows).rstrip("\n"),
     ]
+    lines += _failure_lines(rep)
     for anomaly in [a for op in rep.operations for a in op.anomalies]:
         lines.append(f"anomaly: {anomaly.operation}: {anomaly.description}")
     for alert in rep.alerts:
@@ -129,6 +131,70 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
     for advice in rep.recommendations:
         lines.append(f"advice: {advice}")
     return "\n".join(lines) + "\n"
+
+
+def _calls(count: int) -> str:
+    return f"{count} call" if count == 1 else f"{count} calls"
+
+
+def _span_text(rep: metrics_pb2.ServiceReport) -> str:
+    """``since 10:04:00`` for the whole window, ``in the last 7 min (since 10:04:00)``
+    when the service's first call came later (throughput is over that span)."""
+    observed = rep.summary.observed.ToNanoseconds() / 1e9
+    window = rep.window.ToNanoseconds() / 1e9
+    if not rep.summary.HasField("observed") or observed >= window:
+        return f"since {format_time(rep.window_start)}"
+    since = Timestamp()
+    since.FromNanoseconds(rep.generate_time.ToNanoseconds() - rep.summary.observed.ToNanoseconds())
+    return f"in the last {human_span(observed)} (since {format_time(since)})"
+
+
+def human_span(seconds: float) -> str:
+    """``45 s``, ``7 min``, ``2.5 h``: a span of time rounded for a sentence."""
+    if seconds < 120:
+        return f"{round(seconds)} s"
+    if seconds < 2 * 3600:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f}".removesuffix(".0") + " h"
+
+
+def _failure_lines(rep: metrics_pb2.ServiceReport) -> list[str]:
+    """One line on the infrastructure faults and one on the business rejections (each
+    when there are any), with their most frequent status codes."""
+    summary = rep.summary
+    out = []
+    for infrastructure, label, count, rate, what, after in (
+        (
+            True,
+            "faults",
+            summary.infrastructure_failures,
+            summary.infrastructure_error_rate,
+            "infrastructure faults",
+            "they lower the health score",
+        ),
+        (
+            False,
+            "refused",
+            summary.business_failures,
+            summary.business_error_rate,
+            "business rejections (the callers' input)",
+            "they lower the health score only above the"
+            f" {format_number(rep.business_error_alert_rate * 100)}% alert rate",
+        ),
+    ):
+        if not count:
+            continue
+        codes = ", ".join(
+            f"{c.code_name or 'no code'} {_calls(c.calls)}"
+            for c in summary.failure_codes
+            if c.infrastructure == infrastructure
+        )
+        out.append(
+            f"{label}: {format_number(rate * 100)}% of calls ({count} of"
+            f" {_calls(summary.total_calls)}) were {what}{': ' + codes if codes else ''};"
+            f" {after}"
+        )
+    return out
 
 
 def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:

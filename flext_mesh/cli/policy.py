@@ -65,6 +65,7 @@ __all__ = [
     "load_policy_file",
     "parse_split",
     "policy_from_data",
+    "policy_to_dict",
     "set_policy",
     "show",
     "split",
@@ -127,7 +128,8 @@ def add_commands(
         help="a service's policy, summarised",
         description=(
             "A service's traffic policy, one setting per line; settings not set keep "
-            "the sidecars' defaults. -o json prints the ServicePolicy."
+            "the sidecars' defaults. -o json prints the ServicePolicy, leaving out the "
+            "fields of its settings (retry, circuit_breaker, ...) that are not set."
         ),
     )
     show_p.add_argument("name", metavar="SERVICE", help="service name")
@@ -177,7 +179,7 @@ def set_policy(channel: grpc.Channel, args: argparse.Namespace) -> str:
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     stored = _put(stub, policy, args.expected_version, args.timeout)
     if args.output == "json":
-        return render_messages(stored)
+        return render_json(policy_to_dict(stored))
     return f"{stored.service_name}: policy version {stored.version}\n"
 
 
@@ -188,7 +190,7 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
         registry_pb2.GetServicePolicyRequest(service_name=args.name), timeout=args.timeout
     ).policy
     if args.output == "json":
-        return render_messages(policy)
+        return render_json(policy_to_dict(policy))
     return describe_policy(policy)
 
 
@@ -232,7 +234,7 @@ def split(channel: grpc.Channel, args: argparse.Namespace) -> str:
             return _no_split_to_clear(current, args.output)
         stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
     if args.output == "json":
-        return render_messages(stored)
+        return render_json(policy_to_dict(stored))
     pairs = [(s.version, s.weight) for s in stored.splits]
     shown = f"split {format_split(pairs)}" if pairs else "no split"
     return f"{stored.service_name}: policy version {stored.version}, {shown}\n"
@@ -268,7 +270,7 @@ def _with_split(
 
 def _no_split_to_clear(current: registry_pb2.ServicePolicy, output: str) -> str:
     if output == "json":
-        return render_json(message_to_dict(current) if current.version else None)
+        return render_json(policy_to_dict(current) if current.version else None)
     if not current.version:
         return f"{current.service_name}: no policy, so no split to clear\n"
     return f"{current.service_name}: policy version {current.version} has no split\n"
@@ -577,6 +579,28 @@ def describe_policy(policy: registry_pb2.ServicePolicy) -> str:
     lines = [f"{policy.service_name}: policy version {policy.version}"]
     lines.extend(f"{(label + ':').ljust(width)} {text}" for label, text in settings)
     return "\n".join(lines) + "\n"
+
+
+def policy_to_dict(policy: registry_pb2.ServicePolicy) -> dict[str, Any]:
+    """A policy as ``-o json`` prints it: every field of the policy itself, and within
+    its settings (retry, circuit_breaker, outlier_detection, health_check, zone) only
+    the fields that are set. Those settings read 0 as "the default" (a
+    ``backoff_multiplier`` of 0 means 2.0), so printing the zeros would show defaults
+    as if they were set to 0; ``optional`` fields set to 0 (``jitter: 0.0``) are kept."""
+    document = message_to_dict(policy)
+    for name, setting in (
+        ("retry", policy.retry if policy.HasField("retry") else None),
+        ("circuit_breaker", policy.circuit_breaker if policy.HasField("circuit_breaker") else None),
+        (
+            "outlier_detection",
+            policy.outlier_detection if policy.HasField("outlier_detection") else None,
+        ),
+        ("health_check", policy.health_check if policy.HasField("health_check") else None),
+        ("zone", policy.zone if policy.HasField("zone") else None),
+    ):
+        if setting is not None:
+            document[name] = json_format.MessageToDict(setting, preserving_proto_field_name=True)
+    return document
 
 
 def format_split(weights: Iterable[tuple[str, int]]) -> str:

@@ -593,8 +593,11 @@ class _Progress:
         if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_ENDED:
             failed_step = event.failed_step or step  # histories from before failed_step
             failed = f" (step {failed_step})" if failed_step else ""
+            state = _state(event.execution_state)
+            if event.HasField("error"):
+                error = _error_text(event.error, after_state=state)
             cause = f": {error}{failed}" if error else ""
-            return f"ENDED {_state(event.execution_state)}{cause}"
+            return f"ENDED {state}{cause}"
         name = enum_text(Ev.DESCRIPTOR, kind).removeprefix("EXECUTION_")
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_CANCELLED:
             name = "CANCELLED"
@@ -620,7 +623,7 @@ def _summary(execution: orchestrator_pb2.Execution) -> str:
         text += f" in {human_duration(_seconds(execution.duration))}"
     if execution.HasField("error") and execution.state != Xs.EXECUTION_STATE_SUCCEEDED:
         failed = f"step {execution.failed_step}: " if execution.failed_step else ""
-        text += f" ({failed}{_error_text(execution.error)})"
+        text += f" ({failed}{_error_text(execution.error, after_state=_state(execution.state))})"
     return text + "\n"
 
 
@@ -745,8 +748,15 @@ def _workflow_label(execution: orchestrator_pb2.Execution) -> str:
     return f"{execution.workflow_name or '(inline)'}@{execution.workflow_version}"
 
 
-def _error_text(error: common_pb2.ErrorInfo) -> str:
-    return " ".join(part for part in (error.code_name, one_line(error.message)) if part)
+def _error_text(error: common_pb2.ErrorInfo, *, after_state: str = "") -> str:
+    """``FAILED_PRECONDITION card declined``; a cancellation's message is its reason:
+    ``CANCELLED: customer called``. ``after_state``: the state printed just before,
+    whose name the code is not repeated after (``ENDED CANCELLED: customer called``)."""
+    message = one_line(error.message)
+    if error.code_name == after_state and message:
+        return message
+    separator = ": " if error.code_name == "CANCELLED" else " "
+    return separator.join(part for part in (error.code_name, message) if part)
 
 
 def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:

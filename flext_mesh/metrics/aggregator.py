@@ -148,6 +148,9 @@ class BucketStats:
     sketch: LatencySketch = field(default_factory=LatencySketch)
     failures: int = 0
     infrastructure_failures: int = 0
+    #: Failed calls per gRPC status code (0: a failure reported without a code). Empty
+    #: in buckets stored before codes were kept: their failures have no code known.
+    codes: dict[int, int] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -162,6 +165,7 @@ class BucketStats:
             sketch,
             self.failures + other.failures,
             self.infrastructure_failures + other.infrastructure_failures,
+            _add_codes(self.codes, other.codes),
         )
 
 
@@ -275,8 +279,9 @@ class _Part:
     notes_sequence: bool
 
 
-# Each series of a bucket with its stats and its encoding as written.
-_Rows = dict[SeriesKey, tuple[BucketStats, str]]
+# Each series of a bucket with its stats and its encoding as written (its row, and its
+# failures per status code).
+_Rows = dict[SeriesKey, tuple[BucketStats, str, str]]
 
 
 @dataclass(slots=True)
@@ -735,6 +740,13 @@ class Aggregator:
         outcomes = np.bincount(numbers * 3 + kinds, minlength=3 * count).reshape(count, 3)
         failures = (outcomes[:, 1] + outcomes[:, 2]).tolist()
         infrastructure = outcomes[:, 2].tolist()
+        failed = kinds > 0
+        by_code = np.bincount(
+            numbers[failed] * _CODES + codes[failed].astype(np.int64), minlength=_CODES * count
+        ).reshape(count, _CODES)
+        codes_of = [
+            {int(code): int(row[code]) for code in np.flatnonzero(row).tolist()} for row in by_code
+        ]
         out: dict[_BucketKey, dict[SeriesKey, BucketStats]] = {}
         for (bucket_key, series_key), n in number.items():
             bucket = out.get(bucket_key)
@@ -742,7 +754,9 @@ class Aggregator:
                 bucket = out[bucket_key] = dict(self._buckets.get(bucket_key, {}))
             old = bucket.get(series_key)
             if old is None:
-                bucket[series_key] = BucketStats(sketches[n], failures[n], infrastructure[n])
+                bucket[series_key] = BucketStats(
+                    sketches[n], failures[n], infrastructure[n], codes_of[n]
+                )
                 continue
             sketch = old.sketch.copy()
             sketch.merge(sketches[n])
@@ -750,6 +764,7 @@ class Aggregator:
                 sketch,
                 old.failures + failures[n],
                 old.infrastructure_failures + infrastructure[n],
+                _add_codes(old.codes, codes_of[n]),
             )
         delta = self._prometheus_delta(list(number), numbers, durations, kinds)
         delta.edges = _edges(list(number), numbers, list(caller_number), callers, codes)
@@ -1004,9 +1019,11 @@ class Aggregator:
         for series_key, stats in series.items():
             row = known.get(series_key)
             if row is None or row[0] is not stats:
-                row = (stats, _encode_row(series_key, stats))
+                row = (stats, _encode_row(series_key, stats), _encode_codes(stats))
             rows[series_key] = row
-        return _join_rows([text for _, text in rows.values()]), rows
+        return _join_rows(
+            [text for _, text, _ in rows.values()], [codes for _, _, codes in rows.values()]
+        ), rows
 
     def _apply(self, attempt: _Attempt, revision: int) -> None:
         """A transaction was written (at ``revision``): what it wrote is durable."""
@@ -1383,7 +1400,9 @@ def _merge_series(
 
 
 def _encode_bucket(series: dict[SeriesKey, BucketStats]) -> bytes:
-    return _join_rows([_encode_row(k, s) for k, s in series.items()])
+    return _join_rows(
+        [_encode_row(k, s) for k, s in series.items()], [_encode_codes(s) for s in series.values()]
+    )
 
 
 def _encode_row(key: SeriesKey, stats: BucketStats) -> str:
@@ -1401,19 +1420,48 @@ def _encode_row(key: SeriesKey, stats: BucketStats) -> str:
     )
 
 
-def _join_rows(rows: list[str]) -> bytes:
-    """A stored bucket: ``{"v":1,"series":[row,...]}``, as ``json.dumps`` writes it."""
-    return f'{{"v":1,"series":[{",".join(rows)}]}}'.encode()
+def _encode_codes(stats: BucketStats) -> str:
+    """A series' failures per status code (JSON object, codes as keys)."""
+    return json.dumps(
+        {str(code): n for code, n in sorted(stats.codes.items())}, separators=(",", ":")
+    )
+
+
+def _join_rows(rows: list[str], codes: list[str]) -> bytes:
+    """A stored bucket: ``{"v":1,"series":[row,...],"codes":[{code:calls},...]}``, as
+    ``json.dumps`` writes it. ``codes`` lines up with ``series``; it sits beside it
+    (not in the rows) so that a reader that knows only ``series`` reads these buckets,
+    and a bucket without it (stored before codes were kept) reads as no code known."""
+    return f'{{"v":1,"series":[{",".join(rows)}],"codes":[{",".join(codes)}]}}'.encode()
 
 
 def _decode_bucket(data: bytes) -> dict[SeriesKey, BucketStats]:
     doc = json.loads(data)
+    rows = doc["series"]
+    codes = doc.get("codes")
+    if not isinstance(codes, list) or len(codes) != len(rows):
+        codes = [{}] * len(rows)
     out: dict[SeriesKey, BucketStats] = {}
-    for operation, instance_id, version, failures, infra, sketch in doc["series"]:
+    for (operation, instance_id, version, failures, infra, sketch), by_code in zip(
+        rows, codes, strict=True
+    ):
         out[SeriesKey(operation, instance_id, version)] = BucketStats(
-            LatencySketch.from_bytes(base64.b64decode(sketch)), failures, infra
+            LatencySketch.from_bytes(base64.b64decode(sketch)),
+            failures,
+            infra,
+            {int(code): int(n) for code, n in by_code.items()} if isinstance(by_code, dict) else {},
         )
     return out
+
+
+def _add_codes(one: dict[int, int], other: dict[int, int]) -> dict[int, int]:
+    """Failures per status code of both (a new dict)."""
+    if not other:
+        return dict(one)
+    total = dict(one)
+    for code, n in other.items():
+        total[code] = total.get(code, 0) + n
+    return total
 
 
 def merge_stats(stats: Iterable[BucketStats]) -> BucketStats:
@@ -1423,4 +1471,6 @@ def merge_stats(stats: Iterable[BucketStats]) -> BucketStats:
         total.sketch.merge(item.sketch)
         total.failures += item.failures
         total.infrastructure_failures += item.infrastructure_failures
+        for code, n in item.codes.items():
+            total.codes[code] = total.codes.get(code, 0) + n
     return total

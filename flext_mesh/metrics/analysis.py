@@ -1,6 +1,6 @@
 """What a performance report says about its figures: trend, anomalies, score, alerts.
 
-Pure Python: no gRPC, no protobuf, no I/O, no clock (``now`` is passed in). The report
+Pure Python: no RPC, no protobuf, no I/O, no clock (``now`` is passed in). The report
 builder computes :class:`Figures` for a set of calls and one :class:`Bucket` per time
 bucket of the window, and turns the answers into ``flext_mesh.v1`` messages.
 
@@ -14,16 +14,23 @@ Formulas (``error rate`` = failures / total; percentiles within 1% relative erro
     anomaly score    per qualifying bucket (>= min_bucket_calls calls; at least 8 such):
                      score = (y - median(y)) / s,  s = max(MAD / 0.6745, 1.253314 x MeanAD)
       latency        y = ln(p99 ms); reported when score >= 3.5 and p99 >= 2 x median p99
-      error rate     y = failures / count; score = min(that, -Phi^-1(P[X >= failures]))
-                     with X ~ Binomial(count, pooled error rate); reported when
-                     score >= 3.5, y >= median + 0.05 and the bucket has >= 3 failures
+      error rate     y = infrastructure failures / count; score = min(that,
+                     -Phi^-1(P[X >= failures])) with X ~ Binomial(count, pooled rate);
+                     reported when score >= 3.5, y >= median + 0.05 and the bucket has
+                     >= 3 infrastructure failures
     health score     100 - error penalty - latency penalty - anomaly penalty, in 0..100
-      error          min(60, 300 x (business failures + 2 x infrastructure failures) / total)
+      error          min(60, infrastructure + business)
+        infrastructure  600 x infrastructure failures / total
+        business        0 up to business_error_alert_rate (default 50 %) of business
+                        failures (refusals: INVALID_ARGUMENT, NOT_FOUND, ...), above it
+                        min(30, 10 + 100 x (business rate - business_error_alert_rate))
       latency        min(30, 10 x max(0, p95 / latency target - 1))
       anomalies      min(10, 5 x anomalies found)
     grade            A >= 90, B >= 80, C >= 70, D >= 60, else F
-    alerts           error_rate and p99_latency: CRITICAL at >= the critical threshold,
-                     WARNING at >= the warning threshold; none below min_calls calls
+    alerts           infrastructure_error_rate and p99_latency: CRITICAL at >= the
+                     critical threshold, WARNING at >= the warning threshold;
+                     business_error_rate: WARNING above business_error_alert_rate;
+                     none below min_calls calls
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
+
+from flext_mesh import errors
 
 __all__ = [
     "AlertFound",
@@ -48,8 +57,10 @@ __all__ = [
     "TrendResult",
     "alerts",
     "anomalies",
+    "code_name",
     "grade",
     "health_score",
+    "is_infrastructure",
     "recommendations",
     "trend",
 ]
@@ -77,8 +88,15 @@ _MIN_LATENCY_MS = 0.001
 _MIN_TAIL = 1e-300
 _STANDARD_NORMAL = statistics.NormalDist()
 _ERROR_PENALTY_MAX = 60.0
-_ERROR_PENALTY_PER_RATE = 300.0
-_INFRASTRUCTURE_WEIGHT = 2
+_INFRASTRUCTURE_PENALTY_PER_RATE = 600.0
+_BUSINESS_PENALTY_MAX = 30.0
+_BUSINESS_PENALTY_BASE = 10.0
+_BUSINESS_PENALTY_PER_RATE = 100.0
+#: Business rejections from this share of the calls get a recommendation, even below
+#: the alert rate (they cost no points there).
+_BUSINESS_NOTE_RATE = 0.05
+#: Status codes quoted in a recommendation, at most.
+_CODES_QUOTED = 3
 _LATENCY_PENALTY_MAX = 30.0
 _LATENCY_PENALTY_PER_RATIO = 10.0
 _ANOMALY_PENALTY_MAX = 10.0
@@ -86,6 +104,29 @@ _ANOMALY_PENALTY_EACH = 5.0
 _GRADES = ((90.0, "A"), (80.0, "B"), (70.0, "C"), (60.0, "D"))
 #: p99 / p50 from which the tail counts as long (with p99 >= the latency target).
 _TAIL_RATIO = 5.0
+
+#: Numbers of the status codes that are infrastructure faults (``errors.INFRASTRUCTURE_CODES``).
+_INFRASTRUCTURE: frozenset[int] = frozenset(code.value[0] for code in errors.INFRASTRUCTURE_CODES)
+#: Names of the gRPC status codes by number (0 to 16).
+_CODE_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
 
 
 class TrendKind(enum.IntEnum):
@@ -162,6 +203,13 @@ class Figures:
     """99th percentile, milliseconds."""
     window_seconds: float
     """Length of the window, seconds."""
+    observed_seconds: float | None = None
+    """The part of the window the calls could have come in, seconds: from the first call
+    recorded for these calls (when that is within the window) to now. None: the whole
+    window. Throughput is computed over it."""
+    failure_codes: tuple[tuple[int, int], ...] = ()
+    """(gRPC status code, failed calls) of the failures whose code is known, most calls
+    first (0: failed without a code)."""
 
     def __post_init__(self) -> None:
         owner = "figures"
@@ -181,6 +229,9 @@ class Figures:
             _check_ms(owner, name, getattr(self, name))
         if not (math.isfinite(self.window_seconds) and self.window_seconds > 0):
             raise ValueError(f"{owner}: window_seconds {self.window_seconds!r} is not > 0")
+        observed = self.observed_seconds
+        if observed is not None and not (math.isfinite(observed) and observed > 0):
+            raise ValueError(f"{owner}: observed_seconds {observed!r} is not > 0")
 
     @property
     def error_rate(self) -> float:
@@ -198,14 +249,34 @@ class Figures:
         return self.failures - self.infrastructure_failures
 
     @property
+    def infrastructure_error_rate(self) -> float:
+        """infrastructure_failures / total, 0 to 1 (0 without calls)."""
+        return self.infrastructure_failures / self.total if self.total else 0.0
+
+    @property
+    def business_error_rate(self) -> float:
+        """business_failures / total, 0 to 1 (0 without calls)."""
+        return self.business_failures / self.total if self.total else 0.0
+
+    @property
+    def span_seconds(self) -> float:
+        """What throughput is computed over: observed_seconds, else window_seconds."""
+        return self.window_seconds if self.observed_seconds is None else self.observed_seconds
+
+    @property
     def throughput_per_second(self) -> float:
-        """total / window_seconds."""
-        return self.total / self.window_seconds
+        """total / span_seconds."""
+        return self.total / self.span_seconds
 
     @property
     def throughput_per_hour(self) -> float:
-        """total / window hours = 3600 x total / window_seconds."""
-        return self.total * 3600 / self.window_seconds
+        """total / span hours = 3600 x total / span_seconds."""
+        return self.total * 3600 / self.span_seconds
+
+    def codes_of(self, *, infrastructure: bool) -> list[tuple[int, int]]:
+        """(code, failed calls) of the infrastructure faults, or of the business
+        rejections, most calls first."""
+        return [(c, n) for c, n in self.failure_codes if is_infrastructure(c) == infrastructure]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +319,11 @@ class Bucket:
         """failures / count, 0 to 1 (0 without calls)."""
         return self.failures / self.count if self.count else 0.0
 
+    @property
+    def infrastructure_error_rate(self) -> float:
+        """infrastructure_failures / count, 0 to 1 (0 without calls)."""
+        return self.infrastructure_failures / self.count if self.count else 0.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Thresholds:
@@ -257,10 +333,15 @@ class Thresholds:
     warning threshold is above its critical one, or ``min_calls`` is below 1.
     """
 
-    error_rate_warning: float = 0.05
-    """Error rate (0 to 1) from which the ``error_rate`` alert is a WARNING."""
-    error_rate_critical: float = 0.20
-    """Error rate (0 to 1) from which the ``error_rate`` alert is CRITICAL."""
+    infrastructure_error_rate_warning: float = 0.05
+    """Infrastructure error rate (0 to 1) from which the ``infrastructure_error_rate``
+    alert is a WARNING (the Prometheus rule FlextMeshInfrastructureErrors's 5 % too)."""
+    infrastructure_error_rate_critical: float = 0.20
+    """Infrastructure error rate (0 to 1) from which that alert is CRITICAL."""
+    business_error_alert_rate: float = 0.5
+    """Business rejections (0 to 1 of the calls) above which they cost health points and
+    raise the ``business_error_rate`` WARNING; up to it they are the callers' business
+    and only noted. 1 never flags them."""
     p99_warning_ms: float = 1000.0
     """p99 latency from which the ``p99_latency`` alert is a WARNING."""
     p99_critical_ms: float = 5000.0
@@ -271,7 +352,11 @@ class Thresholds:
     """Fewer calls than this are too few to judge: no alert, no trend, only a note."""
 
     def __post_init__(self) -> None:
-        for name in ("error_rate_warning", "error_rate_critical"):
+        for name in (
+            "infrastructure_error_rate_warning",
+            "infrastructure_error_rate_critical",
+            "business_error_alert_rate",
+        ):
             value = getattr(self, name)
             if not 0 <= value <= 1:  # also rejects NaN
                 raise ValueError(f"thresholds: {name} {value!r} is not in 0..1")
@@ -279,8 +364,11 @@ class Thresholds:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"thresholds: {name} {value!r} is not > 0")
-        if self.error_rate_warning > self.error_rate_critical:
-            raise ValueError("thresholds: error_rate_warning is above error_rate_critical")
+        if self.infrastructure_error_rate_warning > self.infrastructure_error_rate_critical:
+            raise ValueError(
+                "thresholds: infrastructure_error_rate_warning is above"
+                " infrastructure_error_rate_critical"
+            )
         if self.p99_warning_ms > self.p99_critical_ms:
             raise ValueError("thresholds: p99_warning_ms is above p99_critical_ms")
         if self.min_calls < 1:
@@ -390,7 +478,8 @@ def _weighted_median(pairs: Iterable[tuple[float, int]]) -> float:
 def anomalies(
     buckets: Sequence[Bucket], *, threshold: float = 3.5, min_bucket_calls: int = 5
 ) -> list[Found]:
-    """Buckets whose p99 latency or error rate is far above the window's, oldest first.
+    """Buckets whose p99 latency or infrastructure error rate is far above the window's,
+    oldest first.
 
     Only buckets with at least ``min_bucket_calls`` calls qualify, as baseline and as
     candidates; with fewer than 8 qualifying buckets there is no baseline: no anomaly.
@@ -410,13 +499,14 @@ def anomalies(
       5 ms and at 500 ms and keeps the right-skewed tail of steady traffic quiet.
       Reported when score >= threshold and p99 >= 2 x the median p99 (the p99 of a
       small bucket is its slowest call or two, far noisier than a normal tail).
-    - Error rate (``ERROR_RATE``): ``y = failures / count``. The score is the smaller
-      of the robust z and the binomial z ``-Phi^-1(P[X >= failures])``, X ~
-      Binomial(count, p), p the pooled error rate (all failures / all calls of the
-      qualifying buckets): a small bucket is judged by how unlikely its failure
+    - Error rate (``ERROR_RATE``): ``y = infrastructure failures / count`` (business
+      rejections are the callers' doing, not a fault of the service). The score is the
+      smaller of the robust z and the binomial z ``-Phi^-1(P[X >= failures])``, X ~
+      Binomial(count, p), p the pooled rate (all infrastructure failures / all calls
+      of the qualifying buckets): a small bucket is judged by how unlikely its failure
       count is, not against the calm of large buckets. Reported when score >=
       threshold, the rate is at least 5 percentage points above the median and the
-      bucket has at least 3 failures.
+      bucket has at least 3 infrastructure failures.
 
     Only upward deviations are reported (slower, more errors). ``baseline`` is the
     median p99 (ms) or the median error rate.
@@ -467,17 +557,18 @@ def _latency_anomalies(buckets: Sequence[Bucket], threshold: float) -> list[Foun
 
 
 def _error_anomalies(buckets: Sequence[Bucket], threshold: float) -> list[Found]:
-    rates = [b.error_rate for b in buckets]
+    rates = [b.infrastructure_error_rate for b in buckets]
     baseline = statistics.median(rates)
     scale = _robust_scale(rates, baseline)
-    pooled = sum(b.failures for b in buckets) / sum(b.count for b in buckets)
+    pooled = sum(b.infrastructure_failures for b in buckets) / sum(b.count for b in buckets)
     out = []
     for bucket, rate in zip(buckets, rates, strict=True):
-        if bucket.failures < _ERROR_MIN_FAILURES or rate - baseline < _ERROR_RATE_FLOOR:
+        faults = bucket.infrastructure_failures
+        if faults < _ERROR_MIN_FAILURES or rate - baseline < _ERROR_RATE_FLOOR:
             continue
         if scale == 0 or (rate - baseline) / scale < threshold:
             continue
-        score = min((rate - baseline) / scale, _binomial_z(bucket.failures, bucket.count, pooled))
+        score = min((rate - baseline) / scale, _binomial_z(faults, bucket.count, pooled))
         if score >= threshold:
             out.append(
                 Found(
@@ -487,7 +578,8 @@ def _error_anomalies(buckets: Sequence[Bucket], threshold: float) -> list[Found]
                     baseline=baseline,
                     score=score,
                     description=(
-                        f"error rate {rate:.1%} ({bucket.failures} of {bucket.count} calls)"
+                        f"infrastructure error rate {rate:.1%}"
+                        f" ({faults} of {_calls(bucket.count)})"
                         f" is {score:.1f} z above the window median {baseline:.1%}"
                     ),
                 )
@@ -523,29 +615,37 @@ def _binomial_z(k: int, n: int, p: float) -> float:
 def health_score(figures: Figures, anomalies_count: int, thresholds: Thresholds) -> float:
     """Health of a set of calls, 0 (failing) to 100 (healthy)::
 
-        score   = 100 - error - latency - anomalies, clamped to 0..100
-        error   = min(60, 300 x (business failures + 2 x infrastructure failures) / total)
-        latency = min(30, 10 x max(0, p95 / latency_target_ms - 1))
+        score     = 100 - error - latency - anomalies, clamped to 0..100
+        error     = min(60, infrastructure + business)
+        infrastructure = 600 x infrastructure failures / total
+        business  = 0 while business failures / total <= business_error_alert_rate,
+                    else min(30, 10 + 100 x (business failures / total - that rate))
+        latency   = min(30, 10 x max(0, p95 / latency_target_ms - 1))
         anomalies = min(10, 5 x anomalies_count)
 
-    An infrastructure failure (the service or its network broke) weighs twice a
-    business rejection (the service said no on purpose). So 20 % business errors or
-    10 % infrastructure errors cost the full 60; a p95 at 4x the target costs the full
-    30. The score does not depend on ``min_calls``: a quiet service is scored on what
-    it did (10 failed calls out of 10 is an F); the report flags too little traffic
-    through the INSUFFICIENT_DATA trend, a recommendation and the absence of alerts.
-    Without any call the score is 100 less the anomaly penalty.
+    Infrastructure faults (the service or its network broke) are what the score is
+    about: 10 % of them cost the full 60. Business rejections (the service refused the
+    callers' input on purpose: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...)
+    cost nothing up to ``business_error_alert_rate`` (default 50 %), and at most 30
+    above it. A p95 at 4x the target costs the full 30. The score does not depend on
+    ``min_calls``: a quiet service is scored on what it did (10 faults out of 10 calls
+    is an F); the report flags too little traffic through the INSUFFICIENT_DATA trend,
+    a recommendation and the absence of alerts. Without any call the score is 100
+    less the anomaly penalty.
     """
-    error = 0.0
-    if figures.total:
-        weighted = (
-            figures.business_failures + _INFRASTRUCTURE_WEIGHT * figures.infrastructure_failures
-        ) / figures.total
-        error = min(_ERROR_PENALTY_MAX, _ERROR_PENALTY_PER_RATE * weighted)
+    infrastructure = _INFRASTRUCTURE_PENALTY_PER_RATE * figures.infrastructure_error_rate
+    error = min(_ERROR_PENALTY_MAX, infrastructure + _business_penalty(figures, thresholds))
     excess = max(0.0, figures.p95_ms / thresholds.latency_target_ms - 1)
     latency = min(_LATENCY_PENALTY_MAX, _LATENCY_PENALTY_PER_RATIO * excess)
     anomaly = min(_ANOMALY_PENALTY_MAX, _ANOMALY_PENALTY_EACH * max(0, anomalies_count))
     return min(100.0, max(0.0, 100.0 - error - latency - anomaly))
+
+
+def _business_penalty(figures: Figures, thresholds: Thresholds) -> float:
+    over = figures.business_error_rate - thresholds.business_error_alert_rate
+    if over <= 0:
+        return 0.0
+    return min(_BUSINESS_PENALTY_MAX, _BUSINESS_PENALTY_BASE + _BUSINESS_PENALTY_PER_RATE * over)
 
 
 def grade(score: float) -> str:
@@ -563,8 +663,12 @@ def alerts(
 
     Rules, in this order, each firing at most once:
 
-    - ``error_rate``: failures / total; CRITICAL when >= ``error_rate_critical``,
-      else WARNING when >= ``error_rate_warning``;
+    - ``infrastructure_error_rate``: infrastructure failures / total; CRITICAL when
+      >= ``infrastructure_error_rate_critical``, else WARNING when >=
+      ``infrastructure_error_rate_warning``;
+    - ``business_error_rate``: business failures / total; WARNING (never more: the
+      service works, its callers' input is refused) when above
+      ``business_error_alert_rate``;
     - ``p99_latency``: p99 ms; CRITICAL when >= ``p99_critical_ms``, else WARNING
       when >= ``p99_warning_ms``.
 
@@ -574,33 +678,42 @@ def alerts(
     """
     if figures.total < thresholds.min_calls:
         return []
-    rate = figures.error_rate
-    rules = (
+    scope = f"{service}/{operation}" if operation else service
+    infrastructure = figures.infrastructure_error_rate
+    business = figures.business_error_rate
+    found: list[tuple[str, float, AlertSeverity | None, float, str]] = [
         (
-            "error_rate",
-            rate,
-            thresholds.error_rate_warning,
-            thresholds.error_rate_critical,
-            f"error rate {rate:.1%} ({figures.failures} of {figures.total} calls)",
-            "{:.1%}",
+            "infrastructure_error_rate",
+            infrastructure,
+            *_severity(
+                infrastructure,
+                thresholds.infrastructure_error_rate_warning,
+                thresholds.infrastructure_error_rate_critical,
+            ),
+            f"infrastructure error rate {infrastructure:.1%}"
+            f" ({figures.infrastructure_failures} of {_calls(figures.total)})"
+            " is at or above the {severity} threshold {limit:.1%}",
+        ),
+        (
+            "business_error_rate",
+            business,
+            AlertSeverity.WARNING if business > thresholds.business_error_alert_rate else None,
+            thresholds.business_error_alert_rate,
+            f"{business:.1%} of calls refused ({figures.business_failures} of"
+            f" {_calls(figures.total)}{_top_codes(figures, infrastructure=False)}) is above"
+            " the business error alert rate {limit:.1%}: check the callers' input",
         ),
         (
             "p99_latency",
             figures.p99_ms,
-            thresholds.p99_warning_ms,
-            thresholds.p99_critical_ms,
-            f"p99 latency {figures.p99_ms:.1f} ms",
-            "{:.1f} ms",
+            *_severity(figures.p99_ms, thresholds.p99_warning_ms, thresholds.p99_critical_ms),
+            f"p99 latency {figures.p99_ms:.1f} ms is at or above the {{severity}} threshold"
+            " {limit:.1f} ms",
         ),
-    )
-    scope = f"{service}/{operation}" if operation else service
+    ]
     out = []
-    for rule, observed, warning, critical, shown, unit in rules:
-        if observed >= critical:
-            severity, limit = AlertSeverity.CRITICAL, critical
-        elif observed >= warning:
-            severity, limit = AlertSeverity.WARNING, warning
-        else:
+    for rule, observed, severity, limit, message in found:
+        if severity is None:
             continue
         out.append(
             AlertFound(
@@ -611,14 +724,22 @@ def alerts(
                 rule=rule,
                 threshold=limit,
                 observed=observed,
-                message=(
-                    f"{scope}: {shown} is at or above the {severity.name.lower()}"
-                    f" threshold {unit.format(limit)}"
-                ),
+                message=f"{scope}: " + message.format(severity=severity.name.lower(), limit=limit),
                 observed_at=now,
             )
         )
     return out
+
+
+def _severity(
+    observed: float, warning: float, critical: float
+) -> tuple[AlertSeverity | None, float]:
+    """(severity, threshold breached) of a value; (None, warning) below both."""
+    if observed >= critical:
+        return AlertSeverity.CRITICAL, critical
+    if observed >= warning:
+        return AlertSeverity.WARNING, warning
+    return None, warning
 
 
 def recommendations(
@@ -634,9 +755,11 @@ def recommendations(
     Below ``min_calls`` calls only one sentence: too little traffic to judge. Else,
     in this order, each when it applies:
 
-    1. error rate >= ``error_rate_warning``: check recent deploys and dependencies;
-    2. and over half of the failures are infrastructure faults: capacity, network,
-       instance health;
+    1. infrastructure error rate >= ``infrastructure_error_rate_warning``: check recent
+       deploys, capacity, the network and the dependencies (top codes quoted);
+    2. business rejections above ``business_error_alert_rate``: the callers' requests
+       are being refused, check the callers' input; from 5 % of the calls up to that
+       rate, the same as a note that they cost no health points;
     3. p99 >= ``p99_warning_ms``, or p95 above ``latency_target_ms``: the slow path;
     4. p99 >= 5 x p50 and p99 >= ``latency_target_ms``: tail latency, outliers and
        timeouts;
@@ -645,24 +768,40 @@ def recommendations(
     """
     if figures.total < thresholds.min_calls:
         return [
-            f"Only {figures.total} calls in the window, fewer than the {thresholds.min_calls}"
+            f"Only {_calls(figures.total)} in the window, fewer than the {thresholds.min_calls}"
             " needed to judge error rate, latency and trend: widen the window or send"
             " more traffic."
         ]
     out: list[str] = []
-    rate = figures.error_rate
-    if rate >= thresholds.error_rate_warning:
+    infrastructure = figures.infrastructure_error_rate
+    if infrastructure >= thresholds.infrastructure_error_rate_warning:
         out.append(
-            f"Error rate is {rate:.1%} ({figures.failures} of {figures.total} calls), above"
-            f" the {thresholds.error_rate_warning:.1%} warning threshold: check recent"
-            " deploys and the health of the dependencies."
+            f"Infrastructure error rate is {infrastructure:.1%}"
+            f" ({figures.infrastructure_failures} of {_calls(figures.total)}"
+            f"{_top_codes(figures, infrastructure=True)}), above the"
+            f" {thresholds.infrastructure_error_rate_warning:.1%} warning threshold: check"
+            " recent deploys, capacity, the network and the health of the instances and"
+            " of the dependencies."
         )
-        if 2 * figures.infrastructure_failures > figures.failures:
-            out.append(
-                f"Most failures ({figures.infrastructure_failures} of {figures.failures}) are"
-                " infrastructure faults (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED):"
-                " check capacity, the network and the health of the instances."
-            )
+    business = figures.business_error_rate
+    refused = (
+        f"{business:.1%} of calls ({figures.business_failures} of {_calls(figures.total)}"
+        f"{_top_codes(figures, infrastructure=False)})"
+    )
+    if business > thresholds.business_error_alert_rate:
+        out.append(
+            f"Callers' requests are being refused: {refused} ended in business"
+            f" rejections, above the {thresholds.business_error_alert_rate:.1%} alert rate:"
+            " check the callers' input (a caller's deploy, a changed contract), not this"
+            " service's health."
+        )
+    elif business >= _BUSINESS_NOTE_RATE:
+        out.append(
+            f"{refused[0].upper()}{refused[1:]} were refused as business rejections:"
+            " the callers' input, not a fault, so they cost no health points up to the"
+            f" {thresholds.business_error_alert_rate:.1%} alert rate; if unexpected, check"
+            " the callers' input."
+        )
     if figures.p99_ms >= thresholds.p99_warning_ms:
         out.append(
             f"p99 latency is {figures.p99_ms:.1f} ms, above the {thresholds.p99_warning_ms:.1f}"
@@ -706,6 +845,36 @@ def recommendations(
                 f" correlate with {cause} at those times."
             )
     return out
+
+
+def is_infrastructure(code: int) -> bool:
+    """Tell whether a status code number is an infrastructure fault
+    (``errors.INFRASTRUCTURE_CODES``)."""
+    return code in _INFRASTRUCTURE
+
+
+def _calls(count: int) -> str:
+    """``1 call``, ``2 calls``."""
+    return f"{count} call" if count == 1 else f"{count} calls"
+
+
+def code_name(code: int) -> str:
+    """Name of a gRPC status code number (``INVALID_ARGUMENT``); "" for 0 (a failure
+    reported without a code) and for numbers past 16."""
+    return _CODE_NAMES[code] if 0 < code < len(_CODE_NAMES) else ""
+
+
+def _code_name(code: int) -> str:
+    return code_name(code) or ("no code" if code == 0 else str(code))
+
+
+def _top_codes(figures: Figures, *, infrastructure: bool) -> str:
+    """``; mostly INVALID_ARGUMENT (12), NOT_FOUND (3)``: the most frequent codes of
+    one kind, "" when none is known."""
+    codes = figures.codes_of(infrastructure=infrastructure)[:_CODES_QUOTED]
+    if not codes:
+        return ""
+    return "; mostly " + ", ".join(f"{_code_name(code)} ({n})" for code, n in codes)
 
 
 def _ratio(numerator: float, denominator: float) -> str:

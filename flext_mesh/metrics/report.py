@@ -7,8 +7,9 @@ grade, alerts and recommendations follow :mod:`flext_mesh.metrics.analysis`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -16,17 +17,23 @@ from flext_mesh.metrics import analysis
 from flext_mesh.metrics.aggregator import BucketStats, SeriesKey, merge_stats
 from flext_mesh.v1 import metrics_pb2
 
-__all__ = ["Window", "alert_message", "build_report", "evaluate_alerts"]
+__all__ = ["MIN_OBSERVED_SECONDS", "Window", "alert_message", "build_report", "evaluate_alerts"]
 
 #: (bucket start, bucket width, series stats) in time order.
 Window = Sequence[tuple[int, int, dict[SeriesKey, BucketStats]]]
 _QUANTILES = (0.5, 0.95, 0.99)
+#: The shortest span a throughput is computed over (one 10 s bucket): a service seen
+#: for the first time a second ago did not serve 50 calls a second.
+MIN_OBSERVED_SECONDS = 10.0
+#: Status codes listed per CallStats, at most.
+_MAX_CODES = 5
 
 
-def _figures(stats: BucketStats, seconds: float) -> analysis.Figures:
+def _figures(stats: BucketStats, seconds: float, observed: float | None = None) -> analysis.Figures:
     sketch = stats.sketch
     count = sketch.count
     p50, p95, p99 = sketch.quantiles(_QUANTILES) if count else (0.0, 0.0, 0.0)
+    codes = sorted(stats.codes.items(), key=lambda item: (-item[1], item[0]))
     return analysis.Figures(
         total=count,
         successes=count - stats.failures,
@@ -39,7 +46,31 @@ def _figures(stats: BucketStats, seconds: float) -> analysis.Figures:
         p95_ms=p95,
         p99_ms=p99,
         window_seconds=seconds,
+        observed_seconds=observed,
+        failure_codes=tuple(codes),
     )
+
+
+def _first_seen(history: Window) -> dict[SeriesKey, float]:
+    """When each series had its first call, as far as ``history`` tells (its bucket's
+    start)."""
+    out: dict[SeriesKey, float] = {}
+    for start, _, series in history:
+        for key in series:
+            if key not in out or start < out[key]:
+                out[key] = float(start)
+    return out
+
+
+def _observed(
+    keys: Iterable[SeriesKey], first_seen: Mapping[SeriesKey, float], seconds: float, now: float
+) -> float | None:
+    """Seconds from the first call of ``keys`` to now when that is within the window
+    (at least MIN_OBSERVED_SECONDS); None when they were seen before it (or unknown)."""
+    since = min((first_seen.get(key, -math.inf) for key in keys), default=-math.inf)
+    if since <= now - seconds:
+        return None
+    return min(seconds, max(MIN_OBSERVED_SECONDS, now - since))
 
 
 def _buckets(window: Window, select: Callable[[SeriesKey], bool]) -> list[analysis.Bucket]:
@@ -68,11 +99,12 @@ def _call_stats(
     seconds: float,
     thresholds: analysis.Thresholds,
     *,
+    observed: float | None = None,
     operation: str = "",
     version: str = "",
     instance_id: str = "",
 ) -> tuple[metrics_pb2.CallStats, analysis.Figures, list[analysis.Found], object]:
-    figures = _figures(stats, seconds)
+    figures = _figures(stats, seconds, observed)
     trend, change = analysis.trend(buckets, min_calls=thresholds.min_calls)
     found = analysis.anomalies(buckets)
     score = analysis.health_score(figures, len(found), thresholds)
@@ -92,13 +124,24 @@ def _call_stats(
         p50_ms=figures.p50_ms,
         p95_ms=figures.p95_ms,
         p99_ms=figures.p99_ms,
-        throughput_per_second=figures.total / seconds,
-        throughput_per_hour=figures.total / seconds * 3600,
+        throughput_per_second=figures.throughput_per_second,
+        throughput_per_hour=figures.throughput_per_hour,
         trend=int(trend),  # type: ignore[arg-type]
         trend_change_percent=change,
         health_score=score,
         grade=analysis.grade(score),
+        business_failures=figures.business_failures,
+        infrastructure_error_rate=figures.infrastructure_error_rate,
+        business_error_rate=figures.business_error_rate,
     )
+    out.observed.FromNanoseconds(int(figures.span_seconds * 1e9))
+    for code, calls in figures.failure_codes[:_MAX_CODES]:
+        out.failure_codes.add(
+            code=code,
+            code_name=analysis.code_name(code),
+            calls=calls,
+            infrastructure=analysis.is_infrastructure(code),
+        )
     for item in found:
         anomaly = out.anomalies.add(
             kind=int(item.kind),
@@ -123,9 +166,23 @@ def build_report(
     by_version: bool = False,
     by_instance: bool = False,
     fire_times: dict[str, float] | None = None,
+    history: Window = (),
 ) -> metrics_pb2.ServiceReport:
-    """The ServiceReport of ``service`` over ``window`` (see metrics.proto)."""
-    report = metrics_pb2.ServiceReport(service_name=service)
+    """The ServiceReport of ``service`` over ``window`` (see metrics.proto).
+
+    ``history``: the service's buckets over the whole retention (those of the window
+    included), to tell how long each series has been seen: a set of calls whose first
+    call is within the window has its throughput computed from then, not over the
+    whole window. Empty: every series counts as older than the window.
+    """
+    first_seen = _first_seen(history)
+
+    def observed(keys: Iterable[SeriesKey]) -> float | None:
+        return _observed(keys, first_seen, seconds, now)
+
+    report = metrics_pb2.ServiceReport(
+        service_name=service, business_error_alert_rate=thresholds.business_error_alert_rate
+    )
     report.window.CopyFrom(duration_pb2.Duration(seconds=int(seconds)))
     report.generate_time.CopyFrom(_timestamp(now))
     report.window_start.CopyFrom(_timestamp(now - seconds))
@@ -136,17 +193,19 @@ def build_report(
     per_operation: dict[str, list[BucketStats]] = defaultdict(list)
     per_version: dict[tuple[str, str], list[BucketStats]] = defaultdict(list)
     per_instance: dict[str, list[BucketStats]] = defaultdict(list)
+    keys: set[SeriesKey] = set()
     for _, _, series in window:
         for key, stats in series.items():
             if not wanted(key):
                 continue
+            keys.add(key)
             per_operation[key.operation].append(stats)
             per_version[(key.operation, key.version)].append(stats)
             per_instance[key.instance_id].append(stats)
 
     all_stats = merge_stats(s for group in per_operation.values() for s in group)
     summary, figures, found, trend = _call_stats(
-        all_stats, _buckets(window, wanted), seconds, thresholds
+        all_stats, _buckets(window, wanted), seconds, thresholds, observed=observed(keys)
     )
     report.summary.CopyFrom(summary)
     alerts = analysis.alerts(service, "", figures, thresholds, now=now)
@@ -156,6 +215,7 @@ def build_report(
             _buckets(window, _operation_is(name)),
             seconds,
             thresholds,
+            observed=observed(k for k in keys if k.operation == name),
             operation=name,
         )
         report.operations.append(op_stats)
@@ -167,6 +227,7 @@ def build_report(
                 _buckets(window, _version_is(name, version)),
                 seconds,
                 thresholds,
+                observed=observed(k for k in keys if (k.operation, k.version) == (name, version)),
                 operation=name,
                 version=version,
             )
@@ -178,6 +239,7 @@ def build_report(
                 _buckets(window, _instance_is(instance_id, wanted)),
                 seconds,
                 thresholds,
+                observed=observed(k for k in keys if k.instance_id == instance_id),
                 instance_id=instance_id,
             )
             report.instances.append(instance_stats)

@@ -270,7 +270,11 @@ class Metrics:
             )
         if violations:
             raise InvalidArgument.from_violations(violations)
-        buckets = self._snapshot(service, window)
+        now = self._clock()
+        # The whole history tells how long each series has been seen (throughput over
+        # the part of the window a young service existed); the window is its tail.
+        history = self._snapshot(service, self.aggregator.settings.retention)
+        buckets = [item for item in history if item[0] >= now - window]
         if operation:
             buckets = [
                 (s, w, {k: v for k, v in series.items() if k.operation == operation})
@@ -285,11 +289,12 @@ class Metrics:
             buckets,
             window,
             self.thresholds,
-            now=self._clock(),
+            now=now,
             operation=operation,
             by_version=by_version,
             by_instance=by_instance,
             fire_times=dict(self._fire_times),
+            history=history,
         )
 
     def _snapshot(
@@ -305,7 +310,9 @@ class Metrics:
                     start,
                     width,
                     {
-                        k: BucketStats(v.sketch.copy(), v.failures, v.infrastructure_failures)
+                        k: BucketStats(
+                            v.sketch.copy(), v.failures, v.infrastructure_failures, dict(v.codes)
+                        )
                         if still_open
                         else v
                         for k, v in series.items()

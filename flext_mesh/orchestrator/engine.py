@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from flext_mesh.errors import (
-    Cancelled,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -61,7 +60,7 @@ from flext_mesh.orchestrator.records import (
 )
 from flext_mesh.orchestrator.reporting import Durations, Reporter
 from flext_mesh.orchestrator.retention import Retention
-from flext_mesh.orchestrator.run import Run, RunContext
+from flext_mesh.orchestrator.run import Run, RunContext, cancel_error
 from flext_mesh.orchestrator.settings import OrchestratorSettings, default_owner
 from flext_mesh.orchestrator.spec import RetrySpec
 from flext_mesh.orchestrator.step_results import StepResults
@@ -273,9 +272,7 @@ class Orchestrator:
         if cancel is not None and not view.cancel_requested:
             run.stage(
                 ExecutionEventType.CANCEL_REQUESTED,
-                error=Cancelled(
-                    f"cancelled: {cancel.value.decode()}" if cancel.value else "cancelled"
-                ),
+                error=cancel_error(cancel.value.decode()),
                 message=cancel.value.decode(),
             )
         self._spawn(run, resumed=True)

@@ -58,7 +58,7 @@ from flext_mesh.rpc import tracing
 from flext_mesh.store import Compare, Store
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
 
-__all__ = ["Run", "RunContext"]
+__all__ = ["Run", "RunContext", "cancel_error"]
 
 _log = logging.getLogger("flext_mesh.orchestrator")
 
@@ -133,7 +133,7 @@ class Run:
         if not self.view.cancel_requested:
             self.stage(
                 ExecutionEventType.CANCEL_REQUESTED,
-                error=Cancelled(f"cancelled: {reason}" if reason else "cancelled"),
+                error=cancel_error(reason),
                 message=reason,
             )
             await self.flush()
@@ -578,3 +578,9 @@ class Run:
             self.view.state.name,
             execution.duration.ToNanoseconds() / 1e6,
         )
+
+
+def cancel_error(reason: str) -> Cancelled:
+    """The error of an execution cancelled for ``reason``: the reason as its message
+    (the CANCELLED code says the rest), or "no reason given"."""
+    return Cancelled(reason or "no reason given")

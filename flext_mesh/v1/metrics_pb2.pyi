@@ -96,7 +96,9 @@ class _AnomalyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnomalyKi
     ANOMALY_KIND_LATENCY: _AnomalyKind.ValueType  # 1
     """Latency far above its baseline."""
     ANOMALY_KIND_ERROR_RATE: _AnomalyKind.ValueType  # 2
-    """Error rate far above its baseline."""
+    """Infrastructure error rate far above its baseline (business rejections are
+    not counted).
+    """
 
 class AnomalyKind(_AnomalyKind, metaclass=_AnomalyKindEnumTypeWrapper):
     """Kind of anomaly."""
@@ -106,7 +108,9 @@ ANOMALY_KIND_UNSPECIFIED: AnomalyKind.ValueType  # 0
 ANOMALY_KIND_LATENCY: AnomalyKind.ValueType  # 1
 """Latency far above its baseline."""
 ANOMALY_KIND_ERROR_RATE: AnomalyKind.ValueType  # 2
-"""Error rate far above its baseline."""
+"""Infrastructure error rate far above its baseline (business rejections are
+not counted).
+"""
 Global___AnomalyKind: _TypeAlias = AnomalyKind  # noqa: Y015
 
 class _AlertSeverity:
@@ -596,6 +600,11 @@ class CallStats(_message.Message):
     HEALTH_SCORE_FIELD_NUMBER: _builtins.int
     GRADE_FIELD_NUMBER: _builtins.int
     ANOMALIES_FIELD_NUMBER: _builtins.int
+    BUSINESS_FAILURES_FIELD_NUMBER: _builtins.int
+    INFRASTRUCTURE_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    BUSINESS_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    FAILURE_CODES_FIELD_NUMBER: _builtins.int
+    OBSERVED_FIELD_NUMBER: _builtins.int
     operation: _builtins.str
     """Operation name; empty for the service-wide summary."""
     version: _builtins.str
@@ -627,20 +636,49 @@ class CallStats(_message.Message):
     p99_ms: _builtins.float
     """99th percentile, milliseconds, within 1% relative error."""
     throughput_per_second: _builtins.float
-    """total_calls / window seconds."""
+    """total_calls / observed seconds (see observed): the whole window, or the
+    part of it since the first call recorded when that is within the window.
+    """
     throughput_per_hour: _builtins.float
-    """total_calls / window hours."""
+    """total_calls / observed hours."""
     trend: Global___Trend.ValueType
     """Latency trend: later half of the window against the earlier half."""
     trend_change_percent: _builtins.float
     """Change of p50 latency between the halves, percent."""
     health_score: _builtins.float
-    """Health score 0 to 100 (formula in the README)."""
+    """Health score 0 to 100 (formula in the README): infrastructure faults,
+    latency and anomalies lower it; business rejections only above the control
+    plane's business error alert rate (ServiceReport.business_error_alert_rate).
+    """
     grade: _builtins.str
     """Performance grade "A" to "F" from the health score."""
+    business_failures: _builtins.int
+    """Failures that were business rejections (the service refused the call on
+    purpose: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...):
+    failed_calls - infrastructure_failures.
+    """
+    infrastructure_error_rate: _builtins.float
+    """infrastructure_failures / total_calls, 0 to 1."""
+    business_error_rate: _builtins.float
+    """business_failures / total_calls, 0 to 1."""
     @_builtins.property
     def anomalies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Anomaly]:
         """Anomalies found in this set."""
+
+    @_builtins.property
+    def failure_codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusCodeCount]:
+        """Failed calls per status code, most calls first, at most 5 codes. Failures
+        stored before codes were kept (older control planes) have no code listed,
+        so the counts may add up to less than failed_calls.
+        """
+
+    @_builtins.property
+    def observed(self) -> _duration_pb2.Duration:
+        """What the throughput is computed over: the window, or less when the first
+        call recorded for these calls (service, operation, version or instance) is
+        within it: from the start of that call's time bucket (10 s) to now, at
+        least 10 s. The history kept (the retention) bounds what is known.
+        """
 
     def __init__(
         self,
@@ -667,14 +705,55 @@ class CallStats(_message.Message):
         health_score: _builtins.float = ...,
         grade: _builtins.str = ...,
         anomalies: _abc.Iterable[Global___Anomaly] | None = ...,
+        business_failures: _builtins.int = ...,
+        infrastructure_error_rate: _builtins.float = ...,
+        business_error_rate: _builtins.float = ...,
+        failure_codes: _abc.Iterable[Global___StatusCodeCount] | None = ...,
+        observed: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed", b"observed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies", b"anomalies", "avg_ms", b"avg_ms", "error_rate", b"error_rate", "failed_calls", b"failed_calls", "grade", b"grade", "health_score", b"health_score", "infrastructure_failures", b"infrastructure_failures", "instance_id", b"instance_id", "max_ms", b"max_ms", "min_ms", b"min_ms", "operation", b"operation", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "success_rate", b"success_rate", "successful_calls", b"successful_calls", "throughput_per_hour", b"throughput_per_hour", "throughput_per_second", b"throughput_per_second", "total_calls", b"total_calls", "trend", b"trend", "trend_change_percent", b"trend_change_percent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomalies", b"anomalies", "avg_ms", b"avg_ms", "business_error_rate", b"business_error_rate", "business_failures", b"business_failures", "error_rate", b"error_rate", "failed_calls", b"failed_calls", "failure_codes", b"failure_codes", "grade", b"grade", "health_score", b"health_score", "infrastructure_error_rate", b"infrastructure_error_rate", "infrastructure_failures", b"infrastructure_failures", "instance_id", b"instance_id", "max_ms", b"max_ms", "min_ms", b"min_ms", "observed", b"observed", "operation", b"operation", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "success_rate", b"success_rate", "successful_calls", b"successful_calls", "throughput_per_hour", b"throughput_per_hour", "throughput_per_second", b"throughput_per_second", "total_calls", b"total_calls", "trend", b"trend", "trend_change_percent", b"trend_change_percent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallStats: _TypeAlias = CallStats  # noqa: Y015
+
+@_typing.final
+class StatusCodeCount(_message.Message):
+    """Failed calls that ended with one gRPC status code."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    CODE_NAME_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    INFRASTRUCTURE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code number, e.g. 3; 0 for failures reported without a code."""
+    code_name: _builtins.str
+    """The code's name, e.g. "INVALID_ARGUMENT"; empty for code 0."""
+    calls: _builtins.int
+    """Failed calls with this code."""
+    infrastructure: _builtins.bool
+    """True for an infrastructure fault (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,
+    RESOURCE_EXHAUSTED, UNKNOWN), false for a business rejection.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        code_name: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        infrastructure: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "code", b"code", "code_name", b"code_name", "infrastructure", b"infrastructure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusCodeCount: _TypeAlias = StatusCodeCount  # noqa: Y015
 
 @_typing.final
 class Anomaly(_message.Message):
@@ -750,7 +829,11 @@ class Alert(_message.Message):
     severity: Global___AlertSeverity.ValueType
     """Severity."""
     rule: _builtins.str
-    """Rule that fired, e.g. "error_rate", "p99_latency"."""
+    """Rule that fired: "infrastructure_error_rate" (WARNING from 5%, CRITICAL
+    from 20% of the calls), "business_error_rate" (WARNING above the business
+    error alert rate, default 50%), "p99_latency" (WARNING from 1 s, CRITICAL
+    from 5 s).
+    """
     threshold: _builtins.float
     """Threshold of the rule."""
     observed: _builtins.float
@@ -798,8 +881,14 @@ class ServiceReport(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     RECOMMENDATIONS_FIELD_NUMBER: _builtins.int
     ALERTS_FIELD_NUMBER: _builtins.int
+    BUSINESS_ERROR_ALERT_RATE_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Service."""
+    business_error_alert_rate: _builtins.float
+    """The control plane's business error alert rate, 0 to 1 (default 0.5, flag
+    --business-error-alert-rate): business rejections above this share of the
+    calls lower the health score and raise the business_error_rate alert.
+    """
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
         """Window covered."""
@@ -849,10 +938,11 @@ class ServiceReport(_message.Message):
         instances: _abc.Iterable[Global___CallStats] | None = ...,
         recommendations: _abc.Iterable[_builtins.str] | None = ...,
         alerts: _abc.Iterable[Global___Alert] | None = ...,
+        business_error_alert_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generate_time", b"generate_time", "summary", b"summary", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "generate_time", b"generate_time", "instances", b"instances", "operations", b"operations", "recommendations", b"recommendations", "service_name", b"service_name", "summary", b"summary", "versions", b"versions", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "business_error_alert_rate", b"business_error_alert_rate", "generate_time", b"generate_time", "instances", b"instances", "operations", b"operations", "recommendations", b"recommendations", "service_name", b"service_name", "summary", b"summary", "versions", b"versions", "window", b"window", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,6 +156,15 @@ def test_set_the_example_then_show_it_as_a_summary_and_as_json(
     assert policy["retry"]["initial_backoff"] == "0.050s"
     assert policy["retry"]["retryable_codes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert policy["circuit_breaker"]["open_duration"] == "5s"
+    # Settings the file left out are the sidecars' defaults, not zeros: they are not
+    # printed (a backoff_multiplier of 0.0 would read as "no backoff growth").
+    assert policy["retry"] == {
+        "max_attempts": 3,
+        "initial_backoff": "0.050s",
+        "retryable_codes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    assert policy["circuit_breaker"] == {"consecutive_failures": 5, "open_duration": "5s"}
+    assert "outlier_detection" not in policy
     assert policy["splits"] == [{"version": "v1", "weight": 90}, {"version": "v2", "weight": 10}]
     assert policy["zone"] == {"enabled": True, "min_healthy_percent": 70.0}
 
@@ -648,3 +657,17 @@ def test_policy_and_workflow_files_refuse_a_count_in_the_same_words() -> None:
 def test_durations_are_shown_as_a_file_would_write_them(nanos: int, text: str) -> None:
     assert format_duration(nanos) == text
     assert parse_duration(text) == nanos
+
+
+def test_json_leaves_out_settings_at_their_default_and_keeps_an_explicit_zero() -> None:
+    policy = registry_pb2.ServicePolicy(
+        service_name="payment",
+        retry=common_pb2.RetryPolicy(max_attempts=2, jitter=0.0),
+        health_check=registry_pb2.HealthCheckPolicy(),
+    )
+    document = policy_cli.policy_to_dict(policy)
+    assert document["retry"] == {"max_attempts": 2, "jitter": 0.0}  # jitter 0: none, as set
+    assert document["health_check"] == {}  # set, every field at its default
+    assert "circuit_breaker" not in document
+    assert document["service_name"] == "payment"
+    assert document["splits"] == []  # the policy's own fields are all there

@@ -705,7 +705,8 @@ def test_cancel_stops_a_running_execution_and_refuses_an_ended_one(plane: str) -
         step == "reserve_inventory" and what.startswith("COMPENSATION_SUCCEEDED")
         for step, what in seen
     )
-    assert seen[-1][1].startswith("ENDED CANCELLED: CANCELLED")
+    assert seen[-1][1] == "ENDED CANCELLED: customer called"
+    assert "error:        CANCELLED: customer called" in shown.stdout.splitlines()
 
     assert again.returncode == 1
     assert again.stdout == ""

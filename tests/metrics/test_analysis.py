@@ -43,6 +43,7 @@ def figures(
     p95: float = 80.0,
     p99: float = 120.0,
     window_seconds: float = 3600.0,
+    codes: tuple[tuple[int, int], ...] = (),
 ) -> Figures:
     return Figures(
         total=total,
@@ -56,6 +57,7 @@ def figures(
         p95_ms=p95,
         p99_ms=p99,
         window_seconds=window_seconds,
+        failure_codes=codes,
     )
 
 
@@ -66,7 +68,7 @@ def bucket(
         start=T0 + i * STEP,
         count=count,
         failures=failures,
-        infrastructure_failures=0,
+        infrastructure_failures=failures,
         p50_ms=p50,
         p99_ms=p99,
     )
@@ -137,10 +139,21 @@ def test_figures_derive_rates_and_throughput() -> None:
     assert f.error_rate == pytest.approx(0.1)
     assert f.success_rate == pytest.approx(0.9)
     assert f.business_failures == 540
+    assert (f.infrastructure_error_rate, f.business_error_rate) == pytest.approx((0.025, 0.075))
     assert f.throughput_per_second == pytest.approx(1.0)
     assert f.throughput_per_hour == pytest.approx(3600.0)
     empty = figures(total=0, p50=0, p95=0, p99=0)
     assert (empty.error_rate, empty.success_rate, empty.throughput_per_hour) == (0, 0, 0)
+    assert empty.business_error_rate == empty.infrastructure_error_rate == 0
+
+
+def test_throughput_of_a_service_younger_than_the_window_counts_only_its_lifetime() -> None:
+    # 420 calls, all in the last 7 minutes of a 24 h window: 1 call a second, not 0.005.
+    young = dataclasses.replace(figures(420, window_seconds=86_400), observed_seconds=420.0)
+    assert young.span_seconds == 420.0
+    assert young.throughput_per_second == pytest.approx(1.0)
+    assert young.throughput_per_hour == pytest.approx(3600.0)
+    assert figures(420, window_seconds=86_400).throughput_per_second == pytest.approx(420 / 86_400)
 
 
 @pytest.mark.parametrize(
@@ -152,6 +165,8 @@ def test_figures_derive_rates_and_throughput() -> None:
         {"p99_ms": math.nan},
         {"min_ms": -1.0},
         {"window_seconds": 0.0},
+        {"observed_seconds": 0.0},
+        {"observed_seconds": math.inf},
     ],
 )
 def test_figures_reject_inconsistent_input(change: dict[str, Any]) -> None:
@@ -170,8 +185,9 @@ def test_bucket_rejects_inconsistent_input(change: dict[str, Any]) -> None:
 
 def test_thresholds_are_keyword_only_with_documented_defaults() -> None:
     documented = Thresholds(
-        error_rate_warning=0.05,
-        error_rate_critical=0.20,
+        infrastructure_error_rate_warning=0.05,
+        infrastructure_error_rate_critical=0.20,
+        business_error_alert_rate=0.5,
         p99_warning_ms=1000,
         p99_critical_ms=5000,
         latency_target_ms=250,
@@ -185,8 +201,11 @@ def test_thresholds_are_keyword_only_with_documented_defaults() -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        {"error_rate_warning": 1.5},
-        {"error_rate_warning": 0.3},
+        {"infrastructure_error_rate_warning": 1.5},
+        {"infrastructure_error_rate_warning": 0.3},
+        {"business_error_alert_rate": -0.1},
+        {"business_error_alert_rate": 1.01},
+        {"business_error_alert_rate": math.nan},
         {"p99_warning_ms": 6000.0},
         {"latency_target_ms": 0.0},
         {"min_calls": 0},
@@ -290,7 +309,8 @@ def test_a_latency_spike_is_found() -> None:
 
 def test_an_error_rate_spike_is_found() -> None:
     buckets = error_buckets(seed=3)
-    buckets[12] = dataclasses.replace(buckets[12], failures=buckets[12].count * 3 // 10)
+    spike = buckets[12].count * 3 // 10
+    buckets[12] = dataclasses.replace(buckets[12], failures=spike, infrastructure_failures=spike)
     [found] = anomalies(buckets)
     assert found.kind is AnomalyKind.ERROR_RATE
     assert found.bucket_start == T0 + 12 * STEP
@@ -298,14 +318,25 @@ def test_an_error_rate_spike_is_found() -> None:
     assert found.baseline == pytest.approx(0.01, abs=0.01)
     assert found.score >= 3.5
     assert found.description.startswith(
-        f"error rate {found.observed:.1%} ({buckets[12].failures} of {buckets[12].count} calls)"
+        f"infrastructure error rate {found.observed:.1%}"
+        f" ({buckets[12].failures} of {buckets[12].count} calls)"
     )
+
+
+def test_a_spike_of_business_rejections_is_no_anomaly() -> None:
+    # Callers sending bad input for a minute is their doing, not a fault of the service.
+    buckets = error_buckets(seed=3)
+    buckets[12] = dataclasses.replace(buckets[12], failures=buckets[12].count // 2)
+    assert anomalies(buckets) == []
 
 
 def test_anomalies_are_ordered_by_time_then_kind() -> None:
     buckets = error_buckets(seed=5)
     for i in (30, 10):
-        buckets[i] = dataclasses.replace(buckets[i], failures=buckets[i].count // 2, p99_ms=900.0)
+        half = buckets[i].count // 2
+        buckets[i] = dataclasses.replace(
+            buckets[i], failures=half, infrastructure_failures=half, p99_ms=900.0
+        )
     found = anomalies(buckets)
     assert [(f.bucket_start, f.kind) for f in found] == [
         (T0 + 10 * STEP, AnomalyKind.LATENCY),
@@ -441,9 +472,14 @@ def test_latency_anomalies_do_not_depend_on_the_unit(seed: int, factor: float) -
     ("f", "count", "score"),
     [
         (figures(), 0, 100.0),
-        (figures(failures=100), 0, 70.0),  # 10% business: 300 x 0.1 = 30
-        (figures(failures=100, infra=100), 0, 40.0),  # 10% infrastructure counts double
+        (figures(failures=100), 0, 100.0),  # 10% business: the callers' doing, free
+        (figures(failures=500), 0, 100.0),  # 50%: at the alert rate, still free
+        (figures(failures=600), 0, 80.0),  # 60%: over it by 10 points, 10 + 100 x 0.1
+        (figures(failures=1000), 0, 70.0),  # the business penalty caps at 30
+        (figures(failures=100, infra=100), 0, 40.0),  # 10% infrastructure: 600 x 0.1
+        (figures(failures=50, infra=50), 0, 70.0),  # 5% infrastructure: 30
         (figures(failures=500, infra=500), 0, 40.0),  # error penalty caps at 60
+        (figures(failures=900, infra=50), 0, 40.0),  # 30 + 30, capped at 60
         (figures(p95=500.0), 0, 90.0),  # p95 at 2x the target: 10 x (2 - 1)
         (figures(p95=5000.0), 0, 70.0),  # latency penalty caps at 30
         (figures(p95=250.0), 0, 100.0),  # at the target: no penalty
@@ -458,8 +494,18 @@ def test_health_score_formula(f: Figures, count: int, score: float) -> None:
 
 
 def test_health_score_ignores_min_calls() -> None:
-    # Ten calls, all failed: an F however little traffic there was.
-    assert grade(health_score(figures(total=10, failures=10), 0, DEFAULTS)) == "F"
+    # Ten calls, all faulted: an F however little traffic there was.
+    assert grade(health_score(figures(total=10, failures=10, infra=10), 0, DEFAULTS)) == "F"
+
+
+def test_business_rejections_cost_points_only_above_the_alert_rate() -> None:
+    refused = figures(1000, 600)  # 60% INVALID_ARGUMENT and the like, no fault
+    assert grade(health_score(refused, 0, DEFAULTS)) == "B"
+    assert health_score(refused, 0, Thresholds(business_error_alert_rate=0.7)) == 100.0
+    assert grade(health_score(refused, 0, Thresholds(business_error_alert_rate=0.3))) == "C"
+    assert health_score(figures(1000, 1000), 0, Thresholds(business_error_alert_rate=1.0)) == 100
+    # The same share of infrastructure faults is an F.
+    assert grade(health_score(figures(1000, 600, 600), 0, DEFAULTS)) == "F"
 
 
 failure_counts = st.integers(0, 10_000)
@@ -530,8 +576,8 @@ NOW = 1_700_000_123.5
 
 
 def test_no_alert_below_min_calls() -> None:
-    assert alerts("payment", "Charge", figures(19, 19, p99=9000), DEFAULTS, now=NOW) == []
-    assert len(alerts("payment", "Charge", figures(20, 20, p99=9000), DEFAULTS, now=NOW)) == 2
+    assert alerts("payment", "Charge", figures(19, 19, 19, p99=9000), DEFAULTS, now=NOW) == []
+    assert len(alerts("payment", "Charge", figures(20, 20, 20, p99=9000), DEFAULTS, now=NOW)) == 2
 
 
 @pytest.mark.parametrize(
@@ -544,22 +590,49 @@ def test_no_alert_below_min_calls() -> None:
         (1000, AlertSeverity.CRITICAL, 0.20),
     ],
 )
-def test_error_rate_alert(
+def test_infrastructure_error_rate_alert(
     failures: int, severity: AlertSeverity | None, threshold: float | None
 ) -> None:
-    found = alerts("payment", "Charge", figures(1000, failures), DEFAULTS, now=NOW)
+    found = alerts("payment", "Charge", figures(1000, failures, failures), DEFAULTS, now=NOW)
     if severity is None:
         assert found == []
         return
     [alert] = found
-    assert alert.alert_id == "payment/Charge/error_rate"
-    assert (alert.service, alert.operation, alert.rule) == ("payment", "Charge", "error_rate")
+    rule = "infrastructure_error_rate"
+    assert alert.alert_id == f"payment/Charge/{rule}"
+    assert (alert.service, alert.operation, alert.rule) == ("payment", "Charge", rule)
     assert alert.severity is severity
     assert alert.threshold == threshold
     assert alert.observed == pytest.approx(failures / 1000)
     assert alert.observed_at == NOW
     assert f"{failures / 10:.1f}%" in alert.message
     assert f"{severity.name.lower()} threshold {threshold:.1%}" in alert.message
+
+
+@pytest.mark.parametrize(
+    ("failures", "rate", "fires"),
+    [(200, 0.5, False), (500, 0.5, False), (501, 0.5, True), (400, 0.3, True), (999, 1.0, False)],
+)
+def test_business_error_rate_alert_is_a_warning_above_the_alert_rate(
+    failures: int, rate: float, fires: bool
+) -> None:
+    limits = Thresholds(business_error_alert_rate=rate)
+    refused = figures(1000, failures, codes=((3, failures),))
+    found = alerts("payment", "Charge", refused, limits, now=NOW)
+    if not fires:
+        assert found == []
+        return
+    [alert] = found
+    assert (alert.alert_id, alert.severity) == (
+        "payment/Charge/business_error_rate",
+        AlertSeverity.WARNING,
+    )
+    assert (alert.threshold, alert.observed) == (rate, pytest.approx(failures / 1000))
+    assert alert.message == (
+        f"payment/Charge: {failures / 10:.1f}% of calls refused ({failures} of 1000 calls;"
+        f" mostly INVALID_ARGUMENT ({failures})) is above the business error alert rate"
+        f" {rate:.1%}: check the callers' input"
+    )
 
 
 @pytest.mark.parametrize(
@@ -584,18 +657,24 @@ def test_p99_latency_alert(
 
 
 def test_alert_ids_are_stable_across_severities_and_rules_fire_in_order() -> None:
-    warning = alerts("a", "Op", figures(1000, 60, p99=1200), DEFAULTS, now=NOW)
-    critical = alerts("a", "Op", figures(1000, 600, p99=7000), DEFAULTS, now=NOW + 60)
-    assert [a.alert_id for a in warning] == ["a/Op/error_rate", "a/Op/p99_latency"]
+    warning = alerts("a", "Op", figures(1000, 60, 60, p99=1200), DEFAULTS, now=NOW)
+    critical = alerts("a", "Op", figures(1000, 600, 600, p99=7000), DEFAULTS, now=NOW + 60)
+    assert [a.alert_id for a in warning] == ["a/Op/infrastructure_error_rate", "a/Op/p99_latency"]
     assert [a.alert_id for a in critical] == [a.alert_id for a in warning]
     assert {a.severity for a in critical} == {AlertSeverity.CRITICAL}
 
 
 def test_custom_thresholds_apply() -> None:
-    strict = Thresholds(error_rate_warning=0.001, p99_warning_ms=100, min_calls=1)
-    found = alerts("a", "Op", figures(5, 1, p99=150.0), strict, now=NOW)
+    strict = Thresholds(
+        infrastructure_error_rate_warning=0.001,
+        business_error_alert_rate=0.1,
+        p99_warning_ms=100,
+        min_calls=1,
+    )
+    found = alerts("a", "Op", figures(5, 2, 1, p99=150.0), strict, now=NOW)
     assert [(a.rule, a.severity) for a in found] == [
-        ("error_rate", AlertSeverity.CRITICAL),
+        ("infrastructure_error_rate", AlertSeverity.CRITICAL),
+        ("business_error_rate", AlertSeverity.WARNING),
         ("p99_latency", AlertSeverity.WARNING),
     ]
 
@@ -618,21 +697,44 @@ def test_low_traffic_gets_one_note_only() -> None:
         figures(5, 5, p99=9000), TrendKind.INSUFFICIENT_DATA, [latency_anomaly(T0)], DEFAULTS
     )
     assert note.startswith("Only 5 calls in the window, fewer than the 20 needed")
+    [one] = recommendations(figures(1), TrendKind.INSUFFICIENT_DATA, [], DEFAULTS)
+    assert one.startswith("Only 1 call in the window, fewer than the 20 needed")
 
 
-def test_high_error_rate_mostly_infrastructure() -> None:
-    first, second = recommendations(figures(1000, 300, 250), TrendKind.STABLE, [], DEFAULTS)
-    assert first.startswith("Error rate is 30.0% (300 of 1000 calls)")
-    assert "recent deploys" in first
-    assert "dependencies" in first
-    assert second.startswith("Most failures (250 of 300) are infrastructure faults")
-    assert "capacity" in second
-    assert "network" in second
+def test_infrastructure_faults_point_at_deploys_and_dependencies() -> None:
+    [only] = recommendations(
+        figures(1000, 290, 250, codes=((14, 200), (4, 50), (3, 40))),
+        TrendKind.STABLE,
+        [],
+        DEFAULTS,
+    )
+    assert only.startswith(
+        "Infrastructure error rate is 25.0% (250 of 1000 calls; mostly UNAVAILABLE (200),"
+        " DEADLINE_EXCEEDED (50)), above the 5.0% warning threshold"
+    )
+    for advice in ("recent deploys", "capacity", "network", "dependencies"):
+        assert advice in only
+    assert "callers' input" not in only
 
 
-def test_high_error_rate_mostly_business_rejections() -> None:
-    [only] = recommendations(figures(1000, 300, 100), TrendKind.STABLE, [], DEFAULTS)
-    assert only.startswith("Error rate is 30.0%")
+def test_business_rejections_point_at_the_callers_input() -> None:
+    refused = figures(1000, 600, codes=((3, 500), (5, 100)))
+    [above] = recommendations(refused, TrendKind.STABLE, [], DEFAULTS)
+    assert above.startswith(
+        "Callers' requests are being refused: 60.0% of calls (600 of 1000 calls; mostly"
+        " INVALID_ARGUMENT (500), NOT_FOUND (100)) ended in business rejections, above the"
+        " 50.0% alert rate: check the callers' input"
+    )
+    assert "deploys" not in above.replace("a caller's deploy", "")
+    [below] = recommendations(figures(1000, 400, codes=((3, 400),)), TrendKind.STABLE, [], DEFAULTS)
+    assert below.startswith(
+        "40.0% of calls (400 of 1000 calls; mostly INVALID_ARGUMENT (400)) were refused as"
+        " business rejections"
+    )
+    assert "cost no health points up to the 50.0% alert rate" in below
+    assert "check the callers' input" in below
+    # A few refusals are no news.
+    assert recommendations(figures(1000, 49), TrendKind.STABLE, [], DEFAULTS) == []
 
 
 def test_tail_latency() -> None:
@@ -676,7 +778,7 @@ def test_anomalies_are_summarised_with_the_worst_one() -> None:
 
 def test_recommendation_order_is_fixed() -> None:
     everything = recommendations(
-        figures(1000, 300, 300, p50=20, p95=900, p99=6000),
+        figures(1000, 900, 300, p50=20, p95=900, p99=6000),
         TrendKind.DEGRADING,
         [
             Found(AnomalyKind.ERROR_RATE, T0, 0.5, 0.01, 12.0, "e"),
@@ -685,8 +787,8 @@ def test_recommendation_order_is_fixed() -> None:
         DEFAULTS,
     )
     assert [s.split(" ")[0] for s in everything] == [
-        "Error",
-        "Most",
+        "Infrastructure",
+        "Callers'",
         "p99",
         "p99",
         "Median",

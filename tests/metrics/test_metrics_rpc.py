@@ -245,7 +245,7 @@ async def test_alerts_fire_on_threshold_breaches(mesh: Plane) -> None:
     assert reply.alerts
     worst = reply.alerts[0]
     assert worst.severity == metrics_pb2.ALERT_SEVERITY_CRITICAL
-    assert worst.rule == "error_rate"
+    assert worst.rule == "infrastructure_error_rate"
     assert worst.HasField("fire_time")
     assert all(a.operation != "fine" for a in reply.alerts)
     filtered = await mesh.metrics.ListAlerts(metrics_pb2.ListAlertsRequest(service_name="nobody"))
