@@ -2,8 +2,9 @@
 
 Operator commands are ``flext-mesh <noun> <verb>`` (``services list``, ``metrics
 report``, ``workflow run``, ``execution show``, ``policy split``, ...): a table
-by default, ``-o json`` for scripts, against ``--control-plane HOST:PORT`` (also read
-from ``FLEXT_MESH_CONTROL_PLANE``, default 127.0.0.1:50051).
+by default, ``-o wide`` for more columns, ``-o json`` or ``-o yaml`` for scripts,
+against ``--control-plane HOST:PORT`` (also read from ``FLEXT_MESH_CONTROL_PLANE``,
+default 127.0.0.1:50051).
 
 Errors a user can fix (a bad flag, a port in use, an unusable store, an unreachable
 control plane, an unknown service) print one line naming the problem and exit
@@ -23,8 +24,8 @@ from pydantic import ValidationError
 
 from flext_mesh.addresses import DEFAULT_LISTEN, split_addresses
 from flext_mesh.cli import certs, metrics, policy, services, status, tokens, workflows
-from flext_mesh.cli.common import PROG, emit, fail
-from flext_mesh.cli.output import FORMATS, one_line
+from flext_mesh.cli.common import PROG, add_output_option, emit, fail
+from flext_mesh.cli.output import one_line
 from flext_mesh.config import ServerConfig
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel, tls_problem
@@ -140,13 +141,7 @@ def _client_options() -> argparse.ArgumentParser:
             default=os.environ.get(variable, ""),
             help=f"{what} (env {variable})",
         )
-    options.add_argument(
-        "-o",
-        "--output",
-        choices=FORMATS,
-        default=FORMATS[0],
-        help="table for people (default), json for scripts",
-    )
+    add_output_option(options)
     return options
 
 
