@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -232,10 +233,35 @@ def _transport_failure(exc: grpc.RpcError, address: str, security: ClientSecurit
     return None
 
 
+def _quiet_grpc_core() -> None:
+    """Keep the log lines of gRPC's C core off an operator command's stderr.
+
+    A failed TLS handshake, say, makes the core write ``I1207 12:00:00.000000 ...
+    ssl_transport_security.cc:...] Handshake failed ...`` before the command's own
+    one-line error, which already says what went wrong. GRPC_VERBOSITY=NONE would
+    silence it, but gRPC reads that variable once, when it is imported, and ``import
+    flext_mesh`` has done that before any command runs. So the core's stderr (file
+    descriptor 2) goes to /dev/null, and Python's ``sys.stderr`` to a copy of it.
+    A GRPC_VERBOSITY the user set is honoured: then nothing changes.
+    """
+    stderr = sys.__stderr__
+    if "GRPC_VERBOSITY" in os.environ or stderr is None or sys.stderr is not stderr:
+        return  # asked for the core's lines; or main() called from Python (a test)
+    stderr.flush()
+    terminal = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(  # noqa: SIM115 - stderr for the rest of the process
+        terminal, "w", encoding=stderr.encoding, errors=stderr.errors, buffering=1
+    )
+
+
 def _run_operator_command(args: argparse.Namespace) -> None:
     """Run a ``<noun> <verb>`` command over one channel; print its text or one error line."""
     address: str = args.control_plane
     security = _client_security(args)
+    _quiet_grpc_core()
     try:
         with open_channel(address, security, aio=False) as channel:
             text: str = args.run(channel, args)
