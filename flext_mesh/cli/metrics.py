@@ -95,9 +95,12 @@ def add_commands(
     )
     report_p.add_argument("name", metavar="SERVICE", help="service name")
     report_p.add_argument(
-        "--window", type=parse_window, default=parse_window("24h"), help="e.g. 15m, 6h (24h)"
+        "--window",
+        type=parse_window,
+        default="24h",  # a string default goes through type=
+        help="how far back from now, e.g. 15m, 6h or 1d",
     )
-    report_p.add_argument("--operation", default="", help="only this operation")
+    report_p.add_argument("--operation", default="", help="only this operation (default: all)")
     report_p.add_argument(
         "--by-version", action="store_true", help="also break operations down by version"
     )
@@ -107,7 +110,7 @@ def add_commands(
         help="alerts firing now (last 5 minutes), most severe first",
         description="Alerts firing now across services, most severe first.",
     )
-    alerts_p.add_argument("--service", default="", help="only this service")
+    alerts_p.add_argument("--service", default="", help="only this service's (default: all)")
 
 
 def _row(stats: metrics_pb2.CallStats, label: str, *, wide: bool) -> list[object]:

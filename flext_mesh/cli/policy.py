@@ -119,7 +119,8 @@ def add_commands(
         metavar="N",
         type=positive_int,
         default=0,
-        help="only replace the policy if its version is still N (optimistic concurrency)",
+        help="only replace the policy if its version is still N (optimistic concurrency; "
+        "default: replace whatever is stored)",
     )
 
     show_p = verbs.add(

@@ -90,6 +90,7 @@ def add_commands(
     verbs = add_noun(
         nouns,
         "services",
+        aliases=["service"],
         help="list services, show their instances, try discovery",
         description="Inspect the service registry of a running control plane.",
         parents=parents,
@@ -145,7 +146,7 @@ def add_commands(
         metavar="N",
         type=non_negative_int,
         default=0,
-        help="at most N instances (default all)",
+        help="at most N instances (default: all)",
     )
 
     explain_p = verbs.add(
@@ -269,7 +270,7 @@ EXPLAIN_HEADERS = (
     "ERRORS",
     "EFFECTIVE",
     "SPLIT",
-    "IN ANSWER",
+    "IN_ANSWER",
 )
 #: Columns ``services explain -o wide`` adds: what the latency and error factors come
 #: from, and when an ejection ends.

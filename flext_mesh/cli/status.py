@@ -58,7 +58,7 @@ def add_command(
         metavar="SECONDS",
         type=float,
         default=STALE_AFTER,
-        help=f"behind and not moving for this long is STALE (default {STALE_AFTER:g})",
+        help=f"behind and not moving for this long is STALE (default: {STALE_AFTER:g})",
     )
     status_p.set_defaults(run=status)
 

@@ -45,6 +45,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
     verbs = add_noun(
         nouns,
         "tokens",
+        aliases=["token"],
         help="create, list and revoke bearer tokens (a local tokens file)",
         description="Manage the tokens file of `flext-mesh serve --auth-tokens-file`: "
         "it stores SHA-256 hashes only. A running control plane sees changes within a "

@@ -174,7 +174,11 @@ def _add_workflow_commands(
     )
     show_p.add_argument("name", metavar="NAME", help="workflow name")
     show_p.add_argument(
-        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
+        "--version",
+        metavar="N",
+        type=positive_int,
+        default=0,
+        help="this version (default: the latest)",
     )
 
     delete_p = verbs.add(
@@ -198,14 +202,18 @@ def _add_workflow_commands(
     )
     run_p.add_argument("name", metavar="NAME", help="workflow name")
     run_p.add_argument(
-        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
+        "--version",
+        metavar="N",
+        type=positive_int,
+        default=0,
+        help="this version (default: the latest)",
     )
     given = run_p.add_mutually_exclusive_group()
     given.add_argument(
         "--input",
         metavar="JSON",
         type=_input_json,
-        help="execution input, a JSON object (default {})",
+        help="execution input, a JSON object (default: {})",
     )
     given.add_argument(
         "--input-file",
@@ -253,20 +261,22 @@ def _add_execution_commands(
         help="executions, newest first",
         description="Executions, newest first, optionally of one workflow or in one state.",
     )
-    list_p.add_argument("--workflow", metavar="NAME", default="", help="only this workflow's")
+    list_p.add_argument(
+        "--workflow", metavar="NAME", default="", help="only this workflow's (default: all)"
+    )
     list_p.add_argument(
         "--state",
         metavar="STATE",
         type=parse_state,
         default=Xs.EXECUTION_STATE_UNSPECIFIED,
-        help=f"only executions in this state ({', '.join(_STATE_NAMES)})",
+        help=f"only executions in this state: {', '.join(_STATE_NAMES)} (default: any)",
     )
     list_p.add_argument(
         "--limit",
         metavar="N",
         type=non_negative_int,
         default=50,
-        help="at most N executions (default %(default)s; 0 for all)",
+        help="at most N executions, 0 for all",
     )
 
     cancel_p = verbs.add(

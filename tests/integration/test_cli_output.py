@@ -166,3 +166,13 @@ def test_an_unknown_format_is_one_line_naming_the_allowed_ones(
     assert len(lines) == 1
     assert lines[0].startswith(f"flext-mesh {' '.join(command[:2])}")
     assert "invalid choice: 'xml' (choose from 'table', 'json', 'yaml', 'wide')" in lines[0]
+
+
+def test_each_noun_answers_to_its_singular_too(address: str, tmp_path: Path) -> None:
+    plural = json.loads(_each_format(address, _COMMANDS["services list"])["json"].stdout)
+    singular = cli("service", "list", "-o", "json", "--control-plane", address)
+    assert singular.returncode == 0, singular.stderr
+    assert json.loads(singular.stdout) == plural
+    made = cli("cert", "init", "--dir", str(tmp_path))  # a local noun, run without a channel
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "ca.crt").exists()
