@@ -135,7 +135,7 @@ class ServerConfig(BaseSettings):
     node_name: str = Field(
         "",
         max_length=128,
-        description="This replica's name, recorded as the owner of executions (default host:pid).",
+        description="This replica's name, recorded as the owner of executions (default: host:pid).",
     )
 
     # Transport security (see SECURITY.md). The same names mean the same thing in the

@@ -1,25 +1,83 @@
-"""Settings of ``flext-sidecar``, from flags and ``FLEXT_MESH_*`` variables."""
+"""Settings of ``flext-sidecar``, from flags and ``FLEXT_SIDECAR_*`` variables.
+
+Each setting is a flag and a ``FLEXT_SIDECAR_<NAME>`` variable; a flag beats its
+variable, which beats the default. The settings every process of the mesh shares
+(:data:`SHARED`: where the control plane is, the zone, and the TLS files and token
+this process uses as a client) are also read from ``FLEXT_MESH_<NAME>``, the
+variables of ``flext-mesh``, its clients and ``MeshClient``, when their
+``FLEXT_SIDECAR_<NAME>`` is not set. The sidecar's own settings are not: a
+``FLEXT_MESH_LISTEN`` exported for ``flext-mesh serve`` must not move the sidecar onto
+the control plane's port. :func:`ignored_variables` names those the sidecar used to
+read, so that it can say they are ignored now.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import os
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from flext_mesh.addresses import DEFAULT_LISTEN, parse_host_port, split_addresses
 from flext_mesh.logs import LogFormat
 from flext_mesh.names import MAX_WEIGHT
 
-__all__ = ["SidecarConfig"]
+__all__ = ["ENV_PREFIX", "SHARED", "SHARED_ENV_PREFIX", "SidecarConfig", "ignored_variables"]
+
+#: Prefix of the sidecar's variables: ``FLEXT_SIDECAR_LISTEN`` for ``--listen``.
+ENV_PREFIX = "FLEXT_SIDECAR_"
+#: Prefix of the variables the whole mesh shares: ``FLEXT_MESH_CONTROL_PLANE``.
+SHARED_ENV_PREFIX = "FLEXT_MESH_"
+#: Settings also read from ``FLEXT_MESH_<NAME>`` (after ``FLEXT_SIDECAR_<NAME>``): the
+#: same for every process of the mesh on a machine, as the CLI and ``MeshClient`` read them.
+SHARED = frozenset(
+    {"control_plane", "zone", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token"}
+)
+
+
+class _SharedVariables(EnvSettingsSource):
+    """``FLEXT_MESH_<NAME>`` for the :data:`SHARED` settings, and nothing else."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls, env_prefix=SHARED_ENV_PREFIX)
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: value for name, value in super().__call__().items() if name in SHARED}
 
 
 class SidecarConfig(BaseSettings):
-    """Settings of one sidecar; each also read from ``FLEXT_MESH_<NAME>``."""
+    """Settings of one sidecar; each also read from ``FLEXT_SIDECAR_<NAME>``, the
+    :data:`SHARED` ones then from ``FLEXT_MESH_<NAME>``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLEXT_MESH_", frozen=True, extra="ignore", populate_by_name=True
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", populate_by_name=True
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init), then FLEXT_SIDECAR_*, then FLEXT_MESH_* for the shared settings."""
+        return (
+            init_settings,
+            env_settings,
+            _SharedVariables(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     service: str = Field(description="Service name the processors are registered under.")
     app: str = Field(
@@ -29,7 +87,7 @@ class SidecarConfig(BaseSettings):
     app_dir: str = Field(
         ".",
         description="Directory --app is imported from, put first on the import path (as "
-        "uvicorn's --app-dir); default: the current directory.",
+        "uvicorn's --app-dir) (default: the current directory).",
     )
     listen: str = Field("127.0.0.1:0", description="Where ProcessorService is served.")
     advertise: str = Field(
@@ -47,7 +105,7 @@ class SidecarConfig(BaseSettings):
         description="Zone registered, and the caller zone of outbound calls (for zone preference).",
     )
     type: str = Field("", description="Service type registered.")
-    # NoDecode: FLEXT_MESH_LABEL is "k=v,k2=v2", not JSON.
+    # NoDecode: FLEXT_SIDECAR_LABEL is "k=v,k2=v2", not JSON.
     label: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Labels as KEY=VALUE, repeatable."
     )
@@ -62,7 +120,8 @@ class SidecarConfig(BaseSettings):
     metrics_listen: str = Field(
         "",
         description=(
-            "HOST:PORT serving the sidecar's own Prometheus /metrics (plaintext HTTP); unset: none."
+            "HOST:PORT serving the sidecar's own Prometheus /metrics (plaintext HTTP) "
+            "(default: none, no /metrics)."
         ),
     )
     switch_interval_ms: float = Field(
@@ -150,7 +209,7 @@ class SidecarConfig(BaseSettings):
     @field_validator("label", mode="before")
     @classmethod
     def _labels(cls, value: object) -> object:
-        if isinstance(value, str):  # from FLEXT_MESH_LABEL: comma separated
+        if isinstance(value, str):  # from FLEXT_SIDECAR_LABEL: comma separated
             value = tuple(item for item in value.split(",") if item)
         for item in value or ():  # type: ignore[attr-defined]
             if "=" not in item or not item.split("=", 1)[0]:
@@ -160,3 +219,20 @@ class SidecarConfig(BaseSettings):
     def labels(self) -> dict[str, str]:
         """The labels as a mapping."""
         return dict(item.split("=", 1) for item in self.label)
+
+
+def ignored_variables(
+    given: Collection[str] = (), environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """``(FLEXT_MESH_X, FLEXT_SIDECAR_X)`` for each of the sidecar's own settings set
+    by the old, shared name only: earlier sidecars read it, this one ignores it.
+
+    ``given`` are the settings given as flags, which beat either variable anyway.
+    """
+    env = os.environ if environ is None else environ
+    ignored = []
+    for name in SidecarConfig.model_fields:
+        old, new = f"{SHARED_ENV_PREFIX}{name.upper()}", f"{ENV_PREFIX}{name.upper()}"
+        if name not in SHARED and name not in given and old in env and new not in env:
+            ignored.append((old, new))
+    return ignored

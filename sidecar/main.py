@@ -30,6 +30,7 @@ from pydantic_settings import SettingsError
 
 from flext_mesh.addresses import parse_host_port
 from flext_mesh.errors import ConfigError
+from flext_mesh.flags import ArgumentParser, setting_help
 from flext_mesh.hosting.host import HostSettings, ProcessorHost
 from flext_mesh.hosting.membership import Membership, describe_refusal
 from flext_mesh.hosting.reporter import CallReporter
@@ -43,7 +44,13 @@ from flext_mesh.v1 import metrics_pb2, registry_pb2
 from flext_mesh.version import __version__
 from sidecar.app import AppError, load_app
 from sidecar.client import MeshClient, set_current
-from sidecar.config import SidecarConfig
+from sidecar.config import (
+    ENV_PREFIX,
+    SHARED,
+    SHARED_ENV_PREFIX,
+    SidecarConfig,
+    ignored_variables,
+)
 
 if TYPE_CHECKING:
     from sidecar.metrics import SidecarMetrics
@@ -284,23 +291,24 @@ async def _run(config: SidecarConfig) -> None:
     _log.info("stopped")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Serve an app's ServiceProcessors in the mesh. Each flag is also read "
-        "from FLEXT_MESH_<NAME>.",
+        f"from {ENV_PREFIX}<NAME>; the settings the whole mesh shares (--control-plane, "
+        f"--zone, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token) then from "
+        f"{SHARED_ENV_PREFIX}<NAME>, as flext-mesh and MeshClient read them. A flag beats "
+        "its variables, which beat the default.",
     )
+    # The flags' own defaults are None: SidecarConfig applies the precedence.
     for name, info in SidecarConfig.model_fields.items():
         flag = f"--{name.replace('_', '-')}"
-        kwargs: dict[str, Any] = {
-            "dest": name,
-            "help": f"{info.description} (env FLEXT_MESH_{name.upper()})",
-        }
+        variables = f"{ENV_PREFIX}{name.upper()}"
+        if name in SHARED:
+            variables += f", {SHARED_ENV_PREFIX}{name.upper()}"
+        kwargs: dict[str, Any] = {"dest": name, "help": setting_help(info, variables)}
+        if name in _METAVARS:
+            kwargs.update(metavar=_METAVARS[name])
         if name == "label":
             kwargs.update(action="append", metavar="KEY=VALUE")
         elif name == "version":
@@ -311,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
                 const=_SHOW_VERSION,
                 metavar="VERSION",
                 help=f"{info.description} Without a value: print {PROG}'s own version "
-                f"and exit. (env FLEXT_MESH_{name.upper()})",
+                f"and exit. (env {variables})",
             )
         elif info.annotation is bool:  # a switch: --insecure, not --insecure true
             kwargs.update(action="store_true", default=None)
@@ -320,6 +328,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _SHOW_VERSION = object()
+
+_METAVARS = {
+    "service": "NAME",
+    "app": "MODULE:ATTR",
+    "app_dir": "DIR",
+    "listen": "HOST:PORT",
+    "advertise": "HOST:PORT",
+    "control_plane": "HOST:PORT[,HOST:PORT]",
+    "instance_id": "ID",
+    "version": "VERSION",
+    "weight": "N",
+    "zone": "ZONE",
+    "type": "TYPE",
+    "ttl": "SECONDS",
+    "grace_period": "SECONDS",
+    "log_level": "LEVEL",
+    "log_format": "FORMAT",
+    "metrics_listen": "HOST:PORT",
+    "switch_interval_ms": "MS",
+    "tls_cert": "FILE",
+    "tls_key": "FILE",
+    "tls_ca": "FILE",
+    "tls_client_auth": "MODE",
+    "tls_server_name": "NAME",
+    "token": "TOKEN",
+}
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -334,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write(f"{PROG} {__version__}\n")
         raise SystemExit(0)
     flags = {k: v for k, v in vars(args).items() if v is not None}
+    ignored = ignored_variables(given=flags)
     try:
         config = SidecarConfig(**flags)
     except SettingsError as exc:
@@ -346,6 +381,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         _fail(f"bad configuration: {problems}", 2)
     setup_logging(config.log_level, config.log_format)
+    if ignored:
+        # They are flext-mesh serve's: exported for it, they must not move the sidecar.
+        _log.warning(
+            "%s",
+            "; ".join(
+                f"ignoring {old} (flext-mesh serve's): flext-sidecar reads {new}"
+                for old, new in ignored
+            ),
+        )
     try:
         asyncio.run(run(config))
     except (AppError, RegistrationRefused) as exc:

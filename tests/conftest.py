@@ -92,7 +92,7 @@ def start_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
     """Start ``flext-mesh serve`` on a free port; wait until it logs that it serves."""
     log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
     cmd = [str(BIN / "flext-mesh"), "serve", *args]
-    if "--listen" not in args:
+    if "--listen" not in args and "FLEXT_MESH_LISTEN" not in (env or {}):
         cmd += ["--listen", "127.0.0.1:0"]
     if "--http-listen" not in args:
         cmd += ["--http-listen", "127.0.0.1:0"]

@@ -32,7 +32,7 @@ def test_all_is_complete_and_importable() -> None:
     modules |= {"store", "v1", "registry", "metrics", "observability", "process"}
     modules |= {"orchestrator", "durations", "facade", "retry"}  # submodules imported on the way
     modules |= {"dashboard", "security", "addresses", "rpc", "routing", "hosting", "names"}
-    modules |= {"paging", "documents"}
+    modules |= {"paging", "documents", "flags"}
     modules |= {"version", "loop", "buckets"}
     modules |= {"annotations"}  # from __future__ import annotations
     assert public - modules - set(flext_mesh.__all__) == set()

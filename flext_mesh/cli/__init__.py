@@ -2,8 +2,9 @@
 
 Operator commands are ``flext-mesh <noun> <verb>`` (``services list``, ``metrics
 report``, ``workflow run``, ``execution show``, ``policy split``, ...): a table
-by default, ``-o json`` for scripts, against ``--control-plane HOST:PORT`` (also read
-from ``FLEXT_MESH_CONTROL_PLANE``, default 127.0.0.1:50051).
+by default, ``-o wide`` for more columns, ``-o json`` or ``-o yaml`` for scripts,
+against ``--control-plane HOST:PORT`` (also read from ``FLEXT_MESH_CONTROL_PLANE``,
+default 127.0.0.1:50051).
 
 Errors a user can fix (a bad flag, a port in use, an unusable store, an unreachable
 control plane, an unknown service) print one line naming the problem and exit
@@ -15,18 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 import grpc
 from pydantic import ValidationError
 
 from flext_mesh.addresses import DEFAULT_LISTEN, split_addresses
 from flext_mesh.cli import certs, metrics, policy, services, status, tokens, workflows
-from flext_mesh.cli.common import PROG, emit, fail
-from flext_mesh.cli.output import FORMATS, one_line
+from flext_mesh.cli.common import PROG, add_output_option, emit, fail
+from flext_mesh.cli.output import one_line
 from flext_mesh.config import ServerConfig
 from flext_mesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from flext_mesh.flags import ArgumentParser, setting_help
 from flext_mesh.rpc.channels import ClientSecurity, TransportError, open_channel, tls_problem
 from flext_mesh.rpc.status import from_rpc_error
 from flext_mesh.version import __version__
@@ -34,17 +36,10 @@ from flext_mesh.version import __version__
 __all__ = ["main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with errors on one line (``flext-mesh: error: ...``), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="flext-mesh: a gRPC service-mesh control plane.")
+    parser = ArgumentParser(prog=PROG, description="flext-mesh: a gRPC service-mesh control plane.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    nouns = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    nouns = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     nouns.required = True
 
     serve_p = nouns.add_parser(
@@ -54,22 +49,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     # One flag per ServerConfig field, so every setting is a flag and a variable;
     # pydantic converts and validates the strings.
+    # The flags' own defaults are None: ServerConfig applies flag > variable > default.
     for name, info in ServerConfig.model_fields.items():
+        help_text = setting_help(info, f"FLEXT_MESH_{name.upper()}")
         if info.annotation is bool:  # a switch: --insecure, not --insecure true
             serve_p.add_argument(
                 f"--{name.replace('_', '-')}",
                 dest=name,
                 action="store_true",
                 default=None,
-                help=f"{info.description} (env FLEXT_MESH_{name.upper()}=true)",
+                help=help_text,
             )
             continue
         serve_p.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             metavar=_METAVARS.get(name, "N"),
-            help=f"{info.description} (default {_shown(info.default)}; "
-            f"env FLEXT_MESH_{name.upper()})",
+            help=help_text,
         )
 
     client = _client_options()
@@ -99,18 +95,9 @@ _METAVARS = {
 }
 
 
-def _shown(default: object) -> str:
-    """A setting's default as --help shows it: unset, a list, or the value."""
-    if default == "":
-        return "unset"
-    if isinstance(default, tuple):
-        return ",".join(str(item) for item in default) or "none"
-    return str(default)
-
-
 def _client_options() -> argparse.ArgumentParser:
     """Flags every operator command takes; defaults from ``FLEXT_MESH_*`` variables."""
-    options = _Parser(add_help=False)
+    options = ArgumentParser(add_help=False)
     options.add_argument(
         "--control-plane",
         metavar="HOST:PORT[,HOST:PORT]",
@@ -118,37 +105,39 @@ def _client_options() -> argparse.ArgumentParser:
         # A string default goes through type=, so a bad variable is a usage error too.
         default=os.environ.get("FLEXT_MESH_CONTROL_PLANE", DEFAULT_LISTEN),
         help="control plane gRPC address, or several replicas' comma separated "
-        "(default %(default)s; env FLEXT_MESH_CONTROL_PLANE)",
+        "(env FLEXT_MESH_CONTROL_PLANE)",
     )
     options.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=_seconds,
         default=os.environ.get("FLEXT_MESH_TIMEOUT", "10"),
-        help="deadline of each call to the control plane (default %(default)s; "
-        "env FLEXT_MESH_TIMEOUT)",
+        help="deadline of each call to the control plane (env FLEXT_MESH_TIMEOUT)",
     )
     for flag, metavar, what in (
         ("tls-ca", "FILE", "CA bundle that verifies the control plane; set, it turns TLS on"),
         ("tls-cert", "FILE", "client certificate shown to a control plane requiring mTLS"),
         ("tls-key", "FILE", "private key of --tls-cert"),
-        ("tls-server-name", "NAME", "name the control plane's certificate must carry"),
-        ("token", "TOKEN", "bearer token sent with every call"),
+        (
+            "tls-server-name",
+            "NAME",
+            "name the control plane's certificate must carry, if not its host",
+        ),
+        # A secret: --help does not show the variable's value as the default.
+        (
+            "token",
+            "TOKEN",
+            "bearer token sent with every call (default: from the variable, not shown",
+        ),
     ):
         variable = f"FLEXT_MESH_{flag.replace('-', '_').upper()}"
-        options.add_argument(
-            f"--{flag}",
-            metavar=metavar,
-            default=os.environ.get(variable, ""),
-            help=f"{what} (env {variable})",
+        help_text = (
+            f"{what}; env {variable})" if "(default:" in what else f"{what} (env {variable})"
         )
-    options.add_argument(
-        "-o",
-        "--output",
-        choices=FORMATS,
-        default=FORMATS[0],
-        help="table for people (default), json for scripts",
-    )
+        options.add_argument(
+            f"--{flag}", metavar=metavar, default=os.environ.get(variable, ""), help=help_text
+        )
+    add_output_option(options)
     return options
 
 
@@ -239,10 +228,35 @@ def _transport_failure(exc: grpc.RpcError, address: str, security: ClientSecurit
     return None
 
 
+def _quiet_grpc_core() -> None:
+    """Keep the log lines of gRPC's C core off an operator command's stderr.
+
+    A failed TLS handshake, say, makes the core write ``I1207 12:00:00.000000 ...
+    ssl_transport_security.cc:...] Handshake failed ...`` before the command's own
+    one-line error, which already says what went wrong. GRPC_VERBOSITY=NONE would
+    silence it, but gRPC reads that variable once, when it is imported, and ``import
+    flext_mesh`` has done that before any command runs. So the core's stderr (file
+    descriptor 2) goes to /dev/null, and Python's ``sys.stderr`` to a copy of it.
+    A GRPC_VERBOSITY the user set is honoured: then nothing changes.
+    """
+    stderr = sys.__stderr__
+    if "GRPC_VERBOSITY" in os.environ or stderr is None or sys.stderr is not stderr:
+        return  # asked for the core's lines; or main() called from Python (a test)
+    stderr.flush()
+    terminal = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = open(  # noqa: SIM115 - stderr for the rest of the process
+        terminal, "w", encoding=stderr.encoding, errors=stderr.errors, buffering=1
+    )
+
+
 def _run_operator_command(args: argparse.Namespace) -> None:
     """Run a ``<noun> <verb>`` command over one channel; print its text or one error line."""
     address: str = args.control_plane
     security = _client_security(args)
+    _quiet_grpc_core()
     try:
         with open_channel(address, security, aio=False) as channel:
             text: str = args.run(channel, args)
@@ -276,12 +290,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         _serve(args)
-    elif args.command == "certs":
+    elif args.command in ("certs", "cert"):
         try:
             emit(certs.run(args))
         except certs.CertsError as exc:
             fail(str(exc))
-    elif args.command == "tokens":
+    elif args.command in ("tokens", "token"):
         try:
             emit(tokens.run(args))
         except tokens.TokensFileError as exc:

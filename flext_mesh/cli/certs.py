@@ -44,6 +44,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
     verbs = add_noun(
         nouns,
         "certs",
+        aliases=["cert"],
         help="make a development CA and certificates for TLS and mTLS",
         description="Make a development CA and the certificates it signs (local files; "
         "for demos and tests: production certificates come from your PKI).",
@@ -57,7 +58,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         "An existing CA is kept unless --force.",
     )
     init_p.add_argument("--dir", required=True, type=Path, help="directory of the files")
-    init_p.add_argument("--days", type=_days, default=365, help="validity (default 365)")
+    init_p.add_argument("--days", type=_days, default=365, help="validity in days")
     init_p.add_argument(
         "--force",
         action="store_true",
@@ -88,7 +89,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         help="identity spiffe://flext-mesh/service/SERVICE (a URI SAN)",
     )
     identity.add_argument("--spiffe", type=_spiffe, metavar="URI", help="identity URI SAN")
-    issue_p.add_argument("--days", type=_days, default=90, help="validity (default 90)")
+    issue_p.add_argument("--days", type=_days, default=90, help="validity in days")
     issue_p.add_argument("--force", action="store_true", help="replace NAME.crt and NAME.key")
 
 

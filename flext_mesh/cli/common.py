@@ -17,7 +17,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 
-from flext_mesh.cli.output import one_line
+from flext_mesh.cli.output import FORMATS, one_line
 from flext_mesh.errors import FieldViolation, InvalidArgument, MeshError
 from flext_mesh.rpc.status import from_rpc_error
 
@@ -26,6 +26,7 @@ __all__ = [
     "PROG",
     "Verbs",
     "add_noun",
+    "add_output_option",
     "emit",
     "every_page",
     "expected_error",
@@ -172,6 +173,19 @@ def add_noun(
     """Add the noun ``name``, whose verbs all take the flags of ``parents``."""
     noun = nouns.add_parser(name, aliases=list(aliases), help=help, description=description)
     return Verbs(noun, parents)
+
+
+def add_output_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``-o/--output`` (``FORMATS``), the same on every command that prints a result."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        default=FORMATS[0],
+        metavar="FORMAT",
+        help="one of table (for people), wide (the table with more columns), json or "
+        "yaml (for scripts: the same document)",
+    )
 
 
 # -- argument types ------------------------------------------------------------------------

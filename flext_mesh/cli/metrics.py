@@ -12,7 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.common import add_noun, every_page
 from flext_mesh.cli.output import (
+    DOCUMENT_FORMATS,
     enum_label,
+    format_date_time,
     format_number,
     format_time,
     render_messages,
@@ -20,7 +22,17 @@ from flext_mesh.cli.output import (
 )
 from flext_mesh.v1 import metrics_pb2, metrics_pb2_grpc
 
-__all__ = ["REPORT_HEADERS", "add_commands", "alerts", "human_span", "parse_window", "report"]
+__all__ = [
+    "ALERT_HEADERS",
+    "ALERT_WIDE_HEADERS",
+    "REPORT_HEADERS",
+    "REPORT_WIDE_HEADERS",
+    "add_commands",
+    "alerts",
+    "human_span",
+    "parse_window",
+    "report",
+]
 
 #: Columns of ``metrics report``.
 REPORT_HEADERS = (
@@ -37,6 +49,22 @@ REPORT_HEADERS = (
     "SCORE",
     "GRADE",
 )
+#: Columns ``metrics report -o wide`` adds: the calls that failed (on infrastructure:
+#: the ones outlier detection counts), the fastest call, and how much the trend moved.
+REPORT_WIDE_HEADERS = (*REPORT_HEADERS, "FAILED", "INFRA", "MIN(ms)", "TREND(%)")
+#: Columns of ``metrics alerts``.
+ALERT_HEADERS = (
+    "SEVERITY",
+    "SERVICE",
+    "OPERATION",
+    "RULE",
+    "OBSERVED",
+    "THRESHOLD",
+    "SINCE",
+    "MESSAGE",
+)
+#: Columns ``metrics alerts -o wide`` adds: the alert's id and the date it fired.
+ALERT_WIDE_HEADERS = (*ALERT_HEADERS, "ID", "FIRED")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
@@ -69,9 +97,12 @@ def add_commands(
     )
     report_p.add_argument("name", metavar="SERVICE", help="service name")
     report_p.add_argument(
-        "--window", type=parse_window, default=parse_window("24h"), help="e.g. 15m, 6h (24h)"
+        "--window",
+        type=parse_window,
+        default="24h",  # a string default goes through type=
+        help="how far back from now, e.g. 15m, 6h or 1d",
     )
-    report_p.add_argument("--operation", default="", help="only this operation")
+    report_p.add_argument("--operation", default="", help="only this operation (default: all)")
     report_p.add_argument(
         "--by-version", action="store_true", help="also break operations down by version"
     )
@@ -81,11 +112,11 @@ def add_commands(
         help="alerts firing now (last 5 minutes), most severe first",
         description="Alerts firing now across services, most severe first.",
     )
-    alerts_p.add_argument("--service", default="", help="only this service")
+    alerts_p.add_argument("--service", default="", help="only this service's (default: all)")
 
 
-def _row(stats: metrics_pb2.CallStats, label: str) -> list[object]:
-    return [
+def _row(stats: metrics_pb2.CallStats, label: str, *, wide: bool) -> list[object]:
+    row: list[object] = [
         label,
         stats.total_calls,
         format_number(stats.error_rate * 100),
@@ -99,6 +130,14 @@ def _row(stats: metrics_pb2.CallStats, label: str) -> list[object]:
         format_number(stats.health_score),
         stats.grade,
     ]
+    if wide:
+        row += [
+            stats.failed_calls,
+            stats.infrastructure_failures,
+            format_number(stats.min_ms),
+            f"{stats.trend_change_percent:+.1f}",
+        ]
+    return row
 
 
 def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
@@ -111,16 +150,17 @@ def report(channel: grpc.Channel, args: argparse.Namespace) -> str:
         request, timeout=args.timeout
     )
     rep = result.report
-    if args.output == "json":
-        return render_messages(rep)
-    rows = [_row(op, op.operation) for op in rep.operations]
-    rows += [_row(v, f"{v.operation}@{v.version or '-'}") for v in rep.versions]
-    rows.append(_row(rep.summary, "(all)"))
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(rep, args.output)
+    wide = args.output == "wide"
+    rows = [_row(op, op.operation, wide=wide) for op in rep.operations]
+    rows += [_row(v, f"{v.operation}@{v.version or '-'}", wide=wide) for v in rep.versions]
+    rows.append(_row(rep.summary, "(all)", wide=wide))
     summary = rep.summary
     lines = [
         f"{rep.service_name}: health {format_number(summary.health_score)} "
         f"grade {summary.grade}, {_calls(summary.total_calls)} {_span_text(rep)}",
-        render_table(REPORT_HEADERS, rows).rstrip("\n"),
+        render_table(REPORT_WIDE_HEADERS if wide else REPORT_HEADERS, rows).rstrip("\n"),
     ]
     lines += _failure_lines(rep)
     for anomaly in [a for op in rep.operations for a in op.anomalies]:
@@ -209,10 +249,11 @@ def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:
         ),
         lambda page: page.alerts,
     )
-    if args.output == "json":
-        return render_messages(found)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(found, args.output)
     if not found:
         return "no alert is firing\n"
+    wide = args.output == "wide"
     rows = [
         [
             enum_label(metrics_pb2.AlertSeverity.Name(a.severity), "ALERT_SEVERITY_"),
@@ -223,17 +264,8 @@ def alerts(channel: grpc.Channel, args: argparse.Namespace) -> str:
             format_number(a.threshold),
             format_time(a.fire_time),
             a.message,
+            *((a.alert_id, format_date_time(a.fire_time)) if wide else ()),
         ]
         for a in found
     ]
-    headers = (
-        "SEVERITY",
-        "SERVICE",
-        "OPERATION",
-        "RULE",
-        "OBSERVED",
-        "THRESHOLD",
-        "SINCE",
-        "MESSAGE",
-    )
-    return render_table(headers, rows)
+    return render_table(ALERT_WIDE_HEADERS if wide else ALERT_HEADERS, rows)

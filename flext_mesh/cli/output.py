@@ -1,7 +1,13 @@
-"""What the operator commands print: aligned tables for people, JSON for scripts.
+"""What the operator commands print: aligned tables for people, JSON or YAML for scripts.
 
 Every noun (services, workflows, executions, metrics, policy) renders through these
-helpers so that ``-o table`` and ``-o json`` look the same across commands.
+helpers so that each ``-o`` format looks the same across commands, as kubectl's do:
+
+- ``table`` (the default): aligned columns, the ones worth a glance;
+- ``wide``: the same table with more columns where there is more to show (the same
+  as ``table`` where there is not);
+- ``json``: the whole document, indented;
+- ``yaml``: the same document as ``json``, in YAML block style, keys in the same order.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
+import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
@@ -18,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 __all__ = [
     "COLUMN_GAP",
+    "DOCUMENT_FORMATS",
     "EMPTY",
     "FORMATS",
     "enum_label",
@@ -29,13 +37,18 @@ __all__ = [
     "format_time",
     "message_to_dict",
     "one_line",
+    "render_document",
     "render_json",
     "render_messages",
+    "render_stream_item",
     "render_table",
+    "render_yaml",
 ]
 
 #: Values of ``-o/--output``; the first is the default.
-FORMATS = ("table", "json")
+FORMATS = ("table", "json", "yaml", "wide")
+#: The formats that print the whole document rather than a table.
+DOCUMENT_FORMATS = ("json", "yaml")
 #: Spaces between two table columns.
 COLUMN_GAP = 3
 #: What an empty cell shows, so that columns stay splittable by whitespace.
@@ -94,11 +107,39 @@ def render_json(document: object) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def render_messages(messages: Message | Iterable[Message]) -> str:
-    """``-o json`` of a message (a JSON object) or of several (an array of them)."""
+def render_yaml(document: object) -> str:
+    """The ``-o json`` document as YAML for ``-o yaml``: block style, keys in the JSON
+    order, each value on its own line (no folding of long strings)."""
+    text: str = yaml.safe_dump(
+        document, sort_keys=False, default_flow_style=False, allow_unicode=True, width=float("inf")
+    )
+    return text
+
+
+def render_document(document: object, output: str) -> str:
+    """``document`` as ``-o json`` or ``-o yaml`` (``output``) prints it."""
+    if output == "yaml":
+        return render_yaml(document)
+    return render_json(document)
+
+
+def render_messages(messages: Message | Iterable[Message], output: str = "json") -> str:
+    """``-o json|yaml`` of a message (an object) or of several (a list of them)."""
     if isinstance(messages, Message):
-        return render_json(message_to_dict(messages))
-    return render_json([message_to_dict(message) for message in messages])
+        return render_document(message_to_dict(messages), output)
+    return render_document([message_to_dict(message) for message in messages], output)
+
+
+def render_stream_item(message: Message, output: str) -> str:
+    """One message of a live stream: a JSON object on one line, or one YAML document.
+
+    ``-o json`` prints one object per line (JSON Lines); ``-o yaml`` starts each
+    message with ``---``, so that the stream is a sequence of YAML documents.
+    """
+    document = message_to_dict(message)
+    if output == "yaml":
+        return "---\n" + render_yaml(document)
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 def enum_label(name: str, prefix: str) -> str:

@@ -31,11 +31,12 @@ from flext_mesh.cli.common import (
     violations_block,
 )
 from flext_mesh.cli.output import (
+    DOCUMENT_FORMATS,
     enum_prefix,
     format_date_time,
     message_to_dict,
     one_line,
-    render_json,
+    render_document,
     render_messages,
 )
 from flext_mesh.documents import (
@@ -119,7 +120,8 @@ def add_commands(
         metavar="N",
         type=positive_int,
         default=0,
-        help="only replace the policy if its version is still N (optimistic concurrency)",
+        help="only replace the policy if its version is still N (optimistic concurrency; "
+        "default: replace whatever is stored)",
     )
 
     show_p = verbs.add(
@@ -178,8 +180,8 @@ def set_policy(channel: grpc.Channel, args: argparse.Namespace) -> str:
         fail_with(violations_block(f"{shown} is not a valid policy", exc))
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     stored = _put(stub, policy, args.expected_version, args.timeout)
-    if args.output == "json":
-        return render_json(policy_to_dict(stored))
+    if args.output in DOCUMENT_FORMATS:
+        return render_document(policy_to_dict(stored), args.output)
     return f"{stored.service_name}: policy version {stored.version}\n"
 
 
@@ -189,8 +191,8 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
     policy = stub.GetServicePolicy(
         registry_pb2.GetServicePolicyRequest(service_name=args.name), timeout=args.timeout
     ).policy
-    if args.output == "json":
-        return render_json(policy_to_dict(policy))
+    if args.output in DOCUMENT_FORMATS:
+        return render_document(policy_to_dict(policy), args.output)
     return describe_policy(policy)
 
 
@@ -200,8 +202,8 @@ def delete(channel: grpc.Channel, args: argparse.Namespace) -> str:
     response = stub.DeleteServicePolicy(
         registry_pb2.DeleteServicePolicyRequest(service_name=args.name), timeout=args.timeout
     )
-    if args.output == "json":
-        return render_messages(response)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(response, args.output)
     return f"{args.name}: policy deleted\n"
 
 
@@ -233,8 +235,8 @@ def split(channel: grpc.Channel, args: argparse.Namespace) -> str:
         if not weights and not current.splits:
             return _no_split_to_clear(current, args.output)
         stored = _put(stub, _with_split(current, weights), current.version, args.timeout)
-    if args.output == "json":
-        return render_json(policy_to_dict(stored))
+    if args.output in DOCUMENT_FORMATS:
+        return render_document(policy_to_dict(stored), args.output)
     pairs = [(s.version, s.weight) for s in stored.splits]
     shown = f"split {format_split(pairs)}" if pairs else "no split"
     return f"{stored.service_name}: policy version {stored.version}, {shown}\n"
@@ -269,8 +271,8 @@ def _with_split(
 
 
 def _no_split_to_clear(current: registry_pb2.ServicePolicy, output: str) -> str:
-    if output == "json":
-        return render_json(policy_to_dict(current) if current.version else None)
+    if output in DOCUMENT_FORMATS:
+        return render_document(policy_to_dict(current) if current.version else None, output)
     if not current.version:
         return f"{current.service_name}: no policy, so no split to clear\n"
     return f"{current.service_name}: policy version {current.version} has no split\n"

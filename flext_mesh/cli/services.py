@@ -8,15 +8,17 @@ RPC into one line on stderr.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
 
 from flext_mesh.cli.common import add_noun, every_page, fail, non_negative_int
 from flext_mesh.cli.output import (
+    DOCUMENT_FORMATS,
     EMPTY,
     enum_text,
+    format_date_time,
     format_labels,
     format_number,
     format_time,
@@ -27,13 +29,17 @@ from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
 __all__ = [
     "EXPLAIN_HEADERS",
+    "EXPLAIN_WIDE_HEADERS",
     "INSTANCE_HEADERS",
+    "INSTANCE_WIDE_HEADERS",
     "SERVICE_HEADERS",
+    "SERVICE_WIDE_HEADERS",
     "STRATEGIES",
     "add_commands",
     "discover",
     "health_text",
     "instance_row",
+    "instance_wide_row",
     "list_services",
     "show",
 ]
@@ -46,6 +52,9 @@ STRATEGIES: dict[str, registry_pb2.LoadBalancingStrategy.ValueType] = {
 }
 #: Columns of ``services list``.
 SERVICE_HEADERS = ("NAME", "INSTANCES", "HEALTHY", "UNHEALTHY", "EJECTED", "VERSIONS", "TYPES")
+#: Columns ``services list -o wide`` adds: the policy's version, the instances' zones and
+#: the registry revision of the service's last instance change.
+SERVICE_WIDE_HEADERS = (*SERVICE_HEADERS, "POLICY", "ZONES", "REVISION")
 #: Columns of ``services show`` and ``services discover``.
 INSTANCE_HEADERS = (
     "INSTANCE",
@@ -59,6 +68,18 @@ INSTANCE_HEADERS = (
     "UPTIME(%)",
     "LABELS",
 )
+#: Columns ``-o wide`` adds to the instance tables: what the instance registered besides
+#: (type, capabilities, health-check mode), its lease's times, and the revisions.
+INSTANCE_WIDE_HEADERS = (
+    *INSTANCE_HEADERS,
+    "TYPE",
+    "CAPABILITIES",
+    "CHECK",
+    "REGISTERED",
+    "RENEWED",
+    "REVISION",
+    "APPLIED",
+)
 
 
 def add_commands(
@@ -69,6 +90,7 @@ def add_commands(
     verbs = add_noun(
         nouns,
         "services",
+        aliases=["service"],
         help="list services, show their instances, try discovery",
         description="Inspect the service registry of a running control plane.",
         parents=parents,
@@ -124,7 +146,7 @@ def add_commands(
         metavar="N",
         type=non_negative_int,
         default=0,
-        help="at most N instances (default all)",
+        help="at most N instances (default: all)",
     )
 
     explain_p = verbs.add(
@@ -154,23 +176,34 @@ def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
         ),
         lambda page: page.services,
     )
-    if args.output == "json":
-        return render_messages(summaries)
-    return render_table(
-        SERVICE_HEADERS,
-        (
-            (
-                s.service_name,
-                s.instance_count,
-                s.healthy_count,
-                s.unhealthy_count,
-                s.ejected_count,
-                ",".join(s.versions),
-                ",".join(s.types),
-            )
-            for s in summaries
-        ),
-    )
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(summaries, args.output)
+    rows = [
+        [
+            s.service_name,
+            s.instance_count,
+            s.healthy_count,
+            s.unhealthy_count,
+            s.ejected_count,
+            ",".join(s.versions),
+            ",".join(s.types),
+        ]
+        for s in summaries
+    ]
+    if args.output != "wide":
+        return render_table(SERVICE_HEADERS, rows)
+    for row, summary in zip(rows, summaries, strict=True):
+        # The zones and revisions are the instances': one Discover per service, only here.
+        instances = stub.Discover(
+            registry_pb2.DiscoverRequest(service_name=summary.service_name, healthy_only=False),
+            timeout=args.timeout,
+        ).instances
+        row += [
+            summary.policy_version or EMPTY,
+            ",".join(sorted({i.zone for i in instances if i.zone})),
+            max((i.revision for i in instances), default=EMPTY),
+        ]
+    return render_table(SERVICE_WIDE_HEADERS, rows)
 
 
 def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
@@ -181,9 +214,9 @@ def show(channel: grpc.Channel, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     )
     instances = sorted(response.instances, key=lambda i: i.instance_id)
-    if args.output == "json":
-        return render_messages(instances)
-    return render_table(INSTANCE_HEADERS, (instance_row(i) for i in instances))
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(instances, args.output)
+    return _instance_table(instances, wide=args.output == "wide")
 
 
 def discover(channel: grpc.Channel, args: argparse.Namespace) -> str:
@@ -200,13 +233,13 @@ def discover(channel: grpc.Channel, args: argparse.Namespace) -> str:
         request.healthy_only = False
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     response = stub.Discover(request, timeout=args.timeout)
-    if args.output == "json":
-        return render_messages(response)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(response, args.output)
     notes = list(response.notes)
     if response.panic_mode and not any("panic" in note for note in notes):
         notes.insert(0, "panic mode: too few healthy instances, so all of them are returned")
     header = discover_summary(response) + "".join(f"note: {note}\n" for note in notes)
-    return header + render_table(INSTANCE_HEADERS, (instance_row(i) for i in response.instances))
+    return header + _instance_table(response.instances, wide=args.output == "wide")
 
 
 def discover_summary(response: registry_pb2.DiscoverResponse) -> str:
@@ -226,6 +259,7 @@ def discover_summary(response: registry_pb2.DiscoverResponse) -> str:
     return "   ".join(parts) + "\n"
 
 
+#: Columns of ``services explain``.
 EXPLAIN_HEADERS = (
     "INSTANCE",
     "VERSION",
@@ -236,7 +270,16 @@ EXPLAIN_HEADERS = (
     "ERRORS",
     "EFFECTIVE",
     "SPLIT",
-    "IN ANSWER",
+    "IN_ANSWER",
+)
+#: Columns ``services explain -o wide`` adds: what the latency and error factors come
+#: from, and when an ejection ends.
+EXPLAIN_WIDE_HEADERS = (
+    *EXPLAIN_HEADERS,
+    "RT(ms)",
+    "MEDIAN(ms)",
+    "INFRA_ERRORS(%)",
+    "EJECTED_UNTIL",
 )
 
 
@@ -253,13 +296,15 @@ def explain(channel: grpc.Channel, args: argparse.Namespace) -> str:
         explanations = [e for e in explanations if e.instance_id == args.instance]
         if not explanations:
             fail(f"service {args.name!r} has no instance {args.instance!r}")
-    if args.output == "json":
-        return render_messages(explanations)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(explanations, args.output)
     header = discover_summary(response)
     if args.instance:
         return header + _factors(explanations[0])
-    rows = (
-        (
+    wide = args.output == "wide"
+    rows = []
+    for e in explanations:
+        row = [
             e.instance_id,
             e.version or EMPTY,
             e.zone or EMPTY,
@@ -270,10 +315,16 @@ def explain(channel: grpc.Channel, args: argparse.Namespace) -> str:
             format_number(e.effective_weight),
             f"{e.split_weight}%" if e.split_weight else EMPTY,
             "yes" if e.in_answer else "no",
-        )
-        for e in explanations
-    )
-    return header + render_table(EXPLAIN_HEADERS, rows)
+        ]
+        if wide:
+            row += [
+                format_number(e.response_time_ms, zero=EMPTY),
+                format_number(e.service_median_ms, zero=EMPTY),
+                format_number(e.infrastructure_error_rate * 100),
+                format_time(e.ejected_until) if e.HasField("ejected_until") else EMPTY,
+            ]
+        rows.append(row)
+    return header + render_table(EXPLAIN_WIDE_HEADERS if wide else EXPLAIN_HEADERS, rows)
 
 
 def _health_factor_text(e: registry_pb2.WeightExplanation) -> str:
@@ -327,6 +378,26 @@ def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:
         format_number(instance.uptime_percentage),
         format_labels(instance.labels),
     )
+
+
+def instance_wide_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:
+    """The cells of one instance in the order of :data:`INSTANCE_WIDE_HEADERS`."""
+    return (
+        *instance_row(instance),
+        instance.type,
+        ",".join(instance.capabilities),
+        enum_text(registry_pb2.HealthCheckMode.DESCRIPTOR, instance.health_check_mode),
+        format_date_time(instance.register_time),
+        format_date_time(instance.last_renew_time),
+        str(instance.revision),
+        str(instance.applied_revision or EMPTY),
+    )
+
+
+def _instance_table(instances: Iterable[registry_pb2.ServiceInstance], *, wide: bool) -> str:
+    if wide:
+        return render_table(INSTANCE_WIDE_HEADERS, (instance_wide_row(i) for i in instances))
+    return render_table(INSTANCE_HEADERS, (instance_row(i) for i in instances))
 
 
 def health_text(instance: registry_pb2.ServiceInstance) -> str:

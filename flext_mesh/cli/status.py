@@ -10,13 +10,23 @@ from typing import Any
 import grpc
 
 from flext_mesh.cli.common import every_page
-from flext_mesh.cli.output import EMPTY, render_messages, render_table
+from flext_mesh.cli.output import (
+    DOCUMENT_FORMATS,
+    EMPTY,
+    format_date_time,
+    render_messages,
+    render_table,
+)
 from flext_mesh.registry.applied import STALE_AFTER, applied
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
 
-__all__ = ["STALE_AFTER", "STATUS_HEADERS", "add_command", "status"]
+__all__ = ["STALE_AFTER", "STATUS_HEADERS", "STATUS_WIDE_HEADERS", "add_command", "status"]
 
+#: Columns of ``status``.
 STATUS_HEADERS = ("SERVICE", "INSTANCE", "APPLIED", "BEHIND", "SINCE", "STATE")
+#: Columns ``status -o wide`` adds: where the instance is, and when its applied revision
+#: last moved and its lease was last renewed, as times of day.
+STATUS_WIDE_HEADERS = (*STATUS_HEADERS, "VERSION", "ENDPOINT", "APPLIED_AT", "RENEWED")
 
 
 def add_command(
@@ -39,7 +49,7 @@ def add_command(
         metavar="SECONDS",
         type=float,
         default=STALE_AFTER,
-        help=f"behind and not moving for this long is STALE (default {STALE_AFTER:g})",
+        help=f"behind and not moving for this long is STALE (default: {STALE_AFTER:g})",
     )
     status_p.set_defaults(run=status)
 
@@ -63,11 +73,26 @@ def status(channel: grpc.Channel, args: argparse.Namespace) -> str:
         )
         revision = max(revision, answer.revision)
         instances.extend(sorted(answer.instances, key=lambda i: i.instance_id))
-    if args.output == "json":
-        return render_messages(instances)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(instances, args.output)
     now = time.time()
-    rows = [_row(instance, revision, now, args.stale_after) for instance in instances]
-    return f"registry revision: {revision}\n" + render_table(STATUS_HEADERS, rows)
+    rows: list[tuple[str, ...]] = [
+        _row(instance, revision, now, args.stale_after) for instance in instances
+    ]
+    headers: tuple[str, ...] = STATUS_HEADERS
+    if args.output == "wide":
+        headers = STATUS_WIDE_HEADERS
+        rows = [
+            (
+                *row,
+                instance.version,
+                instance.endpoint,
+                format_date_time(instance.applied_time) if instance.applied_revision else EMPTY,
+                format_date_time(instance.last_renew_time),
+            )
+            for row, instance in zip(rows, instances, strict=True)
+        ]
+    return f"registry revision: {revision}\n" + render_table(headers, rows)
 
 
 def _row(

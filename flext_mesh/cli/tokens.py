@@ -11,13 +11,12 @@ Nothing here talks to a control plane.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
 
-from flext_mesh.cli.common import add_noun
-from flext_mesh.cli.output import FORMATS, render_table
+from flext_mesh.cli.common import add_noun, add_output_option
+from flext_mesh.cli.output import DOCUMENT_FORMATS, render_document, render_table
 from flext_mesh.security.tokens import (
     SCOPE_KINDS,
     TokensFileError,
@@ -46,6 +45,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
     verbs = add_noun(
         nouns,
         "tokens",
+        aliases=["token"],
         help="create, list and revoke bearer tokens (a local tokens file)",
         description="Manage the tokens file of `flext-mesh serve --auth-tokens-file`: "
         "it stores SHA-256 hashes only. A running control plane sees changes within a "
@@ -76,7 +76,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         help="names and scopes of the tokens",
         description="List the tokens of the file: names, scopes, creation times.",
     )
-    list_p.add_argument("-o", "--output", choices=FORMATS, default=FORMATS[0])
+    add_output_option(list_p)
 
     revoke_p = verbs.add(
         "revoke",
@@ -111,9 +111,9 @@ def _create(args: argparse.Namespace) -> str:
 
 def _list(args: argparse.Namespace) -> str:
     entries = load_entries(args.file)
-    if args.output == "json":
+    if args.output in DOCUMENT_FORMATS:
         data = [{"name": e.name, "scopes": list(e.scopes), "created": e.created} for e in entries]
-        return json.dumps({"tokens": data}, indent=2) + "\n"
+        return render_document({"tokens": data}, args.output)
     rows = [(e.name, ",".join(e.scopes), e.created or "-") for e in entries]
     return render_table(("NAME", "SCOPES", "CREATED"), rows)
 

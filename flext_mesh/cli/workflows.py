@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flext_mesh.cli.common import (
@@ -37,13 +36,14 @@ from flext_mesh.cli.common import (
     violations_block,
 )
 from flext_mesh.cli.output import (
+    DOCUMENT_FORMATS,
     EMPTY,
     enum_label,
     enum_text,
     format_date_time,
-    message_to_dict,
     one_line,
     render_messages,
+    render_stream_item,
     render_table,
 )
 from flext_mesh.errors import InvalidArgument
@@ -52,9 +52,12 @@ from flext_mesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 __all__ = [
     "ENDED_STATES",
     "EXECUTION_HEADERS",
+    "EXECUTION_WIDE_HEADERS",
     "STEP_HEADERS",
+    "STEP_WIDE_HEADERS",
     "WORKFLOW_HEADERS",
     "WORKFLOW_STEP_HEADERS",
+    "WORKFLOW_WIDE_HEADERS",
     "add_commands",
     "apply",
     "cancel_execution",
@@ -85,6 +88,8 @@ ENDED_STATES = frozenset(
 )
 #: Columns of ``workflow list``.
 WORKFLOW_HEADERS = ("NAME", "VERSION", "STEPS", "UPDATED")
+#: Columns ``workflow list -o wide`` adds.
+WORKFLOW_WIDE_HEADERS = (*WORKFLOW_HEADERS, "CREATED", "TIMEOUT", "DESCRIPTION")
 #: Columns of the step table of ``workflow show``.
 WORKFLOW_STEP_HEADERS = (
     "STEP",
@@ -97,8 +102,20 @@ WORKFLOW_STEP_HEADERS = (
 )
 #: Columns of ``execution list``.
 EXECUTION_HEADERS = ("ID", "WORKFLOW", "STATE", "STARTED", "DURATION")
+#: Columns ``execution list -o wide`` adds: when it ended, the attempts of all its steps
+#: (compensations included), the step that failed it, its correlation id and its owner.
+EXECUTION_WIDE_HEADERS = (
+    *EXECUTION_HEADERS,
+    "ENDED",
+    "ATTEMPTS",
+    "FAILED_STEP",
+    "CORRELATION",
+    "OWNER",
+)
 #: Columns of the step table of ``execution show``.
 STEP_HEADERS = ("STEP", "STATE", "ATTEMPTS", "DURATION", "INSTANCE", "ERROR")
+#: Columns ``execution show -o wide`` adds to the step table.
+STEP_WIDE_HEADERS = (*STEP_HEADERS, "STARTED", "ENDED", "IDEMPOTENCY_KEY", "NOTES")
 
 _EXECUTION_SUBJECT = "(execution)"  # step names cannot hold parentheses
 # Reconnections of a watch whose stream broke with UNAVAILABLE (a control-plane
@@ -157,7 +174,11 @@ def _add_workflow_commands(
     )
     show_p.add_argument("name", metavar="NAME", help="workflow name")
     show_p.add_argument(
-        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
+        "--version",
+        metavar="N",
+        type=positive_int,
+        default=0,
+        help="this version (default: the latest)",
     )
 
     delete_p = verbs.add(
@@ -181,14 +202,18 @@ def _add_workflow_commands(
     )
     run_p.add_argument("name", metavar="NAME", help="workflow name")
     run_p.add_argument(
-        "--version", metavar="N", type=positive_int, default=0, help="this version (default latest)"
+        "--version",
+        metavar="N",
+        type=positive_int,
+        default=0,
+        help="this version (default: the latest)",
     )
     given = run_p.add_mutually_exclusive_group()
     given.add_argument(
         "--input",
         metavar="JSON",
         type=_input_json,
-        help="execution input, a JSON object (default {})",
+        help="execution input, a JSON object (default: {})",
     )
     given.add_argument(
         "--input-file",
@@ -236,20 +261,22 @@ def _add_execution_commands(
         help="executions, newest first",
         description="Executions, newest first, optionally of one workflow or in one state.",
     )
-    list_p.add_argument("--workflow", metavar="NAME", default="", help="only this workflow's")
+    list_p.add_argument(
+        "--workflow", metavar="NAME", default="", help="only this workflow's (default: all)"
+    )
     list_p.add_argument(
         "--state",
         metavar="STATE",
         type=parse_state,
         default=Xs.EXECUTION_STATE_UNSPECIFIED,
-        help=f"only executions in this state ({', '.join(_STATE_NAMES)})",
+        help=f"only executions in this state: {', '.join(_STATE_NAMES)} (default: any)",
     )
     list_p.add_argument(
         "--limit",
         metavar="N",
         type=non_negative_int,
         default=50,
-        help="at most N executions (default %(default)s; 0 for all)",
+        help="at most N executions, 0 for all",
     )
 
     cancel_p = verbs.add(
@@ -312,8 +339,8 @@ def apply(channel: grpc.Channel, args: argparse.Namespace) -> str:
             error = expected_error(exc, InvalidArgument)
             label = f"workflow {workflow.name!r} ({name})" if workflow.name else name
             problems.append(violations_block(f"{label} is not valid", error))
-    if args.output == "json":
-        text = render_messages(applied)
+    if args.output in DOCUMENT_FORMATS:
+        text = render_messages(applied, args.output)
     else:
         text = "".join(
             f"{r.workflow.name}: version {r.workflow.version} "
@@ -336,8 +363,24 @@ def list_workflows(channel: grpc.Channel, args: argparse.Namespace) -> str:
         ),
         lambda page: page.workflows,
     )
-    if args.output == "json":
-        return render_messages(workflows)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(workflows, args.output)
+    if args.output == "wide":
+        return render_table(
+            WORKFLOW_WIDE_HEADERS,
+            (
+                (
+                    w.name,
+                    w.version,
+                    len(w.steps),
+                    format_date_time(w.update_time),
+                    format_date_time(w.create_time),
+                    human_duration(_seconds(w.timeout)) if w.HasField("timeout") else "none",
+                    one_line(w.description),
+                )
+                for w in workflows
+            ),
+        )
     return render_table(
         WORKFLOW_HEADERS,
         ((w.name, w.version, len(w.steps), format_date_time(w.update_time)) for w in workflows),
@@ -351,8 +394,8 @@ def show_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.GetWorkflowRequest(name=args.name, version=args.version),
         timeout=args.timeout,
     ).workflow
-    if args.output == "json":
-        return render_messages(workflow)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(workflow, args.output)
     return describe_workflow(workflow)
 
 
@@ -414,8 +457,8 @@ def delete_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
     response = stub.DeleteWorkflow(
         orchestrator_pb2.DeleteWorkflowRequest(name=args.name), timeout=args.timeout
     )
-    if args.output == "json":
-        return render_messages(response)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(response, args.output)
     return f"workflow {args.name!r} deleted\n"
 
 
@@ -432,11 +475,11 @@ def run_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
     response = stub.StartExecution(request, timeout=args.timeout)
     execution = response.execution
     if not args.watch:
-        if args.output == "json":
-            return render_messages(response)
+        if args.output in DOCUMENT_FORMATS:
+            return render_messages(response, args.output)
         return f"{execution.execution_id}\n"
-    if args.output == "json":
-        emit(_json_line(response))
+    if args.output in DOCUMENT_FORMATS:
+        emit(render_stream_item(response, args.output))
     else:
         how = "exists for this idempotency key" if response.existing else "started"
         emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
@@ -454,8 +497,8 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.GetExecutionRequest(execution_id=args.id, include_events=args.events),
         timeout=args.timeout,
     )
-    if args.output == "json":
-        return render_messages(response)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(response, args.output)
     execution = response.execution
     lines = [
         f"execution {execution.execution_id}",
@@ -472,8 +515,16 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
     lines.append(f"correlation:  {execution.correlation_id}")
     if execution.idempotency_key:
         lines.append(f"idempotency:  {execution.idempotency_key}")
+    if args.output == "wide":
+        lines.append(f"owner:        {execution.owner or EMPTY}")
+        lines.append(f"events:       {execution.event_count}")
+        if execution.traceparent:
+            lines.append(f"traceparent:  {execution.traceparent}")
+        steps = render_table(STEP_WIDE_HEADERS, (_step_wide_row(s) for s in execution.steps))
+    else:
+        steps = render_table(STEP_HEADERS, (_step_row(s) for s in execution.steps))
     lines.append("")
-    lines.append(render_table(STEP_HEADERS, (_step_row(s) for s in execution.steps)).rstrip())
+    lines.append(steps.rstrip())
     if args.events:
         lines.append("")
         lines.append("events:")
@@ -497,21 +548,29 @@ def list_executions(channel: grpc.Channel, args: argparse.Namespace) -> str:
         lambda page: page.executions,
         limit=args.limit,
     )
-    if args.output == "json":
-        return render_messages(found)
-    return render_table(
-        EXECUTION_HEADERS,
-        (
-            (
-                e.execution_id,
-                _workflow_label(e),
-                _state(e.state),
-                format_date_time(e.start_time),
-                _duration_of(e),
-            )
-            for e in found
-        ),
-    )
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(found, args.output)
+    rows: list[list[object]] = [
+        [
+            e.execution_id,
+            _workflow_label(e),
+            _state(e.state),
+            format_date_time(e.start_time),
+            _duration_of(e),
+        ]
+        for e in found
+    ]
+    if args.output != "wide":
+        return render_table(EXECUTION_HEADERS, rows)
+    for row, e in zip(rows, found, strict=True):
+        row += [
+            format_date_time(e.end_time),
+            sum(s.attempts + s.compensation_attempts for s in e.steps),
+            e.failed_step,
+            e.correlation_id,
+            e.owner,
+        ]
+    return render_table(EXECUTION_WIDE_HEADERS, rows)
 
 
 def cancel_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
@@ -521,8 +580,8 @@ def cancel_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.CancelExecutionRequest(execution_id=args.id, reason=args.reason),
         timeout=args.timeout,
     )
-    if args.output == "json":
-        return render_messages(response)
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(response, args.output)
     return f"execution {response.execution.execution_id}: {_state(response.execution.state)}\n"
 
 
@@ -532,7 +591,7 @@ def watch_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
     execution = stub.GetExecution(
         orchestrator_pb2.GetExecutionRequest(execution_id=args.id), timeout=args.timeout
     ).execution
-    if args.output != "json":
+    if args.output not in DOCUMENT_FORMATS:
         emit(f"execution {execution.execution_id} of {_workflow_label(execution)}\n")
     _watch_to_end(channel, args, execution)
     return ""
@@ -634,8 +693,8 @@ def _watch_to_end(
     progress = _Progress(execution)
 
     def show(message: orchestrator_pb2.WatchExecutionResponse) -> None:
-        if args.output == "json":
-            emit(_json_line(message))
+        if args.output in DOCUMENT_FORMATS:
+            emit(render_stream_item(message, args.output))
         elif message.HasField("event"):
             emit(progress.line(message.event) + "\n")
 
@@ -644,7 +703,7 @@ def _watch_to_end(
     except KeyboardInterrupt:
         note(_resume_hint(execution.execution_id))
         raise
-    if args.output != "json":
+    if args.output not in DOCUMENT_FORMATS:
         emit(_summary(ended))
     if ended.state != Xs.EXECUTION_STATE_SUCCEEDED:
         raise SystemExit(1)
@@ -778,12 +837,23 @@ def _step_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
     )
 
 
+def _step_wide_row(step: orchestrator_pb2.StepExecution) -> tuple[str, ...]:
+    notes = []
+    if step.outcome_unknown:
+        notes.append("outcome unknown")
+    if step.at_least_once:
+        notes.append("at-least-once")
+    return (
+        *_step_row(step),
+        format_date_time(step.start_time, millis=True),
+        format_date_time(step.end_time, millis=True),
+        step.idempotency_key,
+        ", ".join(notes),
+    )
+
+
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(", ", ": "), ensure_ascii=False)
-
-
-def _json_line(message: Message) -> str:
-    return json.dumps(message_to_dict(message), separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 # -- argument types ------------------------------------------------------------------------

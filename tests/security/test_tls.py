@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -301,15 +303,28 @@ async def test_an_mtls_sidecar_registers_is_health_checked_and_serves_mesh_calls
 # -- the CLI and the client library ----------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``flext-mesh args...`` in our environment (without GRPC_VERBOSITY) plus ``env``."""
+    ours = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     return subprocess.run(
-        [str(BIN / "flext-mesh"), *args], capture_output=True, text=True, timeout=20, check=False
+        [str(BIN / "flext-mesh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        env={**ours, **env},
     )
 
 
 def _error_lines(stderr: str) -> list[str]:
-    """Our lines on stderr (gRPC's C core may log its own handshake line first)."""
-    return [line for line in stderr.splitlines() if line.startswith("flext-mesh:")]
+    """The lines on stderr, each of them ours (none of gRPC's C core: ``I1207 ...``)."""
+    lines = stderr.splitlines()
+    assert [line for line in lines if not line.startswith("flext-mesh: ")] == []
+    return lines
+
+
+# What gRPC's C core logs: severity, month and day (``I1207 12:00:00.000000 ...``).
+_GRPC_CORE_LINE = re.compile(r"^[IEWF]\d{4} ", re.MULTILINE)
 
 
 async def test_cli_talks_tls_with_tls_ca_and_says_what_is_wrong_without(
@@ -343,6 +358,27 @@ async def test_cli_talks_tls_with_tls_ca_and_says_what_is_wrong_without(
         assert _error_lines(missing.stderr) == [
             f"flext-mesh: error: --tls-ca {tmp_path / 'no.pem'}: No such file or directory"
         ]
+
+
+async def test_a_failed_handshake_is_one_line_without_grpc_core_logs_unless_asked(
+    tmp_path: Path, pki: Pki
+) -> None:
+    async with tls_plane(tmp_path, **pki.serving(pki.control_plane)) as plane:
+        address = f"127.0.0.1:{plane.port}"
+        base = ("services", "list", "--control-plane", address, "--tls-ca", str(pki.untrusted_ca))
+        quiet, asked = await asyncio.gather(
+            asyncio.to_thread(_cli, *base),
+            # A GRPC_VERBOSITY the user set is theirs: the core's lines show.
+            asyncio.to_thread(_cli, *base, GRPC_VERBOSITY="INFO"),
+        )
+    clean = (
+        f"flext-mesh: error: TLS handshake with {address} failed: unable to get local "
+        "issuer certificate (CERTIFICATE_VERIFY_FAILED) (check --tls-ca)\n"
+    )
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (1, "", clean)
+    assert asked.returncode == 1
+    assert asked.stderr.endswith(clean)
+    assert _GRPC_CORE_LINE.search(asked.stderr), asked.stderr
 
 
 async def test_the_cli_takes_its_tls_settings_from_the_environment(

@@ -183,7 +183,7 @@ def test_app_dir_names_where_the_app_is_imported_from(
         start(elsewhere, plane, *app, "--app-dir", str(app_dir)),
         # Relative to the current directory, and from the environment as every flag.
         start(tmp_path, plane, *app, "--app-dir", "project"),
-        start(elsewhere, plane, *app, env=environment(FLEXT_MESH_APP_DIR=str(app_dir))),
+        start(elsewhere, plane, *app, env=environment(FLEXT_SIDECAR_APP_DIR=str(app_dir))),
     ]
     try:
         for sidecar in sidecars:

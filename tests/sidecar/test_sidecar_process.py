@@ -48,6 +48,7 @@ def start_sidecar(
     app: str = "tests.sidecar.apps:PROCESSORS",
     env: dict[str, str] | None = None,
 ) -> SidecarProcess:
+    """Start flext-sidecar against ``control_plane`` ("": the variables say where)."""
     log = tmp_path / f"sidecar-{time.monotonic_ns()}.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     with log.open("w") as out:
@@ -58,8 +59,7 @@ def start_sidecar(
                 "payment",
                 "--app",
                 app,
-                "--control-plane",
-                control_plane,
+                *(("--control-plane", control_plane) if control_plane else ()),
                 "--ttl",
                 "2",
                 "--grace-period",
@@ -242,17 +242,44 @@ def test_a_factory_app_and_flags_from_the_environment(
     tmp_path: Path, control_plane: ServeProcess
 ) -> None:
     env_app = "tests.sidecar.apps:make_processors"
-    os.environ["FLEXT_MESH_LABEL"] = "tier=gold"
-    try:
-        sidecar = start_sidecar(tmp_path, control_plane.address, app=env_app)
-    finally:
-        del os.environ["FLEXT_MESH_LABEL"]
+    sidecar = start_sidecar(
+        tmp_path, control_plane.address, app=env_app, env={"FLEXT_SIDECAR_LABEL": "tier=gold"}
+    )
     try:
         _wait(lambda: sidecar.instance in _instances(control_plane.address))
         assert dict(_instances(control_plane.address)[sidecar.instance].labels) == {"tier": "gold"}
     finally:
         sidecar.proc.send_signal(signal.SIGTERM)
         assert sidecar.proc.wait(15) == 0
+
+
+def test_flext_mesh_listen_exported_for_serve_leaves_the_sidecar_alone(tmp_path: Path) -> None:
+    # One shell: `export FLEXT_MESH_LISTEN=... FLEXT_MESH_CONTROL_PLANE=...`, then both.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    shell = {"FLEXT_MESH_LISTEN": address, "FLEXT_MESH_CONTROL_PLANE": address}
+    server = start_serve(tmp_path, env=shell)
+    sidecar = None
+    try:
+        assert server.address == address  # serve took its address from the variable
+        # No --control-plane: the sidecar reads the shared FLEXT_MESH_CONTROL_PLANE, but
+        # not FLEXT_MESH_LISTEN, which is serve's: it listens on its own default.
+        sidecar = start_sidecar(tmp_path, "", env=shell)
+        assert sidecar.address != address
+        _wait(lambda: sidecar.instance in _instances(address))
+        warnings = [line for line in sidecar.log().splitlines() if "FLEXT_MESH_LISTEN" in line]
+        assert len(warnings) == 1
+        assert (
+            " WARNING flext_sidecar ignoring FLEXT_MESH_LISTEN (flext-mesh serve's): "
+            "flext-sidecar reads FLEXT_SIDECAR_LISTEN cid=-"
+        ) in warnings[0]
+        assert "FLEXT_MESH_CONTROL_PLANE" not in sidecar.log()
+    finally:
+        if sidecar is not None:
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(15) == 0
+        server.kill()
 
 
 def test_inbound_calls_are_reported_to_the_control_plane(
