@@ -402,6 +402,52 @@ async def test_admin_calls_everything(secured: Secured) -> None:
         await workflows.DeleteWorkflow(orchestrator_pb2.DeleteWorkflowRequest(name="w"))
 
 
+async def test_draining_needs_admin_or_the_services_own_scope(secured: Secured) -> None:
+    def drain(service: str, maintenance: bool = True) -> Any:
+        return registry_pb2.SetInstanceMaintenanceRequest(
+            service_name=service, instance_id=f"{service[:3]}-1", maintenance=maintenance
+        )
+
+    async with (
+        secured.channel("operator") as admin_channel,
+        secured.channel("payment-sidecar") as payment_channel,
+        secured.channel("dashboard") as read_channel,
+        secured.channel("ci") as workflow_channel,
+    ):
+        admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
+        payment = registry_pb2_grpc.RegistryServiceStub(payment_channel)
+        await admin.Register(register_request("payment", "pay-1"))
+        await admin.Register(register_request("orders", "ord-1"))
+        for channel in (read_channel, workflow_channel):
+            details = await refused(
+                registry_pb2_grpc.RegistryServiceStub(channel).SetInstanceMaintenance(
+                    drain("payment")
+                ),
+                Code.PERMISSION_DENIED,
+            )
+            assert details.endswith(
+                "may not call flext_mesh.v1.RegistryService/SetInstanceMaintenance: "
+                "needs scope admin or service:NAME"
+            )
+        details = await refused(
+            payment.SetInstanceMaintenance(drain("orders")), Code.PERMISSION_DENIED
+        )
+        assert details == (
+            "token 'payment-sidecar' (scopes: service:payment) may not call "
+            "SetInstanceMaintenance for 'orders': needs scope admin or service:orders"
+        )
+        await refused(admin.SetInstanceMaintenance(drain("nobody")), Code.NOT_FOUND)
+        # Nothing refused was drained; its own service's and the admin's drains go through.
+        found = await admin.Discover(
+            registry_pb2.DiscoverRequest(service_name="orders", healthy_only=False)
+        )
+        assert not found.instances[0].maintenance
+        assert (await payment.SetInstanceMaintenance(drain("payment"))).instance.maintenance
+        assert (await admin.SetInstanceMaintenance(drain("orders"))).instance.maintenance
+        undrained = await admin.SetInstanceMaintenance(drain("payment", maintenance=False))
+        assert not undrained.instance.maintenance
+
+
 # -- the tokens file -------------------------------------------------------------------
 
 
@@ -611,7 +657,7 @@ def test_every_rpc_of_the_contracts_has_a_rule() -> None:
     writes = {
         "Register", "Heartbeat", "KeepAlive", "Deregister", "PutServicePolicy",
         "DeleteServicePolicy", "PutWorkflow", "DeleteWorkflow", "StartExecution",
-        "CancelExecution", "RecordStepResult",
+        "CancelExecution", "RecordStepResult", "SetInstanceMaintenance",
     }  # fmt: skip
     limited = {name.rsplit("/", 1)[1]: rule.limit for name, rule in METHOD_RULES.items()}
     assert {name for name, limit in limited.items() if limit == "writes"} == writes
