@@ -165,6 +165,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     "/flext_mesh.v1.OrchestratorService/GetExecution": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/ListExecutions": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/CancelExecution": MethodRule(_WORKFLOW, "writes"),
+    "/flext_mesh.v1.OrchestratorService/RetryExecution": MethodRule(_WORKFLOW, "writes"),
     "/flext_mesh.v1.OrchestratorService/WatchExecution": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/RecordStepResult": MethodRule(
         _SERVICE, "writes", "service_name"

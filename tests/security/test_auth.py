@@ -357,9 +357,13 @@ async def test_workflow_scope_puts_and_starts_workflows_only(secured: Secured) -
             orchestrator_pb2.GetExecutionRequest(execution_id=started.execution.execution_id)
         )
         assert got.execution.execution_id == started.execution.execution_id
-        # Cancelling an unknown execution gets past the scope check to NOT_FOUND.
+        # Cancelling or retrying an unknown execution gets past the scope check to NOT_FOUND.
         await refused(
             stub.CancelExecution(orchestrator_pb2.CancelExecutionRequest(execution_id="nope")),
+            Code.NOT_FOUND,
+        )
+        await refused(
+            stub.RetryExecution(orchestrator_pb2.RetryExecutionRequest(execution_id="nope")),
             Code.NOT_FOUND,
         )
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
@@ -368,6 +372,16 @@ async def test_workflow_scope_puts_and_starts_workflows_only(secured: Secured) -
             registry.Discover(registry_pb2.DiscoverRequest(service_name="payment")),
             Code.PERMISSION_DENIED,
         )
+    # Retrying is a workflow operator's write: a reader or a sidecar may not.
+    for name in ("dashboard", "payment-sidecar"):
+        async with secured.channel(name) as channel:
+            details = await refused(
+                orchestrator_pb2_grpc.OrchestratorServiceStub(channel).RetryExecution(
+                    orchestrator_pb2.RetryExecutionRequest(execution_id="nope")
+                ),
+                Code.PERMISSION_DENIED,
+            )
+            assert details.endswith("needs scope admin or workflow")
 
 
 async def test_admin_calls_everything(secured: Secured) -> None:
@@ -657,7 +671,7 @@ def test_every_rpc_of_the_contracts_has_a_rule() -> None:
     writes = {
         "Register", "Heartbeat", "KeepAlive", "Deregister", "PutServicePolicy",
         "DeleteServicePolicy", "PutWorkflow", "DeleteWorkflow", "StartExecution",
-        "CancelExecution", "RecordStepResult", "SetInstanceMaintenance",
+        "CancelExecution", "RecordStepResult", "SetInstanceMaintenance", "RetryExecution",
     }  # fmt: skip
     limited = {name.rsplit("/", 1)[1]: rule.limit for name, rule in METHOD_RULES.items()}
     assert {name for name, limit in limited.items() if limit == "writes"} == writes
