@@ -23,7 +23,7 @@ import logging
 import platform
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import grpc
@@ -483,6 +483,8 @@ class MeshState:
     instances: Mapping[tuple[str, str, str, str], int]
     #: Instances ejected by outlier detection, by service.
     ejected: Mapping[str, int]
+    #: Instances in maintenance (drained by an operator), by service.
+    maintenance: Mapping[str, int] = field(default_factory=dict)
     #: Leases that hold at least one instance.
     leases: int
     #: Open registry Watch streams on this replica.
@@ -498,6 +500,7 @@ class MeshStateCollector(Collector):
     """Gauges of the registry and the orchestrator, read at scrape time from ``source``
     on ``loop`` (see :class:`CallMetricsCollector`): ``flext_mesh_instances`` (service,
     version, zone, health), ``flext_mesh_instances_ejected`` (service),
+    ``flext_mesh_instances_maintenance`` (service),
     ``flext_mesh_leases``, ``flext_mesh_registry_watchers``,
     ``flext_mesh_executions`` (workflow, state; the executions this replica drives, so
     a sum over replicas counts each once) and ``flext_mesh_store_commit_seconds``.
@@ -538,6 +541,11 @@ class MeshStateCollector(Collector):
             "Instances ejected by outlier detection, by service.",
             labels=("service",),
         )
+        drained = GaugeMetricFamily(
+            "flext_mesh_instances_maintenance",
+            "Instances in maintenance (drained: no new calls), by service.",
+            labels=("service",),
+        )
         leases = GaugeMetricFamily(
             "flext_mesh_leases", "Leases that hold at least one registered instance."
         )
@@ -559,6 +567,8 @@ class MeshStateCollector(Collector):
                 instances.add_metric(instance_labels, count)
             for service, count in sorted(state.ejected.items()):
                 ejected.add_metric((service,), count)
+            for service, count in sorted(state.maintenance.items()):
+                drained.add_metric((service,), count)
             leases.add_metric((), state.leases)
             watchers.add_metric((), state.watchers)
             for execution_labels, count in sorted(state.executions.items()):
@@ -569,7 +579,7 @@ class MeshStateCollector(Collector):
                 commits.add_metric(
                     (), [(le, float(n)) for le, n in zip(les, cumulative, strict=True)], total
                 )
-        return [instances, ejected, leases, watchers, executions, commits]
+        return [instances, ejected, drained, leases, watchers, executions, commits]
 
 
 # -- workflows --------------------------------------------------------------------------

@@ -311,6 +311,7 @@ class ControlPlane:
         return MeshState(
             instances=census.instances,
             ejected=census.ejected,
+            maintenance=census.maintenance,
             leases=census.leases,
             watchers=census.watchers,
             executions=self.orchestrator.driven(),

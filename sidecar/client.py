@@ -523,6 +523,11 @@ class MeshClient:
             plans = self._plans
             if routes is None or routes.plan is not plans.by_service.get(service, plans.default):
                 routes = cached.routes = self._router.build(service, cached.instances)
+            if not routes.size:
+                raise Unavailable(
+                    f"every instance of {service!r} is in maintenance (drained); "
+                    "undrain one: flext-mesh services undrain"
+                )
             call.size = routes.size
             instance, permit = self._router.pick(routes, call, call.operation)
             return instance, permit, False

@@ -44,7 +44,8 @@ Picks
     *Callable* instances are healthy (SERVING or UNKNOWN), not ejected, of effective
     weight > 0, and their breaker admits a call; when no instance of a service is
     healthy, every instance counts as healthy (panic: better an unhealthy instance than
-    none). One call:
+    none). Instances in maintenance (drained by an operator) are never picked, not even
+    in panic: the routes leave them out. One call:
 
     1. Version split: the call picks a version by smooth weighted round robin over the
        versions with a weight > 0 (nginx's algorithm, as Discover: 90/10 sends exactly
@@ -122,8 +123,14 @@ def seconds(duration: duration_pb2.Duration) -> float:
 
 
 def callable_instance(instance: registry_pb2.ServiceInstance) -> bool:
-    """Healthy, not ejected, of positive weight: what the registry says of an instance."""
-    return instance.health in _HEALTHY and not instance.ejected and instance.effective_weight > 0
+    """Healthy, not ejected, not in maintenance, of positive weight: what the registry
+    says of an instance."""
+    return (
+        instance.health in _HEALTHY
+        and not instance.ejected
+        and not instance.maintenance
+        and instance.effective_weight > 0
+    )
 
 
 # -- plans ---------------------------------------------------------------------------
@@ -495,9 +502,12 @@ class Router:
         self._rotations: dict[tuple[str, str | None, bool, bool], _Rotation] = {}
 
     def build(self, service: str, instances: Mapping[str, registry_pb2.ServiceInstance]) -> Routes:
-        """The routes of ``service`` over ``instances`` under its current plan."""
+        """The routes of ``service`` over ``instances`` under its current plan (those in
+        maintenance left out: ``size`` 0 when every instance is)."""
         plan = self.plans.plan(service)
-        everything = sorted(instances.values(), key=lambda i: i.instance_id)
+        everything = sorted(
+            (i for i in instances.values() if not i.maintenance), key=lambda i: i.instance_id
+        )
         live = [i for i in everything if callable_instance(i)] or everything  # empty: panic
 
         def group(version: str | None = None, *, others: bool = False) -> _Group:

@@ -1,4 +1,5 @@
-"""``flext-mesh services``: list services, show a service's instances, try discovery.
+"""``flext-mesh services``: list services, show a service's instances, try discovery,
+drain an instance for maintenance and undrain it.
 
 Each command asks RegistryService over the channel it is given and returns the text to
 print; the caller (:func:`flext_mesh.cli.main`) owns the channel and turns a failed
@@ -22,6 +23,7 @@ from flext_mesh.cli.output import (
     format_labels,
     format_number,
     format_time,
+    one_line,
     render_messages,
     render_table,
 )
@@ -37,11 +39,13 @@ __all__ = [
     "STRATEGIES",
     "add_commands",
     "discover",
+    "drain",
     "health_text",
     "instance_row",
     "instance_wide_row",
     "list_services",
     "show",
+    "undrain",
 ]
 
 #: ``--strategy`` values: the LoadBalancingStrategy names, lower case, without prefix.
@@ -51,7 +55,16 @@ STRATEGIES: dict[str, registry_pb2.LoadBalancingStrategy.ValueType] = {
     if value != registry_pb2.LOAD_BALANCING_STRATEGY_UNSPECIFIED
 }
 #: Columns of ``services list``.
-SERVICE_HEADERS = ("NAME", "INSTANCES", "HEALTHY", "UNHEALTHY", "EJECTED", "VERSIONS", "TYPES")
+SERVICE_HEADERS = (
+    "NAME",
+    "INSTANCES",
+    "HEALTHY",
+    "UNHEALTHY",
+    "EJECTED",
+    "DRAINED",
+    "VERSIONS",
+    "TYPES",
+)
 #: Columns ``services list -o wide`` adds: the policy's version, the instances' zones and
 #: the registry revision of the service's last instance change.
 SERVICE_WIDE_HEADERS = (*SERVICE_HEADERS, "POLICY", "ZONES", "REVISION")
@@ -91,8 +104,11 @@ def add_commands(
         nouns,
         "services",
         aliases=["service"],
-        help="list services, show their instances, try discovery",
-        description="Inspect the service registry of a running control plane.",
+        help="list services, show their instances, try discovery, drain instances",
+        description=(
+            "Inspect the service registry of a running control plane; drain an instance "
+            "for maintenance and undrain it."
+        ),
         parents=parents,
     )
 
@@ -163,6 +179,38 @@ def add_commands(
     explain_p.add_argument("name", metavar="SERVICE", help="service name")
     explain_p.add_argument("instance", metavar="INSTANCE", nargs="?", help="one instance id")
 
+    drain_p = verbs.add(
+        "drain",
+        drain,
+        help="put an instance in maintenance: no new calls, calls in flight finish",
+        description=(
+            "Put one instance in maintenance (SetInstanceMaintenance): clients stop "
+            "picking it within one registry Watch round trip and Discover leaves it out, "
+            "calls already running on it finish. It stays registered (its sidecar keeps "
+            "its lease) and stays drained across control-plane restarts and "
+            "re-registrations until 'services undrain'. Draining a drained instance "
+            "again only replaces its reason. Needs scope admin or service:SERVICE."
+        ),
+    )
+    drain_p.add_argument("name", metavar="SERVICE", help="service name")
+    drain_p.add_argument("instance", metavar="INSTANCE", help="instance id")
+    drain_p.add_argument(
+        "--reason", metavar="TEXT", default="", help="why, shown with the instance (<= 256 chars)"
+    )
+
+    undrain_p = verbs.add(
+        "undrain",
+        undrain,
+        help="take an instance out of maintenance: it gets calls again",
+        description=(
+            "Take one instance out of maintenance (SetInstanceMaintenance with "
+            "maintenance=false): clients pick it again as its health and weight allow. "
+            "Undraining an instance that is not drained changes nothing."
+        ),
+    )
+    undrain_p.add_argument("name", metavar="SERVICE", help="service name")
+    undrain_p.add_argument("instance", metavar="INSTANCE", help="instance id")
+
 
 def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``services list``: every page of ListServices, as a table or a JSON array."""
@@ -185,6 +233,7 @@ def list_services(channel: grpc.Channel, args: argparse.Namespace) -> str:
             s.healthy_count,
             s.unhealthy_count,
             s.ejected_count,
+            s.maintenance_count,
             ",".join(s.versions),
             ",".join(s.types),
         ]
@@ -329,6 +378,8 @@ def explain(channel: grpc.Channel, args: argparse.Namespace) -> str:
 
 def _health_factor_text(e: registry_pb2.WeightExplanation) -> str:
     health = enum_text(registry_pb2.HealthStatus.DESCRIPTOR, e.health)
+    if e.maintenance:
+        return "DRAINED x0"
     if e.ejected:
         return "EJECTED x0"
     return f"{health} x{e.health_factor:g}"
@@ -356,12 +407,22 @@ def _factors(e: registry_pb2.WeightExplanation) -> str:
         f"latency:        {latency}",
         f"errors:         x{e.error_factor:.2f} ({e.infrastructure_error_rate:.1%} of recent "
         "calls failed on infrastructure)",
+        "maintenance:    " + _maintenance_factor_text(e),
         f"effective:      {format_number(e.effective_weight)}",
         "traffic split:  "
         + (f"{e.split_weight}% to version {e.version}" if e.split_weight else "none"),
-        "in the answer:  " + ("yes" if e.in_answer else "no (filtered by health, split or zone)"),
+        "in the answer:  "
+        + ("yes" if e.in_answer else "no (filtered by health, maintenance, split or zone)"),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _maintenance_factor_text(e: registry_pb2.WeightExplanation) -> str:
+    if not e.maintenance:
+        return f"x{e.maintenance_factor:g} (not drained)"
+    if e.maintenance_reason:
+        return f"x0 (drained: {one_line(e.maintenance_reason)})"
+    return "x0 (drained)"
 
 
 def instance_row(instance: registry_pb2.ServiceInstance) -> tuple[str, ...]:
@@ -401,13 +462,53 @@ def _instance_table(instances: Iterable[registry_pb2.ServiceInstance], *, wide: 
 
 
 def health_text(instance: registry_pb2.ServiceInstance) -> str:
-    """``SERVING``, ``NOT_SERVING``, ...; with ``, EJECTED until HH:MM:SS`` when ejected."""
+    """``SERVING``, ``NOT_SERVING``, ...; with ``, EJECTED until HH:MM:SS`` when ejected
+    and ``, DRAINED`` while in maintenance."""
     text = enum_text(registry_pb2.HealthStatus.DESCRIPTOR, instance.health)
     if instance.ejected:
         text += ", EJECTED"
         if instance.HasField("ejected_until"):
             text += f" until {format_time(instance.ejected_until)}"
+    if instance.maintenance:
+        text += ", DRAINED"
     return text
+
+
+def drain(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``services drain``: put one instance in maintenance."""
+    return _set_maintenance(channel, args, maintenance=True, reason=args.reason)
+
+
+def undrain(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``services undrain``: take one instance out of maintenance."""
+    return _set_maintenance(channel, args, maintenance=False, reason="")
+
+
+def _set_maintenance(
+    channel: grpc.Channel, args: argparse.Namespace, *, maintenance: bool, reason: str
+) -> str:
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    response = stub.SetInstanceMaintenance(
+        registry_pb2.SetInstanceMaintenanceRequest(
+            service_name=args.name,
+            instance_id=args.instance,
+            maintenance=maintenance,
+            reason=reason,
+        ),
+        timeout=args.timeout,
+    )
+    if args.output in DOCUMENT_FORMATS:
+        return render_messages(response, args.output)
+    instance = response.instance
+    name = f"{instance.service_name}/{instance.instance_id}"
+    if maintenance:
+        why = f" ({one_line(instance.maintenance_reason)})" if instance.maintenance_reason else ""
+        head = f"{name} drained{why}: no new calls; calls in flight finish"
+    else:
+        head = f"{name} undrained: it gets calls again"
+    return f"{head} (revision {response.revision})\n" + render_table(
+        INSTANCE_HEADERS, [instance_row(instance)]
+    )
 
 
 def _label(value: str) -> tuple[str, str]:

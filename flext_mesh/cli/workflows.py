@@ -67,6 +67,7 @@ __all__ = [
     "list_executions",
     "list_workflows",
     "parse_state",
+    "retry_execution",
     "run_workflow",
     "show_execution",
     "show_workflow",
@@ -75,6 +76,7 @@ __all__ = [
 
 Xs = orchestrator_pb2.ExecutionState
 Ev = orchestrator_pb2.ExecutionEventType
+Ss = orchestrator_pb2.StepState
 
 #: States an execution does not leave.
 ENDED_STATES = frozenset(
@@ -238,7 +240,7 @@ def _add_execution_commands(
         nouns,
         "execution",
         aliases=["executions"],
-        help="show, list, cancel and watch workflow executions",
+        help="show, list, cancel, retry and watch workflow executions",
         description="Inspect and steer the workflow executions of a running control plane.",
         parents=parents,
     )
@@ -290,6 +292,23 @@ def _add_execution_commands(
     )
     cancel_p.add_argument("id", metavar="ID", help="execution id")
     cancel_p.add_argument("--reason", metavar="TEXT", default="", help="recorded in the history")
+
+    retry_p = verbs.add(
+        "retry",
+        retry_execution,
+        help="run an ended execution again from its first unfinished step",
+        description=(
+            "Run an ended execution (FAILED, CANCELLED, COMPENSATION_FAILED, COMPENSATED) "
+            "again as a new execution, once the cause of its failure is fixed. The new "
+            "one runs the same workflow version with the same input; the steps that "
+            "succeeded and were not compensated are carried over (not run again), the "
+            "others run under new idempotency keys (a COMPENSATED execution runs from the "
+            "start). Prints the new execution's id; with --watch, follows it and exits 0 "
+            "only if it SUCCEEDED. An execution is retried once (retry the retry after)."
+        ),
+    )
+    retry_p.add_argument("id", metavar="ID", help="the ended execution's id")
+    retry_p.add_argument("--watch", action="store_true", help="follow the new execution")
 
     watch_p = verbs.add(
         "watch",
@@ -512,6 +531,10 @@ def show_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
     if execution.HasField("error"):
         failed = f" (step {execution.failed_step})" if execution.failed_step else ""
         lines.append(f"error:        {_error_text(execution.error)}{failed}")
+    if execution.retry_of:
+        lines.append(f"retry of:     {execution.retry_of}")
+    if execution.retried_by:
+        lines.append(f"retried by:   {execution.retried_by}")
     lines.append(f"correlation:  {execution.correlation_id}")
     if execution.idempotency_key:
         lines.append(f"idempotency:  {execution.idempotency_key}")
@@ -585,6 +608,30 @@ def cancel_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
     return f"execution {response.execution.execution_id}: {_state(response.execution.state)}\n"
 
 
+def retry_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
+    """``execution retry``: RetryExecution; with ``--watch``, follow the new one."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    response = stub.RetryExecution(
+        orchestrator_pb2.RetryExecutionRequest(execution_id=args.id), timeout=args.timeout
+    )
+    execution = response.execution
+    if not args.watch:
+        if args.output in DOCUMENT_FORMATS:
+            return render_messages(response, args.output)
+        return f"{execution.execution_id}\n"
+    if args.output in DOCUMENT_FORMATS:
+        emit(render_stream_item(response, args.output))
+    else:
+        carried = [s.step_name for s in execution.steps if s.state == Ss.STEP_STATE_SUCCEEDED]
+        over = f"; carried over: {', '.join(carried)}" if carried else ""
+        emit(
+            f"execution {execution.execution_id} of {_workflow_label(execution)} started: "
+            f"retry of {execution.retry_of}{over}\n"
+        )
+    _watch_to_end(channel, args, execution)
+    return ""
+
+
 def watch_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
     """``execution watch``: the history, then live events until the execution ends."""
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
@@ -632,6 +679,10 @@ class _Progress:
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_STARTED:
             twice = " [at-least-once]" if event.at_least_once else ""
             return f"STARTED (attempt {event.attempt}){on}{twice}{note}"
+        if kind == Ev.EXECUTION_EVENT_TYPE_STEP_CARRIED_OVER:
+            return f"CARRIED_OVER from execution {event.related_execution_id}{on} (not run again)"
+        if kind == Ev.EXECUTION_EVENT_TYPE_EXECUTION_RETRIED:
+            return f"RETRIED as execution {event.related_execution_id}"
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_OUTCOME_RESOLVED:
             return f"OUTCOME_RESOLVED {_step_state(event.step_state)}{note}"
         if kind == Ev.EXECUTION_EVENT_TYPE_STEP_RETRYING:

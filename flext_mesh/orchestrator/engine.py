@@ -2,8 +2,8 @@
 
 :class:`Orchestrator` is what the servicer, the dashboard and the server use. It owns the
 lifecycle (start and stop, spawning runs, resuming them after a store failure or a
-takeover), starts executions and cancels them (on whichever replica drives them), and
-hands the rest to its parts:
+takeover), starts executions, retries ended ones (:meth:`Orchestrator.retry_execution`)
+and cancels them (on whichever replica drives them), and hands the rest to its parts:
 
 - :mod:`.catalog`: workflow definitions, their versions and validated specs;
 - :mod:`.executions`: GetExecution, ListExecutions, WatchExecution;
@@ -37,7 +37,7 @@ from flext_mesh.errors import (
     NotFound,
     Unavailable,
 )
-from flext_mesh.names import check_id, raise_if
+from flext_mesh.names import check_id, elide, raise_if
 from flext_mesh.orchestrator.catalog import MAX_WORKFLOW_NAME, Catalog, validated
 from flext_mesh.orchestrator.executions import Executions
 from flext_mesh.orchestrator.history import (
@@ -45,6 +45,7 @@ from flext_mesh.orchestrator.history import (
     ExecutionEventType,
     ExecutionState,
     ExecutionView,
+    StepState,
 )
 from flext_mesh.orchestrator.invoker import StepInvoker
 from flext_mesh.orchestrator.journal import OwnershipLost, RunBroken
@@ -54,9 +55,11 @@ from flext_mesh.orchestrator.records import (
     CANCELS,
     DEFINITIONS,
     EXECUTIONS,
+    event_key,
     idempotency_key,
     load_execution,
     new_execution_id,
+    timestamp_now,
 )
 from flext_mesh.orchestrator.reporting import Durations, Reporter
 from flext_mesh.orchestrator.retention import Retention
@@ -67,6 +70,7 @@ from flext_mesh.orchestrator.step_results import StepResults
 from flext_mesh.retry import Backoff
 from flext_mesh.rpc import tracing
 from flext_mesh.rpc.metadata import MAX_IDEMPOTENCY_KEY_LENGTH, correlation_id_problem
+from flext_mesh.rpc.payloads import struct_to_dict
 from flext_mesh.store import Compare, Delete, Event, EventType, Put, Store
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2
 
@@ -84,6 +88,8 @@ _log = logging.getLogger("flext_mesh.orchestrator")
 MAX_INPUT_BYTES = 1024 * 1024
 #: Longest cancellation reason, bytes.
 MAX_REASON_BYTES = 1024
+#: Tries of a RetryExecution whose old execution changes under it.
+_RETRY_ATTEMPTS = 3
 
 
 class Orchestrator:
@@ -349,6 +355,128 @@ class Orchestrator:
         )
         return snapshot, False
 
+    async def retry_execution(
+        self, execution_id: str, *, caller_traceparent: str = ""
+    ) -> orchestrator_pb2.Execution:
+        """Run an ended execution again as a new one (see RetryExecution in
+        orchestrator.proto): the steps whose effect stands are carried over, the others
+        run. Both histories are committed in one transaction before this returns."""
+        raise_if(check_id("execution_id", execution_id))
+        for _ in range(_RETRY_ATTEMPTS):
+            record = await self.store.get(EXECUTIONS + execution_id)
+            if record is None:
+                raise NotFound(f"execution {elide(execution_id)!r} does not exist")
+            old = orchestrator_pb2.Execution.FromString(record.value)
+            _check_retryable(old)
+            definition = await self.store.get(DEFINITIONS + execution_id)
+            if definition is None:  # pragma: no cover - written with the execution
+                raise FailedPrecondition(f"execution {execution_id} has no definition left")
+            retried = await self._start_retry(
+                old, record.mod_revision, definition.value, caller_traceparent
+            )
+            if retried is not None:
+                return retried
+            # The old execution changed meanwhile (retried by another call, or swept).
+        raise Unavailable(f"execution {execution_id} kept changing; retry again")
+
+    async def _start_retry(
+        self,
+        old: orchestrator_pb2.Execution,
+        old_revision: int,
+        definition: bytes,
+        caller_traceparent: str,
+    ) -> orchestrator_pb2.Execution | None:
+        """Persist and start the retry of ``old``; None when ``old`` changed meanwhile."""
+        workflow = orchestrator_pb2.Workflow.FromString(definition)
+        # An inline definition is stored without a name; it was valid when it started.
+        spec = validated(workflow, inline=not workflow.name)
+        old_id = old.execution_id
+        old_state = ExecutionState(old.state)
+        carried = _carried_steps(old)
+        execution_id = new_execution_id()
+        execution = orchestrator_pb2.Execution(
+            execution_id=execution_id,
+            workflow_name=old.workflow_name,
+            workflow_version=old.workflow_version,
+            state=orchestrator_pb2.EXECUTION_STATE_PENDING,
+            correlation_id=old.correlation_id,
+            owner=self.settings.owner,
+        )
+        execution.input.CopyFrom(old.input)
+        traced = tracing.new_execution_trace(caller_traceparent)
+        if traced is not None:
+            execution.traceparent, execution.trace_parent_span_id = traced
+        for step in spec.steps:
+            kept = carried.get(step.name)
+            execution.steps.add(
+                step_name=step.name,
+                state=orchestrator_pb2.STEP_STATE_PENDING,
+                # A carried step keeps the key it ran under; the others run under new ones.
+                idempotency_key=kept.idempotency_key if kept else f"{execution_id}/{step.name}",
+            )
+        run = Run(self._run_context, spec, ExecutionView(execution))
+        run.stage(
+            ExecutionEventType.EXECUTION_CREATED,
+            state=ExecutionState.PENDING,
+            message=f"retry of execution {old_id} ({old_state.name})",
+            related_execution_id=old_id,
+        )
+        # In the order they completed: a failure of the retry compensates newest first.
+        for done in sorted(carried.values(), key=lambda s: s.end_time.ToNanoseconds()):
+            run.stage(
+                ExecutionEventType.STEP_CARRIED_OVER,
+                step=done.step_name,
+                step_state=StepState.SUCCEEDED,
+                output=struct_to_dict(done.output),
+                instance_id=done.instance_id,
+                message=f"succeeded in execution {old_id}; not run again",
+                related_execution_id=old_id,
+            )
+        run.stage(ExecutionEventType.EXECUTION_STARTED, state=ExecutionState.RUNNING)
+        first = await run.begin(run.schedule())
+        # The old execution: as it was, plus the event naming its retry.
+        note = orchestrator_pb2.ExecutionEvent(
+            index=old.event_count + 1,
+            type=orchestrator_pb2.EXECUTION_EVENT_TYPE_EXECUTION_RETRIED,
+            execution_state=old.state,
+            message=f"retried as execution {execution_id}",
+            related_execution_id=execution_id,
+        )
+        note.time.CopyFrom(timestamp_now())
+        old.event_count = note.index
+        old.retried_by = execution_id
+        extra: list[Put | Delete] = [
+            Put(DEFINITIONS + execution_id, definition),
+            Put(ACTIVE + execution_id, b""),
+            *self.owner_ops(execution_id),
+            Put(event_key(old_id, note.index), note.SerializeToString()),
+            Put(EXECUTIONS + old_id, old.SerializeToString()),
+        ]
+        try:
+            committed = await run.flush(
+                compares=[Compare(EXECUTIONS + old_id, old_revision)], extra=extra
+            )
+        except RunBroken as broken:  # nothing started: the caller gets the store's error
+            cause = broken.__cause__
+            raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
+        if not committed:
+            return None
+        self.claimed(execution_id, run.journal.revision)
+        run.journal.owned = True
+        snapshot = orchestrator_pb2.Execution()
+        snapshot.CopyFrom(run.view.execution)
+        run.first = first
+        self._spawn(run, resumed=False)
+        _log.info(
+            "execution retried id=%s as=%s workflow=%s carried=%d cid=%s",
+            old_id,
+            execution_id,
+            old.workflow_name or "(inline)",
+            len(carried),
+            execution.correlation_id,
+        )
+        return snapshot
+
     def driven(self) -> dict[tuple[str, str], int]:
         """Executions this replica drives now, by (workflow, state without its prefix);
         an inline definition counts as workflow ``(inline)``."""
@@ -431,6 +559,36 @@ class Orchestrator:
                 task = asyncio.create_task(run.request_cancel(event.value.decode()))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+
+def _check_retryable(execution: orchestrator_pb2.Execution) -> None:
+    """FAILED_PRECONDITION unless RetryExecution may run ``execution`` again."""
+    execution_id = execution.execution_id
+    state = ExecutionState(execution.state)
+    if execution.retried_by:
+        raise FailedPrecondition(
+            f"execution {execution_id} was already retried as execution "
+            f"{execution.retried_by}; retry that one"
+        )
+    if state == ExecutionState.SUCCEEDED:
+        raise FailedPrecondition(
+            f"execution {execution_id} SUCCEEDED: there is nothing to retry; start a new execution"
+        )
+    if state not in ENDED_STATES:
+        raise FailedPrecondition(
+            f"execution {execution_id} has not ended ({state.name}): wait for it to end, or "
+            "cancel it, then retry"
+        )
+
+
+def _carried_steps(
+    execution: orchestrator_pb2.Execution,
+) -> dict[str, orchestrator_pb2.StepExecution]:
+    """The steps a retry of ``execution`` takes over, by name: those whose effect still
+    stands (SUCCEEDED, never compensated); none after a whole rollback (COMPENSATED)."""
+    if ExecutionState(execution.state) == ExecutionState.COMPENSATED:
+        return {}
+    return {s.step_name: s for s in execution.steps if StepState(s.state) == StepState.SUCCEEDED}
 
 
 def _check_start(request: orchestrator_pb2.StartExecutionRequest) -> None:

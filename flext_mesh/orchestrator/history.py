@@ -54,6 +54,8 @@ class ExecutionEventType(enum.IntEnum):
     EXECUTION_RESUMED = 13
     EXECUTION_ENDED = 14
     STEP_OUTCOME_RESOLVED = 15
+    STEP_CARRIED_OVER = 16
+    EXECUTION_RETRIED = 17
 
 
 class StepState(enum.IntEnum):
@@ -234,6 +236,9 @@ class ExecutionView:
         kind = ExecutionEventType(event.type)
         if kind == ExecutionEventType.EXECUTION_CREATED:
             execution.create_time.CopyFrom(event.time)
+            execution.retry_of = event.related_execution_id
+        elif kind == ExecutionEventType.EXECUTION_RETRIED:
+            execution.retried_by = event.related_execution_id
         elif kind == ExecutionEventType.EXECUTION_STARTED:
             execution.start_time.CopyFrom(event.time)
         elif kind == ExecutionEventType.CANCEL_REQUESTED:
@@ -272,6 +277,13 @@ class ExecutionView:
             step.error.CopyFrom(event.error)
             step.instance_id = event.instance_id
             self._answered(step.step_name, event.error.code, event.instance_id)
+        elif kind == ExecutionEventType.STEP_CARRIED_OVER:
+            # Succeeded in the execution this one retries: done, and compensated like
+            # any completed step if this one fails (it never ran here: no times).
+            step.output.CopyFrom(event.output)
+            step.instance_id = event.instance_id
+            self.completed.append(step.step_name)
+            self.execution.output.get_or_create_struct(step.step_name).CopyFrom(event.output)
         elif kind == ExecutionEventType.STEP_SUCCEEDED:
             self._in_flight.pop(step.step_name, None)
             self._unresolved.pop(step.step_name, None)

@@ -117,6 +117,7 @@ class Journal:
         backoff: float | None = None,
         failed_step: str = "",
         at_least_once: bool = False,
+        related_execution_id: str = "",
     ) -> orchestrator_pb2.ExecutionEvent:
         """Fold an event into the view now; it is persisted by the next flush."""
         # Into the message as protobuf numbers (each ValueType is int at run time).
@@ -131,6 +132,7 @@ class Journal:
             message=message,
             failed_step=failed_step,
             at_least_once=at_least_once,
+            related_execution_id=related_execution_id,
         )
         event.time.CopyFrom(timestamp_now())
         if error is not None:

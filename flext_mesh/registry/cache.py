@@ -504,6 +504,11 @@ def translate(
         previous.lease_id != instance.lease_id
     ):
         out.type = _WE.WATCH_EVENT_TYPE_UPDATED
+    elif (
+        previous.maintenance != instance.maintenance
+        or previous.maintenance_reason != instance.maintenance_reason
+    ):
+        out.type = _WE.WATCH_EVENT_TYPE_MAINTENANCE_CHANGED
     elif previous.health != instance.health or previous.ejected != instance.ejected:
         out.type = _WE.WATCH_EVENT_TYPE_HEALTH_CHANGED
     else:

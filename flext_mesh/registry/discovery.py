@@ -50,8 +50,14 @@ _Query = tuple[str, str, tuple[tuple[str, str], ...], int, bool, int, str, str]
 
 
 def is_healthy(instance: registry_pb2.ServiceInstance) -> bool:
-    """Whether Discover counts the instance as healthy (serving, not ejected, weighted)."""
-    return instance.health in _HEALTHY and not instance.ejected and instance.effective_weight > 0
+    """Whether Discover counts the instance as healthy (serving, not ejected, not in
+    maintenance, weighted)."""
+    return (
+        instance.health in _HEALTHY
+        and not instance.ejected
+        and not instance.maintenance
+        and instance.effective_weight > 0
+    )
 
 
 @dataclass(slots=True)
@@ -256,18 +262,25 @@ class Discovery:
         """The answer (may run on the worker thread: reads only its arguments and the
         cache's encodings; new encodings are returned for the loop to keep)."""
         service, type_, labels, _, healthy_only, _, version, zone = query
+        notes: list[str] = []
         if type_:
             pool = [i for i in pool if i.type == type_]
         for key, value in labels:
             pool = [i for i in pool if i.labels.get(key) == value]
         if not pool and not service:
             raise NotFound(f"no instance of type {type_!r} is registered")
+        if healthy_only:
+            # Drained on purpose: never an answer's fallback, and not counted in panic.
+            drained = len(pool)
+            pool = [i for i in pool if not i.maintenance]
+            drained -= len(pool)
+            if drained:
+                notes.append(f"{drained} instance(s) in maintenance left out")
         if service:
             pool.sort(key=_instance_id)
         else:
             pool.sort(key=_service_and_id)
         healthy = [i for i in pool if is_healthy(i)]
-        notes: list[str] = []
         panic = False
         chosen = pool
         threshold = (
@@ -451,6 +464,7 @@ def _summary(
         healthy_count=sum(1 for i in instances if is_healthy(i)),
         unhealthy_count=sum(1 for i in instances if i.health not in _HEALTHY),
         ejected_count=sum(1 for i in instances if i.ejected),
+        maintenance_count=sum(1 for i in instances if i.maintenance),
         versions=sorted({i.version for i in instances if i.version}),
         types=sorted({i.type for i in instances if i.type}),
     )

@@ -85,6 +85,9 @@ class Leases:
             "revision",
             "applied_revision",
             "applied_time",
+            "maintenance",
+            "maintenance_reason",
+            "maintenance_time",
         ):
             new.ClearField(name)  # the control plane's fields
         if not new.instance_id:
@@ -131,6 +134,11 @@ class Leases:
         previous: registry_pb2.ServiceInstance | None,
         seconds: float,
     ) -> tuple[registry_pb2.ServiceInstance, registry_pb2.Lease, int]:
+        if previous is not None and previous.maintenance:
+            # An operator's drain outlives re-registrations; only undrain ends it.
+            new.maintenance = True
+            new.maintenance_reason = previous.maintenance_reason
+            new.maintenance_time.CopyFrom(previous.maintenance_time)
         if previous is not None and previous.endpoint == new.endpoint:
             # Same process registering again: keep what the control plane knows of it.
             new.health = previous.health

@@ -7,12 +7,13 @@
 - :mod:`.weights`: health transitions, outlier ejection, call feedback, effective
   weights and their recovery;
 - :mod:`.policies`: traffic policies and the per-service settings they give;
+- :mod:`.maintenance`: an operator's drain of one instance, and its undrain;
 - :mod:`.health` and :mod:`.outlier`: active health checks and ejection bookkeeping.
 
-Who changes an instance: Register and Deregister (callers), lease expiry (the store's
-sweeper), active health transitions, outlier ejections and releases, and the periodic
-refresh of response time, uptime and effective weight. Each change is one store write
-and so one revision and one watch event.
+Who changes an instance: Register and Deregister (callers), SetInstanceMaintenance
+(operators), lease expiry (the store's sweeper), active health transitions, outlier
+ejections and releases, and the periodic refresh of response time, uptime and effective
+weight. Each change is one store write and so one revision and one watch event.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flext_mesh.registry.discovery import Discovered, Discovery
 from flext_mesh.registry.health import HealthChecker, HealthCheckSettings
 from flext_mesh.registry.health import HealthStatus as CheckStatus
 from flext_mesh.registry.leases import Leases
+from flext_mesh.registry.maintenance import Maintenance
 from flext_mesh.registry.outlier import OutlierDetector, OutlierSettings
 from flext_mesh.registry.policies import OperationLister, Policies
 from flext_mesh.registry.validation import DEFAULT_TTL
@@ -84,6 +86,8 @@ class Census:
     instances: dict[tuple[str, str, str, str], int]
     #: Ejected instances by service (0 for a service with none).
     ejected: dict[str, int]
+    #: Instances in maintenance (drained) by service (0 for a service with none).
+    maintenance: dict[str, int]
     #: Distinct leases holding an instance.
     leases: int
     #: Open Watch streams.
@@ -162,6 +166,7 @@ class Registry:
             default_ttl=s.default_ttl,
             max_instances_per_service=s.max_instances_per_service,
         )
+        self.maintenance = Maintenance(self.cache, self.weights)
         self.discovery = Discovery(
             self.cache,
             panic_threshold_percent=s.panic_threshold_percent,
@@ -179,6 +184,7 @@ class Registry:
         self.heartbeat = self.leases.heartbeat
         self.keep_alive = self.leases.keep_alive
         self.deregister = self.leases.deregister
+        self.set_maintenance = self.maintenance.set
         self.record_call = self.weights.record_call
         self.set_call_stats = self.weights.set_call_stats
         self.refresh = self.weights.refresh
@@ -304,20 +310,25 @@ class Registry:
         """Counts of what the registry holds (for gauges; O(instances), on the loop)."""
         instances: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
         ejected: collections.Counter[str] = collections.Counter()
+        drained: collections.Counter[str] = collections.Counter()
         leases: set[str] = set()
         health_name = _HS.Name
         for service, by_id in self.cache.services.items():
             ejected[service] += 0  # a series at 0, so "none ejected" is data too
+            drained[service] += 0
             for instance in by_id.values():
                 health = health_name(instance.health).removeprefix("HEALTH_STATUS_")
                 instances[service, instance.version, instance.zone, health] += 1
                 if instance.ejected:
                     ejected[service] += 1
+                if instance.maintenance:
+                    drained[service] += 1
                 if instance.lease_id:
                     leases.add(instance.lease_id)
         return Census(
             instances=dict(instances),
             ejected=dict(ejected),
+            maintenance=dict(drained),
             leases=len(leases),
             watchers=len(self.hub),
         )

@@ -136,13 +136,18 @@ class Weights:
             infrastructure_error_rate=error_rate,
             error_factor=errors,
             effective_weight=self.weight_of(instance),
+            maintenance=instance.maintenance,
+            maintenance_factor=0.0 if instance.maintenance else 1.0,
+            maintenance_reason=instance.maintenance_reason,
         )
         if instance.ejected and instance.HasField("ejected_until"):
             explained.ejected_until.CopyFrom(instance.ejected_until)
         return explained
 
     def weight_of(self, instance: registry_pb2.ServiceInstance) -> float:
-        """The instance's effective weight from what is known now."""
+        """The instance's effective weight from what is known now (0 in maintenance)."""
+        if instance.maintenance:
+            return 0.0
         median = self._medians.get(instance.service_name, 0.0)
         error_rate = self._error_rates.get((instance.service_name, instance.instance_id), 0.0)
         perf = performance_multiplier(instance.response_time_ms, median, error_rate)

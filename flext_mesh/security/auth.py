@@ -18,14 +18,15 @@ No credentials, or a token that no entry matches: UNAUTHENTICATED. Services name
 
 Authorization: :data:`METHOD_RULES` says, for every RPC, which scopes may call it;
 ``admin`` may call everything. ``service:NAME`` is what a sidecar needs: it registers,
-renews and deregisters only instances of NAME, reports only calls served by NAME or
-made by NAME (``caller_service``: its outbound calls), and reads discovery (Discover,
-ListServices, Watch, GetServicePolicy) to call the others. ``read`` reads everything
-(registry, reports, alerts, workflows, executions); ``workflow`` manages workflows and
-their executions and reads them. A wrong scope: PERMISSION_DENIED naming the scope
-needed. Every refusal is logged at INFO with the method, the client (a token's name, a
-certificate's identity or, unauthenticated, an address; never a credential) and the
-reason, at most once per 10 s for one client, method and kind (:class:`RefusalLog`).
+renews, deregisters and drains (SetInstanceMaintenance) only instances of NAME, reports
+only calls served by NAME or made by NAME (``caller_service``: its outbound calls), and
+reads discovery (Discover, ListServices, Watch, GetServicePolicy) to call the others.
+``read`` reads everything (registry, reports, alerts, workflows, executions);
+``workflow`` manages workflows and their executions and reads them. A wrong scope:
+PERMISSION_DENIED naming the scope needed. Every refusal is logged at INFO with the
+method, the client (a token's name, a certificate's identity or, unauthenticated, an
+address; never a credential) and the reason, at most once per 10 s for one client,
+method and kind (:class:`RefusalLog`).
 
 Rate limits: per client (its token's name, its certificate's SPIFFE id, or its
 address when authentication is off), writes (each write RPC, each KeepAlive message)
@@ -146,6 +147,9 @@ METHOD_RULES: dict[str, MethodRule] = {
     "/flext_mesh.v1.RegistryService/PutServicePolicy": MethodRule(_ADMIN, "writes"),
     "/flext_mesh.v1.RegistryService/GetServicePolicy": MethodRule(_DISCOVERY),
     "/flext_mesh.v1.RegistryService/DeleteServicePolicy": MethodRule(_ADMIN, "writes"),
+    "/flext_mesh.v1.RegistryService/SetInstanceMaintenance": MethodRule(
+        _SERVICE, "writes", "service_name"
+    ),
     # MetricsService
     "/flext_mesh.v1.MetricsService/ReportCalls": MethodRule(_SERVICE, "reports", "records"),
     "/flext_mesh.v1.MetricsService/StreamCalls": MethodRule(_SERVICE, "reports", "records"),
@@ -161,6 +165,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     "/flext_mesh.v1.OrchestratorService/GetExecution": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/ListExecutions": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/CancelExecution": MethodRule(_WORKFLOW, "writes"),
+    "/flext_mesh.v1.OrchestratorService/RetryExecution": MethodRule(_WORKFLOW, "writes"),
     "/flext_mesh.v1.OrchestratorService/WatchExecution": MethodRule(_WORKFLOW_READ),
     "/flext_mesh.v1.OrchestratorService/RecordStepResult": MethodRule(
         _SERVICE, "writes", "service_name"
@@ -545,7 +550,8 @@ class _Guard:
         elif target == "service_name":
             service = request.service_name
             if service not in allowed:
-                return self._denied(identity, f"deregister instances of {service!r}", service)
+                verb = self.method.rpartition("/")[2]
+                return self._denied(identity, f"call {verb} for {service!r}", service)
         elif target in ("lease", "leases"):
             lease_ids = [request.lease_id] if target == "lease" else request.lease_ids
             for lease_id in lease_ids:

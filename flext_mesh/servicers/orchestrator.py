@@ -68,14 +68,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.StartExecutionRequest, context: _Context
     ) -> orchestrator_pb2.StartExecutionResponse:
         """Persist and start an execution; with ``wait``, answer once it ended."""
-        caller = ""
-        if tracing.enabled():
-            caller = next(
-                (str(v) for k, v in context.invocation_metadata() or () if k == TRACEPARENT_HEADER),
-                "",
-            )
         execution, existing = await self.orchestrator.start_execution(
-            request, caller_traceparent=caller
+            request, caller_traceparent=_caller_traceparent(context)
         )
         if request.wait:
             release = self.watchers.acquire(context)
@@ -84,6 +78,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             finally:
                 release()
         return orchestrator_pb2.StartExecutionResponse(execution=execution, existing=existing)
+
+    @rpc_errors
+    async def RetryExecution(
+        self, request: orchestrator_pb2.RetryExecutionRequest, context: _Context
+    ) -> orchestrator_pb2.RetryExecutionResponse:
+        """Run an ended execution again as a new one; with ``wait``, answer once it ended."""
+        execution = await self.orchestrator.retry_execution(
+            request.execution_id, caller_traceparent=_caller_traceparent(context)
+        )
+        if request.wait:
+            release = self.watchers.acquire(context)
+            try:
+                execution = await self.orchestrator.wait_ended(execution)
+            finally:
+                release()
+        return orchestrator_pb2.RetryExecutionResponse(execution=execution)
 
     @rpc_errors
     async def GetExecution(
@@ -137,6 +147,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             request.service_name, request.operation, request.idempotency_key, request.result
         )
         return orchestrator_pb2.RecordStepResultResponse()
+
+
+def _caller_traceparent(context: _Context) -> str:
+    """The caller's traceparent header while tracing is on ("" otherwise)."""
+    if not tracing.enabled():
+        return ""
+    return next(
+        (str(v) for k, v in context.invocation_metadata() or () if k == TRACEPARENT_HEADER),
+        "",
+    )
 
 
 def add_orchestrator_servicer(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:

@@ -163,6 +163,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         revision = await self.registry.delete_policy(request.service_name)
         return registry_pb2.DeleteServicePolicyResponse(revision=revision)
 
+    @rpc_errors
+    async def SetInstanceMaintenance(
+        self, request: registry_pb2.SetInstanceMaintenanceRequest, context: _Context
+    ) -> registry_pb2.SetInstanceMaintenanceResponse:
+        """Drain an instance (no new calls) or undrain it."""
+        instance, revision = await self.registry.set_maintenance(
+            request.service_name, request.instance_id, request.maintenance, request.reason
+        )
+        return registry_pb2.SetInstanceMaintenanceResponse(instance=instance, revision=revision)
+
 
 def _long_keys(field: str, labels: Mapping[str, str]) -> list[FieldViolation]:
     """A violation when a label key is longer than any valid one (not quoting it)."""

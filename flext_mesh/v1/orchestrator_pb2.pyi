@@ -174,6 +174,15 @@ class _ExecutionEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ex
     says whether it was not applied or cannot be known (then its compensation,
     if declared, runs anyway).
     """
+    EXECUTION_EVENT_TYPE_STEP_CARRIED_OVER: _ExecutionEventType.ValueType  # 16
+    """On an execution started by RetryExecution: a step that succeeded in the
+    execution it retries (related_execution_id) and is not run again; output and
+    instance_id are that step's. Its step_state is SUCCEEDED.
+    """
+    EXECUTION_EVENT_TYPE_EXECUTION_RETRIED: _ExecutionEventType.ValueType  # 17
+    """On an ended execution: RetryExecution started related_execution_id to run it
+    again. The execution's state does not change.
+    """
 
 class ExecutionEventType(_ExecutionEventType, metaclass=_ExecutionEventTypeEnumTypeWrapper):
     """Kind of an execution event."""
@@ -218,6 +227,15 @@ answered that it succeeded (output holds its output; it is compensated
 like any completed step), otherwise the step keeps its state and message
 says whether it was not applied or cannot be known (then its compensation,
 if declared, runs anyway).
+"""
+EXECUTION_EVENT_TYPE_STEP_CARRIED_OVER: ExecutionEventType.ValueType  # 16
+"""On an execution started by RetryExecution: a step that succeeded in the
+execution it retries (related_execution_id) and is not run again; output and
+instance_id are that step's. Its step_state is SUCCEEDED.
+"""
+EXECUTION_EVENT_TYPE_EXECUTION_RETRIED: ExecutionEventType.ValueType  # 17
+"""On an ended execution: RetryExecution started related_execution_id to run it
+again. The execution's state does not change.
 """
 Global___ExecutionEventType: _TypeAlias = ExecutionEventType  # noqa: Y015
 
@@ -713,6 +731,8 @@ class Execution(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
+    RETRY_OF_FIELD_NUMBER: _builtins.int
+    RETRIED_BY_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Execution id."""
     workflow_name: _builtins.str
@@ -740,6 +760,10 @@ class Execution(_message.Message):
     """Span id (16 hex digits) of the execution span's parent: the span of the
     StartExecution caller, empty when it sent no traceparent.
     """
+    retry_of: _builtins.str
+    """Set on an execution started by RetryExecution: the execution it retries."""
+    retried_by: _builtins.str
+    """Set once RetryExecution retried this execution: the new execution's id."""
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """Input given to StartExecution."""
@@ -794,10 +818,12 @@ class Execution(_message.Message):
         owner: _builtins.str = ...,
         traceparent: _builtins.str = ...,
         trace_parent_span_id: _builtins.str = ...,
+        retry_of: _builtins.str = ...,
+        retried_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "input", b"input", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "event_count", b"event_count", "execution_id", b"execution_id", "failed_step", b"failed_step", "idempotency_key", b"idempotency_key", "input", b"input", "output", b"output", "owner", b"owner", "start_time", b"start_time", "state", b"state", "steps", b"steps", "trace_parent_span_id", b"trace_parent_span_id", "traceparent", b"traceparent", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "event_count", b"event_count", "execution_id", b"execution_id", "failed_step", b"failed_step", "idempotency_key", b"idempotency_key", "input", b"input", "output", b"output", "owner", b"owner", "retried_by", b"retried_by", "retry_of", b"retry_of", "start_time", b"start_time", "state", b"state", "steps", b"steps", "trace_parent_span_id", b"trace_parent_span_id", "traceparent", b"traceparent", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -823,6 +849,7 @@ class ExecutionEvent(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     FAILED_STEP_FIELD_NUMBER: _builtins.int
     AT_LEAST_ONCE_FIELD_NUMBER: _builtins.int
+    RELATED_EXECUTION_ID_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position in the execution's history, from 1, without gaps."""
     type: Global___ExecutionEventType.ValueType
@@ -852,6 +879,11 @@ class ExecutionEvent(_message.Message):
     """For STEP_STARTED: true when the attempt goes to another instance than an
     earlier attempt with the same idempotency key whose outcome is unknown
     (that instance is gone): the step may then run twice (at-least-once).
+    """
+    related_execution_id: _builtins.str
+    """The other execution of a retry: for EXECUTION_CREATED of an execution started
+    by RetryExecution and for STEP_CARRIED_OVER, the execution it retries; for
+    EXECUTION_RETRIED, the new execution.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -886,10 +918,11 @@ class ExecutionEvent(_message.Message):
         instance_id: _builtins.str = ...,
         failed_step: _builtins.str = ...,
         at_least_once: _builtins.bool = ...,
+        related_execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "output", b"output", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_least_once", b"at_least_once", "attempt", b"attempt", "backoff", b"backoff", "error", b"error", "execution_state", b"execution_state", "failed_step", b"failed_step", "index", b"index", "instance_id", b"instance_id", "message", b"message", "output", b"output", "step_name", b"step_name", "step_state", b"step_state", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_least_once", b"at_least_once", "attempt", b"attempt", "backoff", b"backoff", "error", b"error", "execution_state", b"execution_state", "failed_step", b"failed_step", "index", b"index", "instance_id", b"instance_id", "message", b"message", "output", b"output", "related_execution_id", b"related_execution_id", "step_name", b"step_name", "step_state", b"step_state", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1204,6 +1237,58 @@ class CancelExecutionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelExecutionResponse: _TypeAlias = CancelExecutionResponse  # noqa: Y015
+
+@_typing.final
+class RetryExecutionRequest(_message.Message):
+    """Request of OrchestratorService.RetryExecution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    """The ended execution to run again. Required; at most 128 characters."""
+    wait: _builtins.bool
+    """When true, answer once the new execution ended (as StartExecution's wait):
+    bounded by the call's deadline, past it DEADLINE_EXCEEDED and it goes on.
+    """
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryExecutionRequest: _TypeAlias = RetryExecutionRequest  # noqa: Y015
+
+@_typing.final
+class RetryExecutionResponse(_message.Message):
+    """Response of OrchestratorService.RetryExecution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> Global___Execution:
+        """The new execution (RUNNING, or ended with wait), retry_of set."""
+
+    def __init__(
+        self,
+        *,
+        execution: Global___Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryExecutionResponse: _TypeAlias = RetryExecutionResponse  # noqa: Y015
 
 @_typing.final
 class WatchExecutionRequest(_message.Message):

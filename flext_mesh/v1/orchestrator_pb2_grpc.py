@@ -85,6 +85,11 @@ class OrchestratorServiceStub:
                 request_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultRequest.SerializeToString,
                 response_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultResponse.FromString,
                 _registered_method=True)
+        self.RetryExecution = channel.unary_unary(
+                '/flext_mesh.v1.OrchestratorService/RetryExecution',
+                request_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
+                response_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -174,6 +179,33 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryExecution(self, request, context):
+        """Runs an ended execution again as a new one, from its first unfinished step,
+        once the cause of its failure was fixed. The new execution (a new id, with
+        retry_of set) runs the same workflow definition (the version the old one ran)
+        with the same input and correlation id. It takes over, without running them
+        again, the steps whose effect still stands: those SUCCEEDED and never
+        compensated (STEP_CARRIED_OVER events, their outputs and instances, so
+        `${steps.NAME.output}` references resolve); every other step runs, with a new
+        idempotency key. By state:
+        - FAILED, CANCELLED, COMPENSATION_FAILED: from the first unfinished step as
+        above. Steps that were compensated (a cancellation compensates completed
+        steps) run again; so do steps whose compensation failed: undo what they
+        left before retrying. A step whose outcome was unknown (outcome_unknown) runs
+        again under a new key: it may then have run twice.
+        - COMPENSATED: from the start, nothing carried over: the saga rolled back as a
+        whole, so none of its results stand.
+        - SUCCEEDED, or not ended (PENDING, RUNNING, COMPENSATING): FAILED_PRECONDITION.
+        An execution is retried once: a second RetryExecution of it is
+        FAILED_PRECONDITION naming the retry (retry that one instead). The old
+        execution is left as it was, plus an EXECUTION_RETRIED event and retried_by.
+        The new execution is durable (both histories in one transaction) before this
+        answers. NOT_FOUND for an unknown id. Scope: workflow (as StartExecution).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +258,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.RecordStepResult,
                     request_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultRequest.FromString,
                     response_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultResponse.SerializeToString,
+            ),
+            'RetryExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryExecution,
+                    request_deserializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.FromString,
+                    response_serializer=flext__mesh_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -499,6 +536,33 @@ class OrchestratorService:
             '/flext_mesh.v1.OrchestratorService/RecordStepResult',
             flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultRequest.SerializeToString,
             flext__mesh_dot_v1_dot_orchestrator__pb2.RecordStepResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flext_mesh.v1.OrchestratorService/RetryExecution',
+            flext__mesh_dot_v1_dot_orchestrator__pb2.RetryExecutionRequest.SerializeToString,
+            flext__mesh_dot_v1_dot_orchestrator__pb2.RetryExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,29 @@ class OrchestratorServiceStub:
     a known execution; PERMISSION_DENIED when the step belongs to another
     service than the caller's.
     """
+    RetryExecution: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryExecutionRequest, _orchestrator_pb2.RetryExecutionResponse]
+    """Runs an ended execution again as a new one, from its first unfinished step,
+    once the cause of its failure was fixed. The new execution (a new id, with
+    retry_of set) runs the same workflow definition (the version the old one ran)
+    with the same input and correlation id. It takes over, without running them
+    again, the steps whose effect still stands: those SUCCEEDED and never
+    compensated (STEP_CARRIED_OVER events, their outputs and instances, so
+    `${steps.NAME.output}` references resolve); every other step runs, with a new
+    idempotency key. By state:
+    - FAILED, CANCELLED, COMPENSATION_FAILED: from the first unfinished step as
+      above. Steps that were compensated (a cancellation compensates completed
+      steps) run again; so do steps whose compensation failed: undo what they
+      left before retrying. A step whose outcome was unknown (outcome_unknown) runs
+      again under a new key: it may then have run twice.
+    - COMPENSATED: from the start, nothing carried over: the saga rolled back as a
+      whole, so none of its results stand.
+    - SUCCEEDED, or not ended (PENDING, RUNNING, COMPENSATING): FAILED_PRECONDITION.
+    An execution is retried once: a second RetryExecution of it is
+    FAILED_PRECONDITION naming the retry (retry that one instead). The old
+    execution is left as it was, plus an EXECUTION_RETRIED event and retried_by.
+    The new execution is durable (both histories in one transaction) before this
+    answers. NOT_FOUND for an unknown id. Scope: workflow (as StartExecution).
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -119,6 +142,29 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     elsewhere. Kept with the execution. NOT_FOUND when the key is not a step of
     a known execution; PERMISSION_DENIED when the step belongs to another
     service than the caller's.
+    """
+    RetryExecution: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryExecutionRequest, _orchestrator_pb2.RetryExecutionResponse]  # type: ignore[assignment]
+    """Runs an ended execution again as a new one, from its first unfinished step,
+    once the cause of its failure was fixed. The new execution (a new id, with
+    retry_of set) runs the same workflow definition (the version the old one ran)
+    with the same input and correlation id. It takes over, without running them
+    again, the steps whose effect still stands: those SUCCEEDED and never
+    compensated (STEP_CARRIED_OVER events, their outputs and instances, so
+    `${steps.NAME.output}` references resolve); every other step runs, with a new
+    idempotency key. By state:
+    - FAILED, CANCELLED, COMPENSATION_FAILED: from the first unfinished step as
+      above. Steps that were compensated (a cancellation compensates completed
+      steps) run again; so do steps whose compensation failed: undo what they
+      left before retrying. A step whose outcome was unknown (outcome_unknown) runs
+      again under a new key: it may then have run twice.
+    - COMPENSATED: from the start, nothing carried over: the saga rolled back as a
+      whole, so none of its results stand.
+    - SUCCEEDED, or not ended (PENDING, RUNNING, COMPENSATING): FAILED_PRECONDITION.
+    An execution is retried once: a second RetryExecution of it is
+    FAILED_PRECONDITION naming the retry (retry that one instead). The old
+    execution is left as it was, plus an EXECUTION_RETRIED event and retried_by.
+    The new execution is durable (both histories in one transaction) before this
+    answers. NOT_FOUND for an unknown id. Scope: workflow (as StartExecution).
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +267,35 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         elsewhere. Kept with the execution. NOT_FOUND when the key is not a step of
         a known execution; PERMISSION_DENIED when the step belongs to another
         service than the caller's.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryExecution(
+        self,
+        request: _orchestrator_pb2.RetryExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RetryExecutionResponse, _abc.Awaitable[_orchestrator_pb2.RetryExecutionResponse]]:
+        """Runs an ended execution again as a new one, from its first unfinished step,
+        once the cause of its failure was fixed. The new execution (a new id, with
+        retry_of set) runs the same workflow definition (the version the old one ran)
+        with the same input and correlation id. It takes over, without running them
+        again, the steps whose effect still stands: those SUCCEEDED and never
+        compensated (STEP_CARRIED_OVER events, their outputs and instances, so
+        `${steps.NAME.output}` references resolve); every other step runs, with a new
+        idempotency key. By state:
+        - FAILED, CANCELLED, COMPENSATION_FAILED: from the first unfinished step as
+          above. Steps that were compensated (a cancellation compensates completed
+          steps) run again; so do steps whose compensation failed: undo what they
+          left before retrying. A step whose outcome was unknown (outcome_unknown) runs
+          again under a new key: it may then have run twice.
+        - COMPENSATED: from the start, nothing carried over: the saga rolled back as a
+          whole, so none of its results stand.
+        - SUCCEEDED, or not ended (PENDING, RUNNING, COMPENSATING): FAILED_PRECONDITION.
+        An execution is retried once: a second RetryExecution of it is
+        FAILED_PRECONDITION naming the retry (retry that one instead). The old
+        execution is left as it was, plus an EXECUTION_RETRIED event and retried_by.
+        The new execution is durable (both histories in one transaction) before this
+        answers. NOT_FOUND for an unknown id. Scope: workflow (as StartExecution).
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -155,6 +155,10 @@ class _WatchEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchE
     """A service policy was created or replaced."""
     WATCH_EVENT_TYPE_POLICY_DELETED: _WatchEventType.ValueType  # 7
     """A service policy was deleted."""
+    WATCH_EVENT_TYPE_MAINTENANCE_CHANGED: _WatchEventType.ValueType  # 8
+    """An instance went into maintenance or came out of it (or its reason changed): see
+    ServiceInstance.maintenance.
+    """
 
 class WatchEventType(_WatchEventType, metaclass=_WatchEventTypeEnumTypeWrapper):
     """Kind of a registry change."""
@@ -175,6 +179,10 @@ WATCH_EVENT_TYPE_POLICY_PUT: WatchEventType.ValueType  # 6
 """A service policy was created or replaced."""
 WATCH_EVENT_TYPE_POLICY_DELETED: WatchEventType.ValueType  # 7
 """A service policy was deleted."""
+WATCH_EVENT_TYPE_MAINTENANCE_CHANGED: WatchEventType.ValueType  # 8
+"""An instance went into maintenance or came out of it (or its reason changed): see
+ServiceInstance.maintenance.
+"""
 Global___WatchEventType: _TypeAlias = WatchEventType  # noqa: Y015
 
 class _RemovalReason:
@@ -250,6 +258,9 @@ class ServiceInstance(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     APPLIED_TIME_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_REASON_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_TIME_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Service name. Required; 1 to 63 characters of [A-Za-z0-9._-], starting
     with a letter or digit.
@@ -303,6 +314,14 @@ class ServiceInstance(_message.Message):
     never said (a plain registration, an older sidecar). Kept in memory, like
     last_renew_time.
     """
+    maintenance: _builtins.bool
+    """True while the instance is in maintenance (drained by SetInstanceMaintenance): it
+    gets no new calls, whatever its health. Kept across Register of the same instance.
+    """
+    maintenance_reason: _builtins.str
+    """Why it is in maintenance, as the operator said (at most 256 characters); empty
+    when not in maintenance or when none was given.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels for selection: at most 32, keys 1 to 63 characters of
@@ -335,6 +354,10 @@ class ServiceInstance(_message.Message):
     def applied_time(self) -> _timestamp_pb2.Timestamp:
         """Set by the control plane: when applied_revision last moved."""
 
+    @_builtins.property
+    def maintenance_time(self) -> _timestamp_pb2.Timestamp:
+        """When it went into maintenance; unset when not in maintenance."""
+
     def __init__(
         self,
         *,
@@ -361,10 +384,13 @@ class ServiceInstance(_message.Message):
         revision: _builtins.int = ...,
         applied_revision: _builtins.int = ...,
         applied_time: _timestamp_pb2.Timestamp | None = ...,
+        maintenance: _builtins.bool = ...,
+        maintenance_reason: _builtins.str = ...,
+        maintenance_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_time", b"applied_time", "ejected_until", b"ejected_until", "last_renew_time", b"last_renew_time", "metadata", b"metadata", "register_time", b"register_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied_time", b"applied_time", "ejected_until", b"ejected_until", "last_renew_time", b"last_renew_time", "maintenance_time", b"maintenance_time", "metadata", b"metadata", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "applied_time", b"applied_time", "capabilities", b"capabilities", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "endpoint", b"endpoint", "health", b"health", "health_check_mode", b"health_check_mode", "instance_id", b"instance_id", "labels", b"labels", "last_renew_time", b"last_renew_time", "lease_id", b"lease_id", "metadata", b"metadata", "register_time", b"register_time", "response_time_ms", b"response_time_ms", "revision", b"revision", "service_name", b"service_name", "type", b"type", "uptime_percentage", b"uptime_percentage", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "applied_time", b"applied_time", "capabilities", b"capabilities", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "endpoint", b"endpoint", "health", b"health", "health_check_mode", b"health_check_mode", "instance_id", b"instance_id", "labels", b"labels", "last_renew_time", b"last_renew_time", "lease_id", b"lease_id", "maintenance", b"maintenance", "maintenance_reason", b"maintenance_reason", "maintenance_time", b"maintenance_time", "metadata", b"metadata", "register_time", b"register_time", "response_time_ms", b"response_time_ms", "revision", b"revision", "service_name", b"service_name", "type", b"type", "uptime_percentage", b"uptime_percentage", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -665,8 +691,9 @@ class DiscoverRequest(_message.Message):
     strategy: Global___LoadBalancingStrategy.ValueType
     """Ordering strategy. Unset means the service policy's, else WEIGHTED_ROUND_ROBIN."""
     healthy_only: _builtins.bool
-    """Only instances that are healthy (SERVING or UNKNOWN) and not ejected.
-    Default true when unset. The panic threshold may still return others.
+    """Only instances that are healthy (SERVING or UNKNOWN), not ejected and not in
+    maintenance. Default true when unset. The panic threshold may still return
+    unhealthy or ejected ones, never those in maintenance (they do not count in it).
     """
     limit: _builtins.int
     """At most this many instances; 0 means all."""
@@ -771,7 +798,7 @@ Global___DiscoverResponse: _TypeAlias = DiscoverResponse  # noqa: Y015
 @_typing.final
 class WeightExplanation(_message.Message):
     """Why an instance weighs what it does in Discover's answers: effective_weight =
-    base_weight x health_factor x latency_factor x error_factor.
+    base_weight x health_factor x latency_factor x error_factor x maintenance_factor.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -792,6 +819,9 @@ class WeightExplanation(_message.Message):
     EFFECTIVE_WEIGHT_FIELD_NUMBER: _builtins.int
     SPLIT_WEIGHT_FIELD_NUMBER: _builtins.int
     IN_ANSWER_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_FACTOR_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_REASON_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """The instance."""
     version: _builtins.str
@@ -817,11 +847,17 @@ class WeightExplanation(_message.Message):
     error_factor: _builtins.float
     """1 - 2 x that rate, in 0.1..1."""
     effective_weight: _builtins.float
-    """The product of the four: what the balancing strategies use."""
+    """The product of the five: what the balancing strategies use."""
     split_weight: _builtins.int
     """Weight (0..100) the service's traffic split gives its version; 0 without a split."""
     in_answer: _builtins.bool
     """Whether this Discover's answer holds it (health, split, zone and filters applied)."""
+    maintenance: _builtins.bool
+    """In maintenance (drained by SetInstanceMaintenance)."""
+    maintenance_factor: _builtins.float
+    """0 while in maintenance, else 1."""
+    maintenance_reason: _builtins.str
+    """Why it is in maintenance; empty when it is not or none was given."""
     @_builtins.property
     def ejected_until(self) -> _timestamp_pb2.Timestamp:
         """Until when, while ejected."""
@@ -845,10 +881,13 @@ class WeightExplanation(_message.Message):
         effective_weight: _builtins.float = ...,
         split_weight: _builtins.int = ...,
         in_answer: _builtins.bool = ...,
+        maintenance: _builtins.bool = ...,
+        maintenance_factor: _builtins.float = ...,
+        maintenance_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_weight", b"base_weight", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "error_factor", b"error_factor", "health", b"health", "health_factor", b"health_factor", "in_answer", b"in_answer", "infrastructure_error_rate", b"infrastructure_error_rate", "instance_id", b"instance_id", "latency_factor", b"latency_factor", "response_time_ms", b"response_time_ms", "service_median_ms", b"service_median_ms", "split_weight", b"split_weight", "version", b"version", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_weight", b"base_weight", "effective_weight", b"effective_weight", "ejected", b"ejected", "ejected_until", b"ejected_until", "error_factor", b"error_factor", "health", b"health", "health_factor", b"health_factor", "in_answer", b"in_answer", "infrastructure_error_rate", b"infrastructure_error_rate", "instance_id", b"instance_id", "latency_factor", b"latency_factor", "maintenance", b"maintenance", "maintenance_factor", b"maintenance_factor", "maintenance_reason", b"maintenance_reason", "response_time_ms", b"response_time_ms", "service_median_ms", b"service_median_ms", "split_weight", b"split_weight", "version", b"version", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -930,18 +969,21 @@ class ServiceSummary(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_COUNT_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Service name."""
     instance_count: _builtins.int
     """Registered instances."""
     healthy_count: _builtins.int
-    """Instances SERVING or UNKNOWN and not ejected."""
+    """Instances SERVING or UNKNOWN, not ejected and not in maintenance."""
     unhealthy_count: _builtins.int
     """Instances NOT_SERVING or DRAINING."""
     ejected_count: _builtins.int
     """Instances currently ejected by outlier detection."""
     policy_version: _builtins.int
     """Version of the service policy; 0 when none is set."""
+    maintenance_count: _builtins.int
+    """Instances in maintenance (drained), whatever their health."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Distinct versions among the instances, sorted."""
@@ -961,10 +1003,11 @@ class ServiceSummary(_message.Message):
         versions: _abc.Iterable[_builtins.str] | None = ...,
         types: _abc.Iterable[_builtins.str] | None = ...,
         policy_version: _builtins.int = ...,
+        maintenance_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ejected_count", b"ejected_count", "healthy_count", b"healthy_count", "instance_count", b"instance_count", "policy_version", b"policy_version", "service_name", b"service_name", "types", b"types", "unhealthy_count", b"unhealthy_count", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ejected_count", b"ejected_count", "healthy_count", b"healthy_count", "instance_count", b"instance_count", "maintenance_count", b"maintenance_count", "policy_version", b"policy_version", "service_name", b"service_name", "types", b"types", "unhealthy_count", b"unhealthy_count", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1602,3 +1645,71 @@ class DeleteServicePolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteServicePolicyResponse: _TypeAlias = DeleteServicePolicyResponse  # noqa: Y015
+
+@_typing.final
+class SetInstanceMaintenanceRequest(_message.Message):
+    """Request of RegistryService.SetInstanceMaintenance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_NAME_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MAINTENANCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    service_name: _builtins.str
+    """Service name. Required; same rules as ServiceInstance.service_name."""
+    instance_id: _builtins.str
+    """Instance id. Required; same rules as ServiceInstance.instance_id."""
+    maintenance: _builtins.bool
+    """True: drain the instance (no new calls); false: take it out of maintenance."""
+    reason: _builtins.str
+    """Why, shown beside the instance (`flext-mesh services show`). At most 256
+    characters, no control characters; only with maintenance=true (INVALID_ARGUMENT
+    otherwise). Draining an instance already drained with another reason replaces the
+    reason and keeps maintenance_time.
+    """
+    def __init__(
+        self,
+        *,
+        service_name: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        maintenance: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "maintenance", b"maintenance", "reason", b"reason", "service_name", b"service_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetInstanceMaintenanceRequest: _TypeAlias = SetInstanceMaintenanceRequest  # noqa: Y015
+
+@_typing.final
+class SetInstanceMaintenanceResponse(_message.Message):
+    """Response of RegistryService.SetInstanceMaintenance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Registry revision of the change; the instance's current revision when nothing
+    changed (it was already in the state asked for).
+    """
+    @_builtins.property
+    def instance(self) -> Global___ServiceInstance:
+        """The instance as stored after the change."""
+
+    def __init__(
+        self,
+        *,
+        instance: Global___ServiceInstance | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetInstanceMaintenanceResponse: _TypeAlias = SetInstanceMaintenanceResponse  # noqa: Y015

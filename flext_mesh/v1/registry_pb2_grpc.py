@@ -85,6 +85,11 @@ class RegistryServiceStub:
                 request_serializer=flext__mesh_dot_v1_dot_registry__pb2.DeleteServicePolicyRequest.SerializeToString,
                 response_deserializer=flext__mesh_dot_v1_dot_registry__pb2.DeleteServicePolicyResponse.FromString,
                 _registered_method=True)
+        self.SetInstanceMaintenance = channel.unary_unary(
+                '/flext_mesh.v1.RegistryService/SetInstanceMaintenance',
+                request_serializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceRequest.SerializeToString,
+                response_deserializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -168,6 +173,24 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetInstanceMaintenance(self, request, context):
+        """Puts one instance in maintenance (drains it) or takes it out again. A drained
+        instance gets no new calls: Discover with healthy_only leaves it out (even in panic
+        mode), its effective weight is 0, and mesh clients stop picking it within one Watch
+        round trip (WATCH_EVENT_TYPE_MAINTENANCE_CHANGED). Calls already running on it
+        finish. It stays registered under its lease (its sidecar keeps renewing it), is
+        listed by Discover with healthy_only=false, and stays drained across control-plane
+        restarts and re-registrations of the same (service_name, instance_id); only this
+        RPC with maintenance=false undrains it (or the instance leaving the registry:
+        Deregister, lease expiry). Idempotent: asking for the state it is already in
+        writes nothing. Errors: INVALID_ARGUMENT with field violations (names, reason);
+        NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
+        instances of NAME.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +243,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DeleteServicePolicy,
                     request_deserializer=flext__mesh_dot_v1_dot_registry__pb2.DeleteServicePolicyRequest.FromString,
                     response_serializer=flext__mesh_dot_v1_dot_registry__pb2.DeleteServicePolicyResponse.SerializeToString,
+            ),
+            'SetInstanceMaintenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetInstanceMaintenance,
+                    request_deserializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceRequest.FromString,
+                    response_serializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +521,33 @@ class RegistryService:
             '/flext_mesh.v1.RegistryService/DeleteServicePolicy',
             flext__mesh_dot_v1_dot_registry__pb2.DeleteServicePolicyRequest.SerializeToString,
             flext__mesh_dot_v1_dot_registry__pb2.DeleteServicePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetInstanceMaintenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flext_mesh.v1.RegistryService/SetInstanceMaintenance',
+            flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceRequest.SerializeToString,
+            flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

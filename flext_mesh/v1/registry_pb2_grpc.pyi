@@ -68,6 +68,20 @@ class RegistryServiceStub:
     """Returns a service's traffic policy. NOT_FOUND when none is set."""
     DeleteServicePolicy: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteServicePolicyRequest, _registry_pb2.DeleteServicePolicyResponse]
     """Deletes a service's traffic policy; sidecars fall back to their defaults."""
+    SetInstanceMaintenance: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetInstanceMaintenanceRequest, _registry_pb2.SetInstanceMaintenanceResponse]
+    """Puts one instance in maintenance (drains it) or takes it out again. A drained
+    instance gets no new calls: Discover with healthy_only leaves it out (even in panic
+    mode), its effective weight is 0, and mesh clients stop picking it within one Watch
+    round trip (WATCH_EVENT_TYPE_MAINTENANCE_CHANGED). Calls already running on it
+    finish. It stays registered under its lease (its sidecar keeps renewing it), is
+    listed by Discover with healthy_only=false, and stays drained across control-plane
+    restarts and re-registrations of the same (service_name, instance_id); only this
+    RPC with maintenance=false undrains it (or the instance leaving the registry:
+    Deregister, lease expiry). Idempotent: asking for the state it is already in
+    writes nothing. Errors: INVALID_ARGUMENT with field violations (names, reason);
+    NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
+    instances of NAME.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -107,6 +121,20 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Returns a service's traffic policy. NOT_FOUND when none is set."""
     DeleteServicePolicy: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteServicePolicyRequest, _registry_pb2.DeleteServicePolicyResponse]  # type: ignore[assignment]
     """Deletes a service's traffic policy; sidecars fall back to their defaults."""
+    SetInstanceMaintenance: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetInstanceMaintenanceRequest, _registry_pb2.SetInstanceMaintenanceResponse]  # type: ignore[assignment]
+    """Puts one instance in maintenance (drains it) or takes it out again. A drained
+    instance gets no new calls: Discover with healthy_only leaves it out (even in panic
+    mode), its effective weight is 0, and mesh clients stop picking it within one Watch
+    round trip (WATCH_EVENT_TYPE_MAINTENANCE_CHANGED). Calls already running on it
+    finish. It stays registered under its lease (its sidecar keeps renewing it), is
+    listed by Discover with healthy_only=false, and stays drained across control-plane
+    restarts and re-registrations of the same (service_name, instance_id); only this
+    RPC with maintenance=false undrains it (or the instance leaving the registry:
+    Deregister, lease expiry). Idempotent: asking for the state it is already in
+    writes nothing. Errors: INVALID_ARGUMENT with field violations (names, reason);
+    NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
+    instances of NAME.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The service registry of the mesh."""
@@ -203,5 +231,25 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.DeleteServicePolicyResponse, _abc.Awaitable[_registry_pb2.DeleteServicePolicyResponse]]:
         """Deletes a service's traffic policy; sidecars fall back to their defaults."""
+
+    @_abc_1.abstractmethod
+    def SetInstanceMaintenance(
+        self,
+        request: _registry_pb2.SetInstanceMaintenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetInstanceMaintenanceResponse, _abc.Awaitable[_registry_pb2.SetInstanceMaintenanceResponse]]:
+        """Puts one instance in maintenance (drains it) or takes it out again. A drained
+        instance gets no new calls: Discover with healthy_only leaves it out (even in panic
+        mode), its effective weight is 0, and mesh clients stop picking it within one Watch
+        round trip (WATCH_EVENT_TYPE_MAINTENANCE_CHANGED). Calls already running on it
+        finish. It stays registered under its lease (its sidecar keeps renewing it), is
+        listed by Discover with healthy_only=false, and stays drained across control-plane
+        restarts and re-registrations of the same (service_name, instance_id); only this
+        RPC with maintenance=false undrains it (or the instance leaving the registry:
+        Deregister, lease expiry). Idempotent: asking for the state it is already in
+        writes nothing. Errors: INVALID_ARGUMENT with field violations (names, reason);
+        NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
+        instances of NAME.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

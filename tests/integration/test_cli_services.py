@@ -166,8 +166,8 @@ def test_list_prints_an_aligned_row_per_service(address: str) -> None:
     assert header.split() == list(SERVICE_HEADERS)
     rows = rows_by_first_cell(run.stdout)
     assert list(rows) == ["ledger", "payment"]
-    assert rows["ledger"] == ["ledger", "3", "1", "2", "0", "-", "store"]
-    assert rows["payment"] == ["payment", "2", "2", "0", "0", "1.0,1.1", "payment"]
+    assert rows["ledger"] == ["ledger", "3", "1", "2", "0", "0", "-", "store"]
+    assert rows["payment"] == ["payment", "2", "2", "0", "0", "0", "1.0,1.1", "payment"]
     # Columns line up under their headers.
     for title in ("INSTANCES", "VERSIONS", "TYPES"):
         column = header.index(title)

@@ -8,7 +8,8 @@ execution input steers what an operation does, per operation name::
      "behaviour": {"reserve_inventory": {"sleep": 0.3},          # seconds, async
                    "charge": {"fail": "FAILED_PRECONDITION"},    # business failure
                    "refund": {"sleep_first": 2},                 # only the first call
-                   "ship": {"unavailable_first": 2}}}            # infra faults first
+                   "ship": {"unavailable_first": 2},             # infra faults first
+                   "reserve": {"fail_while": "/tmp/x/down"}}}    # while that file is
 
 The ``ledger`` operation returns the entries of a key, so a test can count side
 effects in a sidecar process it does not share memory with.
@@ -17,6 +18,7 @@ effects in a sidecar process it does not share memory with.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -72,6 +74,12 @@ class Step(ServiceProcessor[dict[str, Any], dict[str, Any], dict[str, Any]]):
         await asyncio.sleep(float(behaviour.get("sleep", 0)))
         if call == 1:
             await asyncio.sleep(float(behaviour.get("sleep_first", 0)))
+        down = behaviour.get("fail_while")
+        if down and await asyncio.to_thread(os.path.exists, down):
+            return FlextResult.fail(
+                f"{self.operation}: {down} says it is down",
+                code="FAILED_PRECONDITION",
+            )
         if behaviour.get("fail"):
             return FlextResult.fail(
                 behaviour.get("message", f"{self.operation} refused"), code=behaviour["fail"]

@@ -357,9 +357,13 @@ async def test_workflow_scope_puts_and_starts_workflows_only(secured: Secured) -
             orchestrator_pb2.GetExecutionRequest(execution_id=started.execution.execution_id)
         )
         assert got.execution.execution_id == started.execution.execution_id
-        # Cancelling an unknown execution gets past the scope check to NOT_FOUND.
+        # Cancelling or retrying an unknown execution gets past the scope check to NOT_FOUND.
         await refused(
             stub.CancelExecution(orchestrator_pb2.CancelExecutionRequest(execution_id="nope")),
+            Code.NOT_FOUND,
+        )
+        await refused(
+            stub.RetryExecution(orchestrator_pb2.RetryExecutionRequest(execution_id="nope")),
             Code.NOT_FOUND,
         )
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
@@ -368,6 +372,16 @@ async def test_workflow_scope_puts_and_starts_workflows_only(secured: Secured) -
             registry.Discover(registry_pb2.DiscoverRequest(service_name="payment")),
             Code.PERMISSION_DENIED,
         )
+    # Retrying is a workflow operator's write: a reader or a sidecar may not.
+    for name in ("dashboard", "payment-sidecar"):
+        async with secured.channel(name) as channel:
+            details = await refused(
+                orchestrator_pb2_grpc.OrchestratorServiceStub(channel).RetryExecution(
+                    orchestrator_pb2.RetryExecutionRequest(execution_id="nope")
+                ),
+                Code.PERMISSION_DENIED,
+            )
+            assert details.endswith("needs scope admin or workflow")
 
 
 async def test_admin_calls_everything(secured: Secured) -> None:
@@ -400,6 +414,52 @@ async def test_admin_calls_everything(secured: Secured) -> None:
             )
         )
         await workflows.DeleteWorkflow(orchestrator_pb2.DeleteWorkflowRequest(name="w"))
+
+
+async def test_draining_needs_admin_or_the_services_own_scope(secured: Secured) -> None:
+    def drain(service: str, maintenance: bool = True) -> Any:
+        return registry_pb2.SetInstanceMaintenanceRequest(
+            service_name=service, instance_id=f"{service[:3]}-1", maintenance=maintenance
+        )
+
+    async with (
+        secured.channel("operator") as admin_channel,
+        secured.channel("payment-sidecar") as payment_channel,
+        secured.channel("dashboard") as read_channel,
+        secured.channel("ci") as workflow_channel,
+    ):
+        admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
+        payment = registry_pb2_grpc.RegistryServiceStub(payment_channel)
+        await admin.Register(register_request("payment", "pay-1"))
+        await admin.Register(register_request("orders", "ord-1"))
+        for channel in (read_channel, workflow_channel):
+            details = await refused(
+                registry_pb2_grpc.RegistryServiceStub(channel).SetInstanceMaintenance(
+                    drain("payment")
+                ),
+                Code.PERMISSION_DENIED,
+            )
+            assert details.endswith(
+                "may not call flext_mesh.v1.RegistryService/SetInstanceMaintenance: "
+                "needs scope admin or service:NAME"
+            )
+        details = await refused(
+            payment.SetInstanceMaintenance(drain("orders")), Code.PERMISSION_DENIED
+        )
+        assert details == (
+            "token 'payment-sidecar' (scopes: service:payment) may not call "
+            "SetInstanceMaintenance for 'orders': needs scope admin or service:orders"
+        )
+        await refused(admin.SetInstanceMaintenance(drain("nobody")), Code.NOT_FOUND)
+        # Nothing refused was drained; its own service's and the admin's drains go through.
+        found = await admin.Discover(
+            registry_pb2.DiscoverRequest(service_name="orders", healthy_only=False)
+        )
+        assert not found.instances[0].maintenance
+        assert (await payment.SetInstanceMaintenance(drain("payment"))).instance.maintenance
+        assert (await admin.SetInstanceMaintenance(drain("orders"))).instance.maintenance
+        undrained = await admin.SetInstanceMaintenance(drain("payment", maintenance=False))
+        assert not undrained.instance.maintenance
 
 
 # -- the tokens file -------------------------------------------------------------------
@@ -611,7 +671,7 @@ def test_every_rpc_of_the_contracts_has_a_rule() -> None:
     writes = {
         "Register", "Heartbeat", "KeepAlive", "Deregister", "PutServicePolicy",
         "DeleteServicePolicy", "PutWorkflow", "DeleteWorkflow", "StartExecution",
-        "CancelExecution", "RecordStepResult",
+        "CancelExecution", "RecordStepResult", "SetInstanceMaintenance", "RetryExecution",
     }  # fmt: skip
     limited = {name.rsplit("/", 1)[1]: rule.limit for name, rule in METHOD_RULES.items()}
     assert {name for name, limit in limited.items() if limit == "writes"} == writes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -74,7 +75,25 @@ class CheckoutService(ServiceProcessor[CheckoutRequest, dict[str, Any], dict[str
         return {"paid": receipt["charged"]}
 
 
+class WhoAmIRequest(BaseModel):
+    """How long to work before answering."""
+
+    seconds: float = 0.0
+
+
+class WhoAmIService(ServiceProcessor[WhoAmIRequest, float, dict[str, Any]]):
+    """Answer which process (so which instance) served the call, after a while."""
+
+    async def process(self, request: WhoAmIRequest) -> FlextResult[float]:
+        await asyncio.sleep(request.seconds)
+        return FlextResult[float].ok(request.seconds)
+
+    def build(self, seconds: float, *, correlation_id: str) -> dict[str, Any]:
+        return {"pid": os.getpid(), "seconds": seconds}
+
+
 PROCESSORS = {"charge": ChargeService(), "slow": SlowService()}
+WHOAMI = {"whoami": WhoAmIService()}
 CHECKOUT = {"checkout": CheckoutService()}
 
 
