@@ -91,6 +91,7 @@ TOKEN_COOKIE: Final = "flext_mesh_token"
 #: need.
 ACTIONS: Final = {
     "cancel_execution": "/flext_mesh.v1.OrchestratorService/CancelExecution",
+    "retry_execution": "/flext_mesh.v1.OrchestratorService/RetryExecution",
 }
 
 #: Decides whether a request may do an action: ``(request, rpc method)``, answered as
@@ -212,6 +213,7 @@ class Dashboard:
         }
         actions = {
             "/executions/{execution_id}/cancel": ("cancel_execution", self._cancel_execution),
+            "/executions/{execution_id}/retry": ("retry_execution", self._retry_execution),
         }
         streams = {
             "/events/registry": self._registry_events,
@@ -537,6 +539,11 @@ class Dashboard:
             request.match_info["execution_id"], reason
         )
         return orchestrator_pb2.CancelExecutionResponse(execution=execution)
+
+    async def _retry_execution(self, request: web.Request, body: dict[str, Any]) -> _Result:
+        """RetryExecution: the new execution (``{}`` as the body)."""
+        execution = await self.orchestrator.retry_execution(request.match_info["execution_id"])
+        return orchestrator_pb2.RetryExecutionResponse(execution=execution)
 
     # -- streams -----------------------------------------------------------------------
 

@@ -381,6 +381,18 @@ def test_cancel_from_the_page_at_a_phones_width_and_a_wide_screen(page: Page, me
     assert page.locator("#cancel-button").count() == 0
     assert "customer called" in page.inner_text("#event-log")
 
+    # Cancelled: it can be retried from its first unfinished step, as a new execution.
+    page.click("#retry-button")
+    page.wait_for_selector("#retry-of")
+    assert page.inner_text("#retry-of") == started.execution_id
+    retried = page.evaluate("location.hash").removeprefix("#/executions/")
+    assert retried != started.execution_id
+    page.wait_for_selector(".tl-row[data-step='charge'][data-state='SUCCEEDED']")
+    assert "carried over" in page.inner_text("#event-log")
+    page.click("#cancel-button")  # it runs reserve again (8 s): stop it too
+    page.click("#cancel-confirm")
+    page.wait_for_selector("#execution-state:text-is('CANCELLED')", timeout=20_000)
+
     for view in ("#/services", "#/metrics/payment", "#/workflows/checkout", "#/status"):
         navigate(page, view)
         page.wait_for_selector("main .view:not([hidden]) h2")
@@ -396,6 +408,8 @@ def test_cancel_from_the_page_at_a_phones_width_and_a_wide_screen(page: Page, me
     page.set_viewport_size({"width": 1920, "height": 1080})
     navigate(page, f"#/executions/{started.execution_id}")
     page.wait_for_selector("#execution-state:text-is('CANCELLED')")
+    assert page.inner_text("#retried-by") == retried
+    assert page.locator("#retry-button").count() == 0  # retried once already: go to that one
     _fits(page, 1920)
     page.screenshot(path=mesh.tmp / "execution-1920.png", full_page=True)
 
@@ -485,12 +499,14 @@ def test_why_an_instance_weighs_what_it_does_and_what_each_sidecar_applied(
         )
         assert row is not None
         cells = [c.inner_text() for c in row.query_selector_all("td")]
-        # Instance, base, health x, latency x, errors x, ejected, split, effective, in answer.
+        # Instance, base, health x, latency x, errors x, ejected, drained, split,
+        # effective, in answer.
         assert cells[1] == "100", cells
         assert cells[2] == "\N{MULTIPLICATION SIGN} 1.00", cells
         assert cells[5] == "no", cells
-        assert float(cells[7]) > 0, cells
-        assert cells[8] == "yes", cells
+        assert cells[6] == "no", cells
+        assert float(cells[8]) > 0, cells
+        assert cells[9] == "yes", cells
     headers = page.inner_text("[data-service='payment'] .explain-table thead")
     assert "EFFECTIVE" in headers.upper()
     assert "LATENCY" in headers.upper()

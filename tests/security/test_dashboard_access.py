@@ -86,9 +86,15 @@ async def test_the_dashboards_actions_need_the_scope_of_their_rpc(tmp_path: Path
         status, body = await asyncio.to_thread(
             call, f"{base}/permissions", mesh.tokens["dashboard"]
         )
-        assert (status, body) == (200, {"actions": {"cancel_execution": False}})
+        assert (status, body) == (
+            200,
+            {"actions": {"cancel_execution": False, "retry_execution": False}},
+        )
         status, body = await asyncio.to_thread(call, f"{base}/permissions", mesh.tokens["operator"])
-        assert (status, body) == (200, {"actions": {"cancel_execution": True}})
+        assert (status, body) == (
+            200,
+            {"actions": {"cancel_execution": True, "retry_execution": True}},
+        )
 
         status, body = await asyncio.to_thread(call, cancel, None, body=b"{}")
         assert status == 401

@@ -274,6 +274,9 @@ const removalReason = (name) => short(name, "REMOVAL_REASON_").toLowerCase().rep
 /** [css class suffix, text] of an instance's health; the text carries the meaning. */
 function health(instance, removed) {
   if (removed) return ["removed", `removed (${removed.reason})`];
+  if (instance.maintenance) {
+    return ["drained", instance.maintenance_reason ? `drained (${instance.maintenance_reason})` : "drained"];
+  }
   if (instance.ejected) {
     const until = parseTime(instance.ejected_until);
     return ["ejected", until ? `ejected until ${fmtClock(until)}` : "ejected"];
@@ -326,6 +329,7 @@ function renderServices() {
     const gone = [...registry.removed.values()].filter((g) => g.instance.service_name === name);
     live.sort((a, b) => a.instance_id.localeCompare(b.instance_id));
     const healthy = live.filter((i) => health(i)[0] === "healthy").length;
+    const drained = live.filter((i) => i.maintenance).length;
     const policy = registry.policies.get(name);
     const rows = [
       ...live.map((instance) => instanceRow(instance)),
@@ -344,7 +348,8 @@ function renderServices() {
             "span",
             { class: "counts" },
             `${healthy} of ${live.length} healthy`,
-            bad ? h("span", { class: "bad" }, ` · ${bad} not healthy`) : null,
+            bad - drained ? h("span", { class: "bad" }, ` · ${bad - drained} not healthy`) : null,
+            drained ? h("span", { class: "muted" }, ` · ${drained} drained`) : null,
           ),
           policy ? h("span", { class: "muted" }, `policy v${policy.version}`) : null,
           h("span", { style: "flex:1" }),
@@ -448,6 +453,7 @@ function explainTable(known) {
         h("th", { class: "num" }, "Latency"),
         h("th", { class: "num" }, "Errors"),
         h("th", {}, "Ejected"),
+        h("th", {}, "Drained"),
         h("th", { class: "num" }, "Split"),
         h("th", { class: "num" }, "Effective"),
         h("th", {}, "In answer"),
@@ -470,6 +476,7 @@ function explainTable(known) {
           ),
           h("td", { class: "num", title: `${fmtPct(e.infrastructure_error_rate)} infrastructure errors` }, factor(e.error_factor)),
           h("td", {}, e.ejected ? `until ${fmtClock(parseTime(e.ejected_until))}` : "no"),
+          h("td", { title: e.maintenance_reason || "" }, e.maintenance ? "yes × 0" : "no"),
           h("td", { class: "num" }, e.split_weight ? `${e.split_weight}%` : "–"),
           h("td", { class: "num" }, Number(e.effective_weight || 0).toFixed(1)),
           h("td", {}, e.in_answer ? "yes" : "no"),
@@ -1168,6 +1175,10 @@ class ExecutionView {
             h("dt", {}, "Correlation id"), h("dd", { class: "mono" }, x.correlation_id || "–"),
             h("dt", {}, "Started"), h("dd", {}, started ? new Date(started).toLocaleString() : "–"),
             h("dt", {}, "Duration"), h("dd", { id: "execution-duration" }, started ? fmtSpan(((ended || Date.now()) - started) / 1000) : "–"),
+            x.retry_of ? h("dt", {}, "Retry of") : null,
+            x.retry_of ? h("dd", { id: "retry-of" }, h("a", { class: "mono", href: `#/executions/${encodeURIComponent(x.retry_of)}` }, x.retry_of)) : null,
+            x.retried_by ? h("dt", {}, "Retried by") : null,
+            x.retried_by ? h("dd", { id: "retried-by" }, h("a", { class: "mono", href: `#/executions/${encodeURIComponent(x.retried_by)}` }, x.retried_by)) : null,
             x.error?.message ? h("dt", {}, "Error") : null,
             x.error?.message ? h("dd", {}, `${x.failed_step ? `${x.failed_step}: ` : ""}${x.error.message}`) : null,
           ),
@@ -1222,7 +1233,7 @@ class ExecutionView {
       });
       box.append(open, form);
     }
-    if (RETRYABLE.has(state) && this.allowed.retry_execution) {
+    if (RETRYABLE.has(state) && !this.execution.retried_by && this.allowed.retry_execution) {
       const retry = h("button", { type: "button", id: "retry-button" }, "Retry");
       retry.addEventListener("click", async () => {
         retry.disabled = true;
