@@ -161,8 +161,7 @@ class AdsStream:
         elif request.HasField("error_detail"):
             kind.nack_error = request.error_detail.message[:MAX_ERROR]
             kind.nack_time = self._now()
-            kind.nacks += 1
-            kind.version_acked = request.version_info
+            kind.nacks += 1  # the accepted version stays what the last ACK said
         else:
             kind.version_acked = request.version_info
             kind.ack_time = self._now()
