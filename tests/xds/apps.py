@@ -8,7 +8,8 @@ from flext_mesh import FlextResult, ServiceProcessor
 
 
 class Broken(ServiceProcessor[dict[str, Any], None, dict[str, Any]]):
-    """Refuses every call (FAILED_PRECONDITION): the control plane does not eject it for that, a gRPC client counting non-OK calls does."""
+    """Refuses every call (FAILED_PRECONDITION): the control plane does not eject it
+    for a business refusal; a gRPC client, which counts every non-OK call, does."""
 
     def process(self, request: dict[str, Any]) -> FlextResult[None]:
         return FlextResult[None].fail("backend down", code="FAILED_PRECONDITION")
