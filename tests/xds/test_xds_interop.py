@@ -167,6 +167,7 @@ def test_calls_follow_the_instances_weights(
     share = counts["light"] / 2000
     print(f"light share {share:.3f}, expected {expected:.3f} (weights {weights})")
     assert abs(share - expected) < 0.04
+    assert "xds NACK" not in plane.log()
 
 
 def test_a_version_split_is_followed(
@@ -189,6 +190,7 @@ def test_a_version_split_is_followed(
     share = counts["new"] / 2000
     print(f"v2 share {share:.3f} of 2000 calls (split 90/10)")
     assert abs(share - 0.10) < 0.03
+    assert "xds NACK" not in plane.log()
 
 
 def test_policy_changes_reach_a_running_client_within_a_second(
@@ -206,6 +208,8 @@ def test_policy_changes_reach_a_running_client_within_a_second(
         policy = registry_pb2.ServicePolicy(
             service_name="live", splits=[registry_pb2.VersionSplit(version="v2", weight=100)]
         )
+        policy.retry.max_attempts = 3  # sent as the route's retry_policy
+        policy.retry.retryable_codes.append("UNAVAILABLE")
         moved = put_policy(plane, policy)
         split_delay = watch.wait_for(
             moved, lambda rs: len(rs) >= 20 and all(o == "new" for _, o in rs)
@@ -221,6 +225,7 @@ def test_policy_changes_reach_a_running_client_within_a_second(
     print(f"split applied after {split_delay:.3f} s, timeout after {timeout_delay:.3f} s")
     assert split_delay < 1.0
     assert timeout_delay < 1.0
+    assert "xds NACK" not in plane.log()  # nor the retry policy's, nor the timeouts
 
 
 def test_calls_go_on_when_an_instance_is_killed(
@@ -274,6 +279,7 @@ def test_the_client_ejects_an_instance_that_fails_every_call(
     assert ejected < 4.0
     # A business refusal: the control plane did not eject it, the client did.
     assert not any(e.ejected for e in answer.explanations)
+    assert "xds NACK" not in plane.log()
 
 
 def test_a_client_reaches_a_tls_control_plane(
