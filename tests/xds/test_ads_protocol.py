@@ -309,3 +309,34 @@ async def test_split_zones_retries_and_outlier_detection_follow_the_policy(
     (assignment,) = unpack(await ads.read(), endpoint_pb2.ClusterLoadAssignment)
     priorities = {g.locality.sub_zone: g.priority for g in assignment.endpoints}
     assert priorities == {"v1-a": 0, "v1-b": 1}  # the caller is in z1
+
+
+async def test_a_flood_of_changes_is_coalesced_and_a_closed_stream_forgotten(
+    control_plane: ControlPlane,
+) -> None:
+    ads = Ads(f"127.0.0.1:{control_plane.port}")
+    await register(control_plane, "pay-0", 7000)
+    ads.ask(EDS, "payment")
+    await ads.read()
+    ads.ask(EDS, "payment")
+    began = asyncio.get_running_loop().time()
+    for i in range(1, 30):
+        await register(control_plane, f"pay-{i}", 7000 + i)
+    took = asyncio.get_running_loop().time() - began
+    await asyncio.sleep(0.3)
+    pushes = []
+    while not ads.responses.empty():
+        pushes.append(ads.responses.get_nowait())
+    (assignment,) = unpack(pushes[-1], endpoint_pb2.ClusterLoadAssignment)
+    assert len(assignment.endpoints) == 30  # the last push has them all
+    # At most one push per 50 ms (and one more for the tail), not one per change.
+    assert len(pushes) <= took / 0.05 + 2, (len(pushes), took)
+    assert len(pushes) < 29
+    print(f"{len(pushes)} pushes for 29 changes in {took:.3f} s")
+
+    await ads.close()
+    for _ in range(50):
+        if not control_plane.xds.clients():
+            break
+        await asyncio.sleep(0.02)
+    assert control_plane.xds.clients() == []
