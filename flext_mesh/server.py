@@ -54,6 +54,7 @@ from flext_mesh.servicers.metrics import MetricsServicer, add_metrics_servicer
 from flext_mesh.servicers.orchestrator import OrchestratorServicer, add_orchestrator_servicer
 from flext_mesh.servicers.registry import RegistryServicer, add_registry_servicer
 from flext_mesh.servicers.watchers import WatchLimit
+from flext_mesh.servicers.xds import ADS_SERVICE, AdsServicer, add_ads_servicer
 from flext_mesh.store import COMMIT_BUCKETS_SECONDS, Store, open_store
 from flext_mesh.v1 import (
     metrics_pb2,
@@ -62,6 +63,7 @@ from flext_mesh.v1 import (
     processor_pb2_grpc,
     registry_pb2,
 )
+from flext_mesh.xds.hub import XdsHub
 
 __all__ = ["SERVICE_NAMES", "ControlPlane", "ServeError", "create_server", "serve"]
 
@@ -137,6 +139,10 @@ class ControlPlane:
                 service, version
             ).inc(),
         )
+        #: xDS for proxyless gRPC clients, fed by the registry's cache.
+        self.xds = XdsHub(
+            self.registry.cache, panic_threshold_percent=config.panic_threshold_percent
+        )
         self.metrics = Metrics(
             store,
             self.registry,
@@ -205,9 +211,10 @@ class ControlPlane:
             OrchestratorServicer(self.orchestrator, self.watchers), self.server
         )
         add_processor_servicer(ProcessorServicer({}, service_name="flext-mesh"), self.server)
+        add_ads_servicer(AdsServicer(self.xds, self.streams), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_reflection(
-            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
+            (*SERVICE_NAMES, ADS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
         )
 
     async def start(self) -> int:
@@ -253,7 +260,7 @@ class ControlPlane:
             await self.store.close()
             await self.loop_monitor.aclose()
             raise
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *SERVICE_NAMES, ADS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -278,6 +285,7 @@ class ControlPlane:
         await self.http.stop()
         # Watch streams never end by themselves: close them so the drain is not held up.
         self.registry.hub.close_all()
+        self.xds.close_all()
         self.orchestrator.close_watches()
         self.streams.close_all()
         await self.server.stop(grace)

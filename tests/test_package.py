@@ -33,7 +33,7 @@ def test_all_is_complete_and_importable() -> None:
     modules |= {"orchestrator", "durations", "facade", "retry"}  # submodules imported on the way
     modules |= {"dashboard", "security", "addresses", "rpc", "routing", "hosting", "names"}
     modules |= {"paging", "documents", "flags"}
-    modules |= {"version", "loop", "buckets"}
+    modules |= {"version", "loop", "buckets", "xds"}
     modules |= {"annotations"}  # from __future__ import annotations
     assert public - modules - set(flext_mesh.__all__) == set()
     for name in flext_mesh.__all__:

@@ -23,7 +23,7 @@ import grpc
 from pydantic import ValidationError
 
 from flext_mesh.addresses import DEFAULT_LISTEN, split_addresses
-from flext_mesh.cli import certs, metrics, policy, services, status, tokens, workflows
+from flext_mesh.cli import certs, metrics, policy, services, status, tokens, workflows, xds
 from flext_mesh.cli.common import PROG, add_output_option, emit, fail
 from flext_mesh.cli.output import one_line
 from flext_mesh.config import ServerConfig
@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_command(nouns, parents=[client])
     certs.add_commands(nouns)
     tokens.add_commands(nouns)
+    xds.add_commands(nouns)
     return parser
 
 
@@ -300,5 +301,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             emit(tokens.run(args))
         except tokens.TokensFileError as exc:
             fail(str(exc))
+    elif args.command == "xds":
+        try:
+            emit(xds.run(args))
+        except xds.BootstrapError as exc:
+            fail(str(exc), 2)
     else:
         _run_operator_command(args)

@@ -20,13 +20,13 @@ Authorization: :data:`METHOD_RULES` says, for every RPC, which scopes may call i
 ``admin`` may call everything. ``service:NAME`` is what a sidecar needs: it registers,
 renews, deregisters and drains (SetInstanceMaintenance) only instances of NAME, reports
 only calls served by NAME or made by NAME (``caller_service``: its outbound calls), and
-reads discovery (Discover, ListServices, Watch, GetServicePolicy) to call the others.
-``read`` reads everything (registry, reports, alerts, workflows, executions);
-``workflow`` manages workflows and their executions and reads them. A wrong scope:
-PERMISSION_DENIED naming the scope needed. Every refusal is logged at INFO with the
-method, the client (a token's name, a certificate's identity or, unauthenticated, an
-address; never a credential) and the reason, at most once per 10 s for one client,
-method and kind (:class:`RefusalLog`).
+reads discovery (Discover, ListServices, Watch, GetServicePolicy, and xDS:
+StreamAggregatedResources) to call the others. ``read`` reads everything (registry,
+reports, alerts, workflows, executions); ``workflow`` manages workflows and their
+executions and reads them. A wrong scope: PERMISSION_DENIED naming the scope needed.
+Every refusal is logged at INFO with the method, the client (a token's name, a
+certificate's identity or, unauthenticated, an address; never a credential) and the
+reason, at most once per 10 s for one client, method and kind (:class:`RefusalLog`).
 
 Rate limits: per client (its token's name, its certificate's SPIFFE id, or its
 address when authentication is off), writes (each write RPC, each KeepAlive message)
@@ -173,6 +173,13 @@ METHOD_RULES: dict[str, MethodRule] = {
     # ProcessorService (the control plane's own, without processors)
     "/flext_mesh.v1.ProcessorService/Invoke": MethodRule(_ADMIN),
     "/flext_mesh.v1.ProcessorService/ListOperations": MethodRule(_READ),
+    # xDS (ADS) for proxyless gRPC clients: discovery, like Discover and Watch
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": (
+        MethodRule(_DISCOVERY)
+    ),
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": (
+        MethodRule(_DISCOVERY)
+    ),
 }
 #: Methods not in the table (none, when it is complete).
 _UNLISTED = MethodRule(_ADMIN)

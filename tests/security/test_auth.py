@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.service.discovery.v3 import ads_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flext_mesh.config import ServerConfig
@@ -666,6 +667,8 @@ def test_every_rpc_of_the_contracts_has_a_rule() -> None:
     ]
     assert {s.full_name for s in services} == set(SERVICE_NAMES)
     methods = {f"/{s.full_name}/{method.name}" for s in services for method in s.methods}
+    ads = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"]
+    methods |= {f"/{ads.full_name}/{method.name}" for method in ads.methods}
     assert set(METHOD_RULES) == methods
     # Every write is rate limited; reads are not.
     writes = {
@@ -787,3 +790,30 @@ def test_serve_with_tls_but_no_authentication_off_loopback_refuses(
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert server.terminate() == 0
+
+
+async def test_xds_streams_need_a_discovery_scope(secured: Secured) -> None:
+    """ADS is read like Discover: read or service scope; none: UNAUTHENTICATED."""
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2  # noqa: PLC0415
+
+    from flext_mesh.xds.resources import LDS  # noqa: PLC0415
+
+    async def first_answer(name: str | None) -> grpc.StatusCode:
+        async with secured.channel(name) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources(
+                iter([discovery_pb2.DiscoveryRequest(type_url=LDS, resource_names=["x"])]),
+                timeout=1,
+            )
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    assert await first_answer(None) == grpc.StatusCode.UNAUTHENTICATED
+    # Allowed: nothing to say about "x"; the stream ends OK when the client half-closes.
+    assert await first_answer("dashboard") == grpc.StatusCode.OK
+    assert await first_answer("payment-sidecar") == grpc.StatusCode.OK
+    assert await first_answer("ci") == grpc.StatusCode.PERMISSION_DENIED
