@@ -121,3 +121,20 @@ def test_sidecar_version_with_a_value_is_still_the_instance_version() -> None:
     assert done.returncode == 2
     assert "app: Field required" in done.stderr
     assert __version__ not in done.stdout
+
+
+def test_the_otlp_exporter_loads_beside_the_xds_protos() -> None:
+    """xds-protos ships an old copy of opentelemetry-proto's modules over the real ones
+    (grpc/grpc#42926); `make install` puts the real ones back, and a process asked to
+    export over OTLP checks it before it starts."""
+    from flext_mesh.rpc import tracing  # noqa: PLC0415 - imported by this test alone
+
+    assert tracing.settings_problem({"OTEL_TRACES_EXPORTER": "otlp"}) == ""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+        OTLPSpanExporter,
+    )
+
+    assert OTLPSpanExporter is not None
+    import envoy.service.discovery.v3.ads_pb2_grpc  # noqa: PLC0415 - the xDS side loads
+
+    assert envoy.service.discovery.v3.ads_pb2_grpc.AggregatedDiscoveryServiceStub is not None

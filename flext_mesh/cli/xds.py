@@ -57,7 +57,7 @@ def add_commands(nouns: argparse._SubParsersAction[Any]) -> None:
         metavar="HOST:PORT[,HOST:PORT]",
         default=os.environ.get("FLEXT_MESH_CONTROL_PLANE", DEFAULT_LISTEN),
         help="control plane gRPC address; several replicas comma separated, the next "
-        "ones used while the first is unreachable (default %(default)s; env "
+        "ones used while the first is unreachable (default: %(default)s; env "
         "FLEXT_MESH_CONTROL_PLANE)",
     )
     for flag, what in (

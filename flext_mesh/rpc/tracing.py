@@ -104,9 +104,23 @@ def settings_problem(env: Mapping[str, str] | None = None) -> str:
     """Why the ``OTEL_*`` variables cannot be followed ("" when they can): checked before
     a process starts, so a typo is one line at start, not a surprise later."""
     exporter_name = _exporter_name(os.environ if env is None else env)
+    if exporter_name == "otlp" and not _otlp_protos_whole():
+        return (
+            "the OTLP exporter cannot load: the opentelemetry-proto modules were overwritten "
+            "by the older copy xds-protos ships (grpc/grpc#42926); put them back with "
+            "'pip install --force-reinstall --no-deps opentelemetry-proto' (make install "
+            "does)"
+        )
     if exporter_name in ("none", "otlp", "console"):
         return ""
     return f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported: use otlp, console or none"
+
+
+def _otlp_protos_whole() -> bool:
+    """Whether the installed OTLP messages are the exporter's (not an older copy)."""
+    from opentelemetry.proto.common.v1 import common_pb2  # noqa: PLC0415 - only for OTLP
+
+    return hasattr(common_pb2, "InstrumentationScope")
 
 
 def configure(service_name: str, env: Mapping[str, str] | None = None) -> Tracing | None:

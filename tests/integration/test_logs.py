@@ -126,7 +126,7 @@ def test_a_sidecar_reads_its_log_format_from_the_environment(
             env={
                 **os.environ,
                 "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-                "FLEXT_MESH_LOG_FORMAT": "json",
+                "FLEXT_SIDECAR_LOG_FORMAT": "json",
             },
         )
     try:

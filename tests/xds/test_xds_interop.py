@@ -143,9 +143,28 @@ def start(
     *args: str,
     app: str = "tests.sidecar.apps:PROCESSORS",
 ) -> SidecarProcess:
-    return start_sidecar(
+    sidecar = start_sidecar(
         tmp_path, plane.address, "--service", service, "--instance-id", instance, *args, app=app
     )
+    # A sidecar serves before its registration lands: wait for it, so that a policy
+    # naming its version is accepted and the first xDS answer holds it.
+    deadline = time.monotonic() + 10
+    with grpc.insecure_channel(plane.address) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        while True:
+            try:
+                answer = stub.Discover(
+                    registry_pb2.DiscoverRequest(service_name=service, healthy_only=False),
+                    timeout=5,
+                )
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise
+            else:
+                if any(i.instance_id == instance for i in answer.instances):
+                    return sidecar
+            assert time.monotonic() < deadline, f"{service}/{instance} never registered"
+            time.sleep(0.05)
 
 
 def test_calls_follow_the_instances_weights(
