@@ -158,6 +158,7 @@ bench: $(VENV)/.installed-dev etcd  ## Run the benchmarks (prints figures; takes
 	$(PY) -m bench.sidecar
 	$(PY) -m bench.orchestrator
 	$(PY) -m bench.etcd
+	$(PY) -m bench.xds
 
 soak: $(VENV)/.installed-dev  ## 60 s soak: 200 simulated sidecars, checks expiries, errors, memory.
 	SOAK_SECONDS=60 $(BIN)/pytest -n 0 -q -s tests/robustness/test_soak.py

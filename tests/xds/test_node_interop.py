@@ -1,0 +1,184 @@
+"""Real Node.js clients (@grpc/grpc-js + @grpc/grpc-js-xds) dialing ``xds:///SERVICE``
+through a real control plane to real sidecars: calls, weights, a version split, a
+killed instance.
+
+Each client is a ``node tests/polyglot/xds_client.mjs`` subprocess with
+GRPC_XDS_BOOTSTRAP pointing at a file ``flext-mesh xds bootstrap`` wrote (its node
+carries a locality: grpc-js-xds refuses one without). Every test uses its own service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flext_mesh.v1 import registry_pb2
+from tests.conftest import REPO, ServeProcess, start_serve
+from tests.sidecar.test_sidecar_process import SidecarProcess
+from tests.xds.test_xds_interop import Watch, bootstrap, put_policy, registry, start
+
+NODE = shutil.which("node")
+CLIENT = REPO / "tests" / "polyglot" / "xds_client.mjs"
+if NODE is None or not (REPO / "node_modules" / "@grpc" / "grpc-js-xds").is_dir():
+    _why = "Node.js or node_modules/@grpc/grpc-js-xds is missing (`make install-dev` runs npm ci)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(_why, pytrace=False)
+    pytest.skip(_why, allow_module_level=True)
+
+pytestmark = [pytest.mark.xdist_group("xds"), pytest.mark.timeout(60)]
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    server = start_serve(tmp_path_factory.mktemp("xds-node"))
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def sidecars() -> Iterator[list[SidecarProcess]]:
+    started: list[SidecarProcess] = []
+    try:
+        yield started
+    finally:
+        for sidecar in started:
+            if sidecar.proc.poll() is None:
+                sidecar.proc.kill()
+                sidecar.proc.wait(10)
+
+
+def node_client(boot: Path, mode: str, service: str, amount: float) -> subprocess.Popen[str]:
+    assert NODE is not None
+    env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(boot)}
+    return subprocess.Popen(
+        [NODE, str(CLIENT), mode, f"xds:///{service}", str(amount)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+
+
+def count(boot: Path, service: str, calls: int) -> Counter[str]:
+    proc = node_client(boot, "count", service, calls)
+    out, err = proc.communicate(timeout=45)
+    assert proc.returncode == 0, err
+    return Counter(json.loads(out.splitlines()[-1]))
+
+
+def nacks(plane: ServeProcess) -> list[str]:
+    return [line for line in plane.log().splitlines() if "xds NACK" in line]
+
+
+def test_a_node_client_calls_through_xds(
+    tmp_path: Path, plane: ServeProcess, sidecars: list[SidecarProcess]
+) -> None:
+    sidecars.append(start(tmp_path, plane, "node-pay", "only"))
+    counts = count(bootstrap(tmp_path, plane.address, "--zone", "z1"), "node-pay", 20)
+    assert counts == {"only": 20}
+    assert nacks(plane) == []
+
+
+def test_a_node_client_follows_the_instances_weights(
+    tmp_path: Path, plane: ServeProcess, sidecars: list[SidecarProcess]
+) -> None:
+    sidecars.append(start(tmp_path, plane, "node-weighted", "light", "--weight", "25"))
+    sidecars.append(start(tmp_path, plane, "node-weighted", "heavy", "--weight", "75"))
+
+    # The effective weights move during the run (the latency factor follows the
+    # health checks' round trips, slower on the busier instance): the client is held to
+    # their average over the run, sampled every 50 ms.
+    shares: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        stub = registry(plane)
+        while not done.is_set():
+            answer = stub.Discover(
+                registry_pb2.DiscoverRequest(service_name="node-weighted", explain=True)
+            )
+            weights = {e.instance_id: e.effective_weight for e in answer.explanations}
+            shares.append(weights["light"] / (weights["light"] + weights["heavy"]))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        counts = count(bootstrap(tmp_path, plane.address), "node-weighted", 2000)
+    finally:
+        done.set()
+        sampler.join(5)
+
+    assert set(counts) == {"light", "heavy"}, counts  # every call succeeded
+    expected = statistics.fmean(shares)
+    share = counts["light"] / 2000
+    print(
+        f"node: light share {share:.3f}, expected {expected:.3f} (weights 25:75; effective "
+        f"share from {min(shares):.3f} to {max(shares):.3f} during the run)"
+    )
+    assert abs(share - expected) < 0.04
+    assert nacks(plane) == []
+
+
+def test_a_node_client_follows_a_version_split(
+    tmp_path: Path, plane: ServeProcess, sidecars: list[SidecarProcess]
+) -> None:
+    sidecars.append(start(tmp_path, plane, "node-split", "old", "--version", "v1"))
+    sidecars.append(start(tmp_path, plane, "node-split", "new", "--version", "v2"))
+    policy = registry_pb2.ServicePolicy(
+        service_name="node-split",
+        splits=[
+            registry_pb2.VersionSplit(version="v1", weight=90),
+            registry_pb2.VersionSplit(version="v2", weight=10),
+        ],
+    )
+    # Sent as the route's retry policy and max stream duration, the cluster's outlier
+    # detection: grpc-js-xds must accept them all (no NACK).
+    policy.retry.max_attempts = 3
+    policy.retry.retryable_codes.append("UNAVAILABLE")
+    policy.default_timeout.FromSeconds(2)
+    policy.outlier_detection.consecutive_failures = 5
+    put_policy(plane, policy)
+
+    counts = count(bootstrap(tmp_path, plane.address), "node-split", 2000)
+
+    assert set(counts) == {"old", "new"}, counts
+    share = counts["new"] / 2000
+    print(f"node: v2 share {share:.3f} of 2000 calls (split 90/10)")
+    assert abs(share - 0.10) < 0.03
+    assert nacks(plane) == []
+
+
+def test_a_node_clients_calls_go_on_when_an_instance_is_killed(
+    tmp_path: Path, plane: ServeProcess, sidecars: list[SidecarProcess]
+) -> None:
+    sidecars.append(start(tmp_path, plane, "node-sturdy", "doomed"))
+    sidecars.append(start(tmp_path, plane, "node-sturdy", "survivor"))
+    watch = Watch(node_client(bootstrap(tmp_path, plane.address), "watch", "node-sturdy", 20))
+    try:
+        time.sleep(0.5)
+        assert {o for _, o in watch.after(0)} == {"doomed", "survivor"}
+        killed = time.time()
+        sidecars[0].proc.send_signal(signal.SIGKILL)
+        time.sleep(3.0)
+        after = watch.after(killed)
+    finally:
+        watch.stop()
+    failures = [(round(t - killed, 3), o) for t, o in after if o not in ("doomed", "survivor")]
+    print(f"node: {len(failures)} failed calls of {len(after)} after the kill: {failures}")
+    assert len(failures) <= 3
+    assert all(t < 1.0 for t, _ in failures)
+    late = [o for t, o in after if t - killed > 1.0]
+    assert set(late) == {"survivor"}
+    assert nacks(plane) == []
