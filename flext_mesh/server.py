@@ -195,6 +195,7 @@ class ControlPlane:
             self.orchestrator,
             authorize=authorizer(self.security),
             permit=permitter(self.security),
+            xds=self.xds,
         )
         self.http = WebServer(
             host,
