@@ -107,7 +107,7 @@ def add_commands(
         metavar="HOST:PORT[,HOST:PORT]",
         default=os.environ.get("FLEXT_MESH_CONTROL_PLANE", DEFAULT_LISTEN),
         help="control plane gRPC address; several replicas comma separated, the next "
-        "ones used while the first is unreachable (default %(default)s; env "
+        "ones used while the first is unreachable (default: %(default)s; env "
         "FLEXT_MESH_CONTROL_PLANE)",
     )
     for flag, what in (
