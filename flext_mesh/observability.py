@@ -494,6 +494,14 @@ class MeshState:
     #: The store's commit times: bucket bounds (seconds), cumulative counts with the
     #: +Inf count last, and their sum in seconds.
     commits: tuple[Sequence[float], Sequence[int], float] | None = None
+    #: Connected xDS clients by state (SYNCED, PENDING, STALE, NACKED, NOT_SENT).
+    xds_clients: Mapping[str, int] = field(default_factory=dict)
+    #: xDS responses sent since start, by resource type (LDS, RDS, CDS, EDS).
+    xds_responses: Mapping[str, int] = field(default_factory=dict)
+    #: xDS NACKs received since start, by resource type.
+    xds_nacks: Mapping[str, int] = field(default_factory=dict)
+    #: Push latencies (a change marked to its response written), as ``commits``.
+    xds_pushes: tuple[Sequence[float], Sequence[int], float] | None = None
 
 
 class MeshStateCollector(Collector):
@@ -503,10 +511,13 @@ class MeshStateCollector(Collector):
     ``flext_mesh_instances_maintenance`` (service),
     ``flext_mesh_leases``, ``flext_mesh_registry_watchers``,
     ``flext_mesh_executions`` (workflow, state; the executions this replica drives, so
-    a sum over replicas counts each once) and ``flext_mesh_store_commit_seconds``.
+    a sum over replicas counts each once), ``flext_mesh_store_commit_seconds``, and of
+    xDS: ``flext_mesh_xds_clients`` (state), ``flext_mesh_xds_responses_total`` and
+    ``flext_mesh_xds_nacks_total`` (type) and ``flext_mesh_xds_push_seconds``.
 
     Cardinality: one series per service x version x zone x health seen, per service, and
-    per workflow x state (at most the active states); no instance id or lease id.
+    per workflow x state (at most the active states); no instance id or lease id; five
+    xDS states and four types, no node id.
     """
 
     def __init__(
@@ -562,7 +573,40 @@ class MeshStateCollector(Collector):
             "Time of the store's durable writes (SQLite: a group commit with its fsync; "
             "etcd: a write's round trip).",
         )
+        xds_clients = GaugeMetricFamily(
+            "flext_mesh_xds_clients",
+            "Connected xDS clients (ADS streams) by state: SYNCED, PENDING, STALE (a "
+            "version unanswered for 5 s), NACKED, NOT_SENT.",
+            labels=("state",),
+        )
+        xds_responses = CounterMetricFamily(
+            "flext_mesh_xds_responses",
+            "xDS responses sent to clients, by resource type.",
+            labels=("type",),
+        )
+        xds_nacks = CounterMetricFamily(
+            "flext_mesh_xds_nacks",
+            "xDS responses clients rejected (NACKs), by resource type.",
+            labels=("type",),
+        )
+        xds_pushes = HistogramMetricFamily(
+            "flext_mesh_xds_push_seconds",
+            "Time from a registry or policy change to the xDS response it caused being "
+            "written to a client's stream (the 50 ms coalescing included), per stream.",
+        )
         if state is not None:
+            for xds_state, count in state.xds_clients.items():
+                xds_clients.add_metric((xds_state,), count)
+            for kind, count in state.xds_responses.items():
+                xds_responses.add_metric((kind,), count)
+            for kind, count in state.xds_nacks.items():
+                xds_nacks.add_metric((kind,), count)
+            if state.xds_pushes is not None:
+                bounds, cumulative, total = state.xds_pushes
+                les = [*(_format_le(bound) for bound in bounds), "+Inf"]
+                xds_pushes.add_metric(
+                    (), [(le, float(n)) for le, n in zip(les, cumulative, strict=True)], total
+                )
             for instance_labels, count in sorted(state.instances.items()):
                 instances.add_metric(instance_labels, count)
             for service, count in sorted(state.ejected.items()):
@@ -579,7 +623,19 @@ class MeshStateCollector(Collector):
                 commits.add_metric(
                     (), [(le, float(n)) for le, n in zip(les, cumulative, strict=True)], total
                 )
-        return [instances, ejected, drained, leases, watchers, executions, commits]
+        return [
+            instances,
+            ejected,
+            drained,
+            leases,
+            watchers,
+            executions,
+            commits,
+            xds_clients,
+            xds_responses,
+            xds_nacks,
+            xds_pushes,
+        ]
 
 
 # -- workflows --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,7 +64,8 @@ from flext_mesh.v1 import (
     processor_pb2_grpc,
     registry_pb2,
 )
-from flext_mesh.xds.hub import XdsHub
+from flext_mesh.xds import status as xds_status
+from flext_mesh.xds.hub import PUSH_BUCKETS_SECONDS, XdsHub
 
 __all__ = ["SERVICE_NAMES", "ControlPlane", "ServeError", "create_server", "serve"]
 
@@ -193,6 +195,7 @@ class ControlPlane:
             self.orchestrator,
             authorize=authorizer(self.security),
             permit=permitter(self.security),
+            xds=self.xds,
         )
         self.http = WebServer(
             host,
@@ -204,7 +207,7 @@ class ControlPlane:
 
     def _add_services(self) -> None:
         add_registry_servicer(
-            RegistryServicer(self.registry, self.streams, self.watchers), self.server
+            RegistryServicer(self.registry, self.streams, self.watchers, self.xds), self.server
         )
         add_metrics_servicer(MetricsServicer(self.metrics, self.streams), self.server)
         add_orchestrator_servicer(
@@ -316,6 +319,8 @@ class ControlPlane:
     def _state(self) -> MeshState:
         """The registry's and the orchestrator's counts, for Prometheus gauges."""
         census = self.registry.census()
+        hub = self.xds
+        pushes, push_seconds = hub.push_times.cumulative()
         return MeshState(
             instances=census.instances,
             ejected=census.ejected,
@@ -324,6 +329,10 @@ class ControlPlane:
             watchers=census.watchers,
             executions=self.orchestrator.driven(),
             commits=(COMMIT_BUCKETS_SECONDS, *self.store.commit_times.cumulative()),
+            xds_clients=xds_status.census(hub.clients(), time.time()),
+            xds_responses={xds_status.SHORT_NAMES[t]: n for t, n in hub.totals.responses.items()},
+            xds_nacks={xds_status.SHORT_NAMES[t]: n for t, n in hub.totals.nacks.items()},
+            xds_pushes=(PUSH_BUCKETS_SECONDS, pushes, push_seconds),
         )
 
     def _call_series(self) -> Iterable[CallSeries | CallerCalls]:

@@ -76,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_command(nouns, parents=[client])
     certs.add_commands(nouns)
     tokens.add_commands(nouns)
-    xds.add_commands(nouns)
+    xds.add_commands(nouns, parents=[client])
     return parser
 
 
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             emit(tokens.run(args))
         except tokens.TokensFileError as exc:
             fail(str(exc))
-    elif args.command == "xds":
+    elif args.command == "xds" and args.verb == "bootstrap":
         try:
             emit(xds.run(args))
         except xds.BootstrapError as exc:

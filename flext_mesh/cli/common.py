@@ -147,15 +147,25 @@ class Verbs:
         self._parents = list(parents)
 
     def add(
-        self, name: str, run: Callable[..., str], *, help: str, description: str
+        self,
+        name: str,
+        run: Callable[..., str],
+        *,
+        help: str,
+        description: str,
+        parents: Sequence[argparse.ArgumentParser] | None = None,
     ) -> argparse.ArgumentParser:
         """Add the verb ``name``; parsing it sets ``args.run`` to ``run``.
 
         ``run(channel, args)`` for commands that call the control plane (main opens the
-        channel), ``run(args)`` for those on local files (certs, tokens).
+        channel), ``run(args)`` for those on local files (certs, tokens). ``parents``
+        replaces the noun's shared flags for this verb.
         """
         verb = self._verbs.add_parser(
-            name, parents=self._parents, help=help, description=description
+            name,
+            parents=list(parents) if parents is not None else self._parents,
+            help=help,
+            description=description,
         )
         verb.set_defaults(run=run)
         return verb

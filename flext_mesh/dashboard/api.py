@@ -9,13 +9,13 @@ send one without the browser asking this server first, which it never allows).
 The JSON API calls the same domain methods as the gRPC servicers, and its documents are
 the gRPC responses in the proto3 JSON mapping with the proto field names (as
 ``flext-mesh ... -o json`` prints them): ``GET /api/v1/workflows/order`` answers what
-``GetWorkflow`` answers. Only ``/series`` (plots) and ``/services/{name}`` (a service
-with its instances) are documents of their own, and so are ``/services/{name}/explain``
-(Discover's explanations), ``/status`` (what each sidecar applied, as ``flext-mesh
-status`` shows) and ``/removed`` (instances removed in the last minutes, for a page
-opened after). Errors are ``{"error": {"code", "status", "message",
-"field_violations"}}`` with the HTTP status of the gRPC code (400, 401, 403, 404, 429,
-503...); bad input is never a 500.
+``GetWorkflow`` answers, ``GET /api/v1/xds`` what ListXdsClients answers. Only
+``/series`` (plots) and ``/services/{name}`` (a service with its instances) are
+documents of their own, and so are ``/services/{name}/explain`` (Discover's
+explanations), ``/status`` (what each sidecar applied, as ``flext-mesh status`` shows)
+and ``/removed`` (instances removed in the last minutes, for a page opened after).
+Errors are ``{"error": {"code", "status", "message", "field_violations"}}`` with the
+HTTP status of the gRPC code (400, 401, 403, 404, 429, 503...); bad input is never a 500.
 
 Live data comes as server-sent events: the registry stream is fed by the registry's
 in-memory watch hub (one subscription per open page, no store reads), an execution's
@@ -66,6 +66,8 @@ from flext_mesh.orchestrator.engine import Orchestrator
 from flext_mesh.registry.applied import STALE_AFTER, applied
 from flext_mesh.registry.registry import REMOVALS_KEPT_SECONDS, Registry
 from flext_mesh.v1 import metrics_pb2, orchestrator_pb2, registry_pb2
+from flext_mesh.xds import status as xds_status
+from flext_mesh.xds.hub import XdsHub
 
 __all__ = [
     "ACTIONS",
@@ -183,10 +185,13 @@ class Dashboard:
         authorize: Authorize | None = None,
         permit: Permit | None = None,
         settings: DashboardSettings | None = None,
+        xds: XdsHub | None = None,
     ) -> None:
         """``authorize`` guards the API and streams, ``permit`` the actions (default:
-        allow every request)."""
+        allow every request); ``xds``: the hub whose clients ``/xds`` lists (none
+        without one)."""
         self.registry = registry
+        self.xds = xds
         self.metrics = metrics
         self.orchestrator = orchestrator
         self.authorize: Authorize = authorize or _allow_all
@@ -203,6 +208,7 @@ class Dashboard:
             "/services/{name}/series": self._get_series,
             "/services/{name}/explain": self._explain,
             "/status": self._status,
+            "/xds": self._xds_clients,
             "/removed": self._removed,
             "/alerts": self._list_alerts,
             "/workflows": self._list_workflows,
@@ -393,6 +399,18 @@ class Dashboard:
                     }
                 )
         return {"revision": str(revision), "stale_after_seconds": STALE_AFTER, "instances": rows}
+
+    async def _xds_clients(self, request: web.Request) -> _Result:
+        """ListXdsClients: the xDS clients of this replica and where each stands
+        (``flext-mesh xds status``), paged."""
+        hub = self.xds
+        return xds_status.list_clients(
+            hub.clients() if hub is not None else [],
+            hub.revision if hub is not None else self.registry.cache.revision,
+            _int(request, "page_size", maximum=_MAX_PAGE),
+            request.query.get("page_token", ""),
+            time.time(),
+        )
 
     async def _removed(self, request: web.Request) -> _Result:
         """Instances removed in the last ``kept_seconds`` and not registered again:

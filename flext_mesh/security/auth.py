@@ -22,7 +22,7 @@ renews, deregisters and drains (SetInstanceMaintenance) only instances of NAME, 
 only calls served by NAME or made by NAME (``caller_service``: its outbound calls), and
 reads discovery (Discover, ListServices, Watch, GetServicePolicy, and xDS:
 StreamAggregatedResources) to call the others. ``read`` reads everything (registry,
-reports, alerts, workflows, executions); ``workflow`` manages workflows and their
+reports, alerts, workflows, executions, xDS clients); ``workflow`` manages workflows and their
 executions and reads them. A wrong scope: PERMISSION_DENIED naming the scope needed.
 Every refusal is logged at INFO with the method, the client (a token's name, a
 certificate's identity or, unauthenticated, an address; never a credential) and the
@@ -150,6 +150,7 @@ METHOD_RULES: dict[str, MethodRule] = {
     "/flext_mesh.v1.RegistryService/SetInstanceMaintenance": MethodRule(
         _SERVICE, "writes", "service_name"
     ),
+    "/flext_mesh.v1.RegistryService/ListXdsClients": MethodRule(_READ),
     # MetricsService
     "/flext_mesh.v1.MetricsService/ReportCalls": MethodRule(_SERVICE, "reports", "records"),
     "/flext_mesh.v1.MetricsService/StreamCalls": MethodRule(_SERVICE, "reports", "records"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from flext_mesh.security.auth import refusals
 from flext_mesh.security.identity import client_key
 from flext_mesh.servicers.watchers import WatchLimit
 from flext_mesh.v1 import registry_pb2, registry_pb2_grpc
+from flext_mesh.xds import status as xds_status
+from flext_mesh.xds.hub import XdsHub
 
 __all__ = ["RegistryServicer", "add_registry_servicer"]
 
@@ -34,10 +37,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         registry: Registry,
         streams: LongStreams | None = None,
         watchers: WatchLimit | None = None,
+        xds: XdsHub | None = None,
     ) -> None:
         """``watchers`` counts open Watch streams per client (shared with the
-        orchestrator's WatchExecution); a default limit of 64 when None."""
+        orchestrator's WatchExecution); a default limit of 64 when None. ``xds``: the
+        hub whose clients ListXdsClients lists (none listed without one)."""
         self.registry = registry
+        self.xds = xds
         self.streams = streams if streams is not None else LongStreams()
         self.watchers = watchers if watchers is not None else WatchLimit()
 
@@ -122,6 +128,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.ListServicesResponse:
         """Services with counts and health."""
         return self.registry.list_services(request.page_size, request.page_token, request.type)
+
+    @rpc_errors
+    async def ListXdsClients(
+        self, request: registry_pb2.ListXdsClientsRequest, context: _Context
+    ) -> registry_pb2.ListXdsClientsResponse:
+        """The xDS clients connected to this replica and where each stands."""
+        hub = self.xds
+        return xds_status.list_clients(
+            hub.clients() if hub is not None else [],
+            hub.revision if hub is not None else self.registry.cache.revision,
+            request.page_size,
+            request.page_token,
+            time.time(),
+        )
 
     @rpc_errors
     async def Watch(  # type: ignore[override]

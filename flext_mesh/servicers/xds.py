@@ -53,8 +53,11 @@ class AdsServicer:
                         return
                     if subscriber.closed:
                         return
-                    for response in subscriber.stream.responses(hub.names):
+                    marked = subscriber.take_marked()
+                    responses = subscriber.stream.responses(hub.names)
+                    for response in responses:
                         await context.write(response)
+                    hub.pushed(marked, len(responses))
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -209,6 +209,57 @@ REMOVAL_REASON_LEASE_EXPIRED: RemovalReason.ValueType  # 2
 """Its lease expired."""
 Global___RemovalReason: _TypeAlias = RemovalReason  # noqa: Y015
 
+class _XdsSyncState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _XdsSyncStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_XdsSyncState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    XDS_SYNC_STATE_UNSPECIFIED: _XdsSyncState.ValueType  # 0
+    """Not set."""
+    XDS_SYNC_STATE_NOT_SENT: _XdsSyncState.ValueType  # 1
+    """Nothing of the type was sent yet: the client subscribed to nothing that exists."""
+    XDS_SYNC_STATE_SYNCED: _XdsSyncState.ValueType  # 2
+    """The client ACKed the last version sent."""
+    XDS_SYNC_STATE_PENDING: _XdsSyncState.ValueType  # 3
+    """A version was sent less than ListXdsClientsResponse.stale_after ago and is not
+    ACKed yet (normal for a few milliseconds after each push).
+    """
+    XDS_SYNC_STATE_STALE: _XdsSyncState.ValueType  # 4
+    """A version was sent more than stale_after ago (5 s) and is neither ACKed nor
+    NACKed: the client stopped reading its stream or answering it.
+    """
+    XDS_SYNC_STATE_NACKED: _XdsSyncState.ValueType  # 5
+    """The client NACKed the last version sent: it keeps using the version it last
+    ACKed (XdsTypeStatus.last_nack_error says why).
+    """
+
+class XdsSyncState(_XdsSyncState, metaclass=_XdsSyncStateEnumTypeWrapper):
+    """Where an xDS client stands, for one resource type or the whole client. A client's
+    state is the worst of its types' (NACKED, then STALE, then PENDING, then SYNCED);
+    NOT_SENT when nothing was sent to it yet.
+    """
+
+XDS_SYNC_STATE_UNSPECIFIED: XdsSyncState.ValueType  # 0
+"""Not set."""
+XDS_SYNC_STATE_NOT_SENT: XdsSyncState.ValueType  # 1
+"""Nothing of the type was sent yet: the client subscribed to nothing that exists."""
+XDS_SYNC_STATE_SYNCED: XdsSyncState.ValueType  # 2
+"""The client ACKed the last version sent."""
+XDS_SYNC_STATE_PENDING: XdsSyncState.ValueType  # 3
+"""A version was sent less than ListXdsClientsResponse.stale_after ago and is not
+ACKed yet (normal for a few milliseconds after each push).
+"""
+XDS_SYNC_STATE_STALE: XdsSyncState.ValueType  # 4
+"""A version was sent more than stale_after ago (5 s) and is neither ACKed nor
+NACKed: the client stopped reading its stream or answering it.
+"""
+XDS_SYNC_STATE_NACKED: XdsSyncState.ValueType  # 5
+"""The client NACKed the last version sent: it keeps using the version it last
+ACKed (XdsTypeStatus.last_nack_error says why).
+"""
+Global___XdsSyncState: _TypeAlias = XdsSyncState  # noqa: Y015
+
 @_typing.final
 class ServiceInstance(_message.Message):
     """One registered instance of a service."""
@@ -1713,3 +1764,221 @@ class SetInstanceMaintenanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetInstanceMaintenanceResponse: _TypeAlias = SetInstanceMaintenanceResponse  # noqa: Y015
+
+@_typing.final
+class ListXdsClientsRequest(_message.Message):
+    """Request of RegistryService.ListXdsClients."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Page size, 0 for the default 100; at most 1000."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListXdsClientsRequest: _TypeAlias = ListXdsClientsRequest  # noqa: Y015
+
+@_typing.final
+class ListXdsClientsResponse(_message.Message):
+    """Response of RegistryService.ListXdsClients."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REGISTRY_REVISION_FIELD_NUMBER: _builtins.int
+    STALE_AFTER_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    registry_revision: _builtins.int
+    """Registry revision when the list was read."""
+    @_builtins.property
+    def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___XdsClient]:
+        """Connected clients, oldest stream first."""
+
+    @_builtins.property
+    def stale_after(self) -> _duration_pb2.Duration:
+        """How long a version may go unacknowledged before its type is STALE (5 s)."""
+
+    def __init__(
+        self,
+        *,
+        clients: _abc.Iterable[Global___XdsClient] | None = ...,
+        next_page_token: _builtins.str = ...,
+        registry_revision: _builtins.int = ...,
+        stale_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stale_after", b"stale_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "next_page_token", b"next_page_token", "registry_revision", b"registry_revision", "stale_after", b"stale_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListXdsClientsResponse: _TypeAlias = ListXdsClientsResponse  # noqa: Y015
+
+@_typing.final
+class XdsClient(_message.Message):
+    """One connected xDS client: one ADS stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STALE_REQUESTS_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    """The stream's number on this replica, increasing with each new stream (the
+    order of the list).
+    """
+    node_id: _builtins.str
+    """node.id from the client's bootstrap; empty until its first request carries a node."""
+    zone: _builtins.str
+    """node.locality.zone: the zone the client says it is in (policies that prefer
+    zones use it). At most 200 characters, like the other node fields.
+    """
+    region: _builtins.str
+    """node.locality.region."""
+    user_agent: _builtins.str
+    """node.user_agent_name and user_agent_version, e.g. "gRPC Python 1.85.0"."""
+    peer: _builtins.str
+    """The client's address as gRPC gives it, e.g. "ipv4:10.0.0.7:53122"."""
+    state: Global___XdsSyncState.ValueType
+    """The client's state: the worst of its types' (see XdsSyncState)."""
+    stale_requests: _builtins.int
+    """Requests ignored because their nonce was not the last one sent (they crossed a
+    newer response; a few are normal).
+    """
+    @_builtins.property
+    def connect_time(self) -> _timestamp_pb2.Timestamp:
+        """When the stream opened."""
+
+    @_builtins.property
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___XdsTypeStatus]:
+        """One entry per resource type, always the four in the order LDS, RDS, CDS, EDS."""
+
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        zone: _builtins.str = ...,
+        region: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        connect_time: _timestamp_pb2.Timestamp | None = ...,
+        types: _abc.Iterable[Global___XdsTypeStatus] | None = ...,
+        state: Global___XdsSyncState.ValueType = ...,
+        stale_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "node_id", b"node_id", "peer", b"peer", "region", b"region", "stale_requests", b"stale_requests", "state", b"state", "stream_id", b"stream_id", "types", b"types", "user_agent", b"user_agent", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___XdsClient: _TypeAlias = XdsClient  # noqa: Y015
+
+@_typing.final
+class XdsTypeStatus(_message.Message):
+    """One resource type on one xDS client's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_URL_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    VERSION_SENT_FIELD_NUMBER: _builtins.int
+    VERSION_ACKED_FIELD_NUMBER: _builtins.int
+    LAST_SEND_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ACK_TIME_FIELD_NUMBER: _builtins.int
+    LAST_NACK_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_NACK_TIME_FIELD_NUMBER: _builtins.int
+    NACKS_FIELD_NUMBER: _builtins.int
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_COUNT_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    WILDCARD_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    type_url: _builtins.str
+    """The type URL, e.g. "type.googleapis.com/envoy.config.listener.v3.Listener"."""
+    type: _builtins.str
+    """Its short name: LDS, RDS, CDS or EDS."""
+    version_sent: _builtins.str
+    """version_info of the last response sent; empty before any."""
+    version_acked: _builtins.str
+    """The version the client last ACKed; empty before any ACK."""
+    last_nack_error: _builtins.str
+    """The error of the last NACK, empty when the client ACKed since (at most 2000
+    characters).
+    """
+    nacks: _builtins.int
+    """NACKs received on this stream."""
+    responses: _builtins.int
+    """Responses of the type sent on this stream."""
+    subscribed_count: _builtins.int
+    """How many resource names the client subscribed to."""
+    wildcard: _builtins.bool
+    """The client asked for every resource of the type (an empty first request; gRPC
+    clients never do).
+    """
+    state: Global___XdsSyncState.ValueType
+    """Where the type stands (see XdsSyncState)."""
+    @_builtins.property
+    def last_send_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last response of the type was sent; unset before any."""
+
+    @_builtins.property
+    def last_ack_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last ACK came; unset before any."""
+
+    @_builtins.property
+    def last_nack_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last NACK came; unset before any (kept after a later ACK)."""
+
+    @_builtins.property
+    def subscribed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names subscribed, sorted; the first 100 only (subscribed_count says how many)."""
+
+    def __init__(
+        self,
+        *,
+        type_url: _builtins.str = ...,
+        type: _builtins.str = ...,
+        version_sent: _builtins.str = ...,
+        version_acked: _builtins.str = ...,
+        last_send_time: _timestamp_pb2.Timestamp | None = ...,
+        last_ack_time: _timestamp_pb2.Timestamp | None = ...,
+        last_nack_error: _builtins.str = ...,
+        last_nack_time: _timestamp_pb2.Timestamp | None = ...,
+        nacks: _builtins.int = ...,
+        responses: _builtins.int = ...,
+        subscribed_count: _builtins.int = ...,
+        subscribed: _abc.Iterable[_builtins.str] | None = ...,
+        wildcard: _builtins.bool = ...,
+        state: Global___XdsSyncState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_ack_time", b"last_ack_time", "last_nack_time", b"last_nack_time", "last_send_time", b"last_send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_ack_time", b"last_ack_time", "last_nack_error", b"last_nack_error", "last_nack_time", b"last_nack_time", "last_send_time", b"last_send_time", "nacks", b"nacks", "responses", b"responses", "state", b"state", "subscribed", b"subscribed", "subscribed_count", b"subscribed_count", "type", b"type", "type_url", b"type_url", "version_acked", b"version_acked", "version_sent", b"version_sent", "wildcard", b"wildcard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___XdsTypeStatus: _TypeAlias = XdsTypeStatus  # noqa: Y015

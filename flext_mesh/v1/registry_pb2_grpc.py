@@ -90,6 +90,11 @@ class RegistryServiceStub:
                 request_serializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceRequest.SerializeToString,
                 response_deserializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceResponse.FromString,
                 _registered_method=True)
+        self.ListXdsClients = channel.unary_unary(
+                '/flext_mesh.v1.RegistryService/ListXdsClients',
+                request_serializer=flext__mesh_dot_v1_dot_registry__pb2.ListXdsClientsRequest.SerializeToString,
+                response_deserializer=flext__mesh_dot_v1_dot_registry__pb2.ListXdsClientsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -191,6 +196,18 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListXdsClients(self, request, context):
+        """Lists the proxyless gRPC clients (xDS, ADS streams) connected to this control-plane
+        replica, oldest stream first, and where each stands: per resource type the version
+        sent and ACKed, the last NACK, and a state (see XdsSyncState). Clients of other
+        replicas are not listed: each replica keeps its streams in memory. Errors:
+        INVALID_ARGUMENT with field violations (page_size over 1000, a page_token that is
+        not from a previous response). Scope: read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +265,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.SetInstanceMaintenance,
                     request_deserializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceRequest.FromString,
                     response_serializer=flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceResponse.SerializeToString,
+            ),
+            'ListXdsClients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListXdsClients,
+                    request_deserializer=flext__mesh_dot_v1_dot_registry__pb2.ListXdsClientsRequest.FromString,
+                    response_serializer=flext__mesh_dot_v1_dot_registry__pb2.ListXdsClientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -548,6 +570,33 @@ class RegistryService:
             '/flext_mesh.v1.RegistryService/SetInstanceMaintenance',
             flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceRequest.SerializeToString,
             flext__mesh_dot_v1_dot_registry__pb2.SetInstanceMaintenanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListXdsClients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flext_mesh.v1.RegistryService/ListXdsClients',
+            flext__mesh_dot_v1_dot_registry__pb2.ListXdsClientsRequest.SerializeToString,
+            flext__mesh_dot_v1_dot_registry__pb2.ListXdsClientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,14 @@ class RegistryServiceStub:
     NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
     instances of NAME.
     """
+    ListXdsClients: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListXdsClientsRequest, _registry_pb2.ListXdsClientsResponse]
+    """Lists the proxyless gRPC clients (xDS, ADS streams) connected to this control-plane
+    replica, oldest stream first, and where each stands: per resource type the version
+    sent and ACKed, the last NACK, and a state (see XdsSyncState). Clients of other
+    replicas are not listed: each replica keeps its streams in memory. Errors:
+    INVALID_ARGUMENT with field violations (page_size over 1000, a page_token that is
+    not from a previous response). Scope: read.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -134,6 +142,14 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     writes nothing. Errors: INVALID_ARGUMENT with field violations (names, reason);
     NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
     instances of NAME.
+    """
+    ListXdsClients: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListXdsClientsRequest, _registry_pb2.ListXdsClientsResponse]  # type: ignore[assignment]
+    """Lists the proxyless gRPC clients (xDS, ADS streams) connected to this control-plane
+    replica, oldest stream first, and where each stands: per resource type the version
+    sent and ACKed, the last NACK, and a state (see XdsSyncState). Clients of other
+    replicas are not listed: each replica keeps its streams in memory. Errors:
+    INVALID_ARGUMENT with field violations (page_size over 1000, a page_token that is
+    not from a previous response). Scope: read.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -250,6 +266,20 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         writes nothing. Errors: INVALID_ARGUMENT with field violations (names, reason);
         NOT_FOUND when the instance is not registered. Scope: admin, or service:NAME for
         instances of NAME.
+        """
+
+    @_abc_1.abstractmethod
+    def ListXdsClients(
+        self,
+        request: _registry_pb2.ListXdsClientsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListXdsClientsResponse, _abc.Awaitable[_registry_pb2.ListXdsClientsResponse]]:
+        """Lists the proxyless gRPC clients (xDS, ADS streams) connected to this control-plane
+        replica, oldest stream first, and where each stands: per resource type the version
+        sent and ACKed, the last NACK, and a state (see XdsSyncState). Clients of other
+        replicas are not listed: each replica keeps its streams in memory. Errors:
+        INVALID_ARGUMENT with field violations (page_size over 1000, a page_token that is
+        not from a previous response). Scope: read.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,7 +11,10 @@ stream at most every ``coalesce`` seconds; nothing is O(clients x services).
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -22,14 +25,47 @@ from flext_mesh.registry.cache import InstanceCache, InstanceChange
 from flext_mesh.v1 import registry_pb2
 from flext_mesh.xds import resources
 from flext_mesh.xds.resources import CDS, EDS, LDS, RDS, service_of
-from flext_mesh.xds.streams import AdsStream, ClientState
+from flext_mesh.xds.streams import AdsStream, ClientState, StreamTotals
 
-__all__ = ["COALESCE_SECONDS", "Subscriber", "XdsHub"]
+__all__ = ["COALESCE_SECONDS", "PUSH_BUCKETS_SECONDS", "PushTimes", "Subscriber", "XdsHub"]
 
 _log = logging.getLogger("flext_mesh.xds")
 
 #: Changes within this many seconds go out as one push per stream.
 COALESCE_SECONDS = 0.05
+#: Upper bounds (seconds) of the push latency histogram: from a change being marked to
+#: the response it caused being written to a stream (the coalescing delay included).
+PUSH_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class PushTimes:
+    """How long changes took to reach the streams: a fixed-bucket histogram, written and
+    read on the event loop."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(PUSH_BUCKETS_SECONDS) + 1)
+        self.total_seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one push that took ``seconds``."""
+        self.counts[bisect.bisect_left(PUSH_BUCKETS_SECONDS, seconds)] += 1
+        self.total_seconds += seconds
+
+    def cumulative(self) -> tuple[list[int], float]:
+        """Counts at or below each bound then the +Inf count, and the sum of seconds."""
+        return list(itertools.accumulate(self.counts)), self.total_seconds
 
 
 @dataclass(eq=False, slots=True)
@@ -43,6 +79,15 @@ class Subscriber:
     closed: bool = False
     #: Services the hub indexed it under.
     services: frozenset[str] = frozenset()
+    #: When the oldest change it was woken for and has not written yet was marked
+    #: (``time.monotonic()``); None when there is none.
+    marked: float | None = None
+
+    def take_marked(self) -> float | None:
+        """The mark of the changes about to be written, forgotten here (a change marked
+        while they are written wakes the stream again with its own mark)."""
+        marked, self.marked = self.marked, None
+        return marked
 
 
 class XdsHub:
@@ -65,10 +110,15 @@ class XdsHub:
         self._wildcards: set[Subscriber] = set()
         # service -> (type, name, zone) -> the packed resource (None: does not exist).
         self._built: dict[str, dict[tuple[str, str, str], any_pb2.Any | None]] = {}
-        self._dirty: set[str] = set()
+        # service -> when its first change since the last push was marked (monotonic).
+        self._dirty: dict[str, float] = {}
         self._flush: asyncio.TimerHandle | None = None
         #: Pushes sent since start (a push: one stream woken by a change).
         self.pushes = 0
+        #: Responses and NACKs of every stream since start, per type URL.
+        self.totals = StreamTotals()
+        #: From a change's mark to its response written, per stream that sent one.
+        self.push_times = PushTimes()
         cache.on_instance(self._on_instance)
         cache.on_policy(self._mark)
 
@@ -76,7 +126,7 @@ class XdsHub:
 
     def open(self, peer: str) -> Subscriber:
         """A new ADS stream from ``peer``."""
-        subscriber = Subscriber(AdsStream(peer, self.resolve))
+        subscriber = Subscriber(AdsStream(peer, self.resolve, totals=self.totals))
         self._subscribers[subscriber.stream.state.stream_id] = subscriber
         return subscriber
 
@@ -105,6 +155,11 @@ class XdsHub:
             self._by_service.setdefault(new, set()).add(subscriber)
         subscriber.services = services
 
+    @property
+    def revision(self) -> int:
+        """The registry revision the resources are built from."""
+        return self._cache.revision
+
     def clients(self) -> list[ClientState]:
         """Every connected client's state, oldest stream first (read only)."""
         return [s.stream.state for _, s in sorted(self._subscribers.items())]
@@ -127,20 +182,32 @@ class XdsHub:
         """Note a change of ``service``; a push follows within ``coalesce`` seconds."""
         if service not in self._by_service and service not in self._built and not self._wildcards:
             return
-        self._dirty.add(service)
+        self._dirty.setdefault(service, time.monotonic())
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(self._coalesce, self._push)
 
     def _push(self) -> None:
         self._flush = None
-        dirty, self._dirty = self._dirty, set()
-        woken: set[Subscriber] = set(self._wildcards)
-        for service in dirty:
+        dirty, self._dirty = self._dirty, {}
+        woken: dict[Subscriber, float] = {}
+        if self._wildcards and dirty:
+            oldest = min(dirty.values())
+            woken.update(dict.fromkeys(self._wildcards, oldest))
+        for service, marked in dirty.items():
             self._built.pop(service, None)
-            woken.update(self._by_service.get(service, ()))
-        for subscriber in woken:
+            for subscriber in self._by_service.get(service, ()):
+                woken[subscriber] = min(marked, woken.get(subscriber, marked))
+        for subscriber, marked in woken.items():
+            if subscriber.marked is None or marked < subscriber.marked:
+                subscriber.marked = marked
             subscriber.wake.set()
         self.pushes += len(woken)
+
+    def pushed(self, marked: float | None, responses: int) -> None:
+        """A stream wrote ``responses`` after being woken by changes marked at
+        ``marked`` (see :meth:`Subscriber.take_marked`): time the push."""
+        if marked is not None and responses:
+            self.push_times.observe(time.monotonic() - marked)
 
     # -- resources -----------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from google.protobuf import any_pb2
 
 from flext_mesh.xds.resources import CDS, LDS, TYPES, service_of
 
-__all__ = ["ALL_RESOURCES_TYPES", "AdsStream", "ClientState", "TypeState"]
+__all__ = ["ALL_RESOURCES_TYPES", "AdsStream", "ClientState", "StreamTotals", "TypeState"]
 
 #: Types whose responses carry every subscribed resource (absent means deleted).
 ALL_RESOURCES_TYPES = frozenset({LDS, CDS})
@@ -64,6 +64,8 @@ class TypeState:
     version_sent: str = ""
     #: Nonce of the last response sent; "" before any.
     nonce_sent: str = ""
+    #: When the last response was sent, epoch seconds; 0 before any.
+    sent_time: float = 0.0
     #: The version the client last accepted; "" before any ACK.
     version_acked: str = ""
     #: When the last ACK came, epoch seconds; 0 before any.
@@ -72,6 +74,8 @@ class TypeState:
     nack_error: str = ""
     #: When the last NACK came, epoch seconds; 0 before any.
     nack_time: float = 0.0
+    #: The version the last NACK rejected (``version_sent`` when it came).
+    nack_version: str = ""
     #: NACKs received on this stream.
     nacks: int = 0
     #: Responses sent.
@@ -79,6 +83,15 @@ class TypeState:
     #: What the client was last sent, by name (the encoded resource), to send only
     #: changes.
     sent: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamTotals:
+    """Responses sent and NACKs received by every stream since start, per type URL
+    (shared by the streams of one hub; Prometheus counters read them)."""
+
+    responses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TYPES, 0))
+    nacks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TYPES, 0))
 
 
 @dataclass(slots=True)
@@ -109,11 +122,19 @@ class AdsStream:
     """The protocol state of one ADS stream; the servicer feeds requests and writes
     what :meth:`responses` returns."""
 
-    def __init__(self, peer: str, resolve: Resolver, now: Callable[[], float] = time.time) -> None:
-        """``resolve(type_url, names, caller_zone)`` gives the current resources."""
+    def __init__(
+        self,
+        peer: str,
+        resolve: Resolver,
+        now: Callable[[], float] = time.time,
+        totals: StreamTotals | None = None,
+    ) -> None:
+        """``resolve(type_url, names, caller_zone)`` gives the current resources;
+        ``totals`` counts this stream's responses and NACKs with others'."""
         self.state = ClientState(stream_id=next(_ids), peer=peer, connected_time=now())
         self._resolve = resolve
         self._now = now
+        self._totals = totals if totals is not None else StreamTotals()
         self._nonces = itertools.count(1)
         self._versions = {t: itertools.count(1) for t in TYPES}
 
@@ -161,7 +182,9 @@ class AdsStream:
         elif request.HasField("error_detail"):
             kind.nack_error = request.error_detail.message[:MAX_ERROR]
             kind.nack_time = self._now()
+            kind.nack_version = kind.version_sent
             kind.nacks += 1  # the accepted version stays what the last ACK said
+            self._totals.nacks[request.type_url] += 1
         else:
             kind.version_acked = request.version_info
             kind.ack_time = self._now()
@@ -211,7 +234,9 @@ class AdsStream:
         version = str(next(self._versions[type_url]))
         nonce = str(next(self._nonces))
         kind.version_sent, kind.nonce_sent = version, nonce
+        kind.sent_time = self._now()
         kind.responses += 1
+        self._totals.responses[type_url] += 1
         return discovery_pb2.DiscoveryResponse(
             version_info=version,
             resources=[current[n] for n in sorted(send)],

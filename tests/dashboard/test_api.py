@@ -27,8 +27,10 @@ from flext_mesh.v1 import (
     orchestrator_pb2,
     registry_pb2,
 )
+from flext_mesh.xds.resources import EDS
 from tests.dashboard.conftest import EventStream, Flow, get, get_json
 from tests.registry.conftest import eventually, fast_config
+from tests.xds.test_ads_protocol import Ads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -238,6 +240,8 @@ async def test_report_and_series_show_the_reported_calls(flow: Flow) -> None:
 
 #: (path under /api/v1, HTTP status, gRPC status name) of requests a user may get wrong.
 BAD_REQUESTS = [
+    ("/xds?page_size=1001", 400, "INVALID_ARGUMENT"),
+    ("/xds?page_token=not-a-token", 400, "INVALID_ARGUMENT"),
     ("/services/nope", 404, "NOT_FOUND"),
     ("/services/no%20way", 400, "INVALID_ARGUMENT"),
     ("/services/payment/report?window=soon", 400, "INVALID_ARGUMENT"),
@@ -289,6 +293,33 @@ async def test_explain_and_status_answer_what_the_cli_shows(flow: Flow) -> None:
         ("pay-1", "-"),
         ("pay-2", "-"),
     ]
+
+
+async def test_xds_clients_are_the_list_xds_clients_document(flow: Flow) -> None:
+    """/xds answers what ListXdsClients answers (`flext-mesh xds status`)."""
+    await register(flow, "payment", "pay-1")
+    ads = Ads(f"127.0.0.1:{flow.plane.port}", "web-1", zone="z1")
+    try:
+        ads.ask(EDS, "payment")
+        await ads.read()
+        ads.ask(EDS, "payment")  # ACK
+
+        async def synced() -> bool:
+            status, found = await get_json(f"{base(flow)}/api/v1/xds")
+            assert status == 200
+            return [c["state"] for c in found["clients"]] == ["XDS_SYNC_STATE_SYNCED"]
+
+        await eventually(synced, within=3)
+        _, document = await get_json(f"{base(flow)}/api/v1/xds")
+        grpc_answer = await flow.registry.ListXdsClients(registry_pb2.ListXdsClientsRequest())
+        assert document == proto_json(grpc_answer)
+        (client,) = document["clients"]
+        assert client["node_id"] == "web-1"
+        assert client["types"][3]["type"] == "EDS"
+        assert client["types"][3]["version_acked"] == "1"
+        assert document["stale_after"] == "5s"
+    finally:
+        await ads.close()
 
 
 async def test_removed_instances_are_remembered_until_registered_again(flow: Flow) -> None:

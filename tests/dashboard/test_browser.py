@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import math
 import os
+import queue
 import re
 import time
 import urllib.error
@@ -24,6 +25,9 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
 
 from flext_mesh.orchestrator.formats import workflow_from_dict
 from flext_mesh.rpc.payloads import dict_to_struct
@@ -556,3 +560,71 @@ def test_a_killed_instance_turns_unhealthy_on_screen_within_its_ttl(
         assert late.is_visible("tr[data-instance='pay-1'][data-health='healthy']")
     finally:
         context.close()
+
+
+class SyncAds:
+    """A raw ADS stream from this process (sync gRPC): ask for resources, ACK or NACK."""
+
+    def __init__(self, address: str, node_id: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.requests: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
+        self.node = base_pb2.Node(id=node_id, locality=base_pb2.Locality(zone="z1"))
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
+        self.call = stub.StreamAggregatedResources(iter(self.requests.get, None))
+
+    def exchange(self, type_url: str, name: str, *, error: str = "") -> None:
+        """Subscribe to ``name``, read the response, then ACK it (NACK with ``error``)."""
+        self.requests.put(
+            discovery_pb2.DiscoveryRequest(node=self.node, type_url=type_url, resource_names=[name])
+        )
+        response = next(self.call)
+        answer = discovery_pb2.DiscoveryRequest(
+            node=self.node,
+            type_url=type_url,
+            resource_names=[name],
+            response_nonce=response.nonce,
+            version_info="" if error else response.version_info,
+        )
+        if error:
+            answer.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        self.requests.put(answer)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def test_the_xds_clients_and_where_each_stands(page: Page, mesh: Mesh) -> None:
+    """The answer of `flext-mesh xds status`, on the page: one client in sync, one that
+    rejected its endpoints, with the reason."""
+    eds = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+    synced, nacking = SyncAds(mesh.plane.address, "web-1"), SyncAds(mesh.plane.address, "web-2")
+    try:
+        synced.exchange(eds, "payment")
+        nacking.exchange(eds, "inventory", error="endpoints[0].locality error:field not present")
+        navigate(page, "#/xds")
+        page.wait_for_selector("#xds-table tr[data-node='web-1'][data-state='SYNCED']")
+        page.wait_for_selector("#xds-table tr[data-node='web-2'][data-state='NACKED']")
+        row = page.inner_text("#xds-table tr[data-node='web-1']")
+        assert "SYNCED v1" in row
+        assert "z1" in row
+        lds = page.inner_text("#xds-table tr[data-node='web-1'] td[data-type='LDS']")
+        assert lds == "\N{EN DASH}"  # nothing sent: it asked for endpoints only
+        bad = page.inner_text("#xds-table tr[data-node='web-2']")
+        assert "NACK v1" in bad
+        assert "locality error:field not present" in bad
+        headers = page.inner_text("#xds-table thead").upper()
+        for header in ("NODE", "ZONE", "LDS", "RDS", "CDS", "EDS", "STATE", "LAST ACK"):
+            assert header in headers
+        assert "1 not in sync." in page.inner_text("#view-xds")
+        _fits(page, 1360)
+        page.screenshot(path=mesh.tmp / "xds.png", full_page=True)
+
+        # The view refreshes every 5 s: a client that goes away leaves it.
+        nacking.close()
+        page.wait_for_selector("#xds-table tr[data-node='web-2']", state="detached", timeout=8_000)
+        assert "All in sync." in page.inner_text("#view-xds")
+    finally:
+        synced.close()
+        nacking.close()

@@ -563,6 +563,99 @@ async function renderStatus() {
   );
 }
 
+// -- view: xDS clients (proxyless gRPC clients and where each stands) ---------------------
+
+const XDS_PREFIX = "XDS_SYNC_STATE_";
+const xdsState = (value) => String(value || "").replace(XDS_PREFIX, "");
+
+/** One resource type in short, as `flext-mesh xds status` prints it. */
+function xdsCell(type) {
+  const state = xdsState(type.state);
+  if (state === "SYNCED") return `SYNCED v${type.version_acked}`;
+  if (state === "NACKED") return `NACK v${type.version_sent}`;
+  if (state === "STALE") return `STALE v${type.version_sent} (sent ${fmtAge(parseTime(type.last_send_time))})`;
+  if (state === "PENDING") return `PENDING v${type.version_sent}`;
+  return "–";
+}
+
+async function renderXds() {
+  const view = document.getElementById("view-xds");
+  let answer;
+  try {
+    answer = await api("/xds?page_size=1000");
+  } catch (error) {
+    view.replaceChildren(h("h2", {}, "xDS clients"), h("div", { class: "empty" }, error.message));
+    return;
+  }
+  const clients = answer.clients || [];
+  const troubled = clients.filter((c) => ["STALE", "NACKED"].includes(xdsState(c.state))).length;
+  const staleAfter = durationSeconds(answer.stale_after);
+  view.replaceChildren(
+    h("h2", {}, "xDS clients"),
+    h(
+      "p",
+      { class: "muted" },
+      `Proxyless gRPC clients (xds:///SERVICE) connected to this replica, registry revision ${answer.registry_revision}. `,
+      `A version sent and not answered for ${staleAfter} s is STALE; NACK: the client rejected the last version and keeps the one it last ACKed. `,
+      troubled ? h("span", { class: "bad" }, `${troubled} not in sync.`) : clients.length ? "All in sync." : "",
+    ),
+    clients.length
+      ? h(
+          "div",
+          { class: "card" },
+          h(
+            "div",
+            { class: "body" },
+            h(
+              "table",
+              { id: "xds-table" },
+              h(
+                "thead",
+                {},
+                h(
+                  "tr",
+                  {},
+                  h("th", {}, "Node"),
+                  h("th", {}, "Zone"),
+                  ...(clients[0].types || []).map((t) => h("th", {}, t.type)),
+                  h("th", {}, "State"),
+                  h("th", { class: "num" }, "Last ACK"),
+                  h("th", {}, "User agent"),
+                  h("th", {}, "Peer"),
+                  h("th", {}, "Last NACK error"),
+                ),
+              ),
+              h(
+                "tbody",
+                {},
+                clients.map((c) => {
+                  const types = c.types || [];
+                  const acks = types.map((t) => parseTime(t.last_ack_time)).filter(Boolean);
+                  const error = types.map((t) => t.last_nack_error).find(Boolean) || "";
+                  const state = xdsState(c.state);
+                  return h(
+                    "tr",
+                    { dataset: { node: c.node_id, state } },
+                    h("td", { class: "mono" }, c.node_id || "–"),
+                    h("td", {}, c.zone || "–"),
+                    ...types.map((t) =>
+                      h("td", { class: `xds-type state-${xdsState(t.state).toLowerCase()}`, dataset: { type: t.type } }, xdsCell(t)),
+                    ),
+                    h("td", {}, h("span", { class: `badge state-${state.toLowerCase()}` }, state.replace("_", " "))),
+                    h("td", { class: "num" }, acks.length ? fmtAge(Math.max(...acks)) : "–"),
+                    h("td", {}, c.user_agent || "–"),
+                    h("td", { class: "mono" }, c.peer || "–"),
+                    error ? h("td", { class: "nack-error", title: error }, error.slice(0, 120)) : h("td", {}, "–"),
+                  );
+                }),
+              ),
+            ),
+          ),
+        )
+      : h("div", { class: "empty" }, "No xDS client is connected to this replica."),
+  );
+}
+
 function instanceRow(instance, removed = null) {
   const [kind, text] = health(instance, removed);
   const weight = `${Number(instance.effective_weight || 0).toFixed(1)} / ${instance.weight || 100}`;
@@ -1337,7 +1430,7 @@ function show(view) {
   for (const a of document.querySelectorAll("[data-nav]")) a.classList.toggle("active", a.dataset.nav === view);
 }
 
-/** #/services, #/metrics[/service], #/workflows[/name], #/executions/id, #/status */
+/** #/services, #/metrics[/service], #/workflows[/name], #/executions/id, #/status, #/xds */
 async function route() {
   const [, view = "services", arg = ""] = location.hash.split("/").map(decodeURIComponent);
   if (current.execution) current.execution.close();
@@ -1357,6 +1450,10 @@ async function route() {
     show("status");
     await renderStatus();
     current.timer = setInterval(() => document.hidden || renderStatus(), 5_000);
+  } else if (view === "xds") {
+    show("xds");
+    await renderXds();
+    current.timer = setInterval(() => document.hidden || renderXds(), 5_000);
   } else if (view === "executions" && arg) {
     show("workflows");
     const execution = new ExecutionView(arg);
