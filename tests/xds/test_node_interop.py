@@ -15,7 +15,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +25,13 @@ import pytest
 from flext_mesh.v1 import registry_pb2
 from tests.conftest import REPO, ServeProcess, start_serve
 from tests.sidecar.test_sidecar_process import SidecarProcess
-from tests.xds.test_xds_interop import Watch, bootstrap, put_policy, registry, start
+from tests.xds.test_xds_interop import (
+    Watch,
+    bootstrap,
+    light_share_during,
+    put_policy,
+    start,
+)
 
 NODE = shutil.which("node")
 CLIENT = REPO / "tests" / "polyglot" / "xds_client.mjs"
@@ -96,29 +101,10 @@ def test_a_node_client_follows_the_instances_weights(
     sidecars.append(start(tmp_path, plane, "node-weighted", "light", "--weight", "25"))
     sidecars.append(start(tmp_path, plane, "node-weighted", "heavy", "--weight", "75"))
 
-    # The effective weights move during the run (the latency factor follows the
-    # health checks' round trips, slower on the busier instance): the client is held to
-    # their average over the run, sampled every 50 ms.
-    shares: list[float] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        stub = registry(plane)
-        while not done.is_set():
-            answer = stub.Discover(
-                registry_pb2.DiscoverRequest(service_name="node-weighted", explain=True)
-            )
-            weights = {e.instance_id: e.effective_weight for e in answer.explanations}
-            shares.append(weights["light"] / (weights["light"] + weights["heavy"]))
-            done.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        counts = count(bootstrap(tmp_path, plane.address), "node-weighted", 2000)
-    finally:
-        done.set()
-        sampler.join(5)
+    boot = bootstrap(tmp_path, plane.address)
+    counts, shares = light_share_during(
+        plane, "node-weighted", lambda: count(boot, "node-weighted", 2000)
+    )
 
     assert set(counts) == {"light", "heavy"}, counts  # every call succeeded
     expected = statistics.fmean(shares)
