@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -353,3 +354,38 @@ def test_a_client_reaches_a_tls_control_plane(
         assert set(counts) == {sidecars[0].instance}, counts
     finally:
         secured.kill()
+
+
+def test_a_server_in_another_language_joins_with_no_flext_code_on_either_side(
+    tmp_path: Path, plane: ServeProcess
+) -> None:
+    """The minimal xDS-era instance: a Node.js server that only registers (Register,
+    then Heartbeat) and serves, called by a grpcio client that has only a bootstrap
+    file. Neither side runs a line of flext-mesh."""
+    node = shutil.which("node")
+    assert node, "node not found: install Node.js 20+ and run 'make install-dev' (npm ci)"
+    server = REPO / "tests" / "polyglot" / "processor_server.mjs"
+    stderr = (tmp_path / "node.stderr").open("w")
+    proc = subprocess.Popen(
+        [node, str(server.relative_to(REPO))],
+        cwd=REPO,
+        env={**os.environ, "FLEXT_MESH_ADDRESS": plane.address},
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert ready.startswith("ready "), (ready, (tmp_path / "node.stderr").read_text())
+        caller = client(
+            bootstrap(tmp_path, plane.address), "count", "node-greeter", 20, "greet", name="x"
+        )
+        out, err = caller.communicate(timeout=45)
+        assert caller.returncode == 0, err
+        assert json.loads(out.splitlines()[-1]) == {"node-1": 20}
+        assert "xds NACK" not in plane.log()
+    finally:
+        proc.terminate()  # it deregisters and exits 0
+        assert proc.wait(10) == 0
+        stderr.close()
