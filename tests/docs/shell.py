@@ -26,8 +26,10 @@ The conventions (docs/README.md says them for writers):
   ``etcd``) are started in the background, with or without a trailing ``&``, each with
   its output in a log file; the next command runs once the process says it serves
   (``serving grpc=``, ``registered service=``, ``ready to serve``). A new control plane
-  on an address a running one holds stops that one first (the page says "instead").
-  Everything started is stopped (SIGTERM, then SIGKILL) when the page ends.
+  on a port a running one holds (on any address) stops that one first (the page says
+  "instead"; SIGKILL if it still runs 1 s after SIGTERM).
+  Everything started is stopped (SIGTERM, then SIGKILL) when the page ends: sidecars
+  first, then control planes, then etcd.
 - What the harness changes, and only this: every ``HOST:PORT`` of 127.0.0.1,
   localhost, 0.0.0.0 or mesh.example.com gets a free port in place of the printed one
   (the same printed port, the same free port, across the page), mesh.example.com
@@ -195,6 +197,14 @@ class Daemon:
     log: Path
     address: str | None
     """The gRPC address of a control plane (rewritten), else None."""
+    kind: str = ""
+    """Which of :data:`_DAEMONS` it is."""
+
+    @property
+    def stop_order(self) -> int:
+        """Sidecars first (a control plane holding their streams is slow to stop),
+        control planes next, etcd last (the control planes on it stop cleanly)."""
+        return 2 if self.kind == "etcd" else 1 if self.address else 0
 
 
 @dataclass
@@ -217,6 +227,7 @@ class PageShell:
     daemons: list[Daemon] = field(default_factory=list)
     transcript: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[str] | None = None
+    _started: int = 0
     _lines: queue.Queue[str] = field(default_factory=queue.Queue)
 
     def __enter__(self) -> PageShell:
@@ -247,8 +258,9 @@ class PageShell:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for daemon in reversed(self.daemons):
-            self._stop(daemon)
+        started = {id(daemon): at for at, daemon in enumerate(self.daemons)}
+        for daemon in sorted(self.daemons, key=lambda d: (d.stop_order, -started[id(d)])):
+            self._stop(daemon)  # the latest first within each kind
         if self._proc is not None:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
@@ -329,13 +341,17 @@ class PageShell:
                 ran = f"FLEXT_MESH_LISTEN={address} " + ran
             if not re.search(r"--http-listen|HTTP_LISTEN=", ran):
                 ran = f"FLEXT_MESH_HTTP_LISTEN={self.rewrite('127.0.0.1:9464')} " + ran
-            for other in [d for d in self.daemons if d.address == address]:
-                self._stop(other)
-        log = self.directory / f"daemon-{len(self.daemons)}.log"
+            port = address.rsplit(":", 1)[-1]  # 0.0.0.0:P holds 127.0.0.1:P too
+            for other in [d for d in self.daemons if d.address and d.address.endswith(f":{port}")]:
+                # Its sidecars' streams hold its drain for up to its grace period;
+                # the new one only needs the port.
+                self._stop(other, patience=1.0)
+        self._started += 1  # not len(self.daemons): a stopped one's log stays its own
+        log = self.directory / f"daemon-{self._started}.log"
         log.touch()
         status, output = self._send(f"{{ {ran}\n}} >{log} 2>&1 </dev/null &\necho $!")
         assert status == 0, output
-        daemon = Daemon(ran, int(output.split()[-1]), log, address)
+        daemon = Daemon(ran, int(output.split()[-1]), log, address, kind)
         self.daemons.append(daemon)
         deadline = time.monotonic() + 30
         while not re.search(_DAEMONS[kind], log.read_text()):
@@ -357,7 +373,8 @@ class PageShell:
                 return True
         return False
 
-    def _stop(self, daemon: Daemon) -> None:
+    def _stop(self, daemon: Daemon, patience: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL when it still runs ``patience`` s later."""
         if daemon not in self.daemons:
             return
         self.daemons.remove(daemon)
@@ -366,7 +383,7 @@ class PageShell:
                 os.killpg(daemon.pid, sig)
             except ProcessLookupError:
                 return
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + patience
             while self._alive(daemon) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if not self._alive(daemon):

@@ -65,31 +65,23 @@ def run_all(shell: PageShell, commands: list[Command], where: str) -> dict[str, 
 
 
 def test_the_pages_have_commands_and_the_tour_is_short() -> None:
-    assert {"README.md", "docs/grpcurl.md", "docs/cli.md", "docs/workflows.md"} <= set(PAGES)
+    assert {
+        "README.md",
+        "docs/grpcurl.md",
+        "docs/cli.md",
+        "docs/workflows.md",
+        "docs/sidecar.md",
+        "docs/traffic-policy.md",
+        "docs/dashboard.md",
+        "docs/observability.md",
+        "docs/operations.md",
+    } <= set(PAGES)
     tour = runnable(TOUR)
     assert 5 <= len(tour) < 10, [c.text for c in tour]
     assert tour[0].text == "make run"
 
 
-#: Pages whose commands do not yet run as printed here, and what stands in the way.
-NOT_YET = {
-    "docs/sidecar.md": "its TLS-less second sidecar command has no --listen; not checked yet",
-    "docs/traffic-policy.md": "needs payment instances of versions v1 and v2 started first",
-    "docs/dashboard.md": "its report shows 200 calls and a stream that never ends",
-    "docs/observability.md": "its report shows a busy service (25000 calls)",
-    "docs/operations.md": "TLS and token control planes, and the etcd replicas, not wired yet",
-}
-
-
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(page, marks=pytest.mark.skip(reason=NOT_YET[page]))
-        if page in NOT_YET
-        else page
-        for page in PAGES
-    ],
-)
+@pytest.mark.parametrize("page", PAGES)
 def test_the_commands_of_a_page_run_as_printed(page: str, tmp_path: Path) -> None:
     text = (REPO / page).read_text()
     if page == "README.md":  # the tour runs in the test below
