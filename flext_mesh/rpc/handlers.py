@@ -17,7 +17,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from flext_mesh.errors import InvalidArgument
+from flext_mesh.errors import InvalidArgument, Unavailable
 from flext_mesh.rpc.status import abort
 
 __all__ = ["LongStreams", "Undecodable", "WrappingInterceptor", "add_servicer", "checked"]
@@ -132,12 +132,16 @@ class LongStreams:
     """Handler tasks of streams that never end by themselves (KeepAlive, StreamCalls).
 
     A graceful stop lets RPCs in flight finish within the grace period; these streams
-    would hold it up to its end. ``close_all()`` cancels them first: their clients see
-    the stream end and reconnect to another replica, or to this one once restarted.
+    would hold it up to its end. ``close_all()`` cancels them first, and each ends with
+    UNAVAILABLE ("the control plane is stopping"): their clients see the stream end and
+    reconnect to another replica, or to this one once restarted. (A handler that ends
+    cancelled sends no status: its client would wait on the stream, and the server's
+    drain on the client, until the grace period ran out.)
     """
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
@@ -149,6 +153,11 @@ class LongStreams:
         self._tasks.add(task)
         try:
             yield
+        except asyncio.CancelledError:
+            if not self._closing or task.cancelling() == 0:
+                raise
+            task.uncancel()
+            raise Unavailable("the control plane is stopping; connect again") from None
         finally:
             self._tasks.discard(task)
 
@@ -156,7 +165,9 @@ class LongStreams:
         return len(self._tasks)
 
     def close_all(self) -> None:
-        """Cancel every tracked stream."""
+        """End every tracked stream with UNAVAILABLE (and refuse none later: a stream
+        opened after this is the next server's to end)."""
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
 
