@@ -48,6 +48,7 @@ from prometheus_client.utils import floatToGoString
 
 from flext_mesh.buckets import CALL_BUCKETS_SECONDS
 from flext_mesh.loop import LoopLagMonitor
+from flext_mesh.result import STATUS_CODE_NAMES_BY_NUMBER
 from flext_mesh.rpc.handlers import WrappingInterceptor
 from flext_mesh.version import __version__
 
@@ -84,7 +85,7 @@ _CALL_LABELS: Final = ("service", "operation", "outcome")
 #: The caller label of calls whose caller gave no name (grpcurl, a plain client).
 _NO_CALLER: Final = "(unknown)"
 #: gRPC status code names by number ("OK", "NOT_FOUND"...), the code label's values.
-_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODE_NAMES: Final = STATUS_CODE_NAMES_BY_NUMBER
 _RPC_LABELS: Final = ("grpc_service", "grpc_method")
 _OK: Final = grpc.StatusCode.OK
 _Behavior: TypeAlias = Callable[..., Any]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar, cas
 __all__ = [
     "DEFAULT_FAILURE_CODE",
     "STATUS_CODE_NAMES",
+    "STATUS_CODE_NAMES_BY_NUMBER",
     "VALIDATION_FAILURE_CODE",
     "FieldViolationPair",
     "FlextResult",
@@ -33,27 +34,28 @@ U = TypeVar("U")
 FieldViolationPair = tuple[str, str]
 """A `(field, description)` pair; `field` is a dotted path such as `items.0.qty`."""
 
-STATUS_CODE_NAMES: frozenset[str] = frozenset(
-    {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    }
+#: The gRPC status code names by number (0 ``OK`` to 16 ``UNAUTHENTICATED``).
+STATUS_CODE_NAMES_BY_NUMBER: tuple[str, ...] = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
 )
+
+STATUS_CODE_NAMES: frozenset[str] = frozenset(STATUS_CODE_NAMES_BY_NUMBER)
 """Names of the gRPC status codes (`grpc.StatusCode` member names), kept here so this
 module does not import grpc."""
 

@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from flext_mesh import errors
+from flext_mesh.result import STATUS_CODE_NAMES_BY_NUMBER
 
 __all__ = [
     "AlertFound",
@@ -108,25 +109,7 @@ _TAIL_RATIO = 5.0
 #: Numbers of the status codes that are infrastructure faults (``errors.INFRASTRUCTURE_CODES``).
 _INFRASTRUCTURE: frozenset[int] = frozenset(code.value[0] for code in errors.INFRASTRUCTURE_CODES)
 #: Names of the gRPC status codes by number (0 to 16).
-_CODE_NAMES = (
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-)
+_CODE_NAMES = STATUS_CODE_NAMES_BY_NUMBER
 
 
 class TrendKind(enum.IntEnum):

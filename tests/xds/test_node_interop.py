@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from flext_mesh.v1 import registry_pb2
 from tests.conftest import REPO, ServeProcess, start_serve
 from tests.sidecar.test_sidecar_process import SidecarProcess
 from tests.xds.test_xds_interop import (
-    Watch,
+    assert_calls_go_on_after_a_kill,
     bootstrap,
     light_share_during,
     put_policy,
@@ -149,22 +147,4 @@ def test_a_node_client_follows_a_version_split(
 def test_a_node_clients_calls_go_on_when_an_instance_is_killed(
     tmp_path: Path, plane: ServeProcess, sidecars: list[SidecarProcess]
 ) -> None:
-    sidecars.append(start(tmp_path, plane, "node-sturdy", "doomed"))
-    sidecars.append(start(tmp_path, plane, "node-sturdy", "survivor"))
-    watch = Watch(node_client(bootstrap(tmp_path, plane.address), "watch", "node-sturdy", 20))
-    try:
-        time.sleep(0.5)
-        assert {o for _, o in watch.after(0)} == {"doomed", "survivor"}
-        killed = time.time()
-        sidecars[0].proc.send_signal(signal.SIGKILL)
-        time.sleep(3.0)
-        after = watch.after(killed)
-    finally:
-        watch.stop()
-    failures = [(round(t - killed, 3), o) for t, o in after if o not in ("doomed", "survivor")]
-    print(f"node: {len(failures)} failed calls of {len(after)} after the kill: {failures}")
-    assert len(failures) <= 3
-    assert all(t < 1.0 for t, _ in failures)
-    late = [o for t, o in after if t - killed > 1.0]
-    assert set(late) == {"survivor"}
-    assert nacks(plane) == []
+    assert_calls_go_on_after_a_kill(tmp_path, plane, sidecars, "node-sturdy", node_client)

@@ -486,6 +486,11 @@ function explainTable(known) {
   );
 }
 
+/** A card holding one table: its id, header cells and body rows. */
+function tableCard(id, headers, rows) {
+  return h("div", { class: "card" }, h("div", { class: "body" }, h("table", { id }, h("thead", {}, h("tr", {}, headers)), h("tbody", {}, rows))));
+}
+
 // -- view: sidecars (what each has applied of the registry) -------------------------------
 
 async function renderStatus() {
@@ -509,51 +514,32 @@ async function renderStatus() {
       late ? h("span", { class: "bad" }, `${late} not up to date.`) : "All up to date.",
     ),
     rows.length
-      ? h(
-          "div",
-          { class: "card" },
-          h(
-            "div",
-            { class: "body" },
+      ? tableCard(
+          "status-table",
+          [
+            h("th", {}, "Service"),
+            h("th", {}, "Instance"),
+            h("th", { class: "num" }, "Applied"),
+            h("th", { class: "num" }, "Behind"),
+            h("th", { class: "num" }, "Said"),
+            h("th", {}, "State"),
+          ],
+          rows.map((r) =>
             h(
-              "table",
-              { id: "status-table" },
+              "tr",
+              { dataset: { instance: r.instance_id, state: r.state } },
+              h("td", {}, r.service_name),
+              h("td", { class: "mono" }, r.instance_id),
+              h("td", { class: "num" }, r.state === "-" ? "–" : r.applied_revision),
+              h("td", { class: "num" }, r.state === "-" ? "–" : String(r.behind)),
+              h("td", { class: "num" }, r.state === "-" ? "–" : `${Math.round(r.since_seconds)}s ago`),
               h(
-                "thead",
+                "td",
                 {},
                 h(
-                  "tr",
-                  {},
-                  h("th", {}, "Service"),
-                  h("th", {}, "Instance"),
-                  h("th", { class: "num" }, "Applied"),
-                  h("th", { class: "num" }, "Behind"),
-                  h("th", { class: "num" }, "Said"),
-                  h("th", {}, "State"),
-                ),
-              ),
-              h(
-                "tbody",
-                {},
-                rows.map((r) =>
-                  h(
-                    "tr",
-                    { dataset: { instance: r.instance_id, state: r.state } },
-                    h("td", {}, r.service_name),
-                    h("td", { class: "mono" }, r.instance_id),
-                    h("td", { class: "num" }, r.state === "-" ? "–" : r.applied_revision),
-                    h("td", { class: "num" }, r.state === "-" ? "–" : String(r.behind)),
-                    h("td", { class: "num" }, r.state === "-" ? "–" : `${Math.round(r.since_seconds)}s ago`),
-                    h(
-                      "td",
-                      {},
-                      h(
-                        "span",
-                        { class: `badge state-${r.state === "-" ? "none" : r.state.toLowerCase()}` },
-                        r.state === "-" ? "never said" : r.state,
-                      ),
-                    ),
-                  ),
+                  "span",
+                  { class: `badge state-${r.state === "-" ? "none" : r.state.toLowerCase()}` },
+                  r.state === "-" ? "never said" : r.state,
                 ),
               ),
             ),
@@ -600,57 +586,38 @@ async function renderXds() {
       troubled ? h("span", { class: "bad" }, `${troubled} not in sync.`) : clients.length ? "All in sync." : "",
     ),
     clients.length
-      ? h(
-          "div",
-          { class: "card" },
-          h(
-            "div",
-            { class: "body" },
-            h(
-              "table",
-              { id: "xds-table" },
-              h(
-                "thead",
-                {},
-                h(
-                  "tr",
-                  {},
-                  h("th", {}, "Node"),
-                  h("th", {}, "Zone"),
-                  ...(clients[0].types || []).map((t) => h("th", {}, t.type)),
-                  h("th", {}, "State"),
-                  h("th", { class: "num" }, "Last ACK"),
-                  h("th", {}, "User agent"),
-                  h("th", {}, "Peer"),
-                  h("th", {}, "Last NACK error"),
-                ),
+      ? tableCard(
+          "xds-table",
+          [
+            h("th", {}, "Node"),
+            h("th", {}, "Zone"),
+            ...(clients[0].types || []).map((t) => h("th", {}, t.type)),
+            h("th", {}, "State"),
+            h("th", { class: "num" }, "Last ACK"),
+            h("th", {}, "User agent"),
+            h("th", {}, "Peer"),
+            h("th", {}, "Last NACK error"),
+          ],
+          clients.map((c) => {
+            const types = c.types || [];
+            const acks = types.map((t) => parseTime(t.last_ack_time)).filter(Boolean);
+            const error = types.map((t) => t.last_nack_error).find(Boolean) || "";
+            const state = xdsState(c.state);
+            return h(
+              "tr",
+              { dataset: { node: c.node_id, state } },
+              h("td", { class: "mono" }, c.node_id || "–"),
+              h("td", {}, c.zone || "–"),
+              ...types.map((t) =>
+                h("td", { class: `xds-type state-${xdsState(t.state).toLowerCase()}`, dataset: { type: t.type } }, xdsCell(t)),
               ),
-              h(
-                "tbody",
-                {},
-                clients.map((c) => {
-                  const types = c.types || [];
-                  const acks = types.map((t) => parseTime(t.last_ack_time)).filter(Boolean);
-                  const error = types.map((t) => t.last_nack_error).find(Boolean) || "";
-                  const state = xdsState(c.state);
-                  return h(
-                    "tr",
-                    { dataset: { node: c.node_id, state } },
-                    h("td", { class: "mono" }, c.node_id || "–"),
-                    h("td", {}, c.zone || "–"),
-                    ...types.map((t) =>
-                      h("td", { class: `xds-type state-${xdsState(t.state).toLowerCase()}`, dataset: { type: t.type } }, xdsCell(t)),
-                    ),
-                    h("td", {}, h("span", { class: `badge state-${state.toLowerCase()}` }, state.replace("_", " "))),
-                    h("td", { class: "num" }, acks.length ? fmtAge(Math.max(...acks)) : "–"),
-                    h("td", {}, c.user_agent || "–"),
-                    h("td", { class: "mono" }, c.peer || "–"),
-                    error ? h("td", { class: "nack-error", title: error }, error.slice(0, 120)) : h("td", {}, "–"),
-                  );
-                }),
-              ),
-            ),
-          ),
+              h("td", {}, h("span", { class: `badge state-${state.toLowerCase()}` }, state.replace("_", " "))),
+              h("td", { class: "num" }, acks.length ? fmtAge(Math.max(...acks)) : "–"),
+              h("td", {}, c.user_agent || "–"),
+              h("td", { class: "mono" }, c.peer || "–"),
+              error ? h("td", { class: "nack-error", title: error }, error.slice(0, 120)) : h("td", {}, "–"),
+            );
+          }),
         )
       : h("div", { class: "empty" }, "No xDS client is connected to this replica."),
   );
