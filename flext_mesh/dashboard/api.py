@@ -163,6 +163,20 @@ def _permit_all(request: web.Request, method: str) -> bool:
     return True
 
 
+def _refused(request: web.Request, verdict: object, default: str) -> web.Response:
+    """The answer to a request a hook refused: 401 when it carried no token, else 403;
+    the hook's reason (a str) or ``default``."""
+    reason = verdict if isinstance(verdict, str) and verdict else default
+    if bearer_token(request) is None:
+        return error_response(
+            401,
+            "UNAUTHENTICATED",
+            f"a bearer token is required: {reason}",
+            headers={"WWW-Authenticate": 'Bearer realm="flext-mesh"'},
+        )
+    return error_response(403, "PERMISSION_DENIED", reason)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DashboardSettings:
     """How the dashboard streams."""
@@ -248,15 +262,7 @@ class Dashboard:
             return _error_response(exc)
         if verdict is True:
             return None
-        reason = verdict if isinstance(verdict, str) and verdict else "not allowed to read"
-        if bearer_token(request) is None:
-            return error_response(
-                401,
-                "UNAUTHENTICATED",
-                f"a bearer token is required: {reason}",
-                headers={"WWW-Authenticate": 'Bearer realm="flext-mesh"'},
-            )
-        return error_response(403, "PERMISSION_DENIED", reason)
+        return _refused(request, verdict, "not allowed to read")
 
     def _json(self, handler: Callable[[web.Request], Awaitable[_Result]]) -> Handler:
         """A JSON route: authorize, call, encode in a worker thread, map MeshErrors."""
@@ -297,15 +303,7 @@ class Dashboard:
             except MeshError as exc:
                 return _error_response(exc)
             if verdict is not True:
-                reason = verdict if isinstance(verdict, str) and verdict else "not allowed"
-                if bearer_token(request) is None:
-                    return error_response(
-                        401,
-                        "UNAUTHENTICATED",
-                        f"a bearer token is required: {reason}",
-                        headers={"WWW-Authenticate": 'Bearer realm="flext-mesh"'},
-                    )
-                return error_response(403, "PERMISSION_DENIED", reason)
+                return _refused(request, verdict, "not allowed")
             try:
                 body = json.loads(await request.read() or b"{}")
             except ValueError:

@@ -330,22 +330,13 @@ class Orchestrator:
             idem = idempotency_key(request.idempotency_key)
             extra.append(Put(idem, execution_id.encode()))
             compares.append(Compare(idem, 0))
-        try:
-            committed = await run.flush(compares=compares, extra=extra)
-        except RunBroken as broken:  # nothing started: the caller gets the store's error
-            cause = broken.__cause__
-            raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
+        committed = await self._first_flush(run, compares, extra)
         if not committed:  # the same key won a race meanwhile
             existing = await self.executions.by_idempotency_key(request.idempotency_key)
             if existing is None:  # pragma: no cover - the winner's write is visible
                 raise Unavailable("concurrent StartExecution with this key; retry")
             return existing, True
-        self.claimed(execution_id, run.journal.revision)
-        run.journal.owned = True
-        snapshot = orchestrator_pb2.Execution()
-        snapshot.CopyFrom(run.view.execution)
-        run.first = first
-        self._spawn(run, resumed=False)
+        snapshot = self._launch(run, execution_id, first)
         _log.info(
             "execution started id=%s workflow=%s version=%d cid=%s",
             execution_id,
@@ -452,21 +443,12 @@ class Orchestrator:
             Put(event_key(old_id, note.index), note.SerializeToString()),
             Put(EXECUTIONS + old_id, old.SerializeToString()),
         ]
-        try:
-            committed = await run.flush(
-                compares=[Compare(EXECUTIONS + old_id, old_revision)], extra=extra
-            )
-        except RunBroken as broken:  # nothing started: the caller gets the store's error
-            cause = broken.__cause__
-            raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
+        committed = await self._first_flush(
+            run, [Compare(EXECUTIONS + old_id, old_revision)], extra
+        )
         if not committed:
             return None
-        self.claimed(execution_id, run.journal.revision)
-        run.journal.owned = True
-        snapshot = orchestrator_pb2.Execution()
-        snapshot.CopyFrom(run.view.execution)
-        run.first = first
-        self._spawn(run, resumed=False)
+        snapshot = self._launch(run, execution_id, first)
         _log.info(
             "execution retried id=%s as=%s workflow=%s carried=%d cid=%s",
             old_id,
@@ -475,6 +457,28 @@ class Orchestrator:
             len(carried),
             execution.correlation_id,
         )
+        return snapshot
+
+    async def _first_flush(
+        self, run: Run, compares: list[Compare], extra: list[Put | Delete]
+    ) -> bool:
+        """Write a new execution's first events with ``extra``, if ``compares`` hold
+        (False when they did not: nothing was written)."""
+        try:
+            return await run.flush(compares=compares, extra=extra)
+        except RunBroken as broken:  # nothing started: the caller gets the store's error
+            cause = broken.__cause__
+            raise cause if isinstance(cause, MeshError) else Unavailable(str(broken)) from None
+
+    def _launch(self, run: Run, execution_id: str, first: list[str]) -> orchestrator_pb2.Execution:
+        """Drive a new execution whose first events are durable; the execution as it
+        starts."""
+        self.claimed(execution_id, run.journal.revision)
+        run.journal.owned = True
+        snapshot = orchestrator_pb2.Execution()
+        snapshot.CopyFrom(run.view.execution)
+        run.first = first
+        self._spawn(run, resumed=False)
         return snapshot
 
     def driven(self) -> dict[tuple[str, str], int]:

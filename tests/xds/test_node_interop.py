@@ -15,13 +15,12 @@ import shutil
 import statistics
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flext_mesh.v1 import registry_pb2
-from tests.conftest import REPO, ServeProcess, start_serve
+from tests.conftest import REPO, ServeProcess
 from tests.sidecar.test_sidecar_process import SidecarProcess
 from tests.xds.test_xds_interop import (
     assert_calls_go_on_after_a_kill,
@@ -40,28 +39,6 @@ if NODE is None or not (REPO / "node_modules" / "@grpc" / "grpc-js-xds").is_dir(
     pytest.skip(_why, allow_module_level=True)
 
 pytestmark = [pytest.mark.xdist_group("xds"), pytest.mark.timeout(60)]
-
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    server = start_serve(tmp_path_factory.mktemp("xds-node"))
-    try:
-        yield server
-    finally:
-        if server.proc.poll() is None:
-            server.kill()
-
-
-@pytest.fixture
-def sidecars() -> Iterator[list[SidecarProcess]]:
-    started: list[SidecarProcess] = []
-    try:
-        yield started
-    finally:
-        for sidecar in started:
-            if sidecar.proc.poll() is None:
-                sidecar.proc.kill()
-                sidecar.proc.wait(10)
 
 
 def node_client(boot: Path, mode: str, service: str, amount: float) -> subprocess.Popen[str]:

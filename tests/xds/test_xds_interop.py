@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -30,28 +30,6 @@ from tests.conftest import BIN, REPO, ServeProcess, start_serve
 from tests.sidecar.test_sidecar_process import SidecarProcess, start_sidecar
 
 pytestmark = [pytest.mark.xdist_group("xds"), pytest.mark.timeout(60)]
-
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    server = start_serve(tmp_path_factory.mktemp("xds"))
-    try:
-        yield server
-    finally:
-        if server.proc.poll() is None:
-            server.kill()
-
-
-@pytest.fixture
-def sidecars(tmp_path: Path) -> Iterator[list[SidecarProcess]]:
-    started: list[SidecarProcess] = []
-    try:
-        yield started
-    finally:
-        for sidecar in started:
-            if sidecar.proc.poll() is None:
-                sidecar.proc.kill()
-                sidecar.proc.wait(10)
 
 
 def bootstrap(tmp_path: Path, plane: str, *args: str) -> Path:
