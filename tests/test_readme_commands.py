@@ -82,6 +82,10 @@ def _split(text: str) -> tuple[list[str], str]:
 SHELL_BLOCKS, PROSE = _split(README)
 
 
+#: A command whose output a variable keeps: ``NAME=$(command)``.
+_KEPT_IN_VARIABLE = re.compile(r"^[A-Z_]+=\$\((?P<command>[^)]*)\)$")
+
+
 def _logical_lines(block: str) -> list[str]:
     """The block's commands: continued lines joined, ``$ `` prompts and a trailing ``&``
     (run in the background) dropped."""
@@ -178,9 +182,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tokens: dict[str, str] = {}
     for block in SHELL_BLOCKS:
         for line in _logical_lines(block):
-            if not line.startswith(("flext-mesh certs ", "flext-mesh tokens create ")):
+            # `flext-mesh certs ...`, `flext-mesh tokens create ...`, or the token kept in
+            # a variable: `PAYMENT_TOKEN=$(flext-mesh tokens create ...)`.
+            kept = _KEPT_IN_VARIABLE.match(line)
+            command = kept["command"] if kept else line
+            if not command.startswith(("flext-mesh certs ", "flext-mesh tokens create ")):
                 continue
-            words = shlex.split(line, comments=True)
+            words = shlex.split(command, comments=True)
             done = subprocess.run(
                 [str(BIN / "flext-mesh"), *words[1:]],
                 cwd=directory,
