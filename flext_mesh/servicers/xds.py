@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2
 
-from flext_mesh.errors import InvalidArgument, Unimplemented
+from flext_mesh.errors import FieldViolation, InvalidArgument, Unimplemented
 from flext_mesh.rpc.handlers import LongStreams, add_servicer, checked
 from flext_mesh.rpc.status import rpc_errors
 from flext_mesh.xds.hub import Subscriber, XdsHub
@@ -75,7 +75,9 @@ class AdsServicer:
                 try:
                     changed = subscriber.stream.handle(request)
                 except ValueError as exc:
-                    raise InvalidArgument(str(exc)) from None
+                    raise InvalidArgument.from_violations(
+                        [FieldViolation("resource_names", str(exc))]
+                    ) from None
                 if changed:
                     self.hub.reindex(subscriber)
                 subscriber.wake.set()

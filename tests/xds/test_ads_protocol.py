@@ -15,7 +15,8 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from flext_mesh.server import ControlPlane
 from flext_mesh.v1 import registry_pb2
@@ -340,3 +341,40 @@ async def test_a_flood_of_changes_is_coalesced_and_a_closed_stream_forgotten(
             break
         await asyncio.sleep(0.02)
     assert control_plane.xds.clients() == []
+
+
+@pytest.mark.parametrize(
+    ("names", "why"),
+    [
+        ([f"svc-{i}" for i in range(1001)], "1001 names; at most 1000"),
+        (["x" * 201], "longer than 200 characters"),
+    ],
+)
+async def test_too_many_or_too_long_names_end_the_stream_with_a_field_violation(
+    control_plane: ControlPlane, names: list[str], why: str
+) -> None:
+    """Bounded subscriptions: the stream ends INVALID_ARGUMENT naming resource_names, and
+    the control plane serves the next stream as before."""
+    await register(control_plane, "pay-1", 7001)
+    bad = Ads(f"127.0.0.1:{control_plane.port}", node_id="greedy")
+    try:
+        bad.ask(LDS, *names)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(bad.reader, 5)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = rpc_status.from_call(refused.value)
+        assert details is not None
+        (detail,) = details.details
+        violations = error_details_pb2.BadRequest()
+        assert detail.Unpack(violations)
+        assert violations.field_violations[0].field == "resource_names"
+        assert why in violations.field_violations[0].description
+    finally:
+        await bad.close()
+    good = Ads(f"127.0.0.1:{control_plane.port}", node_id="fine")
+    try:
+        good.ask(LDS, "payment")
+        (listener,) = unpack(await good.read(), listener_pb2.Listener)
+        assert listener.name == "payment"
+    finally:
+        await good.close()
