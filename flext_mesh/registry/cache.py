@@ -16,8 +16,10 @@ answers are built by joining those bytes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -160,6 +162,11 @@ class InstanceCache:
         self._encodings: dict[tuple[str, str], bytes] = {}
         # Bumped when an instance of the service is renewed (its last_renew_time moved).
         self._renewals: dict[str, int] = {}
+        # (service, instance id) -> the lock of writes that rewrite the whole instance
+        # from what the cache holds (a registration, a drain); dropped when unused.
+        self._write_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._instance_listeners: list[Callable[[InstanceChange], None]] = []
         self._policy_listeners: list[Callable[[str], None]] = []
         self._unlisten: Callable[[], None] | None = None
@@ -200,6 +207,17 @@ class InstanceCache:
     def get(self, service: str, instance_id: str) -> registry_pb2.ServiceInstance | None:
         """The cached instance, or None."""
         return self._services.get(service, {}).get(instance_id)
+
+    def write_lock(self, service: str, instance_id: str) -> asyncio.Lock:
+        """The lock an instance's read-then-write changes hold on this replica, so that a
+        registration writing the instance anew cannot undo a drain acknowledged between
+        its read and its write (the cache holds every write before its writer's call
+        returns, so the next holder reads it)."""
+        key = (service, instance_id)
+        lock = self._write_locks.get(key)
+        if lock is None:
+            lock = self._write_locks[key] = asyncio.Lock()
+        return lock
 
     def service_revision(self, service: str) -> int:
         """Revision of the service's last instance or policy change; -1 when unknown."""

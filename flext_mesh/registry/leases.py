@@ -95,8 +95,9 @@ class Leases:
         if not new.weight:
             new.weight = DEFAULT_WEIGHT
         with self._slot(new.service_name, new.instance_id):
-            previous = self._cache.get(new.service_name, new.instance_id)
-            return await self._register(new, previous, seconds)
+            async with self._cache.write_lock(new.service_name, new.instance_id):
+                previous = self._cache.get(new.service_name, new.instance_id)
+                return await self._register(new, previous, seconds)
 
     @contextlib.contextmanager
     def _slot(self, service: str, instance_id: str) -> Iterator[None]:

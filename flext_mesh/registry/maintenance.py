@@ -56,39 +56,40 @@ class Maintenance:
         it is not registered."""
         raise_if(_validate(service, instance_id, maintenance, reason))
         key = instance_key(service, instance_id)
-        for _ in range(_ATTEMPTS):
-            instance = self._cache.get(service, instance_id)
-            if instance is None:
-                raise NotFound(
-                    f"instance {elide(instance_id)!r} of service {elide(service)!r} is not "
-                    "registered"
-                )
-            if instance.maintenance == maintenance and instance.maintenance_reason == reason:
-                return instance, instance.revision
-            changed = registry_pb2.ServiceInstance()
-            changed.CopyFrom(instance)
-            changed.maintenance = maintenance
-            changed.maintenance_reason = reason
-            if not maintenance:
-                changed.ClearField("maintenance_time")
-            elif not instance.maintenance:
-                stamp_now(changed.maintenance_time)
-            changed.effective_weight = self._weights.weight_of(changed)
-            changed.ClearField("revision")
-            try:
-                result = await self._cache.store.txn(
-                    (Compare(key, instance.revision),),
-                    (Put(key, changed.SerializeToString(), instance.lease_id),),
-                )
-            except NotFound:  # its lease expired meanwhile: the instance is leaving
-                raise NotFound(
-                    f"instance {elide(instance_id)!r} of service {elide(service)!r} is not "
-                    "registered (its lease expired)"
-                ) from None
-            if result.succeeded:
-                # The cache holds every write before the writer's call returns.
-                stored = self._cache.get(service, instance_id)
-                return (stored if stored is not None else changed), result.revision
+        async with self._cache.write_lock(service, instance_id):
+            for _ in range(_ATTEMPTS):
+                instance = self._cache.get(service, instance_id)
+                if instance is None:
+                    raise NotFound(
+                        f"instance {elide(instance_id)!r} of service {elide(service)!r} is not "
+                        "registered"
+                    )
+                if instance.maintenance == maintenance and instance.maintenance_reason == reason:
+                    return instance, instance.revision
+                changed = registry_pb2.ServiceInstance()
+                changed.CopyFrom(instance)
+                changed.maintenance = maintenance
+                changed.maintenance_reason = reason
+                if not maintenance:
+                    changed.ClearField("maintenance_time")
+                elif not instance.maintenance:
+                    stamp_now(changed.maintenance_time)
+                changed.effective_weight = self._weights.weight_of(changed)
+                changed.ClearField("revision")
+                try:
+                    result = await self._cache.store.txn(
+                        (Compare(key, instance.revision),),
+                        (Put(key, changed.SerializeToString(), instance.lease_id),),
+                    )
+                except NotFound:  # its lease expired meanwhile: the instance is leaving
+                    raise NotFound(
+                        f"instance {elide(instance_id)!r} of service {elide(service)!r} is not "
+                        "registered (its lease expired)"
+                    ) from None
+                if result.succeeded:
+                    # The cache holds every write before the writer's call returns.
+                    stored = self._cache.get(service, instance_id)
+                    return (stored if stored is not None else changed), result.revision
         raise Unavailable(
             f"instance {instance_id!r} of service {service!r} kept changing while its "
             "maintenance was being set; try again"

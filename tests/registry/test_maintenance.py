@@ -220,3 +220,22 @@ async def test_a_drain_survives_a_restart_and_shows_in_the_gauges(tmp_path: Path
             assert await _healthy_ids(mesh, "payment") == ["p2"]
     finally:
         await plane.stop(0.2)
+
+
+async def test_a_drain_acknowledged_beside_a_re_registration_is_never_lost(mesh: Mesh) -> None:
+    """The sidecar registers again (a lost lease) while an operator drains it: whichever
+    lands first, an acknowledged drain stays. Register wrote blindly over the instance,
+    so a drain committed between its read and its write was undone."""
+    await mesh.register("payment", "p1")
+    lost = 0
+    for round_ in range(30):
+        drained, _ = await asyncio.gather(
+            mesh.stub.SetInstanceMaintenance(_drain("payment", "p1", reason=f"round {round_}")),
+            mesh.register("payment", "p1"),
+        )
+        assert drained.instance.maintenance
+        everything = await mesh.instances("payment")
+        if not everything["p1"].maintenance:
+            lost += 1
+        await mesh.stub.SetInstanceMaintenance(_drain("payment", "p1", maintenance=False))
+    assert lost == 0, f"{lost} of 30 acknowledged drains were undone by a registration"
