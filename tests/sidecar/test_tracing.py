@@ -22,7 +22,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from flext_mesh.v1 import processor_pb2, processor_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import start_serve
 from tests.otlp_receiver import Receiver, running_receiver
-from tests.sidecar.test_sidecar_process import start_sidecar
+from tests.sidecar.test_sidecar_process import SidecarProcess, start_sidecar
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -55,18 +55,17 @@ def test_a_three_service_chain_is_one_trace_of_server_and_client_spans(
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
-    sidecars = {
-        hop: start_sidecar(
-            tmp_path,
-            plane.address,
-            "--service",
-            f"hop-{hop}",
-            app=f"tests.sidecar.hops_app:HOP_{hop.upper()}",
-            env=otel,
-        )
-        for hop in HOPS
-    }
-    try:
+    sidecars: dict[str, SidecarProcess] = {}
+    try:  # a sidecar that fails to start must not leave the others and the plane running
+        for hop in HOPS:
+            sidecars[hop] = start_sidecar(
+                tmp_path,
+                plane.address,
+                "--service",
+                f"hop-{hop}",
+                app=f"tests.sidecar.hops_app:HOP_{hop.upper()}",
+                env=otel,
+            )
         deadline = time.monotonic() + 15
         while not all(_instances(plane.address, f"hop-{h}") for h in HOPS):
             assert time.monotonic() < deadline
