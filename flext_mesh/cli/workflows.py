@@ -493,15 +493,27 @@ def run_workflow(channel: grpc.Channel, args: argparse.Namespace) -> str:
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     response = stub.StartExecution(request, timeout=args.timeout)
     execution = response.execution
+    how = "exists for this idempotency key" if response.existing else "started"
+    return _follow_new(
+        channel,
+        args,
+        response,
+        f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n",
+    )
+
+
+def _follow_new(
+    channel: grpc.Channel, args: argparse.Namespace, response: Any, headline: str
+) -> str:
+    """What ``workflow run`` and ``execution retry`` print of the execution they made
+    (``response.execution``): its id or the response, or with ``--watch`` ``headline``
+    (or the response) and then its events until it ends."""
+    execution = response.execution
     if not args.watch:
         if args.output in DOCUMENT_FORMATS:
             return render_messages(response, args.output)
         return f"{execution.execution_id}\n"
-    if args.output in DOCUMENT_FORMATS:
-        emit(render_stream_item(response, args.output))
-    else:
-        how = "exists for this idempotency key" if response.existing else "started"
-        emit(f"execution {execution.execution_id} of {_workflow_label(execution)} {how}\n")
+    emit(render_stream_item(response, args.output) if args.output in DOCUMENT_FORMATS else headline)
     _watch_to_end(channel, args, execution)
     return ""
 
@@ -615,21 +627,15 @@ def retry_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:
         orchestrator_pb2.RetryExecutionRequest(execution_id=args.id), timeout=args.timeout
     )
     execution = response.execution
-    if not args.watch:
-        if args.output in DOCUMENT_FORMATS:
-            return render_messages(response, args.output)
-        return f"{execution.execution_id}\n"
-    if args.output in DOCUMENT_FORMATS:
-        emit(render_stream_item(response, args.output))
-    else:
-        carried = [s.step_name for s in execution.steps if s.state == Ss.STEP_STATE_SUCCEEDED]
-        over = f"; carried over: {', '.join(carried)}" if carried else ""
-        emit(
-            f"execution {execution.execution_id} of {_workflow_label(execution)} started: "
-            f"retry of {execution.retry_of}{over}\n"
-        )
-    _watch_to_end(channel, args, execution)
-    return ""
+    carried = [s.step_name for s in execution.steps if s.state == Ss.STEP_STATE_SUCCEEDED]
+    over = f"; carried over: {', '.join(carried)}" if carried else ""
+    return _follow_new(
+        channel,
+        args,
+        response,
+        f"execution {execution.execution_id} of {_workflow_label(execution)} started: "
+        f"retry of {execution.retry_of}{over}\n",
+    )
 
 
 def watch_execution(channel: grpc.Channel, args: argparse.Namespace) -> str:

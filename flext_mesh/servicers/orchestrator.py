@@ -72,11 +72,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             request, caller_traceparent=_caller_traceparent(context)
         )
         if request.wait:
-            release = self.watchers.acquire(context)
-            try:
-                execution = await self.orchestrator.wait_ended(execution)
-            finally:
-                release()
+            execution = await self._ended(execution, context)
         return orchestrator_pb2.StartExecutionResponse(execution=execution, existing=existing)
 
     @rpc_errors
@@ -88,12 +84,18 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             request.execution_id, caller_traceparent=_caller_traceparent(context)
         )
         if request.wait:
-            release = self.watchers.acquire(context)
-            try:
-                execution = await self.orchestrator.wait_ended(execution)
-            finally:
-                release()
+            execution = await self._ended(execution, context)
         return orchestrator_pb2.RetryExecutionResponse(execution=execution)
+
+    async def _ended(
+        self, execution: orchestrator_pb2.Execution, context: _Context
+    ) -> orchestrator_pb2.Execution:
+        """``execution`` once it ended, waited for as one of the caller's watches."""
+        release = self.watchers.acquire(context)
+        try:
+            return await self.orchestrator.wait_ended(execution)
+        finally:
+            release()
 
     @rpc_errors
     async def GetExecution(
